@@ -1,0 +1,51 @@
+"""The exceptions and warnings mtlzoo raises, one class per kind of mistake.
+
+Every class derives from :class:`MTLZooError` and from the builtin exception a caller would
+naturally catch (``KeyError`` for an unknown name, ``ValueError`` for bad values, ...), so
+``except KeyError`` and ``except mtlzoo.errors.MTLZooError`` both work.
+"""
+
+from __future__ import annotations
+
+
+class MTLZooError(Exception):
+    """Base class of every error mtlzoo raises."""
+
+
+class UnknownStrategyError(MTLZooError, KeyError):
+    """A strategy name that no registered strategy has (the message lists close matches)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateStrategyError(MTLZooError, ValueError):
+    """A strategy name or alias that is already taken (the message names both origins)."""
+
+
+class InvalidStrategyError(MTLZooError, TypeError):
+    """Something registered as a strategy that is not a usable ``Strategy`` subclass."""
+
+
+class InvalidModelError(MTLZooError, TypeError):
+    """A model that does not expose a ``backbone`` module and a non-empty ``heads`` collection."""
+
+
+class LossError(MTLZooError, ValueError):
+    """Losses handed to ``MTLWrapper.backward`` that are not K finite scalars of this step."""
+
+
+class BackwardOrderError(MTLZooError, RuntimeError):
+    """``backward`` called without a training-mode forward pass of the same step."""
+
+
+class NotMaterializedError(MTLZooError, RuntimeError):
+    """A lazily shaped strategy asked for its parameters before its shape is known."""
+
+
+class ShapeMismatchError(MTLZooError, ValueError):
+    """A tensor whose shape does not fit what the strategy was configured or materialised with."""
+
+
+class PluginWarning(UserWarning):
+    """A third-party plugin that could not be loaded, or a strategy of it that was refused."""

@@ -1,0 +1,42 @@
+"""The hook a plugin implements to add strategies to mtlzoo.
+
+A plugin is any module or object with a function marked ``@mtlzoo.hookimpl``. Third-party packages
+expose theirs through the ``mtlzoo`` entry-point group::
+
+    [project.entry-points.mtlzoo]
+    my_plugin = "my_package.mtl_plugin"
+
+The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
+very hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT_NAME = "mtlzoo"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def mtlzoo_register_strategies(register: Callable[[type], None]) -> None:
+    """Register strategy classes by calling ``register(cls)`` once per class.
+
+    Args:
+        register: Callback taking a :class:`mtlzoo.strategy.Strategy` subclass with an ``info``
+            attribute (:class:`mtlzoo.strategy.StrategyInfo`). It raises
+            :class:`mtlzoo.errors.InvalidStrategyError` for a class that is not one, and refuses a
+            name or alias that is already taken.
+
+    Example:
+        ```python
+        @mtlzoo.hookimpl
+        def mtlzoo_register_strategies(register):
+            register(MyWeighting)
+            register(MySurgery)
+        ```
+    """
