@@ -1,0 +1,51 @@
+"""Linear scalarization: the plain weighted sum of the task losses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+
+
+class LinearScalarization(WeightingStrategy):
+    r"""Linear scalarization (LS, also "equal weighting", EW): ``total = sum_k w_k L_k``.
+
+    The baseline every multitask method is measured against: one ordinary backward of a fixed
+    weighted sum, ``w_k = 1`` unless given. No paper of its own.
+
+    Args:
+        num_tasks: K.
+        weights: K fixed non-negative weights; ``None`` for all ones.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> ls = mtlzoo.create("ls", num_tasks=2, weights=[1.0, 3.0])
+        >>> ls.combine(torch.tensor([2.0, 1.0]))
+        tensor(5.)
+    """
+
+    info = StrategyInfo(
+        name="ls",
+        aliases=("ew", "linear_scalarization"),
+        kind="weighting",
+        needs="losses",
+        summary="Fixed weighted sum of the task losses (all ones by default).",
+        properties=frozenset({"permutation_invariant", "scale_linear"}),
+    )
+
+    def __init__(self, num_tasks: int, weights: Sequence[float] | Tensor | None = None) -> None:
+        super().__init__(num_tasks)
+        values = torch.ones(num_tasks) if weights is None else torch.as_tensor(weights, dtype=torch.get_default_dtype())
+        if values.shape != (num_tasks,) or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"Parameter `weights` should hold {num_tasks} finite non-negative numbers. "
+                             f"Found `weights = {weights!r}`.")
+        self.register_buffer("task_weights", values)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.task_weights.to(losses.dtype)
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, weights={self.task_weights.tolist()}"
