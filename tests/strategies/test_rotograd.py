@@ -1,0 +1,210 @@
+"""RotateOnly, RotoGrad and RotoGradNorm: properties from the paper and from the original's semantics.
+
+Numerical parity with the original package is in test_rotograd_reference.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtlzoo
+from mtlzoo.errors import ShapeMismatchError
+from mtlzoo.strategies import RotateOnly, RotoGrad, RotoGradNorm
+from mtlzoo.strategies._rotation_bank import ORTHOGONAL_MAPS, haar_rotations
+from tests.helpers import batch, mse_losses, small_model
+
+FAMILY = ["rotate_only", "rotograd", "rotograd_norm"]
+
+
+def make(name: str, **kwargs: object) -> RotateOnly:
+    if name == "rotograd_norm":
+        kwargs.setdefault("alpha", 1.0)
+    return mtlzoo.create(name, **kwargs)  # type: ignore[return-value]
+
+
+def assert_rotations(matrices: torch.Tensor) -> None:
+    eye = torch.eye(matrices.shape[-1]).expand_as(matrices)
+    torch.testing.assert_close(matrices.mT @ matrices, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(matrices), torch.ones(matrices.shape[0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("orthogonal_map", ORTHOGONAL_MAPS)
+def test_rotations_start_random_in_so_n_or_at_identity(orthogonal_map: str) -> None:
+    torch.manual_seed(5)
+    first = make("rotograd", num_tasks=3, rotation_shape=5, orthogonal_map=orthogonal_map).rotations.detach()
+    torch.manual_seed(5)
+    again = make("rotograd", num_tasks=3, rotation_shape=5, orthogonal_map=orthogonal_map).rotations.detach()
+    assert_rotations(first)
+    torch.testing.assert_close(first, again)
+    assert (first[0] - first[1]).abs().max() > 0.1
+    identity = make("rotograd", num_tasks=3, rotation_shape=5, rotation_init="identity", orthogonal_map=orthogonal_map)
+    torch.testing.assert_close(identity.rotations.detach(), torch.eye(5).expand(3, 5, 5), atol=1e-6, rtol=0)
+
+
+def test_haar_samples_are_uniform_on_average() -> None:
+    """Haar measure: E[R] = 0 for n >= 2 (each entry's mean vanishes)."""
+    samples = haar_rotations(4000, 3)
+    assert_rotations(samples[:50])
+    assert samples.mean(0).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("orthogonal_map", ORTHOGONAL_MAPS)
+def test_setting_rotations_goes_through_the_parametrization(orthogonal_map: str) -> None:
+    strategy = make("rotate_only", num_tasks=2, rotation_shape=4, orthogonal_map=orthogonal_map)
+    target = haar_rotations(2, 4)
+    strategy.rotations = target
+    torch.testing.assert_close(strategy.rotations.detach(), target)
+    with pytest.raises(ShapeMismatchError, match=r"\(2, 4, 4\)"):
+        strategy.rotations = haar_rotations(2, 3)
+    with pytest.raises(ShapeMismatchError, match=r"\(2, n, n\)"):
+        strategy.rotations = haar_rotations(3, 4)
+    with pytest.raises(ValueError, match="orthogonal"):
+        strategy.rotations = 2 * target
+    torch.testing.assert_close(strategy.rotations.detach(), target)  # a refused value changes nothing
+
+
+def test_setting_rotations_materialises_a_lazy_strategy() -> None:
+    strategy = make("rotograd", num_tasks=2)
+    target = haar_rotations(2, 6, dtype=torch.float64)
+    strategy.rotations = target
+    assert strategy.rotations.dtype == torch.float64 and strategy.rotation_shape is None
+    z = torch.randn(3, 6, dtype=torch.float64)
+    torch.testing.assert_close(strategy.adapt(z, 1), z @ target[1].T)
+    assert strategy.rotation_shape == (6,)
+
+
+def test_adapt_rotates_only_the_rotation_dimensions() -> None:
+    flat = make("rotograd", num_tasks=2, rotation_shape=4)
+    z = torch.randn(5, 4)
+    torch.testing.assert_close(flat.adapt(z, 1), z @ flat.rotations[1].detach().T)
+
+    channels = make("rotograd", num_tasks=2, rotation_shape=3, post_shape=(2, 2))
+    image = torch.randn(5, 3, 2, 2)
+    expected = torch.einsum("ij,bjhw->bihw", channels.rotations[0].detach(), image)
+    torch.testing.assert_close(channels.adapt(image, 0), expected)
+
+    whole = make("rotograd", num_tasks=2)  # inferred: every dimension after the batch one
+    whole.adapt(image, 0)
+    assert whole.rotation_shape == (3, 2, 2) and whole.rotations.shape == (2, 12, 12)
+    with pytest.raises(ShapeMismatchError, match="rotation_shape"):
+        whole.adapt(torch.randn(5, 3, 2, 3), 0)
+    with pytest.raises(ShapeMismatchError, match="post_shape"):
+        channels.adapt(torch.randn(5, 3, 4), 0)
+
+
+def test_lazy_strategy_materialises_from_a_state_dict() -> None:
+    source = make("rotograd", num_tasks=2, rotation_shape=(3, 2))
+    target = make("rotograd", num_tasks=2)
+    target.load_state_dict(source.state_dict())
+    assert target.rotation_shape == (3, 2)
+    torch.testing.assert_close(target.rotations.detach(), source.rotations.detach())
+
+
+def test_rotations_align_the_task_gradients() -> None:
+    """The paper's claim: rotations make the K gradients w.r.t. z point the same way.
+
+    The heads' gradients dL_k/dz_k are held fixed; the backbone then receives g_k = R_k^T dL_k/dz_k.
+    """
+    torch.manual_seed(1)
+    strategy = make("rotate_only", num_tasks=3, rotation_shape=4)
+    optimizer = torch.optim.Adam(strategy.parameters(), lr=0.05)
+    head_grads = torch.randn(3, 1, 4)
+
+    def backbone_grads() -> torch.Tensor:
+        return torch.einsum("kji,kbj->kbi", strategy.rotations.detach(), head_grads)
+
+    def cosines() -> torch.Tensor:
+        flat = torch.nn.functional.normalize(backbone_grads().flatten(1), dim=1)
+        return flat @ flat.T
+
+    assert cosines().min() < 0.5
+    for _ in range(300):
+        optimizer.zero_grad()
+        strategy.aggregate(backbone_grads(), torch.ones(3))
+        optimizer.step()
+    assert cosines().min() > 0.999
+
+
+def test_rotograd_gives_every_task_the_same_magnitude() -> None:
+    strategy: RotoGrad = make("rotograd", num_tasks=3, rotation_shape=4, burn_in_period=5)
+    scales = torch.tensor([0.1, 1.0, 10.0]).view(3, 1, 1)
+    grads = torch.randn(3, 8, 4) * scales
+    norms = grads.flatten(1).norm(dim=1)
+    update = strategy.aggregate(grads, torch.ones(3))
+    # At t_0 every convergence ratio is 1, so the common magnitude is the mean norm.
+    torch.testing.assert_close(update, torch.tensordot(norms.mean() / norms, grads, 1))
+    later = grads * torch.tensor([0.5, 1.0, 1.0]).view(3, 1, 1)  # task 0 converges faster
+    update = strategy.aggregate(later, torch.ones(3))
+    later_norms = later.flatten(1).norm(dim=1)
+    ratios = later_norms / norms
+    common = (ratios / ratios.sum() * later_norms).sum()
+    torch.testing.assert_close(update, torch.tensordot(common / later_norms, later, 1))
+    assert later_norms.min() <= common <= later_norms.max()
+
+
+def test_rotograd_norm_weights_equalise_weighted_gradient_norms() -> None:
+    """GradNorm's fixed point: with equal loss ratios, w_k ||g_k|| is the same for every task.
+
+    The gradients share one direction (what the rotations achieve), so the target
+    ||(1/K) sum_k w_k g_k|| is the mean weighted norm and the fixed point is reachable.
+    """
+    strategy: RotoGradNorm = make("rotograd_norm", num_tasks=3, rotation_shape=4, alpha=1.0)
+    optimizer = torch.optim.Adam([strategy.weight_logits], lr=0.02)
+    grads = torch.randn(1, 8, 4) * torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
+    for _ in range(500):
+        optimizer.zero_grad()
+        losses, _ = strategy.prepare(torch.ones(3))
+        strategy.aggregate(grads, losses)
+        optimizer.step()
+    weighted = strategy.task_weights.detach() * grads.flatten(1).norm(dim=1)
+    torch.testing.assert_close(strategy.task_weights.sum(), torch.tensor(3.0))
+    assert (weighted.max() - weighted.min()) / weighted.mean() < 0.05
+
+
+def test_losses_are_normalised_by_their_values_at_step_zero_and_burn_in() -> None:
+    strategy = make("rotate_only", num_tasks=2, rotation_shape=2, normalize_losses=True, burn_in_period=2)
+    grads = torch.randn(2, 4, 2)
+    seen = []
+    for losses in ([2.0, 4.0], [1.0, 1.0], [0.5, 8.0], [1.0, 4.0]):
+        prepared, _ = strategy.prepare(torch.tensor(losses))
+        strategy.aggregate(grads, prepared)
+        seen.append(prepared.tolist())
+    assert seen == [[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [2.0, 0.5]]
+    raw = make("rotate_only", num_tasks=2, rotation_shape=2)
+    prepared, _ = raw.prepare(torch.tensor([2.0, 4.0]))
+    assert prepared.tolist() == [2.0, 4.0] and raw.loss_ratios(prepared).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_rotations_are_computed_once_per_step(name: str) -> None:
+    mtl = mtlzoo.MTLWrapper(small_model(), name, rotation_shape=4, **({"alpha": 1.0} if "norm" in name else {}))
+    calls = []
+    mtl.strategy.bank.parametrizations.weight[0].register_forward_hook(lambda *args: calls.append(1))
+    x, targets = batch()
+    with mtlzoo.cached():
+        mtl.backward(mse_losses(mtl(x), targets))
+    assert len(calls) == 1
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert len(calls) == 3  # without the user's block: once in the forward, once in the backward
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rotation_shape": 0}, "rotation_shape"),
+    ({"rotation_shape": ()}, "rotation_shape"),
+    ({"post_shape": (2, -1)}, "post_shape"),
+    ({"burn_in_period": -1}, "burn_in_period"),
+    ({"normalize_losses": "yes"}, "normalize_losses"),
+    ({"orthogonal_map": "expm"}, "orthogonal_map"),
+    ({"rotation_init": "zeros"}, "rotation_init"),
+])
+def test_invalid_hyperparameters_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"Parameter `{message}` should be"):
+        make("rotograd", num_tasks=2, **kwargs)
+
+
+def test_rotograd_norm_requires_a_valid_alpha() -> None:
+    with pytest.raises(TypeError, match="alpha"):
+        mtlzoo.create("rotograd_norm", num_tasks=2)
+    with pytest.raises(ValueError, match="Parameter `alpha` should be"):
+        mtlzoo.create("rotograd_norm", num_tasks=2, alpha=-1.0)
