@@ -1,0 +1,53 @@
+"""The `mtlzoo` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import mtlzoo
+from mtlzoo.cli import main
+
+
+def test_list_prints_a_table_of_every_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "aliases", "kind", "needs", "paper", "origin"]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {entry.name for entry in mtlzoo.list_strategies()}
+    assert "Javaloy & Valera, ICLR 2022" in rows["rotograd"] and "built-in" in rows["rotograd"]
+    assert "rotateonly" in rows["rotate_only"]
+
+
+def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in records] == [e.name for e in mtlzoo.list_strategies()]
+    by_name = {r["name"]: r for r in records}
+    assert by_name["rotograd_norm"]["aliases"] == ["rotogradnorm"]
+    assert by_name["rotograd_norm"]["required"] == ["alpha"]
+    assert by_name["rotograd"]["kind"] == "surgery" and by_name["rotograd"]["needs"] == "representation_grads"
+    assert by_name["ls"]["origin"] == "built-in"
+    assert by_name["rotograd"]["paper"]["year"] == 2022
+
+
+def test_list_filters(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["list", "roto*", "--format", "json"])
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["rotograd", "rotograd_norm"]
+    main(["list", "--kind", "weighting", "--format", "json"])
+    assert all(r["kind"] == "weighting" for r in json.loads(capsys.readouterr().out))
+
+
+def test_python_dash_m_runs_the_same_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "mtlzoo", "list", "--format", "json"], check=True,
+                            capture_output=True, text=True)
+    assert {"ls", "rotograd"} <= {r["name"] for r in json.loads(result.stdout)}
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as error:
+        main(["frobnicate"])
+    assert error.value.code == 2

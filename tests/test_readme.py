@@ -1,0 +1,28 @@
+"""The README's code runs, and its test command is the one CI runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def test_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    (quickstart,) = blocks("python")
+    exec(compile(quickstart, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([4, 1])"
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
+    main_job, tests = [block.strip() for block in blocks("bash")]
+    assert main_job.startswith("python -m pip install torch==") and main_job.endswith("mtlzoo list")
+    assert tests.endswith("python -m pytest")
+    assert tests in (ROOT / ".ci" / "run").read_text()
