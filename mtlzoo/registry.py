@@ -167,7 +167,9 @@ class StrategyRegistry:
         where = f"entry point {entry_point.name!r} ({entry_point.value})" + (
             f" of distribution {distribution!r} {version}" if distribution else ""
         )
-        if self._pm.has_plugin(entry_point.name) or self._pm.is_blocked(entry_point.name):
+        if self._pm.has_plugin(entry_point.name):
+            warnings.warn(f"mtlzoo skipped plugin {where}: a plugin named {entry_point.name!r} is already loaded "
+                          f"(from {self._origins.get(entry_point.name, 'this process')}).", PluginWarning, stacklevel=3)
             return
         try:
             plugin = entry_point.load()
@@ -251,6 +253,9 @@ class StrategyRegistry:
         with self._lock:
             self._load_builtins()
             name = name or self._pm.get_canonical_name(plugin)
+            if self._pm.has_plugin(name):
+                raise DuplicateStrategyError(f"A plugin named {name!r} is already registered; remove it first with "
+                                             f"mtlzoo.registry.REGISTRY.unregister_plugin({name!r}).")
             self._add_plugin(plugin, name, Origin(name), strict=True)
             return name
 

@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.errors import InvalidStrategyError
+
 Kind = Literal["weighting", "surgery"]
 Needs = Literal["losses", "representation_grads", "parameter_jacobian"]
 Target = Literal["representation", "parameters"]
@@ -195,8 +197,11 @@ class GradientSurgery(Strategy):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
         super().__init__(num_tasks)
-        default = next(t for t, needs in NEEDS_BY_TARGET.items() if needs == self.info.needs)
-        target = default if target is None else target
+        defaults = [t for t, needs in NEEDS_BY_TARGET.items() if needs == self.info.needs]
+        if not defaults:
+            raise InvalidStrategyError(f"{type(self).__name__}.info.needs is {self.info.needs!r}; gradient surgery "
+                                       f"needs one of {tuple(NEEDS_BY_TARGET.values())}.")
+        target = defaults[0] if target is None else target
         if target not in self.supported_targets:
             raise ValueError(
                 f"Parameter `target` should be one of {self.supported_targets} for {type(self).__name__}. "

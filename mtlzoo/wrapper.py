@@ -60,7 +60,8 @@ class TaskModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         z, _ = _split(self.backbone(*args, **kwargs))
-        return self.head(self.strategy.adapt(z, self.task))
+        with parametrize.cached():
+            return self.head(self.strategy.adapt(z, self.task))
 
 
 @dataclass
@@ -181,10 +182,12 @@ class MTLWrapper(nn.Module):
         return list(self.strategy.parameters())
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """All parameters; raises like :meth:`strategy_parameters` while the strategy has none yet."""
         self.strategy.check_ready()
         return super().parameters(recurse)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``nn.Module.zero_grad``, also before a lazily shaped strategy has its parameters."""
         for part in (self.backbone, self.heads, self.strategy):
             nn.Module.zero_grad(part, set_to_none)
 

@@ -106,6 +106,8 @@ def test_register_strategy_decorator_lists_creates_trains_and_unregisters() -> N
         x, targets = batch()
         mtl.backward(mse_losses(mtl(x), targets))
         assert all(p.grad is not None for p in mtl.model_parameters())
+        with pytest.raises(DuplicateStrategyError, match="unregister_plugin"):
+            mtlzoo.register_strategy(cls)  # registering the same class again, e.g. a re-run notebook cell
     finally:
         registry.REGISTRY.unregister_plugin(plugin_name)
     with pytest.raises(UnknownStrategyError):
@@ -141,6 +143,12 @@ def test_invalid_registrations_are_refused() -> None:
     with pytest.raises(InvalidStrategyError, match="StrategyInfo"):
         mtlzoo.register_strategy(NoInfo)
 
+    class SurgeryOnLosses(mtlzoo.GradientSurgery):
+        info = StrategyInfo(name="test_bad_surgery", kind="surgery", needs="losses", summary="wrong needs")
+
+    with pytest.raises(InvalidStrategyError, match="gradient surgery needs one of"):
+        SurgeryOnLosses(2)
+
 
 def test_entry_points_load_lazily_each_on_its_own(fresh: Callable[..., registry.StrategyRegistry]) -> None:
     def broken() -> object:
@@ -150,14 +158,16 @@ def test_entry_points_load_lazily_each_on_its_own(fresh: Callable[..., registry.
     bad = FakeEntryPoint("bad", broken, dist="mtlzoo-broken", version="0.0.1")
     clash = FakeEntryPoint("clash", lambda: plugin_of(weighting("ls")), dist="mtlzoo-clash")
     later = FakeEntryPoint("later", lambda: plugin_of(weighting("test_later")), dist="mtlzoo-later")
-    reg = fresh(bad, good, clash, later)
+    same_name = FakeEntryPoint("good", lambda: plugin_of(weighting("test_shadowed")), dist="mtlzoo-other")
+    reg = fresh(bad, good, clash, later, same_name)
     assert not reg._entry_points_loaded
     with pytest.warns(PluginWarning) as caught:
         names = [entry.name for entry in reg.list()]
     messages = [str(w.message) for w in caught]
     assert any("'mtlzoo-broken' 0.0.1" in m and "missing_dependency" in m for m in messages)
     assert any("'ls'" in m and "mtlzoo-clash 1.2" in m and "built-in" in m for m in messages)
-    assert "test_good" in names and "test_later" in names
+    assert any("'mtlzoo-other'" in m and "'good' is already loaded (from mtlzoo-good 1.2)" in m for m in messages)
+    assert "test_good" in names and "test_later" in names and "test_shadowed" not in names
     assert str(reg.get("test_good").origin) == "mtlzoo-good 1.2"
     assert reg.get("ls").cls is mtlzoo.strategies.LinearScalarization
     assert reg.create("test_later", num_tasks=2).num_tasks == 2

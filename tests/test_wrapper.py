@@ -113,6 +113,9 @@ def test_tuple_outputs_are_split_into_predictions_and_extras() -> None:
     predictions, extras = named(torch.randn(2, 5))
     assert set(predictions) == {"a", "b"}
     assert extras == {"backbone": ("backbone-extra",), "a": ("head-extra",)}
+    clash = mtlzoo.MTLWrapper(mtlzoo.HardSharing(TupleBackbone(), {"backbone": nn.Linear(4, 1)}), "ls")
+    with pytest.raises(InvalidModelError, match="rename the task"):
+        clash(torch.randn(2, 5))
 
 
 def test_training_with_tuple_outputs_and_named_losses() -> None:
