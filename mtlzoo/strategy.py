@@ -36,6 +36,13 @@ NEEDS_BY_TARGET: dict[Target, Needs] = {
     "parameters": "parameter_jacobian",
 }
 
+PROPERTIES: dict[str, str] = {
+    "permutation_invariant": "permuting the tasks (gradients and losses alike) leaves the update unchanged",
+    "scale_linear": "scaling every task gradient by c >= 0 scales the update by c",
+    "non_conflicting": "the update has a non-negative inner product with every task gradient",
+}
+"""The claims a strategy may list in ``StrategyInfo.properties``; the test suite checks each claim."""
+
 REQUIRED = inspect.Parameter.empty
 """Marks a hyperparameter without a default in :func:`hyperparameters`."""
 
@@ -70,7 +77,7 @@ class StrategyInfo:
         summary: One line saying what the method does.
         paper: The publication, or ``None`` for a baseline without one.
         aliases: Other names the strategy answers to.
-        properties: Claims the method makes and tests check, e.g. ``"permutation_invariant"``.
+        properties: Claims the method makes, from :data:`PROPERTIES`; the tests check each one.
         stochastic: Whether a step draws random numbers (it is still deterministic given the seed).
         learnable: Whether the strategy owns parameters that belong in an optimizer.
         adapts_representation: Whether ``adapt`` transforms ``z`` per task (the RotoGrad family).
@@ -92,6 +99,9 @@ class StrategyInfo:
             raise ValueError(f"Parameter `kind` should be one of {KINDS}. Found `kind = {self.kind!r}`.")
         if self.needs not in NEEDS:
             raise ValueError(f"Parameter `needs` should be one of {NEEDS}. Found `needs = {self.needs!r}`.")
+        unknown = sorted(set(self.properties) - set(PROPERTIES))
+        if unknown:
+            raise ValueError(f"Parameter `properties` should hold names from {sorted(PROPERTIES)}. Found {unknown}.")
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
