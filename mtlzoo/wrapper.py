@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -202,8 +203,13 @@ class MTLWrapper(nn.Module):
             by one tuple per head that had extras, or with named heads a dict keyed by task name
             (the backbone's under ``"backbone"``).
         """
-        z, backbone_extras = _split(self.backbone(*args, **kwargs))
         record = self.training and torch.is_grad_enabled() and self.strategy.needs != "losses"
+        if record and self._record is not None:
+            warnings.warn("A training forward ran again before backward() consumed the previous one: backward() "
+                          "uses the latest forward only, so losses of the earlier one would not reach the backbone. "
+                          "Call backward() once per forward (accumulate over micro-batches by alternating them).",
+                          RuntimeWarning, stacklevel=2)
+        z, backbone_extras = _split(self.backbone(*args, **kwargs))
         leaves: list[Tensor] = []
         predictions: list[Any] = []
         head_extras: list[tuple[str | int, tuple[Any, ...]]] = []

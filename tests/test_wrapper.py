@@ -223,3 +223,16 @@ def test_hard_sharing_runs_every_head() -> None:
     model = small_model(named=True)
     out = model(torch.randn(2, 5))
     assert list(out) == ["task0", "task1", "task2"]
+
+
+def test_a_second_training_forward_before_backward_warns() -> None:
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd")
+    x, targets = batch()
+    mtl(x)
+    with pytest.warns(RuntimeWarning, match="latest forward only"):
+        losses = mse_losses(mtl(x), targets)
+    mtl.backward(losses)
+    with torch.no_grad():
+        mtl(x)  # no record without gradients, so nothing to warn about
+    mtl.eval()
+    mtl(x)
