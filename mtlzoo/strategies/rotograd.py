@@ -110,6 +110,8 @@ class RotateOnly(GradientSurgery):
         adapts_representation=True,
     )
     supported_targets: tuple[Target, ...] = ("representation",)
+    running_buffers: tuple[str, ...] = ("initial_losses",)
+    """Per-task running state, (K,) buffers that start as NaN and take the losses' dtype."""
 
     def __init__(
         self,
@@ -143,7 +145,8 @@ class RotateOnly(GradientSurgery):
         self.orthogonal_map = orthogonal_map
         self.rotation_init = rotation_init
 
-        self.register_buffer("initial_losses", torch.full((num_tasks,), math.nan))
+        for name in self.running_buffers:
+            self.register_buffer(name, torch.full((num_tasks,), math.nan))
         self.register_buffer("initial_backbone_loss", torch.tensor(math.nan))
         self.step = 0
         self._has_backbone_reference = False
@@ -271,7 +274,7 @@ class RotateOnly(GradientSurgery):
         saved = state_dict.get(prefix + "bank.parametrizations.weight.original")
         if self.bank is None and saved is not None:  # lazy: materialise with the saved shape, then load
             self._materialize(saved.shape[-1], init="identity", device=saved.device, dtype=saved.dtype)
-        for name in ("initial_losses", "initial_backbone_loss"):
+        for name in (*self.running_buffers, "initial_backbone_loss"):
             if prefix + name in state_dict:  # the buffers take the saved dtype (that of the losses)
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -299,14 +302,7 @@ class RotoGrad(RotateOnly):
         learnable=True,
         adapts_representation=True,
     )
-
-    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *,
-                 post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
-                 orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-                 rotation_init: RotationInit = "random") -> None:
-        super().__init__(num_tasks, rotation_shape, post_shape=post_shape, normalize_losses=normalize_losses,
-                         burn_in_period=burn_in_period, orthogonal_map=orthogonal_map, rotation_init=rotation_init)
-        self.register_buffer("initial_grad_norms", torch.full((num_tasks,), math.nan))
+    running_buffers = ("initial_losses", "initial_grad_norms")
 
     def _combine_gradients(self, grads: Tensor, losses: Tensor) -> Tensor:
         norms = grads.flatten(1).norm(dim=1).clamp_min(EPSILON)
@@ -316,12 +312,6 @@ class RotoGrad(RotateOnly):
         shares = convergence / convergence.sum().clamp_min(EPSILON)
         magnitude = (shares * norms).sum()
         return torch.tensordot(magnitude / norms, grads, dims=1)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        if prefix + "initial_grad_norms" in state_dict:
-            saved = state_dict[prefix + "initial_grad_norms"]
-            self.initial_grad_norms = torch.empty_like(saved, device=self.initial_grad_norms.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class RotoGradNorm(RotateOnly):
