@@ -30,8 +30,8 @@ def test_metadata_is_complete(name: str) -> None:
     assert re.fullmatch(r"[a-z][a-z0-9_]*", info.name) and info.kind in KINDS and info.needs in NEEDS
     assert info.summary and entry.cls.__doc__
     if info.paper is not None:
-        assert (info.paper.url.startswith("https://") and info.paper.title in entry.cls.__doc__) or \
-            info.paper.url in entry.cls.__doc__
+        assert info.paper.url.startswith("https://")
+        assert info.paper.title in entry.cls.__doc__ or info.paper.url in entry.cls.__doc__, "paper not in docstring"
     strategy = mtlzoo.create(name, num_tasks=3, **required_kwargs(name))
     assert strategy.needs in NEEDS
     text = repr(strategy)
