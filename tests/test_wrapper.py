@@ -175,7 +175,7 @@ def test_strategy_parameters_before_materialisation_raise_with_both_fixes() -> N
     mtl.zero_grad()  # a loop that zeroes gradients before its first forward keeps working
     mtl(torch.randn(2, 5))
     assert mtl.strategy.rotation_shape == (4,)
-    assert [p.shape for p in mtl.strategy_parameters()] == [(3, 4, 4)]
+    assert [p.shape for p in mtl.strategy_parameters()] == [(4, 4)] * 3
 
 
 def test_eval_mode_records_nothing_and_refuses_backward() -> None:

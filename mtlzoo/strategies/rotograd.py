@@ -59,7 +59,7 @@ ROTOGRAD_PAPER = Paper(
     url="https://arxiv.org/abs/2103.02631",
 )
 EPSILON = 1e-15
-DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "matrix_exp"
+DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "cayley"
 
 
 class RotateOnly(GradientSurgery):
@@ -80,14 +80,13 @@ class RotateOnly(GradientSurgery):
         normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
         burn_in_period: Step at which the reference values ``L_k(t_0)`` (and RotoGrad's initial
             gradient norms) are recorded again, after being recorded at step 0.
-        orthogonal_map: Map of torch's orthogonal parametrization: ``"matrix_exp"`` (the default,
-            as the original's ``expm``), ``"cayley"`` or ``"householder"``. Measured on a 2-core
-            CPU (``pytest -m bench -s``), a RotoGrad step costs about 2x / 3x / 35x an ``ls`` step
-            with ``matrix_exp`` at n = 16 / 64 / 256, 1.9x / 2.4x / 9x with ``cayley`` and
-            2.5x / 7x / 62x with ``householder``. ``cayley`` is not the default because the
-            batched ``torch.linalg.solve`` it relies on failed ("Pivots given to lu_solve must
-            all be greater or equal to 1") in torch 2.13's CPU build after a call to
-            ``torch.set_num_threads``; choose it where that does not happen (e.g. on GPU).
+        orthogonal_map: Map of torch's orthogonal parametrization: ``"cayley"`` (the default),
+            ``"matrix_exp"`` (the original's ``expm``) or ``"householder"``. Chosen by measurement
+            (``pytest -m bench -s``, 2-core CPU, K = 3): a RotoGrad step costs about 2.2x / 2.5x /
+            6x an ``ls`` step at n = 16 / 64 / 256 with ``cayley``, 2.5x / 3.3x / 15x with
+            ``matrix_exp`` and 3.1x / 6.7x / 26x with ``householder``, while the 2-D toy problem
+            ends equally well with each. The Cayley map cannot reach a rotation by exactly pi
+            from its base, which RotoGrad's learned rotations have not needed in our checks.
         rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
             or ``"identity"``.
 
@@ -211,7 +210,8 @@ class RotateOnly(GradientSurgery):
 
     def adapt(self, z: Tensor, task: int) -> Tensor:
         size, post_numel = self._layout(z)
-        return rotate(z, self.rotations[task].detach(), size, post_numel)
+        assert self.bank is not None
+        return rotate(z, self.bank.matrix(task).detach(), size, post_numel)
 
     # ------------------------------------------------------------------ step
     def _is_reference_step(self) -> bool:
@@ -271,7 +271,7 @@ class RotateOnly(GradientSurgery):
         self._has_backbone_reference = bool(state["has_backbone_reference"])
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "bank.parametrizations.weight.original")
+        saved = state_dict.get(prefix + "bank.matrices.0.parametrizations.weight.original")
         if self.bank is None and saved is not None:  # lazy: materialise with the saved shape, then load
             self._materialize(saved.shape[-1], init="identity", device=saved.device, dtype=saved.dtype)
         for name in (*self.running_buffers, "initial_backbone_loss"):

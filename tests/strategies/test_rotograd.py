@@ -42,6 +42,14 @@ def test_rotations_start_random_in_so_n_or_at_identity(orthogonal_map: str) -> N
     torch.testing.assert_close(identity.rotations.detach(), torch.eye(5).expand(3, 5, 5), atol=1e-6, rtol=0)
 
 
+def test_haar_samples_are_proper_rotations_in_high_dimension() -> None:
+    """det = +1 also where a plain determinant's product of pivots underflows in float32."""
+    samples = haar_rotations(2, 512)
+    assert torch.equal(torch.linalg.slogdet(samples[0]).sign, torch.tensor(1.0))
+    assert torch.equal(torch.linalg.slogdet(samples[1]).sign, torch.tensor(1.0))
+    assert (samples.mT @ samples - torch.eye(512)).abs().max() < 1e-4
+
+
 def test_haar_samples_are_uniform_on_average() -> None:
     """Haar measure: E[R] = 0 for n >= 2 (each entry's mean vanishes)."""
     samples = haar_rotations(4000, 3)
@@ -180,13 +188,14 @@ def test_losses_are_normalised_by_their_values_at_step_zero_and_burn_in() -> Non
 def test_rotations_are_computed_once_per_step(name: str) -> None:
     mtl = mtlzoo.MTLWrapper(small_model(), name, rotation_shape=4, **({"alpha": 1.0} if "norm" in name else {}))
     calls = []
-    mtl.strategy.bank.parametrizations.weight[0].register_forward_hook(lambda *args: calls.append(1))
+    for rotation in mtl.strategy.bank.matrices:
+        rotation.parametrizations.weight[0].register_forward_hook(lambda *args: calls.append(1))
     x, targets = batch()
     with mtlzoo.cached():
         mtl.backward(mse_losses(mtl(x), targets))
-    assert len(calls) == 1
+    assert len(calls) == 3  # once per task
     mtl.backward(mse_losses(mtl(x), targets))
-    assert len(calls) == 3  # without the user's block: once in the forward, once in the backward
+    assert len(calls) == 9  # without the user's block: once in the forward, once in the backward
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
