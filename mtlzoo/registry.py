@@ -98,6 +98,7 @@ class StrategyEntry:
             "properties": sorted(info.properties),
             "stochastic": info.stochastic,
             "learnable": info.learnable,
+            "adapts_representation": info.adapts_representation,
             "origin": str(self.origin),
             "distribution": self.origin.distribution,
             "version": self.origin.version,

@@ -30,7 +30,8 @@ def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str
     assert by_name["rotograd_norm"]["aliases"] == ["rotogradnorm"]
     assert by_name["rotograd_norm"]["required"] == ["alpha"]
     assert by_name["rotograd"]["kind"] == "surgery" and by_name["rotograd"]["needs"] == "representation_grads"
-    assert by_name["ls"]["origin"] == "built-in"
+    assert by_name["ls"]["origin"] == "built-in" and not by_name["ls"]["adapts_representation"]
+    assert by_name["rotograd"]["adapts_representation"] and by_name["rotograd"]["learnable"]
     assert by_name["rotograd"]["paper"]["year"] == 2022
 
 

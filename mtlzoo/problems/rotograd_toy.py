@@ -44,7 +44,6 @@ class RotoGradToy:
     batch_size: int = 256
     model_lr: float = 1e-3
     strategy_lr: float = 0.05
-    num_tasks: int = len(SIGNS)
 
     def build_model(self) -> HardSharing:
         backbone = nn.Sequential(nn.Linear(2, 10), nn.ReLU(), nn.Linear(10, 2))

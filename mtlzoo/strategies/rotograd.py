@@ -236,17 +236,17 @@ class RotateOnly(GradientSurgery):
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         size, post_numel = self._layout(grads[0])
         blocks = grads.reshape(grads.shape[0], -1, size, post_numel)
-        self._rotation_backward(blocks)
-        update = self._combine_gradients(grads, losses)
+        norms = grads.flatten(1).norm(dim=1)
+        self._rotation_backward(blocks, norms)
+        update = self._combine_gradients(grads, norms, losses)
         self.step += 1
         return update
 
-    def _rotation_backward(self, blocks: Tensor) -> None:
+    def _rotation_backward(self, blocks: Tensor, norms: Tensor) -> None:
         """Back-propagate the rotation objective into the rotations' parameters."""
         rotations = self.rotations
         if not rotations.requires_grad:
             return
-        norms = blocks.flatten(1).norm(dim=1)
         scale = blocks.mean(0).norm() / norms.clamp_min(EPSILON)
         reference = (blocks * scale.view(-1, 1, 1, 1)).mean(0)
         rotated_grads = torch.einsum("kij,kbjp->kbip", rotations.detach(), blocks)
@@ -256,7 +256,8 @@ class RotateOnly(GradientSurgery):
         reduced = per_example.mean(dim=1) if self.post_shape else per_example.sum(dim=1)
         reduced.sum().backward()
 
-    def _combine_gradients(self, grads: Tensor, losses: Tensor) -> Tensor:
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
+        """The backbone update from the K gradients ``grads`` and their norms ``||g_k||``."""
         return grads.sum(0)
 
     # ----------------------------------------------------------------- state
@@ -304,8 +305,8 @@ class RotoGrad(RotateOnly):
     )
     running_buffers = ("initial_losses", "initial_grad_norms")
 
-    def _combine_gradients(self, grads: Tensor, losses: Tensor) -> Tensor:
-        norms = grads.flatten(1).norm(dim=1).clamp_min(EPSILON)
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
+        norms = norms.clamp_min(EPSILON)
         if self._is_reference_step():
             self.initial_grad_norms = norms.clone()
         convergence = norms / self.initial_grad_norms
@@ -359,11 +360,10 @@ class RotoGradNorm(RotateOnly):
         """The K GradNorm weights ``w = K softmax(θ)`` (they sum to K)."""
         return self.num_tasks * torch.softmax(self.weight_logits, dim=0)
 
-    def _combine_gradients(self, grads: Tensor, losses: Tensor) -> Tensor:
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
         weights = self.task_weights.to(grads.dtype)
         update = torch.tensordot(weights.detach(), grads, dims=1)
         if weights.requires_grad:
-            norms = grads.flatten(1).norm(dim=1)
             ratios = self.loss_ratios(losses)
             targets = (update.norm() / self.num_tasks) * (ratios / ratios.mean()) ** self.alpha
             (weights * norms - targets).abs().sum().backward()
