@@ -37,8 +37,13 @@ def _list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlzoo", description="Multitask-learning strategies for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    listing = commands.add_parser("list", help="list the registered strategies",
-                                  description="List every registered strategy (built-in and plugins).")
+    listing = commands.add_parser(
+        "list", help="list the registered strategies",
+        description="List the built-in strategies and those of installed plugins (the `mtlzoo` entry-point group).",
+        epilog="Strategies registered in your own Python process, with @mtlzoo.register_strategy or "
+               "mtlzoo.registry.REGISTRY.register_plugin, are not shown: this command runs in a process of its "
+               "own. Call mtlzoo.list_strategies() in that process to see them.",
+    )
     listing.add_argument("pattern", nargs="?", help="fnmatch pattern on names and aliases, e.g. 'roto*'")
     listing.add_argument("--kind", choices=["weighting", "surgery"], help="only this kind")
     listing.add_argument("--needs", choices=["losses", "representation_grads", "parameter_jacobian"],

@@ -27,6 +27,18 @@ class InvalidStrategyError(MTLZooError, TypeError):
     """Something registered as a strategy that is not a usable ``Strategy`` subclass."""
 
 
+class InvalidPluginError(MTLZooError, TypeError):
+    """A plugin whose hook mtlzoo cannot use (e.g. a hook wrapper); the message names the plugin."""
+
+
+class UnknownHyperparameterError(MTLZooError, TypeError):
+    """A keyword a strategy's constructor does not take (the message lists its hyperparameters and close matches)."""
+
+
+class MissingHyperparameterError(MTLZooError, TypeError):
+    """A hyperparameter without a default that was not given (the message names the strategy and the parameter)."""
+
+
 class InvalidModelError(MTLZooError, TypeError):
     """A model that does not expose a ``backbone`` module and a non-empty ``heads`` collection."""
 

@@ -7,7 +7,9 @@ expose theirs through the ``mtlzoo`` entry-point group::
     my_plugin = "my_package.mtl_plugin"
 
 The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
-very hook.
+very hook. Implement it as a plain function: a hook wrapper (``@mtlzoo.hookimpl(wrapper=True)`` or
+``hookwrapper=True``) is refused (an error in-process, a :class:`mtlzoo.errors.PluginWarning` for an
+entry point), since it would register nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ def mtlzoo_register_strategies(register: Callable[[type], None]) -> None:
     Args:
         register: Callback taking a :class:`mtlzoo.strategy.Strategy` subclass with an ``info``
             attribute (:class:`mtlzoo.strategy.StrategyInfo`). It raises
-            :class:`mtlzoo.errors.InvalidStrategyError` for a class that is not one, and refuses a
-            name or alias that is already taken.
+            :class:`mtlzoo.errors.InvalidStrategyError` for a class that is not one (or whose
+            ``aliases`` is a str rather than a tuple of names), and refuses a name or alias that is
+            already taken.
 
     Example:
         ```python

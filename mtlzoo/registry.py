@@ -5,7 +5,9 @@ the ``mtlzoo`` entry-point group, loaded on the first lookup or listing (never o
 mtlzoo``), one entry point at a time so that a broken plugin is reported and the rest still load.
 Set ``MTLZOO_DISABLE_PLUGIN_AUTOLOAD`` to a non-empty value to skip entry points.
 
-Names are case-insensitive and ``-`` equals ``_``.
+Names are case-insensitive and ``-`` equals ``_``. In-process registrations
+(:func:`register_strategy`, :meth:`StrategyRegistry.register_plugin`) load the entry points first,
+so a name clash with an installed plugin is refused the same way whatever the order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib.metadata
+import inspect
 import os
 import re
 import threading
@@ -24,8 +27,16 @@ from typing import Any
 import pluggy
 
 from mtlzoo import hookspecs
-from mtlzoo.errors import DuplicateStrategyError, InvalidStrategyError, PluginWarning, UnknownStrategyError
-from mtlzoo.strategy import REQUIRED, Kind, Needs, Strategy, StrategyInfo, hyperparameters
+from mtlzoo.errors import (
+    DuplicateStrategyError,
+    InvalidPluginError,
+    InvalidStrategyError,
+    MissingHyperparameterError,
+    PluginWarning,
+    UnknownHyperparameterError,
+    UnknownStrategyError,
+)
+from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DISABLE_AUTOLOAD_ENV = "MTLZOO_DISABLE_PLUGIN_AUTOLOAD"
@@ -39,7 +50,8 @@ class Origin:
     Attributes:
         plugin: The plugin's name in the plugin manager.
         distribution: The installed distribution that provides it (``None`` for built-ins and
-            in-process registrations).
+            in-process registrations; a registration made while an entry point is imported gets
+            that entry point's distribution).
         version: That distribution's version.
         builtin: Whether it ships with mtlzoo.
     """
@@ -118,12 +130,95 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+def normalize_pattern(pattern: str) -> str:
+    """An fnmatch pattern made to match normalised names: lower case, ``-`` replaced by ``_``.
+
+    Only ``-`` outside ``[...]`` character classes is replaced, so ``"[a-m]*"`` keeps its range.
+    Classes are delimited as :func:`fnmatch.translate` does (``[!...]``, a leading ``]`` is literal, an
+    unclosed ``[`` is a literal character).
+    """
+    text = pattern.strip().lower()
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "[":
+            j = i + 1
+            j += j < len(text) and text[j] == "!"
+            j += j < len(text) and text[j] == "]"
+            end = text.find("]", j)
+            if end >= 0:
+                out.append(text[i:end + 1])
+                i = end + 1
+                continue
+        out.append("_" if text[i] == "-" else text[i])
+        i += 1
+    return "".join(out)
+
+
 def _natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+class _DecoratedStrategy:
+    """The plugin object behind :func:`register_strategy`: it hands one class to the registry."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    @hookspecs.hookimpl
+    def mtlzoo_register_strategies(self, register: Callable[[type], None]) -> None:
+        register(self.cls)
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Whether ``b`` is ``a`` or a re-definition of it (a re-run notebook cell, a reloaded module).
+
+    A re-definition comes from the same module under the same qualified name and keeps the strategy
+    name; classes of one factory share a qualified name but not a strategy name.
+    """
+    def identity(cls: type) -> tuple[str, str, str]:
+        return cls.__module__, cls.__qualname__, normalize_name(cls.info.name)
+
+    return a is b or identity(a) == identity(b)
+
+
+def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others: Iterable[StrategyEntry]) -> None:
+    """Refuse keyword arguments that ``cls`` does not take, and required ones that are missing.
+
+    Raises:
+        UnknownHyperparameterError: An argument the constructor does not take (unless it has ``**kwargs``).
+        MissingHyperparameterError: A required constructor argument that is not given.
+    """
+    parameters = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = [p for p in parameters if p.kind in by_name]
+    accepted = [p.name for p in named]
+    listing = ", ".join(p if d is REQUIRED else f"{p}={d!r}" for p, d in hyperparameters(cls).items()) or "none"
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    unknown = [] if takes_any else [key for key in kwargs if key not in accepted]
+    if unknown:
+        sentences = []
+        for key in unknown:
+            sentence = f"Strategy {name!r} has no hyperparameter {key!r}."
+            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+            if close:
+                sentence += f" Did you mean {close[0]!r}?"
+            owners = sorted(entry.name for entry in others if key in entry.hyperparameters)
+            if owners:
+                sentence += f" ({key!r} is a hyperparameter of {', '.join(map(repr, owners))}.)"
+            sentences.append(sentence)
+        raise UnknownHyperparameterError(" ".join(sentences) + f" Its hyperparameters: {listing}.")
+    missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    if missing:
+        raise MissingHyperparameterError(
+            f"Strategy {name!r} needs the hyperparameter{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(repr, missing))}, which has no default: pass "
+            f"{', '.join(f'{p}=...' for p in missing)}. Its hyperparameters: {listing}."
+        )
 
 
 class StrategyRegistry:
@@ -137,6 +232,7 @@ class StrategyRegistry:
         self._origins: dict[str, Origin] = {}
         self._builtins_loaded = False
         self._entry_points_loaded = False
+        self._loading: Origin | None = None  # the entry point being imported, if any
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- loading
@@ -172,16 +268,23 @@ class StrategyRegistry:
             warnings.warn(f"mtlzoo skipped plugin {where}: a plugin named {entry_point.name!r} is already loaded "
                           f"(from {self._origins.get(entry_point.name, 'this process')}).", PluginWarning, stacklevel=3)
             return
+        origin = Origin(entry_point.name, distribution, version)
+        before = set(self._origins)
         try:
-            plugin = entry_point.load()
+            self._loading = origin  # what register_strategy runs at import is attributed to this entry point
+            try:
+                plugin = entry_point.load()
+            finally:
+                self._loading = None
         except Exception as error:  # a broken plugin must not take the others down
+            self._drop_plugins(set(self._origins) - before)
             warnings.warn(f"mtlzoo could not import plugin {where}: {type(error).__name__}: {error}", PluginWarning,
                           stacklevel=3)
             return
-        origin = Origin(entry_point.name, distribution, version)
         try:
             self._add_plugin(plugin, entry_point.name, origin, strict=False)
         except Exception as error:
+            self._drop_plugins(set(self._origins) - before)
             warnings.warn(f"mtlzoo could not load plugin {where}: {type(error).__name__}: {error}", PluginWarning,
                           stacklevel=3)
 
@@ -205,12 +308,21 @@ class StrategyRegistry:
                     raise
                 warnings.warn(f"{error} The strategy was not registered.", PluginWarning, stacklevel=2)
 
+        impls = [impl for impl in self._pm.hook.mtlzoo_register_strategies.get_hookimpls() if impl.plugin is plugin]
+        for impl in impls:
+            if impl.wrapper or impl.hookwrapper:
+                raise InvalidPluginError(
+                    f"Plugin {impl.plugin_name!r} implements mtlzoo_register_strategies as a hook wrapper; mtlzoo "
+                    f"does not support wrappers: drop wrapper=True/hookwrapper=True from its @mtlzoo.hookimpl and "
+                    f"call register(cls) directly."
+                )
         arguments: dict[str, Callable[[type], None]] = {"register": register}
-        for impl in self._pm.hook.mtlzoo_register_strategies.get_hookimpls():
-            if impl.plugin is plugin:
-                impl.function(**{name: arguments[name] for name in impl.argnames})
+        for impl in impls:
+            impl.function(**{name: arguments[name] for name in impl.argnames})
 
-    def _add_strategy(self, cls: type, origin: Origin) -> None:
+    @staticmethod
+    def _keys_of(cls: type, origin: Origin) -> list[str]:
+        """The normalised name and aliases of a strategy class, after checking that it is one."""
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise InvalidStrategyError(
                 f"register() takes a subclass of mtlzoo.Strategy; plugin {origin} passed {cls!r}."
@@ -220,7 +332,24 @@ class StrategyRegistry:
             raise InvalidStrategyError(
                 f"Strategy class {cls.__qualname__} (from {origin}) has no `info = StrategyInfo(...)` class attribute."
             )
-        keys = [normalize_name(info.name), *(normalize_name(alias) for alias in info.aliases)]
+        if isinstance(info.aliases, str):
+            raise InvalidStrategyError(
+                f"Strategy class {cls.__qualname__} (from {origin}) gives `aliases` as a str, which would make "
+                f"each character an alias. Write a tuple of names: `aliases=({info.aliases!r},)`."
+            )
+        names = [info.name, *info.aliases]
+        if not all(isinstance(name, str) and name.strip() for name in names):
+            raise InvalidStrategyError(
+                f"Strategy class {cls.__qualname__} (from {origin}) should have a non-empty str `name` and a tuple "
+                f"of non-empty str `aliases`. Found `name = {info.name!r}`, `aliases = {info.aliases!r}`."
+            )
+        keys = [normalize_name(name) for name in names]
+        if len(set(keys)) != len(keys):
+            raise InvalidStrategyError(f"Strategy {info.name!r} (from {origin}) lists the same name twice: {keys}.")
+        return keys
+
+    def _add_strategy(self, cls: type, origin: Origin) -> None:
+        keys = self._keys_of(cls, origin)
         for key in keys:
             if key in self._keys:
                 other = self._entries[self._keys[key]]
@@ -228,8 +357,6 @@ class StrategyRegistry:
                     f"Strategy name {key!r} of {cls.__qualname__} (from {origin}) is already taken by "
                     f"{other.cls.__qualname__} (from {other.origin})."
                 )
-        if len(set(keys)) != len(keys):
-            raise InvalidStrategyError(f"Strategy {info.name!r} (from {origin}) lists the same name twice: {keys}.")
         canonical = keys[0]
         self._entries[canonical] = StrategyEntry(cls, origin)
         for key in keys:
@@ -243,21 +370,80 @@ class StrategyRegistry:
             del self._entries[canonical]
         self._keys = {key: c for key, c in self._keys.items() if c in self._entries}
 
+    def _drop_plugins(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._drop_plugin(name)
+
     # ------------------------------------------------------------ registration
+    def _in_process_origin(self, name: str) -> Origin:
+        """The origin of a plugin registered now: in-process, or the entry point being imported."""
+        loading = self._loading
+        return Origin(name) if loading is None else Origin(name, loading.distribution, loading.version)
+
+    def _check_plugin_name(self, name: str) -> None:
+        if self._pm.has_plugin(name):
+            raise DuplicateStrategyError(f"A plugin named {name!r} is already registered; remove it first with "
+                                         f"mtlzoo.registry.REGISTRY.unregister_plugin({name!r}).")
+
     def register_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object in this process; its strategies are available at once.
+
+        The entry points are loaded first, so a strategy name an installed plugin already has is
+        refused whether or not anything was looked up before.
 
         Raises:
             DuplicateStrategyError: A strategy of the plugin takes a name already registered
                 (nothing of the plugin is kept).
+            InvalidPluginError: The plugin's hook is a wrapper.
         """
         with self._lock:
-            self._load_builtins()
+            self.load()
             name = name or self._pm.get_canonical_name(plugin)
-            if self._pm.has_plugin(name):
-                raise DuplicateStrategyError(f"A plugin named {name!r} is already registered; remove it first with "
-                                             f"mtlzoo.registry.REGISTRY.unregister_plugin({name!r}).")
-            self._add_plugin(plugin, name, Origin(name), strict=True)
+            self._check_plugin_name(name)
+            self._add_plugin(plugin, name, self._in_process_origin(name), strict=True)
+            return name
+
+    def register_class(self, cls: type[Strategy]) -> str:
+        """Register one strategy class in this process (what :func:`register_strategy` does).
+
+        Registering the same class again changes nothing; a re-definition of a class registered
+        this way (same module, qualified name and strategy name: a re-run notebook cell, a reloaded
+        module) replaces it and keeps its origin. The plugin is named ``"module:QualName[name]"``.
+
+        Returns:
+            The name of the plugin that holds the class.
+
+        Raises:
+            DuplicateStrategyError: Another class has the name or an alias (nothing changes).
+            InvalidStrategyError: ``cls`` is not a usable strategy class.
+        """
+        with self._lock:
+            self.load()
+            info = getattr(cls, "info", None)
+            name = f"{getattr(cls, '__module__', '?')}:{getattr(cls, '__qualname__', repr(cls))}"
+            name += f"[{info.name}]" if isinstance(info, StrategyInfo) else ""
+            keys = self._keys_of(cls, self._in_process_origin(name))
+            taken = {self._entries[self._keys[key]] for key in keys if key in self._keys}
+            if taken and all(entry.cls is cls for entry in taken):
+                return next(iter(taken)).origin.plugin
+            replaced = sorted({
+                entry.origin.plugin for entry in taken
+                if isinstance(plugin := self._pm.get_plugin(entry.origin.plugin), _DecoratedStrategy)
+                and _same_definition(plugin.cls, cls)
+            })
+            saved = [(old, self._pm.get_plugin(old), self._origins[old]) for old in replaced]
+            if saved:
+                name, origin = saved[0][0], saved[0][2]
+                self._drop_plugins(replaced)
+            else:
+                self._check_plugin_name(name)
+                origin = self._in_process_origin(name)
+            try:
+                self._add_plugin(_DecoratedStrategy(cls), name, origin, strict=True)
+            except Exception:
+                for old, plugin, old_origin in saved:
+                    self._add_plugin(plugin, old, old_origin, strict=True)
+                raise
             return name
 
     def unregister_plugin(self, name: str) -> None:
@@ -294,28 +480,38 @@ class StrategyRegistry:
             )
         return self._entries[canonical]
 
-    def create(self, name: str, **kwargs: Any) -> Strategy:
-        """Instantiate the strategy called ``name`` with ``kwargs``."""
-        return self.get(name).cls(**kwargs)
+    def create(self, name: str, /, **kwargs: Any) -> Strategy:
+        """Instantiate the strategy called ``name`` with ``kwargs``, after checking their names.
+
+        Raises:
+            UnknownStrategyError: No strategy has that name.
+            UnknownHyperparameterError: An argument the strategy does not take (with a suggestion).
+            MissingHyperparameterError: A required hyperparameter is not given.
+        """
+        entry = self.get(name)
+        _check_hyperparameters(entry.name, entry.cls, kwargs, [e for e in self._entries.values() if e is not entry])
+        return entry.cls(**kwargs)
 
     def list(
         self,
         pattern: str | Iterable[str] = "*",
         *,
         kind: Kind | None = None,
-        needs: Needs | None = None,
+        needs: str | None = None,
         exclude: str | Iterable[str] = (),
     ) -> list[StrategyEntry]:
-        """Registered strategies whose name or an alias matches ``pattern`` (fnmatch), sorted naturally."""
-        self.load()
-        include = [pattern] if isinstance(pattern, str) else list(pattern)
-        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+        """Registered strategies whose name or an alias matches ``pattern`` (fnmatch), sorted naturally.
 
-        def names(entry: StrategyEntry) -> list[str]:
-            return [entry.name, *entry.info.aliases]
+        Patterns are case-insensitive and ``-`` matches ``_`` (outside ``[...]`` classes, see
+        :func:`normalize_pattern`).
+        """
+        self.load()
+        include = [normalize_pattern(p) for p in ([pattern] if isinstance(pattern, str) else pattern)]
+        excluded = [normalize_pattern(p) for p in ([exclude] if isinstance(exclude, str) else exclude)]
 
         def matches(entry: StrategyEntry, patterns: list[str]) -> bool:
-            return any(fnmatch.fnmatch(normalize_name(n), normalize_name(p)) for n in names(entry) for p in patterns)
+            names = [normalize_name(n) for n in (entry.name, *entry.info.aliases)]
+            return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
         chosen = [
             entry for entry in self._entries.values()
@@ -329,13 +525,18 @@ REGISTRY = StrategyRegistry()
 """The process-wide registry behind :func:`create`, :func:`list_strategies` and friends."""
 
 
-def create(name: str, **kwargs: Any) -> Strategy:
+def create(name: str, /, **kwargs: Any) -> Strategy:
     """Create a registered strategy by name.
 
     Example:
         >>> import mtlzoo
         >>> mtlzoo.create("ls", num_tasks=2, weights=[1.0, 2.0])
         LinearScalarization(num_tasks=2, weights=[1.0, 2.0])
+
+    Raises:
+        UnknownStrategyError: No strategy has that name.
+        UnknownHyperparameterError: A keyword the strategy does not take; the message suggests the close one.
+        MissingHyperparameterError: A required hyperparameter is not given.
     """
     return REGISTRY.create(name, **kwargs)
 
@@ -349,7 +550,7 @@ def list_strategies(
     pattern: str | Iterable[str] = "*",
     *,
     kind: Kind | None = None,
-    needs: Needs | None = None,
+    needs: str | None = None,
     exclude: str | Iterable[str] = (),
 ) -> list[StrategyEntry]:
     """List registered strategies, filtered by fnmatch name patterns and metadata.
@@ -365,18 +566,30 @@ def list_strategies(
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator registering a strategy in this process, through a small plugin object.
 
-    The plugin is named after the class (``"module:QualName"``); remove it with
-    ``REGISTRY.unregister_plugin(name)``.
+    The entry points are loaded first, so a clash with an installed plugin is always refused.
+    Applying it again to the same class, or to a re-definition of it from the same module under
+    the same qualified name (a re-run notebook cell, a reloaded module), replaces the earlier
+    registration. Run while an entry point is imported, it attributes the strategy to that entry
+    point's distribution. ``mtlzoo list`` runs in a process of its own and does not show
+    strategies registered this way; call :func:`list_strategies` in this process instead.
+
+    The plugin is named ``"module:QualName[name]"``; remove it with
+    ``REGISTRY.unregister_plugin(get_strategy(name).origin.plugin)``.
+
+    Example:
+        >>> import mtlzoo
+        >>> @mtlzoo.register_strategy
+        ... class Halved(mtlzoo.WeightingStrategy):
+        ...     info = mtlzoo.StrategyInfo(name="halved", kind="weighting", needs="losses", summary="half each loss")
+        ...     def weights(self, losses):
+        ...         return losses.new_full((self.num_tasks,), 0.5)
+        >>> mtlzoo.create("halved", num_tasks=2).num_tasks
+        2
+        >>> mtlzoo.registry.REGISTRY.unregister_plugin(mtlzoo.get_strategy("halved").origin.plugin)
 
     Raises:
-        DuplicateStrategyError: The name or an alias is already registered.
+        DuplicateStrategyError: Another class already has the name or an alias (both origins are named).
+        InvalidStrategyError: ``cls`` is not a strategy class with a valid ``info``.
     """
-
-    class _InProcessPlugin:
-        @staticmethod
-        @hookspecs.hookimpl
-        def mtlzoo_register_strategies(register: Callable[[type], None]) -> None:
-            register(cls)
-
-    REGISTRY.register_plugin(_InProcessPlugin(), name=f"{cls.__module__}:{cls.__qualname__}")
+    REGISTRY.register_class(cls)
     return cls

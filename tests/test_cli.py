@@ -29,7 +29,8 @@ def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str
     by_name = {r["name"]: r for r in records}
     assert by_name["rotograd_norm"]["aliases"] == ["rotogradnorm"]
     assert by_name["rotograd_norm"]["required"] == ["alpha"]
-    assert by_name["rotograd"]["kind"] == "surgery" and by_name["rotograd"]["needs"] == "representation_grads"
+    assert by_name["rotograd"]["kind"] == "surgery"
+    assert by_name["rotograd"]["needs"] == mtlzoo.get_strategy("rotograd").info.needs != by_name["ls"]["needs"]
     assert by_name["ls"]["origin"] == "built-in" and not by_name["ls"]["adapts_representation"]
     assert by_name["rotograd"]["adapts_representation"] and by_name["rotograd"]["learnable"]
     assert by_name["rotograd"]["paper"]["year"] == 2022
@@ -40,6 +41,16 @@ def test_list_filters(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["rotograd", "rotograd_norm"]
     main(["list", "--kind", "weighting", "--format", "json"])
     assert all(r["kind"] == "weighting" for r in json.loads(capsys.readouterr().out))
+
+
+def test_list_help_says_in_process_registrations_are_not_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 7, item 21: `mtlzoo list` runs in a process of its own; its help says what it cannot show."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "entry-point group" in text
+    assert "@mtlzoo.register_strategy" in text and "are not shown" in text and "mtlzoo.list_strategies()" in text
 
 
 def test_python_dash_m_runs_the_same_command() -> None:
