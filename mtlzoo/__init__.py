@@ -2,6 +2,7 @@
 
 from mtlzoo.caching import cached
 from mtlzoo.hookspecs import hookimpl
+from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.registry import create, get_strategy, list_strategies, register_strategy
 from mtlzoo.strategy import GradientSurgery, GramianWeightedSurgery, Paper, Strategy, StrategyInfo, WeightingStrategy
 from mtlzoo.wrapper import HardSharing, MTLWrapper
@@ -14,8 +15,11 @@ __all__ = [
     "HardSharing",
     "MTLWrapper",
     "Paper",
+    "Request",
+    "StepInputs",
     "Strategy",
     "StrategyInfo",
+    "Update",
     "WeightingStrategy",
     "cached",
     "create",

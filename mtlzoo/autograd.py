@@ -1,77 +1,206 @@
-"""The engine: the only module that asks autograd for per-task gradients.
+"""The engine: the only module that asks autograd for per-task gradients, and the one place
+where gradients reach the model.
 
-The wrapper feeds every head its own detached copy ("leaf") of the backbone output ``z``, so a
-single backward of ``sum_k L_k`` gives the heads their own gradients and leaves
-``dL_k/dz`` on leaf ``k``, for all K tasks at once. From there:
+A training forward of a strategy that reads gradients feeds every head its own detached copy
+("leaf") of the backbone output ``z`` and keeps a :class:`ForwardRecord`. A backward then runs in
+three moves:
 
-- :func:`representation_grads` stacks them into ``G`` (K x z.shape);
-- :func:`parameter_jacobian` pulls ``G`` back through the backbone in one batched (vmap)
-  vector-Jacobian product, giving the K x n Jacobian of the losses w.r.t. the shared parameters,
-  with a loop over tasks as fallback for operations vmap cannot batch;
-- :func:`accumulate_grads` writes an aggregated n-vector into the parameters' ``.grad``.
+1. :func:`head_pass`: one ``autograd.grad`` of ``sum_k w_k L_k`` through the heads gives every
+   head parameter its gradient and every leaf ``k`` the task's ``g_k = d(w_k L_k)/dz``, for all K
+   tasks at once, without touching ``.grad`` yet (a refused step leaves no trace);
+2. :func:`statistics`: the statistic the strategy's request names, formed here and only here
+   (the K x ... gradients on ``z``; the K x n Jacobian on the shared parameters by one vmapped
+   vector-Jacobian product, a loop where vmap cannot batch the backbone; Gramians, norms);
+3. :func:`apply`: one ``torch.autograd.backward`` over every root of the step (``z`` with the
+   combined ``dz``, the heads' and the strategy's parameters with their gradients, the backbone's
+   own loss), so gradients reach ``.grad`` through autograd's accumulation: hooks,
+   ``DistributedDataParallel`` and a ``GradScaler`` see them as after a plain backward.
 
 A cross-task loss (one that reads two heads' predictions) makes leaf ``k`` carry the gradient of
-every loss that reads head ``k``, not of ``L_k`` alone.
+every loss that reads head ``k``, not of ``L_k`` alone. Parameters outside the model that a loss
+reads (a learnable loss) get no gradient on the gradient paths: put them in a head.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from mtlzoo.errors import BackwardOrderError, ShapeMismatchError
+from mtlzoo.linalg import compute_dtype, gramian, row_norms
+from mtlzoo.protocol import Request, StepInputs, Update
 
-def representation_grads(losses: Tensor, leaves: Sequence[Tensor], *, retain_graph: bool = False) -> Tensor:
-    """Back-propagate the K losses through the heads and return ``G[k] = dL_k/dz``.
 
-    The heads' parameters receive their own gradients (accumulated into ``.grad``). A task whose
-    loss does not reach its leaf gets a zero gradient.
+@dataclass
+class ForwardRecord:
+    """What one training forward leaves for a backward: ``z``, the heads' leaves, the backbone's extras.
+
+    The leaves are held weakly: once the predictions (and so the heads' graph) are gone, the
+    record is dead and the backbone's graph is freed with it.
+    """
+
+    z: Tensor
+    leaves: list[weakref.ref[Tensor]]
+    extra_roots: list[Tensor] = field(default_factory=list)
+    extra_leaves: list[weakref.ref[Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, z: Tensor, leaves: Sequence[Tensor], extra_roots: Sequence[Tensor] = (),
+               extra_leaves: Sequence[Tensor] = ()) -> ForwardRecord:
+        return cls(z, [weakref.ref(leaf) for leaf in leaves], list(extra_roots),
+                   [weakref.ref(leaf) for leaf in extra_leaves])
+
+    @property
+    def alive(self) -> bool:
+        return any(ref() is not None for ref in self.leaves)
+
+
+class PendingForwards:
+    """The training forwards not yet consumed by a backward: handles, not a single slot.
+
+    Copies (``copy.deepcopy`` of the wrapper) and pickles start empty: a forward belongs to the
+    graph it built, which a copy does not share.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[ForwardRecord] = []
+
+    def add(self, record: ForwardRecord) -> None:
+        self.records = [r for r in self.records if r.alive]
+        self.records.append(record)
+
+    def remove(self, records: Sequence[ForwardRecord]) -> None:
+        ids = {id(r) for r in records}
+        self.records = [r for r in self.records if id(r) not in ids and r.alive]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __deepcopy__(self, memo: dict) -> PendingForwards:
+        return PendingForwards()
+
+    def __getstate__(self) -> dict:
+        return {"records": []}
+
+
+@dataclass
+class HeadPass:
+    """The result of :func:`head_pass`: per-task gradients on ``z`` and the heads' parameter gradients."""
+
+    records: list[ForwardRecord]
+    grads: list[Tensor]
+    head_params: list[Tensor]
+    head_grads: list[Tensor]
+    extra_roots: list[Tensor]
+    extra_grads: list[Tensor]
+
+
+def head_pass(records: Sequence[ForwardRecord], losses: Tensor, tasks: Tensor, requires: Sequence[bool],
+              head_params: Sequence[Tensor], *, labels: Sequence[str], retain_graph: bool = False) -> HeadPass:
+    """Back-propagate the (weighted, possibly scaled) present losses through the heads, accumulating nothing.
 
     Args:
-        losses: The K losses (1-D tensor).
-        leaves: The K detached copies of ``z`` that the heads were fed.
-        retain_graph: Keep the heads' graph for another backward.
+        records: The pending forwards; those that the losses reach are consumed.
+        losses: The present tasks' losses, ``(K',)``, as the model should learn from them.
+        tasks: Their task indices.
+        requires: Per present task, whether its loss depends on anything (a constant gets a zero gradient).
+        head_params: The heads' parameters.
+        labels: Task labels for messages.
+        retain_graph: Keep the heads' graph.
 
-    Returns:
-        Tensor of shape ``(K, *z.shape)``.
+    Raises:
+        BackwardOrderError: A loss that depends on something but on no pending forward of this step.
     """
-    for leaf in leaves:
-        leaf.grad = None
-    torch.autograd.backward(losses.sum(), retain_graph=retain_graph)
-    return torch.stack([torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves])
+    if not any(record.alive for record in records):
+        raise BackwardOrderError("No training forward is waiting for a backward: call mtl(x) in training mode with "
+                                 "gradients enabled, compute the losses from its predictions, then backward() once.")
+    index = tasks.tolist()
+    live = [(record, [record.leaves[k]() for k in index], [ref() for ref in record.extra_leaves])
+            for record in records if record.alive]
+    inputs: list[Tensor] = []
+    for _, leaves, extras in live:
+        inputs += [leaf for leaf in leaves if leaf is not None] + [leaf for leaf in extras if leaf is not None]
+    params = [p for p in head_params if p.requires_grad]
+    results = torch.autograd.grad(losses.sum(), [*inputs, *params], allow_unused=True, retain_graph=retain_graph) \
+        if inputs or params else ()
+    found = iter(results[:len(inputs)])
+    reached_task = [False] * len(index)
+    used, grads, extra_roots, extra_grads = [], [], [], []
+    for record, leaves, extras in live:
+        rows = []
+        for row, leaf in enumerate(leaves):
+            grad = None if leaf is None else next(found)
+            reached_task[row] |= grad is not None
+            rows.append(grad)
+        extra = [None if leaf is None else next(found) for leaf in extras]
+        if all(grad is None for grad in rows) and all(grad is None for grad in extra):
+            continue
+        used.append(record)
+        grads.append(torch.stack([torch.zeros_like(record.z) if g is None else g for g in rows]))
+        for root, grad in zip(record.extra_roots, extra):
+            if grad is not None:
+                extra_roots.append(root)
+                extra_grads.append(grad)
+    stale = [labels[k] for k, needed, reached in zip(index, requires, reached_task) if needed and not reached]
+    if stale:
+        raise BackwardOrderError(
+            f"The losses of tasks {stale} do not depend on any training forward of this step that backward() has not "
+            "consumed yet: compute each loss from the predictions of mtl(x) (in training mode, with gradients "
+            "enabled) and call backward() once per forward. Nothing was back-propagated.")
+    head_grads = list(results[len(inputs):])
+    kept = [(p, g) for p, g in zip(params, head_grads) if g is not None]
+    return HeadPass(used, grads, [p for p, _ in kept], [g for _, g in kept], extra_roots, extra_grads)
 
 
-def parameter_jacobian(z: Tensor, grads: Tensor, params: Sequence[Tensor], *, batched: bool = True) -> Tensor:
+def representation_gradients(grads: Sequence[Tensor]) -> Tensor:
+    """The K' x ... gradients on ``z`` of all consumed forwards, concatenated along the batch dimension."""
+    if len(grads) == 1:
+        return grads[0]
+    shapes = {tuple(g.shape[2:]) for g in grads}
+    if len(shapes) != 1:
+        raise ShapeMismatchError(f"One backward consumed forwards whose representations differ beyond the batch "
+                                 f"dimension ({sorted(shapes)}); call backward() once per forward.")
+    return torch.cat(list(grads), dim=1)
+
+
+def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
+                       batched: bool = True, retain_graph: bool = True) -> Tensor:
     """The K x n Jacobian of the losses w.r.t. ``params``, from ``G = dL/dz`` by the chain rule.
 
-    Row k is ``(dz/dθ)^T G[k]``, flattened and concatenated over ``params`` in order. The backbone's
-    graph is retained (it is freed with ``z``).
+    Row k is ``sum_r (dz_r/dθ)^T G_r[k]`` over the forwards ``r``, flattened and concatenated over
+    ``params`` in order; a parameter that no task reaches gives zero columns.
 
     Args:
-        z: The backbone output the heads' leaves were detached from.
-        grads: ``G``, shape ``(K, *z.shape)``.
+        zs: The backbone output(s) the heads' leaves were detached from.
+        grads: ``G`` per output, each of shape ``(K, *z.shape)``.
         params: The shared parameters θ.
-        batched: Use one vmap'ed backward (``is_grads_batched``); ``False`` loops over tasks.
-            If vmap cannot batch an operation of the backbone, the loop runs instead, with a warning.
+        batched: One vmapped backward (``is_grads_batched``); ``False`` loops over tasks. If vmap
+            cannot batch an operation of the backbone, the loop runs instead, with a warning.
+        retain_graph: Keep the backbone's graph (the step's final backward still needs it).
     """
+    zs = [zs] if isinstance(zs, Tensor) else list(zs)
+    grads = [grads] if isinstance(grads, Tensor) else list(grads)
     params = list(params)
+    num_tasks = grads[0].shape[0]
     if batched:
         try:
-            rows = torch.autograd.grad(z, params, grad_outputs=grads, retain_graph=True,
-                                       is_grads_batched=True, allow_unused=True)
+            rows = torch.autograd.grad(zs, params, grad_outputs=grads, retain_graph=True, is_grads_batched=True,
+                                       allow_unused=True)
         except RuntimeError as error:
             warnings.warn(f"Batched Jacobian failed ({error}); falling back to one backward per task.",
                           RuntimeWarning, stacklevel=2)
         else:
-            return _flatten_rows(rows, params, grads.shape[0])
-    per_task = [
-        torch.autograd.grad(z, params, grad_outputs=grad, retain_graph=True, allow_unused=True) for grad in grads
-    ]
+            return _flatten_rows(rows, params, num_tasks)
+    per_task = [torch.autograd.grad(zs, params, grad_outputs=[g[k] for g in grads], retain_graph=True,
+                                    allow_unused=True) for k in range(num_tasks)]
     rows = [None if all(g is None for g in col) else torch.stack(
         [torch.zeros_like(p) if g is None else g for g in col]) for col, p in zip(zip(*per_task), params)]
-    return _flatten_rows(rows, params, grads.shape[0])
+    return _flatten_rows(rows, params, num_tasks)
 
 
 def _flatten_rows(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_tasks: int) -> Tensor:
@@ -81,16 +210,74 @@ def _flatten_rows(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_t
     ], dim=1)
 
 
-def accumulate_grads(params: Sequence[Tensor], vector: Tensor) -> None:
-    """Add the slices of a flat n-vector to the ``.grad`` of each parameter, in order."""
-    expected = sum(param.numel() for param in params)
-    if vector.shape != (expected,):
-        raise ValueError(f"Expected a flat gradient of {expected} elements. Found shape {tuple(vector.shape)}.")
-    offset = 0
-    for param in params:
-        piece = vector[offset:offset + param.numel()].view_as(param)
-        offset += param.numel()
-        if param.grad is None:
-            param.grad = piece.detach().clone()
-        else:
-            param.grad.add_(piece)
+def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inputs: StepInputs,
+               scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
+
+    Returns:
+        The representation gradients (K' x ...), unscaled, and the Jacobian if one was formed.
+    """
+    rep = representation_gradients(heads.grads)
+    dtype = compute_dtype(rep.dtype)
+    rep = rep.to(dtype) if scale is None else rep.to(dtype) / scale.to(dtype)
+    matrix, jacobian = rep, None
+    if request.where == "parameters":
+        zs = [record.z for record in heads.records]
+        jacobian = parameter_jacobian(zs, heads.grads, shared).to(dtype)
+        matrix = jacobian if scale is None else jacobian / scale.to(dtype)
+    if request.statistic == "gradients":
+        inputs.gradients = matrix
+    elif request.statistic == "gramian":
+        inputs.gramian = gramian(matrix)
+    else:
+        inputs.norms = row_norms(matrix)
+    return rep, jacobian
+
+
+def shared_update(update: Update, rep: Tensor, request: Request) -> tuple[Tensor | None, Tensor | None]:
+    """The combined gradient, unscaled: ``(dz, None)`` on the representation or ``(None, g)`` on the parameters."""
+    if update.direction is not None:
+        if request.where == "parameters":
+            return None, update.direction
+        if update.direction.shape != rep.shape[1:]:
+            raise ShapeMismatchError(f"The strategy's direction has shape {tuple(update.direction.shape)}; the "
+                                     f"representation gradients have shape {tuple(rep.shape[1:])}.")
+        return update.direction, None
+    if update.weights is None:
+        return rep.sum(0), None
+    if update.weights.shape != rep.shape[:1]:
+        raise ShapeMismatchError(f"The strategy returned {tuple(update.weights.shape)} weights for "
+                                 f"{rep.shape[0]} tasks.")
+    return torch.tensordot(update.weights.to(rep.dtype), rep, dims=1), None
+
+
+def objective_gradients(objective: Tensor | None, params: Sequence[Tensor], scale: Tensor | None
+                        ) -> tuple[list[Tensor], list[Tensor]]:
+    """The strategy's own parameters and the (scaled) gradients its objective gives them."""
+    params = [p for p in params if p.requires_grad]
+    if objective is None or not params or not objective.requires_grad:
+        return [], []
+    scaled = objective if scale is None else objective * scale.to(objective.dtype)
+    grads = torch.autograd.grad(scaled, params, allow_unused=True)
+    kept = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return [p for p, _ in kept], [g for _, g in kept]
+
+
+def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:
+    """Split a gradient on the concatenated representation back into one per forward."""
+    if len(records) == 1:
+        return [dz]
+    return list(dz.split([record.z.shape[0] for record in records], dim=0))
+
+
+def apply(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool = False) -> None:
+    """One ``torch.autograd.backward`` over every root of the step, so accumulation hooks fire once."""
+    if roots:
+        torch.autograd.backward(list(roots), list(grads), retain_graph=retain_graph)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is finite, with one host synchronisation."""
+    if not tensors:
+        return True
+    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

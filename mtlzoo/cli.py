@@ -24,7 +24,7 @@ def _row(entry: StrategyEntry) -> list[str]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    entries = list_strategies(args.pattern or "*", kind=args.kind, needs=args.needs)
+    entries = list_strategies(args.pattern or "*", kind=args.kind, where=args.where)
     if args.format == "json":
         print(json.dumps([entry.to_record() for entry in entries], indent=2, ensure_ascii=False))
     elif entries:
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("pattern", nargs="?", help="fnmatch pattern on names and aliases, e.g. 'roto*'")
     listing.add_argument("--kind", choices=["weighting", "surgery"], help="only this kind")
-    listing.add_argument("--needs", choices=["losses", "representation_grads", "parameter_jacobian"],
-                         help="only strategies that need this")
+    listing.add_argument("--where", choices=["losses", "representation", "parameters"],
+                         help="only strategies that read gradients there by default (losses: none)")
     listing.add_argument("--format", choices=["table", "json"], default="table", help="output format")
     listing.set_defaults(run=_list)
     return parser

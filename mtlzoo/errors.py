@@ -61,3 +61,7 @@ class ShapeMismatchError(MTLZooError, ValueError):
 
 class PluginWarning(UserWarning):
     """A third-party plugin that could not be loaded, or a strategy of it that was refused."""
+
+
+class NonFiniteGradientError(MTLZooError, FloatingPointError):
+    """Finite losses whose gradients, or a strategy's update from them, are not finite (nothing was applied)."""

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from mtlzoo.errors import LossError
 
-Losses = Sequence[Tensor] | Mapping[str, Tensor] | Tensor
+Losses = Sequence[Tensor | None] | Mapping[str, Tensor | None] | Tensor
 
 
-def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int) -> Tensor:
-    """Stack the K losses into a 1-D tensor in task order, or raise :class:`LossError`.
+@dataclass
+class StepLosses:
+    """The losses of one backward, checked: the present tasks' losses in task order.
+
+    Attributes:
+        values: ``(K',)`` the present tasks' losses (differentiable where they depend on the model).
+        tasks: ``(K',)`` long tensor of their task indices.
+        requires_grad: Per present task, whether its loss depends on anything that requires grad.
+        labels: Every task's label (its name, or its index as a string), for messages.
+    """
+
+    values: Tensor
+    tasks: Tensor
+    requires_grad: list[bool]
+    labels: list[str]
+
+
+def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int) -> StepLosses:
+    """Check the K losses of a step and stack the present ones in task order, or raise :class:`LossError`.
 
     Args:
         losses: A list or tuple of K scalars, a dict keyed by task name (named heads only), or a
-            1-D tensor of K elements.
+            1-D tensor of K elements. ``None`` marks a task absent from the step (no labels for it
+            in this batch).
         task_names: The task names when the heads are named, else ``None``.
         num_tasks: K.
     """
@@ -29,7 +48,8 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
         unexpected = [name for name in losses if name not in task_names]
         if missing or unexpected:
             raise LossError(f"The loss dict's keys should be the task names {list(task_names)}. "
-                            f"Missing: {missing}; unexpected: {unexpected}.")
+                            f"Missing: {missing}; unexpected: {unexpected}. Give None for a task absent "
+                            "from this batch.")
         items = [losses[name] for name in task_names]
     elif isinstance(losses, Tensor):
         if losses.dim() != 1:
@@ -45,18 +65,22 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
     labels = list(task_names) if task_names is not None else [str(k) for k in range(num_tasks)]
     if len(items) != num_tasks:
         raise LossError(f"Expected {num_tasks} losses, one per task (head), but got {len(items)}.")
-    for label, loss in zip(labels, items):
-        check_scalar(loss, f"The loss of task {label}")
-    vector = torch.stack([loss.reshape(()) for loss in items])
-    if not vector.requires_grad:
+    present = [k for k, loss in enumerate(items) if loss is not None]
+    if not present:
+        raise LossError("Every loss is None: a step needs at least one present task.")
+    for k in present:
+        check_scalar(items[k], f"The loss of task {labels[k]}")
+    vector = torch.stack([items[k].reshape(()) for k in present])
+    requires_grad = [bool(items[k].requires_grad) for k in present]
+    if not any(requires_grad):
         raise LossError("None of the losses requires grad: compute them from this step's predictions, "
                         "with the wrapper in training mode and gradients enabled.")
     finite = torch.isfinite(vector.detach())
     if not bool(finite.all()):
-        bad = [f"{label}={value:g}" for label, value, ok in zip(labels, vector.tolist(), finite.tolist()) if not ok]
+        bad = [f"{labels[k]}={value:g}" for k, value, ok in zip(present, vector.tolist(), finite.tolist()) if not ok]
         raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated; check the "
                         "predictions and targets of those tasks (or lower the learning rate).")
-    return vector
+    return StepLosses(vector, torch.tensor(present, device=vector.device), requires_grad, labels)
 
 
 def check_scalar(loss: object, what: str) -> None:

@@ -97,6 +97,9 @@ class StrategyEntry:
             "aliases": list(info.aliases),
             "kind": info.kind,
             "needs": info.needs,
+            "request": {"where": info.request.where, "statistic": info.request.statistic,
+                        "parameters": None if info.request.parameters is None else list(info.request.parameters),
+                        "batches": info.request.batches},
             "summary": info.summary,
             "paper": None if paper is None else {
                 "authors": list(paper.authors), "title": paper.title, "venue": paper.venue,
@@ -497,10 +500,13 @@ class StrategyRegistry:
         pattern: str | Iterable[str] = "*",
         *,
         kind: Kind | None = None,
-        needs: str | None = None,
+        where: str | None = None,
         exclude: str | Iterable[str] = (),
     ) -> list[StrategyEntry]:
         """Registered strategies whose name or an alias matches ``pattern`` (fnmatch), sorted naturally.
+
+        ``kind`` and ``where`` (``"losses"``, ``"representation"``, ``"parameters"``: where the
+        strategy reads gradients by default) filter on the metadata.
 
         Patterns are case-insensitive and ``-`` matches ``_`` (outside ``[...]`` classes, see
         :func:`normalize_pattern`).
@@ -516,7 +522,7 @@ class StrategyRegistry:
         chosen = [
             entry for entry in self._entries.values()
             if matches(entry, include) and not matches(entry, excluded)
-            and (kind is None or entry.info.kind == kind) and (needs is None or entry.info.needs == needs)
+            and (kind is None or entry.info.kind == kind) and (where is None or entry.info.request.where == where)
         ]
         return sorted(chosen, key=lambda entry: _natural_key(entry.name))
 
@@ -550,7 +556,7 @@ def list_strategies(
     pattern: str | Iterable[str] = "*",
     *,
     kind: Kind | None = None,
-    needs: str | None = None,
+    where: str | None = None,
     exclude: str | Iterable[str] = (),
 ) -> list[StrategyEntry]:
     """List registered strategies, filtered by fnmatch name patterns and metadata.
@@ -560,7 +566,7 @@ def list_strategies(
         >>> [entry.name for entry in mtlzoo.list_strategies("roto*")]
         ['rotograd', 'rotograd_norm']
     """
-    return REGISTRY.list(pattern, kind=kind, needs=needs, exclude=exclude)
+    return REGISTRY.list(pattern, kind=kind, where=where, exclude=exclude)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:

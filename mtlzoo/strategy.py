@@ -1,17 +1,20 @@
 """The interface every strategy implements, and the metadata it carries.
 
 A strategy is math over tensors: it never sees the model, only losses, gradients and (for the
-RotoGrad family) the shared representation ``z``. :class:`mtlzoo.MTLWrapper` drives it through one
-training step::
+RotoGrad family) the shared representation ``z``. It declares a :class:`~mtlzoo.protocol.Request`
+(what it reads from a step); :class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.autograd`)
+drive it through one training step::
 
     forward:   z = backbone(x);  z_k = strategy.adapt(z, k);  y_k = head_k(z_k)
-    backward:  L, L_b = strategy.prepare(L, L_b)
-               needs "losses":               strategy.combine(L).backward()
-               needs "representation_grads": G = [dL_k/dz]_k (K x z.shape);  z.backward(strategy.aggregate(G, L))
-               needs "parameter_jacobian":   J = [dL_k/dθ]_k (K x n);  θ.grad += strategy.aggregate(J, L)
+    backward:  w = strategy.loss_weights(inputs)          the model learns from sum_k w_k L_k
+               inputs.<statistic> = engine(request)        per-task gradients of w_k L_k, if requested
+               update = strategy.compute(inputs)           weights c or a direction; an own objective
+    step:      strategy.advance()                          once per successful optimizer step
 
-A strategy's own learnable parameters (rotations, task weights) get their gradients from its own
-auxiliary objective inside ``combine``/``aggregate``, never from the task losses.
+Running state (counters, reference values, moving averages) advances only in :meth:`Strategy.advance`,
+once per optimizer step that was taken; a backward may *stage* values (read by the later
+micro-batches of the same step) that ``advance`` commits and :meth:`Strategy.discard` drops. Used
+standalone, on a matrix, a strategy is advanced by calling ``advance()`` after each step.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import InvalidStrategyError
+from mtlzoo.protocol import Request, StepInputs, Update, Where
 
 Kind = Literal["weighting", "surgery"]
-Needs = Literal["losses", "representation_grads", "parameter_jacobian"]
 Target = Literal["representation", "parameters"]
 
 KINDS: tuple[Kind, ...] = ("weighting", "surgery")
-NEEDS: tuple[Needs, ...] = ("losses", "representation_grads", "parameter_jacobian")
-NEEDS_BY_TARGET: dict[Target, Needs] = {
-    "representation": "representation_grads",
-    "parameters": "parameter_jacobian",
+TARGETS: tuple[Target, ...] = ("representation", "parameters")
+LEGACY_NEEDS: dict[str, Request] = {
+    "losses": Request(),
+    "representation_grads": Request("representation"),
+    "parameter_jacobian": Request("parameters"),
 }
+"""Shorthands accepted by ``StrategyInfo(needs=...)``."""
 
 PROPERTIES: dict[str, str] = {
     "permutation_invariant": "permuting the tasks (gradients and losses alike) leaves the update unchanged",
@@ -68,13 +73,16 @@ class Paper:
 class StrategyInfo:
     """What a strategy is, as the registry, ``mtlzoo list``, the docs and the harness read it.
 
+    These are the class's defaults; an instance whose needs or properties depend on its
+    hyperparameters reports its own through :attr:`Strategy.request` and :attr:`Strategy.properties`.
+
     Attributes:
         name: Canonical name, lower case with underscores (``"rotograd_norm"``).
-        kind: ``"weighting"`` (combines losses) or ``"surgery"`` (combines per-task gradients).
-        needs: What one step asks of autograd by default: ``"losses"`` (one ordinary backward),
-            ``"representation_grads"`` (K gradients w.r.t. the backbone output) or
-            ``"parameter_jacobian"`` (the K x n Jacobian w.r.t. the shared parameters).
+        kind: ``"weighting"`` (weights the losses) or ``"surgery"`` (combines per-task gradients).
         summary: One line saying what the method does.
+        request: What one step asks of the engine by default (:class:`~mtlzoo.protocol.Request`).
+            ``needs`` is accepted as a shorthand: ``"losses"``, ``"representation_grads"`` or
+            ``"parameter_jacobian"``; after construction ``needs`` is ``str(request)``.
         paper: The publication, or ``None`` for a baseline without one.
         aliases: Other names the strategy answers to.
         properties: Claims the method makes, from :data:`PROPERTIES`; the tests check each one.
@@ -85,23 +93,35 @@ class StrategyInfo:
 
     name: str
     kind: Kind
-    needs: Needs
     summary: str
+    request: Request | None = None
     paper: Paper | None = None
     aliases: tuple[str, ...] = ()
     properties: frozenset[str] = field(default_factory=frozenset)
     stochastic: bool = False
     learnable: bool = False
     adapts_representation: bool = False
+    needs: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Parameter `kind` should be one of {KINDS}. Found `kind = {self.kind!r}`.")
-        if self.needs not in NEEDS:
-            raise ValueError(f"Parameter `needs` should be one of {NEEDS}. Found `needs = {self.needs!r}`.")
+        request = self.request
+        if self.needs is not None:
+            if request is not None or self.needs not in LEGACY_NEEDS:
+                raise ValueError(f"Parameter `needs` should be one of {tuple(LEGACY_NEEDS)}, given without "
+                                 f"`request`. Found `needs = {self.needs!r}`.")
+            request = LEGACY_NEEDS[self.needs]
+        if request is None:
+            request = Request()
+        if not isinstance(request, Request):
+            raise ValueError(f"Parameter `request` should be a mtlzoo.Request. Found {request!r}.")
+        object.__setattr__(self, "request", request)
+        object.__setattr__(self, "needs", str(request))
         unknown = sorted(set(self.properties) - set(PROPERTIES))
         if unknown:
             raise ValueError(f"Parameter `properties` should hold names from {sorted(PROPERTIES)}. Found {unknown}.")
+        object.__setattr__(self, "properties", frozenset(self.properties))
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
@@ -121,46 +141,110 @@ def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
 class Strategy(nn.Module):
     """Base class of every multitask-learning strategy.
 
-    Subclasses set the class attribute ``info`` and implement ``combine`` (weighting) or
-    ``aggregate`` (surgery). Every hyperparameter is stored under its argument name, so ``repr``
-    and checkpoints show it. Running state (step counters, initial losses) lives in buffers or in
-    ``get_extra_state``, so ``state_dict()`` resumes a run exactly.
+    Subclasses set the class attribute ``info`` and implement the face of their kind
+    (:class:`WeightingStrategy`, :class:`GradientSurgery`). The constructor's arguments are kept in
+    :attr:`hparams` (a home that cannot collide with methods), shown by ``repr``, saved in
+    ``state_dict()`` and checked when a checkpoint is loaded. Running state lives in buffers or in
+    :meth:`extra_state`, so ``state_dict()`` resumes a run exactly.
 
     Args:
         num_tasks: K, the number of tasks (heads); the wrapper passes it.
     """
 
     info: ClassVar[StrategyInfo]
+    unchecked_settings: ClassVar[tuple[str, ...]] = ()
+    """Hyperparameters a checkpoint may hold different values of (inferred ones, such as a shape)."""
+
+    hparams: dict[str, Any]
+    micro_batch: int
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Strategy:
+        instance = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(instance, *args, **kwargs)
+        except TypeError:
+            hparams: dict[str, Any] = {}  # __init__ will raise the precise error
+        else:
+            bound.apply_defaults()
+            hparams = {name: value for name, value in list(bound.arguments.items())[1:]
+                       if name in hyperparameters(cls)}
+        object.__setattr__(instance, "hparams", hparams)
+        return instance
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"Parameter `num_tasks` should be a positive int. Found `num_tasks = {num_tasks!r}`.")
         self.num_tasks = num_tasks
+        self.micro_batch = 0
+
+    # ------------------------------------------------------------- metadata
+    @property
+    def request(self) -> Request:
+        """What this instance reads from a step (the class's ``info.request`` unless it depends on settings)."""
+        return self.info.request
 
     @property
-    def needs(self) -> Needs:
-        """What this instance asks of the wrapper for one step (see :class:`StrategyInfo`)."""
-        return self.info.needs
+    def properties(self) -> frozenset[str]:
+        """The properties this instance has (the class's ``info.properties`` unless settings break some)."""
+        return self.info.properties
 
-    def prepare(self, losses: Tensor, backbone_loss: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Rescale the K losses before anything back-propagates (identity by default).
-
-        The heads learn from what this returns, and so does everything after it in the step.
-        """
-        return losses, backbone_loss
-
+    # --------------------------------------------------------------- a step
     def adapt(self, z: Tensor, task: int) -> Tensor:
         """Transform the shared representation for task ``task`` in the forward pass (identity)."""
         return z
 
-    def combine(self, losses: Tensor) -> Tensor:
-        """Reduce the K prepared losses to the scalar that is back-propagated (``needs="losses"``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not combine losses; it needs {self.needs!r}.")
+    def task_transform(self, task: int) -> nn.Module:
+        """The module that applies :meth:`adapt` for ``task``, owned by ``mtl[task]`` (identity)."""
+        return nn.Identity()
 
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Reduce K per-task gradients (K x ...) to one gradient of shape ``grads.shape[1:]``."""
-        raise NotImplementedError(f"{type(self).__name__} does not aggregate gradients; it needs {self.needs!r}.")
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        """Weights ``w`` of the present tasks' losses: the model learns from ``sum_k w_k L_k``.
+
+        Returns ``None`` for all ones. Read from the losses alone, before any gradient exists.
+        """
+        return None
+
+    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """A scalar of the (detached) losses whose backward trains the strategy's own parameters."""
+        return None
+
+    def backbone_loss_weight(self, backbone_loss: Tensor) -> Tensor | None:
+        """Weight of the backbone's own loss (``None``: 1). RotoGrad normalises it like the task losses."""
+        return None
+
+    def compute(self, inputs: StepInputs) -> Update:
+        """Turn the statistics the engine gathered into an :class:`~mtlzoo.protocol.Update`."""
+        return Update()
+
+    # ------------------------------------------------------------ lifecycle
+    def advance(self) -> None:
+        """Commit what this optimizer step staged and advance the running state, once per step.
+
+        The wrapper calls it after each optimizer step that was taken (``mtl.step(optimizer)``);
+        call it yourself when you drive the strategy standalone.
+        """
+        self.micro_batch = 0
+        self._commit()
+
+    def discard(self) -> None:
+        """Drop what the current step staged (a step that the ``GradScaler`` skipped)."""
+        self.micro_batch = 0
+        self._drop_staged()
+
+    def end_epoch(self) -> None:
+        """Called once at the end of every epoch (``mtl.end_epoch()``); DWA and STCH use it."""
+
+    def post_step(self, losses: Tensor) -> None:
+        """Receive the K losses of the step's batch re-evaluated after the optimizer step (FAMO)."""
+
+    wants_post_step_losses: ClassVar[bool] = False
+
+    def _commit(self) -> None:
+        """Subclasses: apply staged values and advance counters."""
+
+    def _drop_staged(self) -> None:
+        """Subclasses: forget staged values."""
 
     def check_ready(self) -> None:
         """Raise :class:`~mtlzoo.errors.NotMaterializedError` if parameters are still to be created.
@@ -169,49 +253,133 @@ class Strategy(nn.Module):
         the first forward; an optimizer built before that would silently miss them.
         """
 
+    # ------------------------------------------------------------ state
+    def extra_state(self) -> dict[str, Any]:
+        """Running state that is not a tensor (subclasses extend it); saved in ``state_dict()``."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"settings": _comparable(self.hparams), "state": self.extra_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.load_extra_state(state["state"])
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        saved = state_dict.get(prefix + "_extra_state")
+        if isinstance(saved, dict) and "settings" in saved:
+            mine = _comparable(self.hparams)
+            differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
+                      for name in mine if name in saved["settings"] and name not in self.unchecked_settings
+                      and saved["settings"][name] != mine[name]]
+            if differ:
+                message = (f"The checkpoint's {type(self).__name__} was saved with other settings ("
+                           + "; ".join(differ) + "). Build the strategy with the checkpoint's settings.")
+                if strict:
+                    error_msgs.append(message)
+                    return
+                import warnings
+
+                warnings.warn(message, RuntimeWarning, stacklevel=4)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
-        names = ["num_tasks", *hyperparameters(type(self))]
-        return ", ".join(f"{name}={getattr(self, name)!r}" for name in names if hasattr(self, name))
+        return ", ".join(f"{name}={value!r}" for name, value in {"num_tasks": self.num_tasks, **self.hparams}.items())
+
+
+def _comparable(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as plain Python values (tensors and tuples as lists), for saving and comparing."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.tolist()
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return repr(value)
+
+    return {name: plain(value) for name, value in hparams.items()}
 
 
 class WeightingStrategy(Strategy):
-    """A strategy that weights the K losses: ``total = sum_k w_k L_k``.
+    r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
-    Subclasses implement :meth:`weights`. Applied to gradients, the same weights give
-    ``sum_k w_k g_k``, so a weighting runs unchanged on either gradient path as well.
+    One definition of what the model learns, whichever path computes it: the model (backbone and
+    heads) receives ``sum_k w_k dL_k/dθ`` with ``w_k = d total / d L_k`` evaluated at this step and
+    held constant. For ``f = sum_k log L_k`` (SI) that is ``w_k = 1/L_k``. The strategy's own
+    parameters (UW's log-variances) learn from ``total`` itself, with the losses held constant.
+
+    Subclasses implement :meth:`scalarize` (the method's definition) and, where it has a closed
+    form, :meth:`weights` (checked against autograd by the test suite); or only :meth:`weights`
+    when the weights do not depend on the losses' values through ``f``.
     """
 
+    def scalarize(self, losses: Tensor) -> Tensor:
+        """The scalar ``f(L)`` this method minimises (differentiable in the losses and own parameters)."""
+        if type(self).weights is WeightingStrategy.weights:
+            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
+        return (self.weights(losses.detach()).detach() * losses).sum()
+
     def weights(self, losses: Tensor) -> Tensor:
-        """The K weights for these losses."""
-        raise NotImplementedError
+        """``w_k = d f / d L_k`` at these losses, detached (by autograd unless a subclass has a closed form)."""
+        if type(self).scalarize is WeightingStrategy.scalarize:
+            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
+        with torch.enable_grad():
+            leaf = losses.detach().requires_grad_()
+            (grad,) = torch.autograd.grad(self.scalarize(leaf), leaf)
+        return grad
 
     def combine(self, losses: Tensor) -> Tensor:
-        return (self.weights(losses) * losses).sum()
+        """``sum_k w_k L_k`` with the weights held constant: the scalar whose backward trains the model."""
+        return (self.weights(losses.detach()).to(losses.dtype) * losses).sum()
+
+    def loss_weights(self, inputs: StepInputs) -> Tensor:
+        return self.task_weights_for(inputs.losses, inputs.tasks)
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        """The weights of the present tasks ``tasks`` (all K by default: override for K-sized state)."""
+        return self.weights(losses)
+
+    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        if not any(p.requires_grad for p in self.parameters()):
+            return None
+        return self.scalarize(losses.detach())
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        weights = self.weights(losses.detach()).detach().to(grads.dtype)
+        """Standalone: ``sum_k w_k g_k`` for K gradients (K x ...) and their losses."""
+        weights = self.weights(losses.detach()).to(grads.dtype)
         return torch.tensordot(weights, grads, dims=1)
 
 
 class GradientSurgery(Strategy):
     """A strategy that combines the K per-task gradients into one update direction.
 
+    Subclasses implement :meth:`aggregate` (K x ... gradients to one gradient), or override
+    :meth:`compute` for more (an own objective, staged state).
+
     Args:
         num_tasks: K.
-        target: ``"representation"`` (gradients w.r.t. the backbone output ``z``) or
-            ``"parameters"`` (the Jacobian w.r.t. the shared parameters). ``None`` takes the
-            default from ``info.needs``.
+        target: ``"representation"`` (gradients w.r.t. the backbone output ``z``, Sener & Koltun's
+            cheap variant) or ``"parameters"`` (the Jacobian w.r.t. the shared parameters). ``None``
+            takes the default from ``info.request``.
     """
 
-    supported_targets: ClassVar[tuple[Target, ...]] = ("representation", "parameters")
+    supported_targets: ClassVar[tuple[Target, ...]] = TARGETS
+    statistic: ClassVar[Literal["gradients", "gramian"]] = "gradients"
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
         super().__init__(num_tasks)
-        defaults = [t for t, needs in NEEDS_BY_TARGET.items() if needs == self.info.needs]
-        if not defaults:
-            raise InvalidStrategyError(f"{type(self).__name__}.info.needs is {self.info.needs!r}; gradient surgery "
-                                       f"needs one of {tuple(NEEDS_BY_TARGET.values())}.")
-        target = defaults[0] if target is None else target
+        default: Where = self.info.request.where
+        if default not in TARGETS:
+            raise InvalidStrategyError(f"{type(self).__name__}.info.request is {self.info.request}; gradient "
+                                       f"surgery reads gradients on one of {TARGETS}.")
+        target = default if target is None else target
         if target not in self.supported_targets:
             raise ValueError(
                 f"Parameter `target` should be one of {self.supported_targets} for {type(self).__name__}. "
@@ -220,20 +388,35 @@ class GradientSurgery(Strategy):
         self.target: Target = target
 
     @property
-    def needs(self) -> Needs:
-        return NEEDS_BY_TARGET[self.target]
+    def request(self) -> Request:
+        return Request(self.target, self.statistic)
+
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Reduce K per-task gradients (K x ...) to one gradient of shape ``grads.shape[1:]``."""
+        raise NotImplementedError(f"{type(self).__name__} should implement `aggregate` or `compute`.")
+
+    def compute(self, inputs: StepInputs) -> Update:
+        assert inputs.gradients is not None
+        return Update(direction=self.aggregate(inputs.gradients, inputs.losses))
 
 
 class GramianWeightedSurgery(GradientSurgery):
-    """Surgery that only needs the K x K Gramian ``G = J J^T`` of the task gradients.
+    """Surgery whose update is a weighting ``sum_k c_k g_k`` with ``c`` read from the K x K Gramian.
 
-    Subclasses implement :meth:`gramian_weights`; the update is ``sum_k w_k g_k``. MGDA, PCGrad,
-    UPGrad, CAGrad and IMTL-G are of this form.
+    Subclasses implement :meth:`gramian_weights`. MGDA, UPGrad, CAGrad, IMTL-G and Nash-MTL are of
+    this form; the engine then needs only the Gramian ``G G^T``, and applies the weights with one
+    ordinary backward through the backbone.
     """
+
+    statistic = "gramian"
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         """The K weights for this Gramian."""
         raise NotImplementedError
+
+    def compute(self, inputs: StepInputs) -> Update:
+        assert inputs.gramian is not None
+        return Update(weights=self.gramian_weights(inputs.gramian, inputs.losses))
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         flat = grads.reshape(grads.shape[0], -1)

@@ -1,24 +1,32 @@
-"""``MTLWrapper``: one training step of a hard-parameter-sharing model under any strategy."""
+"""``MTLWrapper``: one training step of a hard-parameter-sharing model under any strategy.
+
+The wrapper adapts the model (which parts are shared, which belong to a task) and holds the user
+API; the engine (:mod:`mtlzoo.autograd`) holds the autograd, and the strategy its maths and state.
+"""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mtlzoo.autograd import accumulate_grads, parameter_jacobian, representation_grads
-from mtlzoo.errors import BackwardOrderError, InvalidModelError, ShapeMismatchError
+from mtlzoo import autograd as engine
+from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
+from mtlzoo.lifecycle import StepTracker, run_optimizers
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
+from mtlzoo.protocol import StepInputs
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
+
+LARGE_ROTATION = 1024
+"""A lazily inferred rotation size above which the wrapper warns (n x n parameters per task)."""
 
 
 def _split(output: Any) -> tuple[Any, tuple[Any, ...] | None]:
@@ -28,12 +36,38 @@ def _split(output: Any) -> tuple[Any, tuple[Any, ...] | None]:
     return output, None
 
 
+def _detach_tensors(value: Any, roots: list[Tensor], leaves: list[Tensor]) -> Any:
+    """``value`` with every tensor that requires grad replaced by a detached leaf (nested tuples, lists, dicts)."""
+    if isinstance(value, Tensor) and value.requires_grad:
+        leaf = value.detach().requires_grad_()
+        roots.append(value)
+        leaves.append(leaf)
+        return leaf
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach_tensors(v, roots, leaves) for v in value)
+    if isinstance(value, dict):
+        return {key: _detach_tensors(v, roots, leaves) for key, v in value.items()}
+    return value
+
+
+def _as_heads(heads: Any) -> nn.ModuleList | nn.ModuleDict:
+    if isinstance(heads, (nn.ModuleList, nn.ModuleDict)):
+        return heads
+    if isinstance(heads, Mapping):
+        return nn.ModuleDict(heads)
+    if isinstance(heads, Sequence) and not isinstance(heads, str):
+        return nn.ModuleList(heads)
+    raise InvalidModelError(f"The model should have `heads`: a sequence or mapping of nn.Modules, one per "
+                            f"task. Found {type(heads).__name__}.")
+
+
 class HardSharing(nn.Module):
     """A shared ``backbone`` and one head per task, for users who hold the parts.
 
     Args:
         backbone: The shared module; its output (or the first element of a tuple) is ``z``.
-        heads: One module per task: a sequence, or a mapping from task name to head.
+        heads: One module per task: a sequence or ``nn.ModuleList``, or for named tasks a mapping
+            or ``nn.ModuleDict`` from task name to head.
 
     Calling it runs every head on the backbone output, with no strategy involved.
     """
@@ -41,7 +75,7 @@ class HardSharing(nn.Module):
     def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module] | Mapping[str, nn.Module]) -> None:
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleDict(heads) if isinstance(heads, Mapping) else nn.ModuleList(heads)
+        self.heads = _as_heads(heads)
 
     def forward(self, *args: Any, **kwargs: Any) -> list[Any] | dict[str, Any]:
         z, _ = _split(self.backbone(*args, **kwargs))
@@ -51,26 +85,18 @@ class HardSharing(nn.Module):
 
 
 class TaskModel(nn.Module):
-    """End-to-end model of one task: backbone, the strategy's transform for it, its head."""
+    """End-to-end model of one task: the backbone, the strategy's transform for it (its rotation), its head.
 
-    def __init__(self, backbone: nn.Module, strategy: Strategy, task: int, head: nn.Module) -> None:
+    It owns (shares with the wrapper) every part, so its ``state_dict()`` round trip keeps its outputs.
+    """
+
+    def __init__(self, backbone: nn.Module, transform: nn.Module, head: nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
-        self.task = task
-        object.__setattr__(self, "strategy", strategy)  # shared, not owned: keep it out of this state_dict
+        self.backbone, self.transform, self.head = backbone, transform, head
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         z, _ = _split(self.backbone(*args, **kwargs))
-        with parametrize.cached():
-            return self.head(self.strategy.adapt(z, self.task))
-
-
-@dataclass
-class _StepRecord:
-    """What a training forward leaves for the backward of the same step."""
-
-    z: Tensor
-    leaves: list[Tensor]
+        return self.head(self.transform(z))
 
 
 class MTLWrapper(nn.Module):
@@ -84,35 +110,23 @@ class MTLWrapper(nn.Module):
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
-    Example:
-        ```python
-        mtl = MTLWrapper(HardSharing(backbone, [head1, head2]), "rotograd", rotation_shape=16)
-        opt = torch.optim.Adam([{"params": mtl.model_parameters()},
-                                {"params": mtl.strategy_parameters(), "lr": 1e-4}], lr=1e-3)
-        with mtlzoo.cached():
-            y1, y2 = mtl(x)
-            mtl.backward([loss1(y1, t1), loss2(y2, t2)])
-        opt.step()
-        ```
+    One training step (see "How a step works" in the README)::
+
+        optimizer.zero_grad()
+        predictions = mtl(x)                      # any number of forwards; each is its own handle
+        mtl.backward(losses(predictions))         # once per forward (micro-batches accumulate)
+        mtl.step(optimizer)                       # instead of optimizer.step(): the strategy's state
+                                                  # advances once, after a step that was taken
     """
 
     def __init__(self, model: nn.Module, strategy: str | Strategy, **strategy_kwargs: Any) -> None:
         super().__init__()
         backbone = getattr(model, "backbone", None)
-        heads = getattr(model, "heads", None)
         if not isinstance(backbone, nn.Module):
             raise InvalidModelError(f"The model should have a `backbone` attribute holding an nn.Module. "
                                     f"Found {type(backbone).__name__}. Wrap the parts with "
                                     "mtlzoo.HardSharing(backbone, heads).")
-        if isinstance(heads, (nn.ModuleList, nn.ModuleDict)):
-            pass
-        elif isinstance(heads, Mapping):
-            heads = nn.ModuleDict(heads)
-        elif isinstance(heads, Sequence) and not isinstance(heads, str):
-            heads = nn.ModuleList(heads)
-        else:
-            raise InvalidModelError(f"The model should have `heads`: a sequence or mapping of nn.Modules, one per "
-                                    f"task. Found {type(heads).__name__}.")
+        heads = _as_heads(getattr(model, "heads", None))
         if len(heads) == 0:
             raise InvalidModelError("The model has no heads; a multitask model needs one head per task.")
         bad = [str(k) for k, head in (heads.items() if isinstance(heads, nn.ModuleDict) else enumerate(heads))
@@ -136,7 +150,9 @@ class MTLWrapper(nn.Module):
             raise TypeError(f"`strategy` should be a registered name or a Strategy instance. "
                             f"Found {type(strategy).__name__}.")
         self.strategy = strategy
-        self._record: _StepRecord | None = None
+        self._pending = engine.PendingForwards()
+        self._tracker = StepTracker(self, "_commit_step")
+        self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- the model
     def __len__(self) -> int:
@@ -147,6 +163,9 @@ class MTLWrapper(nn.Module):
         if self.task_names is not None:
             return list(self.heads.items())
         return list(enumerate(self.heads))
+
+    def _labels(self) -> list[str]:
+        return self.task_names if self.task_names is not None else [str(k) for k in range(len(self))]
 
     def _task_index(self, task: int | str) -> int:
         if self.task_names is not None and isinstance(task, str):
@@ -159,9 +178,12 @@ class MTLWrapper(nn.Module):
                        + (f" or a name in {self.task_names}." if self.task_names else "."))
 
     def __getitem__(self, task: int | str) -> TaskModel:
-        """End-to-end module of one task (backbone, the strategy's transform, the head), for evaluation."""
+        """End-to-end module of one task (backbone, its rotation or other transform, its head).
+
+        It shares its parts with the wrapper: train through the wrapper, save or serve it alone.
+        """
         index = self._task_index(task)
-        return TaskModel(self.backbone, self.strategy, index, self._head_items()[index][1])
+        return TaskModel(self.backbone, self.strategy.task_transform(index), self._head_items()[index][1])
 
     def model_parameters(self) -> Iterator[nn.Parameter]:
         """The backbone's and heads' parameters (for the model's optimizer group)."""
@@ -182,13 +204,8 @@ class MTLWrapper(nn.Module):
         self.strategy.check_ready()
         return list(self.strategy.parameters())
 
-    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
-        """All parameters; raises like :meth:`strategy_parameters` while the strategy has none yet."""
-        self.strategy.check_ready()
-        return super().parameters(recurse)
-
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``nn.Module.zero_grad``, also before a lazily shaped strategy has its parameters."""
+        """As ``nn.Module.zero_grad``."""
         for part in (self.backbone, self.heads, self.strategy):
             nn.Module.zero_grad(part, set_to_none)
 
@@ -196,23 +213,28 @@ class MTLWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone and every head: one prediction per task.
 
+        Each training forward (training mode, gradients enabled) is its own handle: the losses of
+        its predictions find it at ``backward``, whatever forwards ran in between (a ``no_grad``
+        validation forward changes nothing).
+
         Returns:
             A list of predictions (a dict when heads are named). If the backbone or a head returns a
             tuple, its first element is the representation or prediction and the rest are extras,
             and the result is ``(predictions, extras)``: a list with the backbone's extras followed
             by one tuple per head that had extras, or with named heads a dict keyed by task name
-            (the backbone's under ``"backbone"``).
+            (the backbone's under ``"backbone"``). The backbone's extras may enter the losses: their
+            gradients reach the backbone on every path, beside the strategy's combined gradient.
         """
-        record = self.training and torch.is_grad_enabled() and self.strategy.needs != "losses"
-        if record and self._record is not None:
-            warnings.warn("A training forward ran again before backward() consumed the previous one: backward() "
-                          "uses the latest forward only, so losses of the earlier one would not reach the backbone. "
-                          "Call backward() once per forward (accumulate over micro-batches by alternating them).",
-                          RuntimeWarning, stacklevel=2)
+        record = self.training and torch.is_grad_enabled() and self.strategy.request.needs_gradients
+        materialised = self._strategy_is_ready()
         z, backbone_extras = _split(self.backbone(*args, **kwargs))
         leaves: list[Tensor] = []
         predictions: list[Any] = []
         head_extras: list[tuple[str | int, tuple[Any, ...]]] = []
+        extra_roots: list[Tensor] = []
+        extra_leaves: list[Tensor] = []
+        if record and backbone_extras is not None:
+            backbone_extras = _detach_tensors(backbone_extras, extra_roots, extra_leaves)
         with parametrize.cached():
             for index, (key, head) in enumerate(self._head_items()):
                 z_task = z
@@ -223,7 +245,10 @@ class MTLWrapper(nn.Module):
                 predictions.append(prediction)
                 if extras is not None:
                     head_extras.append((key, extras))
-        self._record = _StepRecord(z, leaves) if record else None
+        if not materialised and self._strategy_is_ready():
+            self._warn_large_rotation()
+        if record and z.requires_grad:
+            self._pending.add(engine.ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
 
         if self.task_names is not None:
             named = dict(zip(self.task_names, predictions))
@@ -240,77 +265,225 @@ class MTLWrapper(nn.Module):
             return predictions
         return predictions, [*(backbone_extras or ()), *(extras for _, extras in head_extras)]
 
+    def _strategy_is_ready(self) -> bool:
+        try:
+            self.strategy.check_ready()
+        except Exception:
+            return False
+        return True
+
+    def _warn_large_rotation(self) -> None:
+        size = sum(p.shape[-1] for p in self.strategy.parameters()) // max(len(self), 1)
+        if size > LARGE_ROTATION:
+            warnings.warn(f"{type(self.strategy).__name__} inferred rotations of size n = {size} from the "
+                          f"representation ({len(self)} x {size}^2 = {len(self) * size ** 2:,} parameters). For a "
+                          "(batch, channels, h, w) map, pass post_shape=(h, w) to rotate the channels only.",
+                          RuntimeWarning, stacklevel=3)
+
     # ----------------------------------------------------------------- backward
-    def backward(self, losses: Losses, backbone_loss: Tensor | None = None, *, retain_graph: bool = False) -> None:
+    def backward(self, losses: Losses, backbone_loss: Tensor | None = None, *, scaler: Any | None = None,
+                 retain_graph: bool = False) -> None:
         """Back-propagate the K task losses of this step through the strategy.
 
-        Gradients are accumulated into ``.grad`` of the model and strategy parameters; call
-        ``optimizer.step()`` afterwards as usual.
+        Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
+        backward); call :meth:`step` afterwards. Call it once per forward: micro-batches
+        accumulate, and the strategy's state advances once, at :meth:`step`.
+
+        The model learns from ``sum_k w_k L_k`` (``w`` the strategy's loss weights, all ones for
+        surgery); a surgery strategy then combines the per-task gradients on the shared part. A
+        task whose loss is ``None`` is absent from the step: its head gets no gradient and the
+        strategy leaves its row out. A loss that does not depend on the model (a masked task with
+        no labels in the batch) gives that task a zero gradient, with a warning the first time.
 
         Args:
-            losses: K scalar losses: a list or tuple in head order, a dict keyed by task name, or a
-                1-D tensor.
+            losses: K scalar losses (``None`` for an absent task): a list or tuple in head order, a
+                dict keyed by task name, or a 1-D tensor.
             backbone_loss: An optional loss of the backbone alone (a regulariser), back-propagated
-                into the backbone as is (after the strategy's ``prepare``).
+                into the backbone as is (RotoGrad with ``normalize_losses`` normalises it too).
+            scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: the losses are checked and
+                the strategy computes unscaled, and what reaches ``.grad`` is scaled, as
+                ``scaler.scale(loss).backward()`` would leave it. Pass the same scaler to :meth:`step`.
             retain_graph: Keep the graph for another backward.
 
         Raises:
             LossError: Not K finite scalars (nothing is back-propagated and no state changes).
-            BackwardOrderError: Not in training mode, or no training forward since the last backward.
+            BackwardOrderError: Not in training mode, or losses that no pending forward produced.
+            NonFiniteGradientError: Finite losses whose gradients overflow (without a scaler).
         """
         if not self.training:
             raise BackwardOrderError("backward() is for training: call mtl.train() first (in eval mode the "
                                      "forward records nothing to back-propagate).")
-        vector = loss_vector(losses, self.task_names, len(self))
+        step_losses = loss_vector(losses, self.task_names, len(self))
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
-        needs = self.strategy.needs
-        record = self._record
-        if needs != "losses" and record is None:
-            raise BackwardOrderError("No training forward since the last backward: call mtl(x) with gradients "
-                                     "enabled, compute the losses from its predictions, then backward.")
-        self._record = None
+        self._warn_constant_losses(step_losses.tasks.tolist(), step_losses.requires_grad, step_losses.labels)
+        scale = None
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.scale(torch.ones((), device=step_losses.values.device))
+        strategy = self.strategy
+        inputs = StepInputs(step_losses.values.detach().float(), step_losses.tasks, len(self),
+                            micro_batch=strategy.micro_batch)
+        try:
+            with parametrize.cached():
+                self._backward(step_losses, inputs, backbone_loss, scale, retain_graph)
+        except BaseException:
+            if strategy.micro_batch == 0:
+                strategy.discard()
+            raise
+        strategy.micro_batch += 1
+        self._tracker.backward_done()
 
-        with parametrize.cached():
-            prepared, backbone_loss = self.strategy.prepare(vector, backbone_loss)
-            if needs == "losses":
-                total = self.strategy.combine(prepared)
-                if backbone_loss is not None:
-                    total = total + backbone_loss
-                total.backward(retain_graph=retain_graph)
-                return
-            assert record is not None
-            grads = representation_grads(prepared, record.leaves, retain_graph=retain_graph)
-            if needs == "representation_grads":
-                self._backward_representation(record.z, grads, prepared.detach(), backbone_loss, retain_graph)
+    def _backward(self, step_losses: Any, inputs: StepInputs, backbone_loss: Tensor | None, scale: Tensor | None,
+                  retain_graph: bool) -> None:
+        strategy = self.strategy
+        request = strategy.request
+        weights = strategy.loss_weights(inputs)
+        weighted = step_losses.values if weights is None else step_losses.values * weights.to(step_losses.values.dtype)
+        if backbone_loss is not None:
+            backbone_weight = strategy.backbone_loss_weight(backbone_loss)
+            if backbone_weight is not None:
+                backbone_loss = backbone_loss * backbone_weight
+        objective = strategy.loss_objective(inputs.losses, inputs.tasks)
+        scaled = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
+
+        if not request.needs_gradients:
+            roots = [scaled(weighted.sum() if backbone_loss is None else weighted.sum() + backbone_loss)]
+            if objective is not None:
+                roots.append(scaled(objective))
+            engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
+            return
+
+        heads = engine.head_pass(self._pending.records, scaled(weighted), inputs.tasks, step_losses.requires_grad,
+                                 list(self.heads.parameters()), labels=step_losses.labels, retain_graph=retain_graph)
+        shared = self._shared_parameters(request.parameters)
+        rep, _ = engine.statistics(request, heads, shared, inputs, scale)
+        overflow = scale is not None and not engine.all_finite([rep])
+        update = engine.Update() if overflow else strategy.compute(inputs)
+        dz, flat = engine.shared_update(update, rep, request)
+        own_objective = update.objective if objective is None else (
+            objective if update.objective is None else objective + update.objective)
+        own_params, own_grads = engine.objective_gradients(own_objective, list(strategy.parameters()), scale)
+        if scale is None and not engine.all_finite([t for t in (dz, flat) if t is not None] + own_grads):
+            raise NonFiniteGradientError(
+                f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
+                f"reach {float(rep.abs().max()):.3g} in magnitude). Nothing was back-propagated; scale the "
+                "losses down, or train under torch.amp with a GradScaler (mtl.backward(losses, scaler=scaler)).")
+
+        roots: list[Tensor] = []
+        grads: list[Tensor | None] = []
+        if dz is not None:
+            for record, piece in zip(heads.records, engine.split_batches(dz, heads.records)):
+                if record.z.requires_grad:
+                    roots.append(record.z)
+                    grads.append(scaled(piece).to(record.z.dtype))
+        if flat is not None:
+            offset = 0
+            for param in shared:
+                piece = flat[offset:offset + param.numel()].view_as(param)
+                offset += param.numel()
+                roots.append(param)
+                grads.append(scaled(piece).to(param.dtype))
+        roots += heads.head_params + heads.extra_roots + own_params
+        grads += heads.head_grads + heads.extra_grads + own_grads
+        if backbone_loss is not None:
+            roots.append(scaled(backbone_loss))
+            grads.append(None)
+        engine.apply(roots, grads, retain_graph=retain_graph)
+        if not retain_graph:
+            self._pending.remove(heads.records)
+
+    def _shared_parameters(self, names: tuple[str, ...] | None) -> list[Tensor]:
+        named = dict(self.backbone.named_parameters())
+        if names is None:
+            return [p for p in named.values() if p.requires_grad]
+        unknown = [name for name in names if name not in named]
+        if unknown:
+            raise InvalidModelError(f"{type(self.strategy).__name__} asks for the backbone parameters {unknown}, "
+                                    f"which the backbone does not have (it has {list(named)}).")
+        return [named[name] for name in names]
+
+    def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
+        for task, requires in zip(tasks, requires_grad):
+            if not requires and labels[task] not in self._warned:
+                self._warned.add(labels[task])
+                warnings.warn(f"The loss of task {labels[task]} does not depend on the model (a constant, or "
+                              "detached): that task gets a zero gradient in this step. That is what a masked task "
+                              "with no labels in the batch needs; otherwise look for a stray .detach(). (Give None "
+                              "instead to leave the task out of the step.) Said once per task.",
+                              RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------- lifecycle
+    def step(self, *optimizers: torch.optim.Optimizer, scaler: Any | None = None,
+             post_step_losses: Callable[[], Losses] | None = None) -> bool:
+        """Step the optimizers (through ``scaler``), then advance the strategy's state once.
+
+        Use it instead of ``optimizer.step()`` (and ``scaler.step(optimizer); scaler.update()``): a
+        step that the scaler skips leaves the strategy's state as it was, and the state advances
+        once per step, however many micro-batches were accumulated.
+
+        Args:
+            *optimizers: Every optimizer of the step (the model's, the strategy parameters' if apart).
+            scaler: The ``GradScaler`` of a mixed-precision loop (it is stepped and updated here).
+            post_step_losses: For strategies that read the losses after the step (FAMO): a callable
+                returning the step's losses re-evaluated on the same batch; it runs under
+                ``torch.no_grad()`` only when the strategy needs it.
+
+        Returns:
+            Whether the step was taken (``False`` when the scaler skipped it).
+        """
+        if not optimizers:
+            raise TypeError("mtl.step() takes the optimizer(s) to step: mtl.step(optimizer).")
+        self._check_optimizer_groups(optimizers)
+        self._tracker.inside_step = True
+        try:
+            taken = run_optimizers(optimizers, scaler)
+        finally:
+            self._tracker.inside_step = False
+        if not taken:
+            self.strategy.discard()
+            self._tracker.close()
+            return False
+        self._commit_step()
+        if self.strategy.wants_post_step_losses:
+            if post_step_losses is None:
+                self._warn_once("post_step", f"{type(self.strategy).__name__} reads the losses after the optimizer "
+                                "step: pass post_step_losses=lambda: losses(mtl(x), y) to mtl.step().")
             else:
-                self._backward_parameters(record.z, grads, prepared.detach(), backbone_loss, retain_graph)
+                with torch.no_grad():
+                    after = loss_vector(post_step_losses(), self.task_names, len(self))
+                self.strategy.post_step(after.values.detach().float())
+        return True
 
-    def _backward_representation(self, z: Tensor, grads: Tensor, losses: Tensor, backbone_loss: Tensor | None,
-                                 retain_graph: bool) -> None:
-        dz = self.strategy.aggregate(grads, losses)
-        if dz.shape != z.shape:
-            raise ShapeMismatchError(f"{type(self.strategy).__name__}.aggregate returned shape {tuple(dz.shape)}; "
-                                     f"the representation has shape {tuple(z.shape)}.")
-        tensors, grad_tensors = [], []
-        if z.requires_grad:
-            tensors.append(z)
-            grad_tensors.append(dz)
-        if backbone_loss is not None:
-            tensors.append(backbone_loss)
-            grad_tensors.append(None)
-        if tensors:
-            torch.autograd.backward(tensors, grad_tensors, retain_graph=retain_graph)
+    def _commit_step(self) -> None:
+        self.strategy.advance()
+        self._tracker.close()
 
-    def _backward_parameters(self, z: Tensor, grads: Tensor, losses: Tensor, backbone_loss: Tensor | None,
-                             retain_graph: bool) -> None:
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
-        if params and z.requires_grad:
-            jacobian = parameter_jacobian(z, grads, params)
-            update = self.strategy.aggregate(jacobian, losses)
-            if update.shape != jacobian.shape[1:]:
-                raise ShapeMismatchError(f"{type(self.strategy).__name__}.aggregate returned shape "
-                                         f"{tuple(update.shape)} for a {tuple(jacobian.shape)} Jacobian.")
-            accumulate_grads(params, update)
-        if backbone_loss is not None:
-            backbone_loss.backward(retain_graph=retain_graph)
+    def end_epoch(self) -> None:
+        """Mark the end of an epoch, for strategies that work per epoch (DWA, STCH)."""
+        self.strategy.end_epoch()
+
+    def _check_optimizer_groups(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        if self._tracker.checked_groups:
+            return
+        self._tracker.checked_groups = True
+        stepped = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in self.strategy.parameters() if p.requires_grad and id(p) not in stepped]
+        if missing:
+            self._warn_once("groups", f"{len(missing)} parameters of {type(self.strategy).__name__} are in none of "
+                            "the optimizers given to mtl.step(): they will not learn. Add a group with "
+                            "mtl.strategy_parameters() (run one forward first if the strategy is lazily shaped).")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._pending = engine.PendingForwards()
+        self._tracker = StepTracker(self, "_commit_step")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker")}
+

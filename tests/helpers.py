@@ -55,7 +55,7 @@ def train_steps(mtl: mtlzoo.MTLWrapper, optimizer: torch.optim.Optimizer, steps:
         optimizer.zero_grad()
         with mtlzoo.cached():
             mtl.backward(mse_losses(mtl(x), targets))
-        optimizer.step()
+        mtl.step(optimizer)
 
 
 def assert_same_state(expected: dict[str, Any], actual: dict[str, Any]) -> None:

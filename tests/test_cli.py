@@ -41,6 +41,10 @@ def test_list_filters(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["rotograd", "rotograd_norm"]
     main(["list", "--kind", "weighting", "--format", "json"])
     assert all(r["kind"] == "weighting" for r in json.loads(capsys.readouterr().out))
+    main(["list", "--where", "representation", "--format", "json"])
+    found = json.loads(capsys.readouterr().out)
+    assert {"rotograd", "rotate_only"} <= {r["name"] for r in found}
+    assert all(r["request"]["where"] == "representation" for r in found)
 
 
 def test_list_help_says_in_process_registrations_are_not_shown(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,10 +15,16 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
-def test_quickstart_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    (quickstart,) = blocks("python")
-    exec(compile(quickstart, "README.md", "exec"), {})
+def test_quickstart_and_training_loop_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The quickstart, then the documented loop (micro-batches, autocast, a GradScaler, epochs) in its namespace."""
+    quickstart, loop = blocks("python")
+    namespace: dict = {}
+    exec(compile(quickstart, "README.md", "exec"), namespace)
     assert capsys.readouterr().out.strip() == "torch.Size([4, 1])"
+    mtl = namespace["mtl"].train()
+    before = mtl.strategy.step
+    exec(compile(loop, "README.md", "exec"), namespace)
+    assert mtl.strategy.step == before + 2 * len(namespace["loader"])
 
 
 def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:

@@ -168,21 +168,41 @@ def test_parts_are_registered_and_in_state_dict() -> None:
 
 def test_strategy_parameters_before_materialisation_raise_with_both_fixes() -> None:
     mtl = mtlzoo.MTLWrapper(small_model(), "rotograd")
-    for ask in (mtl.strategy_parameters, lambda: list(mtl.parameters())):
-        with pytest.raises(NotMaterializedError, match="rotation_shape") as error:
-            ask()
-        assert "forward" in str(error.value)
+    with pytest.raises(NotMaterializedError, match="rotation_shape") as error:
+        mtl.strategy_parameters()
+    assert "forward" in str(error.value)
     mtl.zero_grad()  # a loop that zeroes gradients before its first forward keeps working
     mtl(torch.randn(2, 5))
     assert mtl.strategy.rotation_shape == (4,)
     assert [p.shape for p in mtl.strategy_parameters()] == [(4, 4)] * 3
 
 
+def test_torch_module_api_works_before_materialisation() -> None:
+    """Issue 7, item 5: parameters() must not raise before a lazily shaped strategy's first forward."""
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd")
+    count = sum(p.numel() for p in mtl.parameters())
+    assert count == sum(p.numel() for p in mtl.model_parameters())
+    mtl.requires_grad_(False)
+    assert not any(p.requires_grad for p in mtl.parameters())
+    mtl.requires_grad_(True)
+    torch.nn.utils.clip_grad_norm_(mtl.parameters(), 1.0)
+
+
+def test_an_optimizer_without_the_strategy_parameters_is_named_at_step() -> None:
+    """The guard moved from parameters() to mtl.step(): a strategy whose parameters no optimizer steps warns."""
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd")
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)  # built before the rotations exist
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    with pytest.warns(RuntimeWarning, match="in none of the optimizers"):
+        mtl.step(optimizer)
+
+
 def test_eval_mode_records_nothing_and_refuses_backward() -> None:
     mtl = mtlzoo.MTLWrapper(small_model(), "rotograd").eval()
     x, targets = batch()
     losses = mse_losses(mtl(x), targets)
-    assert mtl._record is None
+    assert len(mtl._pending) == 0
     with pytest.raises(BackwardOrderError, match="train"):
         mtl.backward(losses)
 
@@ -225,14 +245,3 @@ def test_hard_sharing_runs_every_head() -> None:
     assert list(out) == ["task0", "task1", "task2"]
 
 
-def test_a_second_training_forward_before_backward_warns() -> None:
-    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd")
-    x, targets = batch()
-    mtl(x)
-    with pytest.warns(RuntimeWarning, match="latest forward only"):
-        losses = mse_losses(mtl(x), targets)
-    mtl.backward(losses)
-    with torch.no_grad():
-        mtl(x)  # no record without gradients, so nothing to warn about
-    mtl.eval()
-    mtl(x)

@@ -72,8 +72,7 @@ class RotoGradToy:
                 mtl.zero_grad()
                 with cached():
                     mtl.backward(self.losses(mtl(inputs)))
-                for optimizer in optimizers:
-                    optimizer.step()
+                mtl.step(*optimizers)
             mtl.eval()
             with torch.no_grad():
                 return [float(loss) for loss in self.losses(mtl(inputs))]

@@ -33,8 +33,7 @@ def haar_rotations(count: int, size: int, *, dtype: torch.dtype | None = None,
     gaussian = torch.randn(count, size, size, dtype=dtype, device=device, generator=generator)
     q, r = torch.linalg.qr(gaussian)
     q = q * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
-    # slogdet, as det's product of n pivots underflows for large n; one matrix at a time, as batched LU
-    # returned garbage in torch 2.13's CPU build after torch.set_num_threads.
+    # slogdet, as det's product of n pivots underflows for large n (tested at n = 512).
     signs = torch.stack([torch.linalg.slogdet(matrix).sign for matrix in q])
     q[..., :, 0] *= signs.unsqueeze(-1)
     return q.contiguous()
@@ -52,9 +51,8 @@ class _Rotation(nn.Module):
 class RotationBank(nn.Module):
     """K orthogonal n x n matrices, each parametrized by torch's orthogonal parametrization.
 
-    One parametrization per task rather than one over a (K, n, n) batch: the backward of a batched
-    ``matrix_exp`` cost about twice the K separate ones at n = 256 on CPU, since the batch runs at
-    the degree its largest norm needs.
+    One parametrization per task rather than one over a (K, n, n) batch: a batched ``matrix_exp``
+    runs every matrix at the degree its largest norm needs (``pytest -m bench`` measures the maps).
     """
 
     def __init__(self, count: int, size: int, *, orthogonal_map: OrthogonalMap, init: RotationInit,
@@ -92,13 +90,17 @@ class RotationBank(nn.Module):
 
 
 def check_orthogonal(rotations: Tensor, tolerance: float = 1e-4) -> None:
-    """Raise ``ValueError`` unless every matrix in the batch has ``R^T R = I``."""
+    """Raise ``ValueError`` unless every matrix in the batch is a rotation: ``R^T R = I`` and ``det R = +1``."""
     rotations = rotations.detach()
     eye = torch.eye(rotations.shape[-1], dtype=rotations.dtype, device=rotations.device)
     error = (rotations.mT @ rotations - eye).abs().amax()
     if not bool(error <= tolerance):
         raise ValueError(f"Rotations should be orthogonal matrices (R^T R = I); the largest deviation is "
                          f"{float(error):.3g}.")
+    reflections = [k for k, matrix in enumerate(rotations) if torch.linalg.slogdet(matrix).sign < 0]
+    if reflections:
+        raise ValueError(f"Rotations should have determinant +1; matrices {reflections} are reflections "
+                         "(det = -1). Flip the sign of one column of each to make it a rotation.")
 
 
 def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
@@ -111,6 +113,7 @@ def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
         size: n.
         post_numel: P.
     """
+    rotation = rotation.to(z.dtype)
     if rotation.dim() == 2:
         blocks = z.reshape(-1, size, post_numel)
         rotated = torch.einsum("ij,bjp->bip", rotation, blocks)

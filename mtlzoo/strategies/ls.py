@@ -31,10 +31,10 @@ class LinearScalarization(WeightingStrategy):
         name="ls",
         aliases=("ew", "linear_scalarization"),
         kind="weighting",
-        needs="losses",
         summary="Fixed weighted sum of the task losses (all ones by default).",
         properties=frozenset({"permutation_invariant", "scale_linear"}),
     )
+    """Permutation invariance holds for equal weights only; :attr:`properties` says so per instance."""
 
     def __init__(self, num_tasks: int, weights: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
@@ -44,8 +44,17 @@ class LinearScalarization(WeightingStrategy):
                              f"Found `weights = {weights!r}`.")
         self.register_buffer("task_weights", values)
 
+    @property
+    def properties(self) -> frozenset[str]:
+        if bool((self.task_weights == self.task_weights[0]).all()):
+            return self.info.properties
+        return self.info.properties - {"permutation_invariant"}
+
+    def scalarize(self, losses: Tensor) -> Tensor:
+        return (self.task_weights.to(losses.dtype) * losses).sum()
+
     def weights(self, losses: Tensor) -> Tensor:
         return self.task_weights.to(losses.dtype)
 
-    def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, weights={self.task_weights.tolist()}"
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        return self.task_weights[tasks].to(losses.dtype)

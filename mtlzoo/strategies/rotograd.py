@@ -12,34 +12,50 @@ rotations are learned so that the task gradients point the same way. With
   magnitude ``C = sum_k a_k ||g_k||`` with ``a_k = r_k / sum_j r_j`` and
   ``r_k = ||g_k|| / ||g_k(t_0)||``; RotoGradNorm weighs ``sum_k w_k g_k`` with GradNorm's weights.
 
-Losses: at step 0 and again at step ``burn_in_period`` each loss's value is recorded as
-``L_k(t_0)``. With ``normalize_losses=True``, ``L_k / L_k(t_0)`` is back-propagated everywhere (the
-heads too); otherwise the raw losses are, and the ratios serve RotoGradNorm only.
+Reference values: at step 0 and again at step ``burn_in_period`` (optimizer steps, however many
+micro-batches each accumulates) each loss's value is recorded as ``L_k(t_0)``, from the step's
+first micro-batch (later micro-batches of that step use it too). With ``normalize_losses=True``,
+``L_k / L_k(t_0)`` is back-propagated everywhere (the heads too); otherwise the raw losses are,
+and the ratios serve RotoGradNorm only. A task absent from the reference step, or whose loss is 0
+there (a masked loss), takes its reference at its next step with a non-zero loss, and until then
+is not normalised (with a warning): dividing by 0 would back-propagate inf.
 
 ``reduce_batch`` is a sum over the batch when ``post_shape`` is empty and a mean otherwise: the
 original package reduces that way (its flattening folds the batch into the summed dimensions
 unless a ``post_shape`` is given), and with Adam, the optimizer it recommends for rotations, the
 scale of this objective does not change the update.
 
+Maths run in float32 at least (the rotations stay float32 under autocast), and norms are taken
+without overflow. Gradients so large that the rotation objective's gradient overflows float32
+(losses scaled by 1e30) make the step fail with :class:`~mtlzoo.errors.NonFiniteGradientError`.
+
 Differences from the ``rotograd`` package 0.1.6.0, which this module otherwise reproduces:
 
 - the caller's heads are not wrapped in place, and everything is a registered submodule;
 - step counters, initial losses and initial gradient norms are in ``state_dict()``, so a run resumes;
+- ``mtl[k]`` owns task k's rotation, so its own ``state_dict()`` keeps its outputs;
 - RotoGradNorm no longer computes RotoGrad's magnitude scaling only to discard it;
 - extra positional arguments raise instead of being ignored;
 - ``burn_in_period`` is documented as what it does (see above).
+
+``orthogonal_map="matrix_exp"`` reproduces a rotograd run (its ``expm`` trivialization); the
+default ``"cayley"`` follows the same method through another chart of the rotations, so training
+differs from the original's by rounding-level amounts that grow with the steps.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
+from mtlzoo.linalg import compute_dtype, row_norms, tiny
+from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.strategies._rotation_bank import (
     ORTHOGONAL_MAPS,
     ROTATION_INITS,
@@ -58,8 +74,22 @@ ROTOGRAD_PAPER = Paper(
     year=2022,
     url="https://arxiv.org/abs/2103.02631",
 )
-EPSILON = 1e-15
 DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "cayley"
+LARGE_ROTATION = 1024
+"""A lazily inferred rotation size above which a warning suggests ``post_shape``."""
+
+
+class TaskRotation(nn.Module):
+    """Task k's rotation of a representation, as ``mtl[k]`` owns it (shared with the strategy)."""
+
+    def __init__(self, rotation: nn.Module, post_dims: int) -> None:
+        super().__init__()
+        self.rotation = rotation
+        self.post_dims = post_dims
+
+    def forward(self, z: Tensor) -> Tensor:
+        matrix = self.rotation.weight
+        return rotate(z, matrix, matrix.shape[-1], math.prod(z.shape[z.dim() - self.post_dims:]))
 
 
 class RotateOnly(GradientSurgery):
@@ -76,17 +106,15 @@ class RotateOnly(GradientSurgery):
             for a flat representation. ``None`` infers it at the first forward as every dimension
             between the batch dimension and ``post_shape``; until then ``check_ready`` raises.
         post_shape: Trailing dimensions of ``z`` left unrotated (``(h, w)`` to rotate only the
-            channels of a ``(batch, channels, h, w)`` map).
+            channels of a ``(batch, channels, h, w)`` map). Only their number counts: maps of any
+            spatial size are rotated channel-wise (multi-scale training, full-size evaluation).
         normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
-        burn_in_period: Step at which the reference values ``L_k(t_0)`` (and RotoGrad's initial
-            gradient norms) are recorded again, after being recorded at step 0.
+        burn_in_period: Optimizer step at which the reference values ``L_k(t_0)`` (and RotoGrad's
+            initial gradient norms) are recorded again, after being recorded at step 0.
         orthogonal_map: Map of torch's orthogonal parametrization: ``"cayley"`` (the default),
-            ``"matrix_exp"`` (the original's ``expm``) or ``"householder"``. Chosen by measurement
-            (``pytest -m bench -s``, 2-core CPU, K = 3): a RotoGrad step costs about 2.2x / 2.5x /
-            6x an ``ls`` step at n = 16 / 64 / 256 with ``cayley``, 2.5x / 3.3x / 15x with
-            ``matrix_exp`` and 3.1x / 6.7x / 26x with ``householder``, while the 2-D toy problem
-            ends equally well with each. The Cayley map cannot reach a rotation by exactly pi
-            from its base, which RotoGrad's learned rotations have not needed in our checks.
+            ``"matrix_exp"`` (the original's ``expm``: use it to reproduce a rotograd run) or
+            ``"householder"``. ``mtlzoo bench`` and ``pytest -m bench`` measure their costs. The
+            Cayley map cannot reach a rotation by exactly pi from its base.
         rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
             or ``"identity"``.
 
@@ -102,15 +130,16 @@ class RotateOnly(GradientSurgery):
         name="rotate_only",
         aliases=("rotateonly",),
         kind="surgery",
-        needs="representation_grads",
+        request=Request("representation"),
         summary="Learns one rotation of the shared representation per task to align task gradients.",
         paper=ROTOGRAD_PAPER,
         learnable=True,
         adapts_representation=True,
     )
     supported_targets: tuple[Target, ...] = ("representation",)
-    running_buffers: tuple[str, ...] = ("initial_losses",)
-    """Per-task running state, (K,) buffers that start as NaN and take the losses' dtype."""
+    unchecked_settings = ("rotation_shape", "rotation_init")
+    running_buffers: ClassVar[tuple[str, ...]] = ("initial_losses",)
+    """Per-task reference values, (K,) buffers that start as NaN."""
 
     def __init__(
         self,
@@ -148,7 +177,7 @@ class RotateOnly(GradientSurgery):
             self.register_buffer(name, torch.full((num_tasks,), math.nan))
         self.register_buffer("initial_backbone_loss", torch.tensor(math.nan))
         self.step = 0
-        self._has_backbone_reference = False
+        self._staged: dict[str, Tensor] = {}
         self.bank: RotationBank | None
         self.register_module("bank", None)
         if self.rotation_shape is not None:
@@ -156,6 +185,7 @@ class RotateOnly(GradientSurgery):
 
     # -------------------------------------------------------------- rotations
     def _materialize(self, size: int, *, init: RotationInit, device: Any = None, dtype: Any = None) -> None:
+        dtype = None if dtype is None else compute_dtype(dtype)
         self.bank = RotationBank(self.num_tasks, size, orthogonal_map=self.orthogonal_map, init=init,
                                  device=device, dtype=dtype)
 
@@ -189,24 +219,43 @@ class RotateOnly(GradientSurgery):
         assert self.bank is not None
         self.bank.set(value)
 
+    def task_transform(self, task: int) -> nn.Module:
+        self.check_ready()
+        assert self.bank is not None
+        return TaskRotation(self.bank.matrices[task], len(self.post_shape))
+
     def _layout(self, z: Tensor) -> tuple[int, int]:
         """Check ``z`` against the configured shapes (materialising on first sight): (n, P)."""
-        post, ndim = self.post_shape, z.dim()
-        if ndim < len(post) + 2 or tuple(z.shape[ndim - len(post):]) != post:
+        post_dims, ndim = len(self.post_shape), z.dim()
+        if ndim < post_dims + 2:
             raise ShapeMismatchError(f"The representation of shape {tuple(z.shape)} should be (batch, "
-                                     f"*rotation_shape, *post_shape) with post_shape = {post}.")
+                                     f"*rotation_shape, *post_shape) with {post_dims} post_shape dimensions.")
         if self.rotation_shape is None:
-            shape = tuple(z.shape[1:ndim - len(post)])
+            shape = tuple(z.shape[1:ndim - post_dims])
             if self.bank is None:
                 self._materialize(math.prod(shape), init=self.rotation_init, device=z.device, dtype=z.dtype)
+                self._warn_if_large(math.prod(shape), z)
             self.rotation_shape = shape
         shape = self.rotation_shape
-        found = tuple(z.shape[ndim - len(post) - len(shape):ndim - len(post)])
+        if ndim < len(shape) + post_dims + 1:
+            raise ShapeMismatchError(
+                f"`rotation_shape = {shape}` with {post_dims} post_shape dimensions leaves no batch dimension in a "
+                f"representation of shape {tuple(z.shape)}: give rotation_shape without the batch dimension "
+                f"(rotation_shape={tuple(z.shape[1:ndim - post_dims])}).")
+        found = tuple(z.shape[ndim - post_dims - len(shape):ndim - post_dims])
         assert self.bank is not None
         if found != shape or math.prod(shape) != self.bank.size:
             raise ShapeMismatchError(f"The representation of shape {tuple(z.shape)} does not end in rotation_shape "
-                                     f"{shape} + post_shape {post} (rotations of size {self.bank.size}).")
-        return self.bank.size, math.prod(post)
+                                     f"{shape} followed by {post_dims} post_shape dimensions (rotations of size "
+                                     f"{self.bank.size}).")
+        return self.bank.size, math.prod(z.shape[ndim - post_dims:])
+
+    def _warn_if_large(self, size: int, z: Tensor) -> None:
+        if size > LARGE_ROTATION:
+            warnings.warn(f"{type(self).__name__} inferred rotations of size n = {size} from a representation of "
+                          f"shape {tuple(z.shape)}: {self.num_tasks} x {size}^2 = {self.num_tasks * size ** 2:,} "
+                          "parameters, and an n x n product per task and step. For a (batch, channels, h, w) map, "
+                          "pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
 
     def adapt(self, z: Tensor, task: int) -> Tensor:
         size, post_numel = self._layout(z)
@@ -217,67 +266,125 @@ class RotateOnly(GradientSurgery):
     def _is_reference_step(self) -> bool:
         return self.step == 0 or self.step == self.burn_in_period
 
-    def prepare(self, losses: Tensor, backbone_loss: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        if self._is_reference_step():
-            self.initial_losses = losses.detach().clone()
-        if backbone_loss is not None and (self._is_reference_step() or not self._has_backbone_reference):
-            self.initial_backbone_loss = backbone_loss.detach().clone().reshape(())
-            self._has_backbone_reference = True
+    def _reference(self, name: str) -> Tensor:
+        """A reference buffer as this step sees it: the staged value where the step recorded one."""
+        return self._staged.get(name, getattr(self, name))
+
+    def _stage_reference(self, name: str, values: Tensor, tasks: Tensor, micro_batch: int) -> None:
+        """Record ``values`` as the reference of ``tasks`` on the step's first micro-batch of a reference
+        step, and for any task without a valid reference yet (absent, or 0, at the last reference step)."""
+        current = self._reference(name)
+        flat = current.reshape(-1)
+        valid_new = torch.isfinite(values) & (values != 0)
+        missing = ~torch.isfinite(flat[tasks]) | (flat[tasks] == 0)
+        take = valid_new & (missing | (micro_batch == 0 and self._is_reference_step()))
+        if bool(take.any()):
+            updated = flat.clone()
+            updated[tasks[take]] = values[take].to(current.dtype)
+            self._staged[name] = updated.reshape(current.shape)
+
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        losses, tasks = inputs.losses, inputs.tasks
+        self._stage_reference("initial_losses", losses, tasks, inputs.micro_batch)
+        reference = self._reference("initial_losses")[tasks].to(losses.dtype)
+        usable = torch.isfinite(reference) & (reference != 0)
+        if not bool(usable.all()) and self.normalize_losses:
+            bad = tasks[~usable].tolist()
+            warnings.warn(f"{type(self).__name__}: the losses of tasks {bad} were 0 at their reference step, so "
+                          "they are not normalised until a non-zero loss gives them a reference.",
+                          RuntimeWarning, stacklevel=4)
         if not self.normalize_losses:
-            return losses, backbone_loss
-        if backbone_loss is not None:
-            backbone_loss = backbone_loss / self.initial_backbone_loss
-        return losses / self.initial_losses, backbone_loss
+            return None
+        return torch.where(usable, 1 / torch.where(usable, reference, torch.ones_like(reference)),
+                           torch.ones_like(reference))
 
-    def loss_ratios(self, losses: Tensor) -> Tensor:
-        """``L_k / L_k(t_0)`` from the losses ``prepare`` returned."""
-        return losses if self.normalize_losses else losses / self.initial_losses
+    def backbone_loss_weight(self, backbone_loss: Tensor) -> Tensor | None:
+        value = backbone_loss.detach().reshape(1).float()
+        self._stage_reference("initial_backbone_loss", value, torch.zeros(1, dtype=torch.long), self.micro_batch)
+        if not self.normalize_losses:
+            return None
+        reference = self._reference("initial_backbone_loss")
+        usable = bool(torch.isfinite(reference) & (reference != 0))
+        return 1 / reference.to(backbone_loss.dtype) if usable else None
 
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+    def loss_ratios(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        """``L_k / L_k(t_0)`` for the present tasks (1 where no reference is usable)."""
+        reference = self._reference("initial_losses")[tasks].to(losses.dtype)
+        usable = torch.isfinite(reference) & (reference != 0)
+        return torch.where(usable, losses / torch.where(usable, reference, torch.ones_like(reference)),
+                           torch.ones_like(losses))
+
+    def compute(self, inputs: StepInputs) -> Update:
+        grads = inputs.gradients
+        assert grads is not None
         size, post_numel = self._layout(grads[0])
         blocks = grads.reshape(grads.shape[0], -1, size, post_numel)
-        norms = grads.flatten(1).norm(dim=1)
-        self._rotation_backward(blocks, norms)
-        update = self._combine_gradients(grads, norms, losses)
-        self.step += 1
-        return update
+        norms = row_norms(grads)
+        objective = self._rotation_objective(blocks, norms, inputs)
+        direction, weight_objective = self._combine_gradients(grads, norms, inputs)
+        if weight_objective is not None:
+            objective = weight_objective if objective is None else objective + weight_objective
+        return Update(direction=direction, objective=objective)
 
-    def _rotation_backward(self, blocks: Tensor, norms: Tensor) -> None:
-        """Back-propagate the rotation objective into the rotations' parameters."""
-        rotations = self.rotations
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Standalone: the backbone update for K gradients (K x ...), the rotation objective back-propagated.
+
+        State staged here is committed by :meth:`advance` (call it after each optimizer step).
+        """
+        tasks = torch.arange(grads.shape[0], device=grads.device)
+        inputs = StepInputs(losses.detach(), tasks, self.num_tasks, micro_batch=self.micro_batch)
+        self.loss_weights(inputs)
+        inputs.gradients = grads
+        update = self.compute(inputs)
+        if update.objective is not None:
+            update.objective.backward()
+        self.micro_batch += 1
+        assert update.direction is not None
+        return update.direction
+
+    def _rotation_objective(self, blocks: Tensor, norms: Tensor, inputs: StepInputs) -> Tensor | None:
+        rotations = self.rotations if inputs.all_present else self.rotations[inputs.tasks]
         if not rotations.requires_grad:
-            return
-        scale = blocks.mean(0).norm() / norms.clamp_min(EPSILON)
+            return None
+        rotations = rotations.to(blocks.dtype)
+        mean = blocks.mean(0)
+        scale = row_norms(mean.unsqueeze(0))[0] / norms.clamp_min(tiny(norms.dtype))
         reference = (blocks * scale.view(-1, 1, 1, 1)).mean(0)
         rotated_grads = torch.einsum("kij,kbjp->kbip", rotations.detach(), blocks)
         residual = torch.einsum("kij,bjp->kbip", rotations, reference) - rotated_grads
         per_example = residual.pow(2).sum(dim=(-2, -1))
         # As the original: summed over the batch when post_shape is empty, averaged otherwise.
         reduced = per_example.mean(dim=1) if self.post_shape else per_example.sum(dim=1)
-        reduced.sum().backward()
+        return reduced.sum()
 
-    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
-        """The backbone update from the K gradients ``grads`` and their norms ``||g_k||``."""
-        return grads.sum(0)
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor | None]:
+        """The backbone update from the K' gradients ``grads`` and their norms ``||g_k||``, and an
+        objective for the strategy's own weights (RotoGradNorm)."""
+        return grads.sum(0), None
 
-    # ----------------------------------------------------------------- state
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"step": self.step, "rotation_shape": self.rotation_shape,
-                "has_backbone_reference": self._has_backbone_reference}
+    # ------------------------------------------------------------ lifecycle
+    def _commit(self) -> None:
+        for name, value in self._staged.items():
+            setattr(self, name, value)
+        self._staged = {}
+        self.step += 1
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
+    def _drop_staged(self) -> None:
+        self._staged = {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"step": self.step, "rotation_shape": self.rotation_shape}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         shape = state["rotation_shape"]
         self.rotation_shape = None if shape is None else tuple(shape)
-        self._has_backbone_reference = bool(state["has_backbone_reference"])
+        self._staged = {}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "bank.matrices.0.parametrizations.weight.original")
         if self.bank is None and saved is not None:  # lazy: materialise with the saved shape, then load
             self._materialize(saved.shape[-1], init="identity", device=saved.device, dtype=saved.dtype)
-        for name in (*self.running_buffers, "initial_backbone_loss"):
-            if prefix + name in state_dict:  # the buffers take the saved dtype (that of the losses)
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -291,13 +398,14 @@ class RotoGrad(RotateOnly):
     ``r_k = ||g_k|| / ||g_k(t_0)||``,
 
     so every task pushes with the same magnitude, the one of the task that converges slowest
-    weighing most; ``t_0`` is step 0, then ``burn_in_period``. Arguments as :class:`RotateOnly`.
+    weighing most; ``t_0`` is step 0, then ``burn_in_period``. An absent task is left out of the
+    sums. Arguments as :class:`RotateOnly`.
     """
 
     info = StrategyInfo(
         name="rotograd",
         kind="surgery",
-        needs="representation_grads",
+        request=Request("representation"),
         summary="Rotations that align task gradients plus scaling that equalises their magnitudes.",
         paper=ROTOGRAD_PAPER,
         learnable=True,
@@ -305,14 +413,14 @@ class RotoGrad(RotateOnly):
     )
     running_buffers = ("initial_losses", "initial_grad_norms")
 
-    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
-        norms = norms.clamp_min(EPSILON)
-        if self._is_reference_step():
-            self.initial_grad_norms = norms.clone()
-        convergence = norms / self.initial_grad_norms
-        shares = convergence / convergence.sum().clamp_min(EPSILON)
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, None]:
+        norms = norms.clamp_min(tiny(norms.dtype))
+        self._stage_reference("initial_grad_norms", norms, inputs.tasks, inputs.micro_batch)
+        initial = self._reference("initial_grad_norms")[inputs.tasks].to(norms.dtype)
+        convergence = norms / initial
+        shares = convergence / convergence.sum().clamp_min(tiny(norms.dtype))
         magnitude = (shares * norms).sum()
-        return torch.tensordot(magnitude / norms, grads, dims=1)
+        return torch.tensordot(magnitude / norms, grads, dims=1), None
 
 
 class RotoGradNorm(RotateOnly):
@@ -326,7 +434,9 @@ class RotoGradNorm(RotateOnly):
     ``sum_k | w_k ||g_k|| - ||(1/K) sum_j w_j g_j|| (r_k / mean_j r_j)^alpha |``,
     ``r_k = L_k / L_k(t_0)``,
 
-    with the target term held constant. Arguments as :class:`RotateOnly`, plus:
+    with the target term held constant. This is the original package's variant of GradNorm (the
+    target from the norm of the weighted mean gradient); an absent task is left out of the sums and
+    the mean. Arguments as :class:`RotateOnly`, plus:
 
     Args:
         alpha: GradNorm's asymmetry ``alpha >= 0`` (required, as in the original): how strongly
@@ -337,7 +447,7 @@ class RotoGradNorm(RotateOnly):
         name="rotograd_norm",
         aliases=("rotogradnorm",),
         kind="surgery",
-        needs="representation_grads",
+        request=Request("representation"),
         summary="RotateOnly's rotations combined with GradNorm's learned task weights.",
         paper=ROTOGRAD_PAPER,
         learnable=True,
@@ -360,11 +470,11 @@ class RotoGradNorm(RotateOnly):
         """The K GradNorm weights ``w = K softmax(θ)`` (they sum to K)."""
         return self.num_tasks * torch.softmax(self.weight_logits, dim=0)
 
-    def _combine_gradients(self, grads: Tensor, norms: Tensor, losses: Tensor) -> Tensor:
-        weights = self.task_weights.to(grads.dtype)
+    def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor | None]:
+        weights = self.task_weights[inputs.tasks].to(grads.dtype)
         update = torch.tensordot(weights.detach(), grads, dims=1)
-        if weights.requires_grad:
-            ratios = self.loss_ratios(losses)
-            targets = (update.norm() / self.num_tasks) * (ratios / ratios.mean()) ** self.alpha
-            (weights * norms - targets).abs().sum().backward()
-        return update
+        if not weights.requires_grad:
+            return update, None
+        ratios = self.loss_ratios(inputs.losses, inputs.tasks).to(grads.dtype)
+        targets = (row_norms(update.unsqueeze(0))[0] / self.num_tasks) * (ratios / ratios.mean()) ** self.alpha
+        return update, (weights * norms - targets).abs().sum()

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mtlzoo
-from mtlzoo.strategy import KINDS, NEEDS
+from mtlzoo.protocol import Request
+from mtlzoo.strategy import KINDS
 from tests.helpers import assert_same_state, batch, optimizer_for, required_kwargs, small_model, train_steps
 
 NAMES = [entry.name for entry in mtlzoo.list_strategies()]
@@ -27,13 +28,14 @@ def build(name: str, seed: int) -> tuple[mtlzoo.MTLWrapper, torch.optim.Optimize
 def test_metadata_is_complete(name: str) -> None:
     entry = mtlzoo.get_strategy(name)
     info = entry.info
-    assert re.fullmatch(r"[a-z][a-z0-9_]*", info.name) and info.kind in KINDS and info.needs in NEEDS
+    assert re.fullmatch(r"[a-z][a-z0-9_]*", info.name) and info.kind in KINDS
+    assert isinstance(info.request, Request)
     assert info.summary and entry.cls.__doc__
     if info.paper is not None:
         assert info.paper.url.startswith("https://")
         assert info.paper.title in entry.cls.__doc__ or info.paper.url in entry.cls.__doc__, "paper not in docstring"
     strategy = mtlzoo.create(name, num_tasks=3, **required_kwargs(name))
-    assert strategy.needs in NEEDS
+    assert isinstance(strategy.request, Request) and strategy.properties <= info.properties
     text = repr(strategy)
     assert "num_tasks=3" in text
     for hyperparameter in entry.hyperparameters:

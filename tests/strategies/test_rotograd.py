@@ -10,6 +10,7 @@ import torch
 
 import mtlzoo
 from mtlzoo.errors import ShapeMismatchError
+from mtlzoo.protocol import StepInputs
 from mtlzoo.strategies import RotateOnly, RotoGrad, RotoGradNorm
 from mtlzoo.strategies._rotation_bank import ORTHOGONAL_MAPS, haar_rotations
 from tests.helpers import batch, mse_losses, small_model
@@ -131,6 +132,7 @@ def test_rotations_align_the_task_gradients() -> None:
         optimizer.zero_grad()
         strategy.aggregate(backbone_grads(), torch.ones(3))
         optimizer.step()
+        strategy.advance()
     assert cosines().min() > 0.999
 
 
@@ -140,6 +142,7 @@ def test_rotograd_gives_every_task_the_same_magnitude() -> None:
     grads = torch.randn(3, 8, 4) * scales
     norms = grads.flatten(1).norm(dim=1)
     update = strategy.aggregate(grads, torch.ones(3))
+    strategy.advance()
     # At t_0 every convergence ratio is 1, so the common magnitude is the mean norm.
     torch.testing.assert_close(update, torch.tensordot(norms.mean() / norms, grads, 1))
     later = grads * torch.tensor([0.5, 1.0, 1.0]).view(3, 1, 1)  # task 0 converges faster
@@ -162,26 +165,31 @@ def test_rotograd_norm_weights_equalise_weighted_gradient_norms() -> None:
     grads = torch.randn(1, 8, 4) * torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1)
     for _ in range(500):
         optimizer.zero_grad()
-        losses, _ = strategy.prepare(torch.ones(3))
-        strategy.aggregate(grads, losses)
+        strategy.aggregate(grads, torch.ones(3))
         optimizer.step()
+        strategy.advance()
     weighted = strategy.task_weights.detach() * grads.flatten(1).norm(dim=1)
     torch.testing.assert_close(strategy.task_weights.sum(), torch.tensor(3.0))
     assert (weighted.max() - weighted.min()) / weighted.mean() < 0.05
 
 
+def normalised(strategy: RotateOnly, losses: list[float], micro_batch: int = 0) -> list[float]:
+    """The losses as the model learns from them in one backward: ``w_k L_k``."""
+    inputs = StepInputs(torch.tensor(losses), torch.arange(len(losses)), strategy.num_tasks, micro_batch=micro_batch)
+    weights = strategy.loss_weights(inputs)
+    return (inputs.losses if weights is None else inputs.losses * weights).tolist()
+
+
 def test_losses_are_normalised_by_their_values_at_step_zero_and_burn_in() -> None:
     strategy = make("rotate_only", num_tasks=2, rotation_shape=2, normalize_losses=True, burn_in_period=2)
-    grads = torch.randn(2, 4, 2)
     seen = []
     for losses in ([2.0, 4.0], [1.0, 1.0], [0.5, 8.0], [1.0, 4.0]):
-        prepared, _ = strategy.prepare(torch.tensor(losses))
-        strategy.aggregate(grads, prepared)
-        seen.append(prepared.tolist())
+        seen.append(normalised(strategy, losses))
+        strategy.advance()
     assert seen == [[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [2.0, 0.5]]
     raw = make("rotate_only", num_tasks=2, rotation_shape=2)
-    prepared, _ = raw.prepare(torch.tensor([2.0, 4.0]))
-    assert prepared.tolist() == [2.0, 4.0] and raw.loss_ratios(prepared).tolist() == [1.0, 1.0]
+    assert normalised(raw, [2.0, 4.0]) == [2.0, 4.0]
+    assert raw.loss_ratios(torch.tensor([2.0, 4.0]), torch.arange(2)).tolist() == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("name", FAMILY)

@@ -1,0 +1,121 @@
+"""What flows between the engine and a strategy in one training step.
+
+A strategy declares a :class:`Request`: what it reads from a step. The engine
+(:mod:`mtlzoo.autograd`) fulfils it by the cheapest route it knows and hands the strategy a
+:class:`StepInputs`; the strategy answers with an :class:`Update`, which the engine turns into
+gradients. Both sides are plain tensors, so a strategy is testable on random matrices and the
+engine without any strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+Where = Literal["losses", "representation", "parameters"]
+Statistic = Literal["gradients", "gramian", "norms"]
+
+WHERES: tuple[Where, ...] = ("losses", "representation", "parameters")
+STATISTICS: tuple[Statistic, ...] = ("gradients", "gramian", "norms")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a strategy reads from one step, beyond the K loss values it always gets.
+
+    Attributes:
+        where: ``"losses"`` (nothing else: one ordinary backward), ``"representation"`` (per-task
+            gradients ``g_k = dL_k/dz`` on the backbone output ``z``) or ``"parameters"`` (per-task
+            gradients on the shared parameters, rows of the K x n Jacobian).
+        statistic: What of those gradients: ``"gradients"`` (the K x ... matrix itself), the K x K
+            ``"gramian"`` ``G G^T``, or the K ``"norms"`` ``||g_k||``.
+        parameters: With ``where="parameters"``, the names of the shared parameters to take the
+            gradients on (as ``backbone.named_parameters()`` gives them; GradNorm's last shared
+            layer), or ``None`` for all of them.
+        batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
+    """
+
+    where: Where = "losses"
+    statistic: Statistic = "gradients"
+    parameters: tuple[str, ...] | None = None
+    batches: int = 1
+
+    def __post_init__(self) -> None:
+        if self.where not in WHERES:
+            raise ValueError(f"Parameter `where` should be one of {WHERES}. Found `where = {self.where!r}`.")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"Parameter `statistic` should be one of {STATISTICS}. "
+                             f"Found `statistic = {self.statistic!r}`.")
+        if self.parameters is not None:
+            if isinstance(self.parameters, str) or self.where != "parameters":
+                raise ValueError("Parameter `parameters` should be a tuple of parameter names, given with "
+                                 f"where='parameters'. Found `parameters = {self.parameters!r}` with "
+                                 f"`where = {self.where!r}`.")
+            object.__setattr__(self, "parameters", tuple(self.parameters))
+        if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
+            raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the step must compute per-task gradients (anything but ``where="losses"``)."""
+        return self.where != "losses"
+
+    def __str__(self) -> str:
+        if self.where == "losses":
+            return "losses"
+        text = f"{self.statistic} on {self.where}"
+        if self.parameters is not None:
+            text += f" {list(self.parameters)}"
+        return text + (f" x{self.batches} batches" if self.batches > 1 else "")
+
+
+@dataclass
+class StepInputs:
+    """What the engine hands a strategy for one backward: the present tasks' losses and statistics.
+
+    Tasks absent from the step (a ``None`` loss) are left out: every tensor here has one row per
+    present task, and ``tasks`` maps rows to task indices.
+
+    Attributes:
+        losses: The present tasks' losses, detached, shape ``(K',)``.
+        tasks: Their task indices, a ``(K',)`` long tensor in increasing order.
+        num_tasks: K, all tasks.
+        micro_batch: Index of this backward within the optimizer step (0 for the first).
+        gradients: ``(K', ...)`` per-task gradients, unscaled, at least float32 (``statistic="gradients"``).
+        gramian: ``(K', K')`` Gramian of the gradients (``statistic="gramian"``).
+        norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
+        extra: Statistics of the additional independent batches (``Request.batches > 1``).
+    """
+
+    losses: Tensor
+    tasks: Tensor
+    num_tasks: int
+    micro_batch: int = 0
+    gradients: Tensor | None = None
+    gramian: Tensor | None = None
+    norms: Tensor | None = None
+    extra: list[StepInputs] = field(default_factory=list)
+
+    @property
+    def all_present(self) -> bool:
+        return self.losses.shape[0] == self.num_tasks
+
+
+@dataclass
+class Update:
+    """A strategy's answer for one backward; every field is optional.
+
+    Attributes:
+        weights: ``(K',)`` weights ``c`` of the task gradients: the shared part receives
+            ``sum_k c_k g_k`` (the Gramian-weighted methods, and weightings on a gradient path).
+        direction: The combined gradient itself, shaped like one row of ``StepInputs.gradients``
+            (RotoGrad's ``dz``, PCGrad's projected sum). Overrides ``weights``.
+        objective: A scalar whose backward gives the strategy's own parameters their gradients
+            (RotoGrad's rotation objective, GradNorm's weight objective). It must not reach the model.
+    """
+
+    weights: Tensor | None = None
+    direction: Tensor | None = None
+    objective: Tensor | None = None
