@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mtlzoo.errors import BackwardOrderError, ShapeMismatchError
 from mtlzoo.linalg import compute_dtype, gramian, row_norms
@@ -168,39 +169,78 @@ def representation_gradients(grads: Sequence[Tensor]) -> Tensor:
     return torch.cat(list(grads), dim=1)
 
 
+JACOBIAN_CHUNK_SIZE: int | None = None
+"""Tasks per vmapped backward of :func:`parameter_jacobian` when the call does not say: ``None``
+batches all K tasks in one backward, ``1`` is the loop (one backward per task), anything between
+bounds the memory of the batched backward to ``chunk_size`` copies of the backbone's gradients."""
+
+_VMAP_FAILED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""Backbones (keyed by their first shared parameter) on which vmap failed once: they take the loop."""
+
+
 def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
-                       batched: bool = True, retain_graph: bool = True) -> Tensor:
+                       batched: bool = True, retain_graph: bool = True, chunk_size: int | None = None) -> Tensor:
     """The K x n Jacobian of the losses w.r.t. ``params``, from ``G = dL/dz`` by the chain rule.
 
     Row k is ``sum_r (dz_r/dθ)^T G_r[k]`` over the forwards ``r``, flattened and concatenated over
-    ``params`` in order; a parameter that no task reaches gives zero columns.
+    ``params`` in order; a parameter that no task reaches gives zero columns, and a parameter that
+    task k does not reach zeros in row k.
+
+    The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as
+    ``ceil(K / chunk_size)`` of them. Where vmap cannot batch an operation of the backbone (a
+    custom ``autograd.Function`` without a vmap rule, an ``.item()`` in a backward, memory), the
+    per-task loop runs instead and is remembered for those parameters, with one warning.
 
     Args:
         zs: The backbone output(s) the heads' leaves were detached from.
         grads: ``G`` per output, each of shape ``(K, *z.shape)``.
         params: The shared parameters θ.
-        batched: One vmapped backward (``is_grads_batched``); ``False`` loops over tasks. If vmap
-            cannot batch an operation of the backbone, the loop runs instead, with a warning.
+        batched: ``False`` is ``chunk_size=1``: one backward per task.
         retain_graph: Keep the backbone's graph (the step's final backward still needs it).
+        chunk_size: Tasks per vmapped backward: ``None`` takes :data:`JACOBIAN_CHUNK_SIZE` (all
+            K at once unless set), ``1`` is the loop.
     """
     zs = [zs] if isinstance(zs, Tensor) else list(zs)
     grads = [grads] if isinstance(grads, Tensor) else list(grads)
     params = list(params)
     num_tasks = grads[0].shape[0]
-    if batched:
-        try:
-            rows = torch.autograd.grad(zs, params, grad_outputs=grads, retain_graph=True, is_grads_batched=True,
-                                       allow_unused=True)
-        except RuntimeError as error:
-            warnings.warn(f"Batched Jacobian failed ({error}); falling back to one backward per task.",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            return _flatten_rows(rows, params, num_tasks)
-    per_task = [torch.autograd.grad(zs, params, grad_outputs=[g[k] for g in grads], retain_graph=True,
-                                    allow_unused=True) for k in range(num_tasks)]
-    rows = [None if all(g is None for g in col) else torch.stack(
-        [torch.zeros_like(p) if g is None else g for g in col]) for col, p in zip(zip(*per_task), params)]
-    return _flatten_rows(rows, params, num_tasks)
+    chunk = JACOBIAN_CHUNK_SIZE if chunk_size is None else chunk_size
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"Parameter `chunk_size` should be a positive int or None. Found `chunk_size = {chunk!r}`.")
+    chunk = num_tasks if chunk is None else min(chunk, num_tasks)
+    key = params[0] if params else None
+    if not batched or (key is not None and key in _VMAP_FAILED):
+        chunk = 1
+    pieces: list[Tensor] = []
+    for first in range(0, num_tasks, max(chunk, 1)):
+        count = min(chunk, num_tasks - first)
+        if count > 1:
+            try:
+                rows = torch.autograd.grad(zs, params, grad_outputs=[g[first:first + count] for g in grads],
+                                           retain_graph=True, is_grads_batched=True, allow_unused=True)
+            except (RuntimeError, NotImplementedError) as error:
+                _remember_vmap_failure(key, error)
+                chunk = 1
+            else:
+                pieces.append(_flatten_rows(rows, params, count))
+                continue
+        for task in range(first, num_tasks if chunk == 1 else first + count):
+            row = torch.autograd.grad(zs, params, grad_outputs=[g[task] for g in grads], retain_graph=True,
+                                      allow_unused=True)
+            pieces.append(_flatten_rows([None if g is None else g.unsqueeze(0) for g in row], params, 1))
+        if chunk == 1:
+            break
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _remember_vmap_failure(key: Tensor | None, error: BaseException) -> None:
+    """Warn once per backbone that vmap could not batch its backward, and send it to the loop from now on."""
+    if key is not None:
+        _VMAP_FAILED[key] = str(error)
+    warnings.warn(f"The batched (vmapped) Jacobian failed on this backbone ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0] if str(error) else ''}); the Jacobian is computed with one backward "
+                  "per task from now on (same values, K backwards). Said once per backbone.",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _flatten_rows(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_tasks: int) -> Tensor:

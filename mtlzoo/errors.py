@@ -65,3 +65,12 @@ class PluginWarning(UserWarning):
 
 class NonFiniteGradientError(MTLZooError, FloatingPointError):
     """Finite losses whose gradients, or a strategy's update from them, are not finite (nothing was applied)."""
+
+
+class SolverError(MTLZooError, RuntimeError):
+    """An optimisation problem of a strategy that its solver could not solve (the message says which and why)."""
+
+
+class SolverWarning(RuntimeWarning):
+    """A strategy whose problem has no solution for this input (Nash-MTL on a zero gradient), or whose solver
+    stopped early; the strategy's docstring says what it returns then."""

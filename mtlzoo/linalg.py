@@ -32,3 +32,44 @@ def gramian(matrix: Tensor) -> Tensor:
 def tiny(dtype: torch.dtype) -> float:
     """The smallest positive normal number of ``dtype``: a divisor guard that is never 0 in that dtype."""
     return torch.finfo(dtype).tiny
+
+
+def flat_rows(matrix: Tensor) -> Tensor:
+    """A (K, ...) tensor as a (K, n) matrix, one flattened row per task."""
+    return matrix.reshape(matrix.shape[0], -1)
+
+
+def gramian_norms(gramian: Tensor) -> Tensor:
+    """The row norms ``||g_k|| = sqrt(G_kk)`` read from a Gramian (negative rounding clamped to 0)."""
+    return gramian.diagonal().clamp_min(0).sqrt()
+
+
+def normalize_gramian(gramian: Tensor, norm: str = "trace") -> Tensor:
+    """The Gramian of the rows scaled to unit size, so that weights read from it do not depend on scale.
+
+    ``norm="trace"`` divides by ``tr(G) = ||J||_F^2`` (the Gramian of the Frobenius-normalised
+    matrix); ``norm="frobenius"`` divides by ``||G||_F`` (Nash-MTL's normalisation). A Gramian of
+    size 0 (all rows zero) is returned as zeros, without dividing by 0 and without a threshold that
+    would treat small gradients as zero. No host synchronisation.
+    """
+    if norm == "trace":
+        size = gramian.diagonal().sum()
+    elif norm == "frobenius":
+        size = torch.linalg.matrix_norm(gramian)
+    else:
+        raise ValueError(f"Parameter `norm` should be 'trace' or 'frobenius'. Found `norm = {norm!r}`.")
+    positive = size > 0
+    return torch.where(positive, gramian / torch.where(positive, size, torch.ones_like(size)),
+                       torch.zeros_like(gramian))
+
+
+def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
+    """``G + eps I``: positive definite for ``eps > 0`` whatever the rounding in ``G`` (apply after normalising)."""
+    if eps == 0:
+        return gramian
+    return gramian + eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry is finite (one host synchronisation)."""
+    return bool(tensor.isfinite().all())

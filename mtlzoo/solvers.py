@@ -1,0 +1,193 @@
+r"""The small optimisation problems that two or more strategies share, solved exactly.
+
+Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients (the rows of
+``J``), never on the gradients themselves, so they cost ``O(K^3)`` whatever the number of
+parameters. They run on the host, in float64, with numpy only (an active-set method each: exact
+up to rounding, no iteration count to tune, no tolerance that depends on the gradients' scale);
+the answer comes back as a tensor of the Gramian's dtype and device. A one-off problem of a
+single strategy stays in that strategy's module.
+
+- :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
+  ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
+- :func:`project_to_dual_cone`: the projection of ``J^T u`` onto the dual cone
+  ``{d : J d >= 0}``, through its dual ``min_{v >= u} v^T G v`` (UPGrad, DualProj).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtlzoo.errors import NonFiniteGradientError, SolverError
+
+_EPS = float(np.finfo(np.float64).eps)
+
+
+def _host(gramian: Tensor, what: str) -> np.ndarray:
+    """The Gramian as a float64 numpy array, checked square and finite, scaled to unit trace."""
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
+                         f"{tuple(gramian.shape)}`.")
+    array = gramian.detach().to("cpu", torch.float64).numpy()
+    if not np.isfinite(array).all():
+        raise NonFiniteGradientError(f"{what}: the Gramian of the task gradients has non-finite entries.")
+    array = (array + array.T) / 2
+    trace = float(np.trace(array))
+    return array / trace if trace > 0 else np.zeros_like(array)
+
+
+def _solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """A least-squares, minimum-norm solution of a small (possibly singular) symmetric system."""
+    return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+
+
+def min_norm_simplex(gramian: Tensor) -> Tensor:
+    r"""Weights ``w`` of the minimum-norm point of the convex hull of the rows: ``min_{w >= 0, 1^T w = 1} w^T G w``.
+
+    Wolfe's algorithm ("Finding the nearest point in a polytope", Math. Programming 1976) on the
+    Gramian: a corral of affinely independent rows grows by the row that most decreases the
+    norm and shrinks along the segment to its affine minimiser until that minimiser lies in
+    the hull. It stops when no row ``p_j`` satisfies ``x . p_j < ||x||^2`` (up to rounding), which
+    is the optimality condition, so the point ``x = J^T w`` is exact. It is unique; ``w`` is
+    unique when the rows are affinely independent, and otherwise one of the optimal weightings.
+
+    Args:
+        gramian: ``G = J J^T``, K x K, symmetric positive semi-definite.
+
+    Returns:
+        The K weights (non-negative, summing to 1), in the Gramian's dtype and device.
+
+    Raises:
+        NonFiniteGradientError: The Gramian is not finite.
+        SolverError: No convergence in ``50 K + 100`` corral changes (not observed; rounding only).
+    """
+    matrix = _host(gramian, "min_norm_simplex")
+    size = matrix.shape[0]
+    weights = np.zeros(size)
+    if size == 0:
+        return torch.zeros(0, dtype=gramian.dtype, device=gramian.device)
+    diagonal = np.diag(matrix)
+    start = int(np.argmin(diagonal))
+    corral = [start]
+    weights[start] = 1.0
+    tolerance = 1e-12 * max(float(diagonal.max()), _EPS)
+    for _ in range(50 * size + 100):
+        products = matrix @ weights
+        norm = float(weights @ products)
+        candidate = int(np.argmin(products))
+        if products[candidate] >= norm - tolerance or candidate in corral:
+            break
+        corral.append(candidate)
+        if not _minor_cycle(matrix, weights, corral):
+            break  # the new row is affinely dependent on the corral up to rounding: optimal
+    else:
+        raise SolverError(f"min_norm_simplex did not converge on a {size} x {size} Gramian.")
+    weights = np.clip(weights, 0.0, None)
+    weights /= weights.sum()
+    return torch.as_tensor(weights, dtype=gramian.dtype, device=gramian.device)
+
+
+def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
+    """Wolfe's minor cycle, in place: move ``weights`` towards the corral's affine minimiser, dropping
+    the rows whose weight reaches 0, until that minimiser lies in the corral's hull.
+
+    Returns ``False`` (and drops the row just added) when that row cannot enter: rounding only.
+    """
+    while True:
+        count = len(corral)
+        system = np.block([[matrix[np.ix_(corral, corral)], np.ones((count, 1))],
+                           [np.ones((1, count)), np.zeros((1, 1))]])
+        affine = _solve(system, np.r_[np.zeros(count), 1.0])[:count]
+        current = weights[corral]
+        if (affine > _EPS).all():
+            weights[:] = 0.0
+            weights[corral] = affine
+            return True
+        if current[-1] <= 0 and affine[-1] <= _EPS:
+            corral.pop()
+            return False
+        falling = (affine <= _EPS) & (current > affine)
+        ratios = np.where(falling, current / np.where(falling, current - affine, 1.0), np.inf)
+        blocking = int(np.argmin(ratios))
+        moved = current + min(float(ratios[blocking]), 1.0) * (affine - current)
+        moved[blocking] = 0.0
+        keep = moved > _EPS
+        weights[:] = 0.0
+        weights[np.asarray(corral)[keep]] = moved[keep]
+        corral[:] = [index for index, kept in zip(corral, keep) if kept]
+        if len(corral) == 1:
+            weights[corral] = 1.0
+            return True
+
+
+def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    r"""``argmin_{x >= 0} 1/2 x^T H x - f^T x`` for a positive semi-definite H, by Lawson and Hanson's
+    active-set method on the normal equations (``H = A^T A``, ``f = A^T b``: non-negative least squares).
+
+    Each inner step moves from the current point by the minimum-norm step to the minimiser on
+    the passive set, so a newly freed coordinate always grows, also when H is singular.
+    """
+    size = hessian.shape[0]
+    x = np.zeros(size)
+    passive = np.zeros(size, dtype=bool)
+    scale = max(float(np.abs(hessian).max(initial=0.0)), float(np.abs(linear).max(initial=0.0)), _EPS)
+    tolerance = 1e-12 * scale
+    for _ in range(10 * size + 50):
+        gradient = linear - hessian @ x
+        free = np.where(passive, -np.inf, gradient)
+        candidate = int(np.argmax(free))
+        if passive.all() or free[candidate] <= tolerance:
+            return x
+        passive[candidate] = True
+        for _ in range(size + 1):
+            index = np.flatnonzero(passive)
+            residual = linear[index] - hessian[np.ix_(index, index)] @ x[index]
+            target = x[index] + _solve(hessian[np.ix_(index, index)], residual)
+            if (target > 0).all():
+                x[:] = 0.0
+                x[index] = target
+                break
+            current = x[index]
+            falling = target <= 0
+            ratios = np.where(falling, current / np.where(falling, current - target, 1.0), np.inf)
+            blocking = int(np.argmin(ratios))
+            moved = current + float(ratios[blocking]) * (target - current)
+            moved[blocking] = 0.0
+            moved[moved < 0] = 0.0
+            x[:] = 0.0
+            x[index] = moved
+            passive[index] = moved > 0
+            if not passive.any():
+                break
+    raise SolverError(f"The non-negative quadratic problem of size {size} did not converge.")
+
+
+def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
+    r"""Weights ``v`` with ``J^T v`` the projection of ``J^T u`` onto the dual cone ``{d : J d >= 0}``.
+
+    By duality (Quinton & Rey, "Jacobian descent for multi-objective optimization", Prop. 1),
+    ``v = argmin_{v >= u} v^T G v``: with ``x = v - u >= 0`` a non-negative quadratic problem,
+    solved exactly by an active-set method (Lawson and Hanson's). The projection ``J^T v`` is
+    unique; ``v`` is unique when ``G`` is non-singular. At the solution ``G v >= 0`` (``J^T v``
+    conflicts with no row) with equality wherever ``v_k > u_k``.
+
+    Args:
+        weights: ``u``, shape ``(..., K)``: one problem per vector (UPGrad projects every ``e_k / K``).
+        gramian: ``G = J J^T``, K x K, symmetric positive semi-definite.
+
+    Returns:
+        ``v``, shaped like ``weights``, in the Gramian's dtype and device.
+
+    Raises:
+        NonFiniteGradientError: The Gramian is not finite.
+        SolverError: The active-set method did not converge (not observed; rounding only).
+    """
+    matrix = _host(gramian, "project_to_dual_cone")
+    if weights.shape[-1:] != gramian.shape[:1]:
+        raise ValueError(f"Parameter `weights` should end with the Gramian's size {gramian.shape[0]}. Found "
+                         f"`weights.shape = {tuple(weights.shape)}`.")
+    targets = weights.detach().to("cpu", torch.float64).numpy().reshape(-1, matrix.shape[0])
+    solutions = np.stack([u + _nonnegative_quadratic(matrix, -matrix @ u) for u in targets]) \
+        if targets.shape[0] else targets
+    return torch.as_tensor(solutions.reshape(weights.shape), dtype=gramian.dtype, device=gramian.device)

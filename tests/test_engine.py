@@ -1,0 +1,133 @@
+"""The Jacobian engine (issue 9): batched, chunked and looped Jacobians agree; vmap's fallback.
+
+Reference: the per-task loop of plain ``torch.autograd.grad`` calls, one per task, which is the
+definition of the Jacobian's rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mtlzoo import autograd as engine
+from mtlzoo.autograd import parameter_jacobian
+
+
+class SplitBackbone(nn.Module):
+    """Convolutions, batch-norm, dropout; ``z = [a(x), b(x)]`` and an unused parameter.
+
+    Task 0 reads only the first half of ``z``, so it does not reach ``b``'s parameters: zeros in its row.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3),
+                               nn.Conv2d(4, 3, 3, stride=2), nn.Flatten())
+        self.b = nn.Sequential(nn.Conv2d(2, 3, 5), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten())
+        self.unused = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+def representation_gradients(z: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """Per-task dL_k/dz of fixed quadratic losses; task 0 sees only the first half of z."""
+    generator = torch.Generator().manual_seed(3)
+    grads = torch.randn(num_tasks, *z.shape, generator=generator)
+    grads[0, :, z.shape[1] // 2:] = 0
+    return grads
+
+
+def looped_reference(z: torch.Tensor, grads: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    for grad in grads:
+        parts = torch.autograd.grad(z, params, grad, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel()) if g is None else g.flatten() for g, p in zip(parts, params)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 4, 9])
+def test_batched_chunked_and_looped_jacobians_equal_the_per_task_loop(mode: str, chunk_size: int | None) -> None:
+    """Convolutions, batch-norm in train and eval mode, dropout under a fixed seed, an unreached half and an
+    unused parameter: every chunking gives the per-task loop's rows, zeros where a task does not reach."""
+    torch.manual_seed(0)
+    backbone = SplitBackbone().train(mode == "train")
+    z = backbone(torch.randn(6, 2, 7, 7))
+    params = list(backbone.parameters())
+    grads = representation_gradients(z, num_tasks=5)
+    expected = looped_reference(z, grads, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback on these operations
+        actual = parameter_jacobian(z, grads, params, chunk_size=chunk_size)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    offsets, columns = 0, {}
+    for name, param in backbone.named_parameters():
+        part = name.split(".")[0]
+        columns[part] = columns.get(part, []) + list(range(offsets, offsets + param.numel()))
+        offsets += param.numel()
+    b_columns, unused = columns["b"], columns["unused"]
+    assert actual[0, b_columns].abs().max() == 0 and actual[1, b_columns].abs().max() > 0
+    assert actual[:, unused].abs().max() == 0 and actual[0, columns["a"]].abs().max() > 0
+
+def test_the_module_default_chunk_size_applies_and_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    z = backbone(torch.randn(5, 4))
+    grads = torch.randn(7, 5, 3)
+    params = list(backbone.parameters())
+    calls: list[bool] = []
+    original = torch.autograd.grad
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(bool(kwargs.get("is_grads_batched")))
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine, "JACOBIAN_CHUNK_SIZE", 3)
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    actual = parameter_jacobian(z, grads, params)
+    assert calls == [True, True, False]  # 3 + 3 batched, the last task alone
+    torch.testing.assert_close(actual, looped_reference(z, grads, params))
+    with pytest.raises(ValueError, match="chunk_size"):
+        parameter_jacobian(z, grads, params, chunk_size=0)
+
+
+class ItemInBackward(torch.autograd.Function):
+    """Doubles its input; its backward calls ``.item()``, which vmap cannot batch."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * (2.0 if grad.sum().item() == grad.sum().item() else 0.0)
+
+
+class Unbatchable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ItemInBackward.apply(self.linear(x))
+
+
+def test_vmap_failure_falls_back_to_the_loop_with_one_warning() -> None:
+    """A backward that vmap cannot batch: the same Jacobian by the loop, a warning the first time only."""
+    torch.manual_seed(0)
+    backbone = Unbatchable()
+    params = list(backbone.parameters())
+    grads = torch.randn(3, 5, 3)
+    z = backbone(torch.randn(5, 4))
+    with pytest.warns(RuntimeWarning, match="batched .vmapped. Jacobian failed.*Said once per backbone"):
+        first = parameter_jacobian(z, grads, params)
+    torch.testing.assert_close(first, looped_reference(z, grads, params))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params)
+    assert second.shape == first.shape
+    assert params[0] in engine._VMAP_FAILED
