@@ -254,6 +254,10 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
                scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
 
+    Norms on named parameters (GradNorm's layer) come from :func:`layer_norms`, without the
+    Jacobian where the layer is the linear map that produces ``z``; an empty ``request.parameters``
+    tuple names the last shared layer (:func:`last_layer_parameters`).
+
     Returns:
         The representation gradients (K' x ...), unscaled, and the Jacobian if one was formed.
     """
@@ -261,6 +265,12 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     dtype = compute_dtype(rep.dtype)
     rep = rep.to(dtype) if scale is None else rep.to(dtype) / scale.to(dtype)
     matrix, jacobian = rep, None
+    if request.where == "parameters" and request.statistic == "norms":
+        zs = [record.z for record in heads.records]
+        params = list(shared) if request.parameters != () else last_layer_parameters(zs[0])
+        norms = layer_norms(zs, heads.grads, params, dtype=dtype)
+        inputs.norms = norms if scale is None else norms / scale.to(dtype)
+        return rep, None
     if request.where == "parameters":
         zs = [record.z for record in heads.records]
         jacobian = parameter_jacobian(zs, heads.grads, shared).to(dtype)
@@ -272,6 +282,147 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     else:
         inputs.norms = row_norms(matrix)
     return rep, jacobian
+
+
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+"""Autograd nodes of reshapes that ``nn.Linear`` puts around its product for inputs of more than 2 dimensions."""
+_PASS_THROUGH = frozenset({"TBackward0", "ToCopyBackward0"})
+"""Autograd nodes between a parameter and the product that reads it (``W^T``; autocast's cast of ``W``)."""
+
+
+def _parameter_behind(node: object) -> Tensor | None:
+    """The leaf tensor (a parameter) that ``node`` leads to through transposes and casts, or ``None``."""
+    while node is not None:
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            return variable
+        if type(node).__name__ not in _PASS_THROUGH or len(node.next_functions) != 1:  # type: ignore[attr-defined]
+            return None
+        node = node.next_functions[0][0]  # type: ignore[attr-defined]
+    return None
+
+
+@dataclass
+class LinearOutput:
+    """The linear map that produces ``z`` (``z = h W^T + b``, reshaped): its input ``h`` (N x m) and parameters."""
+
+    input: Tensor
+    weight: Tensor | None
+    bias: Tensor | None
+
+
+def linear_output(z: Tensor) -> LinearOutput | None:
+    """Recognise ``z = h W^T + b`` (``nn.Linear``, ``F.linear``, also under autocast) from the graph of ``z``.
+
+    Reads ``h`` from the tensors autograd saved for the product, so no forward hook and no extra
+    pass is needed. Returns ``None`` when the operation that produces ``z`` is anything else.
+    """
+    node = z.grad_fn
+    while node is not None and type(node).__name__ in _VIEWS and len(node.next_functions) == 1:
+        node = node.next_functions[0][0]
+    name = type(node).__name__
+    try:
+        if name == "AddmmBackward0":
+            if float(node._saved_alpha) != 1 or float(node._saved_beta) != 1:  # type: ignore[union-attr]
+                return None
+            bias_node, _, weight_node = (edge[0] for edge in node.next_functions)  # type: ignore[union-attr]
+            weight = _parameter_behind(weight_node)
+            layer_input = node._saved_mat1 if weight is not None else None  # type: ignore[union-attr]
+            bias = _parameter_behind(bias_node)
+        elif name == "MmBackward0":
+            weight = _parameter_behind(node.next_functions[1][0])  # type: ignore[union-attr]
+            layer_input = node._saved_self if weight is not None else None  # type: ignore[union-attr]
+            bias = None
+        else:
+            return None
+    except RuntimeError:  # saved tensors already freed
+        return None
+    if layer_input is None or layer_input.dim() != 2:
+        return None
+    width = z.shape[-1] if z.dim() else 0
+    if layer_input.shape[0] * width != z.numel():
+        return None
+    if weight is not None and weight.numel() != layer_input.shape[1] * width:
+        return None
+    if bias is not None and bias.numel() != width:
+        return None
+    return LinearOutput(layer_input, weight, bias)
+
+
+def last_layer_parameters(z: Tensor) -> list[Tensor]:
+    """The weights of the last shared layer: the trainable parameters read by the operation nearest ``z``.
+
+    Walks the graph of ``z`` back from its last operation, breadth first, to the first one that reads
+    trainable parameters directly (through a transpose or autocast's cast); of those, the ones of two
+    or more dimensions (the layer's weights, as GradNorm reads ``W``), or all of them if none has.
+
+    Raises:
+        ShapeMismatchError: ``z`` depends on no trainable parameter.
+    """
+    frontier = [z.grad_fn] if z.grad_fn is not None else []
+    seen: set[int] = set()
+    while frontier:
+        following = []
+        for node in frontier:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            params = [p for p in (_parameter_behind(edge[0]) for edge in node.next_functions) if p is not None]
+            if params:
+                weights = [p for p in params if p.dim() >= 2]
+                return weights or params
+            following += [edge[0] for edge in node.next_functions if edge[0] is not None]
+        frontier = following
+    raise ShapeMismatchError("The backbone output depends on no trainable parameter, so there is no last shared "
+                             "layer to read gradient norms on.")
+
+
+def layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], *,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    """The K norms ``||dL_k/dθ||`` on the parameters ``params`` of one layer, from ``G = dL/dz``.
+
+    When ``z`` is produced by the linear map of those parameters (``z = h W^T + b``, see
+    :func:`linear_output`), ``dL_k/dW = G_k^T h`` and ``dL_k/db = sum_n G_k[n]``: no backward at all,
+    one (K d) x N x m product. Otherwise (a convolution, a layer below the last one) the rows of the
+    Jacobian restricted to ``params`` (:func:`parameter_jacobian`: one vmapped backward through that
+    layer and those above it only).
+
+    A weight that the backbone also reads before its last layer (tied weights) gets, on the linear
+    route, only the gradient of its last use.
+
+    Args:
+        zs: The backbone output(s) of the step's forwards.
+        grads: ``G`` per output, each ``(K, *z.shape)`` (as scaled as the losses were).
+        params: The layer's parameters.
+        dtype: The dtype to compute the norms in.
+    """
+    with torch.no_grad():
+        return _layer_norms(zs, grads, params, dtype)
+
+
+def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], dtype: torch.dtype
+                 ) -> Tensor:
+    wanted = {id(p) for p in params}
+    layers = [linear_output(z) for z in zs]
+    if wanted and all(layer is not None for layer in layers):
+        roles = {id(layer.weight): "weight" for layer in layers if layer.weight is not None}  # type: ignore[union-attr]
+        roles.update({id(layer.bias): "bias" for layer in layers if layer.bias is not None})  # type: ignore[union-attr]
+        same_layer = len({id(layer.weight) for layer in layers}) == 1  # type: ignore[union-attr]
+        if same_layer and wanted <= set(roles):
+            num_tasks = grads[0].shape[0]
+            flat = [g.reshape(num_tasks, -1, g.shape[-1]).to(dtype) for g in grads]
+            pieces = []
+            if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
+                # h^T G_k, the transpose of dL_k/dW, for the K tasks in one batched product
+                products = [torch.matmul(layer.input.to(dtype).T.contiguous(), g)  # type: ignore[union-attr]
+                            for g, layer in zip(flat, layers)]
+                pieces.append(torch.stack(products).sum(0) if len(products) > 1 else products[0])
+            if layers[0].bias is not None and id(layers[0].bias) in wanted:  # type: ignore[union-attr]
+                pieces.append(torch.stack([g.sum(1) for g in flat]).sum(0))
+            if len(pieces) == 1:
+                return row_norms(pieces[0])
+            return row_norms(torch.cat([piece.reshape(num_tasks, -1) for piece in pieces], dim=1))
+    return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype))
 
 
 def shared_update(update: Update, rep: Tensor, request: Request) -> tuple[Tensor | None, Tensor | None]:

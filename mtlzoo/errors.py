@@ -67,6 +67,27 @@ class NonFiniteGradientError(MTLZooError, FloatingPointError):
     """Finite losses whose gradients, or a strategy's update from them, are not finite (nothing was applied)."""
 
 
+class NonPositiveLossError(MTLZooError, ValueError):
+    """A loss <= 0 given to a method that takes its log, a ratio or a product of losses (SI, GLS, DWA, FAMO,
+    STCH); the message names the method and the task, and the strategy's state is left unchanged."""
+
+
+class CheckpointMismatchError(MTLZooError, ValueError):
+    """A checkpoint saved with other strategy settings than the strategy it is loaded into (nothing is loaded)."""
+
+
+class UnknownProblemError(MTLZooError, KeyError):
+    """A comparison problem name that no registered problem has (the message lists close matches)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ComparisonError(MTLZooError, ValueError):
+    """A comparison that cannot run as asked (the message names the strategy or problem and why); raised
+    before any training."""
+
+
 class SolverError(MTLZooError, RuntimeError):
     """An optimisation problem of a strategy that its solver could not solve (the message says which and why)."""
 

@@ -20,13 +20,14 @@ standalone, on a matrix, a strategy is advanced by calling ``advance()`` after e
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.errors import InvalidStrategyError
+from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
 from mtlzoo.protocol import Request, StepInputs, Update, Where
 
 Kind = Literal["weighting", "surgery"]
@@ -89,6 +90,11 @@ class StrategyInfo:
         stochastic: Whether a step draws random numbers (it is still deterministic given the seed).
         learnable: Whether the strategy owns parameters that belong in an optimizer.
         adapts_representation: Whether ``adapt`` transforms ``z`` per task (the RotoGrad family).
+        optimizer: The ``torch.optim`` class name (``"adam"``, ``"sgd"``, case-insensitive) that trains the
+            strategy's own parameters by default in ``mtlzoo compare`` (a problem or a run may override it);
+            ``None`` when it has none to train.
+        lr: The learning rate of that optimizer.
+        default_comparison: Whether ``mtlzoo compare`` runs the strategy when no strategies are named.
     """
 
     name: str
@@ -102,6 +108,9 @@ class StrategyInfo:
     learnable: bool = False
     adapts_representation: bool = False
     needs: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    default_comparison: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -122,6 +131,12 @@ class StrategyInfo:
         if unknown:
             raise ValueError(f"Parameter `properties` should hold names from {sorted(PROPERTIES)}. Found {unknown}.")
         object.__setattr__(self, "properties", frozenset(self.properties))
+        if self.optimizer is not None and not (isinstance(self.optimizer, str) and self.optimizer.strip()):
+            raise ValueError(f"Parameter `optimizer` should be a torch.optim class name. Found `optimizer = "
+                             f"{self.optimizer!r}`.")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not 0 <= self.lr < float("inf")):
+            raise ValueError(f"Parameter `lr` should be a finite number >= 0. Found `lr = {self.lr!r}`.")
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
@@ -267,26 +282,24 @@ class Strategy(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.load_extra_state(state["state"])
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
+    def check_settings(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
+        """Raise :class:`~mtlzoo.errors.CheckpointMismatchError` if the checkpoint's settings differ from this
+        strategy's (``unchecked_settings`` aside, such as an inferred shape)."""
         saved = state_dict.get(prefix + "_extra_state")
-        if isinstance(saved, dict) and "settings" in saved:
-            mine = _comparable(self.hparams)
-            differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
-                      for name in mine if name in saved["settings"] and name not in self.unchecked_settings
-                      and saved["settings"][name] != mine[name]]
-            if differ:
-                message = (f"The checkpoint's {type(self).__name__} was saved with other settings ("
-                           + "; ".join(differ) + "). Build the strategy with the checkpoint's settings.")
-                if strict:
-                    error_msgs.append(message)
-                    return
-                import warnings
+        if not isinstance(saved, dict) or "settings" not in saved:
+            return
+        mine = _comparable(self.hparams)
+        differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
+                  for name in mine if name in saved["settings"] and name not in self.unchecked_settings
+                  and saved["settings"][name] != mine[name]]
+        if differ:
+            raise CheckpointMismatchError(
+                f"The checkpoint's {type(self).__name__} was saved with other settings (" + "; ".join(differ)
+                + "). Build the strategy with the checkpoint's settings; nothing was loaded.")
 
-                warnings.warn(message, RuntimeWarning, stacklevel=4)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        self.check_settings(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in {"num_tasks": self.num_tasks, **self.hparams}.items())
@@ -343,8 +356,15 @@ class WeightingStrategy(Strategy):
         return self.task_weights_for(inputs.losses, inputs.tasks)
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        """The weights of the present tasks ``tasks`` (all K by default: override for K-sized state)."""
-        return self.weights(losses)
+        """The weights of the present tasks ``tasks``, from their losses.
+
+        By default :meth:`weights` of the present losses, indexed by ``tasks`` when it returns all K
+        (a weighting whose weights are per-task state rather than a function of the losses).
+        """
+        weights = self.weights(losses)
+        if weights.shape[0] == self.num_tasks and losses.shape[0] != self.num_tasks:
+            return weights[tasks]
+        return weights
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         if not any(p.requires_grad for p in self.parameters()):

@@ -323,8 +323,8 @@ class MTLWrapper(nn.Module):
         strategy = self.strategy
         inputs = StepInputs(step_losses.values.detach().float(), step_losses.tasks, len(self),
                             micro_batch=strategy.micro_batch)
-        try:
-            with parametrize.cached():
+        try:  # the strategy's maths in full precision, whatever the autocast context
+            with parametrize.cached(), torch.autocast(step_losses.values.device.type, enabled=False):
                 self._backward(step_losses, inputs, backbone_loss, scale, retain_graph)
         except BaseException:
             if strategy.micro_batch == 0:
@@ -477,6 +477,15 @@ class MTLWrapper(nn.Module):
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``, after checking the strategy's settings against the checkpoint's.
+
+        Raises:
+            CheckpointMismatchError: The checkpoint was saved with other strategy settings (nothing is loaded).
+        """
+        self.strategy.check_settings(state_dict, prefix="strategy.")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -49,13 +49,18 @@ def optimizer_for(mtl: mtlzoo.MTLWrapper) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=0.01)
 
 
-def train_steps(mtl: mtlzoo.MTLWrapper, optimizer: torch.optim.Optimizer, steps: int, first_seed: int = 0) -> None:
+def train_steps(mtl: mtlzoo.MTLWrapper, optimizer: torch.optim.Optimizer, steps: int, first_seed: int = 0, *,
+                backbone_loss: bool = False, epoch_every: int | None = None) -> None:
+    """The documented loop: post-step losses for the strategies that read them, an epoch every few steps."""
     for step in range(steps):
         x, targets = batch(len(mtl), seed=first_seed + step)
         optimizer.zero_grad()
         with mtlzoo.cached():
-            mtl.backward(mse_losses(mtl(x), targets))
-        mtl.step(optimizer)
+            extra = 1e-3 * sum(p.pow(2).sum() for p in mtl.backbone.parameters()) if backbone_loss else None
+            mtl.backward(mse_losses(mtl(x), targets), backbone_loss=extra)
+        mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets: mse_losses(mtl(x), targets))
+        if epoch_every and (step + 1) % epoch_every == 0:
+            mtl.end_epoch()
 
 
 def assert_same_state(expected: dict[str, Any], actual: dict[str, Any]) -> None:

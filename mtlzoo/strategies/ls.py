@@ -33,6 +33,7 @@ class LinearScalarization(WeightingStrategy):
         kind="weighting",
         summary="Fixed weighted sum of the task losses (all ones by default).",
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        default_comparison=True,
     )
     """Permutation invariance holds for equal weights only; :attr:`properties` says so per instance."""
 

@@ -79,6 +79,11 @@ LARGE_ROTATION = 1024
 """A lazily inferred rotation size above which a warning suggests ``post_shape``."""
 
 
+def _full_precision(device: Any) -> Any:
+    """Autocast off: rotations are computed in their own (float32) precision whatever the context."""
+    return torch.autocast(torch.device(device or "cpu").type, enabled=False)
+
+
 class TaskRotation(nn.Module):
     """Task k's rotation of a representation, as ``mtl[k]`` owns it (shared with the strategy)."""
 
@@ -88,7 +93,8 @@ class TaskRotation(nn.Module):
         self.post_dims = post_dims
 
     def forward(self, z: Tensor) -> Tensor:
-        matrix = self.rotation.weight
+        with _full_precision(z.device):
+            matrix = self.rotation.weight
         return rotate(z, matrix, matrix.shape[-1], math.prod(z.shape[z.dim() - self.post_dims:]))
 
 
@@ -135,6 +141,9 @@ class RotateOnly(GradientSurgery):
         paper=ROTOGRAD_PAPER,
         learnable=True,
         adapts_representation=True,
+        optimizer="adam",
+        lr=1e-4,
+        default_comparison=True,
     )
     supported_targets: tuple[Target, ...] = ("representation",)
     unchecked_settings = ("rotation_shape", "rotation_init")
@@ -186,8 +195,9 @@ class RotateOnly(GradientSurgery):
     # -------------------------------------------------------------- rotations
     def _materialize(self, size: int, *, init: RotationInit, device: Any = None, dtype: Any = None) -> None:
         dtype = None if dtype is None else compute_dtype(dtype)
-        self.bank = RotationBank(self.num_tasks, size, orthogonal_map=self.orthogonal_map, init=init,
-                                 device=device, dtype=dtype)
+        with _full_precision(device):
+            self.bank = RotationBank(self.num_tasks, size, orthogonal_map=self.orthogonal_map, init=init,
+                                     device=device, dtype=dtype)
 
     def check_ready(self) -> None:
         if self.bank is None:
@@ -260,7 +270,9 @@ class RotateOnly(GradientSurgery):
     def adapt(self, z: Tensor, task: int) -> Tensor:
         size, post_numel = self._layout(z)
         assert self.bank is not None
-        return rotate(z, self.bank.matrix(task).detach(), size, post_numel)
+        with _full_precision(z.device):
+            matrix = self.bank.matrix(task).detach()
+        return rotate(z, matrix, size, post_numel)
 
     # ------------------------------------------------------------------ step
     def _is_reference_step(self) -> bool:
@@ -410,6 +422,9 @@ class RotoGrad(RotateOnly):
         paper=ROTOGRAD_PAPER,
         learnable=True,
         adapts_representation=True,
+        optimizer="adam",
+        lr=1e-4,
+        default_comparison=True,
     )
     running_buffers = ("initial_losses", "initial_grad_norms")
 
@@ -452,6 +467,9 @@ class RotoGradNorm(RotateOnly):
         paper=ROTOGRAD_PAPER,
         learnable=True,
         adapts_representation=True,
+        optimizer="adam",
+        lr=1e-4,
+        default_comparison=True,
     )
 
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *, alpha: float,

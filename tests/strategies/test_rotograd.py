@@ -5,6 +5,8 @@ Numerical parity with the original package is in test_rotograd_reference.py.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -225,3 +227,89 @@ def test_rotograd_norm_requires_a_valid_alpha() -> None:
         mtlzoo.create("rotograd_norm", num_tasks=2)
     with pytest.raises(ValueError, match="Parameter `alpha` should be"):
         mtlzoo.create("rotograd_norm", num_tasks=2, alpha=-1.0)
+
+
+def test_accumulation_counts_one_step_and_takes_references_from_the_first_micro_batch() -> None:
+    """Issue 6: two micro-batches count one step towards burn_in_period; references come from the first one.
+
+    Before the redesign the step counter advanced per backward and each micro-batch took its own reference."""
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd", rotation_shape=4, normalize_losses=True, burn_in_period=2)
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.01)
+    for step in range(4):
+        x, targets = batch(seed=step, size=16)
+        optimizer.zero_grad()
+        firsts = []
+        for half in (slice(0, 8), slice(8, 16)):
+            losses = mse_losses(mtl(x[half]), targets[:, half])
+            firsts.append(torch.stack(losses).detach())
+            mtl.backward(losses)
+        mtl.step(optimizer)
+        assert mtl.strategy.step == step + 1
+        if step in (0, 2):
+            reference = firsts[0]
+        torch.testing.assert_close(mtl.strategy.initial_losses, reference)
+
+
+def bf16_training(name: str, use_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), name, **({"alpha": 1.0} if name == "rotograd_norm" else {}))
+    x, targets = batch(size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        mtl(x)  # materialised under autocast
+    assert all(p.dtype == torch.float32 for p in mtl.strategy.parameters())
+    optimizer = torch.optim.Adam([{"params": list(mtl.model_parameters())},
+                                  {"params": mtl.strategy_parameters(), "lr": 0.01}], lr=0.01)
+
+    def losses() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            predictions = mtl(x)
+        return torch.stack([((p.float() - t) ** 2).mean() for p, t in zip(predictions, targets)])
+
+    with torch.no_grad():
+        before = losses()
+    for _ in range(30):
+        optimizer.zero_grad()
+        with mtlzoo.cached() if use_cache else contextlib.nullcontext():
+            mtl.backward(list(losses()))  # the backward outside autocast, as documented
+        mtl.step(optimizer)
+    with torch.no_grad():
+        return before, losses()
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("name", FAMILY)
+def test_bf16_autocast_training_lowers_every_loss(name: str, use_cache: bool) -> None:
+    """Issue 6: under bf16 autocast (backward outside it) RotoGrad failed with a dtype mismatch without
+    cached(), and a lazily shaped strategy created under autocast got bf16 rotations."""
+    before, after = bf16_training(name, use_cache)
+    assert bool((after < before).all()), (before.tolist(), after.tolist())
+
+
+def test_a_zero_task_gradient_in_half_precision_stays_finite() -> None:
+    """Issue 6: EPSILON = 1e-15 is 0 in fp16, so a zero task gradient became NaN."""
+    strategy = make("rotograd", num_tasks=2, rotation_shape=3)
+    grads = torch.zeros(2, 4, 3, dtype=torch.float16)
+    grads[0] = torch.randn(4, 3).half()
+    update = strategy.aggregate(grads, torch.ones(2))
+    assert torch.isfinite(update).all() and update.dtype == torch.float16
+    assert all(torch.isfinite(p.grad).all() for p in strategy.parameters() if p.grad is not None)
+
+
+def test_the_strategy_sees_unscaled_gradients_under_a_grad_scaler() -> None:
+    """Issue 6: with scaler=..., RotoGrad's reference norms and the model's unscaled gradients match a run without."""
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**20)):
+        torch.manual_seed(0)
+        mtl = mtlzoo.MTLWrapper(small_model(), "rotograd", rotation_shape=4)
+        optimizer = torch.optim.SGD(mtl.parameters(), lr=0.0)
+        x, targets = batch()
+        mtl.backward(mse_losses(mtl(x), targets), scaler=scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grads = [p.grad.clone() for p in mtl.parameters()]
+        mtl.step(optimizer, scaler=scaler)
+        results.append((mtl.strategy.initial_grad_norms.clone(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,270 @@
+"""The training-step protocol (issue 6): one definition of a weighting on every path, forwards as
+handles, absent tasks, gradients through autograd's accumulation, the step lifecycle.
+
+Each invariant here failed on the protocol before commit fa73643 (one record slot, state advanced
+in ``aggregate``, gradients written into ``.grad`` by hand, unweighted head gradients on the
+gradient paths); the docstrings say how.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import mtlzoo
+from mtlzoo.errors import BackwardOrderError
+from mtlzoo.protocol import Request
+from mtlzoo.strategy import GradientSurgery, StrategyInfo, WeightingStrategy
+from tests.helpers import batch, mse_losses, small_model
+
+PATHS = ["losses", "representation", "parameters"]
+
+
+class PathWeighting(WeightingStrategy):
+    """A weighting run on any path: fixed weights [1, 3], ``sum_k log L_k`` (w = 1/L), or UW's objective."""
+
+    info = StrategyInfo(name="test_path_weighting", kind="weighting", summary="weights on any path")
+
+    def __init__(self, num_tasks: int, where: str = "losses", rule: str = "fixed") -> None:
+        super().__init__(num_tasks)
+        self.where, self.rule = where, rule
+        if rule == "uncertainty":
+            self.log_variances = nn.Parameter(torch.tensor([0.3, -0.2, 0.1])[:num_tasks])
+
+    @property
+    def request(self) -> Request:
+        return Request(self.where)
+
+    def scalarize(self, losses: torch.Tensor) -> torch.Tensor:
+        if self.rule == "fixed":
+            return (torch.tensor([1.0, 3.0, 1.0])[: len(losses)] * losses).sum()
+        if self.rule == "log":
+            return losses.log().sum()
+        return (torch.exp(-self.log_variances) * losses + self.log_variances).sum()
+
+
+def expected_gradients(model: nn.Module, strategy: PathWeighting, x: torch.Tensor, targets: torch.Tensor
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The definition, by plain autograd: the model gets sum_k w_k dL_k/dθ with w = d total/dL held constant,
+    the strategy's parameters d total/ds with the losses held constant."""
+    losses = torch.stack(mse_losses(model(x), targets))
+    leaf = losses.detach().requires_grad_()
+    total = strategy.scalarize(leaf)
+    (weights,) = torch.autograd.grad(total, leaf, retain_graph=True)
+    model_grads = torch.autograd.grad((weights * losses).sum(), list(model.parameters()))
+    own = list(strategy.parameters())
+    own_grads = list(torch.autograd.grad(total, own)) if own else []
+    return list(model_grads), own_grads
+
+
+@pytest.mark.parametrize("rule", ["fixed", "log", "uncertainty"])
+@pytest.mark.parametrize("where", PATHS)
+def test_a_weighting_gives_the_same_gradients_on_every_path(rule: str, where: str) -> None:
+    """Before the redesign the heads got unweighted gradients on the gradient paths (w = [1, 3]: head 1 got
+    0.77 instead of 2.32) and `combine` differentiated through the weights."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch()
+    strategy = PathWeighting(3, where=where, rule=rule)
+    expected_model, expected_own = expected_gradients(copy.deepcopy(model), strategy, x, targets)
+    mtl = mtlzoo.MTLWrapper(model, strategy)
+    mtl.backward(mse_losses(mtl(x), targets))
+    for actual, expected in zip([p.grad for p in model.parameters()], expected_model):
+        torch.testing.assert_close(actual, expected)
+    for actual, expected in zip([p.grad for p in strategy.parameters()], expected_own):
+        torch.testing.assert_close(actual, expected)
+    if rule == "log":
+        losses = torch.stack(mse_losses(model(x), targets)).detach()
+        torch.testing.assert_close(strategy.weights(losses), 1 / losses)
+
+
+class SumSurgery(GradientSurgery):
+    """The plain sum of the task gradients, as a direction, on either target."""
+
+    info = StrategyInfo(name="test_sum_direction", kind="surgery", summary="sum",
+                        request=Request("representation"))
+
+    def aggregate(self, grads: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        return grads.sum(0)
+
+
+def plain_gradients(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(sum(mse_losses(model(x), targets)), list(model.parameters())))
+
+
+@pytest.mark.parametrize("strategy", ["ls", "rotate_only", "parameters"])
+def test_gradients_arrive_through_autograd_accumulation(strategy: str) -> None:
+    """Accumulation hooks fire once per parameter and backward, and a second backward adds (not overwrites).
+
+    The parameter path wrote its update into .grad by hand before (no hook fired; DDP failed)."""
+    torch.manual_seed(0)
+    model = small_model()
+    kwargs = {"rotation_shape": 4, "rotation_init": "identity"} if strategy == "rotate_only" else {}
+    chosen = SumSurgery(3, target="parameters") if strategy == "parameters" else strategy
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), chosen, **kwargs)
+    fired: dict[int, int] = {}
+    for param in mtl.model_parameters():
+        param.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1))
+    first, second = batch(seed=1), batch(seed=2)
+    for x, targets in (first, second):
+        mtl.backward(mse_losses(mtl(x), targets))
+    assert sorted(fired.values()) == [2] * len(list(mtl.model_parameters()))
+    expected = [a + b for a, b in zip(plain_gradients(model, *first), plain_gradients(model, *second))]
+    for param, grad in zip(mtl.model_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad)
+
+
+def test_distributed_data_parallel_runs_the_parameter_path() -> None:
+    """A DDP backbone (gloo, one process) trains on the parameter path; before, the second step failed with
+    'Expected to have finished reduction' because .grad was written by hand."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = small_model()
+        reference = copy.deepcopy(model)
+        ddp = mtlzoo.HardSharing(nn.parallel.DistributedDataParallel(model.backbone), model.heads)
+        mtl = mtlzoo.MTLWrapper(ddp, SumSurgery(3, target="parameters"))
+        optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)
+        plain_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+        for step in range(3):
+            x, targets = batch(seed=step)
+            optimizer.zero_grad()
+            mtl.backward(mse_losses(mtl(x), targets))
+            mtl.step(optimizer)
+            plain_optimizer.zero_grad()
+            sum(mse_losses(reference(x), targets)).backward()
+            plain_optimizer.step()
+        for ours, theirs in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(ours, theirs)
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ handles
+def rotate_only() -> mtlzoo.MTLWrapper:
+    torch.manual_seed(0)
+    return mtlzoo.MTLWrapper(small_model(), "rotate_only", rotation_shape=4, rotation_init="identity")
+
+
+def grads_of(mtl: mtlzoo.MTLWrapper) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in mtl.model_parameters()]
+
+
+def test_a_no_grad_or_eval_forward_between_forward_and_backward_changes_nothing() -> None:
+    """Before, a validation forward wiped the one record slot and backward raised."""
+    x, targets = batch()
+    reference = rotate_only()
+    reference.backward(mse_losses(reference(x), targets))
+    mtl = rotate_only()
+    losses = mse_losses(mtl(x), targets)
+    with torch.no_grad():
+        mtl(torch.randn(4, 5))
+    mtl.eval()
+    mtl(torch.randn(4, 5))
+    mtl.train()
+    mtl.backward(losses)
+    for a, b in zip(grads_of(mtl), grads_of(reference)):
+        torch.testing.assert_close(a, b)
+
+
+def test_each_forward_is_its_own_handle() -> None:
+    """Losses of an earlier forward reach the backbone (before: a silently zero gradient)."""
+    (xa, ta), (xb, tb) = batch(seed=1), batch(seed=2)
+    mtl = rotate_only()
+    plain = copy.deepcopy(mtl)
+    losses_a = mse_losses(mtl(xa), ta)
+    losses_b = mse_losses(mtl(xb), tb)
+    mtl.backward(losses_a)
+    only_a = grads_of(mtl)
+    mtl.backward(losses_b)
+    model = mtlzoo.HardSharing(plain.backbone, plain.heads)
+    expected_a = plain_gradients(model, xa, ta)
+    expected_b = plain_gradients(model, xb, tb)
+    for ours, a in zip(only_a, expected_a):
+        torch.testing.assert_close(ours, a)
+    for ours, a, b in zip(grads_of(mtl), expected_a, expected_b):
+        torch.testing.assert_close(ours, a + b)
+
+
+def test_one_backward_may_consume_several_forwards() -> None:
+    (xa, ta), (xb, tb) = batch(seed=1), batch(seed=2)
+    mtl = rotate_only()
+    plain = mtlzoo.HardSharing(*(lambda m: (m.backbone, m.heads))(copy.deepcopy(mtl)))
+    combined = [a + b for a, b in zip(mse_losses(mtl(xa), ta), mse_losses(mtl(xb), tb))]
+    mtl.backward(combined)
+    expected = [a + b for a, b in zip(plain_gradients(plain, xa, ta), plain_gradients(plain, xb, tb))]
+    for ours, theirs in zip(grads_of(mtl), expected):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_losses_that_no_pending_forward_produced_raise() -> None:
+    mtl = rotate_only()
+    x, targets = batch()
+    losses = mse_losses(mtl(x), targets)
+    mtl.backward(losses, retain_graph=True)
+    mtl.zero_grad()
+    outside = mse_losses(mtlzoo.HardSharing(mtl.backbone, mtl.heads)(x), targets)
+    mtl(x)  # a pending forward, but not the one these losses came from
+    with pytest.raises(BackwardOrderError, match="do not depend on any training forward"):
+        mtl.backward(outside)
+    assert all(p.grad is None for p in mtl.parameters())
+
+
+def test_deepcopy_works_between_forward_and_backward() -> None:
+    """Before, the record slot held a non-leaf tensor and copy.deepcopy(mtl) failed mid-step."""
+    mtl = rotate_only()
+    x, targets = batch()
+    losses = mse_losses(mtl(x), targets)
+    twin = copy.deepcopy(mtl)
+    assert len(twin._pending) == 0
+    mtl.backward(losses)
+    twin.backward(mse_losses(twin(x), targets))
+    for a, b in zip(grads_of(mtl), grads_of(twin)):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------ absent tasks
+@pytest.mark.parametrize("name", ["ls", "rotate_only", "rotograd", "parameters"])
+def test_an_absent_task_is_left_out(name: str) -> None:
+    torch.manual_seed(0)
+    model = small_model()
+    chosen = SumSurgery(3, target="parameters") if name == "parameters" else name
+    kwargs = {"rotation_shape": 4, "rotation_init": "identity"} if "rot" in name else {}
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), chosen, **kwargs)
+    x, targets = batch()
+    losses = mse_losses(mtl(x), targets)
+    mtl.backward([losses[0], None, losses[2]])
+    assert all(p.grad is None for p in mtl.heads[1].parameters())
+    if name != "rotograd":  # rotograd rescales; the others are a plain sum of the present tasks
+        predictions = model(x)
+        present = ((predictions[0] - targets[0]) ** 2).mean() + ((predictions[2] - targets[2]) ** 2).mean()
+        for ours, theirs in zip(mtl.backbone.parameters(), torch.autograd.grad(present, model.backbone.parameters())):
+            torch.testing.assert_close(ours.grad, theirs)
+    if name == "rotograd":
+        mtl.step(torch.optim.SGD(mtl.parameters(), lr=0.0))
+        assert math.isnan(mtl.strategy.initial_losses[1]) and not math.isnan(mtl.strategy.initial_losses[0])
+
+
+def test_a_constant_loss_gives_a_zero_gradient_with_one_warning() -> None:
+    """Issue 7, item 15: a loss that does not depend on the model was accepted in silence."""
+    mtl = rotate_only()
+    x, targets = batch()
+    for _ in range(2):
+        losses = mse_losses(mtl(x), targets)
+        masked = [losses[0], torch.zeros(()), losses[2]]
+        if _ == 0:
+            with pytest.warns(RuntimeWarning, match="task 1 does not depend on the model"):
+                mtl.backward(masked)
+        else:
+            mtl.backward(masked)  # said once per task: no second warning (warnings are errors here)
+    assert all(p.grad is None or not p.grad.any() for p in mtl.heads[1].parameters())
