@@ -30,7 +30,8 @@ class StepLosses:
     labels: list[str]
 
 
-def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int) -> StepLosses:
+def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int, *,
+                require_grad: bool = True) -> StepLosses:
     """Check the K losses of a step and stack the present ones in task order, or raise :class:`LossError`.
 
     Args:
@@ -39,6 +40,8 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
             in this batch).
         task_names: The task names when the heads are named, else ``None``.
         num_tasks: K.
+        require_grad: Refuse losses of which none requires grad (``False`` for losses evaluated
+            without gradients, after the optimizer step).
     """
     if isinstance(losses, Mapping):
         if task_names is None:
@@ -72,7 +75,7 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
         check_scalar(items[k], f"The loss of task {labels[k]}")
     vector = torch.stack([items[k].reshape(()) for k in present])
     requires_grad = [bool(items[k].requires_grad) for k in present]
-    if not any(requires_grad):
+    if require_grad and not any(requires_grad):
         raise LossError("None of the losses requires grad: compute them from this step's predictions, "
                         "with the wrapper in training mode and gradients enabled.")
     finite = torch.isfinite(vector.detach())

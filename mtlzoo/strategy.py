@@ -251,7 +251,11 @@ class Strategy(nn.Module):
         """Called once at the end of every epoch (``mtl.end_epoch()``); DWA and STCH use it."""
 
     def post_step(self, losses: Tensor) -> None:
-        """Receive the K losses of the step's batch re-evaluated after the optimizer step (FAMO)."""
+        """Receive the K losses of the step's batch re-evaluated after the optimizer step (FAMO).
+
+        A task absent from the batch has NaN there. Called once per optimizer step that was taken,
+        after :meth:`advance`, when the class sets ``wants_post_step_losses``.
+        """
 
     wants_post_step_losses: ClassVar[bool] = False
 

@@ -450,8 +450,10 @@ class MTLWrapper(nn.Module):
                                 "step: pass post_step_losses=lambda: losses(mtl(x), y) to mtl.step().")
             else:
                 with torch.no_grad():
-                    after = loss_vector(post_step_losses(), self.task_names, len(self))
-                self.strategy.post_step(after.values.detach().float())
+                    after = loss_vector(post_step_losses(), self.task_names, len(self), require_grad=False)
+                values = torch.full((len(self),), float("nan"), device=after.values.device)
+                values[after.tasks] = after.values.detach().float()
+                self.strategy.post_step(values)
         return True
 
     def _commit_step(self) -> None:

@@ -1,0 +1,147 @@
+"""Requests, the engine on its own (no wrapper), and the step lifecycle's hooks (issue 6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import mtlzoo
+from mtlzoo import autograd as engine
+from mtlzoo.protocol import Request, StepInputs
+from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+from tests.helpers import batch, mse_losses, small_model
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"where": "weights"}, "where"),
+    ({"statistic": "hessian"}, "statistic"),
+    ({"where": "representation", "parameters": ("0.weight",)}, "parameters"),
+    ({"where": "parameters", "parameters": "0.weight"}, "parameters"),
+    ({"batches": 0}, "batches"),
+])
+def test_invalid_requests_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"Parameter `{message}` should be"):
+        Request(**kwargs)
+
+
+def test_request_text_and_legacy_needs() -> None:
+    assert str(Request()) == "losses" and not Request().needs_gradients
+    assert str(Request("parameters", "norms", ("2.weight",))) == "norms on parameters ['2.weight']"
+    info = StrategyInfo(name="x", kind="surgery", summary="x", needs="parameter_jacobian")
+    assert info.request == Request("parameters") and info.needs == "gradients on parameters"
+    with pytest.raises(ValueError, match="needs"):
+        StrategyInfo(name="x", kind="surgery", summary="x", needs="jacobian")
+
+
+def engine_step(request: Request) -> tuple[StepInputs, torch.Tensor, nn.Module, list[nn.Module], torch.Tensor]:
+    """Drive the engine by hand: a backbone, two heads on detached leaves, one record."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4))
+    heads = [nn.Linear(4, 1), nn.Linear(4, 1)]
+    x, targets = batch(2)
+    z = backbone(x)
+    leaves = [z.detach().requires_grad_() for _ in heads]
+    record = engine.ForwardRecord.create(z, leaves)
+    losses = torch.stack([((head(leaf) - t) ** 2).mean() for head, leaf, t in zip(heads, leaves, targets)])
+    tasks = torch.arange(2)
+    passed = engine.head_pass([record], losses, tasks, [True, True], [p for h in heads for p in h.parameters()],
+                              labels=["0", "1"])
+    inputs = StepInputs(losses.detach(), tasks, 2)
+    shared = list(backbone.parameters())
+    rep, _ = engine.statistics(request, passed, shared, inputs, None)
+    per_task = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+                            for loss in torch.stack([((h(backbone(x)) - t) ** 2).mean() for h, t in zip(heads, targets)])])
+    return inputs, rep, backbone, heads, per_task
+
+
+def test_the_engine_fulfils_each_statistic_without_a_wrapper() -> None:
+    """Gradients, Gramian and norms on the parameters equal per-task autograd; nothing reached .grad yet."""
+    inputs, _, backbone, heads, per_task = engine_step(Request("parameters"))
+    torch.testing.assert_close(inputs.gradients, per_task)
+    assert all(p.grad is None for module in (backbone, *heads) for p in module.parameters())
+    inputs, _, _, _, per_task = engine_step(Request("parameters", "gramian"))
+    torch.testing.assert_close(inputs.gramian, per_task @ per_task.T)
+    inputs, rep, _, _, per_task = engine_step(Request("representation", "norms"))
+    torch.testing.assert_close(inputs.norms, rep.flatten(1).norm(dim=1))
+
+
+class Recorder(WeightingStrategy):
+    """Records the lifecycle calls it receives."""
+
+    info = StrategyInfo(name="test_recorder", kind="weighting", summary="records")
+    wants_post_step_losses = True
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        self.calls: list[str] = []
+        self.after: list[torch.Tensor] = []
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(losses)
+
+    def _commit(self) -> None:
+        self.calls.append("advance")
+
+    def _drop_staged(self) -> None:
+        self.calls.append("discard")
+
+    def end_epoch(self) -> None:
+        self.calls.append("epoch")
+
+    def post_step(self, losses: torch.Tensor) -> None:
+        self.after.append(losses)
+
+
+def test_the_documented_loop_calls_each_hook_once() -> None:
+    strategy = Recorder(3)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)
+    x, targets = batch()
+    for _ in range(2):
+        optimizer.zero_grad()
+        before = torch.stack(mse_losses(mtl(x), targets))
+        mtl.backward(list(before))
+        assert mtl.step(optimizer, post_step_losses=lambda: mse_losses(mtl(x), targets))
+    mtl.end_epoch()
+    assert strategy.calls == ["advance", "advance", "epoch"]
+    assert len(strategy.after) == 2 and not strategy.after[0].requires_grad
+    assert bool((strategy.after[1] < before.detach()).all())  # evaluated after the step: lower losses
+    optimizer.zero_grad()
+    mtl.backward(mse_losses(mtl(x), targets))
+    with pytest.warns(RuntimeWarning, match="post_step_losses"):
+        mtl.step(optimizer)
+
+
+def test_a_plain_optimizer_step_still_advances_with_one_warning() -> None:
+    strategy = Recorder(3)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)
+    x, targets = batch()
+    for step in range(2):
+        optimizer.zero_grad()
+        mtl.backward(mse_losses(mtl(x), targets))
+        if step == 0:
+            with pytest.warns(RuntimeWarning, match=r"outside mtl.step\(optimizer\)"):
+                optimizer.step()
+        else:
+            optimizer.step()  # said once: a second warning would be an error here
+    assert strategy.calls == ["advance", "advance"]
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    mtl.backward(mse_losses(mtl(x), targets))
+    other.step()  # an optimizer of other parameters does not advance this wrapper
+    assert strategy.calls == ["advance", "advance"]
+
+
+def test_a_standalone_strategy_advances_when_told() -> None:
+    strategy = mtlzoo.create("rotograd", num_tasks=2, rotation_shape=3, burn_in_period=1)
+    grads = torch.randn(2, 4, 3)
+    strategy.aggregate(grads, torch.ones(2))
+    assert strategy.step == 0 and strategy.micro_batch == 1
+    strategy.advance()
+    assert strategy.step == 1 and strategy.micro_batch == 0
+    torch.testing.assert_close(strategy.initial_grad_norms, grads.flatten(1).norm(dim=1))
+    strategy.aggregate(10 * grads, torch.ones(2))  # step 1 = burn_in_period: a reference step, staged
+    strategy.discard()
+    assert strategy.step == 1
+    torch.testing.assert_close(strategy.initial_grad_norms, grads.flatten(1).norm(dim=1))
