@@ -86,7 +86,8 @@ class StepInputs:
         gradients: ``(K', ...)`` per-task gradients, unscaled, at least float32 (``statistic="gradients"``).
         gramian: ``(K', K')`` Gramian of the gradients (``statistic="gramian"``).
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
-        extra: Statistics of the additional independent batches (``Request.batches > 1``).
+        extra: Statistics of the additional independent batches (``Request.batches > 1``), one
+            ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
     """
 
     losses: Tensor

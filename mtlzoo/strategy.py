@@ -19,6 +19,7 @@ standalone, on a matrix, a strategy is advanced by calling ``advance()`` after e
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ PROPERTIES: dict[str, str] = {
     "permutation_invariant": "permuting the tasks (gradients and losses alike) leaves the update unchanged",
     "scale_linear": "scaling every task gradient by c >= 0 scales the update by c",
     "non_conflicting": "the update has a non-negative inner product with every task gradient",
+    "stationary": "the update is zero where a positive combination of the task gradients is zero (no update "
+                  "improves every task)",
+    "linear_under_scaling": "scaling task k's gradient by c_k > 0 gives an update linear in c (torchjd's linearity "
+                            "under scaling)",
 }
 """The claims a strategy may list in ``StrategyInfo.properties``; the test suite checks each claim."""
 
@@ -395,7 +400,8 @@ class GradientSurgery(Strategy):
     """
 
     supported_targets: ClassVar[tuple[Target, ...]] = TARGETS
-    statistic: ClassVar[Literal["gradients", "gramian"]] = "gradients"
+    statistic: ClassVar[Literal["gradients", "gramian", "norms"] | None] = None
+    """The statistic the engine gives :meth:`compute` (``None``: the one ``info.request`` names)."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
         super().__init__(num_tasks)
@@ -413,7 +419,8 @@ class GradientSurgery(Strategy):
 
     @property
     def request(self) -> Request:
-        return Request(self.target, self.statistic)
+        return dataclasses.replace(self.info.request, where=self.target,
+                                   statistic=self.statistic or self.info.request.statistic)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Reduce K per-task gradients (K x ...) to one gradient of shape ``grads.shape[1:]``."""

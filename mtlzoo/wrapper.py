@@ -281,8 +281,8 @@ class MTLWrapper(nn.Module):
                           RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- backward
-    def backward(self, losses: Losses, backbone_loss: Tensor | None = None, *, scaler: Any | None = None,
-                 retain_graph: bool = False) -> None:
+    def backward(self, losses: Losses, backbone_loss: Tensor | None = None, *, more_batches: Sequence[Losses] = (),
+                 scaler: Any | None = None, retain_graph: bool = False) -> None:
         """Back-propagate the K task losses of this step through the strategy.
 
         Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
@@ -300,6 +300,10 @@ class MTLWrapper(nn.Module):
                 dict keyed by task name, or a 1-D tensor.
             backbone_loss: An optional loss of the backbone alone (a regulariser), back-propagated
                 into the backbone as is (RotoGrad with ``normalize_losses`` normalises it too).
+            more_batches: For a strategy whose request reads ``batches > 1`` independent batches
+                (SDMGrad, MoDo): the losses of the other ``batches - 1`` batches, each from forwards
+                of its own. The strategy reads their statistics (``inputs.extra``); the model learns
+                from ``losses``, the first batch, alone.
             scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: the losses are checked and
                 the strategy computes unscaled, and what reaches ``.grad`` is scaled, as
                 ``scaler.scale(loss).backward()`` would leave it. Pass the same scaler to :meth:`step`.
@@ -314,6 +318,12 @@ class MTLWrapper(nn.Module):
             raise BackwardOrderError("backward() is for training: call mtl.train() first (in eval mode the "
                                      "forward records nothing to back-propagate).")
         step_losses = loss_vector(losses, self.task_names, len(self))
+        extra_losses = [loss_vector(more, self.task_names, len(self)) for more in more_batches]
+        wanted = self.strategy.request.batches - 1
+        if len(extra_losses) != wanted:
+            raise BackwardOrderError(f"{type(self.strategy).__name__} reads {wanted + 1} independent batch(es) per "
+                                     f"backward, but {len(extra_losses) + 1} were given: pass the losses of the "
+                                     f"other {wanted} as more_batches=[...], each from a forward of its own.")
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.tasks.tolist(), step_losses.requires_grad, step_losses.labels)
@@ -325,7 +335,7 @@ class MTLWrapper(nn.Module):
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), torch.autocast(step_losses.values.device.type, enabled=False):
-                self._backward(step_losses, inputs, backbone_loss, scale, retain_graph)
+                self._backward(step_losses, inputs, backbone_loss, scale, retain_graph, extra_losses)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()
@@ -334,7 +344,7 @@ class MTLWrapper(nn.Module):
         self._tracker.backward_done()
 
     def _backward(self, step_losses: Any, inputs: StepInputs, backbone_loss: Tensor | None, scale: Tensor | None,
-                  retain_graph: bool) -> None:
+                  retain_graph: bool, extra_losses: Sequence[Any] = ()) -> None:
         strategy = self.strategy
         request = strategy.request
         weights = strategy.loss_weights(inputs)
@@ -358,6 +368,14 @@ class MTLWrapper(nn.Module):
         shared = self._shared_parameters(request.parameters)
         rep, _ = engine.statistics(request, heads, shared, inputs, scale)
         overflow = scale is not None and not engine.all_finite([rep])
+        for more in extra_losses:
+            extra = StepInputs(more.values.detach().float(), more.tasks, len(self), micro_batch=inputs.micro_batch)
+            extra_heads = engine.head_pass(self._pending.records, scaled(more.values), more.tasks, more.requires_grad,
+                                           list(self.heads.parameters()), labels=more.labels)
+            extra_rep, _ = engine.statistics(request, extra_heads, shared, extra, scale)
+            overflow = overflow or (scale is not None and not engine.all_finite([extra_rep]))
+            inputs.extra.append(extra)
+            self._pending.remove(extra_heads.records)
         update = engine.Update() if overflow else strategy.compute(inputs)
         dz, flat = engine.shared_update(update, rep, request)
         own_objective = update.objective if objective is None else (

@@ -145,3 +145,37 @@ def test_a_standalone_strategy_advances_when_told() -> None:
     strategy.discard()
     assert strategy.step == 1
     torch.testing.assert_close(strategy.initial_grad_norms, grads.flatten(1).norm(dim=1))
+
+
+class TwoBatchGramian(mtlzoo.GradientSurgery):
+    """Weights from a second, independent batch: c_k = 1 / ||g'_k||, applied to the first batch's gradients."""
+
+    info = StrategyInfo(name="test_two_batches", kind="surgery", summary="two batches",
+                        request=Request("parameters", "gramian", batches=2))
+
+    def compute(self, inputs: StepInputs) -> mtlzoo.Update:
+        (other,) = inputs.extra
+        return mtlzoo.Update(weights=other.gramian.diagonal().rsqrt())
+
+
+def test_a_strategy_reads_independent_batches() -> None:
+    """Issue 6: a request names how many independent batches it reads (SDMGrad, MoDo)."""
+    torch.manual_seed(0)
+    model = small_model()
+    mtl = mtlzoo.MTLWrapper(model, TwoBatchGramian(3, target="parameters"))
+    (xa, ta), (xb, tb) = batch(seed=1), batch(seed=2)
+    losses_a = mse_losses(mtl(xa), ta)
+    with pytest.raises(mtlzoo.errors.BackwardOrderError, match="2 independent batch"):
+        mtl.backward(losses_a)
+    losses_b = mse_losses(mtl(xb), tb)
+    mtl.backward(losses_a, more_batches=[losses_b])
+    assert len(mtl._pending) == 0
+    shared = list(model.backbone.parameters())
+
+    def rows(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = [((head(model.backbone(x)) - t) ** 2).mean() for head, t in zip(model.heads, targets)]
+        return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared)]) for loss in losses])
+
+    weights = rows(xb, tb).norm(dim=1).reciprocal()
+    expected = weights @ rows(xa, ta)
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), expected)

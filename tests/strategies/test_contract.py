@@ -101,7 +101,7 @@ def test_gradient_accumulation_trains_and_advances_once_per_step(name: str, use_
             with mtlzoo.cached() if use_cache else contextlib.nullcontext():
                 mtl.backward(mse_losses(mtl(x[half]), targets[:, half]))
         assert mtl.strategy.micro_batch == 2
-        mtl.step(optimizer)
+        mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets: mse_losses(mtl(x), targets))
         assert mtl.strategy.micro_batch == 0
         if hasattr(mtl.strategy, "step"):
             assert mtl.strategy.step == step + 1
@@ -118,14 +118,19 @@ def test_an_overflowing_scaled_step_changes_nothing_and_the_next_one_trains(name
     state = copy.deepcopy(mtl.state_dict())
     optimizer_state = copy.deepcopy(optimizer.state_dict())
     x, targets = batch(len(mtl), seed=50)
+
+    def after() -> list[torch.Tensor]:
+        return mse_losses(mtl(x), targets)
+
     optimizer.zero_grad()
-    mtl.backward([10 * loss for loss in mse_losses(mtl(x), targets)], scaler=scaler)  # 10 L 2^127 > float32 max
-    assert not mtl.step(optimizer, scaler=scaler)
+    decay = 100 * sum(p.pow(2).sum() for p in mtl.backbone.parameters())  # its gradient times 2^127 overflows
+    mtl.backward(mse_losses(mtl(x), targets), backbone_loss=decay, scaler=scaler)
+    assert not mtl.step(optimizer, scaler=scaler, post_step_losses=after)
     assert_same_state(state, mtl.state_dict())
     assert str(optimizer_state) == str(optimizer.state_dict())
     optimizer.zero_grad()
     mtl.backward(mse_losses(mtl(x), targets), scaler=scaler)
-    assert mtl.step(optimizer, scaler=scaler)
+    assert mtl.step(optimizer, scaler=scaler, post_step_losses=after)
     changed = [key for key, value in mtl.state_dict().items()
                if isinstance(value, torch.Tensor) and not torch.equal(value, state[key])]
     assert any(key.startswith("backbone.") for key in changed)
@@ -143,7 +148,8 @@ def test_absent_tasks_are_left_out_and_their_heads_untouched(name: str) -> None:
         absent = list(mtl.heads[step % 3].parameters())
         assert all(p.grad is None for p in absent)
         assert all(torch.isfinite(p.grad).all() for p in mtl.backbone.parameters())
-        mtl.step(optimizer)
+        mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets, absent=step % 3: [
+            None if k == absent else loss for k, loss in enumerate(mse_losses(mtl(x), targets))])
 
 
 @pytest.mark.parametrize("name", NAMES)
