@@ -24,17 +24,30 @@ from mtlzoo.errors import NonFiniteGradientError, SolverError
 _EPS = float(np.finfo(np.float64).eps)
 
 
-def _host(gramian: Tensor, what: str) -> np.ndarray:
-    """The Gramian as a float64 numpy array, checked square and finite, scaled to unit trace."""
+def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
+    """The Gramian as a float64 numpy array on the host, checked square and finite, scaled to unit trace,
+    and made positive semi-definite: eigenvalues within the input dtype's rounding of 0 (``K eps λ_max``,
+    negative ones included) are set to 0, so that rows linearly dependent up to rounding count as such.
+
+    Raises:
+        NonFiniteGradientError: The Gramian is not finite (``what`` names the caller in the message).
+    """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
                          f"{tuple(gramian.shape)}`.")
     array = gramian.detach().to("cpu", torch.float64).numpy()
     if not np.isfinite(array).all():
         raise NonFiniteGradientError(f"{what}: the Gramian of the task gradients has non-finite entries.")
-    array = (array + array.T) / 2
-    trace = float(np.trace(array))
-    return array / trace if trace > 0 else np.zeros_like(array)
+    if array.size == 0:
+        return array
+    values, vectors = np.linalg.eigh((array + array.T) / 2)
+    cutoff = max(float(values.max()), 0.0) * array.shape[0] * float(torch.finfo(gramian.dtype).eps)
+    values = np.where(values > cutoff, values, 0.0)
+    total = float(values.sum())
+    if total <= 0:
+        return np.zeros_like(array)
+    array = (vectors * (values / total)) @ vectors.T
+    return (array + array.T) / 2
 
 
 def _solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -62,7 +75,7 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
         NonFiniteGradientError: The Gramian is not finite.
         SolverError: No convergence in ``50 K + 100`` corral changes (not observed; rounding only).
     """
-    matrix = _host(gramian, "min_norm_simplex")
+    matrix = host_gramian(gramian, "min_norm_simplex")
     size = matrix.shape[0]
     weights = np.zeros(size)
     if size == 0:
@@ -183,7 +196,7 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
         NonFiniteGradientError: The Gramian is not finite.
         SolverError: The active-set method did not converge (not observed; rounding only).
     """
-    matrix = _host(gramian, "project_to_dual_cone")
+    matrix = host_gramian(gramian, "project_to_dual_cone")
     if weights.shape[-1:] != gramian.shape[:1]:
         raise ValueError(f"Parameter `weights` should end with the Gramian's size {gramian.shape[0]}. Found "
                          f"`weights.shape = {tuple(weights.shape)}`.")

@@ -9,12 +9,25 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mtlzoo.hookspecs import hookimpl
+from mtlzoo.strategies.aligned_mtl import AlignedMTL
+from mtlzoo.strategies.cagrad import CAGrad
+from mtlzoo.strategies.dualproj import DualProj
+from mtlzoo.strategies.graddrop import GradDrop
+from mtlzoo.strategies.gradvac import GradVac
+from mtlzoo.strategies.imtl_g import IMTLG
 from mtlzoo.strategies.ls import LinearScalarization
+from mtlzoo.strategies.mgda import MGDA, MGDAUB
+from mtlzoo.strategies.nash_mtl import NashMTL
+from mtlzoo.strategies.pcgrad import PCGrad
 from mtlzoo.strategies.rotograd import RotateOnly, RotoGrad, RotoGradNorm
+from mtlzoo.strategies.upgrad import UPGrad
 
-BUILTIN_STRATEGIES = (LinearScalarization, RotateOnly, RotoGrad, RotoGradNorm)
+BUILTIN_STRATEGIES = (LinearScalarization, RotateOnly, RotoGrad, RotoGradNorm,
+                      MGDA, MGDAUB, PCGrad, GradDrop, GradVac, CAGrad, IMTLG, NashMTL, AlignedMTL, UPGrad,
+                      DualProj)
 
-__all__ = ["BUILTIN_STRATEGIES", "LinearScalarization", "RotateOnly", "RotoGrad", "RotoGradNorm"]
+__all__ = ["BUILTIN_STRATEGIES", "IMTLG", "MGDA", "MGDAUB", "AlignedMTL", "CAGrad", "DualProj", "GradDrop", "GradVac",
+           "LinearScalarization", "NashMTL", "PCGrad", "RotateOnly", "RotoGrad", "RotoGradNorm", "UPGrad"]
 
 
 @hookimpl

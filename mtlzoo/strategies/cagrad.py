@@ -1,0 +1,167 @@
+r"""CAGrad (Liu et al., NeurIPS 2021): the best worst-case improvement near the average gradient."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from mtlzoo.errors import SolverWarning
+from mtlzoo.protocol import Request
+from mtlzoo.solvers import host_gramian
+from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.strategy import Paper, StrategyInfo, Target
+
+RESCALES = (0, 1, 2)
+SMOOTHING = 1e-8
+"""Added to ``||g_w||^2`` on the unit-trace Gramian (the authors' code adds 1e-8 on the raw one): the norm is
+smooth at ``g_w = 0`` and the update continuous there."""
+
+
+def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
+    r"""``w = argmin_{w in simplex} g_w . g_0 + c ||g_0|| ||g_w||`` on a unit-trace float64 Gramian.
+
+    The official code's problem, solved as it does by SLSQP (scipy), here with the exact
+    gradient and tight tolerances (``ftol=1e-12``), then polished by Newton steps on its active face;
+    ``||g_w||`` is smoothed by :data:`SMOOTHING`. Raises nothing: a solver that stops early gives a
+    :class:`~mtlzoo.errors.SolverWarning` and its last iterate, put back on the simplex.
+    """
+    size = gramian.shape[0]
+    mean_products = gramian.mean(axis=1)  # g_k . g_0
+    radius = c * math.sqrt(max(float(gramian.mean()), 0.0))  # c ||g_0||
+
+    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+        products = gramian @ w
+        norm = math.sqrt(max(float(w @ products), 0.0) + SMOOTHING)
+        return float(mean_products @ w + radius * norm), mean_products + radius * products / norm
+
+    start = np.full(size, 1.0 / size)
+    result = minimize(objective, start, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * size,
+                      constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0, "jac": lambda w: np.ones_like(w)}],
+                      options={"ftol": 1e-12, "maxiter": 500})
+    weights = np.clip(result.x, 0.0, None)
+    weights = weights / weights.sum() if weights.sum() > 0 else start
+    if not result.success:
+        warnings.warn(f"CAGrad: SLSQP stopped without converging ({result.message}); its last iterate is used.",
+                      SolverWarning, stacklevel=4)
+        return weights
+    return _polish(weights, gramian, mean_products, radius)
+
+
+def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray:
+    """Newton steps on SLSQP's active face (its zero weights held at 0, the sum at 1), to rounding.
+
+    SLSQP stops at ``ftol`` on the objective, which leaves the weights right to about its square root;
+    these steps solve the face's optimality conditions exactly. A step that would leave the simplex or
+    raise the objective ends the polishing (SLSQP's point is then kept as far as polished).
+    """
+    support = np.flatnonzero(weights > 1e-9)
+
+    def value(w: np.ndarray) -> float:
+        return float(linear @ w + radius * math.sqrt(max(float(w @ gramian @ w), 0.0) + SMOOTHING))
+
+    current = value(weights)
+    for _ in range(30):
+        products = gramian @ weights
+        norm = math.sqrt(max(float(weights @ products), 0.0) + SMOOTHING)
+        gradient = linear + radius * products / norm
+        hessian = radius * (gramian / norm - np.outer(products, products) / norm**3)
+        count = support.size
+        system = np.block([[hessian[np.ix_(support, support)], np.ones((count, 1))],
+                           [np.ones((1, count)), np.zeros((1, 1))]])
+        step = np.linalg.lstsq(system, np.r_[-gradient[support], 0.0], rcond=None)[0][:count]
+        candidate = weights.copy()
+        candidate[support] += step
+        if (candidate[support] <= 0).any():
+            break
+        candidate /= candidate.sum()
+        new = value(candidate)
+        if new > current + 1e-15 * max(abs(current), 1.0):
+            break
+        weights, current = candidate, new
+        if np.abs(step).max() <= 1e-15:
+            break
+    return weights
+
+class CAGrad(GramianSurgery):
+    r"""CAGrad: maximise the worst task's improvement within a ball around the average gradient.
+
+    Paper: Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS 2021
+    (https://arxiv.org/abs/2110.14048), Algorithm 1. With ``g_0`` the mean gradient:
+
+    .. math::
+
+        \max_d \min_k g_k \cdot d \ \text{ s.t. } \|d - g_0\| \le c\|g_0\|
+        \ \Longrightarrow\ d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w,\quad
+        w = \arg\min_{w \in \Delta} g_w \cdot g_0 + c\|g_0\|\|g_w\| .
+
+    As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
+    the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
+    keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is the plain
+    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian by
+    SLSQP, as the authors do, with the exact gradient and ``ftol=1e-12``; if SLSQP stops early,
+    a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is used. As in the
+    authors' code, ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of
+    ``||J||_F^2``; theirs is 1e-8 in raw units) in the problem and in ``d``: the update is
+    unique and continuous, and tends to ``g_0`` where ``g_w`` vanishes (0 is in the gradients'
+    hull and no update within the ball improves every task).
+
+    Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (no rescaling, no
+    factor K: its update is this one times ``(1 + c^2) / K``), solves the inner problem with
+    Clarabel, and returns zero when ``||g_w|| < 1e-4`` on its normalised Gramian or when the
+    Gramian's trace is below 1e-4.
+
+    Args:
+        num_tasks: K.
+        target: ``"parameters"`` (default) or ``"representation"``.
+        c: Radius of the ball, as a fraction of ``||g_0||`` (the paper's ``c``; its experiments use
+            0.4 on NYUv2 and CityScapes, the default here, and 0.9 in multi-task RL).
+        rescale: 0, 1 or 2 (see above).
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> cagrad = mtlzoo.create("cagrad", num_tasks=2, c=0.0)
+        >>> cagrad.aggregate(torch.tensor([[1.0, 0.0], [-0.5, 1.0]]), torch.ones(2))
+        tensor([0.5000, 1.0000])
+    """
+
+    info = StrategyInfo(
+        name="cagrad",
+        kind="surgery",
+        summary="Best worst-case task improvement within a ball around the average gradient (conflict-averse).",
+        request=Request("parameters", "gramian"),
+        paper=Paper(
+            authors=("Bo Liu", "Xingchao Liu", "Xiaojie Jin", "Peter Stone", "Qiang Liu"),
+            title="Conflict-Averse Gradient Descent for Multi-task Learning",
+            venue="NeurIPS",
+            year=2021,
+            url="https://arxiv.org/abs/2110.14048",
+        ),
+        properties=frozenset({"permutation_invariant", "scale_linear"}),
+    )
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None, c: float = 0.4, rescale: int = 1) -> None:
+        super().__init__(num_tasks, target=target)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (c >= 0 and math.isfinite(c)):
+            raise ValueError(f"Parameter `c` should be a non-negative number. Found `c = {c!r}`.")
+        if rescale not in RESCALES or isinstance(rescale, bool):
+            raise ValueError(f"Parameter `rescale` should be one of {RESCALES}. Found `rescale = {rescale!r}`.")
+        self.c = float(c)
+        self.rescale = rescale
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        size = gramian.shape[0]
+        unit = host_gramian(gramian, "CAGrad")
+        weights = np.full(size, 1.0 / size)
+        radius = self.c * math.sqrt(max(float(unit.mean()), 0.0))
+        if radius > 0 and size > 1:
+            w = conflict_averse_weights(unit, self.c)
+            weights = weights + radius / math.sqrt(max(float(w @ unit @ w), 0.0) + SMOOTHING) * w
+        elif radius > 0:
+            weights = weights * (1 + self.c)
+        divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
+        return torch.as_tensor(size * weights / divisor, dtype=gramian.dtype, device=gramian.device)

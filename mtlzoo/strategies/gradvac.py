@@ -1,0 +1,142 @@
+r"""Gradient Vaccine (Wang et al., ICLR 2021): steer each pair of gradients towards a moving-average similarity."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlzoo.protocol import Request
+from mtlzoo.strategies._surgery import GramianSurgery, SeededGenerator
+from mtlzoo.strategy import Paper, StrategyInfo, Target
+
+TARGET_LIMIT = 1 - 1e-6
+"""Largest |φ̂| the correction divides by ``sqrt(1 - φ̂^2)`` with: a target of exactly 1 asks for an infinite step."""
+
+
+class GradVac(GramianSurgery):
+    r"""GradVac: raise each pair's cosine similarity to an exponential moving average of its past values.
+
+    Paper: Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization in
+    Massively Multilingual Models*, ICLR 2021 (https://arxiv.org/abs/2010.05874), Algorithm 1.
+    For every task i, with ``g_i^{PC} = g_i`` and the other tasks j in a random order, with
+    ``φ_ij = cos(g_i^{PC}, g_j)`` and the target ``φ̂_ij``:
+
+    .. math::
+
+        \text{if } φ_{ij} < \hat φ_{ij}:\quad g_i^{PC} \leftarrow g_i^{PC} +
+        \frac{\|g_i^{PC}\| (\hat φ_{ij} \sqrt{1 - φ_{ij}^2} - φ_{ij} \sqrt{1 - \hat φ_{ij}^2})}
+             {\|g_j\| \sqrt{1 - \hat φ_{ij}^2}}\, g_j ;
+        \qquad \hat φ_{ij} \leftarrow (1 - β) \hat φ_{ij} + β φ_{ij},
+
+    and ``d = sum_i g_i^{PC}``: the correction makes the pair's cosine exactly ``φ̂_ij``. The
+    targets start at 0, where GradVac is PCGrad. Computed on the Gramian (a weighting of the
+    rows), on the whole gradient (the paper also applies it per layer). A zero gradient takes
+    part in no correction and leaves its targets as they are; ``|φ̂|`` is capped at ``1 - 1e-6``
+    in the correction's divisor (the formula's step is infinite at 1).
+
+    Running state: the K x K targets ``φ̂`` (a buffer), updated at ``advance()`` from the step's
+    first micro-batch (later micro-batches of the step read the same targets); a task absent
+    from a step keeps its targets. The task orders come from the strategy's own generator
+    (seeded from torch's at construction, or by ``seed``; saved in ``state_dict()``). With two
+    tasks the order does not matter and GradVac is deterministic.
+
+    Differences from torchjd 0.18's ``GradVac``: torchjd adds ``eps = 1e-8`` to the divisors
+    (an absolute constant, so the result depends on the gradients' scale) and keeps its targets
+    outside ``state_dict()``; here divisors are exact, with zero gradients and targets of
+    ``|φ̂| = 1`` handled as above.
+
+    Args:
+        num_tasks: K.
+        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
+        beta: EMA rate ``β`` of the targets, in [0, 1]; 0.5 as LibMTL and torchjd.
+        seed: Seed of the task orders; ``None`` draws one from torch's generator.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> gradvac = mtlzoo.create("gradvac", num_tasks=2)
+        >>> gradvac.aggregate(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]), torch.ones(2))
+        tensor([0.5000, 1.5000])
+        >>> gradvac.advance(); gradvac.targets
+        tensor([[ 0.0000, -0.3536],
+                [-0.3536,  0.0000]])
+    """
+
+    info = StrategyInfo(
+        name="gradvac",
+        kind="surgery",
+        summary="Raises each pair of task gradients to a moving-average cosine similarity, in random order.",
+        request=Request("parameters", "gramian"),
+        paper=Paper(
+            authors=("Zirui Wang", "Yulia Tsvetkov", "Orhan Firat", "Yuan Cao"),
+            title="Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively "
+                  "Multilingual Models",
+            venue="ICLR",
+            year=2021,
+            url="https://arxiv.org/abs/2010.05874",
+        ),
+        stochastic=True,
+    )
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.5,
+                 seed: int | None = None) -> None:
+        super().__init__(num_tasks, target=target)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
+        self.beta = float(beta)
+        self.random = SeededGenerator(seed)
+        self.register_buffer("targets", torch.zeros(num_tasks, num_tasks))
+        self._staged: dict[str, Tensor] = {}
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        generator = self.random.begin(micro_batch)
+        matrix = gramian.detach().to("cpu", torch.float64)
+        index = tasks.to("cpu")
+        targets = self.targets.detach().to("cpu", torch.float64)[index][:, index]
+        updated = targets.clone()
+        size = matrix.shape[0]
+        norms = matrix.diagonal().clamp_min(0).sqrt()
+        coefficients = torch.eye(size, dtype=torch.float64)
+        for i in range(size):
+            products = coefficients[i] @ matrix  # g_i^PC . g_j for every j
+            for j in torch.randperm(size, generator=generator).tolist():
+                if j == i:
+                    continue
+                norm_i = float((coefficients[i] @ products).clamp_min(0).sqrt())
+                if norm_i == 0 or norms[j] == 0:
+                    continue
+                cosine = float(products[j]) / (norm_i * float(norms[j]))
+                cosine = max(-1.0, min(1.0, cosine))
+                target = float(targets[i, j])
+                if cosine < target:
+                    capped = max(-TARGET_LIMIT, min(TARGET_LIMIT, target))
+                    root = math.sqrt(1 - capped**2)
+                    step = norm_i * (capped * math.sqrt(1 - cosine**2) - cosine * root) / (float(norms[j]) * root)
+                    coefficients[i, j] += step
+                    products = products + step * matrix[j]
+                updated[i, j] = (1 - self.beta) * target + self.beta * cosine
+        if micro_batch == 0:
+            staged = self.targets.detach().clone()
+            rows = index.to(staged.device)
+            staged[rows.unsqueeze(1), rows.unsqueeze(0)] = updated.to(staged)
+            self._staged["targets"] = staged
+        return coefficients.sum(0).to(gramian.dtype).to(gramian.device)
+
+    def _commit(self) -> None:
+        for name, value in self._staged.items():
+            setattr(self, name, value)
+        self._staged = {}
+        self.random.commit()
+
+    def _drop_staged(self) -> None:
+        self._staged = {}
+        self.random.rewind()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.random.state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.random.load(state["generator"])
+        self._staged = {}

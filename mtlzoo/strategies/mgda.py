@@ -1,0 +1,131 @@
+r"""MGDA and MGDA-UB (Sener & Koltun, NeurIPS 2018): the minimum-norm point of the task gradients' hull."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mtlzoo.linalg import gramian_norms, normalize_gramian
+from mtlzoo.protocol import Request
+from mtlzoo.solvers import min_norm_simplex
+from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.strategy import Paper, StrategyInfo, Target
+
+MGDA_PAPER = Paper(
+    authors=("Ozan Sener", "Vladlen Koltun"),
+    title="Multi-Task Learning as Multi-Objective Optimization",
+    venue="NeurIPS",
+    year=2018,
+    url="https://arxiv.org/abs/1810.04650",
+)
+Normalization = Literal["none", "l2", "loss", "loss+"]
+NORMALIZATIONS: tuple[Normalization, ...] = ("none", "l2", "loss", "loss+")
+
+
+class MGDA(GramianSurgery):
+    r"""MGDA: the update is the minimum-norm point of the convex hull of the task gradients.
+
+    Paper: Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018
+    (https://arxiv.org/abs/1810.04650), after Désidéri's multiple-gradient descent algorithm:
+
+    .. math::
+
+        c = \arg\min_{c \ge 0,\ \sum_k c_k = 1} \Big\| \sum_k c_k g_k \Big\|^2 = \arg\min c^\top G c,
+        \qquad d = \sum_k c_k g_k .
+
+    ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is
+    zero exactly when a convex combination of the gradients is zero (a Pareto-stationary point):
+    where ``||d||^2`` is within the Gramian's rounding of 0 (``K eps tr(G)``), the weights are all
+    0 and ``d = 0`` exactly.
+    The problem is solved exactly on the Gramian (:func:`mtlzoo.solvers.min_norm_simplex`, Wolfe's
+    algorithm) rather than by the paper's Frank-Wolfe iterations, which stop at a tolerance: the
+    point is the same, to rounding instead of to ``1e-3``. torchjd 0.18's ``MGDA`` runs those
+    Frank-Wolfe iterations (``epsilon=1e-3``), so its update differs from this one by up to about
+    1% of its norm.
+
+    ``normalization`` follows the authors' code (``gradient_normalizers``): the weights are
+    computed on ``g_k / n_k`` and applied to the raw gradients, with ``n_k`` = 1 (``"none"``, the
+    paper's algorithm and the default), ``||g_k||`` (``"l2"``), ``L_k`` (``"loss"``) or
+    ``L_k ||g_k||`` (``"loss+"``, their choice for MultiMNIST); with a normalization the update is
+    no longer the minimum-norm point, nor free of conflict. A zero normaliser counts as 1.
+
+    On ``target="representation"`` this is the paper's MGDA-UB (registered as ``mgda_ub``).
+
+    Args:
+        num_tasks: K.
+        target: ``"parameters"`` (default) or ``"representation"``.
+        normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> mgda = mtlzoo.create("mgda", num_tasks=2)
+        >>> mgda.aggregate(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(2))
+        tensor([0.5000, 0.5000])
+    """
+
+    info = StrategyInfo(
+        name="mgda",
+        kind="surgery",
+        summary="Minimum-norm point of the convex hull of the task gradients (multiple-gradient descent).",
+        request=Request("parameters", "gramian"),
+        paper=MGDA_PAPER,
+        properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
+    )
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none") -> None:
+        super().__init__(num_tasks, target=target)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"Parameter `normalization` should be one of {NORMALIZATIONS}. Found "
+                             f"`normalization = {normalization!r}`.")
+        self.normalization = normalization
+
+    @property
+    def properties(self) -> frozenset[str]:
+        if self.normalization == "none":
+            return self.info.properties
+        return self.info.properties - {"non_conflicting", "stationary"}
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        if self.normalization != "none":
+            divisors = torch.ones_like(gramian.diagonal())
+            if self.normalization in ("l2", "loss+"):
+                divisors = divisors * gramian_norms(gramian)
+            if self.normalization in ("loss", "loss+"):
+                divisors = divisors * losses.to(gramian.dtype).abs()
+            divisors = torch.where(divisors > 0, divisors, torch.ones_like(divisors))
+            gramian = gramian / torch.outer(divisors, divisors)
+        unit = normalize_gramian(gramian)
+        weights = min_norm_simplex(unit)
+        rounding = len(weights) * torch.finfo(unit.dtype).eps
+        if self.normalization == "none" and float(weights @ unit @ weights) <= rounding:
+            return torch.zeros_like(weights)  # the nearest point is 0 up to the Gramian's rounding
+        return weights
+
+
+class MGDAUB(MGDA):
+    r"""MGDA-UB: MGDA on the gradients w.r.t. the shared representation (the paper's "upper bound").
+
+    Paper: Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018
+    (https://arxiv.org/abs/1810.04650), Section 3.3: the minimum-norm weights of the gradients
+    ``dL_k/dz`` on the backbone output ``z`` (one backward through the heads per task, none
+    through the backbone) minimise an upper bound of MGDA's objective; the backbone then
+    receives ``sum_k c_k dL_k/dz``. The same solver and arguments as :class:`MGDA`, on
+    ``target="representation"`` only.
+
+    Example:
+        >>> import mtlzoo
+        >>> mtlzoo.create("mgda_ub", num_tasks=3).request
+        Request(where='representation', statistic='gramian', parameters=None, batches=1)
+    """
+
+    info = StrategyInfo(
+        name="mgda_ub",
+        kind="surgery",
+        summary="MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's upper bound).",
+        request=Request("representation", "gramian"),
+        paper=MGDA_PAPER,
+        properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
+    )
+    supported_targets: tuple[Target, ...] = ("representation",)

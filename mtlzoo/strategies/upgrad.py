@@ -1,0 +1,113 @@
+r"""UPGrad (Quinton & Rey, 2024): the mean of every task gradient projected onto the dual cone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtlzoo.linalg import normalize_gramian, regularize_gramian
+from mtlzoo.protocol import Request
+from mtlzoo.solvers import project_to_dual_cone
+from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.strategy import Paper, StrategyInfo, Target
+
+JD_PAPER = Paper(
+    authors=("Pierre Quinton", "Valérian Rey"),
+    title="Jacobian descent for multi-objective optimization",
+    venue="arXiv",
+    year=2024,
+    url="https://arxiv.org/abs/2406.16232",
+)
+
+
+def preference(values: Sequence[float] | Tensor | None, num_tasks: int) -> Tensor | None:
+    """A checked preference vector (K non-negative finite numbers), or ``None`` for the mean."""
+    if values is None:
+        return None
+    vector = torch.as_tensor(values, dtype=torch.float64).detach().clone()
+    if vector.shape != (num_tasks,) or not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
+        raise ValueError(f"Parameter `pref_vector` should hold {num_tasks} finite non-negative numbers. Found "
+                         f"`pref_vector = {values!r}`.")
+    return vector
+
+
+def present_preference(vector: Tensor | None, tasks: Tensor, like: Tensor) -> Tensor:
+    """The preference of the present tasks: the given entries, or ``1/K'`` each."""
+    if vector is None:
+        return torch.full(tasks.shape, 1.0 / tasks.shape[0], dtype=like.dtype, device=like.device)
+    return vector.to(like.device)[tasks.to(like.device)].to(like.dtype)
+
+
+def check_eps(reg_eps: float) -> float:
+    if isinstance(reg_eps, bool) or not isinstance(reg_eps, (int, float)) or not reg_eps >= 0:
+        raise ValueError(f"Parameter `reg_eps` should be a non-negative number. Found `reg_eps = {reg_eps!r}`.")
+    return float(reg_eps)
+
+
+class UPGrad(GramianSurgery):
+    r"""UPGrad: project each task gradient onto the dual cone of all of them, and average.
+
+    Paper: Quinton & Rey, *Jacobian descent for multi-objective optimization*, 2024
+    (https://arxiv.org/abs/2406.16232), eq. 5 and Prop. 1. With ``π_J`` the projection onto the
+    dual cone ``{d : J d >= 0}`` and ``p`` the preference vector (``1/K`` each by default):
+
+    .. math::
+
+        d = \sum_k p_k\, \pi_J(g_k) = J^\top \sum_k v^{(k)},
+        \qquad v^{(k)} = \arg\min_{v \ge p_k e_k} v^\top G v .
+
+    ``d`` conflicts with no task (``J d >= 0``), is zero at a Pareto-stationary point (a positive
+    combination of the rows is zero), scales with the gradients, and is linear under a
+    per-task scaling of the rows. The K quadratic programs are solved exactly on the Gramian
+    (:func:`mtlzoo.solvers.project_to_dual_cone`), in float64 on the host.
+
+    Differences from torchjd 0.18's ``UPGrad`` (written by the paper's authors): torchjd solves
+    on ``G / tr(G) + 1e-4 I`` and treats a Gramian of trace below ``1e-4`` as zero (then it
+    returns the plain mean of the rows); here the Gramian is scaled to unit trace whatever its
+    size, and ``reg_eps`` (default 0: the paper's exact projection) adds ``reg_eps I`` after that
+    scaling. With ``reg_eps=1e-4`` the two agree to rounding on gradients of trace above 1e-4.
+
+    Args:
+        num_tasks: K.
+        target: ``"parameters"`` (default) or ``"representation"``.
+        pref_vector: K non-negative weights of the projected gradients; ``None`` for ``1/K'``
+            each over the K' tasks present in the step.
+        reg_eps: ``eps`` of ``G / tr(G) + eps I`` (0: exact projections).
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> upgrad = mtlzoo.create("upgrad", num_tasks=2)
+        >>> upgrad.aggregate(torch.tensor([[1.0, 0.0], [-1.0, 1.0]]), torch.ones(2))
+        tensor([0.2500, 0.7500])
+    """
+
+    info = StrategyInfo(
+        name="upgrad",
+        kind="surgery",
+        summary="Mean of the task gradients, each projected onto the dual cone of all of them (Jacobian descent).",
+        request=Request("parameters", "gramian"),
+        paper=JD_PAPER,
+        properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary",
+                              "linear_under_scaling"}),
+    )
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None,
+                 pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
+        super().__init__(num_tasks, target=target)
+        self.pref_vector = preference(pref_vector, num_tasks)
+        self.reg_eps = check_eps(reg_eps)
+
+    @property
+    def properties(self) -> frozenset[str]:
+        claims = self.info.properties
+        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
+            claims = claims - {"permutation_invariant"}
+        if self.reg_eps > 0:
+            claims = claims - {"non_conflicting", "linear_under_scaling"}
+        return claims
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        unit = regularize_gramian(normalize_gramian(gramian), self.reg_eps)
+        return project_to_dual_cone(torch.diag(present_preference(self.pref_vector, tasks, gramian)), unit).sum(0)
