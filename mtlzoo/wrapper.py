@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mtlzoo import autograd as engine
-from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
+from mtlzoo.backward import run_backward
+from mtlzoo.errors import BackwardOrderError, InvalidModelError
 from mtlzoo.lifecycle import StepTracker, run_optimizers
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs
@@ -335,90 +336,15 @@ class MTLWrapper(nn.Module):
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), torch.autocast(step_losses.values.device.type, enabled=False):
-                self._backward(step_losses, inputs, backbone_loss, scale, retain_graph, extra_losses)
+                run_backward(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
+                             backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
+                             retain_graph=retain_graph)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()
             raise
         strategy.micro_batch += 1
         self._tracker.backward_done()
-
-    def _backward(self, step_losses: Any, inputs: StepInputs, backbone_loss: Tensor | None, scale: Tensor | None,
-                  retain_graph: bool, extra_losses: Sequence[Any] = ()) -> None:
-        strategy = self.strategy
-        request = strategy.request
-        weights = strategy.loss_weights(inputs)
-        weighted = step_losses.values if weights is None else step_losses.values * weights.to(step_losses.values.dtype)
-        if backbone_loss is not None:
-            backbone_weight = strategy.backbone_loss_weight(backbone_loss)
-            if backbone_weight is not None:
-                backbone_loss = backbone_loss * backbone_weight
-        objective = strategy.loss_objective(inputs.losses, inputs.tasks)
-        scaled = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
-
-        if not request.needs_gradients:
-            roots = [scaled(weighted.sum() if backbone_loss is None else weighted.sum() + backbone_loss)]
-            if objective is not None:
-                roots.append(scaled(objective))
-            engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
-            return
-
-        heads = engine.head_pass(self._pending.records, scaled(weighted), inputs.tasks, step_losses.requires_grad,
-                                 list(self.heads.parameters()), labels=step_losses.labels, retain_graph=retain_graph)
-        shared = self._shared_parameters(request.parameters)
-        rep, _ = engine.statistics(request, heads, shared, inputs, scale)
-        overflow = scale is not None and not engine.all_finite([rep])
-        for more in extra_losses:
-            extra = StepInputs(more.values.detach().float(), more.tasks, len(self), micro_batch=inputs.micro_batch)
-            extra_heads = engine.head_pass(self._pending.records, scaled(more.values), more.tasks, more.requires_grad,
-                                           list(self.heads.parameters()), labels=more.labels)
-            extra_rep, _ = engine.statistics(request, extra_heads, shared, extra, scale)
-            overflow = overflow or (scale is not None and not engine.all_finite([extra_rep]))
-            inputs.extra.append(extra)
-            self._pending.remove(extra_heads.records)
-        update = engine.Update() if overflow else strategy.compute(inputs)
-        dz, flat = engine.shared_update(update, rep, request)
-        own_objective = update.objective if objective is None else (
-            objective if update.objective is None else objective + update.objective)
-        own_params, own_grads = engine.objective_gradients(own_objective, list(strategy.parameters()), scale)
-        if scale is None and not engine.all_finite([t for t in (dz, flat) if t is not None] + own_grads):
-            raise NonFiniteGradientError(
-                f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
-                f"reach {float(rep.abs().max()):.3g} in magnitude). Nothing was back-propagated; scale the "
-                "losses down, or train under torch.amp with a GradScaler (mtl.backward(losses, scaler=scaler)).")
-
-        roots: list[Tensor] = []
-        grads: list[Tensor | None] = []
-        if dz is not None:
-            for record, piece in zip(heads.records, engine.split_batches(dz, heads.records)):
-                if record.z.requires_grad:
-                    roots.append(record.z)
-                    grads.append(scaled(piece).to(record.z.dtype))
-        if flat is not None:
-            offset = 0
-            for param in shared:
-                piece = flat[offset:offset + param.numel()].view_as(param)
-                offset += param.numel()
-                roots.append(param)
-                grads.append(scaled(piece).to(param.dtype))
-        roots += heads.head_params + heads.extra_roots + own_params
-        grads += heads.head_grads + heads.extra_grads + own_grads
-        if backbone_loss is not None:
-            roots.append(scaled(backbone_loss))
-            grads.append(None)
-        engine.apply(roots, grads, retain_graph=retain_graph)
-        if not retain_graph:
-            self._pending.remove(heads.records)
-
-    def _shared_parameters(self, names: tuple[str, ...] | None) -> list[Tensor]:
-        named = dict(self.backbone.named_parameters())
-        if names is None:
-            return [p for p in named.values() if p.requires_grad]
-        unknown = [name for name in names if name not in named]
-        if unknown:
-            raise InvalidModelError(f"{type(self.strategy).__name__} asks for the backbone parameters {unknown}, "
-                                    f"which the backbone does not have (it has {list(named)}).")
-        return [named[name] for name in names]
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
         for task, requires in zip(tasks, requires_grad):

@@ -1,0 +1,122 @@
+"""One backward of a training step: the strategy's request fulfilled, its update applied.
+
+The wrapper checks the user's input and keeps the lifecycle; this module runs the step's maths in
+order — loss weights, the heads' pass, the requested statistics, the strategy's update — and hands
+every root of the step to one ``torch.autograd.backward`` (:func:`mtlzoo.autograd.apply`).
+Nothing reaches ``.grad`` before that last call, so an error anywhere leaves no trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor, nn
+
+from mtlzoo import autograd as engine
+from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
+from mtlzoo.losses import StepLosses
+from mtlzoo.protocol import StepInputs, Update
+from mtlzoo.strategy import Strategy
+
+
+def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.Module, backbone: nn.Module,
+                 losses: StepLosses, inputs: StepInputs, *, backbone_loss: Tensor | None = None,
+                 extra_losses: Sequence[StepLosses] = (), scale: Tensor | None = None,
+                 retain_graph: bool = False) -> None:
+    """Back-propagate one backward's checked losses through ``strategy`` into the model and the strategy.
+
+    Args:
+        strategy: The strategy; its request says what the engine computes.
+        pending: The training forwards not yet consumed; those the losses reach are consumed.
+        heads: The task heads (their parameters get the gradients of the weighted losses).
+        backbone: The shared part (its parameters are the shared parameters a request may name).
+        losses: The present tasks' losses, checked.
+        inputs: What the strategy reads, filled here with the requested statistics.
+        backbone_loss: The backbone's own loss, if any.
+        extra_losses: The losses of the other independent batches a request may read.
+        scale: A ``GradScaler``'s scale: everything that reaches ``.grad`` is multiplied by it, and
+            the statistics are divided by it; an overflowing step gives up the strategy's update.
+        retain_graph: Keep the graphs for another backward.
+    """
+    request = strategy.request
+    weights = strategy.loss_weights(inputs)
+    weighted = losses.values if weights is None else losses.values * weights.to(losses.values.dtype)
+    if backbone_loss is not None:
+        backbone_weight = strategy.backbone_loss_weight(backbone_loss)
+        if backbone_weight is not None:
+            backbone_loss = backbone_loss * backbone_weight
+    objective = strategy.loss_objective(inputs.losses, inputs.tasks)
+    scaled: Callable[[Tensor], Tensor] = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
+
+    if not request.needs_gradients:
+        total = weighted.sum() if backbone_loss is None else weighted.sum() + backbone_loss
+        roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
+        engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
+        return
+
+    head_params = list(heads.parameters())
+    passed = engine.head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
+                              labels=losses.labels, retain_graph=retain_graph)
+    shared = shared_parameters(backbone, request.parameters, strategy)
+    rep, _ = engine.statistics(request, passed, shared, inputs, scale)
+    overflow = scale is not None and not engine.all_finite([rep])
+    consumed = list(passed.records)
+    for more in extra_losses:
+        extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
+        extra_passed = engine.head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
+                                        head_params, labels=more.labels)
+        extra_rep, _ = engine.statistics(request, extra_passed, shared, extra, scale)
+        overflow = overflow or (scale is not None and not engine.all_finite([extra_rep]))
+        inputs.extra.append(extra)
+        consumed += extra_passed.records
+
+    update = Update() if overflow else strategy.compute(inputs)
+    dz, flat = engine.shared_update(update, rep, request)
+    own_objective = _sum(objective, update.objective)
+    own_params, own_grads = engine.objective_gradients(own_objective, list(strategy.parameters()), scale)
+    if scale is None and not engine.all_finite([t for t in (dz, flat) if t is not None] + own_grads):
+        raise NonFiniteGradientError(
+            f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
+            f"reach {float(rep.abs().max()):.3g} in magnitude). Nothing was back-propagated; scale the "
+            "losses down, or train under torch.amp with a GradScaler (mtl.backward(losses, scaler=scaler)).")
+
+    roots: list[Tensor] = []
+    grads: list[Tensor | None] = []
+    if dz is not None:
+        for record, piece in zip(passed.records, engine.split_batches(dz, passed.records)):
+            if record.z.requires_grad:
+                roots.append(record.z)
+                grads.append(scaled(piece).to(record.z.dtype))
+    if flat is not None:
+        offset = 0
+        for param in shared:
+            piece = flat[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
+            roots.append(param)
+            grads.append(scaled(piece).to(param.dtype))
+    roots += passed.head_params + passed.extra_roots + own_params
+    grads += passed.head_grads + passed.extra_grads + own_grads
+    if backbone_loss is not None:
+        roots.append(scaled(backbone_loss))
+        grads.append(None)
+    engine.apply(roots, grads, retain_graph=retain_graph)
+    if not retain_graph:
+        pending.remove(consumed)
+
+
+def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strategy: Strategy) -> list[Tensor]:
+    """The backbone's trainable parameters, or those ``names`` picks (a request's named subset)."""
+    named = dict(backbone.named_parameters())
+    if names is None or names == ():
+        return [p for p in named.values() if p.requires_grad]
+    unknown = [name for name in names if name not in named]
+    if unknown:
+        raise InvalidModelError(f"{type(strategy).__name__} asks for the backbone parameters {unknown}, "
+                                f"which the backbone does not have (it has {list(named)}).")
+    return [named[name] for name in names]
+
+
+def _sum(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    if first is None:
+        return second
+    return first if second is None else first + second
