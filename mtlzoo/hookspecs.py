@@ -1,4 +1,4 @@
-"""The hook a plugin implements to add strategies to mtlzoo.
+"""The hooks a plugin implements to add strategies (and comparison problems) to mtlzoo.
 
 A plugin is any module or object with a function marked ``@mtlzoo.hookimpl``. Third-party packages
 expose theirs through the ``mtlzoo`` entry-point group::
@@ -7,9 +7,10 @@ expose theirs through the ``mtlzoo`` entry-point group::
     my_plugin = "my_package.mtl_plugin"
 
 The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
-very hook. Implement it as a plain function: a hook wrapper (``@mtlzoo.hookimpl(wrapper=True)`` or
-``hookwrapper=True``) is refused (an error in-process, a :class:`mtlzoo.errors.PluginWarning` for an
-entry point), since it would register nothing.
+very hook, and the built-in comparison problems by :mod:`mtlzoo.problems` through
+``mtlzoo_register_problems``. Implement a hook as a plain function: a hook wrapper
+(``@mtlzoo.hookimpl(wrapper=True)`` or ``hookwrapper=True``) is refused (an error in-process, a
+:class:`mtlzoo.errors.PluginWarning` for an entry point), since it would register nothing.
 """
 
 from __future__ import annotations
@@ -41,5 +42,23 @@ def mtlzoo_register_strategies(register: Callable[[type], None]) -> None:
         def mtlzoo_register_strategies(register):
             register(MyWeighting)
             register(MySurgery)
+        ```
+    """
+
+
+@hookspec
+def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
+    """Register comparison problems by calling ``register(cls)`` once per class.
+
+    Args:
+        register: Callback taking a :class:`mtlzoo.problems.Problem` subclass (a frozen dataclass
+            of its settings, with a ``name``); ``mtlzoo compare --problem NAME`` then runs it. A
+            name that is already taken is refused, naming both origins.
+
+    Example:
+        ```python
+        @mtlzoo.hookimpl
+        def mtlzoo_register_problems(register):
+            register(MyProblem)
         ```
     """

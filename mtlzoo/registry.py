@@ -463,6 +463,14 @@ class StrategyRegistry:
         self.load()
         return dict(self._origins)
 
+    def implementations(self, hook: str) -> list[tuple[Origin, Any]]:
+        """Every loaded plugin's implementation of the hook named ``hook`` (a pluggy ``HookImpl``) with
+        the plugin's origin: how another registry (the comparison problems') reads the same plugins."""
+        with self._lock:
+            self.load()
+            return [(self._origins.get(impl.plugin_name, Origin(impl.plugin_name)), impl)
+                    for impl in getattr(self._pm.hook, hook).get_hookimpls()]
+
     # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> StrategyEntry:
         """The registered strategy called ``name`` (or one of its aliases).

@@ -1,0 +1,173 @@
+r"""``gradnorm_synthetic``: the synthetic regression of the GradNorm paper (Chen et al., ICML 2018, section 4).
+
+T regression tasks share an input ``x`` (dimension 250) and learn, with squared loss,
+
+``f_i(x) = sigma_i tanh((B + eps_i) x)``     (outputs of dimension 100, tanh element-wise),
+
+where ``B`` (100 x 250) is a constant matrix shared by every task and ``eps_i`` (100 x 250) a
+constant matrix of task i, their entries drawn i.i.d. from N(0, 10) and N(0, 3.5) (read as
+standard deviations, as public re-implementations do). The tasks are statistically alike except
+for their scales ``sigma_i``, which differ by orders of magnitude: a larger ``sigma_i`` gives a
+larger loss and larger gradients, so with equal weights it dominates training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.problems.base import GRADNORM_STRATEGIES, Batch, Metric, Problem, shuffled_batches
+from mtlzoo.registry import StrategyEntry
+from mtlzoo.wrapper import HardSharing, MTLWrapper
+
+INPUT_DIM = 250
+OUTPUT_DIM = 100
+HIDDEN = 100
+B_STD = 10.0
+EPS_STD = 3.5
+SIGMAS: dict[int, tuple[float, ...]] = {
+    2: (1.0, 100.0),
+    10: (48.0, 3.0, 54.0, 16.0, 9.0, 30.0, 52.0, 26.0, 47.0, 81.0),
+}
+"""The paper's scales: (1, 100) for T = 2; for T = 10 the values in the legend of its Figure 2, as a
+public re-implementation transcribes them (not checked against the PDF here)."""
+
+
+@dataclass(frozen=True)
+class GradNormSynthetic(Problem):
+    r"""GradNorm's synthetic regression: T tasks alike but for their output scales ``sigma_i``.
+
+    Source: Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive
+    Loss Balancing in Deep Multitask Networks*, ICML 2018, section 4 ("A Toy Example"):
+    ``f_i(x) = sigma_i tanh((B + eps_i) x)``, inputs of dimension 250, outputs of dimension 100,
+    ``B`` and ``eps_i`` with entries from N(0, 10) and N(0, 3.5); a 4-layer fully connected ReLU
+    trunk of 100 units per layer and one affine layer per task; T = 2 with
+    ``(sigma_0, sigma_1) = (1, 100)``, and T = 10; GradNorm's asymmetry ``alpha = 0.12`` (the tasks
+    have the same functional form). The paper does not give the input distribution, the data set
+    sizes or the optimizer: here ``x`` is uniform on [-1, 1]^250 scaled to unit norm (as public
+    re-implementations draw it), 10,000 training and 2,000 test examples, batches of 100, Adam at 1e-3.
+
+    What the literature says: with equal weights the large-``sigma`` task dominates the shared
+    trunk and the small-``sigma`` tasks learn slowly; GradNorm's weights grow roughly inversely to
+    ``sigma_i`` and reduce the test loss summed over tasks in units of each task's initial loss,
+    better than equal weights and uncertainty weighting, most clearly for T = 10.
+
+    Metrics per task: test ``mse``, and ``nmse`` = mse / sigma_i^2 (comparable across tasks).
+    Δm% against ``ls`` reads the mse (bounded away from zero on this problem).
+
+    An epoch: one pass over the training set (``train_size / batch_size`` steps).
+
+    Args:
+        num_tasks: T (2 or 10 take the paper's ``sigma``; other values need ``sigmas``).
+        sigmas: The T output scales (``None``: the paper's for T = 2 or 10).
+        train_size: Training examples.
+        test_size: Test examples.
+        batch_size: Examples per step.
+        data_seed: Seed of ``B``, ``eps_i`` and the examples (the run seed does not change the data).
+    """
+
+    num_tasks: int = 2  # type: ignore[assignment]
+    sigmas: Sequence[float] | None = None
+    train_size: int = 10_000
+    test_size: int = 2_000
+    batch_size: int = 100
+    data_seed: int = 0
+
+    name: ClassVar[str] = "gradnorm_synthetic"
+    summary: ClassVar[str] = "GradNorm's synthetic regression: T alike tasks whose output scales differ 100x"
+    source: ClassVar[str] = "Chen et al., ICML 2018, section 4 (https://arxiv.org/abs/1711.02257)"
+    literature: ClassVar[str] = ("equal weights let the large-sigma task dominate; GradNorm's weights balance the "
+                                 "tasks and lower the summed loss ratios")
+    metrics: ClassVar[tuple[Metric, ...]] = (
+        Metric("mse", higher_is_better=False, description="test mean squared error"),
+        Metric("nmse", higher_is_better=False, description="test mse / sigma_i^2"),
+    )
+    delta_m: ClassVar[bool] = True
+    default_steps: ClassVar[int] = 1000
+    default_seeds: ClassVar[int] = 3
+    full_steps: ClassVar[int] = 25_000
+    full_seeds: ClassVar[int] = 5
+    model_optimizer: ClassVar[str] = "adam"
+    model_lr: ClassVar[float] = 1e-3
+
+    def __post_init__(self) -> None:
+        for field in ("num_tasks", "train_size", "test_size", "batch_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+        if self.batch_size > self.train_size:
+            raise ValueError(f"Parameter `batch_size` should be at most `train_size = {self.train_size}`. "
+                             f"Found `batch_size = {self.batch_size}`.")
+        if self.sigmas is None:
+            if self.num_tasks not in SIGMAS:
+                raise ValueError(f"The paper gives sigma for T = 2 and T = 10 only; pass `sigmas` (T numbers) for "
+                                 f"`num_tasks = {self.num_tasks}`.")
+        else:
+            values = tuple(self.sigmas)
+            if len(values) != self.num_tasks or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf for s in values):
+                raise ValueError(f"Parameter `sigmas` should hold num_tasks = {self.num_tasks} positive numbers. "
+                                 f"Found `sigmas = {self.sigmas!r}`.")
+            object.__setattr__(self, "sigmas", tuple(float(s) for s in values))
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        return SIGMAS[self.num_tasks] if self.sigmas is None else tuple(self.sigmas)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.batch_size
+
+    @cached_property
+    def data(self) -> dict[str, Tensor]:
+        """``x_train, y_train, x_test, y_test``; ``y`` is (T, n, 100)."""
+        generator = torch.Generator().manual_seed(self.data_seed)
+        shared = torch.randn(OUTPUT_DIM, INPUT_DIM, generator=generator) * B_STD
+        own = torch.randn(self.num_tasks, OUTPUT_DIM, INPUT_DIM, generator=generator) * EPS_STD
+        sigma = torch.tensor(self.scales).view(-1, 1, 1)
+
+        def sample(n: int) -> tuple[Tensor, Tensor]:
+            x = torch.rand(n, INPUT_DIM, generator=generator) * 2 - 1
+            x = x / x.norm(dim=1, keepdim=True)
+            y = sigma * torch.tanh(torch.einsum("toi,ni->tno", shared + own, x))
+            return x, y
+
+        x_train, y_train = sample(self.train_size)
+        x_test, y_test = sample(self.test_size)
+        return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+    def build_model(self) -> HardSharing:
+        layers: list[nn.Module] = []
+        width = INPUT_DIM
+        for _ in range(4):
+            layers += [nn.Linear(width, HIDDEN), nn.ReLU()]
+            width = HIDDEN
+        return HardSharing(nn.Sequential(*layers), [nn.Linear(HIDDEN, OUTPUT_DIM) for _ in range(self.num_tasks)])
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        data = self.data
+        for index in shuffled_batches(self.train_size, self.batch_size, generator):
+            yield data["x_train"][index], data["y_train"][:, index]
+
+    def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
+        return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]
+
+    def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
+        x, y = self.data["x_test"].to(device), self.data["y_test"].to(device)
+        predictions = mtl(x)
+        results = {}
+        for name, p, t, sigma in zip(self.task_names, predictions, y, self.scales):
+            mse = float(nn.functional.mse_loss(p, t))
+            results[name] = {"mse": mse, "nmse": mse / sigma ** 2}
+        return results
+
+    def strategy_options(self, entry: StrategyEntry) -> dict[str, Any]:
+        if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters:
+            return {"alpha": 0.12}  # the paper's asymmetry on this problem
+        return {}

@@ -1,0 +1,150 @@
+"""``multidigits``: a MultiMNIST-style problem built from the 8x8 digits that scikit-learn ships.
+
+Two digits are drawn side by side on an 8 x 12 canvas, the right one shifted by ``shift`` columns
+so that they overlap (pixel-wise maximum where they do), and each task classifies one of them.
+The digits come with scikit-learn (``sklearn.datasets.load_digits``: 1,797 images, no download);
+install it with ``python -m pip install "mtlzoo[digits]"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.wrapper import HardSharing, MTLWrapper
+
+SIDE = 8
+TASKS = ("left", "right")
+
+
+@dataclass(frozen=True)
+class MultiDigits(Problem):
+    """Two overlapping 8x8 digits side by side; one classification task per digit.
+
+    Source: the MultiMNIST construction of Sabour, Frosst & Hinton (*Dynamic Routing Between
+    Capsules*, NeurIPS 2017), as Sener & Koltun (*Multi-Task Learning as Multi-Objective
+    Optimization*, NeurIPS 2018) use it for multitask learning (a left and a right digit, one
+    task each), rebuilt from scikit-learn's 8x8 digits (Alpaydin & Kaynak's UCI optical digits)
+    so that it needs no download. The images of the test pairs are held out from training.
+
+    What the literature says: on MultiMNIST the two tasks are of equal difficulty and mostly
+    cooperate; methods differ by a point or two of accuracy, equal weighting is a strong baseline
+    and gradient-surgery methods (MGDA-UB, PCGrad, CAGrad) match or slightly beat it. Expect small
+    differences here too, within the seed-to-seed spread at the default scale.
+
+    Model: a small CNN (two 3x3 convolutions, 16 and 32 channels, max pooling, a linear layer to a
+    64-dimensional representation) and a linear classifier per digit; Adam at 1e-3, batches of 128.
+
+    Metrics per task: test ``accuracy`` (Δm% against ``ls`` reads it, higher is better).
+
+    An epoch: one pass over the training pairs (``train_size / batch_size`` steps).
+
+    Args:
+        shift: Columns by which the right digit is shifted (8 puts the digits apart, 4 overlaps them by half).
+        train_size: Training pairs.
+        test_size: Test pairs.
+        batch_size: Pairs per step.
+        test_fraction: Share of the 1,797 digit images kept for the test pairs.
+        data_seed: Seed of the image split and of the pairing.
+    """
+
+    shift: int = 4
+    train_size: int = 10_000
+    test_size: int = 2_000
+    batch_size: int = 128
+    test_fraction: float = 0.25
+    data_seed: int = 0
+
+    name: ClassVar[str] = "multidigits"
+    summary: ClassVar[str] = "MultiMNIST-style: two overlapping 8x8 digits, one classifier each (scikit-learn)"
+    source: ClassVar[str] = "MultiMNIST (Sabour et al., NeurIPS 2017; Sener & Koltun, NeurIPS 2018) on sklearn digits"
+    literature: ClassVar[str] = "cooperative tasks: equal weighting is strong, methods differ by about a point"
+    metrics: ClassVar[tuple[Metric, ...]] = (Metric("accuracy", higher_is_better=True, description="test accuracy"),)
+    delta_m: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ("sklearn",)
+    extra: ClassVar[str | None] = "digits"
+    default_steps: ClassVar[int] = 400
+    default_seeds: ClassVar[int] = 2
+    full_steps: ClassVar[int] = 7_800
+    full_seeds: ClassVar[int] = 5
+    model_optimizer: ClassVar[str] = "adam"
+    model_lr: ClassVar[float] = 1e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= SIDE:
+            raise ValueError(f"Parameter `shift` should be an int in [0, {SIDE}]. Found `shift = {self.shift!r}`.")
+        for field in ("train_size", "test_size", "batch_size"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = "
+                             f"{self.test_fraction!r}`.")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(TASKS)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(TASKS)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.batch_size
+
+    @cached_property
+    def data(self) -> dict[str, Tensor]:
+        """``x_train`` (n, 1, 8, 8 + shift) in [0, 1], ``y_train`` (2, n) and the same for the test pairs."""
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as error:
+            raise ImportError(self.missing_message()) from error
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
+        labels = torch.tensor(digits.target, dtype=torch.long)
+        generator = torch.Generator().manual_seed(self.data_seed)
+        order = torch.randperm(len(images), generator=generator)
+        cut = round(len(images) * (1 - self.test_fraction))
+        splits = {"train": order[:cut], "test": order[cut:]}
+        data = {}
+        for split, size in (("train", self.train_size), ("test", self.test_size)):
+            pool = splits[split]
+            left = pool[torch.randint(len(pool), (size,), generator=generator)]
+            right = pool[torch.randint(len(pool), (size,), generator=generator)]
+            canvas = torch.zeros(size, 1, SIDE, SIDE + self.shift)
+            canvas[:, 0, :, :SIDE] = images[left]
+            placed = canvas[:, 0, :, self.shift:]
+            canvas[:, 0, :, self.shift:] = torch.maximum(placed, images[right])
+            data[f"x_{split}"] = canvas
+            data[f"y_{split}"] = torch.stack([labels[left], labels[right]])
+        return data
+
+    def build_model(self) -> HardSharing:
+        width = SIDE + self.shift
+        backbone = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * (SIDE // 2) * (width // 2), 64), nn.ReLU(),
+        )
+        return HardSharing(backbone, [nn.Linear(64, 10) for _ in TASKS])
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        data = self.data
+        for index in shuffled_batches(self.train_size, self.batch_size, generator):
+            yield data["x_train"][index], data["y_train"][:, index]
+
+    def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
+        return [nn.functional.cross_entropy(p, t) for p, t in zip(predictions, targets)]
+
+    def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
+        x, y = self.data["x_test"].to(device), self.data["y_test"].to(device)
+        predictions = mtl(x)
+        return {name: {"accuracy": float((p.argmax(-1) == t).float().mean())}
+                for name, p, t in zip(self.task_names, predictions, y)}

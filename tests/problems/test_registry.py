@@ -1,0 +1,103 @@
+"""The problem registry: built-ins through the internal plugin, plugins through ``mtlzoo_register_problems``.
+
+Reference: the registry contract of DESIGN.md (built-ins through the same hook a third party uses,
+origins kept, close matches for unknown names, duplicates refused naming both origins), applied to
+problems as it is to strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+import mtlzoo
+from mtlzoo.errors import DuplicateStrategyError, PluginWarning, UnknownHyperparameterError, UnknownProblemError
+from mtlzoo.problems import (
+    BUILTIN_PROBLEMS,
+    Toy2D,
+    create_problem,
+    get_problem,
+    list_problems,
+    register_problem,
+)
+from mtlzoo.registry import REGISTRY
+
+
+@dataclass(frozen=True)
+class Shifted(Toy2D):
+    """A plugin's variant of the toy (its own name)."""
+
+    name: ClassVar[str] = "toy2d_shifted"
+
+
+def test_builtins_are_listed_with_their_origin() -> None:
+    entries = list_problems()
+    assert [e.name for e in entries][:3] == ["toy2d", "gradnorm_synthetic", "multidigits"]
+    assert [e.cls for e in entries[:3]] == list(BUILTIN_PROBLEMS)
+    assert all(str(e.origin) == "built-in" for e in entries[:3])
+    record = get_problem("gradnorm-synthetic").to_record()  # '-' equals '_', case-insensitive
+    assert record["delta_m"] and record["metrics"][0] == {"name": "mse", "higher_is_better": False}
+
+
+def test_unknown_names_and_settings_suggest_close_ones() -> None:
+    with pytest.raises(UnknownProblemError, match="Did you mean 'toy2d'"):
+        get_problem("toy2")
+    with pytest.raises(KeyError):  # also a KeyError, like an unknown strategy
+        create_problem("nope")
+    with pytest.raises(UnknownHyperparameterError, match="Did you mean 'num_tasks'"):
+        create_problem("gradnorm_synthetic", num_task=10)
+
+
+def test_a_plugin_registers_problems_through_the_hook() -> None:
+    class Plugin:
+        @mtlzoo.hookimpl
+        def mtlzoo_register_problems(self, register):
+            register(Shifted)
+
+    name = REGISTRY.register_plugin(Plugin(), name="problem-plugin")
+    try:
+        entry = get_problem("toy2d_shifted")
+        assert entry.cls is Shifted and entry.origin.plugin == "problem-plugin" and not entry.origin.builtin
+        assert isinstance(create_problem("toy2d_shifted"), Shifted)
+    finally:
+        REGISTRY.unregister_plugin(name)
+    with pytest.raises(UnknownProblemError):
+        get_problem("toy2d_shifted")
+
+
+def test_a_plugin_taking_a_builtin_name_is_refused_with_both_origins() -> None:
+    @dataclass(frozen=True)
+    class Impostor(Toy2D):
+        name: ClassVar[str] = "toy2d"
+
+    class Plugin:
+        @mtlzoo.hookimpl
+        def mtlzoo_register_problems(self, register):
+            register(Impostor)
+
+    name = REGISTRY.register_plugin(Plugin(), name="impostor-plugin")
+    try:
+        with pytest.warns(PluginWarning, match=r"'toy2d'.*impostor-plugin.*already taken by Toy2D \(from built-in\)"):
+            entry = get_problem("toy2d")
+        assert entry.cls is Toy2D
+    finally:
+        REGISTRY.unregister_plugin(name)
+
+
+def test_register_problem_decorator_and_re_registration() -> None:
+    register_problem(Shifted)
+    try:
+        assert get_problem("toy2d_shifted").cls is Shifted
+        register_problem(Shifted)  # again: replaces, no error
+        assert get_problem("toy2d_shifted").cls is Shifted
+        with pytest.raises(DuplicateStrategyError, match="already taken"):
+            @register_problem
+            @dataclass(frozen=True)
+            class Other(Toy2D):
+                name: ClassVar[str] = "toy2d_shifted"
+    finally:
+        REGISTRY.unregister_plugin(f"{Shifted.__module__}:{Shifted.__qualname__}[problem]")
+    with pytest.raises(UnknownProblemError):
+        get_problem("toy2d_shifted")
