@@ -1,0 +1,196 @@
+"""FAMO: fast adaptive multitask optimization, task logits learned from the losses' change over a step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlzoo.errors import ShapeMismatchError
+from mtlzoo.strategies._weighting import check_positive
+from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+
+FAMO_PAPER = Paper(
+    authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"),
+    title="FAMO: Fast Adaptive Multitask Optimization",
+    venue="NeurIPS",
+    year=2023,
+    url="https://arxiv.org/abs/2306.03792",
+)
+EPSILON = 1e-8
+"""Added to ``L_k - b_k`` before its log, as the authors' code."""
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+TAKES = "takes the log of each loss minus its lower bound"
+
+
+def famo_weights(losses: Tensor, logits: Tensor, min_losses: Tensor) -> Tensor:
+    """``w_k = z_k / (c (L_k - b_k + eps))``, ``z = softmax(logits)``, ``c = sum_j z_j / (L_j - b_j + eps)``."""
+    z = torch.softmax(logits, dim=0)
+    shifted = losses - min_losses + EPSILON
+    return z / (shifted * (z / shifted).sum())
+
+
+def logit_gradient(logits: Tensor, delta: Tensor) -> Tensor:
+    """``J^T delta`` for ``z = softmax(logits)``: ``z * (delta - z . delta)`` (the authors' ``autograd.grad``)."""
+    z = torch.softmax(logits, dim=0)
+    return z * (delta - (z * delta).sum())
+
+
+class FAMO(WeightingStrategy):
+    r"""FAMO: weights ``z = softmax(xi)`` on the log-losses, ``xi`` learned from how much each loss fell.
+
+    Paper: Liu, Feng, Stone & Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023
+    (https://arxiv.org/abs/2306.03792), Algorithm 2. The model learns from
+
+    ``total = c sum_k z_k log(L_k - b_k + eps)``, so ``w_k = c z_k / (L_k - b_k + eps)``,
+    ``c = ( sum_k z_k / (L_k - b_k + eps) )^-1`` (held constant),
+
+    which moves every ``log L_k`` at the same rate when the logits are right. After the optimizer
+    step, the same batch's losses are evaluated again (``mtl.step(opt, post_step_losses=lambda:
+    losses(mtl(x), y))``, under ``torch.no_grad()``), and the logits take one Adam step (learning
+    rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
+    ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
+
+    The logits are the strategy's own state (buffers), stepped only by that inner Adam, whose
+    moments and step counts are buffers too; none is among ``strategy_parameters()``, so the
+    user's optimizer never steps them. ``L^before`` is the step's loss (averaged over its
+    micro-batches). Without the post-step losses (``post_step_losses`` not given, the wrapper warns
+    once) the logits stay at 0: plain ``sum_k log L_k`` with equal ``z``. An absent task keeps its
+    logit, moments and step count; the others' softmax is taken without it. A loss at or below its
+    lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
+    state left as it was.
+
+    Args:
+        num_tasks: K.
+        lr: The inner Adam's learning rate, ``>= 0``. The paper uses 0.025.
+        gamma: The weight decay on the logits, ``>= 0``. 1e-3, as the paper's Algorithm 2 (and LibMTL); the
+            authors' code defaults to 1e-5 in its experiments' weighting class (0.01 in its stand-alone
+            ``famo.py``, 1e-3 in its QM9 script).
+        min_losses: The lower bounds ``b_k`` of the losses (K numbers, default zeros).
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> famo = mtlzoo.create("famo", num_tasks=2)
+        >>> famo.weights(torch.tensor([1.0, 4.0]))
+        tensor([0.8000, 0.2000])
+    """
+
+    info = StrategyInfo(
+        name="famo",
+        kind="weighting",
+        summary="Weights on the log-losses from task logits learned by the losses' decrease over each step.",
+        paper=FAMO_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}),
+    )
+    wants_post_step_losses = True
+
+    def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
+                 min_losses: Sequence[float] | Tensor | None = None) -> None:
+        super().__init__(num_tasks)
+        for name, value in (("lr", lr), ("gamma", gamma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"Parameter `{name}` should be a finite number >= 0. Found `{name} = {value!r}`.")
+        bounds = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses,
+                                                                                   dtype=torch.get_default_dtype())
+        if bounds.shape != (num_tasks,) or not bool(torch.isfinite(bounds).all()):
+            raise ValueError(f"Parameter `min_losses` should hold {num_tasks} finite numbers. Found `min_losses = "
+                             f"{min_losses!r}`.")
+        self.lr = float(lr)
+        self.gamma = float(gamma)
+        self.register_buffer("min_losses", bounds)
+        self.register_buffer("logits", torch.zeros(num_tasks))
+        self.register_buffer("adam_exp_avg", torch.zeros(num_tasks))
+        self.register_buffer("adam_exp_avg_sq", torch.zeros(num_tasks))
+        self.register_buffer("adam_steps", torch.zeros(num_tasks))
+        self.register_buffer("losses_before", torch.full((num_tasks,), math.nan))
+        self._staged: dict[str, Tensor] = {}
+
+    @property
+    def properties(self) -> frozenset[str]:
+        if bool((self.logits == self.logits[0]).all()) and bool((self.min_losses == self.min_losses[0]).all()):
+            return self.info.properties
+        return self.info.properties - {"permutation_invariant"}
+
+    @property
+    def task_weights(self) -> Tensor:
+        """``z = softmax(xi)``, the K task weights on the log-losses."""
+        return torch.softmax(self.logits, dim=0)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        weights = self._weights(losses.detach(), tasks)
+        sums = self._staged.get("sums", torch.zeros_like(self.losses_before))
+        counts = self._staged.get("counts", torch.zeros_like(self.losses_before))
+        self._staged = {"sums": sums.index_add(0, tasks, losses.detach().to(sums.dtype)),
+                        "counts": counts.index_add(0, tasks, torch.ones_like(losses, dtype=counts.dtype))}
+        return weights
+
+    def _weights(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        bounds = self.min_losses[tasks].to(losses.dtype)
+        check_positive(losses - bounds, tasks, "FAMO (famo)", TAKES)
+        return famo_weights(losses, self.logits[tasks].to(losses.dtype), bounds)
+
+    def scalarize(self, losses: Tensor) -> Tensor:
+        weights = self._weights(losses.detach(), torch.arange(losses.shape[0], device=losses.device))
+        shifted = losses - self.min_losses.to(losses.dtype) + EPSILON
+        # c sum_k z_k log(L_k - b_k + eps): weights * shifted is c z, held constant
+        return (weights * shifted.detach() * shifted.log()).sum()
+
+    def _commit(self) -> None:
+        if self._staged:
+            counts = self._staged["counts"]
+            self.losses_before = torch.where(counts > 0, self._staged["sums"] / counts.clamp_min(1),
+                                             torch.full_like(counts, math.nan))
+        self._staged = {}
+
+    def _drop_staged(self) -> None:
+        self._staged = {}
+
+    def post_step(self, losses: Tensor) -> None:
+        """One Adam step on the logits from the step's losses re-evaluated after the optimizer step.
+
+        Args:
+            losses: The K losses after the step (NaN for a task absent from it), as the wrapper passes them.
+        """
+        if losses.shape != (self.num_tasks,):
+            raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
+                                     f"absent task). Found shape {tuple(losses.shape)}.")
+        after = losses.detach().to(device=self.logits.device, dtype=self.logits.dtype)
+        present = torch.isfinite(self.losses_before) & torch.isfinite(after)
+        tasks = torch.arange(self.num_tasks, device=present.device)[present]
+        if tasks.shape[0] == 0:
+            return
+        bounds = self.min_losses[tasks]
+        check_positive(after[tasks] - bounds, tasks, "FAMO (famo)", TAKES)
+        before = self.losses_before[tasks]
+        delta = torch.log(before - bounds + EPSILON) - torch.log(after[tasks] - bounds + EPSILON)
+        self._adam_step(tasks, logit_gradient(self.logits[tasks], delta))
+        self.losses_before = torch.full_like(self.losses_before, math.nan)
+
+    def _adam_step(self, tasks: Tensor, grad: Tensor) -> None:
+        """``torch.optim.Adam`` (L2 weight decay ``gamma``), on the logits of ``tasks`` only."""
+        beta1, beta2 = ADAM_BETAS
+        logits = self.logits[tasks]
+        grad = grad + self.gamma * logits
+        steps = self.adam_steps[tasks] + 1
+        exp_avg = self.adam_exp_avg[tasks].lerp(grad, 1 - beta1)
+        exp_avg_sq = self.adam_exp_avg_sq[tasks] * beta2 + (1 - beta2) * grad * grad
+        bias_correction1 = 1 - beta1 ** steps
+        bias_correction2 = 1 - beta2 ** steps
+        denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + ADAM_EPS
+        self.logits[tasks] = logits - (self.lr / bias_correction1) * exp_avg / denom
+        self.adam_exp_avg[tasks] = exp_avg
+        self.adam_exp_avg_sq[tasks] = exp_avg_sq
+        self.adam_steps[tasks] = steps
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._staged = {}

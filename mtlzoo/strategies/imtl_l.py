@@ -1,0 +1,80 @@
+"""IMTL-L: the loss-balancing half of Impartial Multi-Task Learning, learned loss scales."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+
+IMTL_PAPER = Paper(
+    authors=("Liyang Liu", "Yi Li", "Zhanghui Kuang", "Jing-Hao Xue", "Yimin Chen", "Wenming Yang", "Qingmin Liao",
+             "Wayne Zhang"),
+    title="Towards Impartial Multi-task Learning",
+    venue="ICLR",
+    year=2021,
+    url="https://openreview.net/forum?id=IMPnRXEWpvr",
+)
+
+
+def imtl_l_total(losses: Tensor, log_scales: Tensor) -> Tensor:
+    """IMTL-L's scalarization ``sum_k ( exp(s_k) L_k - s_k )`` (differentiable in both)."""
+    return (torch.exp(log_scales) * losses - log_scales).sum()
+
+
+class IMTLL(WeightingStrategy):
+    r"""IMTL-L: learned loss scales, ``total = sum_k ( exp(s_k) L_k - s_k )``.
+
+    The loss-balancing half of Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021
+    (https://openreview.net/forum?id=IMPnRXEWpvr). Each task's scale ``exp(s_k)`` is learned
+    (``s_k`` a parameter, for the user's optimizer) from ``total`` with the losses held constant, so
+    that the scaled losses ``exp(s_k) L_k`` all tend to 1 (the optimum of ``s_k`` is
+    ``-log L_k``); the ``-s_k`` term keeps ``s_k`` from falling to minus infinity. The model learns
+    from ``sum_k w_k L_k`` with ``w_k = exp(s_k)``. The scales start at 0 (equal weights 1), as
+    the paper. The combined ``imtl`` method (IMTL-L with IMTL-G's gradient balancing) builds on
+    this class and :func:`imtl_l_total`. An absent task's ``s_k`` gets no gradient.
+
+    Args:
+        num_tasks: K.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> imtl = mtlzoo.create("imtl_l", num_tasks=2)
+        >>> imtl.scalarize(torch.tensor([2.0, 3.0]))
+        tensor(5., grad_fn=<SumBackward0>)
+    """
+
+    info = StrategyInfo(
+        name="imtl_l",
+        aliases=("imtll",),
+        kind="weighting",
+        summary="Learned loss scales exp(s_k) that drive every scaled loss towards 1.",
+        paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}),
+        learnable=True,
+    )
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        self.log_scales = nn.Parameter(torch.zeros(num_tasks))
+
+    @property
+    def properties(self) -> frozenset[str]:
+        values = self.log_scales.detach()
+        if bool((values == values[0]).all()):
+            return self.info.properties
+        return self.info.properties - {"permutation_invariant"}
+
+    def scalarize(self, losses: Tensor) -> Tensor:
+        return imtl_l_total(losses, self.log_scales.to(losses.dtype))
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return torch.exp(self.log_scales.detach()).to(losses.dtype)
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        return torch.exp(self.log_scales.detach()[tasks]).to(losses.dtype)
+
+    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        if not self.log_scales.requires_grad:
+            return None
+        return imtl_l_total(losses.detach(), self.log_scales[tasks].to(losses.dtype))

@@ -1,0 +1,92 @@
+"""Random loss weighting: fresh random weights at every step, from the strategy's own generator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+
+RLW_PAPER = Paper(
+    authors=("Baijiong Lin", "Feiyang Ye", "Yu Zhang", "Ivor W. Tsang"),
+    title="Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning",
+    venue="TMLR",
+    year=2022,
+    url="https://arxiv.org/abs/2111.10603",
+)
+
+
+class RandomLossWeighting(WeightingStrategy):
+    r"""Random loss weighting (RLW): ``w = softmax(eps)``, ``eps ~ N(0, I_K)`` drawn anew every optimizer step.
+
+    Paper: Lin, Ye, Zhang & Tsang, *Reasonable Effectiveness of Random Weighting: A Litmus Test for
+    Multi-Task Learning*, TMLR 2022 (https://arxiv.org/abs/2111.10603), Algorithm 1 with its
+    default distribution (normal, normalised by a softmax, so the weights are positive and sum to
+    1). One draw per optimizer step: micro-batches of a step share it, and a step that a
+    ``GradScaler`` skips draws the same weights again. An absent task's weight is drawn and unused.
+
+    The draws come from the strategy's own ``torch.Generator``, whose state is in ``state_dict()``
+    (a resumed run draws what the uninterrupted run would have). It is seeded from ``seed`` or,
+    by default, from torch's global generator at construction (deterministic given the torch seed).
+
+    Args:
+        num_tasks: K.
+        seed: Seed of the strategy's generator; ``None`` draws one from torch's global generator.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> rlw = mtlzoo.create("rlw", num_tasks=3, seed=0)
+        >>> w = rlw.weights(torch.ones(3))
+        >>> bool(torch.isclose(w.sum(), torch.tensor(1.0)))
+        True
+    """
+
+    info = StrategyInfo(
+        name="rlw",
+        aliases=("random", "random_loss_weighting"),
+        kind="weighting",
+        summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.",
+        paper=RLW_PAPER,
+        stochastic=True,
+    )
+
+    def __init__(self, num_tasks: int, seed: int | None = None) -> None:
+        super().__init__(num_tasks)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"Parameter `seed` should be a non-negative int or None. Found `seed = {seed!r}`.")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self._staged: dict[str, Tensor] = {}
+
+    def draw(self) -> Tensor:
+        """The K weights of the current step (drawn at its first call, the same until :meth:`advance`)."""
+        if "weights" not in self._staged:
+            self._staged["state"] = self.generator.get_state()
+            self._staged["weights"] = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), dim=0)
+        return self._staged["weights"]
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return self.draw().to(device=losses.device, dtype=losses.dtype)
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        return self.draw().to(device=losses.device, dtype=losses.dtype)[tasks]
+
+    def _commit(self) -> None:
+        self._staged = {}
+
+    def _drop_staged(self) -> None:
+        if "state" in self._staged:
+            self.generator.set_state(self._staged["state"])
+        self._staged = {}
+
+    def extra_state(self) -> dict[str, Any]:
+        state = self._staged.get("state", self.generator.get_state())  # at the step boundary
+        return {"generator": bytes(state.numpy().tobytes())}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._staged = {}
+        self.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))

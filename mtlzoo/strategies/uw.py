@@ -1,0 +1,81 @@
+"""Uncertainty weighting: learned per-task log-variances."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+
+UW_PAPER = Paper(
+    authors=("Alex Kendall", "Yarin Gal", "Roberto Cipolla"),
+    title="Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics",
+    venue="CVPR",
+    year=2018,
+    url="https://arxiv.org/abs/1705.07115",
+)
+
+
+class UncertaintyWeighting(WeightingStrategy):
+    r"""Uncertainty weighting (UW): ``total = sum_k ( exp(-s_k) L_k / 2 + s_k / 2 )``, ``s_k = log sigma_k^2``.
+
+    Paper: Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
+    Geometry and Semantics*, CVPR 2018 (https://arxiv.org/abs/1705.07115). Each task's
+    homoscedastic noise ``sigma_k^2`` is learned through its log ``s_k`` (a parameter, for the
+    user's optimizer, as the paper for stability), from ``total`` with the losses held constant;
+    the model learns from ``sum_k w_k L_k`` with ``w_k = exp(-s_k) / 2``. At the optimum of
+    ``s_k``, ``sigma_k^2 = L_k``: a task's weight falls as its loss grows. The form is the paper's
+    for regression (a Gaussian likelihood), used for every task as in torchjd and LibMTL.
+
+    The log-variances start at 0 (``sigma^2 = 1``, equal weights 1/2), the paper's reported-robust
+    choice (LibMTL starts them at -0.5). An absent task's ``s_k`` gets no gradient.
+
+    Args:
+        num_tasks: K.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> uw = mtlzoo.create("uw", num_tasks=2)
+        >>> uw.weights(torch.tensor([1.0, 3.0]))
+        tensor([0.5000, 0.5000])
+    """
+
+    info = StrategyInfo(
+        name="uw",
+        aliases=("uncertainty", "uncertainty_weighting"),
+        kind="weighting",
+        summary="Learned per-task log-variances s_k: weights exp(-s_k)/2, a regulariser s_k/2.",
+        paper=UW_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}),
+        learnable=True,
+    )
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        self.log_variances = nn.Parameter(torch.zeros(num_tasks))
+
+    @property
+    def properties(self) -> frozenset[str]:
+        values = self.log_variances.detach()
+        if bool((values == values[0]).all()):
+            return self.info.properties
+        return self.info.properties - {"permutation_invariant"}
+
+    def _total(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
+        s = self.log_variances if tasks is None else self.log_variances[tasks]
+        s = s.to(losses.dtype)
+        return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
+
+    def scalarize(self, losses: Tensor) -> Tensor:
+        return self._total(losses, None)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        return (0.5 * torch.exp(-self.log_variances.detach())).to(losses.dtype)
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        return (0.5 * torch.exp(-self.log_variances.detach()[tasks])).to(losses.dtype)
+
+    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        if not self.log_variances.requires_grad:
+            return None
+        return self._total(losses.detach(), tasks)
