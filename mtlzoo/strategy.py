@@ -54,6 +54,17 @@ PROPERTIES: dict[str, str] = {
 }
 """The claims a strategy may list in ``StrategyInfo.properties``; the test suite checks each claim."""
 
+COSTS: dict[str, str] = {
+    "backward": "one ordinary backward of the weighted loss, as `ls`",
+    "representation": "per-task gradients on the representation z: K backwards through the heads, one through "
+                      "the backbone",
+    "layer": "per-task gradients on a named part of the shared parameters (GradNorm's last shared layer): K "
+             "backwards through that part besides the ordinary one",
+    "parameters": "per-task gradients on all shared parameters (the Jacobian, its Gramian or its norms): K "
+                  "backwards through the backbone, batched, about K times an `ls` step",
+}
+"""The cost classes a strategy may state in ``StrategyInfo.cost``: what one step costs beyond the forward."""
+
 REQUIRED = inspect.Parameter.empty
 """Marks a hyperparameter without a default in :func:`hyperparameters`."""
 
@@ -100,6 +111,15 @@ class StrategyInfo:
             ``None`` when it has none to train.
         lr: The learning rate of that optimizer.
         default_comparison: Whether ``mtlzoo compare`` runs the strategy when no strategies are named.
+        cost: The cost class of one step with the default request, a key of :data:`COSTS`:
+            ``"backward"`` (losses only), ``"representation"`` (gradients on ``z``), ``"layer"``
+            (gradients on named shared parameters), ``"parameters"`` (gradients on all shared
+            parameters). ``None`` when not stated: the docs then derive it from ``request`` and mark it
+            as derived. State it in the ``info = StrategyInfo(...)`` block (``cost="parameters"``).
+        original_code: URL of the authors' own implementation (a repository); ``""`` when there is
+            none (a baseline, or no code was published); ``None`` when not stated. The docs'
+            comparison guide shows it. State it in the ``info = StrategyInfo(...)`` block
+            (``original_code="https://github.com/..."``).
     """
 
     name: str
@@ -116,6 +136,8 @@ class StrategyInfo:
     optimizer: str | None = None
     lr: float | None = None
     default_comparison: bool = False
+    cost: str | None = None
+    original_code: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -136,6 +158,11 @@ class StrategyInfo:
         if unknown:
             raise ValueError(f"Parameter `properties` should hold names from {sorted(PROPERTIES)}. Found {unknown}.")
         object.__setattr__(self, "properties", frozenset(self.properties))
+        if self.cost is not None and self.cost not in COSTS:
+            raise ValueError(f"Parameter `cost` should be one of {tuple(COSTS)}. Found `cost = {self.cost!r}`.")
+        if self.original_code is not None and not isinstance(self.original_code, str):
+            raise ValueError(f"Parameter `original_code` should be a URL, or '' for none. Found "
+                             f"`original_code = {self.original_code!r}`.")
         if self.optimizer is not None and not (isinstance(self.optimizer, str) and self.optimizer.strip()):
             raise ValueError(f"Parameter `optimizer` should be a torch.optim class name. Found `optimizer = "
                              f"{self.optimizer!r}`.")

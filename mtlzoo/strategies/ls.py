@@ -34,6 +34,8 @@ class LinearScalarization(WeightingStrategy):
         summary="Fixed weighted sum of the task losses (all ones by default).",
         properties=frozenset({"permutation_invariant", "scale_linear"}),
         default_comparison=True,
+        cost="backward",
+        original_code="",
     )
     """Permutation invariance holds for equal weights only; :attr:`properties` says so per instance."""
 

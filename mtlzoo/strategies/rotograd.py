@@ -144,6 +144,8 @@ class RotateOnly(GradientSurgery):
         optimizer="adam",
         lr=1e-4,
         default_comparison=True,
+        cost="representation",
+        original_code="https://github.com/adrianjav/rotograd",
     )
     supported_targets: tuple[Target, ...] = ("representation",)
     unchecked_settings = ("rotation_shape", "rotation_init")
@@ -425,6 +427,8 @@ class RotoGrad(RotateOnly):
         optimizer="adam",
         lr=1e-4,
         default_comparison=True,
+        cost="representation",
+        original_code="https://github.com/adrianjav/rotograd",
     )
     running_buffers = ("initial_losses", "initial_grad_norms")
 
@@ -470,6 +474,8 @@ class RotoGradNorm(RotateOnly):
         optimizer="adam",
         lr=1e-4,
         default_comparison=True,
+        cost="representation",
+        original_code="https://github.com/adrianjav/rotograd",
     )
 
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *, alpha: float,
