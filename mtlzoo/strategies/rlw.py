@@ -51,6 +51,8 @@ class RandomLossWeighting(WeightingStrategy):
         paper=RLW_PAPER,
         stochastic=True,
     )
+    unchecked_settings = ("seed",)
+    """The generator's state in a checkpoint replaces whatever ``seed`` started it."""
 
     def __init__(self, num_tasks: int, seed: int | None = None) -> None:
         super().__init__(num_tasks)
