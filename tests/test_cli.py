@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -67,3 +68,138 @@ def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as error:
         main(["frobnicate"])
     assert error.value.code == 2
+
+
+# ----------------------------------------------------------------------- compare
+def _compare(tmp_path: Any, *extra: str) -> list[str]:
+    return ["compare", "--problem", "toy2d", "--strategies", "rotograd", "--steps", "12", "--seeds", "2",
+            "--out", str(tmp_path), *extra]
+
+
+def test_compare_prints_a_table_per_problem_and_writes_results_and_plots(
+        tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10: a readable table per problem (one row per strategy, ls added) and --out's files."""
+    pytest.importorskip("matplotlib")
+    assert main(_compare(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "toy2d: 12 steps x 2 seeds" in out
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == ["ls", "rotograd"]
+    assert all("2/2" in row for row in rows)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["results.csv", "results.json", "runs", "toy2d_losses.png", "toy2d_pareto.png",
+                     "toy2d_trajectories.png"]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [row["strategy"] for row in data["problems"][0]["summary"]] == ["ls", "rotograd"]
+
+
+def test_compare_json_format(capsys: pytest.CaptureFixture[str]) -> None:
+    """Options after a colon reach the problem and the strategy; ls is its own reference (Δm% 0, time ratio 1)."""
+    args = ["compare", "--problem", "gradnorm_synthetic:train_size=300:test_size=100", "--strategies",
+            "rotograd_norm:alpha=0.5", "--steps", "6", "--seeds", "0,3", "--format", "json"]
+    assert main(args) == 0
+    (problem,) = json.loads(capsys.readouterr().out)
+    assert problem["problem"] == "gradnorm_synthetic"
+    labels = [row["strategy"] for row in problem["summary"]]
+    assert labels == ["ls", "rotograd_norm:alpha=0.5"]
+    assert all(row["ok"] == 2 for row in problem["summary"])
+    assert problem["summary"][0]["delta_m"] == 0 and problem["summary"][0]["time_ratio"] == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--strategies", "ls,rotogard"], "Did you mean 'rotograd'"),
+    (["--problem", "toy3d"], "Did you mean 'toy2d'"),
+    (["--strategies", "rotograd:normalise_losses=true"], "Did you mean 'normalize_losses'"),
+    (["--strategy-optimizer", "rotograd=adma:0.1", "--strategies", "rotograd"], "Unknown optimizer 'adma'"),
+    (["--seeds", "two"], "--seeds"),
+])
+def test_compare_refuses_bad_input_before_training(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10: bad names and options fail before any training (training is replaced by a failure) with close names."""
+    from mtlzoo import compare as harness
+
+    monkeypatch.setattr(harness, "_train", lambda *a, **k: pytest.fail("training started"))
+    assert main(["compare", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_interrupted_compare_keeps_finished_runs_and_resumes(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C (KeyboardInterrupt) in the third run: two runs are kept; --resume trains only the other two."""
+    from mtlzoo import compare as harness
+
+    real_train = harness._train
+    calls: list[str] = []
+
+    def interrupted(problem: Any, plan: Any, seed: int, *args: Any) -> None:
+        calls.append(f"{plan.label}/{seed}")
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_train(problem, plan, seed, *args)
+
+    monkeypatch.setattr(harness, "_train", interrupted)
+    assert main(_compare(tmp_path, "--no-plots")) == 130
+    err = capsys.readouterr().err
+    assert "--resume" in err and str(tmp_path / "runs") in err
+    assert len(list((tmp_path / "runs" / "toy2d").glob("*.json"))) == 2
+    assert main(_compare(tmp_path, "--no-plots")) == 2  # refuses to mix with earlier runs without --resume
+    assert "--resume" in capsys.readouterr().err
+    calls.clear()
+    assert main(_compare(tmp_path, "--no-plots", "--resume")) == 0
+    assert calls == ["ls/1", "rotograd/1"]
+    assert "2/2" in capsys.readouterr().out
+
+
+def test_compare_help_problem_describes_the_source(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each problem documents its source (GradNorm, ICML 2018, section 4) and its full scale."""
+    assert main(["compare", "--problem", "gradnorm_synthetic", "--help-problem"]) == 0
+    out = capsys.readouterr().out
+    assert "Chen, Badrinarayanan, Lee & Rabinovich" in out and "full: 25000 steps" in out
+
+
+def test_compare_help_states_what_the_default_cuts(capsys: pytest.CaptureFixture[str]) -> None:
+    """The help's account of the default scale is generated from the problems, so it cannot drift from them."""
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    from mtlzoo.problems import BUILTIN_PROBLEMS
+
+    for cls in BUILTIN_PROBLEMS:
+        assert f"{cls.name}: {cls.default_steps:,} steps x {cls.default_seeds} seeds" in text
+        assert f"full: {cls.full_steps:,} x {cls.full_seeds}" in text
+
+
+# ------------------------------------------------------------------------- bench
+def test_bench_reports_ratios_to_ls_on_both_models(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 10: median step time per strategy and model, and its ratio to ls's median on the same model."""
+    args = ["bench", "--strategies", "rotograd", "--tasks", "3", "--dim", "8", "--steps", "6", "--warmup", "1"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["tasks"] == 3 and report["settings"]["batch_sizes"] == {"mlp": 256, "cnn": 64}
+    records = {(r["model"], r["strategy"]): r for r in report["results"]}
+    assert set(records) == {("mlp", "ls"), ("mlp", "rotograd"), ("cnn", "ls"), ("cnn", "rotograd")}
+    assert all(r["status"] == "ok" and r["steps"] == 6 and r["median_s"] > 0 for r in records.values())
+    assert records[("mlp", "ls")]["ratio_to_ls"] == 1.0
+    ratio = records[("cnn", "rotograd")]["ratio_to_ls"]
+    assert ratio == pytest.approx(records[("cnn", "rotograd")]["median_s"] / records[("cnn", "ls")]["median_s"])
+
+
+def test_bench_models_have_the_stated_shapes() -> None:
+    """MLP: 64-256-256-d with K linear heads; CNN: a (batch, d, 8, 8) representation."""
+    import torch
+
+    from mtlzoo.bench import reference_batch, reference_model
+
+    mlp = reference_model("mlp", 3, 16)
+    widths = [(m.in_features, m.out_features) for m in mlp.backbone if isinstance(m, torch.nn.Linear)]
+    assert widths == [(64, 256), (256, 256), (256, 16)] and len(mlp.heads) == 3
+    cnn = reference_model("cnn", 2, 16)
+    x, targets = reference_batch("cnn", 2, 5, torch.Generator().manual_seed(0))
+    assert cnn.backbone(x).shape == (5, 16, 8, 8)
+    assert [tuple(p.shape) for p in cnn(x)] == [tuple(t.shape) for t in targets] == [(5, 1, 8, 8)] * 2
+
+
+def test_bench_unknown_strategy_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown names fail with close matches, as in the registry (timm's habit)."""
+    assert main(["bench", "--strategies", "rotogradd"]) == 2
+    assert "Did you mean 'rotograd'" in capsys.readouterr().err

@@ -29,6 +29,8 @@ def test_quickstart_and_training_loop_run(capsys: pytest.CaptureFixture[str]) ->
 
 def test_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
     main_job, tests = [block.strip() for block in blocks("bash")]
-    assert main_job.startswith("python -m pip install torch==") and main_job.endswith("mtlzoo list")
+    assert main_job.startswith("python -m pip install torch==") and main_job.endswith("mtlzoo compare")
     assert tests.endswith("python -m pytest")
-    assert tests in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci
+    assert "python -m mtlzoo compare --out" in ci  # CI runs the main job, then checks its results

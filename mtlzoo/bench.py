@@ -1,0 +1,199 @@
+"""``mtlzoo bench``: the time of a training step under each strategy, as a ratio to ``ls``.
+
+Two reference models, with K linear (MLP) or 1x1-convolution (CNN) heads:
+
+- ``mlp``: input 64, backbone 64-256-256-d (ReLU between layers), batch 256, one regression output per task;
+- ``cnn``: input 3 x 16 x 16, backbone conv 3->32 (3x3), conv 32->d (3x3, stride 2), ReLU after each, so
+  that the representation is a (batch, d, 8, 8) map; each head a 1x1 convolution to one channel (a
+  dense prediction per task), batch 64. Strategies with a ``post_shape`` hyperparameter (the RotoGrad
+  family) get ``post_shape=(8, 8)``: they rotate the channels.
+
+Each step is the harness's training step (zero_grad, forward, ``mtl.backward``, ``mtl.step``) on a
+fixed random batch, with Adam for the model (and the strategy's own optimizer, from its metadata).
+After ``warmup`` steps, ``steps`` steps are timed in ``rounds`` interleaved rounds (every strategy
+takes a turn each round, so that a slow spell of the machine hits all of them) and the median is
+reported, with its ratio to ``ls``'s median on the same model. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.caching import cached
+from mtlzoo.compare import BASELINE, optimizer_class, split_top_level
+from mtlzoo.problems.base import GRADNORM_ALPHA, GRADNORM_STRATEGIES
+from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
+from mtlzoo.wrapper import HardSharing, MTLWrapper
+
+MODELS = ("mlp", "cnn")
+BATCH_SIZES = {"mlp": 256, "cnn": 64}
+MAP_SIDE = 8
+
+
+def reference_model(kind: str, num_tasks: int, dim: int) -> HardSharing:
+    """The reference ``mlp`` or ``cnn`` with ``num_tasks`` heads and a representation of width ``dim``."""
+    if kind == "mlp":
+        backbone = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, dim))
+        return HardSharing(backbone, [nn.Linear(dim, 1) for _ in range(num_tasks)])
+    if kind == "cnn":
+        backbone = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(32, dim, 3, stride=2, padding=1), nn.ReLU())
+        return HardSharing(backbone, [nn.Conv2d(dim, 1, 1) for _ in range(num_tasks)])
+    raise ValueError(f"Parameter `model` should be one of {MODELS}. Found {kind!r}.")
+
+
+def reference_batch(kind: str, num_tasks: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    if kind == "mlp":
+        return torch.randn(batch_size, 64, generator=generator), torch.randn(num_tasks, batch_size, 1,
+                                                                             generator=generator)
+    return (torch.randn(batch_size, 3, 2 * MAP_SIDE, 2 * MAP_SIDE, generator=generator),
+            torch.randn(num_tasks, batch_size, 1, MAP_SIDE, MAP_SIDE, generator=generator))
+
+
+@dataclass
+class _Runner:
+    label: str
+    mtl: MTLWrapper
+    optimizers: list[torch.optim.Optimizer]
+    times: list[float]
+
+
+def _options(name: str, kind: str) -> dict[str, Any]:
+    entry = get_strategy(name)
+    options: dict[str, Any] = {}
+    if kind == "cnn" and "post_shape" in entry.hyperparameters:
+        options["post_shape"] = (MAP_SIDE, MAP_SIDE)
+    if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters:
+        options["alpha"] = GRADNORM_ALPHA
+    return options
+
+
+def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str] = MODELS, tasks: int = 4,
+          dim: int = 64, steps: int = 50, warmup: int = 10, rounds: int = 5, device: str | torch.device = "cpu",
+          seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time a training step of each strategy on the reference models.
+
+    Args:
+        strategies: Names (a list or a comma-separated string), ``"all"``, or ``None`` for the strategies
+            marked ``default_comparison``. ``ls`` is always timed (the ratios' denominator).
+        models: ``"mlp"`` and/or ``"cnn"``.
+        tasks: K, the number of heads.
+        dim: d, the width of the representation (the CNN's channels).
+        steps: Timed steps per strategy and model (spread over ``rounds``).
+        warmup: Untimed steps first.
+        rounds: Interleaved rounds (see the module docstring).
+        device: Where to run.
+        seed: Seeds the models and the batch.
+        progress: Called with a short text after each model and strategy is set up and each round.
+
+    Returns:
+        A JSON-ready dict: ``settings``, ``environment`` and ``results``, one record per model and
+        strategy with ``status`` (``"ok"`` / ``"failed"`` with ``error``), ``median_s``, ``p25_s``,
+        ``p75_s`` and ``ratio_to_ls``.
+    """
+    device = torch.device(device)
+    if strategies is None:
+        names = [e.name for e in list_strategies() if e.info.default_comparison]
+    elif strategies == "all":
+        names = [e.name for e in list_strategies()]
+    else:
+        names = split_top_level(strategies, ",") if isinstance(strategies, str) else list(strategies)
+    names = [get_strategy(name).name for name in names]  # unknown names fail here, with close matches
+    names = [BASELINE, *[n for n in dict.fromkeys(names) if n != BASELINE]]
+    for kind in models:
+        if kind not in MODELS:
+            raise ValueError(f"Parameter `models` should hold names from {MODELS}. Found {kind!r}.")
+    for name, value in (("tasks", tasks), ("dim", dim), ("steps", steps), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
+    results: list[dict[str, Any]] = []
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kind in models:
+            results += _bench_model(kind, names, tasks, dim, steps, warmup, rounds, device, seed, progress)
+    return {
+        "settings": {"strategies": names, "models": list(models), "tasks": tasks, "dim": dim, "steps": steps,
+                     "warmup": warmup, "rounds": rounds, "seed": seed,
+                     "batch_sizes": {kind: BATCH_SIZES[kind] for kind in models}},
+        "environment": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "results": results,
+    }
+
+
+def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, warmup: int, rounds: int,
+                 device: torch.device, seed: int, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator().manual_seed(seed)
+    x, targets = (t.to(device) for t in reference_batch(kind, tasks, BATCH_SIZES[kind], generator))
+
+    def losses(predictions: list[Tensor]) -> list[Tensor]:
+        return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]
+
+    def one_step(runner: _Runner) -> float:
+        sync()
+        start = time.perf_counter()
+        for optimizer in runner.optimizers:
+            optimizer.zero_grad()
+        with cached():
+            runner.mtl.backward(losses(runner.mtl(x)))
+        runner.mtl.step(*runner.optimizers, post_step_losses=(
+            (lambda: losses(runner.mtl(x))) if runner.mtl.strategy.wants_post_step_losses else None))
+        sync()
+        return time.perf_counter() - start
+
+    records: dict[str, dict[str, Any]] = {}
+    runners: list[_Runner] = []
+    for name in names:
+        record: dict[str, Any] = {"model": kind, "strategy": name, "status": "ok", "error": None}
+        records[name] = record
+        try:
+            torch.manual_seed(seed)
+            strategy = REGISTRY.create(name, num_tasks=tasks, **_options(name, kind))
+            mtl = MTLWrapper(reference_model(kind, tasks, dim), strategy).to(device).train()
+            with torch.no_grad():
+                mtl(x)
+            optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(mtl.model_parameters(), lr=1e-3)]
+            own = [p for p in mtl.strategy_parameters() if p.requires_grad]
+            if own:
+                info = get_strategy(name).info
+                if info.optimizer is None or info.lr is None:
+                    raise ValueError(f"{name} has learnable parameters but no optimizer in its metadata "
+                                     "(StrategyInfo.optimizer, .lr).")
+                optimizers.append(optimizer_class(info.optimizer)(own, lr=info.lr))
+            runner = _Runner(name, mtl, optimizers, [])
+            for _ in range(warmup):
+                one_step(runner)
+            runners.append(runner)
+        except Exception as error:
+            record.update(status="failed", error=f"{type(error).__name__}: {error}")
+        if progress is not None:
+            progress(f"{kind}: {name} ready")
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for round_steps in per_round:
+        for runner in list(runners):
+            try:
+                runner.times += [one_step(runner) for _ in range(round_steps)]
+            except Exception as error:
+                records[runner.label].update(status="failed", error=f"{type(error).__name__}: {error}")
+                runners.remove(runner)
+        if progress is not None:
+            progress(f"{kind}: round done")
+    for runner in runners:
+        times = sorted(runner.times)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        records[runner.label].update(median_s=statistics.median(times), p25_s=quartiles[0], p75_s=quartiles[2],
+                                     steps=len(times))
+    base = records[BASELINE].get("median_s")
+    for record in records.values():
+        median = record.get("median_s")
+        record["ratio_to_ls"] = median / base if median is not None and base else None
+    return list(records.values())

@@ -1,0 +1,198 @@
+"""Figures of a comparison (matplotlib, the ``plot`` extra): loss curves, Pareto scatter, toy2d trajectories.
+
+Each function takes a :class:`~mtlzoo.compare.ComparisonResults` and returns a matplotlib
+``Figure`` with one series per strategy (labelled with the strategy); :func:`save_plots` writes
+them as PNG files. Failed runs are left out (a strategy without a finished run has no series).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mtlzoo.compare import ComparisonResults
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MISSING = 'Plots need matplotlib: install it with `python -m pip install "mtlzoo[plot]"`.'
+MAX_PAIRS = 6
+
+
+def _matplotlib() -> Any:
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(MISSING) from error
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _styles(labels: Sequence[str]) -> dict[str, str]:
+    """A line style per strategy besides its colour, so that curves drawn on top of each other stay visible."""
+    return {label: LINESTYLES[i % len(LINESTYLES)] for i, label in enumerate(labels)}
+
+
+def _legend(fig: Any, ax: Any) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
+
+
+def _finished(results: ComparisonResults) -> dict[str, list[Any]]:
+    return {label: [r for r in results.runs_of(label) if r.ok] for label in results.labels
+            if any(r.ok for r in results.runs_of(label))}
+
+
+def _smooth(values: torch.Tensor, window: int) -> torch.Tensor:
+    if window <= 1 or values.shape[0] < window:
+        return values
+    kernel = torch.ones(window, dtype=values.dtype) / window
+    padded = torch.cat([values[:1].expand(window - 1, *values.shape[1:]), values])
+    return torch.nn.functional.conv1d(padded.T.unsqueeze(1), kernel.view(1, 1, -1)).squeeze(1).T
+
+
+def loss_curves(results: ComparisonResults) -> Figure:
+    """Training loss per task against the step: the mean over seeds (smoothed), a band of ± one std."""
+    Figure = _matplotlib()
+    tasks = results.task_names
+    fig = Figure(figsize=(4.5 * len(tasks) if len(tasks) <= 4 else 18, 3.6 if len(tasks) <= 4 else 2.6 * math.ceil(
+        len(tasks) / 4)), layout="constrained")
+    columns = min(len(tasks), 4)
+    axes = fig.subplots(math.ceil(len(tasks) / columns), columns, squeeze=False).ravel()
+    finished = _finished(results)
+    colors, styles = _colors(results.labels), _styles(results.labels)
+    for k, (ax, task) in enumerate(zip(axes, tasks)):
+        positive = True
+        for label, runs in finished.items():
+            curves = [torch.tensor(r.train_losses)[:, k] for r in runs if r.train_losses]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            stacked = torch.stack([c[:length] for c in curves], dim=1).double()
+            window = max(1, length // 50)
+            mean = _smooth(stacked.mean(1, keepdim=True), window)[:, 0]
+            std = _smooth(stacked.std(1, keepdim=True) if stacked.shape[1] > 1 else torch.zeros_like(stacked[:, :1]),
+                          window)[:, 0]
+            steps = torch.arange(1, length + 1)
+            ax.plot(steps, mean, label=label, color=colors[label], linestyle=styles[label], linewidth=1.5)
+            ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.15, linewidth=0)
+            positive = positive and bool((stacked > 0).all())
+        if positive and ax.has_data():
+            ax.set_yscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    _legend(fig, axes[0])
+    fig.suptitle(f"{results.problem}: training losses (mean over seeds, ± 1 std)")
+    return fig
+
+
+def pareto(results: ComparisonResults) -> Figure:
+    """Each task pair's primary test metrics, one point per seed and a larger one for the mean."""
+    Figure = _matplotlib()
+    metric = results.primary
+    tasks = results.task_names
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:MAX_PAIRS]
+    columns = min(len(pairs), 3)
+    rows = math.ceil(len(pairs) / columns)
+    fig = Figure(figsize=(max(5.0 * columns, 7.0), 4.4 * rows + 0.8), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    finished = _finished(results)
+    colors = _colors(results.labels)
+    name = metric["name"]
+    for ax, (i, j) in zip(axes, pairs):
+        for label, runs in finished.items():
+            xs = [r.metrics[tasks[i]][name] for r in runs]
+            ys = [r.metrics[tasks[j]][name] for r in runs]
+            ax.scatter(xs, ys, color=colors[label], alpha=0.45, s=22, label=label)
+            ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colors[label], s=110, marker="D",
+                       edgecolors="black", linewidths=0.6, label="_nolegend_")
+        better = "higher" if metric["higher_is_better"] else "lower"
+        ax.set_xlabel(f"{tasks[i]} {name}")
+        ax.set_ylabel(f"{tasks[j]} {name}")
+        ax.set_title(f"{tasks[i]} vs {tasks[j]} ({better} is better)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(pairs):]:
+        ax.set_visible(False)
+    _legend(fig, axes[0])
+    shown = "" if len(pairs) == len(tasks) * (len(tasks) - 1) // 2 else f" (first {len(pairs)} pairs)"
+    fig.suptitle(f"{results.problem}: test {name}, a dot per seed, the mean as a diamond{shown}")
+    return fig
+
+
+def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
+    """toy2d: each task's output during training, over the contours of that task's loss (one seed)."""
+    from mtlzoo.problems.toy2d import OPTIMA, SIGNS, toy_loss
+
+    Figure = _matplotlib()
+    finished = _finished(results)
+    seeds = sorted({r.seed for runs in finished.values() for r in runs if r.trace})
+    if seed is None:
+        seed = seeds[0] if seeds else 0
+    fig = Figure(figsize=(11.5, 5.2), layout="constrained")
+    axes = fig.subplots(1, len(SIGNS))
+    grid = torch.linspace(-4, 4, 161)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    colors, styles = _colors(results.labels), _styles(results.labels)
+    for k, (ax, sign, optimum) in enumerate(zip(axes, SIGNS, OPTIMA)):
+        values = torch.stack([toy_loss(p.view(1, 2), sign) for p in points]).view(xx.shape)
+        ax.contour(xx, yy, values, levels=20, cmap="Greys", linewidths=0.6, alpha=0.7)
+        ax.scatter(*optimum, marker="*", s=260, color="gold", edgecolors="black", zorder=5, label="_nolegend_")
+        for label, runs in finished.items():
+            run = next((r for r in runs if r.seed == seed and r.trace), None)
+            if run is None:
+                continue
+            path = torch.tensor(run.trace)[:, k]
+            ax.plot(path[:, 0], path[:, 1], color=colors[label], linestyle=styles[label], linewidth=1.8, label=label)
+            ax.scatter(path[:1, 0], path[:1, 1], color=colors[label], marker="s", s=30, label="_nolegend_")
+            ax.scatter(path[-1:, 0], path[-1:, 1], color=colors[label], marker="o", s=45, edgecolors="black",
+                       linewidths=0.6, label="_nolegend_")
+        ax.set_xlim(-4, 4)
+        ax.set_ylim(-4, 4)
+        ax.set_aspect("equal")
+        ax.set_title(f"{results.task_names[k]}: its output z_{k + 1} (optimum at {optimum})")
+    _legend(fig, axes[0])
+    fig.suptitle(f"toy2d, seed {seed}: each task's output from start (square) to end (circle)")
+    return fig
+
+
+def figures(results: ComparisonResults) -> dict[str, Figure]:
+    """The figures of one problem's results, by file stem."""
+    made = {f"{results.problem}_losses": loss_curves(results), f"{results.problem}_pareto": pareto(results)}
+    if any(r.trace for r in results.runs) and results.problem == "toy2d":
+        made[f"{results.problem}_trajectories"] = trajectories(results)
+    return made
+
+
+def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int = 110) -> list[Path]:
+    """Write every figure of every problem as ``out/<problem>_<kind>.png``; returns the paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for result in results:
+        for stem, fig in figures(result).items():
+            path = folder / f"{stem}.png"
+            fig.savefig(path, dpi=dpi)
+            paths.append(path)
+    return paths
