@@ -484,7 +484,7 @@ class StrategyRegistry:
         canonical = self._keys.get(normalize_name(name))
         if canonical is None:
             close = difflib.get_close_matches(normalize_name(name), list(self._keys), n=5, cutoff=0.6)
-            suggestions = sorted({self._keys[key] for key in close}, key=_natural_key)
+            suggestions = list(dict.fromkeys(self._keys[key] for key in close))  # best match first
             hint = f" Did you mean {', '.join(map(repr, suggestions))}?" if suggestions else ""
             raise UnknownStrategyError(
                 f"Unknown strategy {name!r}.{hint} `mtlzoo list` shows every registered strategy."

@@ -102,7 +102,9 @@ def test_listing_filters_and_sorts() -> None:
     assert {"ls", "rotate_only", "rotograd", "rotograd_norm"} <= set(names)
     assert names == sorted(names)
     assert [e.name for e in mtlzoo.list_strategies("roto*")] == ["rotograd", "rotograd_norm"]
-    assert [e.name for e in mtlzoo.list_strategies("*", kind="surgery", exclude="rotograd*")] == ["rotate_only"]
+    surgery = [e.name for e in mtlzoo.list_strategies("*", kind="surgery", exclude="rotograd*")]
+    assert "rotate_only" in surgery and not any(name.startswith("rotograd") for name in surgery)
+    assert all(mtlzoo.get_strategy(name).info.kind == "surgery" for name in surgery)
     assert [e.name for e in mtlzoo.list_strategies("EW")] == ["ls"]  # aliases match too
     entry = mtlzoo.get_strategy("rotograd_norm")
     assert entry.hyperparameters["alpha"] is mtlzoo.strategy.REQUIRED
@@ -234,13 +236,17 @@ def test_name_patterns_keep_their_character_classes(fresh: Callable[..., registr
     """Issue 7, item 16: `-` in a `[a-m]` class stays a range; only names and `-` outside classes are normalised."""
     reg = fresh()
     reg.register_plugin(plugin_of(weighting("kappa_one"), weighting("mu_two"), weighting("zeta_three")), name="t")
+
+    def listed(*args: object, **kwargs: object) -> list[str]:  # the test's own strategies, not the built-ins
+        return [entry.name for entry in reg.list(*args, **kwargs) if entry.origin.plugin == "t"]
+
     in_range = [entry.name for entry in reg.list("[a-m]*")]
     assert "kappa_one" in in_range and "mu_two" in in_range and "zeta_three" not in in_range
     assert all("a" <= name[0] <= "m" for name in in_range)
     assert "kappa_one" not in [entry.name for entry in reg.list("[!a-m]*")]
-    assert [entry.name for entry in reg.list("MU-*")] == ["mu_two"]  # case and `-` outside classes still normalised
-    assert [entry.name for entry in reg.list("*_t[h-i]ree")] == ["zeta_three"]
-    assert [entry.name for entry in reg.list("*-t[a-z]*", exclude="[k-m]*")] == ["zeta_three"]
+    assert listed("MU-*") == ["mu_two"]  # case and `-` outside classes still normalised
+    assert listed("*_t[h-i]ree") == ["zeta_three"]
+    assert listed("*-t[a-z]*", exclude="[k-m]*") == ["zeta_three"]
     assert [entry.name for entry in reg.list("[mu-two")] == []  # an unclosed `[` is a literal character
 
 
@@ -374,7 +380,7 @@ def test_unknown_hyperparameters_name_the_strategy_and_the_fix() -> None:
         mtlzoo.create("RotoGrad", num_tasks=2, normalise_losses=True)
     assert isinstance(error.value, TypeError) and "RotateOnly" not in str(error.value)
     assert "burn_in_period=20" in str(error.value)  # the strategy's hyperparameters are listed
-    with pytest.raises(UnknownHyperparameterError, match=r"'alpha' is a hyperparameter of 'rotograd_norm'"):
+    with pytest.raises(UnknownHyperparameterError, match=r"'alpha' is a hyperparameter of .*'rotograd_norm'"):
         mtlzoo.create("rotograd", num_tasks=2, alpha=1.0)
     with pytest.raises(UnknownHyperparameterError, match=r"^Strategy 'ls' has no hyperparameter 'rotation_shape'\. "
                                                          r"\('rotation_shape' is a hyperparameter of .*'rotograd'"):
