@@ -65,6 +65,8 @@ class DynamicWeightAverage(WeightingStrategy):
         summary="Weights from the ratio of each task's last two epoch-averaged losses (temperature T).",
         paper=DWA_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="backward",
+        original_code="https://github.com/lorenmt/mtan",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
 

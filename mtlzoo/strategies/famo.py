@@ -85,6 +85,8 @@ class FAMO(WeightingStrategy):
         summary="Weights on the log-losses from task logits learned by the losses' decrease over each step.",
         paper=FAMO_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="backward",
+        original_code="https://github.com/Cranial-XIX/FAMO",
     )
     wants_post_step_losses = True
 

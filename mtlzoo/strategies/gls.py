@@ -43,6 +43,8 @@ class GeometricLossStrategy(WeightingStrategy):
         summary="Geometric mean of the losses: weights proportional to 1 / L_k.",
         paper=GLS_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="backward",
+        original_code="",
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:

@@ -86,7 +86,7 @@ class GradNorm(WeightingStrategy):
     weights, the paper's choice; the norms come without a Jacobian (see :func:`mtlzoo.autograd.layer_norms`:
     for a last layer ``z = h W^T + b``, ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's
     loss at its first step (from that step's first micro-batch). An absent task is left out of the
-    means and keeps its weight.
+    means and its weight gets no gradient (the renormalisation still rescales it with the others).
 
     Differences from the paper: a weight that a large learning rate drives to or below zero is
     held at a small positive floor before the renormalisation (its gradient norm could not be
@@ -120,6 +120,10 @@ class GradNorm(WeightingStrategy):
         paper=GRADNORM_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
         learnable=True,
+        optimizer="adam",
+        lr=1e-2,
+        cost="layer",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,

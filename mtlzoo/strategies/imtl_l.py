@@ -52,6 +52,10 @@ class IMTLL(WeightingStrategy):
         paper=IMTL_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
         learnable=True,
+        optimizer="adam",
+        lr=1e-2,
+        cost="backward",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int) -> None:

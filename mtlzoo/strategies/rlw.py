@@ -50,6 +50,8 @@ class RandomLossWeighting(WeightingStrategy):
         summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.",
         paper=RLW_PAPER,
         stochastic=True,
+        cost="backward",
+        original_code="https://github.com/median-research-group/LibMTL",
     )
     unchecked_settings = ("seed",)
     """The generator's state in a checkpoint replaces whatever ``seed`` started it."""

@@ -42,6 +42,8 @@ class ScaleInvariant(WeightingStrategy):
         summary="Sum of the log-losses: each task's gradient divided by its loss.",
         paper=NASH_MTL_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="backward",
+        original_code="https://github.com/AvivNavon/nash-mtl",
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:

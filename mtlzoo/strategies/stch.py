@@ -77,6 +77,8 @@ class SmoothTchebycheff(WeightingStrategy):
         summary="Smooth maximum of the log-losses relative to a nadir vector, after a warm-up on their sum.",
         paper=STCH_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="backward",
+        original_code="https://github.com/Xi-L/STCH",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
 

@@ -48,6 +48,10 @@ class UncertaintyWeighting(WeightingStrategy):
         paper=UW_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
         learnable=True,
+        optimizer="adam",
+        lr=1e-2,
+        cost="backward",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int) -> None:

@@ -1,0 +1,185 @@
+"""GradNorm (Chen et al., ICML 2018): weights learned from gradient norms on the last shared layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import mtlzoo
+from mtlzoo import autograd as engine
+from mtlzoo.protocol import StepInputs, Update
+from mtlzoo.strategies.gradnorm import GradNorm
+from tests.helpers import batch, mse_losses, small_model
+from tests.strategies import _regression
+
+WEIGHTS = torch.tensor([0.5, 1.0, 1.5])
+
+
+def test_worked_example_by_hand() -> None:
+    """alpha = 1, g = ((3, 4), (0, 1)) (norms 5 and 1). Step 0, L = L(0) = (2, 1): r = (1, 1), G = (5, 1), targets
+    mean(G) r = (3, 3), L_grad = 2 + 2, dL_grad/dw = (+5, -1). SGD (lr 0.1) gives w = (0.5, 1.1), renormalised to sum 2:
+    (0.625, 1.375). Step 1, L = (1, 1): ratios (1/2, 1), r = (2/3, 4/3), G = (3.125, 1.375), targets 2.25 r = (1.5, 3),
+    L_grad = 1.625 + 1.625; the update is w . g = (1.875, 3.875)."""
+    gradnorm = GradNorm(2, alpha=1.0)
+    optimizer = torch.optim.SGD(gradnorm.parameters(), lr=0.1)
+    grads = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+    torch.testing.assert_close(gradnorm.aggregate(grads, torch.tensor([2.0, 1.0])), torch.tensor([3.0, 5.0]))
+    torch.testing.assert_close(gradnorm.task_weights.grad, torch.tensor([5.0, -1.0]))
+    optimizer.step()
+    gradnorm.advance()
+    torch.testing.assert_close(gradnorm.task_weights.detach(), torch.tensor([0.625, 1.375]))
+    torch.testing.assert_close(gradnorm.initial_losses, torch.tensor([2.0, 1.0]))
+    optimizer.zero_grad()
+    direction = gradnorm.aggregate(grads, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(direction, torch.tensor([1.875, 3.875]))
+    objective = gradnorm.objective(torch.tensor([3.125, 1.375]), torch.tensor([1.0, 1.0]), torch.arange(2))
+    torch.testing.assert_close(objective.detach(), torch.tensor(3.25))
+
+
+def spy_norms(strategy: GradNorm) -> list[torch.Tensor]:
+    """Record the norms the engine hands the strategy."""
+    seen: list[torch.Tensor] = []
+    compute = strategy.compute
+
+    def recording(inputs: StepInputs) -> Update:
+        assert inputs.norms is not None
+        seen.append(inputs.norms.clone())
+        return compute(inputs)
+
+    strategy.compute = recording  # type: ignore[method-assign]
+    return seen
+
+
+def autograd_norms(model: mtlzoo.HardSharing, x: torch.Tensor, targets: torch.Tensor, params: list[torch.Tensor],
+                   weights: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """The reference: ||d(w_k L_k)/dθ|| on the chosen parameters, one plain autograd.grad per task."""
+    losses = mse_losses(model(x, **kwargs), targets)
+    rows = [torch.autograd.grad(w * loss, params, retain_graph=True) for w, loss in zip(weights, losses)]
+    return torch.stack([torch.cat([g.flatten() for g in row]).norm() for row in rows])
+
+
+def norms_through_the_wrapper(model: mtlzoo.HardSharing, x: torch.Tensor, targets: torch.Tensor, **kwargs: Any
+                              ) -> torch.Tensor:
+    strategy = GradNorm(3, alpha=1.5, **kwargs)
+    with torch.no_grad():
+        strategy.task_weights.copy_(WEIGHTS)
+    seen = spy_norms(strategy)
+    mtl = mtlzoo.MTLWrapper(model, strategy)
+    mtl.backward(mse_losses(mtl(x), targets))
+    return seen[0]
+
+
+def test_norms_on_a_linear_last_layer_equal_autograd_without_any_extra_backward(monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    """Default layer: the last shared layer's weight W (z = h W^T + b). Equal to plain autograd of w_k L_k on W, and
+    computed from dL_k/dz and h alone: the Jacobian route is never taken."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch(3)
+    expected = autograd_norms(model, x, targets, [model.backbone[2].weight], WEIGHTS)
+
+    def no_jacobian(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("the linear route should not form a Jacobian")
+
+    monkeypatch.setattr(engine, "parameter_jacobian", no_jacobian)
+    torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected)
+
+
+def test_norms_on_a_convolutional_last_layer_equal_autograd() -> None:
+    """A backbone ending in a convolution: its weight is the default layer, through the Jacobian restricted to it."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    heads = [nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 1)) for _ in range(3)]
+    model = mtlzoo.HardSharing(backbone, heads)
+    x, targets = torch.randn(5, 2, 8, 8), torch.randn(3, 5, 1)
+    assert engine.last_layer_parameters(backbone(x)) == [backbone[2].weight]
+    expected = autograd_norms(model, x, targets, [backbone[2].weight], WEIGHTS)
+    torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected)
+
+
+@pytest.mark.parametrize(("layer", "names"), [
+    ("0.weight", ["0.weight"]),  # not the last layer: the Jacobian restricted to it
+    (("2.weight", "2.bias"), ["2.weight", "2.bias"]),  # the last layer with its bias: still the linear route
+])
+def test_norms_on_named_parameters_equal_autograd(layer: Any, names: list[str]) -> None:
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch(3)
+    named = dict(model.backbone.named_parameters())
+    expected = autograd_norms(model, x, targets, [named[n] for n in names], WEIGHTS)
+    torch.testing.assert_close(norms_through_the_wrapper(model, x, targets, layer=layer), expected)
+
+
+def test_norms_on_the_representation_equal_autograd() -> None:
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch(3)
+    z = model.backbone(x)
+    losses = mse_losses([head(z) for head in model.heads], targets)
+    expected = torch.stack([torch.autograd.grad(w * loss, z, retain_graph=True)[0].norm()
+                            for w, loss in zip(WEIGHTS, losses)])
+    torch.testing.assert_close(norms_through_the_wrapper(model, x, targets, target="representation"), expected)
+
+
+def test_layer_norms_sum_several_forwards_and_read_3d_linear_layers() -> None:
+    """The engine alone: a linear layer applied to (batch, tokens, features), two forwards in one backward."""
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    inputs = [torch.randn(4, 3, 6), torch.randn(2, 3, 6)]
+    zs = [layer(torch.tanh(i)) for i in inputs]
+    grads = [torch.randn(3, *z.shape) for z in zs]
+    params = [layer.weight, layer.bias]
+    expected = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+        zs, params, grad_outputs=[grads[0][k], grads[1][k]], retain_graph=True)]).norm() for k in range(3)])
+    assert engine.linear_output(zs[0]) is not None
+    torch.testing.assert_close(engine.layer_norms(zs, grads, params), expected)
+
+
+def test_the_weights_learn_from_the_gradient_loss_only_and_are_renormalised() -> None:
+    """Through MTLWrapper at step 0 (L = L(0), so r = 1 and alpha plays no part): dL_grad/dw_k = sign(G_k - mean G)
+    ||dL_k/dW||, from plain autograd norms; nothing from sum_k w_k L_k. After the step, sum_k w_k = K."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch(3)
+    unweighted = autograd_norms(model, x, targets, [model.backbone[2].weight], torch.ones(3))
+    strategy = GradNorm(3, alpha=1.5)
+    with torch.no_grad():
+        strategy.task_weights.copy_(WEIGHTS)
+    mtl = mtlzoo.MTLWrapper(model, strategy)
+    optimizer = torch.optim.SGD([{"params": list(mtl.model_parameters())},
+                                 {"params": mtl.strategy_parameters(), "lr": 0.1}], lr=0.0)
+    mtl.backward(mse_losses(mtl(x), targets))
+    weighted = WEIGHTS * unweighted
+    torch.testing.assert_close(strategy.task_weights.grad, torch.sign(weighted - weighted.mean()) * unweighted)
+    mtl.step(optimizer)
+    torch.testing.assert_close(strategy.task_weights.detach().sum(), torch.tensor(3.0))
+
+
+def test_hyperparameters_are_checked() -> None:
+    with pytest.raises(ValueError, match="`alpha`"):
+        GradNorm(3, alpha=-1.0)
+    with pytest.raises(ValueError, match="`target`"):
+        GradNorm(3, alpha=1.0, target="heads")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`layer`"):
+        GradNorm(3, alpha=1.0, layer="2.weight", target="representation")
+
+
+def test_on_the_regression_it_moves_the_norms_to_their_targets() -> None:
+    """The paper's aim: the learned weights bring the weighted norms w_k ||dL_k/dW|| towards mean(G) r_k^alpha, so at
+    the last step L_grad is far below its value at equal weights (the raw norms, which the loss scales 1 to 1e4 set
+    orders of magnitude apart); the largest-scale task's weight falls below 1, and sum_k w_k = K."""
+    strategy = GradNorm(3, alpha=1.5)
+    seen = spy_norms(strategy)
+    run = _regression.train(strategy)
+    weights, losses, tasks = run.weights[-1], run.losses[-1], torch.arange(3)
+    weighted = seen[-1]
+    equal = GradNorm(3, alpha=1.5)
+    equal.initial_losses = strategy.initial_losses.clone()
+    learned = float(strategy.objective(weighted, losses, tasks).detach())
+    at_equal_weights = float(equal.objective(weighted / weights, losses, tasks).detach())
+    assert learned < 0.5 * at_equal_weights, (learned, at_equal_weights)
+    assert float(weights[2]) < 1
+    torch.testing.assert_close(strategy.task_weights.detach().sum(), torch.tensor(3.0))
