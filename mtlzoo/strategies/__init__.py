@@ -18,6 +18,7 @@ from mtlzoo.strategies.gls import GeometricLossStrategy
 from mtlzoo.strategies.graddrop import GradDrop
 from mtlzoo.strategies.gradnorm import GradNorm
 from mtlzoo.strategies.gradvac import GradVac
+from mtlzoo.strategies.imtl import IMTL
 from mtlzoo.strategies.imtl_g import IMTLG
 from mtlzoo.strategies.imtl_l import IMTLL
 from mtlzoo.strategies.ls import LinearScalarization
@@ -34,10 +35,10 @@ from mtlzoo.strategies.uw import UncertaintyWeighting
 BUILTIN_STRATEGIES = (LinearScalarization, RotateOnly, RotoGrad, RotoGradNorm,
                       ScaleInvariant, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
                       GeometricLossStrategy, GradNorm, IMTLL, FAMO, SmoothTchebycheff,
-                      MGDA, MGDAUB, PCGrad, GradDrop, GradVac, CAGrad, IMTLG, NashMTL, AlignedMTL, UPGrad,
+                      MGDA, MGDAUB, PCGrad, GradDrop, GradVac, CAGrad, IMTLG, IMTL, NashMTL, AlignedMTL, UPGrad,
                       DualProj)
 
-__all__ = ["BUILTIN_STRATEGIES", "FAMO", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "AlignedMTL", "CAGrad", "DualProj",
+__all__ = ["BUILTIN_STRATEGIES", "FAMO", "IMTL", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "AlignedMTL", "CAGrad", "DualProj",
            "DynamicWeightAverage", "GeometricLossStrategy", "GradDrop", "GradNorm", "GradVac", "LinearScalarization",
            "NashMTL", "PCGrad", "RandomLossWeighting", "RotateOnly", "RotoGrad", "RotoGradNorm", "ScaleInvariant",
            "SmoothTchebycheff", "UPGrad", "UncertaintyWeighting"]

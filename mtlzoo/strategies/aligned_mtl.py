@@ -89,6 +89,8 @@ class AlignedMTL(GramianSurgery):
             url="https://arxiv.org/abs/2305.19000",
         ),
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="parameters",
+        original_code="https://github.com/SamsungLabs/MTL",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None,

@@ -142,6 +142,8 @@ class CAGrad(GramianSurgery):
             url="https://arxiv.org/abs/2110.14048",
         ),
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="parameters",
+        original_code="https://github.com/Cranial-XIX/CAGrad",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, c: float = 0.4, rescale: int = 1) -> None:

@@ -61,6 +61,8 @@ class DualProj(GramianSurgery):
             url="https://arxiv.org/abs/1706.08840",
         ),
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
+        cost="parameters",
+        original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None,

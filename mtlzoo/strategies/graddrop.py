@@ -67,6 +67,8 @@ class GradDrop(DirectionSurgery):
             url="https://arxiv.org/abs/2010.06808",
         ),
         stochastic=True,
+        cost="representation",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, leak: float | Sequence[float] = 0.0,
@@ -85,7 +87,7 @@ class GradDrop(DirectionSurgery):
         generator = self.random.on_device(grads.device, micro_batch)
         total, magnitude = grads.sum(0), grads.abs().sum(0)
         purity = torch.where(magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5)
-        draw = torch.rand(purity.shape, generator=generator, device=grads.device, dtype=grads.dtype)
+        draw = torch.rand(purity.shape, generator=generator, device=grads.device).to(grads.dtype)  # same in any dtype
         masks = ((purity > draw) & (grads > 0)) | ((purity < draw) & (grads < 0))
         leaks = self.leaks.to(grads.device)[tasks.to(grads.device)].to(grads.dtype).view(-1, *[1] * (grads.dim() - 1))
         return ((leaks + (1 - leaks) * masks) * grads).sum(0)

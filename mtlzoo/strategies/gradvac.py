@@ -78,6 +78,8 @@ class GradVac(GramianSurgery):
             url="https://arxiv.org/abs/2010.05874",
         ),
         stochastic=True,
+        cost="parameters",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.5,

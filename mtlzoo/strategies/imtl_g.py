@@ -96,6 +96,8 @@ class IMTLG(GramianSurgery):
         request=Request("representation", "gramian"),
         paper=IMTL_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
+        cost="representation",
+        original_code="",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:

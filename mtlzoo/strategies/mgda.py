@@ -72,6 +72,8 @@ class MGDA(GramianSurgery):
         request=Request("parameters", "gramian"),
         paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
+        cost="parameters",
+        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none") -> None:
@@ -127,5 +129,7 @@ class MGDAUB(MGDA):
         request=Request("representation", "gramian"),
         paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
+        cost="representation",
+        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
     supported_targets: tuple[Target, ...] = ("representation",)

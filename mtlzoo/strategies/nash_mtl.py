@@ -54,16 +54,17 @@ class NashMTL(GramianSurgery):
 
     .. math::
 
-        α_k (G α)_k = 1 \quad \text{for every } k \qquad (G = \hat J \hat J^\top),
+        α_k (G α)_k = 1 \quad \text{for every } k \qquad (G = J J^\top),
 
-    where, as in the authors' code, ``G`` is the Gramian divided by its Frobenius norm (so ``α``
-    does not depend on the gradients' scale) and ``α`` weighs the raw gradients. The authors
-    approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS; here it is
-    computed to rounding as the minimiser of ``α^T G α / 2 - sum_k log α_k`` by damped Newton
-    steps (numpy), warm-started at the previous step's ``α``. As the authors' code, the update
-    is clipped to norm ``max_norm`` (``||J^T α|| <= max_norm``; 0 disables it), and with
-    ``update_weights_every = m`` the weights are recomputed every m-th optimizer step and reused
-    (then clipped anew) in between.
+    so ``||d||^2 = α^T G α = K`` whatever the gradients' (or the losses') scale. The authors
+    approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS, on ``G`` divided
+    by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is
+    computed to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised
+    ``Ĝ`` by damped Newton steps (numpy), warm-started at the previous step's ``α``, and scaled
+    back. As the authors' code, the update is clipped to norm ``max_norm``
+    (``||J^T α|| <= max_norm``, so with the default 1.0 and K >= 2 it has norm 1; 0 disables
+    the clipping), and with ``update_weights_every = m`` the weights are recomputed every m-th
+    optimizer step and reused (then clipped anew) in between.
 
     When the bargaining problem has no solution:
 
@@ -90,7 +91,7 @@ class NashMTL(GramianSurgery):
         >>> import torch, mtlzoo
         >>> nash = mtlzoo.create("nash_mtl", num_tasks=2, max_norm=0.0)
         >>> nash.aggregate(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2))
-        tensor([2.0305, 2.0305])
+        tensor([1., 1.])
     """
 
     info = StrategyInfo(
@@ -107,10 +108,12 @@ class NashMTL(GramianSurgery):
             url="https://arxiv.org/abs/2202.01017",
         ),
         properties=frozenset(),
+        cost="parameters",
+        original_code="https://github.com/AvivNavon/nash-mtl",
     )
     """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices,
-    where Nash-MTL warns. Where its problem has a solution it is permutation invariant, and with ``max_norm=0``
-    it scales with the gradients (tests/strategies/test_nash_mtl.py)."""
+    where Nash-MTL warns. Where its problem has a solution it is permutation invariant, and its update does not
+    depend on the gradients' scale (tests/strategies/test_nash_mtl.py)."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
                  update_weights_every: int = 1, max_iterations: int = 200) -> None:
@@ -144,8 +147,9 @@ class NashMTL(GramianSurgery):
         return alpha
 
     def _solve(self, gramian: Tensor, previous: Tensor) -> Tensor:
-        unit = normalize_gramian(gramian.detach().to("cpu", torch.float64), "frobenius")
-        matrix = unit.numpy()
+        raw = gramian.detach().to("cpu", torch.float64)
+        size = float(torch.linalg.matrix_norm(raw))
+        matrix = normalize_gramian(raw, "frobenius").numpy()
         present = np.diag(matrix) > 0
         alpha = np.zeros(matrix.shape[0])
         if not present.all():
@@ -160,8 +164,9 @@ class NashMTL(GramianSurgery):
                               "point), so no update improves every task and the bargaining problem has no solution; "
                               "the update is 0.", SolverWarning, stacklevel=5)
             else:
-                start = previous.detach().to("cpu", torch.float64).numpy()[present]
+                start = previous.detach().to("cpu", torch.float64).numpy()[present] * math.sqrt(size)
                 solution, converged = bargaining_weights(sub, start, self.max_iterations)
+                solution = solution / math.sqrt(size)  # the solution for the raw Gramian
                 if not converged:
                     warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
                                   "gradients are close to Pareto-stationary); its last iterate is used.",

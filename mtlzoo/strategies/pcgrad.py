@@ -61,6 +61,8 @@ class PCGrad(GramianSurgery):
             url="https://arxiv.org/abs/2001.06782",
         ),
         stochastic=True,
+        cost="parameters",
+        original_code="https://github.com/tianheyu927/PCGrad",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, seed: int | None = None) -> None:

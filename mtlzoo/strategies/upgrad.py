@@ -91,6 +91,8 @@ class UPGrad(GramianSurgery):
         paper=JD_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary",
                               "linear_under_scaling"}),
+        cost="parameters",
+        original_code="https://github.com/TorchJD/torchjd",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None,
