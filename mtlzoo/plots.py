@@ -142,7 +142,7 @@ def pareto(results: ComparisonResults) -> Figure:
 
 def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
     """toy2d: each task's output during training, over the contours of that task's loss (one seed)."""
-    from mtlzoo.problems.toy2d import OPTIMA, SIGNS, toy_loss
+    from mtlzoo.problems.toy2d import OPTIMA, SIGNS, toy_values
 
     Figure = _matplotlib()
     finished = _finished(results)
@@ -156,9 +156,9 @@ def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
     colors, styles = _colors(results.labels), _styles(results.labels)
     for k, (ax, sign, optimum) in enumerate(zip(axes, SIGNS, OPTIMA)):
-        values = torch.stack([toy_loss(p.view(1, 2), sign) for p in points]).view(xx.shape)
+        values = toy_values(points, sign).view(xx.shape)
         ax.contour(xx, yy, values, levels=20, cmap="Greys", linewidths=0.6, alpha=0.7)
-        ax.scatter(*optimum, marker="*", s=260, color="gold", edgecolors="black", zorder=5, label="_nolegend_")
+        ax.scatter(*optimum, marker="*", s=260, color="white", edgecolors="black", zorder=5, label="_nolegend_")
         for label, runs in finished.items():
             run = next((r for r in runs if r.seed == seed and r.trace), None)
             if run is None:

@@ -125,6 +125,49 @@ def test_a_strategy_reading_two_batches_gets_a_stream_of_its_own() -> None:
     assert all(not torch.equal(main, extra) for main, extra in TwoBatches.seen)
 
 
+class Lifecycle(mtlzoo.WeightingStrategy):
+    """Test strategy (no paper): equal weights; records its epoch ends and the losses it gets after each step."""
+
+    info = StrategyInfo(name="test_lifecycle", kind="weighting", summary="records the loop's hooks")
+    wants_post_step_losses = True
+    log: ClassVar[list[tuple[str, Any]]] = []
+
+    def weights(self, losses: Tensor) -> Tensor:
+        Lifecycle.log.append(("before", losses.clone()))
+        return torch.ones_like(losses)
+
+    def post_step(self, losses: Tensor) -> None:
+        Lifecycle.log.append(("after", losses.clone()))
+
+    def end_epoch(self) -> None:
+        Lifecycle.log.append(("epoch", None))
+
+
+def test_the_loop_calls_post_step_with_the_losses_after_the_step_and_end_epoch_per_epoch() -> None:
+    """The step protocol's loop: post_step gets the same batch's losses re-evaluated after the optimizer
+    step (FAMO), and end_epoch follows every full epoch of the problem (DWA, STCH): 20 steps per epoch here."""
+    mtlzoo.register_strategy(Lifecycle)
+    Lifecycle.log.clear()
+    problem = GradNormSynthetic(train_size=200, test_size=100, batch_size=10)
+    try:
+        result = run(problem, "test_lifecycle", seed=0, steps=45, conflict_every=0)
+    finally:
+        REGISTRY.unregister_plugin(mtlzoo.get_strategy("test_lifecycle").origin.plugin)
+    assert result.ok, result.error
+    kinds = [kind for kind, _ in Lifecycle.log]
+    assert kinds.count("epoch") == 2 and kinds.count("after") == kinds.count("before") == 45
+    assert [i for i, kind in enumerate(kinds) if kind == "epoch"] == [40, 81]  # after steps 20 and 40
+    befores = [v for kind, v in Lifecycle.log if kind == "before"]
+    afters = [v for kind, v in Lifecycle.log if kind == "after"]
+    torch.testing.assert_close(befores[0], torch.tensor(result.train_losses[0]))
+    for k in range(44):
+        assert not torch.allclose(afters[k], befores[k], rtol=1e-6, atol=0)  # re-evaluated after the step ...
+        # ... on the same batch, not the next: the model is the same at step k's post-step and step k + 1's forward
+        assert not torch.allclose(afters[k], befores[k + 1], rtol=1e-6, atol=0)
+    # a descent step lowers the loss summed over tasks on the batch it was computed on
+    assert sum(float(a.sum() < b.sum()) for a, b in zip(afters, befores)) >= 40
+
+
 # ------------------------------------------------------------------ failures go on
 class Exploding(mtlzoo.WeightingStrategy):
     """Test strategy (no paper): from its fifth step on, weights of 0/0 (a division by zero gone wrong)."""

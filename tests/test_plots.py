@@ -87,8 +87,9 @@ def test_saved_images_are_pngs_that_show_data(toy: Any, synthetic: Any, tmp_path
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = imread(path)[..., :3]
         not_white = (pixels < 0.95).any(axis=-1).mean()
-        # axes, ticks, text and contours are grey; only the strategies' series (and their legend) are coloured
+        # axes, ticks, text, contours and the optima are black, grey or white; only the strategies' series (and
+        # their legend's handles) are coloured: an empty axes has no coloured pixel at all
         coloured = (pixels.max(axis=-1) - pixels.min(axis=-1) > 0.25).mean()
         assert not_white > 0.03, f"{path.name} is nearly blank"  # an empty axes: 0.023
-        assert coloured > 0.002, f"{path.name} has no coloured series: no data drawn?"
+        assert coloured > 0.001, f"{path.name} has no coloured series: no data drawn?"
     assert set(figures(toy)) == {"toy2d_losses", "toy2d_pareto", "toy2d_trajectories"}

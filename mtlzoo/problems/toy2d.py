@@ -32,11 +32,16 @@ OPTIMA = tuple((-1.5 * sign, -1.5 * sign) for sign in SIGNS)
 """Each task's optimum in the plane of its output: (1.5, 1.5) and (-1.5, -1.5)."""
 
 
-def toy_loss(z: Tensor, sign: float) -> Tensor:
-    """``f(z; s)`` averaged over the batch (``sin(3u)/u`` written as ``3 sinc(3u/π)``, finite at 0)."""
+def toy_values(z: Tensor, sign: float) -> Tensor:
+    """``f(z; s)`` for each row of ``z`` (``sin(3u)/u`` written as ``3 sinc(3u/π)``, finite at 0)."""
     shifted = z + 1.5 * sign
     peaks = 3 * torch.sinc(3 * shifted / math.pi)
-    return (-peaks.sum(-1) + shifted.abs().sum(-1)).mean()
+    return -peaks.sum(-1) + shifted.abs().sum(-1)
+
+
+def toy_loss(z: Tensor, sign: float) -> Tensor:
+    """``f(z; s)`` averaged over the batch."""
+    return toy_values(z, sign).mean()
 
 
 @dataclass(frozen=True)
