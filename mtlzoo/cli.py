@@ -331,7 +331,7 @@ def _notes(result: Any) -> str:
     lines = []
     for row in result.summary():
         if row["error"]:
-            error = row["error"] if len(row["error"]) <= 300 else row["error"][:297] + "..."
+            error = row["error"] if len(row["error"]) <= 800 else row["error"][:797] + "..."
             lines.append(f"  {row['strategy']} failed: {error}")
     lines.append("  conflict: share of measurements (every few steps) in which two task gradients on the shared "
                  "representation have a negative cosine; x ls: time per step over ls's, same comparison.")

@@ -503,45 +503,50 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, conflict_every:
     times: list[float] = []
     trace: list[Any] = []
     step = 0
-    while step < steps:
-        for x, y in problem.epoch(order):
-            if step >= steps:
-                break
-            x, y = to_device(x, device), to_device(y, device)
-            if conflict_every and step % conflict_every == 0:
-                cosines = measure_conflicts(mtl, problem, x, y)
-                upper = torch.triu_indices(len(cosines), len(cosines), offset=1)
-                result.conflicts["steps"].append(step)
-                result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
-            sync()
-            start = time.perf_counter()
-            for optimizer in optimizers:
-                optimizer.zero_grad()
-            with cached():
-                predictions = mtl(x)
-                losses = problem.losses(predictions, y)
-                more = [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)]
-                mtl.backward(losses, more_batches=more)
-            mtl.step(*optimizers, post_step_losses=(
-                (lambda x=x, y=y: problem.losses(mtl(x), y)) if post_step else None))
-            sync()
-            times.append(time.perf_counter() - start)
-            losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
-            traced = problem.trace(predictions)
-            if traced is not None:
-                trace.append(traced)
-            step += 1
-            result.steps_done = step
-            if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps):
-                progress(ProgressEvent("step", problem.name, plan_.label, seed, step, steps))
-        else:
-            mtl.end_epoch()
-            continue
-        break
-    result.train_losses = torch.stack(losses_log).tolist() if losses_log else []
-    result.trace = trace or None
-    result.seconds_per_step = statistics.median(times) if times else None
-    result.seconds_mean = statistics.fmean(times) if times else None
+    try:
+        while step < steps:
+            before = step
+            for x, y in problem.epoch(order):
+                if step >= steps:
+                    break
+                x, y = to_device(x, device), to_device(y, device)
+                if conflict_every and step % conflict_every == 0:
+                    cosines = measure_conflicts(mtl, problem, x, y)
+                    upper = torch.triu_indices(len(cosines), len(cosines), offset=1)
+                    result.conflicts["steps"].append(step)
+                    result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
+                sync()
+                start = time.perf_counter()
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                with cached():
+                    predictions = mtl(x)
+                    losses = problem.losses(predictions, y)
+                    more = [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)]
+                    mtl.backward(losses, more_batches=more)
+                mtl.step(*optimizers, post_step_losses=(
+                    (lambda x=x, y=y: problem.losses(mtl(x), y)) if post_step else None))
+                sync()
+                times.append(time.perf_counter() - start)
+                losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
+                traced = problem.trace(predictions)
+                if traced is not None:
+                    trace.append(traced)
+                step += 1
+                result.steps_done = step
+                if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps):
+                    progress(ProgressEvent("step", problem.name, plan_.label, seed, step, steps))
+            else:
+                if step == before:
+                    raise ComparisonError(f"Problem {problem.name!r} yielded an epoch without batches.")
+                mtl.end_epoch()
+                continue
+            break
+    finally:  # a failed run keeps its curves up to the failure
+        result.train_losses = torch.stack(losses_log).tolist() if losses_log else []
+        result.trace = trace or None
+        result.seconds_per_step = statistics.median(times) if times else None
+        result.seconds_mean = statistics.fmean(times) if times else None
     mtl.eval()
     with torch.no_grad():
         metrics = problem.evaluate(mtl, device)
@@ -620,10 +625,21 @@ def run_path(out: str | Path, problem: str, label: str, seed: int) -> Path:
     return Path(out) / RUNS_DIR / _slug(problem) / f"{_slug(label)}__seed{seed}.json"
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (strict JSON; a diverged run's last losses)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, allow_nan=True))
+    temporary.write_text(json.dumps(_finite(data), allow_nan=False))
     os.replace(temporary, path)  # a crash leaves the previous file or none, never half of one
 
 
@@ -932,7 +948,7 @@ def save(results: Sequence[ComparisonResults], out: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = folder / "results.json", folder / "results.csv"
     _write_json(json_path, {"format": FORMAT_VERSION, "problems": [r.to_dict() for r in results]})
-    records = [record for r in results for record in r.to_records()]
+    records = [_finite(record) for r in results for record in r.to_records()]
     columns = list(dict.fromkeys(key for record in records for key in record))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
