@@ -5,6 +5,7 @@ Run from the repository's root, with the ``plot`` extra installed::
     python docs/make_figures.py                      # all built-in strategies, the default problems and scale
     python docs/make_figures.py --strategies default # only the default comparison's strategies (faster)
     python docs/make_figures.py --steps 400 --seeds 5 --skip-bench
+    python docs/make_figures.py --out runs-dir --resume  # continue an interrupted regeneration
 
 It runs ``mtlzoo compare --out DIR`` (the built-in strategies only: third-party autoload is off)
 and copies ``results.json``, ``results.csv`` and the PNG plots into ``docs/comparison/``; then
@@ -39,14 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", help="passed to `mtlzoo compare --steps` (default: each problem's default)")
     parser.add_argument("--seeds", help="passed to `mtlzoo compare --seeds` (default: each problem's default)")
     parser.add_argument("--problem", help="passed to `mtlzoo compare --problem` (default: the default problems)")
+    parser.add_argument("--out", help="keep `mtlzoo compare`'s runs in this folder (default: a temporary one)")
+    parser.add_argument("--resume", action="store_true", help="with --out: reuse its finished runs")
     parser.add_argument("--skip-compare", action="store_true", help="keep the committed comparison")
     parser.add_argument("--skip-bench", action="store_true", help="keep the committed benchmark")
     args = parser.parse_args(argv)
 
     mtlzoo = [sys.executable, "-m", "mtlzoo"]
     if not args.skip_compare:
-        with tempfile.TemporaryDirectory(prefix="mtlzoo-docs-") as out:
-            command = [*mtlzoo, "compare", "--out", out]
+        with tempfile.TemporaryDirectory(prefix="mtlzoo-docs-") as temporary:
+            out = args.out or temporary
+            command = [*mtlzoo, "compare", "--out", out] + (["--resume"] if args.resume else [])
             if args.strategies != "default":
                 command += ["--strategies", args.strategies]
             for option in ("steps", "seeds", "problem"):

@@ -124,6 +124,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def catalogue_page(entries: list[StrategyEntry]) -> str:
     """``strategies/index.md``: every built-in strategy, grouped by kind, each row linking to its page."""
     parts = [
+        "---\nhide:\n  - toc\n---\n",
         f"# {CATALOGUE_TITLE}\n",
         f"mtlzoo ships **{len(entries)} strategies**. This page and the pages it links to are generated "
         "from the registry's metadata when the site is built (`StrategyInfo` and the constructors' "
@@ -174,7 +175,7 @@ def strategy_page(entry: StrategyEntry) -> str:
     parts = [
         f"# `{entry.name}`\n",
         f"{info.summary}\n",
-        _table(["", ""], rows),
+        _table(["metadata", "value"], rows),
         "## Hyperparameters\n",
         ("The constructor's keyword arguments; `num_tasks` is supplied by `MTLWrapper`.\n\n"
          + _table(["name", "default"], [[f"`{n}`", default_repr(d)] for n, d in hparams.items()]))
