@@ -57,17 +57,15 @@ def inverse_training_rates(ratios: Tensor, alpha: float) -> Tensor:
     return (ratios / ratios.mean().clamp_min(tiny(ratios.dtype))) ** alpha
 
 
-def gradnorm_objective(weights: Tensor, weighted_norms: Tensor, targets: Tensor) -> Tensor:
-    """``sum_k | w_k ||g_k|| - target_k |``, differentiable in ``weights`` only (targets held constant).
+def gradnorm_objective(weights: Tensor, norms: Tensor, targets: Tensor) -> Tensor:
+    """``L_grad = sum_k | w_k ||g_k|| - target_k |``, differentiable in ``weights`` only (the targets held constant).
 
     Args:
         weights: The present tasks' weights ``w_k`` (requiring grad).
-        weighted_norms: ``||grad (w_k L_k)||`` as the engine measures them (of the weighted losses).
-        targets: The target norms.
+        norms: The unweighted norms ``||g_k||`` (detached).
+        targets: The target norms of the weighted gradients.
     """
-    detached = weights.detach()
-    norms = weighted_norms / detached.clamp_min(tiny(detached.dtype))
-    return (weights * norms - targets.detach()).abs().sum()
+    return (weights * norms.detach() - targets.detach()).abs().sum()
 
 
 class GradNorm(WeightingStrategy):
@@ -148,6 +146,7 @@ class GradNorm(WeightingStrategy):
             "parameters", "norms", parameters=names if names is not None else ())
         self.task_weights = nn.Parameter(torch.ones(num_tasks))
         self.register_buffer("initial_losses", torch.full((num_tasks,), math.nan))
+        self._referenced = False
         self._staged: dict[str, Tensor] = {}
 
     @property
@@ -169,11 +168,13 @@ class GradNorm(WeightingStrategy):
         return (self.weights(losses) * losses).sum()
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        reference = self._staged.get("initial_losses", self.initial_losses)
-        staged = stage_reference(reference, losses.detach(), tasks)
-        if staged is not None:
-            self._staged["initial_losses"] = staged
-        return self.task_weights.detach()[tasks].to(losses.dtype)
+        if not self._referenced:
+            reference = self._staged.get("initial_losses", self.initial_losses)
+            staged = stage_reference(reference, losses.detach(), tasks)
+            if staged is not None:
+                self._staged["initial_losses"] = staged
+        weights = self.task_weights.detach()
+        return (weights if tasks.shape[0] == self.num_tasks else weights[tasks]).to(losses.dtype)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None  # the weights learn from the gradient loss only, never from sum_k w_k L_k
@@ -184,13 +185,17 @@ class GradNorm(WeightingStrategy):
 
     def objective(self, weighted_norms: Tensor, losses: Tensor, tasks: Tensor) -> Tensor | None:
         """``L_grad`` for the present tasks, from the norms of the weighted tasks' gradients."""
-        weights = self.task_weights[tasks].to(weighted_norms.dtype)
+        everyone = tasks.shape[0] == self.num_tasks
+        weights = (self.task_weights if everyone else self.task_weights[tasks]).to(weighted_norms.dtype)
         if not weights.requires_grad:
             return None
-        reference = self._staged.get("initial_losses", self.initial_losses)[tasks]
-        ratios = loss_ratios(losses.to(weighted_norms.dtype), reference.to(weighted_norms.dtype))
+        reference = self._staged.get("initial_losses", self.initial_losses)
+        reference = (reference if everyone else reference[tasks]).to(weighted_norms.dtype)
+        losses = losses.to(weighted_norms.dtype)
+        ratios = losses / reference if self._referenced else loss_ratios(losses, reference)
         targets = weighted_norms.mean() * inverse_training_rates(ratios, self.alpha)
-        return gradnorm_objective(weights, weighted_norms, targets)
+        norms = weighted_norms / weights.detach().clamp_min(tiny(weights.dtype))  # the engine's are of w_k L_k
+        return gradnorm_objective(weights, norms, targets)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``sum_k w_k g_k`` for K task gradients (K x ...), ``L_grad`` back-propagated into the weights.
@@ -206,12 +211,13 @@ class GradNorm(WeightingStrategy):
 
     # ------------------------------------------------------------------ lifecycle
     def _commit(self) -> None:
-        for name, value in self._staged.items():
-            setattr(self, name, value)
+        if "initial_losses" in self._staged:
+            self.initial_losses = self._staged["initial_losses"]
+            self._referenced = _all_referenced(self.initial_losses)
         self._staged = {}
         with torch.no_grad():
-            weights = self.task_weights.clamp_min(WEIGHT_FLOOR)
-            self.task_weights.copy_(weights * (self.num_tasks / weights.sum()))
+            weights = self.task_weights.clamp_(min=WEIGHT_FLOOR)
+            weights.mul_(self.num_tasks / weights.sum())
 
     def _drop_staged(self) -> None:
         self._staged = {}
@@ -221,3 +227,9 @@ class GradNorm(WeightingStrategy):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._staged = {}
+        self._referenced = _all_referenced(self.initial_losses)  # the buffers are loaded before the extra state
+
+
+def _all_referenced(reference: Tensor) -> bool:
+    """Whether every task has its ``L_k(0)`` (then the per-step check is skipped)."""
+    return bool((torch.isfinite(reference) & (reference != 0)).all())

@@ -70,6 +70,7 @@ def test_mtlzoo_list_shows_all_ten_with_their_papers() -> None:
 
 
 def test_readme_strategy_table_lists_all_ten() -> None:
+    """README.md's "## Strategies" table has a row for each."""
     section = README.read_text().split("## Strategies", 1)[1].split("\n## ", 1)[0]
     for name in ZOO:
         assert f"| `{name}` |" in section, name
@@ -88,6 +89,7 @@ def test_readme_strategy_table_lists_all_ten() -> None:
     ("rlw", {"seed": -3}, "seed"),
 ])
 def test_out_of_range_hyperparameters_are_refused_by_name(name: str, kwargs: dict[str, Any], parameter: str) -> None:
+    """The papers' domains (T > 0, alpha >= 0, mu > 0, gamma >= 0, ...) are checked at construction, by name."""
     arguments = {**ZOO[name], **kwargs}
     with pytest.raises(ValueError, match=f"`{parameter}"):
         mtlzoo.create(name, num_tasks=3, **arguments)
@@ -135,6 +137,7 @@ def test_a_zero_or_negative_loss_raises_naming_method_and_task(name: str, bad: f
 
 
 def test_famo_refuses_a_zero_loss_after_the_step_and_keeps_its_logits() -> None:
+    """FAMO takes the log of the post-step losses too: a zero there raises, naming the task, before the logits move."""
     mtl, optimizer = _trained("famo")
     x, targets = batch(3, seed=9)
     optimizer.zero_grad()
