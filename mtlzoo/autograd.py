@@ -414,7 +414,7 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
             pieces = []
             if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
                 # h^T G_k, the transpose of dL_k/dW, for the K tasks in one batched product
-                products = [torch.matmul(layer.input.to(dtype).T.contiguous(), g)  # type: ignore[union-attr]
+                products = [torch.matmul(layer.input.to(dtype).T, g)  # type: ignore[union-attr]
                             for g, layer in zip(flat, layers)]
                 pieces.append(torch.stack(products).sum(0) if len(products) > 1 else products[0])
             if layers[0].bias is not None and id(layers[0].bias) in wanted:  # type: ignore[union-attr]
