@@ -110,42 +110,44 @@ class SeededGenerator:
     """The random stream of one stochastic strategy: a CPU ``torch.Generator`` and its saved state.
 
     Seeded at construction by ``seed``, or by a number drawn from torch's global generator (so a
-    run is deterministic given ``torch.manual_seed``). Its state goes in ``state_dict()``; the
-    state at the start of a step is kept so that a step the ``GradScaler`` skips draws again.
+    run is deterministic given ``torch.manual_seed``). A step draws from a working copy of the
+    committed state; :meth:`commit` (at ``advance()``) makes the copy's state the committed one and
+    :meth:`rewind` (a step the ``GradScaler`` skipped) forgets it, so ``state_dict()`` holds the
+    state at the last step boundary and a skipped step draws nothing.
     """
 
     def __init__(self, seed: int | None) -> None:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator().manual_seed(seed)
-        self._step_start: Tensor | None = None
+        self._working: torch.Generator | None = None
 
-    def begin(self, micro_batch: int) -> torch.Generator:
-        """The generator, noting its state at the first micro-batch of a step."""
-        if micro_batch == 0 and self._step_start is None:
-            self._step_start = self.generator.get_state()
-        return self.generator
+    def begin(self) -> torch.Generator:
+        """The generator this step draws from (a copy of the committed state, made at its first draw)."""
+        if self._working is None:
+            self._working = torch.Generator()
+            self._working.set_state(self.generator.get_state())
+        return self._working
 
-    def on_device(self, device: torch.device, micro_batch: int) -> torch.Generator:
+    def on_device(self, device: torch.device) -> torch.Generator:
         """A generator on ``device`` seeded from this stream (the stream itself on the CPU)."""
-        generator = self.begin(micro_batch)
+        generator = self.begin()
         if device.type == "cpu":
             return generator
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return torch.Generator(device=device).manual_seed(seed)
 
     def commit(self) -> None:
-        self._step_start = None
+        if self._working is not None:
+            self.generator.set_state(self._working.get_state())
+        self._working = None
 
     def rewind(self) -> None:
-        """Back to the state at the start of the step (a skipped step draws nothing)."""
-        if self._step_start is not None:
-            self.generator.set_state(self._step_start)
-        self._step_start = None
+        self._working = None
 
     def state(self) -> bytes:
         return bytes(self.generator.get_state().tolist())
 
     def load(self, state: Any) -> None:
         self.generator.set_state(torch.tensor(list(state), dtype=torch.uint8))
-        self._step_start = None
+        self._working = None

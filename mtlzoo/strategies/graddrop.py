@@ -70,6 +70,8 @@ class GradDrop(DirectionSurgery):
         cost="representation",
         original_code="",
     )
+    unchecked_settings = ("seed",)
+    """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, leak: float | Sequence[float] = 0.0,
                  seed: int | None = None) -> None:
@@ -84,7 +86,7 @@ class GradDrop(DirectionSurgery):
         self.random = SeededGenerator(seed)
 
     def direction_for(self, grads: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        generator = self.random.on_device(grads.device, micro_batch)
+        generator = self.random.on_device(grads.device)
         total, magnitude = grads.sum(0), grads.abs().sum(0)
         purity = torch.where(magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5)
         draw = torch.rand(purity.shape, generator=generator, device=grads.device).to(grads.dtype)  # same in any dtype

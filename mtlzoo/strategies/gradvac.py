@@ -44,9 +44,10 @@ class GradVac(GramianSurgery):
     tasks the order does not matter and GradVac is deterministic.
 
     Differences from torchjd 0.18's ``GradVac``: torchjd adds ``eps = 1e-8`` to the divisors
-    (an absolute constant, so the result depends on the gradients' scale) and keeps its targets
-    outside ``state_dict()``; here divisors are exact, with zero gradients and targets of
-    ``|φ̂| = 1`` handled as above.
+    (an absolute constant, so the result depends on the gradients' scale), updates its targets at
+    every call rather than once per optimizer step, and draws the orders from torch's global
+    generator; here divisors are exact, with zero gradients and targets of ``|φ̂| = 1`` handled
+    as above.
 
     Args:
         num_tasks: K.
@@ -81,6 +82,8 @@ class GradVac(GramianSurgery):
         cost="parameters",
         original_code="",
     )
+    unchecked_settings = ("seed",)
+    """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.5,
                  seed: int | None = None) -> None:
@@ -93,7 +96,7 @@ class GradVac(GramianSurgery):
         self._staged: dict[str, Tensor] = {}
 
     def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        generator = self.random.begin(micro_batch)
+        generator = self.random.begin()
         matrix = gramian.detach().to("cpu", torch.float64)
         index = tasks.to("cpu")
         targets = self.targets.detach().to("cpu", torch.float64)[index][:, index]

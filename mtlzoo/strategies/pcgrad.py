@@ -64,13 +64,15 @@ class PCGrad(GramianSurgery):
         cost="parameters",
         original_code="https://github.com/tianheyu927/PCGrad",
     )
+    unchecked_settings = ("seed",)
+    """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, seed: int | None = None) -> None:
         super().__init__(num_tasks, target=target)
         self.random = SeededGenerator(seed)
 
     def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        generator = self.random.begin(micro_batch)
+        generator = self.random.begin()
         matrix = gramian.detach().to("cpu", torch.float64)
         size = matrix.shape[0]
         weights = torch.zeros(size, dtype=torch.float64)

@@ -99,19 +99,26 @@ def test_deterministic_given_the_seed_and_scale_linear_per_draw() -> None:
         second.advance()
 
 
-def test_a_skipped_step_draws_the_same_orders_again() -> None:
-    """discard() (a step the GradScaler skipped) rewinds the generator: the retried step draws as the first did."""
+def test_the_generator_advances_at_advance_and_a_skipped_step_draws_again() -> None:
+    """The orders' generator is running state: state_dict() keeps the last step boundary's state during a step,
+    discard() (a step the GradScaler skipped) draws the same orders again, advance() commits, and a resumed copy
+    draws what the original draws next."""
+    ones = torch.ones(3, dtype=torch.float64)
     strategy = mtlzoo.create("pcgrad", num_tasks=3, seed=5)
-    first = strategy.aggregate(MATRIX, torch.ones(3, dtype=torch.float64))
+    before = strategy.state_dict()["_extra_state"]["state"]["generator"]
+    first = strategy.aggregate(MATRIX, ones)
+    assert strategy.state_dict()["_extra_state"]["state"]["generator"] == before
     strategy.discard()
-    torch.testing.assert_close(strategy.aggregate(MATRIX, torch.ones(3, dtype=torch.float64)), first)
-    state = strategy.state_dict()
+    torch.testing.assert_close(strategy.aggregate(MATRIX, ones), first)
     strategy.advance()
-    resumed = mtlzoo.create("pcgrad", num_tasks=3, seed=5)
+    state = strategy.state_dict()
+    assert state["_extra_state"]["state"]["generator"] != before
+    resumed = mtlzoo.create("pcgrad", num_tasks=3, seed=99)
     resumed.load_state_dict(state)
-    resumed.advance()
-    torch.testing.assert_close(resumed.aggregate(MATRIX, torch.ones(3, dtype=torch.float64)),
-                               strategy.aggregate(MATRIX, torch.ones(3, dtype=torch.float64)))
+    for _ in range(3):
+        torch.testing.assert_close(resumed.aggregate(MATRIX, ones), strategy.aggregate(MATRIX, ones))
+        resumed.advance()
+        strategy.advance()
 
 
 def test_pcgrad_claims_no_deterministic_property() -> None:

@@ -323,3 +323,19 @@ def test_the_conflict_expectations_fail_for_ls() -> None:
         with pytest.raises(AssertionError):
             expect(summed, CONFLICT)
             raise pytest.fail.Exception(f"the expectation of {name} accepts ls")  # pragma: no cover
+
+
+def test_strategies_never_import_the_engine() -> None:
+    """DESIGN.md: strategies are maths over tensors; only mtlzoo/autograd.py asks autograd for per-task gradients.
+    No module of mtlzoo/strategies (nor linalg.py, solvers.py) imports it."""
+    import ast
+    from pathlib import Path
+
+    package = Path(mtlzoo.__file__).parent
+    for path in [*sorted((package / "strategies").glob("*.py")), package / "linalg.py", package / "solvers.py"]:
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.module for alias in node.names}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {"mtlzoo.autograd", "mtlzoo.wrapper"} & imported, path.name
