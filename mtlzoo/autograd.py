@@ -251,8 +251,11 @@ def _flatten_rows(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_t
 
 
 def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inputs: StepInputs,
-               scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
+               scale: Tensor | None, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
     """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
+
+    ``chunk_size`` is the number of tasks per vmapped backward of the Jacobian (see
+    :func:`parameter_jacobian`).
 
     Norms on named parameters (GradNorm's layer) come from :func:`layer_norms`, without the
     Jacobian where the layer is the linear map that produces ``z``; an empty ``request.parameters``
@@ -273,7 +276,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         return rep, None
     if request.where == "parameters":
         zs = [record.z for record in heads.records]
-        jacobian = parameter_jacobian(zs, heads.grads, shared).to(dtype)
+        jacobian = parameter_jacobian(zs, heads.grads, shared, chunk_size=chunk_size).to(dtype)
         matrix = jacobian if scale is None else jacobian / scale.to(dtype)
     if request.statistic == "gradients":
         inputs.gradients = matrix

@@ -22,7 +22,7 @@ from mtlzoo.strategy import Strategy
 def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.Module, backbone: nn.Module,
                  losses: StepLosses, inputs: StepInputs, *, backbone_loss: Tensor | None = None,
                  extra_losses: Sequence[StepLosses] = (), scale: Tensor | None = None,
-                 retain_graph: bool = False) -> None:
+                 retain_graph: bool = False, chunk_size: int | None = None) -> None:
     """Back-propagate one backward's checked losses through ``strategy`` into the model and the strategy.
 
     Args:
@@ -37,6 +37,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         scale: A ``GradScaler``'s scale: everything that reaches ``.grad`` is multiplied by it, and
             the statistics are divided by it; an overflowing step gives up the strategy's update.
         retain_graph: Keep the graphs for another backward.
+        chunk_size: Tasks per vmapped backward when the Jacobian is formed (``None``: all at once).
     """
     request = strategy.request
     weights = strategy.loss_weights(inputs)
@@ -58,14 +59,14 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     passed = engine.head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
                               labels=losses.labels, retain_graph=retain_graph)
     shared = shared_parameters(backbone, request.parameters, strategy)
-    rep, _ = engine.statistics(request, passed, shared, inputs, scale)
+    rep, _ = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
     overflow = scale is not None and not engine.all_finite([rep])
     consumed = list(passed.records)
     for more in extra_losses:
         extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
         extra_passed = engine.head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                         head_params, labels=more.labels)
-        extra_rep, _ = engine.statistics(request, extra_passed, shared, extra, scale)
+        extra_rep, _ = engine.statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size)
         overflow = overflow or (scale is not None and not engine.all_finite([extra_rep]))
         inputs.extra.append(extra)
         consumed += extra_passed.records

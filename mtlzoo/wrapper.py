@@ -109,6 +109,9 @@ class MTLWrapper(nn.Module):
             backbone and head objects as its own submodules; nothing of the model is modified.
         strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
+        jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
+            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks;
+            in between, the peak memory is bounded by the chunk rather than by K.
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
@@ -120,8 +123,14 @@ class MTLWrapper(nn.Module):
                                                   # advances once, after a step that was taken
     """
 
-    def __init__(self, model: nn.Module, strategy: str | Strategy, **strategy_kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, strategy: str | Strategy, *, jacobian_chunk_size: int | None = None,
+                 **strategy_kwargs: Any) -> None:
         super().__init__()
+        if jacobian_chunk_size is not None and (isinstance(jacobian_chunk_size, bool)
+                                                or not isinstance(jacobian_chunk_size, int) or jacobian_chunk_size < 1):
+            raise ValueError(f"Parameter `jacobian_chunk_size` should be a positive int or None. Found "
+                             f"`jacobian_chunk_size = {jacobian_chunk_size!r}`.")
+        self.jacobian_chunk_size = jacobian_chunk_size
         backbone = getattr(model, "backbone", None)
         if not isinstance(backbone, nn.Module):
             raise InvalidModelError(f"The model should have a `backbone` attribute holding an nn.Module. "
@@ -338,7 +347,7 @@ class MTLWrapper(nn.Module):
             with parametrize.cached(), torch.autocast(step_losses.values.device.type, enabled=False):
                 run_backward(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
                              backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
-                             retain_graph=retain_graph)
+                             retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()

@@ -268,3 +268,27 @@ def test_a_constant_loss_gives_a_zero_gradient_with_one_warning() -> None:
         else:
             mtl.backward(masked)  # said once per task: no second warning (warnings are errors here)
     assert all(p.grad is None or not p.grad.any() for p in mtl.heads[1].parameters())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_the_jacobian_chunk_size_reaches_the_engine(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MTLWrapper(jacobian_chunk_size=...) bounds the Jacobian's batch; the gradients do not change."""
+    from mtlzoo import autograd
+
+    seen = []
+    original = autograd.parameter_jacobian
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(kwargs["chunk_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "parameter_jacobian", spy)
+    torch.manual_seed(0)
+    model = small_model()
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), SumSurgery(3, target="parameters"), jacobian_chunk_size=chunk)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert seen == [chunk]
+    for ours, theirs in zip(mtl.model_parameters(), plain_gradients(model, x, targets)):
+        torch.testing.assert_close(ours.grad, theirs)
+    with pytest.raises(ValueError, match="jacobian_chunk_size"):
+        mtlzoo.MTLWrapper(small_model(), "ls", jacobian_chunk_size=0)
