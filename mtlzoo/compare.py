@@ -80,6 +80,7 @@ from mtlzoo.errors import ComparisonError, MissingHyperparameterError
 from mtlzoo.problems import Problem, create_problem, list_problems
 from mtlzoo.problems.base import to_device
 from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies
+from mtlzoo.strategy import REQUIRED
 from mtlzoo.wrapper import MTLWrapper
 
 BASELINE = "ls"
@@ -281,8 +282,6 @@ def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.devi
 
 
 def _missing(entry: StrategyEntry, options: Mapping[str, Any]) -> list[str]:
-    from mtlzoo.strategy import REQUIRED
-
     return [p for p, d in entry.hyperparameters.items() if d is REQUIRED and p not in options] or ["..."]
 
 
@@ -574,6 +573,20 @@ def _specs(strategies: Sequence[StrategySpec | str] | str | None) -> tuple[list[
     return [StrategySpec.parse(s) if isinstance(s, str) else s for s in strategies], True
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, after allocating on it once.
+
+    Raises:
+        ComparisonError: torch cannot use it (``"cuda"`` without a GPU, a misspelled name).
+    """
+    try:
+        device = torch.device(device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ComparisonError(f"Device {str(device)!r} cannot be used here: {error}") from None
+    return device
+
+
 def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | None = None, *,
              reference: Reference = "ls", strict: bool | None = None,
              device: str | torch.device = "cpu") -> list[Plan]:
@@ -584,6 +597,7 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
     :class:`~mtlzoo.errors.ComparisonError`; otherwise (the default set, ``"all"``) it is recorded
     as failed with the reason. Unknown names and options always raise.
     """
+    check_device(device)
     specs, named = _specs(strategies)
     strict = named if strict is None else strict
     if reference not in ("ls", "single_task"):

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import pytest
+import torch
 
 import mtlzoo
 from mtlzoo.cli import main
@@ -112,6 +113,8 @@ def test_compare_json_format(capsys: pytest.CaptureFixture[str]) -> None:
     (["--strategies", "rotograd:normalise_losses=true"], "Did you mean 'normalize_losses'"),
     (["--strategy-optimizer", "rotograd=adma:0.1", "--strategies", "rotograd"], "Unknown optimizer 'adma'"),
     (["--seeds", "two"], "--seeds"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "cannot be used here"),
+    (["--device", "gpu"], "cannot be used here"),
 ])
 def test_compare_refuses_bad_input_before_training(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,7 +175,8 @@ def test_compare_help_states_what_the_default_cuts(capsys: pytest.CaptureFixture
 # ------------------------------------------------------------------------- bench
 def test_bench_reports_ratios_to_ls_on_both_models(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10: median step time per strategy and model, and its ratio to ls's median on the same model."""
-    args = ["bench", "--strategies", "rotograd", "--tasks", "3", "--dim", "8", "--steps", "6", "--warmup", "1"]
+    args = ["bench", "--strategies", "rotograd", "--tasks", "3", "--dim", "8", "--steps", "6", "--warmup", "1",
+            "--threads", "1"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["tasks"] == 3 and report["settings"]["batch_sizes"] == {"mlp": 256, "cnn": 64}
