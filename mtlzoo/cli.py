@@ -328,7 +328,14 @@ def _result_table(result: Any) -> Any:
 
 
 def _notes(result: Any) -> str:
+    from mtlzoo.problems import get_problem
+
     lines = []
+    try:
+        cls = get_problem(result.problem).cls
+        lines.append(f"  The literature on {cls.name} ({cls.source}): {cls.literature}.")
+    except KeyError:
+        pass
     for row in result.summary():
         if row["error"]:
             error = row["error"] if len(row["error"]) <= 800 else row["error"][:797] + "..."
