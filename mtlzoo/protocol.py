@@ -17,6 +17,10 @@ from torch import Tensor
 Where = Literal["losses", "representation", "parameters"]
 Statistic = Literal["gradients", "gramian", "norms"]
 
+LAST_LAYER: tuple[str, ...] = ()
+"""``Request(parameters=LAST_LAYER)``: the last shared layer's weights, found by the engine from the graph of
+``z`` (GradNorm's default), so the strategy need not know the backbone's parameter names."""
+
 WHERES: tuple[Where, ...] = ("losses", "representation", "parameters")
 STATISTICS: tuple[Statistic, ...] = ("gradients", "gramian", "norms")
 
@@ -32,8 +36,8 @@ class Request:
         statistic: What of those gradients: ``"gradients"`` (the K x ... matrix itself), the K x K
             ``"gramian"`` ``G G^T``, or the K ``"norms"`` ``||g_k||``.
         parameters: With ``where="parameters"``, the names of the shared parameters to take the
-            gradients on (as ``backbone.named_parameters()`` gives them; GradNorm's last shared
-            layer), or ``None`` for all of them.
+            gradients on (as ``backbone.named_parameters()`` gives them), :data:`LAST_LAYER` for the
+            last shared layer's weights (GradNorm's choice), or ``None`` for all of them.
         batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
     """
 
@@ -66,7 +70,9 @@ class Request:
         if self.where == "losses":
             return "losses"
         text = f"{self.statistic} on {self.where}"
-        if self.parameters is not None:
+        if self.parameters == LAST_LAYER:
+            text = f"{self.statistic} on the last shared layer"
+        elif self.parameters is not None:
             text += f" {list(self.parameters)}"
         return text + (f" x{self.batches} batches" if self.batches > 1 else "")
 

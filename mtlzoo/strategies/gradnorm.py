@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.linalg import row_norms, tiny
-from mtlzoo.protocol import Request, StepInputs, Update
+from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 GRADNORM_PAPER = Paper(
@@ -113,7 +113,7 @@ class GradNorm(WeightingStrategy):
     info = StrategyInfo(
         name="gradnorm",
         kind="weighting",
-        request=Request("parameters", "norms", parameters=()),
+        request=Request("parameters", "norms", parameters=LAST_LAYER),
         summary="Learns loss weights so that the task gradient norms on the last shared layer train at equal rates.",
         paper=GRADNORM_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),

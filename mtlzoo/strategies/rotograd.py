@@ -65,6 +65,7 @@ from mtlzoo.strategies._rotation_bank import (
     as_shape,
     rotate,
 )
+from mtlzoo.strategies.gradnorm import gradnorm_objective, inverse_training_rates
 from mtlzoo.strategy import GradientSurgery, Paper, StrategyInfo, Target
 
 ROTOGRAD_PAPER = Paper(
@@ -500,5 +501,5 @@ class RotoGradNorm(RotateOnly):
         if not weights.requires_grad:
             return update, None
         ratios = self.loss_ratios(inputs.losses, inputs.tasks).to(grads.dtype)
-        targets = (row_norms(update.unsqueeze(0))[0] / self.num_tasks) * (ratios / ratios.mean()) ** self.alpha
-        return update, (weights * norms - targets).abs().sum()
+        targets = (row_norms(update.unsqueeze(0))[0] / self.num_tasks) * inverse_training_rates(ratios, self.alpha)
+        return update, gradnorm_objective(weights, norms, targets)
