@@ -253,10 +253,13 @@ def results_section(problem: dict[str, Any]) -> str:
         header.append(f"Δm% vs {problem.get('reference', 'ls')} ↓")
     header += ["mean rank ↓", "time / `ls` step", "steps with a conflict"]
     rows = []
+    failures = []
     for row in problem["summary"]:
         if row.get("ok", 0) == 0:
-            rows.append([f"`{row['strategy']}`", f"failed: {html.escape(str(row.get('error')))}"]
-                        + [""] * (len(header) - 2))
+            error = str(row.get("error"))
+            kind = error.split(":", 1)[0] if re.match(r"^[A-Za-z]+(Error|Exception):", error) else "error"
+            rows.append([f"`{row['strategy']}`", f"failed (`{kind}`, below)"] + ["—"] * (len(header) - 2))
+            failures.append(f"- `{row['strategy']}`: {html.escape(error)}")
             continue
         cells = [f"`{row['strategy']}`"]
         def cell(key: str, digits: int = 3, row: dict[str, Any] = row) -> str:
@@ -283,6 +286,9 @@ def results_section(problem: dict[str, Any]) -> str:
                  f"({primary.get('description') or direction}, {direction}); "
                  "mean ± standard deviation over seeds.\n")
     parts.append(_table(header, rows))
+    if failures:
+        parts.append("Runs recorded as failed (the harness records the error and goes on):\n\n"
+                     + "\n".join(failures) + "\n")
     if what is not None and what.cls.literature:
         parts.append(f"!!! note \"What the literature reports\"\n    {what.cls.literature.rstrip('.')}.\n")
     for suffix, caption in (("trajectories", "Trajectories of each task's output (seed 0)"),
