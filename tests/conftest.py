@@ -1,5 +1,10 @@
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one worker per core: no oversubscription
 
 
 @pytest.fixture(autouse=True)
