@@ -48,6 +48,8 @@ class IMTL(IMTLG):
         paper=IMTL_PAPER,
         properties=frozenset({"permutation_invariant", "scale_linear"}),
         learnable=True,
+        optimizer="adam",
+        lr=1e-2,
         cost="representation",
         original_code="",
     )
