@@ -2,19 +2,16 @@ r"""DualProj: the mean task gradient projected onto the dual cone (eq. 11 of GEM
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
 from mtlzoo.linalg import normalize_gramian, regularize_gramian
 from mtlzoo.protocol import Request
 from mtlzoo.solvers import project_to_dual_cone
-from mtlzoo.strategies._surgery import GramianSurgery
-from mtlzoo.strategies.upgrad import check_eps, preference, present_preference
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies.upgrad import DualConeSurgery, present_preference
+from mtlzoo.strategy import Paper, StrategyInfo
 
 
-class DualProj(GramianSurgery):
+class DualProj(DualConeSurgery):
     r"""DualProj: the (preference-weighted) mean gradient, projected onto the dual cone of the task gradients.
 
     Paper: Lopez-Paz & Ranzato, *Gradient Episodic Memory for Continual Learning*, NeurIPS 2017
@@ -65,20 +62,7 @@ class DualProj(GramianSurgery):
         original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
     )
 
-    def __init__(self, num_tasks: int, *, target: Target | None = None,
-                 pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
-        super().__init__(num_tasks, target=target)
-        self.pref_vector = preference(pref_vector, num_tasks)
-        self.reg_eps = check_eps(reg_eps)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        claims = self.info.properties
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            claims = claims - {"permutation_invariant"}
-        if self.reg_eps > 0:
-            claims = claims - {"non_conflicting"}
-        return claims
+    regularization_breaks = frozenset({"non_conflicting"})
 
     def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
         unit = regularize_gramian(normalize_gramian(gramian), self.reg_eps)

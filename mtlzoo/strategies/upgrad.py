@@ -46,7 +46,30 @@ def check_eps(reg_eps: float) -> float:
     return float(reg_eps)
 
 
-class UPGrad(GramianSurgery):
+class DualConeSurgery(GramianSurgery):
+    """What UPGrad and DualProj share: an optional preference vector over the tasks and a Gramian
+    regularisation ``reg_eps``, and the properties those settings break."""
+
+    regularization_breaks: frozenset[str] = frozenset()
+    """The claims a ``reg_eps > 0`` gives up."""
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None,
+                 pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
+        super().__init__(num_tasks, target=target)
+        self.pref_vector = preference(pref_vector, num_tasks)
+        self.reg_eps = check_eps(reg_eps)
+
+    @property
+    def properties(self) -> frozenset[str]:
+        claims = self.info.properties
+        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
+            claims = claims - {"permutation_invariant"}
+        if self.reg_eps > 0:
+            claims = claims - self.regularization_breaks
+        return claims
+
+
+class UPGrad(DualConeSurgery):
     r"""UPGrad: project each task gradient onto the dual cone of all of them, and average.
 
     Paper: Quinton & Rey, *Jacobian descent for multi-objective optimization*, 2024
@@ -97,20 +120,7 @@ class UPGrad(GramianSurgery):
         original_code="https://github.com/TorchJD/torchjd",
     )
 
-    def __init__(self, num_tasks: int, *, target: Target | None = None,
-                 pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
-        super().__init__(num_tasks, target=target)
-        self.pref_vector = preference(pref_vector, num_tasks)
-        self.reg_eps = check_eps(reg_eps)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        claims = self.info.properties
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            claims = claims - {"permutation_invariant"}
-        if self.reg_eps > 0:
-            claims = claims - {"non_conflicting", "linear_under_scaling"}
-        return claims
+    regularization_breaks = frozenset({"non_conflicting", "linear_under_scaling"})
 
     def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
         unit = regularize_gramian(normalize_gramian(gramian), self.reg_eps)
