@@ -12,8 +12,8 @@ three moves:
    (the K x ... gradients on ``z``; the K x n Jacobian on the shared parameters by one vmapped
    vector-Jacobian product, a loop where vmap cannot batch the backbone; Gramians, norms);
 3. :func:`apply`: one ``torch.autograd.backward`` over every root of the step (``z`` with the
-   combined ``dz``, the heads' and the strategy's parameters with their gradients, the backbone's
-   own loss), so gradients reach ``.grad`` through autograd's accumulation: hooks,
+   combined ``dz``, the heads' parameters with their gradients, the strategy's objective, the
+   backbone's own loss), so gradients reach ``.grad`` through autograd's accumulation: hooks,
    ``DistributedDataParallel`` and a ``GradScaler`` see them as after a plain backward.
 
 A cross-task loss (one that reads two heads' predictions) makes leaf ``k`` carry the gradient of
@@ -23,6 +23,7 @@ reads (a learnable loss) get no gradient on the gradient paths: put them in a he
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -414,17 +415,18 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
         if same_layer and wanted <= set(roles):
             num_tasks = grads[0].shape[0]
             flat = [g.reshape(num_tasks, -1, g.shape[-1]).to(dtype) for g in grads]
-            pieces = []
+            squares = torch.zeros(num_tasks, dtype=torch.float64, device=flat[0].device)  # squares of norms overflow
             if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
-                # h^T G_k, the transpose of dL_k/dW, for the K tasks in one batched product
-                products = [torch.matmul(layer.input.to(dtype).T, g)  # type: ignore[union-attr]
-                            for g, layer in zip(flat, layers)]
-                pieces.append(torch.stack(products).sum(0) if len(products) > 1 else products[0])
+                # dL_k/dW^T = h^T G_k for the K tasks as one product: h^T [G_1 ... G_K], m x (K d)
+                products = [torch.mm(layer.input.to(dtype).T,  # type: ignore[union-attr]
+                                     g.transpose(0, 1).reshape(g.shape[1], -1)) for g, layer in zip(flat, layers)]
+                product = products[0] if len(products) == 1 else torch.stack(products).sum(0)
+                per_task = product.view(product.shape[0], num_tasks, -1).transpose(0, 1)
+                squares = squares + row_norms(per_task).double() ** 2
             if layers[0].bias is not None and id(layers[0].bias) in wanted:  # type: ignore[union-attr]
-                pieces.append(torch.stack([g.sum(1) for g in flat]).sum(0))
-            if len(pieces) == 1:
-                return row_norms(pieces[0])
-            return row_norms(torch.cat([piece.reshape(num_tasks, -1) for piece in pieces], dim=1))
+                bias = torch.stack([g.sum(1) for g in flat]).sum(0)
+                squares = squares + row_norms(bias).double() ** 2
+            return squares.sqrt().to(dtype)
     return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype))
 
 
@@ -445,18 +447,6 @@ def shared_update(update: Update, rep: Tensor, request: Request) -> tuple[Tensor
     return torch.tensordot(update.weights.to(rep.dtype), rep, dims=1), None
 
 
-def objective_gradients(objective: Tensor | None, params: Sequence[Tensor], scale: Tensor | None
-                        ) -> tuple[list[Tensor], list[Tensor]]:
-    """The strategy's own parameters and the (scaled) gradients its objective gives them."""
-    params = [p for p in params if p.requires_grad]
-    if objective is None or not params or not objective.requires_grad:
-        return [], []
-    scaled = objective if scale is None else objective * scale.to(objective.dtype)
-    grads = torch.autograd.grad(scaled, params, allow_unused=True)
-    kept = [(p, g) for p, g in zip(params, grads) if g is not None]
-    return [p for p, _ in kept], [g for _, g in kept]
-
-
 def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:
     """Split a gradient on the concatenated representation back into one per forward."""
     if len(records) == 1:
@@ -471,7 +461,15 @@ def apply(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_gra
 
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every tensor is finite, with one host synchronisation."""
+    """Whether every tensor is finite, with one host synchronisation.
+
+    A sum is finite when every element is (inf and NaN propagate), and summing is far cheaper than
+    ``isfinite``; only a non-finite sum (a NaN, an inf, or finite values whose sum overflows) takes
+    the element-wise check.
+    """
     if not tensors:
+        return True
+    sums = [t.sum() for t in tensors]
+    if math.isfinite((sums[0] if len(sums) == 1 else torch.stack([s.float() for s in sums]).sum()).item()):
         return True
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -17,6 +17,7 @@ from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, Update
 from mtlzoo.strategy import Strategy
+from mtlzoo.structure import named_parameters_of, trainable_parameters
 
 
 def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.Module, backbone: nn.Module,
@@ -55,10 +56,12 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
         return
 
-    head_params = list(heads.parameters())
+    head_params = trainable_parameters(heads)
     passed = engine.head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
                               labels=losses.labels, retain_graph=retain_graph)
-    shared = shared_parameters(backbone, request.parameters, strategy)
+    last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph
+    shared = [] if request.where != "parameters" or last_layer_norms else \
+        shared_parameters(backbone, request.parameters, strategy)
     rep, _ = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
     overflow = scale is not None and not engine.all_finite([rep])
     consumed = list(passed.records)
@@ -74,8 +77,10 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     update = Update() if overflow else strategy.compute(inputs)
     dz, flat = engine.shared_update(update, rep, request)
     own_objective = _sum(objective, update.objective)
-    own_params, own_grads = engine.objective_gradients(own_objective, list(strategy.parameters()), scale)
-    if scale is None and not engine.all_finite([t for t in (dz, flat) if t is not None] + own_grads):
+    if own_objective is not None and not own_objective.requires_grad:
+        own_objective = None
+    checked = [t for t in (dz, flat, own_objective) if t is not None]
+    if scale is None and not engine.all_finite(checked):
         raise NonFiniteGradientError(
             f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
             f"reach {float(rep.abs().max()):.3g} in magnitude). Nothing was back-propagated; scale the "
@@ -95,11 +100,12 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
             offset += param.numel()
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
-    roots += passed.head_params + passed.extra_roots + own_params
-    grads += passed.head_grads + passed.extra_grads + own_grads
-    if backbone_loss is not None:
-        roots.append(scaled(backbone_loss))
-        grads.append(None)
+    roots += passed.head_params + passed.extra_roots
+    grads += passed.head_grads + passed.extra_grads
+    for root in (own_objective, backbone_loss):
+        if root is not None:
+            roots.append(scaled(root))
+            grads.append(None)
     engine.apply(roots, grads, retain_graph=retain_graph)
     if not retain_graph:
         pending.remove(consumed)
@@ -107,7 +113,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
 
 def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strategy: Strategy) -> list[Tensor]:
     """The backbone's trainable parameters, or those ``names`` picks (a request's named subset)."""
-    named = dict(backbone.named_parameters())
+    named = named_parameters_of(backbone)
     if names is None or names == ():
         return [p for p in named.values() if p.requires_grad]
     unknown = [name for name in names if name not in named]

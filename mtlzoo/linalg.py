@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -14,10 +16,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def row_norms(matrix: Tensor) -> Tensor:
     """The Euclidean norm of each row of a (K, ...) tensor, without overflow or underflow.
 
-    Each row is divided by its largest magnitude before squaring, so rows of size 1e30 (whose
-    squares overflow float32) or 1e-30 (whose squares underflow) get their exact norms.
+    Rows of size 1e30 (whose squares overflow float32) or 1e-30 (whose squares underflow) get
+    their exact norms: below float64 the squares are summed in float64, whose range holds the
+    square of any float32; a float64 row is divided by its largest magnitude before squaring.
     """
     flat = matrix.reshape(matrix.shape[0], -1)
+    if matrix.dtype != torch.float64 and matrix.is_floating_point() and matrix.device.type != "mps":
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(matrix.dtype)
     scale = flat.abs().amax(dim=1, keepdim=True)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (flat / safe).norm(dim=1) * safe.squeeze(1)
@@ -73,3 +78,12 @@ def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
 def all_finite(tensor: Tensor) -> bool:
     """Whether every entry is finite (one host synchronisation)."""
     return bool(tensor.isfinite().all())
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on ``device_type`` (a no-op context when it is not on)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = True
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -22,12 +24,14 @@ class StepLosses:
         tasks: ``(K',)`` long tensor of their task indices.
         requires_grad: Per present task, whether its loss depends on anything that requires grad.
         labels: Every task's label (its name, or its index as a string), for messages.
+        present: The present tasks' indices as a list (``tasks`` on the host).
     """
 
     values: Tensor
     tasks: Tensor
     requires_grad: list[bool]
     labels: list[str]
+    present: list[int]
 
 
 def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int, *,
@@ -78,12 +82,23 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
     if require_grad and not any(requires_grad):
         raise LossError("None of the losses requires grad: compute them from this step's predictions, "
                         "with the wrapper in training mode and gradients enabled.")
-    finite = torch.isfinite(vector.detach())
-    if not bool(finite.all()):
-        bad = [f"{labels[k]}={value:g}" for k, value, ok in zip(present, vector.tolist(), finite.tolist()) if not ok]
+    values = vector.detach().tolist()  # the step's one host synchronisation of the checks
+    bad = [f"{labels[k]}={value:g}" for k, value in zip(present, values) if not math.isfinite(value)]
+    if bad:
         raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated; check the "
                         "predictions and targets of those tasks (or lower the learning rate).")
-    return StepLosses(vector, torch.tensor(present, device=vector.device), requires_grad, labels)
+    return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present)
+
+
+@lru_cache(maxsize=256)
+def task_indices(present: tuple[int, ...], device: torch.device) -> Tensor:
+    """The long tensor of ``present``, made once per pattern and device (the engine never writes to it).
+
+    Made outside inference mode, so that a pattern first seen under ``torch.inference_mode`` can
+    still index tensors that autograd records later.
+    """
+    with torch.inference_mode(False):
+        return torch.tensor(present, device=device)
 
 
 def check_scalar(loss: object, what: str) -> None:

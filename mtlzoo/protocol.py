@@ -120,7 +120,8 @@ class Update:
         direction: The combined gradient itself, shaped like one row of ``StepInputs.gradients``
             (RotoGrad's ``dz``, PCGrad's projected sum). Overrides ``weights``.
         objective: A scalar whose backward gives the strategy's own parameters their gradients
-            (RotoGrad's rotation objective, GradNorm's weight objective). It must not reach the model.
+            (RotoGrad's rotation objective, GradNorm's weight objective). It must not reach the model (build it from
+            detached statistics): it joins the step's one final backward.
     """
 
     weights: Tensor | None = None

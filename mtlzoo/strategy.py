@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
 from mtlzoo.protocol import Request, StepInputs, Update, Where
+from mtlzoo.structure import trainable_parameters
 
 Kind = Literal["weighting", "surgery"]
 Target = Literal["representation", "parameters"]
@@ -403,7 +404,7 @@ class WeightingStrategy(Strategy):
         return weights
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
-        if not any(p.requires_grad for p in self.parameters()):
+        if not trainable_parameters(self):
             return None
         return self.scalarize(losses.detach())
 

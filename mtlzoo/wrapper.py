@@ -18,10 +18,12 @@ from mtlzoo import autograd as engine
 from mtlzoo.backward import run_backward
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
 from mtlzoo.lifecycle import StepTracker, run_optimizers
+from mtlzoo.linalg import autocast_off
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
+from mtlzoo.structure import invalidate
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
@@ -214,6 +216,10 @@ class MTLWrapper(nn.Module):
         self.strategy.check_ready()
         return list(self.strategy.parameters())
 
+    def _apply(self, fn: Any, recurse: bool = True) -> MTLWrapper:
+        invalidate()  # a conversion may put new parameter objects in place without registering them
+        return super()._apply(fn, recurse)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``nn.Module.zero_grad``."""
         for part in (self.backbone, self.heads, self.strategy):
@@ -336,7 +342,7 @@ class MTLWrapper(nn.Module):
                                      f"other {wanted} as more_batches=[...], each from a forward of its own.")
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
-        self._warn_constant_losses(step_losses.tasks.tolist(), step_losses.requires_grad, step_losses.labels)
+        self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
         scale = None
         if scaler is not None and scaler.is_enabled():
             scale = scaler.scale(torch.ones((), device=step_losses.values.device))
@@ -344,7 +350,7 @@ class MTLWrapper(nn.Module):
         inputs = StepInputs(step_losses.values.detach().float(), step_losses.tasks, len(self),
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
-            with parametrize.cached(), torch.autocast(step_losses.values.device.type, enabled=False):
+            with parametrize.cached(), autocast_off(step_losses.values.device.type):
                 run_backward(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
                              backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
                              retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size)

@@ -14,6 +14,7 @@ from torch import nn
 
 from mtlzoo import autograd as engine
 from mtlzoo.autograd import parameter_jacobian
+from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 
 class SplitBackbone(nn.Module):
@@ -131,3 +132,55 @@ def test_vmap_failure_falls_back_to_the_loop_with_one_warning() -> None:
         second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params)
     assert second.shape == first.shape
     assert params[0] in engine._VMAP_FAILED
+
+
+def test_parameter_lists_follow_structural_changes() -> None:
+    """The cached parameter lists (mtlzoo.structure) must never go stale: a new parameter, a replaced
+    submodule and a conversion that swaps parameter objects each show up at the next call, as in
+    ``module.named_parameters()`` (the reference). A cache that never invalidates fails each step."""
+    from mtlzoo.structure import named_parameters_of, trainable_parameters
+
+    heads = nn.ModuleList([nn.Linear(3, 1), nn.Linear(3, 1)])
+    assert list(named_parameters_of(heads).values()) == list(heads.parameters())
+    heads[1] = nn.Linear(3, 2)
+    assert list(named_parameters_of(heads).values()) == list(heads.parameters())
+    heads[0].scale = nn.Parameter(torch.ones(()))
+    assert list(named_parameters_of(heads)) == [name for name, _ in heads.named_parameters()]
+    heads[0].weight.requires_grad_(False)
+    assert all(p is not heads[0].weight for p in trainable_parameters(heads))
+
+    mtl = MTLWrapper(HardSharing(nn.Linear(3, 3), [nn.Linear(3, 1)]), "ls")
+    before = list(named_parameters_of(mtl.backbone).values())
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        mtl.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    after = list(named_parameters_of(mtl.backbone).values())
+    assert all(p.dtype == torch.float64 for p in after)
+    assert [id(p) for p in after] == [id(p) for p in mtl.backbone.parameters()] != [id(p) for p in before]
+
+
+def test_all_finite_is_exact_where_its_sum_is_not() -> None:
+    """autograd.all_finite checks a sum first: finite values whose sum overflows are still finite,
+    and inf - inf (a NaN sum) is not (reference: torch.isfinite(t).all())."""
+    from mtlzoo.autograd import all_finite
+
+    huge = torch.full((4,), 3e38)
+    assert all_finite([huge, torch.ones(2)]) and bool(torch.isfinite(huge).all())
+    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])
+    assert not all_finite([torch.ones(3), torch.tensor(float("nan"))])
+    assert all_finite([torch.full((3,), 6e4, dtype=torch.float16)])
+
+
+def test_task_indices_made_in_inference_mode_serve_autograd_later() -> None:
+    """The cached index tensor of a pattern of present tasks, first made under inference mode (a
+    post-step evaluation there), must still index a tensor that autograd records (an inference
+    tensor would raise when saved for backward)."""
+    from mtlzoo.losses import task_indices
+
+    with torch.inference_mode():
+        indices = task_indices((0, 2, 5), torch.device("cpu"))
+    weights = torch.ones(6, requires_grad=True)
+    weights[indices].sum().backward()
+    assert weights.grad is not None and weights.grad.tolist() == [1, 0, 1, 0, 0, 1]
