@@ -185,12 +185,7 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
 
     Row k is ``sum_r (dz_r/dθ)^T G_r[k]`` over the forwards ``r``, flattened and concatenated over
     ``params`` in order; a parameter that no task reaches gives zero columns, and a parameter that
-    task k does not reach zeros in row k.
-
-    The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as
-    ``ceil(K / chunk_size)`` of them. Where vmap cannot batch an operation of the backbone (a
-    custom ``autograd.Function`` without a vmap rule, an ``.item()`` in a backward, memory), the
-    per-task loop runs instead and is remembered for those parameters, with one warning.
+    task k does not reach zeros in row k. The concatenation of :func:`jacobian_blocks`.
 
     Args:
         zs: The backbone output(s) the heads' leaves were detached from.
@@ -200,6 +195,21 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
         retain_graph: Keep the backbone's graph (the step's final backward still needs it).
         chunk_size: Tasks per vmapped backward: ``None`` takes :data:`JACOBIAN_CHUNK_SIZE` (all
             K at once unless set), ``1`` is the loop.
+    """
+    blocks = jacobian_blocks(zs, grads, params, batched=batched, chunk_size=chunk_size)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
+                    batched: bool = True, chunk_size: int | None = None) -> list[Tensor]:
+    """The Jacobian of the losses w.r.t. ``params`` as one K x numel block per parameter (no concatenation).
+
+    The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as
+    ``ceil(K / chunk_size)`` of them. Where vmap cannot batch an operation of the backbone (a
+    custom ``autograd.Function`` without a vmap rule, an ``.item()`` in a backward, memory), the
+    per-task loop runs instead and is remembered for those parameters, with one warning. The
+    backbone's graph is kept (the step's final backward still needs it). Arguments as
+    :func:`parameter_jacobian`.
     """
     zs = [zs] if isinstance(zs, Tensor) else list(zs)
     grads = [grads] if isinstance(grads, Tensor) else list(grads)
@@ -212,7 +222,7 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
     key = params[0] if params else None
     if not batched or (key is not None and key in _VMAP_FAILED):
         chunk = 1
-    pieces: list[Tensor] = []
+    pieces: list[list[Tensor]] = []
     for first in range(0, num_tasks, max(chunk, 1)):
         count = min(chunk, num_tasks - first)
         if count > 1:
@@ -223,15 +233,17 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
                 _remember_vmap_failure(key, error)
                 chunk = 1
             else:
-                pieces.append(_flatten_rows(rows, params, count))
+                pieces.append(_blocks(rows, params, count))
                 continue
         for task in range(first, num_tasks if chunk == 1 else first + count):
             row = torch.autograd.grad(zs, params, grad_outputs=[g[task] for g in grads], retain_graph=True,
                                       allow_unused=True)
-            pieces.append(_flatten_rows([None if g is None else g.unsqueeze(0) for g in row], params, 1))
+            pieces.append(_blocks([None if g is None else g.unsqueeze(0) for g in row], params, 1))
         if chunk == 1:
             break
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    return [torch.cat(column) for column in zip(*pieces)]
 
 
 def _remember_vmap_failure(key: Tensor | None, error: BaseException) -> None:
@@ -244,15 +256,13 @@ def _remember_vmap_failure(key: Tensor | None, error: BaseException) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def _flatten_rows(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_tasks: int) -> Tensor:
-    return torch.cat([
-        row.reshape(num_tasks, -1) if row is not None else p.new_zeros(num_tasks, p.numel())
-        for row, p in zip(rows, params)
-    ], dim=1)
+def _blocks(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_tasks: int) -> list[Tensor]:
+    return [row.reshape(num_tasks, -1) if row is not None else p.new_zeros(num_tasks, p.numel())
+            for row, p in zip(rows, params)]
 
 
 def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inputs: StepInputs,
-               scale: Tensor | None, *, chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+               scale: Tensor | None, *, chunk_size: int | None = None) -> tuple[Tensor, list[Tensor] | None]:
     """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
 
     ``chunk_size`` is the number of tasks per vmapped backward of the Jacobian (see
@@ -263,29 +273,38 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     tuple names the last shared layer (:func:`last_layer_parameters`).
 
     Returns:
-        The representation gradients (K' x ...), unscaled, and the Jacobian if one was formed.
+        The representation gradients (K' x ...) and, if the Jacobian was formed, its K' x numel
+        block per shared parameter, both unscaled.
     """
     rep = representation_gradients(heads.grads)
     dtype = compute_dtype(rep.dtype)
     rep = rep.to(dtype) if scale is None else rep.to(dtype) / scale.to(dtype)
-    matrix, jacobian = rep, None
     if request.where == "parameters" and request.statistic == "norms":
         zs = [record.z for record in heads.records]
         params = list(shared) if request.parameters != () else last_layer_parameters(zs[0])
         norms = layer_norms(zs, heads.grads, params, dtype=dtype)
         inputs.norms = norms if scale is None else norms / scale.to(dtype)
         return rep, None
-    if request.where == "parameters":
-        zs = [record.z for record in heads.records]
-        jacobian = parameter_jacobian(zs, heads.grads, shared, chunk_size=chunk_size).to(dtype)
-        matrix = jacobian if scale is None else jacobian / scale.to(dtype)
-    if request.statistic == "gradients":
-        inputs.gradients = matrix
-    elif request.statistic == "gramian":
-        inputs.gramian = gramian(matrix)
-    else:
-        inputs.norms = row_norms(matrix)
-    return rep, jacobian
+    if request.where != "parameters":
+        if request.statistic == "gradients":
+            inputs.gradients = rep
+        elif request.statistic == "gramian":
+            inputs.gramian = gramian(rep)
+        else:
+            inputs.norms = row_norms(rep)
+        return rep, None
+    zs = [record.z for record in heads.records]
+    blocks = [b.to(dtype) for b in jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size)]
+    if scale is not None:
+        blocks = [b / scale.to(dtype) for b in blocks]
+    if request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
+        total = torch.zeros(rep.shape[0], rep.shape[0], dtype=dtype, device=rep.device)
+        for block in blocks:
+            total.addmm_(block, block.T)
+        inputs.gramian = total
+    else:  # norms on the parameters went to layer_norms above
+        inputs.gradients = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+    return rep, blocks
 
 
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
@@ -430,21 +449,61 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
     return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype))
 
 
-def shared_update(update: Update, rep: Tensor, request: Request) -> tuple[Tensor | None, Tensor | None]:
-    """The combined gradient, unscaled: ``(dz, None)`` on the representation or ``(None, g)`` on the parameters."""
+def shared_update(update: Update, rep: Tensor, request: Request, blocks: Sequence[Tensor] | None = None,
+                  params: Sequence[Tensor] = ()) -> tuple[Tensor | None, list[Tensor] | None]:
+    """The combined gradient, unscaled: ``(dz, None)`` through the representation, or ``(None, grads)``,
+    one gradient per shared parameter in ``params``.
+
+    A weighting ``c`` (or the plain sum) goes back through ``z`` as ``dz = sum_k c_k dL_k/dz``,
+    unless the Jacobian's ``blocks`` (one per parameter of ``params``) are given: then each
+    parameter gets ``J_p^T c`` directly, which saves the backward of ``dz`` through the backbone
+    (give them only when they cover every leaf ``z`` depends on, see :func:`covers_representation`).
+    A direction on the parameters (a flat n-vector) is split over ``params``.
+    """
     if update.direction is not None:
         if request.where == "parameters":
-            return None, update.direction
+            sizes = [p.numel() for p in params]
+            if update.direction.shape != (sum(sizes),):
+                raise ShapeMismatchError(f"The strategy's direction has shape {tuple(update.direction.shape)}; the "
+                                         f"shared parameters have {sum(sizes)} entries.")
+            return None, [piece.view_as(p) for piece, p in zip(update.direction.split(sizes), params)]
         if update.direction.shape != rep.shape[1:]:
             raise ShapeMismatchError(f"The strategy's direction has shape {tuple(update.direction.shape)}; the "
                                      f"representation gradients have shape {tuple(rep.shape[1:])}.")
         return update.direction, None
-    if update.weights is None:
-        return rep.sum(0), None
-    if update.weights.shape != rep.shape[:1]:
+    if update.weights is not None and update.weights.shape != rep.shape[:1]:
         raise ShapeMismatchError(f"The strategy returned {tuple(update.weights.shape)} weights for "
                                  f"{rep.shape[0]} tasks.")
-    return torch.tensordot(update.weights.to(rep.dtype), rep, dims=1), None
+    if blocks is None:
+        return (rep.sum(0) if update.weights is None else torch.tensordot(update.weights.to(rep.dtype), rep, dims=1)), \
+            None
+    if update.weights is None:
+        return None, [block.sum(0).view_as(p) for block, p in zip(blocks, params)]
+    weights = update.weights.to(blocks[0].dtype) if blocks else update.weights
+    return None, [(weights @ block).view_as(p) for block, p in zip(blocks, params)]
+
+
+def covers_representation(zs: Sequence[Tensor], params: Sequence[Tensor]) -> bool:
+    """Whether the backbone outputs ``zs`` depend on no leaf tensor other than ``params``.
+
+    Walks the graphs of ``zs`` (a few microseconds per operation). A weight tied to a head, an
+    input that requires grad, or a parameter outside the backbone make it ``False``.
+    """
+    wanted = {id(p) for p in params}
+    seen: set[int] = set()
+    stack = [z.grad_fn for z in zs if z.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in wanted:
+                return False
+            continue
+        stack += [edge[0] for edge in node.next_functions if edge[0] is not None]  # type: ignore[attr-defined]
+    return True
 
 
 def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:

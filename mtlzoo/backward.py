@@ -62,7 +62,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph
     shared = [] if request.where != "parameters" or last_layer_norms else \
         shared_parameters(backbone, request.parameters, strategy)
-    rep, _ = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
+    rep, blocks = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
     overflow = scale is not None and not engine.all_finite([rep])
     consumed = list(passed.records)
     for more in extra_losses:
@@ -75,11 +75,13 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         consumed += extra_passed.records
 
     update = Update() if overflow else strategy.compute(inputs)
-    dz, flat = engine.shared_update(update, rep, request)
+    covered = blocks is not None and request.parameters is None and \
+        engine.covers_representation([record.z for record in passed.records], shared)
+    dz, flat = engine.shared_update(update, rep, request, blocks if covered else None, shared)
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
-    checked = [t for t in (dz, flat, own_objective) if t is not None]
+    checked = [t for t in (dz, own_objective) if t is not None] + (flat or [])
     if scale is None and not engine.all_finite(checked):
         raise NonFiniteGradientError(
             f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
@@ -94,10 +96,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
                 roots.append(record.z)
                 grads.append(scaled(piece).to(record.z.dtype))
     if flat is not None:
-        offset = 0
-        for param in shared:
-            piece = flat[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
+        for param, piece in zip(shared, flat):
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
     roots += passed.head_params + passed.extra_roots

@@ -66,16 +66,16 @@ class StepTracker:
 
 def run_optimizers(optimizers: Sequence[torch.optim.Optimizer], scaler: Any | None) -> bool:
     """Step every optimizer (through ``scaler``); whether a step was taken (a scaler may skip it)."""
+    if scaler is None:
+        for optimizer in optimizers:
+            optimizer.step()
+        return True
     taken: list[bool] = []
     handles = [optimizer.register_step_post_hook(lambda *_: taken.append(True)) for optimizer in optimizers]
     try:
         for optimizer in optimizers:
-            if scaler is not None:
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
-        if scaler is not None:
-            scaler.update()
+            scaler.step(optimizer)
+        scaler.update()
     finally:
         for handle in handles:
             handle.remove()

@@ -47,7 +47,9 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
         require_grad: Refuse losses of which none requires grad (``False`` for losses evaluated
             without gradients, after the optimizer step).
     """
-    if isinstance(losses, Mapping):
+    if type(losses) is list or type(losses) is tuple:
+        items = list(losses)
+    elif isinstance(losses, Mapping):
         if task_names is None:
             raise LossError("Losses were given as a dict, but the heads are not named: pass a list of "
                             f"{num_tasks} losses in head order, or name the heads with an nn.ModuleDict.")
@@ -69,16 +71,21 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
         raise LossError(f"Losses should be a list, tuple, dict or 1-D tensor of {num_tasks} scalars. "
                         f"Found {type(losses).__name__}.")
 
-    labels = list(task_names) if task_names is not None else [str(k) for k in range(num_tasks)]
+    labels = task_labels(None if task_names is None else tuple(task_names), num_tasks)
     if len(items) != num_tasks:
         raise LossError(f"Expected {num_tasks} losses, one per task (head), but got {len(items)}.")
     present = [k for k, loss in enumerate(items) if loss is not None]
     if not present:
         raise LossError("Every loss is None: a step needs at least one present task.")
+    scalars = []
     for k in present:
-        check_scalar(items[k], f"The loss of task {labels[k]}")
-    vector = torch.stack([items[k].reshape(()) for k in present])
-    requires_grad = [bool(items[k].requires_grad) for k in present]
+        loss = items[k]
+        if not isinstance(loss, Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+            check_scalar(loss, f"The loss of task {labels[k]}")
+            loss = loss.reshape(())
+        scalars.append(loss)
+    vector = torch.stack(scalars)
+    requires_grad = [loss.requires_grad for loss in scalars]
     if require_grad and not any(requires_grad):
         raise LossError("None of the losses requires grad: compute them from this step's predictions, "
                         "with the wrapper in training mode and gradients enabled.")
@@ -88,6 +95,12 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
         raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated; check the "
                         "predictions and targets of those tasks (or lower the learning rate).")
     return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present)
+
+
+@lru_cache(maxsize=64)
+def task_labels(task_names: tuple[str, ...] | None, num_tasks: int) -> list[str]:
+    """Every task's label for messages: its name, or its index as a string (do not mutate the list)."""
+    return list(task_names) if task_names is not None else [str(k) for k in range(num_tasks)]
 
 
 @lru_cache(maxsize=256)

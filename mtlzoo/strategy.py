@@ -403,6 +403,10 @@ class WeightingStrategy(Strategy):
             return weights[tasks]
         return weights
 
+    def of_present(self, values: Tensor, tasks: Tensor) -> Tensor:
+        """``values[tasks]``: the per-task ``values`` (K,) of the present tasks (``values`` itself when all are)."""
+        return values if tasks.shape[0] == self.num_tasks else values[tasks]
+
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         if not trainable_parameters(self):
             return None
@@ -463,8 +467,9 @@ class GramianWeightedSurgery(GradientSurgery):
     """Surgery whose update is a weighting ``sum_k c_k g_k`` with ``c`` read from the K x K Gramian.
 
     Subclasses implement :meth:`gramian_weights`. MGDA, UPGrad, CAGrad, IMTL-G and Nash-MTL are of
-    this form; the engine then needs only the Gramian ``G G^T``, and applies the weights with one
-    ordinary backward through the backbone.
+    this form; the engine then needs only the Gramian ``G G^T`` (summed per parameter, the K x n
+    Jacobian never concatenated), and applies the weights as ``J_p^T c`` on each shared parameter
+    (on the representation: one ordinary backward of ``dz = sum_k c_k g_k`` through the backbone).
     """
 
     statistic = "gramian"

@@ -276,12 +276,12 @@ def test_the_jacobian_chunk_size_reaches_the_engine(chunk: int | None, monkeypat
     from mtlzoo import autograd
 
     seen = []
-    original = autograd.parameter_jacobian
-    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+    original = autograd.jacobian_blocks
+    def spy(*args: object, **kwargs: object) -> list[torch.Tensor]:
         seen.append(kwargs["chunk_size"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(autograd, "parameter_jacobian", spy)
+    monkeypatch.setattr(autograd, "jacobian_blocks", spy)
     torch.manual_seed(0)
     model = small_model()
     mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), SumSurgery(3, target="parameters"), jacobian_chunk_size=chunk)
@@ -292,3 +292,64 @@ def test_the_jacobian_chunk_size_reaches_the_engine(chunk: int | None, monkeypat
         torch.testing.assert_close(ours.grad, theirs)
     with pytest.raises(ValueError, match="jacobian_chunk_size"):
         mtlzoo.MTLWrapper(small_model(), "ls", jacobian_chunk_size=0)
+
+
+class WeightedSumOnParameters(GradientSurgery):
+    """Weights ``c = [1, 2, 0.5]`` read from the Gramian on the parameters: the update is ``J^T c``."""
+
+    info = StrategyInfo(name="test_weighted_sum_parameters", kind="surgery", summary="c^T J",
+                        request=Request("parameters", "gramian"))
+
+    def compute(self, inputs: mtlzoo.protocol.StepInputs) -> mtlzoo.protocol.Update:
+        assert inputs.gramian is not None
+        return mtlzoo.protocol.Update(weights=torch.tensor([1.0, 2.0, 0.5])[: inputs.gramian.shape[0]])
+
+
+class TiedModel(nn.Module):
+    """Backbone and head 0 share one weight registered in both (as tied embeddings are): J covers its backbone use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5))
+        self.heads = nn.ModuleList(nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 1)) for _ in range(3))
+        self.heads[0][0].weight = self.backbone[0].weight  # a 5 x 5 weight read by both
+
+
+@pytest.mark.parametrize("case", ["plain", "tied", "input_requires_grad", "scaler"])
+def test_a_weighting_of_the_jacobian_reaches_every_leaf_as_c_weighted_autograd(case: str) -> None:
+    """The Gramian-weighted update on the parameters goes to the backbone as ``J^T c`` without a backward
+    through it, only when ``J`` covers every leaf ``z`` depends on; otherwise ``dz = sum_k c_k dL_k/dz``
+    goes back through the backbone. Reference, by plain autograd: the heads' uses of their parameters get
+    ``d sum_k L_k``, everything behind ``z`` (the backbone, the tied weight's backbone use, the input)
+    gets ``sum_k c_k dL_k/dz`` back-propagated. A ``J^T c`` route taken regardless drops the tied
+    weight's and the input's backbone share; a Jacobian left scaled by the GradScaler's scale
+    multiplies the backbone's gradients by it once more."""
+    torch.manual_seed(0)
+    model = TiedModel() if case == "tied" else small_model(dim=5)
+    x, targets = batch()
+    x_reference = x.clone().requires_grad_(case == "input_requires_grad")
+    c = torch.tensor([1.0, 2.0, 0.5])
+    reference = copy.deepcopy(model)
+    leaves = list(reference.parameters()) + ([x_reference] if case == "input_requires_grad" else [])
+    z = reference.backbone(x_reference)
+    task_inputs = [z.detach().requires_grad_() for _ in reference.heads]
+    losses = mse_losses([head(leaf) for head, leaf in zip(reference.heads, task_inputs)], targets)
+    head_part = torch.autograd.grad(sum(losses), leaves, allow_unused=True, retain_graph=True)
+    per_task = [torch.autograd.grad(loss, leaf)[0] for loss, leaf in zip(losses, task_inputs)]
+    backbone_part = torch.autograd.grad(z, leaves, grad_outputs=sum(ck * g for ck, g in zip(c, per_task)),
+                                        allow_unused=True)
+    expected = [sum(g for g in pair if g is not None) for pair in zip(head_part, backbone_part)]
+
+    mtl = mtlzoo.MTLWrapper(mtlzoo.HardSharing(model.backbone, model.heads), WeightedSumOnParameters(3))
+    x_mtl = x.clone().requires_grad_(case == "input_requires_grad")
+    scale = 1.0
+    if case == "scaler":
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scale = 1024.0
+        mtl.backward(mse_losses(mtl(x_mtl), targets), scaler=scaler)
+    else:
+        mtl.backward(mse_losses(mtl(x_mtl), targets))
+    actual = [p.grad for p in model.parameters()] + ([x_mtl.grad] if case == "input_requires_grad" else [])
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got / scale, want)

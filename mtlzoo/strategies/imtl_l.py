@@ -76,9 +76,9 @@ class IMTLL(WeightingStrategy):
         return torch.exp(self.log_scales.detach()).to(losses.dtype)
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return torch.exp(self.log_scales.detach()[tasks]).to(losses.dtype)
+        return torch.exp(self.of_present(self.log_scales.detach(), tasks)).to(losses.dtype)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         if not self.log_scales.requires_grad:
             return None
-        return imtl_l_total(losses.detach(), self.log_scales[tasks].to(losses.dtype))
+        return imtl_l_total(losses.detach(), self.of_present(self.log_scales, tasks).to(losses.dtype))

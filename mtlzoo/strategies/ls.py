@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mtlzoo.protocol import StepInputs
 from mtlzoo.strategy import StrategyInfo, WeightingStrategy
 
 
@@ -46,6 +47,7 @@ class LinearScalarization(WeightingStrategy):
             raise ValueError(f"Parameter `weights` should hold {num_tasks} finite non-negative numbers. "
                              f"Found `weights = {weights!r}`.")
         self.register_buffer("task_weights", values)
+        self._unit_weights: tuple[int, int, bool] | None = None
 
     @property
     def properties(self) -> frozenset[str]:
@@ -61,3 +63,16 @@ class LinearScalarization(WeightingStrategy):
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
         return self.task_weights[tasks].to(losses.dtype)
+
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        if self._all_ones():
+            return None  # the plain sum: no product in the graph
+        return self.task_weights_for(inputs.losses, inputs.tasks)
+
+    def _all_ones(self) -> bool:
+        """Whether every weight is 1, re-read only when the buffer is replaced or written to (a checkpoint)."""
+        weights = self.task_weights
+        key = (id(weights), weights._version)
+        if self._unit_weights is None or self._unit_weights[:2] != key:
+            self._unit_weights = (*key, bool((weights == 1).all()))
+        return self._unit_weights[2]

@@ -66,7 +66,7 @@ class UncertaintyWeighting(WeightingStrategy):
         return self.info.properties - {"permutation_invariant"}
 
     def _total(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        s = self.log_variances if tasks is None else self.log_variances[tasks]
+        s = self.log_variances if tasks is None else self.of_present(self.log_variances, tasks)
         s = s.to(losses.dtype)
         return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
 
@@ -77,7 +77,7 @@ class UncertaintyWeighting(WeightingStrategy):
         return (0.5 * torch.exp(-self.log_variances.detach())).to(losses.dtype)
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return (0.5 * torch.exp(-self.log_variances.detach()[tasks])).to(losses.dtype)
+        return (0.5 * torch.exp(-self.of_present(self.log_variances.detach(), tasks))).to(losses.dtype)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         if not self.log_variances.requires_grad:

@@ -146,3 +146,20 @@ def test_famo_refuses_a_zero_loss_after_the_step_and_keeps_its_logits() -> None:
     with pytest.raises(NonPositiveLossError, match=r"(?s)\(famo\).*task 0"):
         mtl.step(optimizer, post_step_losses=lambda: [torch.tensor(0.0), *mse_losses(mtl(x), targets)[1:]])
     assert torch.equal(mtl.strategy.logits, logits)
+
+
+def test_ls_weights_loaded_from_a_checkpoint_take_effect() -> None:
+    """`ls` skips the product with all-one weights; weights written by load_state_dict must still count.
+    Reference: plain autograd of 1 * L_0 + 3 * L_1 + 1 * L_2 (a flag computed once at construction fails)."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch()
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), "ls")
+    state = mtl.strategy.state_dict()
+    state["task_weights"] = torch.tensor([1.0, 3.0, 1.0])
+    mtl.strategy.load_state_dict(state)
+    mtl.backward(mse_losses(mtl(x), targets))
+    expected = torch.autograd.grad((torch.tensor([1.0, 3.0, 1.0]) * torch.stack(mse_losses(model(x), targets))).sum(),
+                                   list(model.parameters()))
+    for param, grad in zip(mtl.model_parameters(), expected):
+        torch.testing.assert_close(param.grad, grad)
