@@ -1,13 +1,28 @@
-"""K learnable rotations of a representation, on torch's own orthogonal parametrization.
+"""K learnable rotations of a representation: torch's orthogonal parametrization, or a retraction.
 
-The matrices live in one (K, n, n) parameter under ``torch.nn.utils.parametrizations.orthogonal``
-with the trivialization, so ``R_k = B_k f(A_k)``: ``B_k`` a fixed base (a buffer), ``f`` the
-orthogonal map, ``A_k`` the unconstrained parameter an optimizer updates. All K matrices are
-computed in one batched call, once per step under ``torch.nn.utils.parametrize.cached()``.
+With ``orthogonal_map`` one of torch's maps (``"matrix_exp"``, ``"cayley"``, ``"householder"``)
+each matrix lives under ``torch.nn.utils.parametrizations.orthogonal`` with the trivialization, so
+``R_k = B_k f(A_k)``: ``B_k`` a fixed base (a buffer), ``f`` the orthogonal map, ``A_k`` the
+unconstrained parameter an optimizer updates; ``R_k`` is computed once per step under
+``torch.nn.utils.parametrize.cached()``, an O(n^3) map and its backward every step.
+
+With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward (one
+plain product per task), and the parameter is a tangent step ``X_k`` in the same coordinates as
+torch's trivialization (``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric), but at the current
+rotation: ``R_k (I + A_k)`` to first order. ``X_k`` is zero at every forward, so its gradient is the
+Riemannian gradient in closed form (``tril(S - S^T)`` with ``S = R_k^T dL/dR_k``), and after each
+optimizer step that was taken :meth:`RotationBank.retract` moves ``R_k <- R_k (I + A + A^2 / 2)``
+(exp to second order: orthogonal up to ``A^4 / 4``) and sets ``X_k`` back to zero, its optimizer
+state (Adam's moments) kept: a dynamic trivialization (Lezcano-Casado, "Trivializations for
+gradient-based optimization on manifolds", NeurIPS 2019) whose chart is re-centred at every step.
+Rounding drift is removed every ``CHECK_EVERY`` steps (and at once after a large step) by a
+Newton-Schulz polar projection (:func:`polar_project`). Cost per step: two batched n x n products,
+where torch's maps run an O(n^3) factorisation or series and its backward at every step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -17,9 +32,15 @@ from torch.nn.utils import parametrizations
 
 from mtlzoo.errors import ShapeMismatchError
 
-OrthogonalMap = Literal["matrix_exp", "cayley", "householder"]
+OrthogonalMap = Literal["matrix_exp", "cayley", "householder", "retraction"]
 RotationInit = Literal["random", "identity"]
-ORTHOGONAL_MAPS: tuple[OrthogonalMap, ...] = ("matrix_exp", "cayley", "householder")
+ORTHOGONAL_MAPS: tuple[OrthogonalMap, ...] = ("matrix_exp", "cayley", "householder", "retraction")
+POLAR_TOLERANCE = 1e-5
+"""Newton-Schulz stops once ``||R^T R - I||_2`` is below this, bounded by the infinity norm (float32)."""
+CHECK_EVERY = 16
+"""Retraction: steps between two measurements of ``R^T R - I`` (a projection when it exceeds tolerance)."""
+POLAR_FALLBACK = 0.5
+"""Above this bound on ``||R^T R - I||_2``, the polar factor comes from an SVD instead of Newton-Schulz."""
 ROTATION_INITS: tuple[RotationInit, ...] = ("random", "identity")
 
 
@@ -48,24 +69,47 @@ class _Rotation(nn.Module):
         parametrizations.orthogonal(self, "weight", orthogonal_map=orthogonal_map)
 
 
-class RotationBank(nn.Module):
-    """K orthogonal n x n matrices, each parametrized by torch's orthogonal parametrization.
+class _Retracted(nn.Module):
+    """One rotation ``weight`` (a buffer) and its tangent step ``tangent`` (a parameter, zero between steps)."""
 
-    One parametrization per task rather than one over a (K, n, n) batch: a batched ``matrix_exp``
-    runs every matrix at the degree its largest norm needs (``pytest -m bench`` measures the maps).
+    def __init__(self, size: int, device: Any, dtype: Any) -> None:
+        super().__init__()
+        self.register_buffer("rotation", torch.eye(size, device=device, dtype=dtype))
+        self.tangent = nn.Parameter(torch.zeros(size, size, device=device, dtype=dtype))
+
+    @property
+    def weight(self) -> Tensor:
+        return self.rotation
+
+
+class RotationBank(nn.Module):
+    """K orthogonal n x n matrices, each under torch's orthogonal parametrization or a plain retracted one.
+
+    One module per task rather than one over a (K, n, n) batch: a batched ``matrix_exp`` runs
+    every matrix at the degree its largest norm needs, and ``mtl[k]`` owns task k's module
+    (``pytest -m bench`` measures the maps). The retraction's products are batched over the K.
     """
 
     def __init__(self, count: int, size: int, *, orthogonal_map: OrthogonalMap, init: RotationInit,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.matrices = nn.ModuleList(_Rotation(size, orthogonal_map, device, dtype) for _ in range(count))
+        self.retracted = orthogonal_map == "retraction"
+        if self.retracted:
+            self.matrices = nn.ModuleList(_Retracted(size, device, dtype) for _ in range(count))
+        else:
+            self.matrices = nn.ModuleList(_Rotation(size, orthogonal_map, device, dtype) for _ in range(count))
         if init == "random":
-            reference = self.matrices[0].parametrizations.weight.original
+            reference = self._stored(0)
             self.set(haar_rotations(count, size, dtype=reference.dtype, device=reference.device))
+
+    def _stored(self, task: int) -> Tensor:
+        """Task ``task``'s stored tensor: the rotation itself (retraction) or the parametrization's original."""
+        module = self.matrices[task]
+        return module.rotation if self.retracted else module.parametrizations.weight.original
 
     @property
     def size(self) -> int:
-        return self.matrices[0].parametrizations.weight.original.shape[-1]
+        return self._stored(0).shape[-1]
 
     def matrix(self, task: int) -> Tensor:
         """R_task (computed once per step inside ``torch.nn.utils.parametrize.cached()``)."""
@@ -76,6 +120,10 @@ class RotationBank(nn.Module):
         """All K matrices stacked, (K, n, n)."""
         return torch.stack([rotation.weight for rotation in self.matrices])
 
+    def tangents(self) -> Tensor:
+        """Retraction: the K tangent parameters stacked, (K, n, n), with their graph."""
+        return torch.stack([rotation.tangent for rotation in self.matrices])
+
     def set(self, rotations: Tensor) -> None:
         """Set the K matrices (through the parametrization's right inverse)."""
         expected = (len(self.matrices), self.size, self.size)
@@ -83,10 +131,79 @@ class RotationBank(nn.Module):
             raise ShapeMismatchError(f"Rotations should have shape {expected} (K, n, n). "
                                      f"Found {tuple(rotations.shape)}.")
         check_orthogonal(rotations)
+        if self.retracted:
+            with torch.no_grad():
+                for module, value in zip(self.matrices, rotations.detach()):
+                    module.rotation.copy_(value)
+                    module.tangent.zero_()
+            return
         for rotation, value in zip(self.matrices, rotations.detach()):
             original = rotation.parametrizations.weight.original
             # Row-major, as a state_dict loads into: the layout of the base changes matmul rounding.
             rotation.weight = value.to(device=original.device, dtype=original.dtype).contiguous()
+
+
+    @torch.no_grad()
+    def retract(self, check: bool) -> None:
+        """After an optimizer step: ``R <- R (I + A + A^2 / 2)``, tangents back to zero (torch's maps: no-op).
+
+        ``R^T R - I`` is measured, and the rotations projected where it exceeds the tolerance, when
+        ``check`` is set or when the step was large (``||A||_F^4 / 4``, the bound on the
+        truncation's error, above ``POLAR_TOLERANCE / CHECK_EVERY``: the errors of the steps between
+        two checks stay within the tolerance).
+        """
+        if not self.retracted:
+            return
+        rotations = torch.stack([module.rotation for module in self.matrices])
+        lower = torch.stack([module.tangent for module in self.matrices]).to(rotations.dtype).tril(-1)
+        skew = lower - lower.mT
+        step = torch.baddbmm(skew, skew, skew, alpha=0.5)  # A + A^2 / 2
+        step.diagonal(dim1=-2, dim2=-1).add_(1)
+        rotations = torch.bmm(rotations, step)
+        size = math.sqrt(2) * float(torch.linalg.vector_norm(lower, dim=(-2, -1)).amax())  # ||A||_F
+        if check or not size ** 4 / 4 <= POLAR_TOLERANCE / CHECK_EVERY:
+            rotations = polar_project(rotations)
+        for module, value in zip(self.matrices, rotations):
+            module.rotation.copy_(value)
+            module.tangent.zero_()
+
+
+def polar_project(matrices: Tensor, tolerance: float = POLAR_TOLERANCE) -> Tensor:
+    """The orthogonal polar factors of nearly orthogonal matrices (..., n, n), batched.
+
+    Newton-Schulz: ``X <- X (3I - G) / 2`` with ``G = X^T X``, so that with ``E = G - I`` every
+    eigenvalue ``e`` of ``E`` becomes ``e^2 (3 - e) / 4``: quadratic convergence, two matrix products
+    per iteration, singular vectors kept (the limit is the polar factor, the nearest orthogonal
+    matrix, with the sign of the determinant kept). ``||E||_2`` is bounded by the infinity norm of
+    the symmetric ``E`` (one host synchronisation per iteration); an iteration stops the loop when
+    the bound it guarantees afterwards, ``b^2 (3 + b) / 4``, is below ``tolerance``, so after a
+    small optimizer step (the usual case) one iteration, two products, is all. Where the bound
+    exceeds ``POLAR_FALLBACK`` (a huge step) the polar factor comes from an SVD, flipped to
+    determinant +1 if the step crossed into the reflections. Computed in float32 at least.
+    """
+    dtype = matrices.dtype
+    x = matrices.to(torch.promote_types(dtype, torch.float32))
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    for _ in range(30):
+        error = x.mT @ x - eye
+        bound = float(error.abs().sum(-1).amax())
+        if bound <= tolerance or math.isnan(bound):  # NaN: left as is, for the caller's checks to see
+            break
+        if not bound < POLAR_FALLBACK:  # also NaN
+            return _svd_rotation(x).to(dtype)
+        x = x - 0.5 * (x @ error)
+        if bound * bound * (3 + bound) / 4 <= tolerance:
+            break
+    return x.to(dtype)
+
+
+def _svd_rotation(matrices: Tensor) -> Tensor:
+    """The rotation nearest each matrix: ``U V^T`` from its SVD, the last column of U flipped where det < 0."""
+    u, _, vh = torch.linalg.svd(matrices)
+    signs = torch.linalg.det(u @ vh).sign()
+    u = u.clone()
+    u[..., :, -1] *= torch.where(signs < 0, -1.0, 1.0).to(u.dtype).unsqueeze(-1)
+    return u @ vh
 
 
 def check_orthogonal(rotations: Tensor, tolerance: float = 1e-4) -> None:
@@ -114,6 +231,9 @@ def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
         post_numel: P.
     """
     rotation = rotation.to(z.dtype)
+    if post_numel == 1:  # flat: one (batch, n) x (n, n) product per matrix, with a plain matmul backward
+        rows = z.reshape(-1, size) if rotation.dim() == 2 else z.reshape(rotation.shape[0], -1, size)
+        return (rows @ rotation.mT).reshape(z.shape)
     if rotation.dim() == 2:
         blocks = z.reshape(-1, size, post_numel)
         rotated = torch.einsum("ij,bjp->bip", rotation, blocks)

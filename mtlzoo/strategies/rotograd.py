@@ -38,9 +38,17 @@ Differences from the ``rotograd`` package 0.1.6.0, which this module otherwise r
 - extra positional arguments raise instead of being ignored;
 - ``burn_in_period`` is documented as what it does (see above).
 
-``orthogonal_map="matrix_exp"`` reproduces a rotograd run (its ``expm`` trivialization); the
-default ``"cayley"`` follows the same method through another chart of the rotations, so training
-differs from the original's by rounding-level amounts that grow with the steps.
+``orthogonal_map="matrix_exp"`` reproduces a rotograd run (its ``expm`` trivialization);
+``"cayley"`` follows the same method through another chart of the rotations, so training differs
+from the original's by rounding-level amounts that grow with the steps. The default
+``"retraction"`` takes the same first step as both (the same gradient in the same coordinates) but
+re-centres the chart at the current rotation after every optimizer step (a dynamic trivialization,
+see :mod:`mtlzoo.strategies._rotation_bank`): no matrix function in the forward or backward, the
+rotation objective's gradient in closed form, two batched n x n products per step, so its training
+differs from the trivializations' by amounts of second order in the steps (on toy2d it follows
+``matrix_exp`` seed by seed; ``tests/bench/test_rotograd_equivalence.py``). Its parameters are
+tangent steps, zero between optimizer steps; Adam's moments refer to them, in the frame of the
+current rotation, as in any dynamic trivialization.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.strategies._rotation_bank import (
+    CHECK_EVERY,
     ORTHOGONAL_MAPS,
     ROTATION_INITS,
     OrthogonalMap,
@@ -75,7 +84,7 @@ ROTOGRAD_PAPER = Paper(
     year=2022,
     url="https://arxiv.org/abs/2103.02631",
 )
-DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "cayley"
+DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "retraction"
 LARGE_ROTATION = 1024
 """A lazily inferred rotation size above which a warning suggests ``post_shape``."""
 
@@ -99,6 +108,67 @@ class TaskRotation(nn.Module):
         return rotate(z, matrix, matrix.shape[-1], math.prod(z.shape[z.dim() - self.post_dims:]))
 
 
+class _RotationObjective(torch.autograd.Function):
+    r"""``sum_k reduce_b || R_k v_b - R_k^{sg} g_{k,b} ||^2`` with its gradient in closed form.
+
+    The residual ``r_k = R_k (v - g_k)`` is one product per task, and the gradient is
+    ``d/dR_k = 2 reduce_b r_{k,b} v_b^T`` (``R^{sg}`` stops gradients): two ``B n^2`` products per
+    task where autograd through ``R_k v - R_k^{sg} g_k`` takes three.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rotations: Tensor, reference: Tensor, blocks: Tensor, mean: bool) -> Tensor:
+        # rotations (K, n, n), reference (B, n, P), blocks (K, B, n, P)
+        num, batch, size, post = blocks.shape
+        difference = reference.unsqueeze(0) - blocks
+        if post == 1:
+            residual = torch.bmm(difference.view(num, batch, size), rotations.mT)  # rows r_{k,b}^T
+        else:
+            residual = torch.einsum("kij,kbjp->kbip", rotations, difference)
+        ctx.save_for_backward(residual, reference)
+        ctx.batch_scale = 1 / batch if mean else 1.0
+        return residual.pow(2).sum() * ctx.batch_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        residual, reference = ctx.saved_tensors
+        if residual.dim() == 3:
+            grad = residual.mT @ reference.view(reference.shape[0], -1)
+        else:
+            grad = torch.einsum("kbip,bjp->kij", residual, reference)
+        return grad * (2 * ctx.batch_scale * grad_output), None, None, None
+
+
+class _TangentObjective(torch.autograd.Function):
+    r"""The rotation objective as a function of the tangent parameters ``X_k`` (``orthogonal_map="retraction"``).
+
+    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and, with
+    ``A_k = tril(X_k) - tril(X_k)^T``, ``dL/dA_k = R_k^T dL/dR_k = 2 M_k`` where
+    ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all, one ``B n^2``
+    product per task. The gradient is ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads
+    ``X`` (the diagonal is 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tangents: Tensor, reference: Tensor, blocks: Tensor, mean: bool) -> Tensor:
+        # tangents (K, n, n), reference (B, n, P), blocks (K, B, n, P)
+        difference = reference.unsqueeze(0) - blocks
+        ctx.save_for_backward(difference, reference)
+        ctx.batch_scale = 1 / blocks.shape[1] if mean else 1.0
+        return difference.pow(2).sum() * ctx.batch_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        difference, reference = ctx.saved_tensors
+        num, batch, size, post = difference.shape
+        if post == 1:
+            moments = difference.view(num, batch, size).mT @ reference.view(batch, size)
+        else:
+            moments = torch.einsum("kbip,bjp->kij", difference, reference)
+        grad = (moments - moments.mT).tril(-1)
+        return grad * (2 * ctx.batch_scale * grad_output), None, None, None
+
+
 class RotateOnly(GradientSurgery):
     r"""RotoGrad's rotations alone: ``z_k = R_k z``, backbone update ``dz = sum_k g_k``.
 
@@ -118,10 +188,13 @@ class RotateOnly(GradientSurgery):
         normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
         burn_in_period: Optimizer step at which the reference values ``L_k(t_0)`` (and RotoGrad's
             initial gradient norms) are recorded again, after being recorded at step 0.
-        orthogonal_map: Map of torch's orthogonal parametrization: ``"cayley"`` (the default),
-            ``"matrix_exp"`` (the original's ``expm``: use it to reproduce a rotograd run) or
-            ``"householder"``. ``mtlzoo bench`` and ``pytest -m bench`` measure their costs. The
-            Cayley map cannot reach a rotation by exactly pi from its base.
+        orthogonal_map: How the rotations are kept orthogonal: ``"retraction"`` (the default, the
+            fast one: the rotations are used as they are and moved, after each optimizer step that
+            was taken, along the step by two matrix products; see the module docstring), or a map
+            of torch's orthogonal parametrization: ``"matrix_exp"`` (the original's ``expm``: use it
+            to reproduce a rotograd run number for number), ``"cayley"`` or ``"householder"``.
+            ``pytest -m bench`` measures their costs (tests/bench/test_rotograd_cost.py). The Cayley
+            map cannot reach a rotation by exactly pi from its base.
         rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
             or ``"identity"``.
 
@@ -190,6 +263,7 @@ class RotateOnly(GradientSurgery):
         self.register_buffer("initial_backbone_loss", torch.tensor(math.nan))
         self.step = 0
         self._staged: dict[str, Tensor] = {}
+        self._complete: list[tuple[Tensor, int]] = []
         self.bank: RotationBank | None
         self.register_module("bank", None)
         if self.rotation_shape is not None:
@@ -213,7 +287,8 @@ class RotateOnly(GradientSurgery):
 
     @property
     def rotations(self) -> Tensor:
-        """The K current rotation matrices, shape (K, n, n). They carry a graph: ``detach()`` to inspect."""
+        """The K current rotation matrices, shape (K, n, n). Through torch's parametrization they carry a
+        graph (``detach()`` to inspect); with ``orthogonal_map="retraction"`` they are buffers."""
         self.check_ready()
         assert self.bank is not None
         return self.bank.weight
@@ -285,10 +360,22 @@ class RotateOnly(GradientSurgery):
         """A reference buffer as this step sees it: the staged value where the step recorded one."""
         return self._staged.get(name, getattr(self, name))
 
+    def _is_complete(self, reference: Tensor) -> bool:
+        """Whether every entry of a reference tensor is usable (finite, non-zero); remembered per tensor version."""
+        version = (reference, reference._version)
+        if any(reference is seen and number == version[1] for seen, number in self._complete):
+            return True
+        if not bool((torch.isfinite(reference) & (reference != 0)).all()):
+            return False
+        self._complete = [*[entry for entry in self._complete if entry[0] is not reference][-3:], version]
+        return True
+
     def _stage_reference(self, name: str, values: Tensor, tasks: Tensor, micro_batch: int) -> None:
         """Record ``values`` as the reference of ``tasks`` on the step's first micro-batch of a reference
         step, and for any task without a valid reference yet (absent, or 0, at the last reference step)."""
         current = self._reference(name)
+        if not (micro_batch == 0 and self._is_reference_step()) and self._is_complete(current):
+            return  # every task has its reference: nothing to record (and no host synchronisation)
         flat = current.reshape(-1)
         valid_new = torch.isfinite(values) & (values != 0)
         missing = ~torch.isfinite(flat[tasks]) | (flat[tasks] == 0)
@@ -303,7 +390,7 @@ class RotateOnly(GradientSurgery):
         self._stage_reference("initial_losses", losses, tasks, inputs.micro_batch)
         reference = self._reference("initial_losses")[tasks].to(losses.dtype)
         usable = torch.isfinite(reference) & (reference != 0)
-        if not bool(usable.all()) and self.normalize_losses:
+        if self.normalize_losses and not bool(usable.all()):
             bad = tasks[~usable].tolist()
             warnings.warn(f"{type(self).__name__}: the losses of tasks {bad} were 0 at their reference step, so "
                           "they are not normalised until a non-zero loss gives them a reference.",
@@ -358,19 +445,20 @@ class RotateOnly(GradientSurgery):
         return update.direction
 
     def _rotation_objective(self, blocks: Tensor, norms: Tensor, inputs: StepInputs) -> Tensor | None:
-        rotations = self.rotations if inputs.all_present else self.rotations[inputs.tasks]
+        assert self.bank is not None
+        retracted = self.bank.retracted
+        rotations = self.bank.tangents() if retracted else self.rotations
+        if not inputs.all_present:
+            rotations = rotations[inputs.tasks]
         if not rotations.requires_grad:
             return None
         rotations = rotations.to(blocks.dtype)
         mean = blocks.mean(0)
         scale = row_norms(mean.unsqueeze(0))[0] / norms.clamp_min(tiny(norms.dtype))
-        reference = (blocks * scale.view(-1, 1, 1, 1)).mean(0)
-        rotated_grads = torch.einsum("kij,kbjp->kbip", rotations.detach(), blocks)
-        residual = torch.einsum("kij,bjp->kbip", rotations, reference) - rotated_grads
-        per_example = residual.pow(2).sum(dim=(-2, -1))
+        reference = (blocks * scale.view(-1, 1, 1, 1)).mean(0).detach()
         # As the original: summed over the batch when post_shape is empty, averaged otherwise.
-        reduced = per_example.mean(dim=1) if self.post_shape else per_example.sum(dim=1)
-        return reduced.sum()
+        objective = _TangentObjective if retracted else _RotationObjective
+        return objective.apply(rotations, reference, blocks.detach(), bool(self.post_shape))
 
     def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor | None]:
         """The backbone update from the K' gradients ``grads`` and their norms ``||g_k||``, and an
@@ -383,6 +471,8 @@ class RotateOnly(GradientSurgery):
             setattr(self, name, value)
         self._staged = {}
         self.step += 1
+        if self.bank is not None:  # orthogonal_map="retraction": the step that was taken moves the rotations
+            self.bank.retract(check=self.step % CHECK_EVERY == 0)
 
     def _drop_staged(self) -> None:
         self._staged = {}
@@ -397,7 +487,8 @@ class RotateOnly(GradientSurgery):
         self._staged = {}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "bank.matrices.0.parametrizations.weight.original")
+        saved = state_dict.get(prefix + "bank.matrices.0.parametrizations.weight.original",
+                               state_dict.get(prefix + "bank.matrices.0.rotation"))
         if self.bank is None and saved is not None:  # lazy: materialise with the saved shape, then load
             self._materialize(saved.shape[-1], init="identity", device=saved.device, dtype=saved.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args)

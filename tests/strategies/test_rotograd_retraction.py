@@ -1,0 +1,237 @@
+"""RotoGrad's fast ``orthogonal_map="retraction"``: tangent parameters, closed-form gradient, retraction per step.
+
+References: torch's own orthogonal parametrization (``cayley`` and ``matrix_exp`` trivializations,
+the same coordinates ``A = tril(X) - tril(X)^T``) for the gradient at a given rotation; finite
+differences of the objective through ``R exp(A)`` in float64; the definition of SO(n)
+(``R^T R = I``, ``det R = +1``); the step protocol (a skipped step changes nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import mtlzoo
+from mtlzoo.strategies import RotateOnly
+from mtlzoo.strategies._rotation_bank import CHECK_EVERY, haar_rotations, polar_project
+from tests.helpers import assert_same_state, batch, mse_losses, optimizer_for, small_model, train_steps
+
+FAMILY = ["rotate_only", "rotograd", "rotograd_norm"]
+
+
+def options(name: str, **kwargs: object) -> dict:
+    return {"alpha": 1.0, **kwargs} if name == "rotograd_norm" else dict(kwargs)
+
+
+def orthogonality_error(matrices: torch.Tensor) -> float:
+    eye = torch.eye(matrices.shape[-1], dtype=matrices.dtype)
+    return float((matrices.mT @ matrices - eye).abs().max())
+
+
+def channel_model(num_tasks: int = 3) -> mtlzoo.HardSharing:
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh())
+    heads = [torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 3, 1))
+             for _ in range(num_tasks)]
+    return mtlzoo.HardSharing(backbone, heads)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("layout", ["flat", "channels"])
+@pytest.mark.parametrize("trivialization", ["cayley", "matrix_exp"])
+def test_gradient_equals_the_trivializations_at_the_same_rotation(name: str, layout: str, trivialization: str) -> None:
+    """Reference: torch's parametrization with base R reads the same coordinates X (A = tril(X) - tril(X)^T), and
+    at X = 0 both maps have derivative identity, so the gradient w.r.t. X must be the same, for the sum over the
+    batch (flat) and the mean (post_shape). Fails with a missing transpose, a wrong factor, or the Euclidean
+    gradient of R instead of the tangent one."""
+    torch.manual_seed(2)
+    model = small_model(dim=5) if layout == "flat" else channel_model()
+    shapes = {"rotation_shape": 5} if layout == "flat" else {"rotation_shape": 3, "post_shape": (4, 3)}
+    x, targets = batch(size=8) if layout == "flat" else (torch.randn(4, 2, 4, 3), torch.randn(3, 4, 1))
+    rotations = haar_rotations(3, shapes["rotation_shape"])
+    grads = {}
+    for orthogonal_map in (trivialization, "retraction"):
+        mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), name, orthogonal_map=orthogonal_map, **options(name, **shapes))
+        mtl.strategy.rotations = rotations
+        mtl.backward(mse_losses(mtl(x), targets))
+        assert mtl.strategy.bank is not None
+        grads[orthogonal_map] = torch.stack([module.parametrizations.weight.original.grad
+                                             if orthogonal_map != "retraction" else module.tangent.grad
+                                             for module in mtl.strategy.bank.matrices])
+    expected = grads[trivialization]
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(grads["retraction"], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_gradient_matches_finite_differences_of_the_objective() -> None:
+    """Reference: central finite differences, in float64, of sum_k sum_b ||R_k e^{A_k} v_b - C_{k,b}||^2 in the
+    coordinates X_k at X_k = 0, with C = R^{sg} g (held fixed, RotoGrad's stop-gradient) and v, g from the step."""
+    torch.manual_seed(4)
+    strategy: RotateOnly = mtlzoo.create("rotate_only", num_tasks=2, rotation_shape=4,  # type: ignore[assignment]
+                                         orthogonal_map="retraction").double()
+    grads = torch.randn(2, 6, 4, dtype=torch.float64)
+    strategy.aggregate(grads, torch.ones(2, dtype=torch.float64))
+    assert strategy.bank is not None
+    analytic = torch.stack([module.tangent.grad for module in strategy.bank.matrices])
+
+    rotations = strategy.rotations.detach()
+    norms = grads.flatten(1).norm(dim=1)
+    reference = (grads * (grads.mean(0).norm() / norms).view(-1, 1, 1)).mean(0)
+    fixed = torch.einsum("kij,kbj->kbi", rotations, grads)
+
+    def objective(tangents: torch.Tensor) -> torch.Tensor:
+        lower = tangents.tril(-1)
+        moved = rotations @ torch.linalg.matrix_exp(lower - lower.mT)
+        return (torch.einsum("kij,bj->kbi", moved, reference) - fixed).pow(2).sum()
+
+    numeric = torch.zeros_like(analytic)
+    eps = 1e-6
+    for index in itertools.product(*(range(n) for n in analytic.shape)):
+        step = torch.zeros_like(analytic)
+        step[index] = eps
+        numeric[index] = (objective(step) - objective(-step)) / (2 * eps)
+    assert analytic.abs().max() > 1e-3
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("size", [6, 48])
+def test_rotations_stay_in_so_n_under_large_steps(size: int) -> None:
+    """Reference: SO(n). Adam at 0.05 on the rotations (the original's toy example) for 150 steps: after every taken
+    step R^T R = I to 2e-5 and det R = +1, while the rotations travel far (so a retraction that did nothing would
+    fail), and the truncated exponential alone would drift (its error is ||A||^4 / 4 per step, projected here)."""
+    torch.manual_seed(size)
+    model = small_model(dim=size)
+    mtl = mtlzoo.MTLWrapper(model, "rotograd", rotation_shape=size, orthogonal_map="retraction")
+    start = mtl.strategy.rotations.clone()
+    optimizer = torch.optim.Adam([{"params": list(mtl.model_parameters()), "lr": 1e-3},
+                                  {"params": mtl.strategy_parameters(), "lr": 0.05}])
+    for step in range(150):
+        x, targets = batch(seed=step)
+        optimizer.zero_grad()
+        mtl.backward(mse_losses(mtl(x), targets))
+        assert mtl.step(optimizer)
+        rotations = mtl.strategy.rotations
+        assert orthogonality_error(rotations) <= 2e-5, f"step {step}"
+        assert torch.all(torch.linalg.det(rotations.double()) > 0.999)
+        assert all(not p.detach().any() for p in mtl.strategy_parameters()), "tangents back to zero"
+    assert (mtl.strategy.rotations - start).abs().max() > 0.5
+
+
+def test_polar_projection_gives_the_nearest_rotation() -> None:
+    """Reference: the SVD polar factor U V^T (the nearest orthogonal matrix) of perturbed rotations, small
+    perturbations through Newton-Schulz and a large one (beyond the fallback bound) through the SVD."""
+    torch.manual_seed(0)
+    rotations = haar_rotations(3, 16, dtype=torch.float64)
+    for scale in (1e-3, 0.05):
+        perturbed = rotations + scale * torch.randn(3, 16, 16, dtype=torch.float64)
+        u, _, vh = torch.linalg.svd(perturbed)
+        expected = u @ vh
+        assert torch.all(torch.linalg.det(expected) > 0)
+        projected = polar_project(perturbed, tolerance=1e-12)
+        torch.testing.assert_close(projected, expected, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_a_skipped_step_neither_retracts_nor_changes_state(name: str) -> None:
+    """Protocol: a step that the GradScaler skips (inf gradients) leaves the whole state bit for bit, and the
+    retraction runs only in the commit of a taken step (counted), which then moves the rotations."""
+    torch.manual_seed(1)
+    mtl = mtlzoo.MTLWrapper(small_model(), name, orthogonal_map="retraction", **options(name, rotation_shape=4))
+    optimizer = optimizer_for(mtl)
+    assert mtl.strategy.bank is not None
+    calls = []
+    retract = mtl.strategy.bank.retract
+    mtl.strategy.bank.retract = lambda check: (calls.append(check), retract(check))  # type: ignore[method-assign]
+    train_steps(mtl, optimizer, steps=2)
+    assert len(calls) == 2
+    before = copy.deepcopy(mtl.state_dict())
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled losses overflow: the step is skipped
+    x, targets = batch(seed=5)
+    optimizer.zero_grad()
+    mtl.backward(mse_losses(mtl(x), targets), scaler=scaler)
+    assert not mtl.step(optimizer, scaler=scaler)
+    assert len(calls) == 2
+    assert_same_state(before, mtl.state_dict())
+
+    train_steps(mtl, optimizer, steps=1, first_seed=6)
+    assert len(calls) == 3
+    assert (mtl.strategy.rotations - before["strategy.bank.matrices.0.rotation"]).abs().max() > 0
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_a_checkpoint_resumes_bit_for_bit_across_a_check_step(name: str) -> None:
+    """Protocol: state_dict holds the rotations, the zero tangents and the step counter; 6 steps, a checkpoint,
+    then 18 more (across step CHECK_EVERY = 16, where the orthogonality is measured) equal a resumed run's."""
+    assert 6 < CHECK_EVERY < 24
+    torch.manual_seed(1)
+    mtl = mtlzoo.MTLWrapper(small_model(), name, orthogonal_map="retraction", **options(name, rotation_shape=4))
+    optimizer = optimizer_for(mtl)
+    train_steps(mtl, optimizer, steps=6, backbone_loss=True)
+    checkpoint = copy.deepcopy({"model": mtl.state_dict(), "optimizer": optimizer.state_dict()})
+    train_steps(mtl, optimizer, steps=18, first_seed=100, backbone_loss=True)
+
+    torch.manual_seed(7)
+    resumed = mtlzoo.MTLWrapper(small_model(), name, orthogonal_map="retraction", **options(name, rotation_shape=4))
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = optimizer_for(resumed)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    train_steps(resumed, resumed_optimizer, steps=18, first_seed=100, backbone_loss=True)
+    assert_same_state(mtl.state_dict(), resumed.state_dict())
+
+
+def test_training_follows_the_exponential_trivialization_for_small_steps() -> None:
+    """Reference: the matrix_exp trivialization (the original's). From the same rotations, 20 Adam steps at 1e-3 on
+    the rotations (model frozen, float64): the rotations differ by second-order amounts, under 2% of how far they
+    moved; a gradient of the wrong sign or scale, or a retraction along another direction, would not."""
+    torch.manual_seed(3)
+    model = small_model(dim=5).double()
+    rotations = haar_rotations(3, 5, dtype=torch.float64)
+    final = {}
+    for orthogonal_map in ("matrix_exp", "retraction"):
+        mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), "rotograd", rotation_shape=5,
+                                orthogonal_map=orthogonal_map).double()
+        mtl.strategy.rotations = rotations
+        optimizer = torch.optim.Adam(mtl.strategy_parameters(), lr=1e-3)
+        for step in range(20):
+            x, targets = batch(seed=step)
+            optimizer.zero_grad()
+            mtl.backward(mse_losses(mtl(x.double()), targets.double()))
+            mtl.step(optimizer)
+        final[orthogonal_map] = mtl.strategy.rotations.detach()
+    moved = (final["matrix_exp"] - rotations).norm()
+    assert moved > 1e-2
+    assert (final["retraction"] - final["matrix_exp"]).norm() < 0.02 * moved
+
+
+def test_task_models_and_bf16_autocast_use_the_float32_rotations() -> None:
+    """mtl[k] applies task k's current rotation (its prediction equals the wrapper's), and under bf16 autocast
+    the rotations stay float32 rotations after training steps (autocast off for them, as for torch's maps)."""
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd", rotation_shape=4, orthogonal_map="retraction")
+    optimizer = optimizer_for(mtl)
+    for step in range(5):
+        x, targets = batch(seed=step)
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            predictions = mtl(x)
+        mtl.backward(mse_losses([p.float() for p in predictions], targets))
+        mtl.step(optimizer)
+    rotations = mtl.strategy.rotations
+    assert rotations.dtype == torch.float32 and orthogonality_error(rotations) <= 1e-5
+    mtl.eval()
+    x, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(mtl[1](x), mtl(x)[1])
+
+
+def test_a_lazy_strategy_materialises_its_rotations_from_a_state_dict() -> None:
+    """A strategy without rotation_shape creates its rotations (buffers and tangents) from the checkpoint's shapes."""
+    torch.manual_seed(0)
+    trained = mtlzoo.create("rotograd", num_tasks=3, rotation_shape=4, orthogonal_map="retraction")
+    lazy = mtlzoo.create("rotograd", num_tasks=3, orthogonal_map="retraction")
+    lazy.load_state_dict(trained.state_dict(), strict=False)  # the hyperparameters differ: rotation_shape
+    torch.testing.assert_close(lazy.rotations, trained.rotations, rtol=0, atol=0)
+    assert [p.shape for p in lazy.parameters()] == [torch.Size([4, 4])] * 3
