@@ -2,10 +2,12 @@ r"""The small optimisation problems that two or more strategies share, solved ex
 
 Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients (the rows of
 ``J``), never on the gradients themselves, so they cost ``O(K^3)`` whatever the number of
-parameters. They run on the host, in float64, with numpy only (an active-set method each: exact
-up to rounding, no iteration count to tune, no tolerance that depends on the gradients' scale);
-the answer comes back as a tensor of the Gramian's dtype and device. A one-off problem of a
-single strategy stays in that strategy's module.
+parameters. They run on the host, in float64, with numpy and LAPACK called directly (an active-set
+method each: exact up to rounding, no iteration count to tune, no tolerance that depends on the
+gradients' scale); the answer comes back as a tensor of the Gramian's dtype and device. Each has a
+host face (:func:`min_norm_weights`, :func:`dual_cone_weights`) for the strategies that do all of a
+step's K x K work on the host after one transfer (:func:`to_host`, :func:`from_host`). A one-off
+problem of a single strategy stays in that strategy's module.
 
 - :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
@@ -15,33 +17,66 @@ single strategy stays in that strategy's module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
+
 import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from mtlzoo.errors import NonFiniteGradientError, SolverError
 
 _EPS = float(np.finfo(np.float64).eps)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def to_host(tensor: Tensor) -> np.ndarray:
+    """A (small) tensor as a float64 numpy array on the host: a copy, one transfer, one synchronisation."""
+    tensor = tensor.detach()
+    if tensor.dtype not in _NUMPY_DTYPES:
+        tensor = tensor.to(torch.float64)
+    return tensor.cpu().numpy().astype(np.float64)
+
+
+def from_host(array: np.ndarray | Sequence[float], like: Tensor) -> Tensor:
+    """A host array as a tensor of ``like``'s dtype and device (rounded once, as ``Tensor.to`` rounds)."""
+    dtype = _NUMPY_DTYPES.get(like.dtype)
+    if dtype is None:
+        tensor = torch.from_numpy(np.array(array, dtype=np.float64)).to(like.dtype)
+    else:
+        tensor = torch.from_numpy(np.array(array, dtype=dtype))
+    return tensor if like.device.type == "cpu" else tensor.to(like.device)
+
+
+def check_square(gramian: Tensor) -> None:
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
+                         f"{tuple(gramian.shape)}`.")
 
 
 def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
     """The Gramian as a float64 numpy array on the host, checked square and finite, scaled to unit trace,
-    and made positive semi-definite: eigenvalues within the input dtype's rounding of 0 (``K eps λ_max``,
-    negative ones included) are set to 0, so that rows linearly dependent up to rounding count as such.
+    and made positive semi-definite (:func:`clean_gramian` with the input dtype's rounding unit).
 
     Raises:
         NonFiniteGradientError: The Gramian is not finite (``what`` names the caller in the message).
     """
-    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
-                         f"{tuple(gramian.shape)}`.")
-    array = gramian.detach().to("cpu", torch.float64).numpy()
+    check_square(gramian)
+    array = to_host(gramian)
     if not np.isfinite(array).all():
         raise NonFiniteGradientError(f"{what}: the Gramian of the task gradients has non-finite entries.")
+    return clean_gramian(array, float(torch.finfo(gramian.dtype).eps))
+
+
+def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
+    """A finite float64 Gramian scaled to unit trace and made positive semi-definite: eigenvalues within
+    ``K eps λ_max`` of 0 (``eps`` the rounding unit of the dtype it was computed in; negative ones included)
+    are set to 0, so that rows linearly dependent up to rounding count as such. A zero one stays zero."""
     if array.size == 0:
         return array
-    values, vectors = np.linalg.eigh((array + array.T) / 2)
-    cutoff = max(float(values.max()), 0.0) * array.shape[0] * float(torch.finfo(gramian.dtype).eps)
+    values, vectors = eigh((array + array.T) / 2)
+    cutoff = max(float(values[-1]), 0.0) * array.shape[0] * eps
     values = np.where(values > cutoff, values, 0.0)
     total = float(values.sum())
     if total <= 0:
@@ -50,9 +85,47 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
     return (array + array.T) / 2
 
 
-def _solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """A least-squares, minimum-norm solution of a small (possibly singular) symmetric system."""
-    return np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+def unit_trace(array: np.ndarray, ridge: float = 0.0) -> np.ndarray:
+    """A host Gramian divided by its trace (zeros where the trace is not positive), plus ``ridge I``: on the host,
+    :func:`mtlzoo.linalg.normalize_gramian` then :func:`mtlzoo.linalg.regularize_gramian`."""
+    trace = float(np.trace(array))
+    unit = array / trace if trace > 0 else np.zeros_like(array)
+    if ridge:
+        unit.flat[::unit.shape[0] + 1] += ridge
+    return unit
+
+
+def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix: LAPACK's syevd, as ``numpy.linalg.eigh``
+    (called directly: a fraction of numpy's per-call overhead on a K x K matrix)."""
+    values, vectors, info = lapack.dsyevd(matrix, compute_v=1, lower=1)
+    if info != 0:
+        return np.linalg.eigh(matrix)  # raises numpy's LinAlgError
+    return values, vectors
+
+
+@lru_cache(maxsize=64)
+def _gelsd_workspace(rows: int, columns: int) -> tuple[int, int]:
+    work, iwork, info = lapack.dgelsd_lwork(rows, columns, 1, -1.0)
+    if info != 0:  # pragma: no cover - a workspace query does not fail
+        raise SolverError(f"LAPACK gelsd workspace query failed (info {info}).")
+    return int(work), int(iwork)
+
+
+def lstsq(matrix: np.ndarray, rhs: np.ndarray, cutoff: float | None = None) -> np.ndarray:
+    """The minimum-norm least-squares solution of a small square system: LAPACK's gelsd (SVD), singular values
+    at or below ``cutoff s_max`` counting as 0 (default ``eps K``, numpy's ``rcond=None``). It is
+    ``numpy.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]`` (and ``torch.linalg.pinv(matrix, rtol=cutoff) @ rhs``),
+    called directly: a fraction of numpy's per-call overhead."""
+    size = matrix.shape[0]
+    if size == 0:
+        return np.zeros(0)
+    cutoff = _EPS * size if cutoff is None else cutoff
+    work, iwork = _gelsd_workspace(size, size)
+    solution, _, _, info = lapack.dgelsd(matrix, rhs, work, iwork, cond=cutoff)
+    if info != 0:
+        return np.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]  # raises numpy's LinAlgError
+    return solution
 
 
 def min_norm_simplex(gramian: Tensor) -> Tensor:
@@ -76,10 +149,15 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
         SolverError: No convergence in ``50 K + 100`` corral changes (not observed; rounding only).
     """
     matrix = host_gramian(gramian, "min_norm_simplex")
+    return from_host(min_norm_weights(matrix), gramian)
+
+
+def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
+    """:func:`min_norm_simplex` on a host Gramian already made by :func:`host_gramian` (or :func:`clean_gramian`)."""
     size = matrix.shape[0]
     weights = np.zeros(size)
     if size == 0:
-        return torch.zeros(0, dtype=gramian.dtype, device=gramian.device)
+        return weights
     diagonal = np.diag(matrix)
     start = int(np.argmin(diagonal))
     corral = [start]
@@ -98,7 +176,7 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
         raise SolverError(f"min_norm_simplex did not converge on a {size} x {size} Gramian.")
     weights = np.clip(weights, 0.0, None)
     weights /= weights.sum()
-    return torch.as_tensor(weights, dtype=gramian.dtype, device=gramian.device)
+    return weights
 
 
 def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
@@ -109,9 +187,12 @@ def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> 
     """
     while True:
         count = len(corral)
-        system = np.block([[matrix[np.ix_(corral, corral)], np.ones((count, 1))],
-                           [np.ones((1, count)), np.zeros((1, 1))]])
-        affine = _solve(system, np.r_[np.zeros(count), 1.0])[:count]
+        system = np.ones((count + 1, count + 1))
+        system[:count, :count] = matrix[np.asarray(corral)[:, None], corral]
+        system[count, count] = 0.0
+        rhs = np.zeros(count + 1)
+        rhs[count] = 1.0
+        affine = lstsq(system, rhs)[:count]
         current = weights[corral]
         if (affine > _EPS).all():
             weights[:] = 0.0
@@ -155,8 +236,8 @@ def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarra
         passive[candidate] = True
         for _ in range(size + 1):
             index = np.flatnonzero(passive)
-            residual = linear[index] - hessian[np.ix_(index, index)] @ x[index]
-            target = x[index] + _solve(hessian[np.ix_(index, index)], residual)
+            block = hessian[index[:, None], index]
+            target = x[index] + lstsq(block, linear[index] - block @ x[index])
             if (target > 0).all():
                 x[:] = 0.0
                 x[index] = target
@@ -196,11 +277,18 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
         NonFiniteGradientError: The Gramian is not finite.
         SolverError: The active-set method did not converge (not observed; rounding only).
     """
-    matrix = host_gramian(gramian, "project_to_dual_cone")
+    check_square(gramian)
     if weights.shape[-1:] != gramian.shape[:1]:
         raise ValueError(f"Parameter `weights` should end with the Gramian's size {gramian.shape[0]}. Found "
                          f"`weights.shape = {tuple(weights.shape)}`.")
-    targets = weights.detach().to("cpu", torch.float64).numpy().reshape(-1, matrix.shape[0])
-    solutions = np.stack([u + _nonnegative_quadratic(matrix, -matrix @ u) for u in targets]) \
-        if targets.shape[0] else targets
-    return torch.as_tensor(solutions.reshape(weights.shape), dtype=gramian.dtype, device=gramian.device)
+    matrix = host_gramian(gramian, "project_to_dual_cone")
+    solutions = dual_cone_weights(to_host(weights).reshape(-1, matrix.shape[0]), matrix)
+    return from_host(solutions.reshape(weights.shape), gramian)
+
+
+def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """:func:`project_to_dual_cone` on the host: one solution per row of ``targets`` (N x K), for a Gramian made by
+    :func:`host_gramian` (or :func:`clean_gramian`)."""
+    if not targets.shape[0]:
+        return targets.copy()
+    return np.stack([u + _nonnegative_quadratic(matrix, -matrix @ u) for u in targets])

@@ -1,7 +1,9 @@
 """What the gradient-surgery aggregators share: one path from a step (or a matrix) to their maths.
 
 - :class:`GramianSurgery`: an aggregator whose update is ``sum_k c_k g_k`` with ``c`` read from the
-  K x K Gramian (MGDA, UPGrad, PCGrad, ...). Subclasses write :meth:`GramianSurgery.weights_for`.
+  K x K Gramian (MGDA, UPGrad, PCGrad, ...). Subclasses write :meth:`GramianSurgery.host_weights`
+  (the K x K maths on the host, in float64 numpy: the Gramian crosses to the host once per step,
+  the weights come back as one tensor) or :meth:`GramianSurgery.weights_for` (on tensors).
 - :class:`DirectionSurgery`: an aggregator that builds the update from the gradients themselves
   (GradDrop's element-wise masks). Subclasses write :meth:`DirectionSurgery.direction_for`.
 - :class:`SeededGenerator`: the random stream of a stochastic aggregator, drawn from torch's
@@ -17,12 +19,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlzoo.errors import NonFiniteGradientError
 from mtlzoo.linalg import all_finite, compute_dtype, flat_rows
 from mtlzoo.protocol import StepInputs, Update
+from mtlzoo.solvers import from_host, to_host
 from mtlzoo.strategy import GradientSurgery, GramianWeightedSurgery
 
 
@@ -49,13 +53,32 @@ class GramianSurgery(GramianWeightedSurgery):
     tells them which tasks are present.
     """
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        """The weights of the present tasks for this (finite) Gramian."""
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        """The weights of the present tasks for this finite Gramian, on the host.
+
+        ``matrix`` is the Gramian as a float64 numpy array (a copy the method may modify), ``eps``
+        the rounding unit of the dtype it was computed in; the K weights are returned as a float64
+        array (the base class makes them one tensor of the Gramian's dtype and device).
+        """
         raise NotImplementedError
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        """The weights of the present tasks for this (finite) Gramian (by default :meth:`host_weights`)."""
+        return from_host(self.host_weights(to_host(gramian), torch.finfo(gramian.dtype).eps, losses, tasks,
+                                           micro_batch), gramian)
 
     def compute(self, inputs: StepInputs) -> Update:
         gramian = inputs.gramian
         assert gramian is not None
+        if type(self).host_weights is not GramianSurgery.host_weights:  # one transfer, checked on the host
+            matrix = to_host(gramian)
+            if not math.isfinite(matrix.sum()) and not np.isfinite(matrix).all():
+                return Update(weights=torch.full(gramian.shape[:1], math.nan, dtype=gramian.dtype,
+                                                 device=gramian.device))
+            weights = self.host_weights(matrix, torch.finfo(gramian.dtype).eps, inputs.losses, inputs.tasks,
+                                        inputs.micro_batch)
+            return Update(weights=from_host(weights, gramian))
         if not all_finite(gramian):
             return Update(weights=torch.full(gramian.shape[:1], math.nan, dtype=gramian.dtype, device=gramian.device))
         return Update(weights=self.weights_for(gramian, inputs.losses, inputs.tasks, inputs.micro_batch))

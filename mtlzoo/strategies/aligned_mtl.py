@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from mtlzoo.protocol import Request
+from mtlzoo.solvers import eigh, from_host, to_host
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategies.upgrad import preference
 from mtlzoo.strategy import Paper, StrategyInfo, Target
@@ -26,19 +27,23 @@ def balance_transformation(gramian: Tensor, scale_mode: ScaleMode = "min") -> Te
     count, as ``torch.median``) or their mean (``"rmse"``). A zero Gramian gives ``B = 0``.
     Computed in float64; ``B`` does not depend on the gradients' scale.
     """
-    values, vectors = torch.linalg.eigh(gramian.to(torch.float64))
-    tolerance = values.max() * gramian.shape[0] * torch.finfo(torch.float32).eps
-    kept = values > tolerance
-    if not bool(kept.any()):
-        return torch.zeros_like(gramian)
-    values, vectors = values[kept], vectors[:, kept]
+    return from_host(balance_host(to_host(gramian), scale_mode), gramian)
+
+
+def balance_host(matrix: np.ndarray, scale_mode: ScaleMode = "min") -> np.ndarray:
+    """:func:`balance_transformation` on a float64 host Gramian."""
+    values, vectors = eigh(matrix)
+    kept = values > values[-1] * matrix.shape[0] * float(np.finfo(np.float32).eps)
+    if not kept.any():
+        return np.zeros_like(matrix)
+    values, vectors = values[kept], vectors[:, kept]  # ascending
     if scale_mode == "min":
-        scale = values.min()
+        scale = values[0]
     elif scale_mode == "median":
-        scale = values.median()
+        scale = values[(len(values) - 1) // 2]  # the lower middle one, as torch.median
     else:
         scale = values.mean()
-    return ((vectors * (scale / values).sqrt()) @ vectors.T).to(gramian.dtype)
+    return (vectors * np.sqrt(scale / values)) @ vectors.T
 
 
 class AlignedMTL(GramianSurgery):
@@ -108,9 +113,9 @@ class AlignedMTL(GramianSurgery):
             return self.info.properties - {"permutation_invariant"}
         return self.info.properties
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        balance = balance_host(matrix, self.scale_mode)
         if self.pref_vector is None:
-            task_weights = torch.ones(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-        else:
-            task_weights = self.pref_vector.to(gramian.device)[tasks.to(gramian.device)].to(gramian.dtype)
-        return balance_transformation(gramian, self.scale_mode) @ task_weights
+            return balance.sum(1)
+        return balance @ self.pref_vector.numpy()[tasks.cpu().numpy()]

@@ -6,13 +6,12 @@ import math
 import warnings
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import host_gramian
+from mtlzoo.solvers import clean_gramian, lstsq
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -71,9 +70,12 @@ def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius
         gradient = linear + radius * products / norm
         hessian = radius * (gramian / norm - np.outer(products, products) / norm**3)
         count = support.size
-        system = np.block([[hessian[np.ix_(support, support)], np.ones((count, 1))],
-                           [np.ones((1, count)), np.zeros((1, 1))]])
-        step = np.linalg.lstsq(system, np.r_[-gradient[support], 0.0], rcond=None)[0][:count]
+        system = np.ones((count + 1, count + 1))
+        system[:count, :count] = hessian[support[:, None], support]
+        system[count, count] = 0.0
+        rhs = np.zeros(count + 1)
+        rhs[:count] = -gradient[support]
+        step = lstsq(system, rhs)[:count]  # numpy.linalg.lstsq(system, rhs, rcond=None), called directly
         candidate = weights.copy()
         candidate[support] += step
         if (candidate[support] <= 0).any():
@@ -155,9 +157,10 @@ class CAGrad(GramianSurgery):
         self.c = float(c)
         self.rescale = rescale
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        size = gramian.shape[0]
-        unit = host_gramian(gramian, "CAGrad")
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        size = matrix.shape[0]
+        unit = clean_gramian(matrix, eps)
         weights = np.full(size, 1.0 / size)
         radius = self.c * math.sqrt(max(float(unit.mean()), 0.0))
         if radius > 0 and size > 1:
@@ -166,4 +169,4 @@ class CAGrad(GramianSurgery):
         elif radius > 0:
             weights = weights * (1 + self.c)
         divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
-        return torch.as_tensor(size * weights / divisor, dtype=gramian.dtype, device=gramian.device)
+        return size * weights / divisor

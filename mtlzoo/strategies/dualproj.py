@@ -2,12 +2,12 @@ r"""DualProj: the mean task gradient projected onto the dual cone (eq. 11 of GEM
 
 from __future__ import annotations
 
+import numpy as np
 from torch import Tensor
 
-from mtlzoo.linalg import normalize_gramian, regularize_gramian
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import project_to_dual_cone
-from mtlzoo.strategies.upgrad import DualConeSurgery, present_preference
+from mtlzoo.solvers import dual_cone_weights
+from mtlzoo.strategies.upgrad import DualConeSurgery
 from mtlzoo.strategy import Paper, StrategyInfo
 
 
@@ -64,6 +64,7 @@ class DualProj(DualConeSurgery):
 
     regularization_breaks = frozenset({"non_conflicting"})
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        unit = regularize_gramian(normalize_gramian(gramian), self.reg_eps)
-        return project_to_dual_cone(present_preference(self.pref_vector, tasks, gramian), unit)
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        unit, weights = self.host_problem(matrix, eps, tasks)
+        return dual_cone_weights(weights[None], unit)[0]  # project_to_dual_cone's solver, on the host

@@ -29,7 +29,7 @@ class GradDrop(DirectionSurgery):
 
     so in expectation element e receives ``sum_k (l_k + (1 - l_k) q_k) g_k`` with ``q_k = P`` for
     a positive ``g_k`` and ``1 - P`` for a negative one. Where every task's gradient is zero,
-    ``P = 1/2`` (the paper's ratio is 0/0 there) and ``d = 0``.
+    ``d = 0`` (the paper's ratio is 0/0 there; any mask gives 0).
 
     The paper applies GradDrop to the activations of the last shared layer, so
     ``target="representation"`` is the default: the gradients on ``z``, one mask element per
@@ -83,16 +83,29 @@ class GradDrop(DirectionSurgery):
             raise ValueError(f"Parameter `leak` should be a number or {num_tasks} numbers in [0, 1]. Found "
                              f"`leak = {leak!r}`.")
         self.leaks = values
+        self._leaky = bool((values > 0).any())
         self.random = SeededGenerator(seed)
 
     def direction_for(self, grads: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        # With g+ = max(g, 0) and g- = g - g+ (exact), S+- = sum_k g_k+-: P = S+ / (S+ - S-) (= (1 + sum_k g_k /
+        # sum_k |g_k|) / 2) and d = sum_k l_k g_k + 1[P > U] sum_k (1 - l_k) g_k+ + 1[P < U] sum_k (1 - l_k) g_k-:
+        # four passes over the K x n gradients, the rest on n-vectors. Where every g_k is 0, P is NaN (0/0), both
+        # masks are 0, and d = 0 as with any mask.
         generator = self.random.on_device(grads.device)
-        total, magnitude = grads.sum(0), grads.abs().sum(0)
-        purity = torch.where(magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5)
-        draw = torch.rand(purity.shape, generator=generator, device=grads.device).to(grads.dtype)  # same in any dtype
-        masks = ((purity > draw) & (grads > 0)) | ((purity < draw) & (grads < 0))
-        leaks = self.leaks.to(grads.device)[tasks.to(grads.device)].to(grads.dtype).view(-1, *[1] * (grads.dim() - 1))
-        return ((leaks + (1 - leaks) * masks) * grads).sum(0)
+        flat = grads.reshape(grads.shape[0], -1)
+        positive = flat.clamp(min=0)
+        negative = flat - positive
+        up, down = positive.sum(0), negative.sum(0)
+        purity = up / (up - down)
+        draw = torch.rand(grads.shape[1:], generator=generator, device=grads.device).to(grads.dtype)  # any dtype
+        draw = draw.reshape(-1)
+        if self._leaky:
+            leaks = self.leaks.to(grads.device)[tasks.to(grads.device)].to(grads.dtype)
+            direction = leaks @ flat + (1 - leaks) @ positive * (purity > draw) + (1 - leaks) @ negative * (
+                purity < draw)
+        else:
+            direction = up * (purity > draw) + down * (purity < draw)
+        return direction.reshape(grads.shape[1:])
 
     def _commit(self) -> None:
         self.random.commit()

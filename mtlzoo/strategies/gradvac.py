@@ -5,15 +5,89 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlzoo.protocol import Request
 from mtlzoo.strategies._surgery import GramianSurgery, SeededGenerator
+from mtlzoo.strategies.pcgrad import task_orders
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 TARGET_LIMIT = 1 - 1e-6
 """Largest |φ̂| the correction divides by ``sqrt(1 - φ̂^2)`` with: a target of exactly 1 asks for an infinite step."""
+SMALL = 12
+"""Up to this many tasks the per-pair steps run on Python floats; above it, in numpy for all the rows at once."""
+
+
+def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
+                    orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""GradVac's weights ``c = C^T 1`` on a float64 host Gramian, and the updated targets.
+
+    Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]`` (t = 0, 1, ...), as in
+    :class:`GradVac`'s formula; ``P = C G`` (the products ``g_i^{PC} . g_j``) is kept up to date with
+    each correction and ``||g_i^{PC}||^2 = (C P^T)_ii`` read afresh at every visit. The rows are
+    independent: up to :data:`SMALL` tasks they are done one by one on Python
+    floats, above it step t is taken for all of them at once in numpy (the same arithmetic).
+    """
+    size = matrix.shape[0]
+    if size <= SMALL:
+        weights, updated = _vaccine_small(matrix.tolist(), targets.tolist(), beta, orders.tolist())
+        return np.array(weights), np.array(updated).reshape(size, size)
+    rows = np.arange(size)
+    norms = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
+    updated = targets.copy()
+    combination = np.eye(size)
+    products = matrix.copy()
+    for column in orders.T:
+        norm = np.sqrt(np.clip(np.einsum("ij,ij->i", combination, products), 0.0, None))
+        norm_j = norms[column]
+        valid = (column != rows) & (norm > 0) & (norm_j > 0)
+        if not valid.any():
+            continue
+        cosine = np.clip(products[rows, column] / np.where(valid, norm * norm_j, 1.0), -1.0, 1.0)
+        target = targets[rows, column]
+        hit = valid & (cosine < target)
+        if hit.any():
+            capped = np.clip(target, -TARGET_LIMIT, TARGET_LIMIT)
+            root = np.sqrt(1 - capped**2)
+            step = norm * (capped * np.sqrt(1 - cosine**2) - cosine * root) / (np.where(valid, norm_j, 1.0) * root)
+            step = np.where(hit, step, 0.0)
+            combination[rows, column] += step
+            products += step[:, None] * matrix[column]
+        updated[rows[valid], column[valid]] = (1 - beta) * target[valid] + beta * cosine[valid]
+    return combination.sum(0), updated
+
+
+def _vaccine_small(matrix: list[list[float]], targets: list[list[float]], beta: float,
+                   orders: list[list[int]]) -> tuple[list[float], list[list[float]]]:
+    """:func:`vaccine_weights` on Python floats."""
+    size = len(matrix)
+    norms = [math.sqrt(max(matrix[j][j], 0.0)) for j in range(size)]
+    weights = [0.0] * size
+    updated = [list(row) for row in targets]
+    for i, order in enumerate(orders):
+        combination = [0.0] * size
+        combination[i] = 1.0
+        products = matrix[i]
+        for j in order:
+            norm_j = norms[j]
+            if j == i or norm_j == 0:
+                continue
+            norm = math.sqrt(max(sum(c * p for c, p in zip(combination, products)), 0.0))
+            if norm == 0:
+                continue
+            cosine = max(-1.0, min(1.0, products[j] / (norm * norm_j)))
+            target = targets[i][j]
+            if cosine < target:
+                capped = max(-TARGET_LIMIT, min(TARGET_LIMIT, target))
+                root = math.sqrt(1 - capped**2)
+                step = norm * (capped * math.sqrt(1 - cosine**2) - cosine * root) / (norm_j * root)
+                combination[j] += step
+                products = [p + step * m for p, m in zip(products, matrix[j])]
+            updated[i][j] = (1 - beta) * target + beta * cosine
+        weights = [w + c for w, c in zip(weights, combination)]
+    return weights, updated
 
 
 class GradVac(GramianSurgery):
@@ -95,39 +169,17 @@ class GradVac(GramianSurgery):
         self.register_buffer("targets", torch.zeros(num_tasks, num_tasks))
         self._staged: dict[str, Tensor] = {}
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        generator = self.random.begin()
-        matrix = gramian.detach().to("cpu", torch.float64)
-        index = tasks.to("cpu")
-        targets = self.targets.detach().to("cpu", torch.float64)[index][:, index]
-        updated = targets.clone()
-        size = matrix.shape[0]
-        norms = matrix.diagonal().clamp_min(0).sqrt()
-        coefficients = torch.eye(size, dtype=torch.float64)
-        for i in range(size):
-            products = coefficients[i] @ matrix  # g_i^PC . g_j for every j
-            for j in torch.randperm(size, generator=generator).tolist():
-                if j == i:
-                    continue
-                norm_i = float((coefficients[i] @ products).clamp_min(0).sqrt())
-                if norm_i == 0 or norms[j] == 0:
-                    continue
-                cosine = float(products[j]) / (norm_i * float(norms[j]))
-                cosine = max(-1.0, min(1.0, cosine))
-                target = float(targets[i, j])
-                if cosine < target:
-                    capped = max(-TARGET_LIMIT, min(TARGET_LIMIT, target))
-                    root = math.sqrt(1 - capped**2)
-                    step = norm_i * (capped * math.sqrt(1 - cosine**2) - cosine * root) / (float(norms[j]) * root)
-                    coefficients[i, j] += step
-                    products = products + step * matrix[j]
-                updated[i, j] = (1 - self.beta) * target + self.beta * cosine
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        index = tasks.cpu().numpy()
+        targets = self.targets.detach().cpu().numpy().astype(np.float64)[np.ix_(index, index)]
+        weights, updated = vaccine_weights(matrix, targets, self.beta,
+                                           task_orders(matrix.shape[0], self.random.begin()))
         if micro_batch == 0:
-            staged = self.targets.detach().clone()
-            rows = index.to(staged.device)
-            staged[rows.unsqueeze(1), rows.unsqueeze(0)] = updated.to(staged)
-            self._staged["targets"] = staged
-        return coefficients.sum(0).to(gramian.dtype).to(gramian.device)
+            staged = self.targets.detach().cpu().numpy().copy()
+            staged[np.ix_(index, index)] = updated  # rounded to the buffer's dtype
+            self._staged["targets"] = torch.from_numpy(staged).to(self.targets.device)
+        return weights
 
     def _commit(self) -> None:
         for name, value in self._staged.items():

@@ -2,11 +2,12 @@ r"""IMTL-G (Liu et al., ICLR 2021): the combination of the task gradients with e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlzoo.linalg import gramian_norms, normalize_gramian
 from mtlzoo.protocol import Request
+from mtlzoo.solvers import from_host, lstsq, to_host, unit_trace
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -29,25 +30,27 @@ def equal_projection_weights(gramian: Tensor) -> Tensor:
     singular; the cut-off is the input dtype's rounding). Tasks whose gradient is zero have no
     direction to be impartial to: they take weight 0 and the others share the sum of 1.
     """
-    dtype = gramian.dtype
-    unit = normalize_gramian(gramian.to(torch.float64))
-    norms = gramian_norms(unit)
-    weights = torch.zeros_like(norms)
+    return from_host(equal_projection_host(to_host(gramian), float(torch.finfo(gramian.dtype).eps)), gramian)
+
+
+def equal_projection_host(matrix: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`equal_projection_weights` on a float64 host Gramian computed in a dtype of rounding unit ``eps``:
+    the system is solved by :func:`mtlzoo.solvers.lstsq` with the cut-off of the pseudo-inverse."""
+    unit = unit_trace(matrix)
+    norms = np.sqrt(np.clip(np.diag(unit), 0.0, None))
+    weights = np.zeros(len(norms))
     present = norms > 0
     count = int(present.sum())
     if count == 0:
-        return weights.to(dtype)
-    sub, sub_norms = unit[present][:, present], norms[present]
-    system = torch.zeros(count + 1, count + 1, dtype=torch.float64, device=unit.device)
-    system[:count, :count] = sub
-    system[:count, count] = -sub_norms
+        return weights
+    system = np.zeros((count + 1, count + 1))
+    system[:count, :count] = unit[np.ix_(present, present)] if count < len(norms) else unit
+    system[:count, count] = -norms[present]
     system[count, :count] = 1.0
-    rhs = torch.zeros(count + 1, dtype=torch.float64, device=unit.device)
+    rhs = np.zeros(count + 1)
     rhs[count] = 1.0
-    cutoff = 10 * (count + 1) * torch.finfo(dtype).eps
-    solution = torch.linalg.pinv(system, rtol=cutoff) @ rhs
-    weights[present] = solution[:count]
-    return weights.to(dtype)
+    weights[present] = lstsq(system, rhs, cutoff=10 * (count + 1) * eps)[:count]
+    return weights
 
 
 class IMTLG(GramianSurgery):
@@ -103,5 +106,6 @@ class IMTLG(GramianSurgery):
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
         super().__init__(num_tasks, target=target)
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        return equal_projection_weights(gramian)
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        return equal_projection_host(matrix, eps)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
+import numpy as np
 from torch import Tensor
 
-from mtlzoo.linalg import gramian_norms, normalize_gramian
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import min_norm_simplex
+from mtlzoo.solvers import clean_gramian, min_norm_weights, to_host
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -89,20 +88,20 @@ class MGDA(GramianSurgery):
             return self.info.properties
         return self.info.properties - {"non_conflicting", "stationary"}
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
         if self.normalization != "none":
-            divisors = torch.ones_like(gramian.diagonal())
+            divisors = np.ones(matrix.shape[0])
             if self.normalization in ("l2", "loss+"):
-                divisors = divisors * gramian_norms(gramian)
+                divisors = divisors * np.sqrt(np.clip(np.diag(matrix), 0.0, None))
             if self.normalization in ("loss", "loss+"):
-                divisors = divisors * losses.to(gramian.dtype).abs()
-            divisors = torch.where(divisors > 0, divisors, torch.ones_like(divisors))
-            gramian = gramian / torch.outer(divisors, divisors)
-        unit = normalize_gramian(gramian)
-        weights = min_norm_simplex(unit)
-        rounding = len(weights) * torch.finfo(unit.dtype).eps
-        if self.normalization == "none" and float(weights @ unit @ weights) <= rounding:
-            return torch.zeros_like(weights)  # the nearest point is 0 up to the Gramian's rounding
+                divisors = divisors * np.abs(to_host(losses))
+            divisors = np.where(divisors > 0, divisors, 1.0)
+            matrix = matrix / np.outer(divisors, divisors)
+        weights = min_norm_weights(clean_gramian(matrix, eps))  # the solver of min_norm_simplex, on the host
+        rounding = len(weights) * eps * float(np.trace(matrix))
+        if self.normalization == "none" and float(weights @ matrix @ weights) <= rounding:
+            return np.zeros_like(weights)  # the nearest point is 0 up to the Gramian's rounding
         return weights
 
 

@@ -8,15 +8,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from mtlzoo.errors import SolverWarning
-from mtlzoo.linalg import normalize_gramian
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import min_norm_simplex
+from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
+_EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
 """Squared norm (on the unit-Frobenius Gramian) below which the gradients' hull is taken to contain 0."""
 
@@ -36,8 +37,11 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
         alpha *= math.sqrt(len(alpha) / curvature)
     for _ in range(max_iterations):
         gradient = gramian @ alpha - 1.0 / alpha
-        hessian = gramian + np.diag(1.0 / alpha**2)
-        step = np.linalg.solve(hessian, -gradient)
+        hessian = gramian.copy()
+        hessian.flat[::len(alpha) + 1] += 1.0 / alpha**2
+        _, step, info = lapack.dposv(hessian, -gradient)  # positive definite: a Cholesky solve
+        if info != 0:  # not positive definite to rounding: LU, as numpy.linalg.solve
+            step = np.linalg.solve(hessian, -gradient)
         decrement = math.sqrt(max(float(-gradient @ step), 0.0))
         if decrement < 1e-10:
             return alpha, True
@@ -131,25 +135,27 @@ class NashMTL(GramianSurgery):
         self.step = 0
         self._staged: dict[str, Tensor] = {}
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        previous = self.previous_weights.to(gramian.device)[tasks.to(gramian.device)].to(gramian.dtype)
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        index = tasks.cpu().numpy()
+        previous = self.previous_weights.detach().cpu().numpy().astype(np.float64)[index]
         if self.step % self.update_weights_every == 0:
-            alpha = self._solve(gramian, previous)
+            alpha = self._solve(matrix, previous)
             if micro_batch == 0:
-                staged = self.previous_weights.clone()
-                staged[tasks.to(staged.device)] = alpha.to(staged)
-                self._staged["previous_weights"] = staged
+                staged = self.previous_weights.detach().cpu().numpy().copy()
+                staged[index] = alpha  # rounded to the buffer's dtype
+                self._staged["previous_weights"] = torch.from_numpy(staged).to(self.previous_weights.device)
         else:
             alpha = previous
         if self.max_norm > 0:
-            norm = (alpha @ gramian @ alpha).clamp_min(0).sqrt()
-            alpha = alpha * torch.where(norm > self.max_norm, self.max_norm / norm, torch.ones_like(norm))
+            norm = math.sqrt(max(float(alpha @ matrix @ alpha), 0.0))
+            if norm > self.max_norm:
+                alpha = alpha * (self.max_norm / norm)
         return alpha
 
-    def _solve(self, gramian: Tensor, previous: Tensor) -> Tensor:
-        raw = gramian.detach().to("cpu", torch.float64)
-        size = float(torch.linalg.matrix_norm(raw))
-        matrix = normalize_gramian(raw, "frobenius").numpy()
+    def _solve(self, raw: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        size = math.sqrt(float((raw * raw).sum()))  # ||G||_F
+        matrix = raw / size if size > 0 else np.zeros_like(raw)
         present = np.diag(matrix) > 0
         alpha = np.zeros(matrix.shape[0])
         if not present.all():
@@ -157,14 +163,14 @@ class NashMTL(GramianSurgery):
                           "the bargaining problem has no solution; they get weight 0 and the other tasks bargain "
                           "among themselves.", SolverWarning, stacklevel=5)
         if present.any():
-            sub = matrix[np.ix_(present, present)]
-            hull = min_norm_simplex(torch.from_numpy(sub)).numpy()
+            sub = matrix if present.all() else matrix[np.ix_(present, present)]
+            hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
             if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
                 warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
                               "point), so no update improves every task and the bargaining problem has no solution; "
                               "the update is 0.", SolverWarning, stacklevel=5)
             else:
-                start = previous.detach().to("cpu", torch.float64).numpy()[present] * math.sqrt(size)
+                start = previous[present] * math.sqrt(size)
                 solution, converged = bargaining_weights(sub, start, self.max_iterations)
                 solution = solution / math.sqrt(size)  # the solution for the raw Gramian
                 if not converged:
@@ -172,7 +178,7 @@ class NashMTL(GramianSurgery):
                                   "gradients are close to Pareto-stationary); its last iterate is used.",
                                   SolverWarning, stacklevel=5)
                 alpha[present] = solution
-        return torch.as_tensor(alpha, dtype=gramian.dtype, device=gramian.device)
+        return alpha
 
     def _commit(self) -> None:
         for name, value in self._staged.items():

@@ -4,12 +4,66 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlzoo.protocol import Request
 from mtlzoo.strategies._surgery import GramianSurgery, SeededGenerator
 from mtlzoo.strategy import Paper, StrategyInfo, Target
+
+SMALL = 24
+"""Up to this many tasks the per-pair steps run on Python floats (numpy's per-call overhead dominates there);
+above it, step t runs for all the rows at once in numpy."""
+
+
+def task_orders(size: int, generator: torch.Generator) -> np.ndarray:
+    """Row i: the order in which task i visits the tasks, ``torch.randperm(size)`` drawn for i = 0, 1, ... in turn."""
+    return np.array([torch.randperm(size, generator=generator).numpy() for _ in range(size)],
+                    dtype=np.intp).reshape(size, size)
+
+
+def projected_weights(matrix: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    r"""PCGrad's weights ``c = C^T 1`` on a float64 host Gramian, with ``g_i^{PC} = sum_k C_ik g_k``.
+
+    Row i of ``C`` starts at ``e_i`` and visits the tasks ``j = orders[i, t]`` (t = 0, 1, ...): if
+    ``g_i^{PC} . g_j < 0`` (and ``j != i``, ``g_j != 0``), ``C_ij -= g_i^{PC} . g_j / ||g_j||^2``. The
+    products ``P = C G`` (``P_ij = g_i^{PC} . g_j``) are kept up to date with each step. The rows are
+    independent: up to :data:`SMALL` tasks they are done one by one on Python floats, above it step t
+    is taken for all of them at once in numpy (the same arithmetic, row by row).
+    """
+    size = matrix.shape[0]
+    if size <= SMALL:
+        return np.array(_projected_small(matrix.tolist(), orders.tolist()))
+    rows = np.arange(size)
+    diagonal = np.diag(matrix)
+    combination = np.eye(size)
+    products = matrix.copy()
+    for column in orders.T:
+        product = products[rows, column]
+        divisor = diagonal[column]
+        hit = (column != rows) & (divisor > 0) & (product < 0)
+        if hit.any():
+            step = np.where(hit, -product / np.where(hit, divisor, 1.0), 0.0)
+            combination[rows, column] += step
+            products += step[:, None] * matrix[column]
+    return combination.sum(0)
+
+
+def _projected_small(matrix: list[list[float]], orders: list[list[int]]) -> list[float]:
+    """:func:`projected_weights` on Python floats."""
+    size = len(matrix)
+    weights = [0.0] * size
+    for i, order in enumerate(orders):
+        weights[i] += 1.0
+        products = matrix[i]
+        for j in order:
+            product, divisor = products[j], matrix[j][j]
+            if j != i and divisor > 0 and product < 0:
+                step = -product / divisor
+                weights[j] += step
+                products = [p + step * m for p, m in zip(products, matrix[j])]
+    return weights
 
 
 class PCGrad(GramianSurgery):
@@ -71,22 +125,9 @@ class PCGrad(GramianSurgery):
         super().__init__(num_tasks, target=target)
         self.random = SeededGenerator(seed)
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        generator = self.random.begin()
-        matrix = gramian.detach().to("cpu", torch.float64)
-        size = matrix.shape[0]
-        weights = torch.zeros(size, dtype=torch.float64)
-        for i in range(size):
-            combination = torch.zeros(size, dtype=torch.float64)
-            combination[i] = 1.0
-            for j in torch.randperm(size, generator=generator).tolist():
-                if j == i or matrix[j, j] <= 0:
-                    continue
-                product = combination @ matrix[:, j]
-                if product < 0:
-                    combination[j] -= product / matrix[j, j]
-            weights += combination
-        return weights.to(gramian.dtype).to(gramian.device)
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        return projected_weights(matrix, task_orders(matrix.shape[0], self.random.begin()))
 
     def _commit(self) -> None:
         self.random.commit()

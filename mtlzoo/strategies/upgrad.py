@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlzoo.linalg import normalize_gramian, regularize_gramian
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import project_to_dual_cone
+from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -58,6 +58,16 @@ class DualConeSurgery(GramianSurgery):
         super().__init__(num_tasks, target=target)
         self.pref_vector = preference(pref_vector, num_tasks)
         self.reg_eps = check_eps(reg_eps)
+
+    def host_problem(self, matrix: np.ndarray, eps: float, tasks: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The host Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive
+        semi-definite) and the preference of the present tasks (``1/K'`` each, or the given entries)."""
+        size = matrix.shape[0]
+        if self.pref_vector is None:
+            weights = np.full(size, 1.0 / size) if size else np.zeros(0)
+        else:
+            weights = self.pref_vector.numpy()[tasks.cpu().numpy()]
+        return clean_gramian(unit_trace(matrix, self.reg_eps), eps), weights
 
     @property
     def properties(self) -> frozenset[str]:
@@ -122,6 +132,7 @@ class UPGrad(DualConeSurgery):
 
     regularization_breaks = frozenset({"non_conflicting", "linear_under_scaling"})
 
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        unit = regularize_gramian(normalize_gramian(gramian), self.reg_eps)
-        return project_to_dual_cone(torch.diag(present_preference(self.pref_vector, tasks, gramian)), unit).sum(0)
+    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
+                     micro_batch: int) -> np.ndarray:
+        unit, weights = self.host_problem(matrix, eps, tasks)
+        return dual_cone_weights(np.diag(weights), unit).sum(0)  # project_to_dual_cone's solver, on the host

@@ -1,0 +1,267 @@
+"""The host (numpy / Python-float) paths of the Gramian aggregators against the previous, tensor-by-tensor
+implementations, kept here verbatim as references (mtlzoo before the per-step speed work of issue 12), and
+GradDrop's few-pass update against its mask formula written out (the paper's Algorithm 1, lines 10-15).
+
+Every case runs on random Gramians of K = 1, 2, 3, 10, 40 tasks: generic, rank-deficient (rank 2),
+with a zero row and with duplicated rows, in float32 (as a step gives them) and float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mtlzoo
+from mtlzoo.strategies import gradvac as gradvac_module
+from mtlzoo.strategies import pcgrad as pcgrad_module
+from mtlzoo.strategies.aligned_mtl import balance_transformation
+from mtlzoo.strategies.imtl_g import equal_projection_weights
+
+SIZES = (1, 2, 3, 10, 40)
+
+
+def matrices(size: int, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    generic = torch.randn(size, 60, generator=generator, dtype=torch.float64)
+    generic += 0.3 * torch.randn(1, 60, generator=generator, dtype=torch.float64)
+    low_rank = torch.randn(size, 2, generator=generator, dtype=torch.float64) @ torch.randn(
+        2, 60, generator=generator, dtype=torch.float64)
+    zero_row = generic.clone()
+    zero_row[size // 2] = 0
+    duplicated = generic.clone()
+    duplicated[-1] = duplicated[0]
+    return [("generic", generic), ("low_rank", low_rank), ("zero_row", zero_row), ("duplicated", duplicated)]
+
+
+CASES = [(f"{name}{size}-{dtype}", matrix.to(dtype)) for size in SIZES for name, matrix in matrices(size)
+         for dtype in (torch.float32, torch.float64)]
+IDS = [name for name, _ in CASES]
+
+
+# ------------------------------------------------- the previous implementations (references)
+def pcgrad_reference(gramian: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    matrix = gramian.detach().to("cpu", torch.float64)
+    size = matrix.shape[0]
+    weights = torch.zeros(size, dtype=torch.float64)
+    for i in range(size):
+        combination = torch.zeros(size, dtype=torch.float64)
+        combination[i] = 1.0
+        for j in torch.randperm(size, generator=generator).tolist():
+            if j == i or matrix[j, j] <= 0:
+                continue
+            product = combination @ matrix[:, j]
+            if product < 0:
+                combination[j] -= product / matrix[j, j]
+        weights += combination
+    return weights
+
+
+def gradvac_reference(gramian: torch.Tensor, targets: torch.Tensor, beta: float,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    limit = gradvac_module.TARGET_LIMIT
+    matrix = gramian.detach().to("cpu", torch.float64)
+    updated = targets.clone()
+    size = matrix.shape[0]
+    norms = matrix.diagonal().clamp_min(0).sqrt()
+    coefficients = torch.eye(size, dtype=torch.float64)
+    for i in range(size):
+        products = coefficients[i] @ matrix
+        for j in torch.randperm(size, generator=generator).tolist():
+            if j == i:
+                continue
+            norm_i = float((coefficients[i] @ products).clamp_min(0).sqrt())
+            if norm_i == 0 or norms[j] == 0:
+                continue
+            cosine = max(-1.0, min(1.0, float(products[j]) / (norm_i * float(norms[j]))))
+            target = float(targets[i, j])
+            if cosine < target:
+                capped = max(-limit, min(limit, target))
+                root = math.sqrt(1 - capped**2)
+                step = norm_i * (capped * math.sqrt(1 - cosine**2) - cosine * root) / (float(norms[j]) * root)
+                coefficients[i, j] += step
+                products = products + step * matrix[j]
+            updated[i, j] = (1 - beta) * target + beta * cosine
+    return coefficients.sum(0), updated
+
+
+def imtl_g_reference(gramian: torch.Tensor) -> torch.Tensor:
+    unit = gramian.to(torch.float64)
+    trace = unit.diagonal().sum()
+    unit = unit / trace if trace > 0 else torch.zeros_like(unit)
+    norms = unit.diagonal().clamp_min(0).sqrt()
+    weights = torch.zeros_like(norms)
+    present = norms > 0
+    count = int(present.sum())
+    if count == 0:
+        return weights
+    system = torch.zeros(count + 1, count + 1, dtype=torch.float64)
+    system[:count, :count] = unit[present][:, present]
+    system[:count, count] = -norms[present]
+    system[count, :count] = 1.0
+    rhs = torch.zeros(count + 1, dtype=torch.float64)
+    rhs[count] = 1.0
+    solution = torch.linalg.pinv(system, rtol=10 * (count + 1) * torch.finfo(gramian.dtype).eps) @ rhs
+    weights[present] = solution[:count]
+    return weights
+
+
+def balance_reference(gramian: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(gramian.to(torch.float64))
+    kept = values > values.max() * gramian.shape[0] * torch.finfo(torch.float32).eps
+    if not bool(kept.any()):
+        return torch.zeros_like(gramian, dtype=torch.float64)
+    values, vectors = values[kept], vectors[:, kept]
+    return (vectors * (values.min() / values).sqrt()) @ vectors.T
+
+
+def close_updates(ours: torch.Tensor, reference: torch.Tensor, matrix: torch.Tensor, rtol: float) -> None:
+    """The updates J^T w agree to ``rtol`` of ||J||_F times the weights' size (weights may differ where rows are
+    dependent; the update may not)."""
+    wide = matrix.to(torch.float64)
+    scale = float(torch.linalg.matrix_norm(wide)) * max(float(reference.abs().max()), 1.0)
+    difference = ours.to(torch.float64) @ wide - reference.to(torch.float64) @ wide
+    assert float(difference.norm()) <= rtol * max(scale, 1e-30)
+
+
+# ------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("small", [True, False], ids=["python", "numpy"])
+@pytest.mark.parametrize(("name", "matrix"), CASES, ids=IDS)
+def test_pcgrad_host_path_matches_the_previous_loop(name: str, matrix: torch.Tensor, small: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both host paths (Python floats up to SMALL tasks, numpy above) give the previous torch loop's weights, with
+    the same task orders drawn from the same generator."""
+    monkeypatch.setattr(pcgrad_module, "SMALL", 10**6 if small else 0)
+    gramian = matrix @ matrix.T
+    strategy = mtlzoo.create("pcgrad", num_tasks=matrix.shape[0], seed=3)
+    ours = strategy.gramian_weights(gramian, torch.ones(matrix.shape[0], dtype=matrix.dtype))
+    reference = pcgrad_reference(gramian, torch.Generator().manual_seed(3))
+    assert ours.dtype == matrix.dtype
+    close_updates(ours, reference, matrix, 1e-5 if matrix.dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["python", "numpy"])
+@pytest.mark.parametrize(("name", "matrix"), CASES, ids=IDS)
+def test_gradvac_host_path_matches_the_previous_loop(name: str, matrix: torch.Tensor, small: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights and staged targets of both host paths against the previous torch loop, from non-zero targets."""
+    monkeypatch.setattr(gradvac_module, "SMALL", 10**6 if small else 0)
+    size = matrix.shape[0]
+    gramian = matrix @ matrix.T
+    strategy = mtlzoo.create("gradvac", num_tasks=size, seed=5, beta=0.3)
+    start = torch.rand(size, size, generator=torch.Generator().manual_seed(1)) - 0.4
+    strategy.targets = start.clone()
+    ours = strategy.gramian_weights(gramian, torch.ones(size, dtype=matrix.dtype))
+    staged = strategy._staged["targets"]
+    weights, updated = gradvac_reference(gramian, start.double(), 0.3, torch.Generator().manual_seed(5))
+    close_updates(ours, weights, matrix, 1e-5 if matrix.dtype == torch.float32 else 1e-10)
+    if name.startswith("low_rank") and size >= 10:
+        # Rank 2: a corrected g_i lies in a plane and can nearly cancel, so its cosine with a later g_j is
+        # ill-conditioned there (rounding in ||g_i^PC|| is amplified); the bulk still agrees to 1e-5.
+        error = (staged - updated.float()).abs()
+        assert float((error <= 1e-5).float().mean()) >= 0.99 and float(error.max()) <= 1e-2
+    else:
+        torch.testing.assert_close(staged, updated.float(), rtol=1e-5, atol=1e-5)
+    strategy.advance()
+    assert torch.equal(strategy.targets, staged)
+
+
+@pytest.mark.parametrize(("name", "matrix"), CASES, ids=IDS)
+def test_imtl_g_and_aligned_mtl_host_paths_match_the_previous_tensor_code(name: str, matrix: torch.Tensor) -> None:
+    """IMTL-G's one gelsd solve against torch.linalg.pinv with the same cut-off; Aligned-MTL's LAPACK eigh against
+    torch.linalg.eigh."""
+    gramian = matrix @ matrix.T
+    ours = equal_projection_weights(gramian)
+    assert ours.dtype == matrix.dtype
+    close_updates(ours, imtl_g_reference(gramian), matrix, 1e-4 if matrix.dtype == torch.float32 else 1e-9)
+    balance = balance_transformation(gramian)
+    reference = balance_reference(gramian)
+    wide = matrix.to(torch.float64)
+    scale = max(float(torch.linalg.matrix_norm(wide)) * float(reference.abs().max()), 1e-30)
+    tolerance = 1e-4 if matrix.dtype == torch.float32 else 1e-8
+    assert float((balance.double() @ wide - reference @ wide).norm()) <= tolerance * scale
+
+
+@pytest.mark.parametrize(("name", "matrix"), CASES, ids=IDS)
+def test_step_and_standalone_faces_agree(name: str, matrix: torch.Tensor) -> None:
+    """compute() (one host transfer, the weights back as one tensor) and gramian_weights give the same weights,
+    of the Gramian's dtype, for every Gramian aggregator on the host path."""
+    from mtlzoo.protocol import StepInputs
+    size = matrix.shape[0]
+    gramian = matrix @ matrix.T
+    for method in ("mgda", "upgrad", "dualproj", "imtl_g", "aligned_mtl", "cagrad", "pcgrad", "gradvac"):
+        step = mtlzoo.create(method, num_tasks=size, **({"seed": 1} if method in ("pcgrad", "gradvac") else {}))
+        alone = mtlzoo.create(method, num_tasks=size, **({"seed": 1} if method in ("pcgrad", "gradvac") else {}))
+        inputs = StepInputs(torch.ones(size), torch.arange(size), size, micro_batch=0)
+        inputs.gramian = gramian
+        weights = step.compute(inputs).weights
+        assert weights is not None and weights.dtype == gramian.dtype, method
+        torch.testing.assert_close(weights, alone.gramian_weights(gramian, torch.ones(size, dtype=matrix.dtype)),
+                                   msg=method)
+
+
+def test_a_non_finite_gramian_gives_a_non_finite_step_and_an_error_standalone() -> None:
+    from mtlzoo.errors import NonFiniteGradientError
+    from mtlzoo.protocol import StepInputs
+    gramian = torch.tensor([[1.0, float("inf")], [float("inf"), 1.0]])
+    for method in ("mgda", "upgrad", "pcgrad", "cagrad", "nash_mtl"):
+        inputs = StepInputs(torch.ones(2), torch.arange(2), 2, micro_batch=0)
+        inputs.gramian = gramian
+        weights = mtlzoo.create(method, num_tasks=2).compute(inputs).weights
+        assert weights is not None and bool(torch.isnan(weights).all()), method
+        with pytest.raises(NonFiniteGradientError):
+            mtlzoo.create(method, num_tasks=2).gramian_weights(gramian, torch.ones(2))
+
+
+@pytest.mark.parametrize("leak", [0.0, [0.0, 0.5, 1.0, 0.25]])
+def test_graddrop_few_pass_update_is_the_mask_formula(leak: float | list[float]) -> None:
+    """The paper's masks written out (P = (1 + sum g / sum |g|) / 2, M_k = 1[P > U] 1[g_k > 0] + 1[P < U] 1[g_k < 0],
+    d = sum_k (l_k + (1 - l_k) M_k) g_k) with the same U: equal to rounding, away from the elements where P is
+    within rounding of U (there the two roundings of P may pick different signs)."""
+    generator = torch.Generator().manual_seed(0)
+    grads = torch.randn(4, 64, 33, generator=generator)
+    grads[:, 0, :5] = 0  # elements where every task's gradient is 0
+    grads[1:, 1] = grads[0, 1].abs()  # all positive
+    strategy = mtlzoo.create("graddrop", num_tasks=4, target="parameters", leak=leak, seed=7)
+    ours = strategy.aggregate(grads, torch.ones(4))
+    draw = torch.rand(grads.shape[1:], generator=torch.Generator().manual_seed(7))
+    total, magnitude = grads.sum(0), grads.abs().sum(0)
+    purity = torch.where(magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5)
+    masks = ((purity > draw) & (grads > 0)) | ((purity < draw) & (grads < 0))
+    leaks = torch.as_tensor(leak, dtype=grads.dtype).expand(4).view(-1, 1, 1)
+    reference = ((leaks + (1 - leaks) * masks) * grads).sum(0)
+    clear = (purity - draw).abs() > 1e-5
+    assert int(clear.sum()) > 0.99 * clear.numel()
+    torch.testing.assert_close(ours[clear], reference[clear])
+    assert torch.equal(ours[0, :5], torch.zeros(5))
+
+
+def test_lstsq_and_eigh_are_numpys() -> None:
+    """mtlzoo.solvers.lstsq / eigh call LAPACK's gelsd / syevd directly: the same answers as numpy.linalg.lstsq
+    (rcond=None and a given cut-off) and numpy.linalg.eigh, singular systems included."""
+    from mtlzoo.solvers import eigh, lstsq
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 5, 41):
+        for rank in {size, max(size // 2, 1)}:
+            factor = rng.standard_normal((size, rank))
+            matrix = factor @ factor.T
+            rhs = rng.standard_normal(size)
+            np.testing.assert_allclose(lstsq(matrix, rhs), np.linalg.lstsq(matrix, rhs, rcond=None)[0], rtol=1e-9,
+                                       atol=1e-9 * np.abs(np.linalg.pinv(matrix) @ rhs).max())
+            np.testing.assert_allclose(lstsq(matrix, rhs, cutoff=1e-3), np.linalg.lstsq(matrix, rhs, rcond=1e-3)[0],
+                                       rtol=1e-9, atol=1e-12)
+            values, vectors = eigh(matrix)
+            np.testing.assert_allclose(values, np.linalg.eigh(matrix)[0], atol=1e-12 * np.abs(values).max())
+            np.testing.assert_allclose((vectors * values) @ vectors.T, matrix, atol=1e-12 * np.abs(values).max())
+
+
+def test_linalg_all_finite_is_exact_where_its_sum_is_not() -> None:
+    """The sum-based check: finite entries whose sum overflows are finite; inf, -inf and NaN are not."""
+    from mtlzoo.linalg import all_finite
+    huge = torch.full((4,), 3e38)
+    assert all_finite(huge) and all_finite(torch.zeros(0))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), 1.0]))
