@@ -6,10 +6,13 @@ Run from the repository's root, with the ``plot`` extra installed::
     python docs/make_figures.py --strategies default # only the default comparison's strategies (faster)
     python docs/make_figures.py --steps 400 --seeds 5 --skip-bench
     python docs/make_figures.py --out runs-dir --resume  # continue an interrupted regeneration
+    python docs/make_figures.py --skip-compare --skip-bench  # only the suite against rotograd / torchjd and growth
 
 It runs ``mtlzoo compare --out DIR`` (the built-in strategies only: third-party autoload is off)
 and copies ``results.json``, ``results.csv`` and the PNG plots into ``docs/comparison/``; then
-``mtlzoo bench --out docs/performance/bench.json``. The site reads them at build time, so
+``mtlzoo bench --out docs/performance/bench.json``; then ``mtlzoo bench --vs-reference --out
+docs/performance/reference.json`` and ``mtlzoo bench --growth --out docs/performance/growth.json
+--plot docs/performance``. The site reads them at build time, so
 building it needs no training. Commit what changed.
 """
 
@@ -26,6 +29,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 COMPARISON = DOCS / "comparison"
 BENCH = DOCS / "performance" / "bench.json"
+REFERENCE = DOCS / "performance" / "reference.json"
+GROWTH = DOCS / "performance" / "growth.json"
 
 
 def run(command: list[str]) -> None:
@@ -44,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="with --out: reuse its finished runs")
     parser.add_argument("--skip-compare", action="store_true", help="keep the committed comparison")
     parser.add_argument("--skip-bench", action="store_true", help="keep the committed benchmark")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="keep the committed suite against rotograd and torchjd (reference.json)")
+    parser.add_argument("--skip-growth", action="store_true", help="keep the committed growth figures")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="passed to `mtlzoo bench --vs-reference/--growth --clock` ('cpu' on a loaded machine)")
     args = parser.parse_args(argv)
 
     mtlzoo = [sys.executable, "-m", "mtlzoo"]
@@ -67,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         BENCH.parent.mkdir(parents=True, exist_ok=True)
         run([*mtlzoo, "bench", "--strategies", "all", "--out", str(BENCH)])
         print("wrote", BENCH.relative_to(DOCS.parent))
+    if not args.skip_reference:
+        run([*mtlzoo, "bench", "--vs-reference", "--clock", args.clock, "--out", str(REFERENCE)])
+        print("wrote", REFERENCE.relative_to(DOCS.parent))
+    if not args.skip_growth:
+        run([*mtlzoo, "bench", "--growth", "--clock", args.clock, "--out", str(GROWTH), "--plot", str(GROWTH.parent)])
+        print("wrote", GROWTH.relative_to(DOCS.parent), "and its growth_*.png")
     return 0
 
 

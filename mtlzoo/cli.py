@@ -355,20 +355,74 @@ def _describe(problem: Any) -> str:
 # -------------------------------------------------------------------------- bench
 def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
-        "bench", help="time a training step of strategies, as a ratio to ls",
+        "bench", help="time a training step of strategies, as a ratio to ls (or to plain training)",
         description="Median time of a training step (after warm-up) of each strategy on a reference MLP (input 64, "
                     "backbone 64-256-256-d, K linear heads, batch 256) and a small CNN whose representation is a "
-                    "(batch, d, 8, 8) map (batch 64), as a ratio to ls on the same model. JSON on stdout.")
+                    "(batch, d, 8, 8) map (batch 64), as a ratio to ls on the same model. JSON on stdout. "
+                    "With --vs-reference: mtlzoo beside rotograd 0.1.6.0, torchjd and hand-written training "
+                    "(paired per-step ratios, peak memory), a table on stdout. With --growth: the ratio to plain "
+                    "training as K and d grow.")
     bench.add_argument("--strategies", metavar="LIST", help="comma-separated names or 'all' (default: the default set)")
     bench.add_argument("--tasks", type=int, default=4, metavar="K", help="number of tasks (default 4)")
-    bench.add_argument("--dim", type=int, default=64, metavar="D", help="width of the representation (default 64)")
+    bench.add_argument("--dim", type=int, metavar="D",
+                       help="width of the representation (default 64; 128 with --vs-reference)")
     bench.add_argument("--model", default="mlp,cnn", help="mlp, cnn or both (default: mlp,cnn)")
-    bench.add_argument("--steps", type=int, default=50, metavar="N", help="timed steps per strategy (default 50)")
-    bench.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed steps first (default 10)")
+    bench.add_argument("--steps", type=int, metavar="N",
+                       help="timed steps per strategy (default 50; --vs-reference 60; --growth 20)")
+    bench.add_argument("--warmup", type=int, metavar="N", help="untimed steps first (default 10; 5; 2)")
     bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     bench.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's)")
     bench.add_argument("--out", metavar="FILE", help="also write the JSON to FILE")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--vs-reference", action="store_true",
+                      help="mtlzoo beside rotograd 0.1.6.0 and torchjd (installs nothing: a missing package gives "
+                           "'not installed' rows), as ratios to hand-written training; a table on stdout")
+    mode.add_argument("--growth", action="store_true",
+                      help="the ratio to plain training as K grows (--growth-tasks) and d grows (--growth-dims)")
+    bench.add_argument("--sections", default="rotograd,torchjd,weighting,memory", metavar="LIST",
+                       help="--vs-reference: which of rotograd, torchjd, weighting, memory (default: all)")
+    bench.add_argument("--rotograd-settings", default="128x4,512x4,128x16", metavar="DxK,...",
+                       help="--vs-reference: (d, K) of the rotograd section (default: 128x4,512x4,128x16)")
+    bench.add_argument("--memory-setting", default="512x40", metavar="DxK",
+                       help="--vs-reference: (d, K) of the memory section (default: 512x40)")
+    bench.add_argument("--memory-chunk", type=int, default=8, metavar="N",
+                       help="--vs-reference: jacobian_chunk_size of the chunked rows (default 8)")
+    bench.add_argument("--growth-strategies", metavar="LIST",
+                       help="--growth: strategies, with options as name:key=value (default: ls, uw, "
+                            "upgrad:target=representation, upgrad, rotograd)")
+    bench.add_argument("--growth-tasks", default="2,4,8,16,40", metavar="LIST", help="--growth: K values (at d=128)")
+    bench.add_argument("--growth-dims", default="64,128,256,512,1024", metavar="LIST",
+                       help="--growth: d values (at K=4)")
+    bench.add_argument("--budget", type=float, metavar="SECONDS",
+                       help="--vs-reference / --growth: stop timing a section (a growth setting) after this many "
+                            "seconds, at 5 iterations at least (default 30; 15); 0: always --steps")
+    bench.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                       help="--vs-reference / --growth: wall-clock time (default), or this thread's CPU time, "
+                            "steadier on a loaded machine (sets --threads 1 unless given)")
+    bench.add_argument("--plot", metavar="DIR", help="--growth: also write growth_tasks.png and growth_dim.png there")
     bench.set_defaults(run=_bench)
+
+
+def _pairs(text: str, option: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Option `{option}` should be DxK pairs like 128x4,512x4. Found {text!r}.")
+    return [(p[0], p[1]) for p in pairs]
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"Option `{option}` should be comma-separated ints. Found {text!r}.") from None
+
+
+def _print_tables(tables: list[tuple[str, list[str], list[list[str]]]]) -> None:
+    for title, header, rows in tables:
+        print(f"\n{title}\n{_table(rows, header)}")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -376,19 +430,55 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mtlzoo.bench import bench
     from mtlzoo.errors import MTLZooError
 
+    if args.threads is None and args.clock == "cpu" and (args.vs_reference or args.growth):
+        args.threads = 1  # the thread's CPU time sees the whole step only when torch runs on this thread
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    timing: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v is not None}
+    if args.vs_reference or args.growth:
+        timing["clock"] = args.clock
+    if args.budget is not None:
+        timing["budget_s"] = args.budget or None
+
+    def progress(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
     try:
-        report = bench(args.strategies, models=[m.strip() for m in args.model.split(",") if m.strip()],
-                       tasks=args.tasks, dim=args.dim, steps=args.steps, warmup=args.warmup, device=args.device)
+        if args.vs_reference:
+            from mtlzoo import bench_reference as ref
+
+            report = ref.vs_reference(sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+                                      rotograd_settings=_pairs(args.rotograd_settings, "--rotograd-settings"),
+                                      dim=args.dim or 128, tasks=args.tasks,
+                                      memory_setting=_pairs(args.memory_setting, "--memory-setting")[0],
+                                      memory_chunk=args.memory_chunk, progress=progress, **timing)
+            _print_tables(ref.report_rows(report))
+        elif args.growth:
+            from mtlzoo import bench_reference as ref
+            from mtlzoo.compare import split_top_level
+
+            strategies = ([s for s in split_top_level(args.growth_strategies, ",") if s.strip()]
+                          if args.growth_strategies else ref.GROWTH_STRATEGIES)
+            report = ref.growth(strategies, tasks=_ints(args.growth_tasks, "--growth-tasks"),
+                                dims=_ints(args.growth_dims, "--growth-dims"), progress=progress, **timing)
+            _print_tables(ref.growth_rows(report))
+            if args.plot:
+                from mtlzoo.plots import save_growth_plots
+
+                for path in save_growth_plots(report, args.plot):
+                    print(f"wrote {path}", file=sys.stderr)
+        else:
+            from mtlzoo.bench import bench
+
+            report = bench(args.strategies, models=[m.strip() for m in args.model.split(",") if m.strip()],
+                           tasks=args.tasks, dim=args.dim or 64, device=args.device,
+                           steps=args.steps or 50, warmup=10 if args.warmup is None else args.warmup)
+            print(json.dumps(report, indent=2))
     except (MTLZooError, ValueError) as error:
         print(f"mtlzoo bench: {error}", file=sys.stderr)
         return 2
-    text = json.dumps(report, indent=2)
-    print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0

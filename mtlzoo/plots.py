@@ -196,3 +196,62 @@ def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int =
             fig.savefig(path, dpi=dpi)
             paths.append(path)
     return paths
+
+
+# ============================================================================ growth of the step time
+GROWTH_AXES = {"tasks": ("K, the number of tasks", "d"), "dim": ("d, the width of the representation", "K")}
+
+
+def matplotlib_ticker() -> Any:
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def growth_figure(report: dict[str, Any], axis: str) -> Figure:
+    """Step time / plain step time against K (``axis="tasks"``) or d (``axis="dim"``), log-log.
+
+    ``report`` is what :func:`mtlzoo.bench_reference.growth` returns (``mtlzoo bench --growth
+    --out FILE``): one line per strategy through the medians, a band between the quartiles.
+    """
+    if axis not in GROWTH_AXES:
+        raise ValueError(f"Parameter `axis` should be one of {tuple(GROWTH_AXES)}. Found {axis!r}.")
+    figure_class = _matplotlib()
+    records = [r for r in report["results"] if r["axis"] == axis and r.get("status") == "ok" and "ratio" in r]
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    colors, styles = _colors(labels), _styles(labels)
+    fig = figure_class(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for label in labels:
+        rows = sorted((r for r in records if r["label"] == label), key=lambda r: r[axis])
+        xs = [r[axis] for r in rows]
+        ax.plot(xs, [r["ratio"]["median"] for r in rows], marker="o", color=colors[label],
+                linestyle=styles[label], label=label)
+        ax.fill_between(xs, [r["ratio"]["p25"] for r in rows], [r["ratio"]["p75"] for r in rows],
+                        color=colors[label], alpha=0.15, linewidth=0)
+    title, other = GROWTH_AXES[axis]
+    fixed = records[0]["dim" if axis == "tasks" else "tasks"] if records else "?"
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r[axis] for r in records})
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.xaxis.set_minor_locator(matplotlib_ticker().NullLocator())
+    ax.set_yscale("log")
+    ax.set_xlabel(title)
+    ax.set_ylabel("step time / plain step time")
+    ax.set_title(f"Reference MLP, batch {report['settings'].get('batch', 256)}, {other} = {fixed}", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(fig, ax)
+    return fig
+
+
+def save_growth_plots(report: dict[str, Any], out: str | Path, dpi: int = 110) -> list[Path]:
+    """Write ``out/growth_tasks.png`` and ``out/growth_dim.png`` from a growth report; returns the paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for axis in GROWTH_AXES:
+        if any(r["axis"] == axis for r in report["results"]):
+            path = folder / f"growth_{axis}.png"
+            growth_figure(report, axis).savefig(path, dpi=dpi)
+            paths.append(path)
+    return paths

@@ -38,6 +38,10 @@ RESULTS = DOCS / "comparison" / "results.json"
 """What ``python docs/make_figures.py`` writes: the output of ``mtlzoo compare``."""
 BENCH = DOCS / "performance" / "bench.json"
 """What ``python docs/make_figures.py`` writes: the output of ``mtlzoo bench``."""
+REFERENCE = DOCS / "performance" / "reference.json"
+"""The output of ``mtlzoo bench --vs-reference`` (``python docs/make_figures.py`` writes it)."""
+GROWTH = DOCS / "performance" / "growth.json"
+"""The output of ``mtlzoo bench --growth`` (idem, with its plots ``growth_*.png``)."""
 CATALOGUE = "strategies/index.md"
 CATALOGUE_TITLE = "Strategy catalogue"
 
@@ -344,6 +348,38 @@ def bench_table(path: Path = BENCH) -> str:
     return "\n".join(parts)
 
 
+def _suite_tables(path: Path, render: Callable[[dict[str, Any]], list[tuple[str, list[str], list[list[str]]]]]) -> str:
+    """A committed ``mtlzoo bench --vs-reference`` / ``--growth`` JSON as Markdown tables (the command's own rows)."""
+    if not path.exists():
+        return (f"!!! warning \"No committed figures\"\n    `docs/performance/{path.name}` is missing: run "
+                "`python docs/make_figures.py --skip-compare`.\n")
+    data = json.loads(path.read_text())
+    environment = data.get("environment", {})
+    packages = ", ".join(f"{name} {environment.get(name) or 'not installed'}" for name in ("rotograd", "torchjd"))
+    settings = data.get("settings", {})
+    clock = "this thread's CPU time" if settings.get("clock") == "cpu" else "wall-clock time"
+    parts = [f"Measured with torch {environment.get('torch')} on {environment.get('threads')} CPU threads, "
+             f"at most {settings.get('steps')} interleaved steps per configuration; {packages}. "
+             f"Ratios: the median [quartiles] of each step's {clock} over the plain step's of the same "
+             "iteration.\n"]
+    for title, header, rows in render(data):
+        parts.append(f"**{html.escape(title)}**\n")
+        parts.append(_table(header, [[html.escape(cell).replace("|", "\\|") for cell in row] for row in rows]))
+    return "\n".join(parts)
+
+
+def reference_tables(path: Path = REFERENCE) -> str:
+    from mtlzoo.bench_reference import report_rows
+
+    return _suite_tables(path, report_rows)
+
+
+def growth_tables(path: Path = GROWTH) -> str:
+    from mtlzoo.bench_reference import growth_rows
+
+    return _suite_tables(path, growth_rows)
+
+
 def strategy_count(entries: list[StrategyEntry]) -> str:
     return str(len(entries))
 
@@ -355,6 +391,8 @@ MARKERS: dict[str, Callable[[], str]] = {
     "cost-classes": cost_classes,
     "comparison-results": results_tables,
     "bench-table": bench_table,
+    "reference-tables": reference_tables,
+    "growth-tables": growth_tables,
 }
 MARKER = re.compile(r"<!-- mtlzoo:([a-z-]+) -->")
 

@@ -1,0 +1,658 @@
+"""``mtlzoo bench --vs-reference`` and ``--growth``: mtlzoo beside rotograd 0.1.6.0, torchjd and plain training.
+
+Every figure is a ratio to plain, hand-written training (``z = backbone(x)``, the K heads,
+``sum_k L_k``, one ``backward``, one optimizer step) on the reference MLP of the speed issue
+(input 64, backbone 64-256-256-d, K linear heads, batch 256, MSE, SGD), taken in one process:
+
+- every configuration of a section and the plain step are built on the same batch, warmed up,
+  then timed in interleaved iterations: each iteration runs every configuration once (in a
+  shuffled order, so that no configuration always follows the same one), so that a slow spell
+  of a shared machine hits all of them;
+- each step's wall-clock time (``time.perf_counter``) is divided by the plain step's time of the
+  same iteration, and the median and quartiles of those paired ratios are reported. Paired
+  ratios are far less disturbed by other jobs than ratios of separate medians. On a heavily
+  loaded machine, ``clock="cpu"`` with one torch thread times this thread's CPU time instead
+  (``time.thread_time``), which other processes do not inflate.
+
+Sections:
+
+- ``rotograd``: rotograd 0.1.6.0's ``VanillaMTL``, ``RotateOnly``, ``RotoGrad``, ``RotoGradNorm``
+  beside mtlzoo's ``ls``, ``rotate_only``, ``rotograd``, ``rotograd_norm`` and the RotoGrad floor
+  (a plain step plus the K rotations by fixed orthogonal matrices: ``z R_k`` forward, ``dz`` and
+  ``dR_k`` backward), for each (d, K);
+- ``torchjd``: torchjd's ``mtl_backward`` then ``jac_to_grad`` with its aggregators, a
+  hand-written loop of K ``autograd.grad`` calls, and mtlzoo's surgery on the parameters and on
+  the representation;
+- ``weighting``: mtlzoo's ``ls`` and the loss-only weightings (ratios to plain and to ``ls``);
+- ``memory``: the peak of the tensor memory a parameter-path step allocates (K=40, d=512 by
+  default), on the Jacobian route (all K at once, and chunked) and on the Gramian route.
+
+A reference package that is not installed gives rows with ``status = "not installed"``. Nothing
+here installs anything or prints.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.bench import reference_model
+from mtlzoo.caching import cached
+from mtlzoo.compare import optimizer_class, parse_spec
+from mtlzoo.problems.base import GRADNORM_ALPHA, GRADNORM_STRATEGIES
+from mtlzoo.protocol import Request
+from mtlzoo.registry import REGISTRY, get_strategy
+from mtlzoo.strategy import GradientSurgery, StrategyInfo
+from mtlzoo.wrapper import MTLWrapper
+
+BATCH = 256
+LR = 1e-3
+PLAIN = "plain (hand-written)"
+FLOOR = "RotoGrad floor"
+SECTIONS = ("rotograd", "torchjd", "weighting", "memory")
+ROTOGRAD_SETTINGS = ((128, 4), (512, 4), (128, 16))
+ROTOGRAD_CLASSES = ("VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm")
+MTLZOO_ROTOGRAD = ("ls", "rotate_only", "rotograd", "rotograd_norm")
+TORCHJD_AGGREGATORS = ("Mean", "UPGrad", "PCGrad", "MGDA", "CAGrad", "NashMTL")
+MTLZOO_SURGERY = ("ls", "upgrad", "pcgrad", "mgda", "cagrad", "nash_mtl")
+WEIGHTINGS = ("uw", "dwa", "rlw", "si", "gls", "imtl_l", "stch", "famo", "gradnorm")
+MEMORY_SETTING = (512, 40)
+MEMORY_CHUNK = 8
+GROWTH_STRATEGIES = ("ls", "uw", "upgrad:target=representation", "upgrad", "rotograd")
+GROWTH_TASKS = (2, 4, 8, 16, 40)
+GROWTH_DIMS = (64, 128, 256, 512, 1024)
+GROWTH_BASE = (128, 4)
+MIN_STEPS = 5
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""Timed iterations a time budget cannot cut."""
+
+Step = Callable[[], object]
+
+
+class NotInstalled(Exception):
+    """A reference package is missing (its rows say so; nothing fails)."""
+
+
+def _import(package: str) -> Any:
+    try:
+        return __import__(package)
+    except ImportError as error:
+        raise NotInstalled(f"{package} is not installed (pip install \"mtlzoo[reference]\")") from error
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        module = _import(package)
+    except NotInstalled:
+        return None
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return str(getattr(module, "__version__", "?"))
+
+
+# ============================================================================ the steps
+@dataclass
+class Setting:
+    """A batch of the reference MLP's problem: d, K and the data."""
+
+    dim: int
+    tasks: int
+    x: Tensor
+    targets: Tensor
+    seed: int = 0
+
+    @classmethod
+    def make(cls, dim: int, tasks: int, seed: int = 0) -> Setting:
+        generator = torch.Generator().manual_seed(seed)
+        return cls(dim, tasks, torch.randn(BATCH, 64, generator=generator),
+                   torch.randn(tasks, BATCH, 1, generator=generator), seed)
+
+    def model(self) -> Any:
+        torch.manual_seed(self.seed)
+        return reference_model("mlp", self.tasks, self.dim)
+
+    def losses(self, predictions: Iterable[Tensor]) -> list[Tensor]:
+        return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, self.targets)]
+
+
+def plain_step(s: Setting) -> Step:
+    """Hand-written summed-loss training: the denominator of every ratio."""
+    model = s.model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def step() -> object:
+        optimizer.zero_grad()
+        z = model.backbone(s.x)
+        loss = sum(s.losses(head(z) for head in model.heads))
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def floor_step(s: Setting) -> Step:
+    """A plain step plus K rotations by fixed orthogonal matrices (``z R_k``; ``dz`` and ``dR_k`` backward)."""
+    model = s.model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    rotations = torch.linalg.qr(torch.randn(s.tasks, s.dim, s.dim, generator=torch.Generator().manual_seed(1)))[0]
+    rotations.requires_grad_()
+
+    def step() -> object:
+        optimizer.zero_grad()
+        rotations.grad = None
+        z = model.backbone(s.x)
+        loss = sum(s.losses(head(z @ rotations[k]) for k, head in enumerate(model.heads)))
+        loss.backward()
+        optimizer.step()
+        return rotations.grad
+
+    return step
+
+
+def _strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    entry = get_strategy(name)
+    if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters and "alpha" not in options:
+        options = {**options, "alpha": GRADNORM_ALPHA}
+    return options
+
+
+def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None) -> Step:
+    """A step of the harness (``mtl.backward``, ``mtl.step``) with SGD for the model.
+
+    ``spec`` is a name with options (``"upgrad:target=representation"``) or a strategy instance. The
+    strategy's own parameters get the optimizer of its metadata; FAMO gets its post-step forward.
+    """
+    if isinstance(spec, str):
+        name, options = parse_spec(spec)
+        torch.manual_seed(s.seed)
+        strategy = REGISTRY.create(name, num_tasks=s.tasks, **_strategy_options(name, options))
+    else:
+        strategy = spec
+    mtl = MTLWrapper(s.model(), strategy, jacobian_chunk_size=chunk).train()
+    with torch.no_grad():
+        mtl(s.x)  # strategies that infer a shape (RotoGrad's rotations) create their parameters here
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(mtl.model_parameters(), lr=LR)]
+    own = [p for p in mtl.strategy_parameters() if p.requires_grad]
+    if own:
+        info = strategy.info
+        optimizers.append(optimizer_class(info.optimizer or "sgd")(own, lr=info.lr or LR))
+    post = (lambda: s.losses(mtl(s.x))) if mtl.strategy.wants_post_step_losses else None
+
+    def step() -> object:
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        with cached():
+            mtl.backward(s.losses(mtl(s.x)))
+        mtl.step(*optimizers, post_step_losses=post)
+        return mtl
+
+    return step
+
+
+def rotograd_step(s: Setting, cls_name: str) -> Step:
+    """rotograd 0.1.6.0, as its README trains it: ``with rotograd.cached()``, ``model.backward(losses)``."""
+    rotograd = _import("rotograd")
+    model = s.model()
+    heads = list(model.heads)
+    kwargs: dict[str, Any] = {"alpha": GRADNORM_ALPHA} if cls_name == "RotoGradNorm" else {}
+    if cls_name == "VanillaMTL":
+        wrapped = rotograd.VanillaMTL(model.backbone, heads)
+    else:
+        torch.manual_seed(s.seed)
+        wrapped = getattr(rotograd, cls_name)(model.backbone, heads, s.dim, burn_in_period=20, **kwargs)
+    wrapped.train()
+    model_params = list(wrapped.model_parameters())
+    known = {id(p) for p in model_params}
+    own = [p for p in wrapped.parameters() if id(p) not in known]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(model_params, lr=LR)]
+    if own:
+        optimizers.append(torch.optim.Adam(own, lr=1e-4))
+
+    def step() -> object:
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        with rotograd.cached():
+            wrapped.backward(s.losses(wrapped(s.x)))
+        for optimizer in optimizers:
+            optimizer.step()
+        return wrapped
+
+    return step
+
+
+def _torchjd_aggregator(name: str, tasks: int) -> Any:
+    aggregation = _import("torchjd.aggregation").aggregation
+    if name == "CAGrad":
+        return aggregation.CAGrad(c=get_strategy("cagrad").hyperparameters["c"])
+    if name == "NashMTL":
+        return aggregation.NashMTL(n_tasks=tasks)
+    return getattr(aggregation, name)()
+
+
+def torchjd_step(s: Setting, aggregator: str, *, gramian: bool = False) -> Step:
+    """torchjd: ``mtl_backward(losses, features=z)`` then ``jac_to_grad(shared, aggregator)``."""
+    autojac = _import("torchjd.autojac").autojac
+    model = s.model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    shared = list(model.backbone.parameters())
+    combine = _torchjd_aggregator(aggregator, s.tasks)
+    options = {"optimize_gramian_computation": True} if gramian else {}
+
+    def step() -> object:
+        optimizer.zero_grad()
+        z = model.backbone(s.x)
+        autojac.mtl_backward(s.losses(head(z) for head in model.heads), features=z)
+        autojac.jac_to_grad(shared, combine, **options)
+        optimizer.step()
+        return z
+
+    return step
+
+
+def autograd_loop_step(s: Setting) -> Step:
+    """By hand: K ``autograd.grad`` calls for the per-task gradients on the backbone, their mean applied."""
+    model = s.model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    shared = list(model.backbone.parameters())
+    head_params = [p for head in model.heads for p in head.parameters()]
+
+    def step() -> object:
+        optimizer.zero_grad()
+        z = model.backbone(s.x)
+        losses = s.losses(head(z) for head in model.heads)
+        rows = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+        torch.autograd.backward(sum(losses), inputs=head_params)
+        for i, param in enumerate(shared):
+            param.grad = torch.stack([row[i] for row in rows]).mean(0)
+        optimizer.step()
+        return z
+
+    return step
+
+
+class JacobianProbe(GradientSurgery):
+    """The Jacobian route on its own: reads the K x n Jacobian on the shared parameters, applies its row sum."""
+
+    info = StrategyInfo(name="jacobian_probe", kind="surgery", summary="Sums the rows of the Jacobian.",
+                        request=Request("parameters", "gradients"))
+
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        return grads.sum(0)
+
+
+# ============================================================================ timing
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    quartiles = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 3
+    return {"median": statistics.median(ordered), "p25": quartiles[0], "p75": quartiles[2]}
+
+
+@dataclass
+class Entry:
+    """One configuration of a section: its label, the package it measures and how to build its step."""
+
+    label: str
+    package: str
+    make: Callable[[], Step]
+    note: str = ""
+
+
+def time_paired(entries: Sequence[Entry], *, steps: int, warmup: int, references: Sequence[str] = (),
+                budget_s: float | None = None, seed: int = 0, clock: str = "wall",
+                progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Build, warm up and time ``entries`` (the first is the denominator) in interleaved iterations.
+
+    Each iteration runs every configuration once, in an order shuffled by a generator seeded
+    with ``seed``. ``steps`` iterations, or fewer (at least :data:`MIN_STEPS`) once the timed iterations have
+    taken ``budget_s`` seconds (``None``: no limit). ``clock`` is ``"wall"`` (``time.perf_counter``)
+    or ``"cpu"`` (``time.thread_time``: this thread's CPU time, untouched by other processes on a
+    loaded machine, but blind to torch's other threads: use it with ``torch.set_num_threads(1)``).
+
+    Returns one record per entry: ``status`` (``"ok"``, ``"not installed"``, ``"failed"``),
+    ``median_s`` and ``ratio`` (median and quartiles of the per-iteration ratios to the first
+    entry), and ``vs`` (idem to each label of ``references`` that was timed).
+    """
+    records = {e.label: {"label": e.label, "package": e.package, "note": e.note, "status": "ok", "error": None}
+               for e in entries}
+    runners: dict[str, Step] = {}
+    for entry in entries:
+        try:
+            step = entry.make()
+            for _ in range(warmup):
+                step()
+            runners[entry.label] = step
+        except NotInstalled as error:
+            records[entry.label].update(status="not installed", error=str(error))
+        except Exception as error:
+            records[entry.label].update(status="failed", error=f"{type(error).__name__}: {error}")
+        if progress is not None:
+            progress(f"{entry.label} ready")
+    if clock not in CLOCKS:
+        raise ValueError(f"Parameter `clock` should be one of {tuple(CLOCKS)}. Found {clock!r}.")
+    timer = CLOCKS[clock]
+    base = entries[0].label
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    labels = list(runners)
+    order = random.Random(seed)
+    started = time.perf_counter()
+    for iteration in range(steps):
+        if budget_s is not None and iteration >= MIN_STEPS and time.perf_counter() - started > budget_s:
+            break
+        order.shuffle(labels)  # no configuration always follows the same one (caches, freed memory)
+        for label in list(labels):
+            if label not in runners:
+                continue
+            try:
+                start = timer()
+                runners[label]()
+                times[label].append(timer() - start)
+            except Exception as error:
+                records[label].update(status="failed", error=f"{type(error).__name__}: {error}")
+                del runners[label]
+    if base not in runners:
+        for label in runners:
+            records[label]["median_s"] = statistics.median(times[label])
+        return list(records.values())
+    for label in runners:
+        record = records[label]
+        record["median_s"] = statistics.median(times[label])
+        record["steps"] = len(times[label])
+        record["ratio"] = _spread([t / b for t, b in zip(times[label], times[base])])
+        record["vs"] = {ref: _spread([t / r for t, r in zip(times[label], times[ref])])
+                        for ref in references if ref in runners and ref != label}
+    return list(records.values())
+
+
+# ============================================================================ memory
+def peak_bytes(step: Step) -> int:
+    """Peak of the tensor memory one call of ``step`` allocates beyond what was live before it (bytes).
+
+    Read from torch's profiler (``profile_memory=True``): every allocation and free of the CPU
+    allocator, in order; the peak of their running sum. Deterministic for a deterministic step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # optimizer state and caches exist before the measured step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def memory_entries(s: Setting, chunk: int) -> list[tuple[str, str, str, Callable[[], Step]]]:
+    """(label, route, package, build) of the memory section."""
+    rows: list[tuple[str, str, str, Callable[[], Step]]] = [
+        (PLAIN, "plain", "-", lambda: plain_step(s)),
+        ("ls", "plain", "mtlzoo", lambda: mtlzoo_step(s, "ls")),
+        ("Jacobian, all K at once", "jacobian", "mtlzoo",
+         lambda: mtlzoo_step(s, JacobianProbe(s.tasks))),
+        (f"Jacobian, jacobian_chunk_size={chunk}", "jacobian", "mtlzoo",
+         lambda: mtlzoo_step(s, JacobianProbe(s.tasks), chunk=chunk)),
+        ("Jacobian, jacobian_chunk_size=1", "jacobian", "mtlzoo",
+         lambda: mtlzoo_step(s, JacobianProbe(s.tasks), chunk=1)),
+    ]
+    for name in ("upgrad", "mgda"):
+        rows.append((name, "gramian", "mtlzoo", lambda name=name: mtlzoo_step(s, name)))
+        rows.append((f"{name}, jacobian_chunk_size={chunk}", "gramian", "mtlzoo",
+                     lambda name=name: mtlzoo_step(s, name, chunk=chunk)))
+    rows.append(("torchjd UPGrad", "jacobian", "torchjd", lambda: torchjd_step(s, "UPGrad")))
+    rows.append(("torchjd UPGrad, optimize_gramian_computation", "gramian", "torchjd",
+                 lambda: torchjd_step(s, "UPGrad", gramian=True)))
+    return rows
+
+
+def memory(dim: int, tasks: int, chunk: int, seed: int = 0,
+           progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Peak tensor memory of one step per configuration of :func:`memory_entries`."""
+    s = Setting.make(dim, tasks, seed)
+    shared = sum(p.numel() for p in s.model().backbone.parameters())
+    records = []
+    for label, route, package, make in memory_entries(s, chunk):
+        record: dict[str, Any] = {"label": label, "route": route, "package": package, "status": "ok", "error": None,
+                                  "dim": dim, "tasks": tasks, "jacobian_bytes": 4 * tasks * shared}
+        try:
+            record["peak_bytes"] = peak_bytes(make())
+        except NotInstalled as error:
+            record.update(status="not installed", error=str(error))
+        except Exception as error:
+            record.update(status="failed", error=f"{type(error).__name__}: {error}")
+        records.append(record)
+        if progress is not None:
+            progress(f"memory: {label}")
+    return records
+
+
+# ============================================================================ the suite
+def _rotograd_entries(s: Setting) -> list[Entry]:
+    entries = [Entry(PLAIN, "-", lambda: plain_step(s)), Entry(FLOOR, "-", lambda: floor_step(s))]
+    entries += [Entry(f"rotograd {name}", "rotograd", lambda name=name: rotograd_step(s, name))
+                for name in ROTOGRAD_CLASSES]
+    entries += [Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name)) for name in MTLZOO_ROTOGRAD]
+    return entries
+
+
+def _torchjd_entries(s: Setting) -> list[Entry]:
+    entries = [Entry(PLAIN, "-", lambda: plain_step(s)),
+               Entry("K autograd.grad calls", "-", lambda: autograd_loop_step(s))]
+    entries += [Entry(f"torchjd {name}", "torchjd", lambda name=name: torchjd_step(s, name))
+                for name in TORCHJD_AGGREGATORS]
+    for name in MTLZOO_SURGERY:
+        entries.append(Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name)))
+        if name != "ls" and "target" in get_strategy(name).hyperparameters:
+            spec = f"{name}:target=representation"
+            entries.append(Entry(spec, "mtlzoo", lambda spec=spec: mtlzoo_step(s, spec)))
+    return entries
+
+
+def _weighting_entries(s: Setting) -> list[Entry]:
+    entries = [Entry(PLAIN, "-", lambda: plain_step(s)), Entry("ls", "mtlzoo", lambda: mtlzoo_step(s, "ls"))]
+    for name in WEIGHTINGS:
+        note = "with its post-step forward" if get_strategy(name).cls.wants_post_step_losses else ""
+        entries.append(Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name), note))
+    return entries
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
+
+
+def vs_reference(*, sections: Sequence[str] = SECTIONS,
+                 rotograd_settings: Sequence[tuple[int, int]] = ROTOGRAD_SETTINGS, dim: int = 128, tasks: int = 4,
+                 memory_setting: tuple[int, int] = MEMORY_SETTING,
+                 memory_chunk: int = MEMORY_CHUNK, steps: int = 60, warmup: int = 5, budget_s: float | None = 30.0,
+                 clock: str = "wall", seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the sections of the suite (see the module docstring); a JSON-ready dict.
+
+    Args:
+        sections: Which of :data:`SECTIONS` to run.
+        rotograd_settings: (d, K) pairs of the ``rotograd`` section.
+        dim, tasks: d and K of the ``torchjd`` and ``weighting`` sections.
+        memory_setting: (d, K) of the ``memory`` section; ``memory_chunk`` its chunked route's chunk.
+        steps: Timed iterations (each runs every configuration of the section once).
+        warmup: Untimed steps of each configuration first.
+        budget_s: Seconds of timed iterations per section and setting, after which it stops early
+            (at least 5 iterations; ``None``: always ``steps``). Each record says how many it took.
+        clock: ``"wall"`` or ``"cpu"`` (see :func:`time_paired`).
+        seed: Seeds the models and the batches.
+        progress: Called with a short text as configurations are built and sections finish.
+
+    Returns:
+        ``settings``, ``environment`` and ``results``: one record per section, setting and
+        configuration (see :func:`time_paired`; ``memory`` records carry ``peak_bytes``).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"Parameter `clock` should be one of {tuple(CLOCKS)}. Found {clock!r}.")
+    for section in sections:
+        if section not in SECTIONS:
+            raise ValueError(f"Parameter `sections` should hold names from {SECTIONS}. Found {section!r}.")
+    for name, value in (("steps", steps), ("dim", dim), ("tasks", tasks), ("memory_chunk", memory_chunk),
+                        *((f"rotograd_settings[{i}]", v) for i, pair in enumerate(rotograd_settings) for v in pair),
+                        *(("memory_setting", v) for v in memory_setting)):
+        _positive(name, value)
+    results: list[dict[str, Any]] = []
+
+    def add(section: str, d: int, k: int, records: list[dict[str, Any]]) -> None:
+        results.extend({"section": section, "dim": d, "tasks": k, **record} for record in records)
+        if progress is not None:
+            progress(f"{section} d={d} K={k} done")
+
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if "rotograd" in sections:
+            for d, k in rotograd_settings:
+                add("rotograd", d, k, time_paired(_rotograd_entries(Setting.make(d, k, seed)), steps=steps,
+                                                  warmup=warmup, references=("ls", FLOOR), budget_s=budget_s,
+                                                  clock=clock, progress=progress))
+        if "torchjd" in sections:
+            add("torchjd", dim, tasks, time_paired(_torchjd_entries(Setting.make(dim, tasks, seed)), steps=steps,
+                                                   warmup=warmup, references=("ls",), budget_s=budget_s,
+                                                   clock=clock, progress=progress))
+        if "weighting" in sections:
+            add("weighting", dim, tasks, time_paired(_weighting_entries(Setting.make(dim, tasks, seed)),
+                                                     steps=steps, warmup=warmup, references=("ls",),
+                                                     budget_s=budget_s, clock=clock, progress=progress))
+        if "memory" in sections:
+            d, k = memory_setting
+            results.extend({"section": "memory", **record}
+                           for record in memory(d, k, memory_chunk, seed, progress))
+    return {
+        "settings": {"sections": list(sections), "rotograd_settings": [list(p) for p in rotograd_settings],
+                     "dim": dim, "tasks": tasks, "memory_setting": list(memory_setting),
+                     "memory_chunk": memory_chunk, "steps": steps, "warmup": warmup, "budget_s": budget_s,
+                     "clock": clock, "seed": seed, "batch": BATCH,
+                     "model": "mlp 64-256-256-d, K linear heads, MSE, SGD"},
+        "environment": _environment(),
+        "results": results,
+    }
+
+
+def _environment() -> dict[str, Any]:
+    import mtlzoo
+
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "mtlzoo": mtlzoo.__version__,
+            "rotograd": _version("rotograd"), "torchjd": _version("torchjd")}
+
+
+def growth(strategies: Sequence[str] = GROWTH_STRATEGIES, *, tasks: Sequence[int] = GROWTH_TASKS,
+           dims: Sequence[int] = GROWTH_DIMS, base: tuple[int, int] = GROWTH_BASE, steps: int = 20,
+           warmup: int = 2, budget_s: float | None = 15.0, clock: str = "wall", seed: int = 0,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Step time as a ratio to plain training as K grows (at d = ``base[0]``) and as d grows (at K = ``base[1]``).
+
+    Each setting times ``strategies`` and the plain step as :func:`vs_reference` does (paired
+    ratios; ``steps`` iterations or ``budget_s`` seconds, whichever ends first).
+
+    Returns:
+        ``settings``, ``environment`` and ``results``: one record per axis (``"tasks"`` or
+        ``"dim"``), setting and strategy, with ``ratio`` (median and quartiles) and ``median_s``.
+    """
+    for name, values in (("tasks", tasks), ("dims", dims), ("base", base)):
+        for value in values:
+            _positive(name, value)
+    _positive("steps", steps)
+    for spec in strategies:
+        get_strategy(parse_spec(spec)[0])  # unknown names fail here, with close matches
+    grid = [("tasks", base[0], k) for k in tasks] + [("dim", d, base[1]) for d in dims]
+    results: list[dict[str, Any]] = []
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for axis, d, k in grid:
+            s = Setting.make(d, k, seed)
+            entries = [Entry(PLAIN, "-", lambda s=s: plain_step(s))]
+            entries += [Entry(spec, "mtlzoo", lambda s=s, spec=spec: mtlzoo_step(s, spec)) for spec in strategies]
+            records = time_paired(entries, steps=steps, warmup=warmup, budget_s=budget_s, clock=clock)
+            results.extend({"axis": axis, "dim": d, "tasks": k, **r} for r in records if r["label"] != PLAIN)
+            if progress is not None:
+                progress(f"growth d={d} K={k} done")
+    return {"settings": {"strategies": list(strategies), "tasks": list(tasks), "dims": list(dims),
+                         "base": list(base), "steps": steps, "warmup": warmup, "budget_s": budget_s, "clock": clock,
+                         "seed": seed, "batch": BATCH},
+            "environment": _environment(), "results": results}
+
+
+# ============================================================================ text
+def _cell(spread: dict[str, float] | None) -> str:
+    if not spread:
+        return "-"
+    return f"{spread['median']:.2f}x [{spread['p25']:.2f}, {spread['p75']:.2f}]"
+
+
+def _status_cell(record: dict[str, Any]) -> str:
+    if record["status"] == "not installed":
+        return "not installed"
+    error = str(record.get("error"))
+    return "failed: " + (error if len(error) <= 120 else error[:117] + "...")
+
+
+def report_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The tables of a :func:`vs_reference` report: (title, header, rows) per section and setting."""
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+    for record in report["results"]:
+        groups.setdefault((record["section"], record.get("dim"), record.get("tasks")), []).append(record)
+    for (section, d, k), records in groups.items():
+        if section == "memory":
+            header = ["configuration", "route", "peak memory", "x plain", "peak - K x n Jacobian", "note"]
+            plain = next((r.get("peak_bytes") for r in records if r["label"] == PLAIN), None)
+            rows = []
+            for r in records:
+                if r["status"] != "ok":
+                    rows.append([r["label"], r["route"], "-", "-", "-", _status_cell(r)])
+                    continue
+                ratio = f"{r['peak_bytes'] / plain:.1f}x" if plain else "-"
+                beyond = (f"{(r['peak_bytes'] - r['jacobian_bytes']) / 2**20:.1f} MiB" if r["route"] != "plain"
+                          else "-")
+                rows.append([r["label"], r["route"], f"{r['peak_bytes'] / 2**20:.1f} MiB", ratio, beyond, ""])
+            jacobian = records[0].get("jacobian_bytes", 0) / 2**20
+            tables.append((f"memory: peak tensor memory of one step, d={d}, K={k} (the K x n Jacobian on the "
+                           f"shared parameters: {jacobian:.1f} MiB)", header, rows))
+            continue
+        refs = {"rotograd": ["ls", FLOOR], "torchjd": ["ls"], "weighting": ["ls"]}[section]
+        header = ["configuration", "package", "x plain [quartiles]", *[f"x {ref}" for ref in refs], "note"]
+        rows = []
+        for r in records:
+            if r["status"] != "ok":
+                rows.append([r["label"], r["package"], "-", *["-" for _ in refs], _status_cell(r)])
+                continue
+            rows.append([r["label"], r["package"], _cell(r.get("ratio")),
+                         *[_cell(r.get("vs", {}).get(ref)) if r["label"] != ref else "1" for ref in refs],
+                         r.get("note", "")])
+        tables.append((f"{section}: d={d}, K={k}, batch {BATCH}; step time / plain step time of the same iteration",
+                       header, rows))
+    return tables
+
+
+def growth_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The tables of a :func:`growth` report: one per axis, a column per setting."""
+    tables = []
+    for axis in ("tasks", "dim"):
+        records = [r for r in report["results"] if r["axis"] == axis]
+        values = list(dict.fromkeys(r[axis] for r in records))
+        labels = list(dict.fromkeys(r["label"] for r in records))
+        by = {(r["label"], r[axis]): r for r in records}
+        rows = [[label, *[f"{by[(label, v)]['ratio']['median']:.2f}x" if by[(label, v)]["status"] == "ok"
+                          and "ratio" in by[(label, v)] else "-" for v in values]] for label in labels]
+        other = "d" if axis == "tasks" else "K"
+        fixed = records[0]["dim" if axis == "tasks" else "tasks"] if records else "-"
+        tables.append((f"growth with {'K' if axis == 'tasks' else 'd'} ({other}={fixed}): median step time / plain",
+                       ["strategy", *[str(v) for v in values]], rows))
+    return tables
