@@ -23,7 +23,6 @@ reads (a learnable loss) get no gradient on the gradient paths: put them in a he
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -518,17 +517,3 @@ def apply(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_gra
     if roots:
         torch.autograd.backward(list(roots), list(grads), retain_graph=retain_graph)
 
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every tensor is finite, with one host synchronisation.
-
-    A sum is finite when every element is (inf and NaN propagate), and summing is far cheaper than
-    ``isfinite``; only a non-finite sum (a NaN, an inf, or finite values whose sum overflows) takes
-    the element-wise check.
-    """
-    if not tensors:
-        return True
-    sums = [t.sum() for t in tensors]
-    if math.isfinite((sums[0] if len(sums) == 1 else torch.stack([s.float() for s in sums]).sum()).item()):
-        return True
-    return bool(torch.stack([t.isfinite().all() for t in tensors]).all())

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from mtlzoo import autograd as engine
 from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
+from mtlzoo.linalg import all_finite
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, Update
 from mtlzoo.strategy import Strategy
@@ -63,14 +64,14 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     shared = [] if request.where != "parameters" or last_layer_norms else \
         shared_parameters(backbone, request.parameters, strategy)
     rep, blocks = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
-    overflow = scale is not None and not engine.all_finite([rep])
+    overflow = scale is not None and not all_finite(rep)
     consumed = list(passed.records)
     for more in extra_losses:
         extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
         extra_passed = engine.head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                         head_params, labels=more.labels)
         extra_rep, _ = engine.statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size)
-        overflow = overflow or (scale is not None and not engine.all_finite([extra_rep]))
+        overflow = overflow or (scale is not None and not all_finite(extra_rep))
         inputs.extra.append(extra)
         consumed += extra_passed.records
 
@@ -82,7 +83,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
     checked = [t for t in (dz, own_objective) if t is not None] + (flat or [])
-    if scale is None and not engine.all_finite(checked):
+    if scale is None and not all_finite(*checked):
         raise NonFiniteGradientError(
             f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
             f"reach {float(rep.abs().max()):.3g} in magnitude). Nothing was back-propagated; scale the "

@@ -76,16 +76,19 @@ def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
     return gramian + eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
 
-def all_finite(tensor: Tensor) -> bool:
-    """Whether every entry is finite (one host synchronisation).
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry of every tensor is finite (one host synchronisation).
 
     A sum is finite when every entry is (inf and NaN propagate), and summing is cheaper than
     ``isfinite`` (no boolean tensor, one reduction); only a non-finite sum (a NaN, an inf, or finite
     entries whose sum overflows) takes the exact element-wise check.
     """
-    if math.isfinite(tensor.sum().item()):
+    if not tensors:
         return True
-    return bool(tensor.isfinite().all())
+    total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum().float() for t in tensors]).sum()
+    if math.isfinite(total.item()):
+        return True
+    return all(bool(t.isfinite().all()) for t in tensors)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:

@@ -162,15 +162,16 @@ def test_parameter_lists_follow_structural_changes() -> None:
 
 
 def test_all_finite_is_exact_where_its_sum_is_not() -> None:
-    """autograd.all_finite checks a sum first: finite values whose sum overflows are still finite,
-    and inf - inf (a NaN sum) is not (reference: torch.isfinite(t).all())."""
-    from mtlzoo.autograd import all_finite
+    """all_finite over several tensors (the engine's one check per step) sums first: finite values whose
+    sum overflows are still finite, and inf - inf (a NaN sum) is not (reference: torch.isfinite(t).all())."""
+    from mtlzoo.linalg import all_finite
 
     huge = torch.full((4,), 3e38)
-    assert all_finite([huge, torch.ones(2)]) and bool(torch.isfinite(huge).all())
-    assert not all_finite([torch.tensor([float("inf"), -float("inf")])])
-    assert not all_finite([torch.ones(3), torch.tensor(float("nan"))])
-    assert all_finite([torch.full((3,), 6e4, dtype=torch.float16)])
+    assert all_finite(huge, torch.ones(2)) and bool(torch.isfinite(huge).all())
+    assert not all_finite(torch.ones(2), torch.tensor([float("inf"), -float("inf")]))
+    assert not all_finite(torch.ones(3), torch.tensor(float("nan")))
+    assert all_finite(torch.full((3,), 6e4, dtype=torch.float16), torch.ones(()))
+    assert all_finite()
 
 
 def test_task_indices_made_in_inference_mode_serve_autograd_later() -> None:
