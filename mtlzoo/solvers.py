@@ -159,18 +159,21 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     if size == 0:
         return weights
     diagonal = np.diag(matrix)
-    start = int(np.argmin(diagonal))
+    start = int(diagonal.argmin())
     corral = [start]
     weights[start] = 1.0
     tolerance = 1e-12 * max(float(diagonal.max()), _EPS)
+    bordered = np.ones((size + 1, size + 1))  # the affine minimiser's system on a corral S is bordered[S + [K]]
+    bordered[:size, :size] = matrix
+    bordered[size, size] = 0.0
     for _ in range(50 * size + 100):
         products = matrix @ weights
         norm = float(weights @ products)
-        candidate = int(np.argmin(products))
+        candidate = int(products.argmin())
         if products[candidate] >= norm - tolerance or candidate in corral:
             break
         corral.append(candidate)
-        if not _minor_cycle(matrix, weights, corral):
+        if not _minor_cycle(bordered, weights, corral):
             break  # the new row is affinely dependent on the corral up to rounding: optimal
     else:
         raise SolverError(f"min_norm_simplex did not converge on a {size} x {size} Gramian.")
@@ -179,37 +182,37 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     return weights
 
 
-def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
+def _minor_cycle(bordered: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
     """Wolfe's minor cycle, in place: move ``weights`` towards the corral's affine minimiser, dropping
-    the rows whose weight reaches 0, until that minimiser lies in the corral's hull.
+    the rows whose weight reaches 0, until that minimiser lies in the corral's hull. ``bordered`` is
+    the Gramian bordered by ones (and 0 in the corner): ``[[G, 1], [1^T, 0]]``.
 
     Returns ``False`` (and drops the row just added) when that row cannot enter: rounding only.
     """
+    size = weights.shape[0]
     while True:
         count = len(corral)
-        system = np.ones((count + 1, count + 1))
-        system[:count, :count] = matrix[np.asarray(corral)[:, None], corral]
-        system[count, count] = 0.0
+        index = np.array([*corral, size])
         rhs = np.zeros(count + 1)
         rhs[count] = 1.0
-        affine = lstsq(system, rhs)[:count]
-        current = weights[corral]
-        if (affine > _EPS).all():
+        affine = lstsq(bordered[index[:, None], index], rhs)[:count]
+        if affine.min() > _EPS:
             weights[:] = 0.0
-            weights[corral] = affine
+            weights[index[:count]] = affine
             return True
+        current = weights[index[:count]]
         if current[-1] <= 0 and affine[-1] <= _EPS:
             corral.pop()
             return False
         falling = (affine <= _EPS) & (current > affine)
         ratios = np.where(falling, current / np.where(falling, current - affine, 1.0), np.inf)
-        blocking = int(np.argmin(ratios))
+        blocking = int(ratios.argmin())
         moved = current + min(float(ratios[blocking]), 1.0) * (affine - current)
         moved[blocking] = 0.0
         keep = moved > _EPS
         weights[:] = 0.0
-        weights[np.asarray(corral)[keep]] = moved[keep]
-        corral[:] = [index for index, kept in zip(corral, keep) if kept]
+        weights[index[:count][keep]] = moved[keep]
+        corral[:] = [row for row, kept in zip(corral, keep.tolist()) if kept]
         if len(corral) == 1:
             weights[corral] = 1.0
             return True
@@ -230,22 +233,22 @@ def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarra
     for _ in range(10 * size + 50):
         gradient = linear - hessian @ x
         free = np.where(passive, -np.inf, gradient)
-        candidate = int(np.argmax(free))
-        if passive.all() or free[candidate] <= tolerance:
+        candidate = int(free.argmax())
+        if free[candidate] <= tolerance:  # also when every coordinate is passive (free is all -inf)
             return x
         passive[candidate] = True
         for _ in range(size + 1):
             index = np.flatnonzero(passive)
             block = hessian[index[:, None], index]
-            target = x[index] + lstsq(block, linear[index] - block @ x[index])
-            if (target > 0).all():
+            current = x[index]
+            target = current + lstsq(block, linear[index] - block @ current)
+            if target.min() > 0:
                 x[:] = 0.0
                 x[index] = target
                 break
-            current = x[index]
             falling = target <= 0
             ratios = np.where(falling, current / np.where(falling, current - target, 1.0), np.inf)
-            blocking = int(np.argmin(ratios))
+            blocking = int(ratios.argmin())
             moved = current + float(ratios[blocking]) * (target - current)
             moved[blocking] = 0.0
             moved[moved < 0] = 0.0
@@ -289,6 +292,13 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
 def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """:func:`project_to_dual_cone` on the host: one solution per row of ``targets`` (N x K), for a Gramian made by
     :func:`host_gramian` (or :func:`clean_gramian`)."""
+    solutions = targets.copy()
     if not targets.shape[0]:
-        return targets.copy()
-    return np.stack([u + _nonnegative_quadratic(matrix, -matrix @ u) for u in targets])
+        return solutions
+    linear = -(targets @ matrix)  # row r: -G u_r, the linear term of problem r
+    # Lawson-Hanson's first test, for all the problems at once: where no coordinate of -G u is above the
+    # tolerance, x = 0 is optimal (J^T u is already in the cone) and v = u.
+    scale = np.maximum(np.abs(linear).max(axis=1), max(float(np.abs(matrix).max(initial=0.0)), _EPS))
+    for row in np.flatnonzero(linear.max(axis=1) > 1e-12 * scale):
+        solutions[row] += _nonnegative_quadratic(matrix, linear[row])
+    return solutions

@@ -148,8 +148,11 @@ class SeededGenerator:
     def begin(self) -> torch.Generator:
         """The generator this step draws from (a copy of the committed state, made at its first draw)."""
         if self._working is None:
-            self._working = torch.Generator()
-            self._working.set_state(self.generator.get_state())
+            if hasattr(self.generator, "clone_state"):  # torch >= 2.4: one copy of the state
+                self._working = self.generator.clone_state()
+            else:
+                self._working = torch.Generator()
+                self._working.set_state(self.generator.get_state())
         return self._working
 
     def on_device(self, device: torch.device) -> torch.Generator:
@@ -162,7 +165,7 @@ class SeededGenerator:
 
     def commit(self) -> None:
         if self._working is not None:
-            self.generator.set_state(self._working.get_state())
+            self.generator = self._working  # the working copy becomes the committed stream (no copy)
         self._working = None
 
     def rewind(self) -> None:
