@@ -164,20 +164,29 @@ class NashMTL(GramianSurgery):
                           "among themselves.", SolverWarning, stacklevel=5)
         if present.any():
             sub = matrix if present.all() else matrix[np.ix_(present, present)]
-            hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
-            if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-                warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
-                              "point), so no update improves every task and the bargaining problem has no solution; "
-                              "the update is 0.", SolverWarning, stacklevel=5)
-            else:
-                start = previous[present] * math.sqrt(size)
-                solution, converged = bargaining_weights(sub, start, self.max_iterations)
-                solution = solution / math.sqrt(size)  # the solution for the raw Gramian
-                if not converged:
-                    warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
-                                  "gradients are close to Pareto-stationary); its last iterate is used.",
-                                  SolverWarning, stacklevel=5)
-                alpha[present] = solution
+            start = previous[present] * math.sqrt(size)
+            with np.errstate(all="ignore"):  # near-stationary gradients may send Newton's iterates far away
+                try:
+                    solution, converged = bargaining_weights(sub, start, self.max_iterations)
+                except np.linalg.LinAlgError:
+                    solution, converged = np.ones_like(start), False
+            converged = converged and bool(np.isfinite(solution).all())
+            # A solution bounds the hull away from 0: with d = J^T alpha, g_k . d = 1 / alpha_k and ||d||^2 = K',
+            # so ||J^T c||^2 >= 1 / (K' max_k alpha_k^2) for every convex c. Where that bound (halved, for the
+            # solver's tolerance) clears the stationarity threshold, the min-norm test would pass: skip it.
+            count = int(present.sum())
+            if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))):
+                hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
+                if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
+                    warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
+                                  "point), so no update improves every task and the bargaining problem has no "
+                                  "solution; the update is 0.", SolverWarning, stacklevel=5)
+                    return alpha
+            if not converged:
+                warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
+                              "gradients are close to Pareto-stationary); its last iterate is used.",
+                              SolverWarning, stacklevel=5)
+            alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 
     def _commit(self) -> None:

@@ -265,3 +265,36 @@ def test_linalg_all_finite_is_exact_where_its_sum_is_not() -> None:
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
     assert not all_finite(torch.tensor([1.0, float("nan")]))
     assert not all_finite(torch.tensor([float("inf"), 1.0]))
+
+
+@pytest.mark.parametrize(("name", "matrix"), [case for case in CASES if case[1].dtype == torch.float64],
+                         ids=[name for name, matrix in CASES if matrix.dtype == torch.float64])
+def test_nash_mtl_skips_the_hull_test_only_where_it_would_pass(name: str, matrix: torch.Tensor) -> None:
+    """The previous criterion, applied here independently: the update is 0 with a warning exactly where the
+    min-norm point of the (non-zero) rows' hull has squared norm <= STATIONARY tr(G) on the unit-Frobenius Gramian
+    (mtlzoo.solvers.min_norm_simplex); elsewhere alpha_k (G alpha)_k = 1 (the paper's characterisation)."""
+    import warnings
+
+    from mtlzoo.errors import SolverWarning
+    from mtlzoo.solvers import min_norm_simplex
+    from mtlzoo.strategies.nash_mtl import STATIONARY
+    size = matrix.shape[0]
+    gramian = matrix @ matrix.T
+    rows = matrix[gramian.diagonal() > 0]
+    stationary = False
+    if rows.shape[0]:  # no non-zero row: nothing bargains (a warning of its own)
+        unit = rows @ rows.T / torch.linalg.matrix_norm(gramian)
+        hull = min_norm_simplex(unit)
+        stationary = float(hull @ unit @ hull) <= STATIONARY * float(unit.trace())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        weights = mtlzoo.create("nash_mtl", num_tasks=size, max_norm=0.0).gramian_weights(
+            gramian, torch.ones(size, dtype=torch.float64))
+    said = " ".join(str(warning.message) for warning in caught if issubclass(warning.category, SolverWarning))
+    assert ("Pareto-stationary" in said) == stationary
+    if stationary:
+        assert torch.equal(weights, torch.zeros(size, dtype=torch.float64))
+    elif "did not converge" not in said:
+        present = gramian.diagonal() > 0
+        torch.testing.assert_close((weights * (gramian @ weights))[present],
+                                   torch.ones(int(present.sum()), dtype=torch.float64))
