@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-reference", action="store_true",
                         help="keep the committed suite against rotograd and torchjd (reference.json)")
     parser.add_argument("--skip-growth", action="store_true", help="keep the committed growth figures")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="passed to `mtlzoo bench --vs-reference/--growth --clock` ('cpu' on a loaded machine)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="passed to `mtlzoo bench --vs-reference/--growth --clock` (default: cpu)")
     args = parser.parse_args(argv)
 
     mtlzoo = [sys.executable, "-m", "mtlzoo"]
