@@ -410,8 +410,10 @@ class MTLWrapper(nn.Module):
             else:
                 with torch.no_grad():
                     after = loss_vector(post_step_losses(), self.task_names, len(self), require_grad=False)
-                values = torch.full((len(self),), float("nan"), device=after.values.device)
-                values[after.tasks] = after.values.detach().float()
+                values = after.values.detach().float()
+                if len(after.present) < len(self):
+                    absent = torch.full((len(self),), float("nan"), device=values.device)
+                    values = absent.index_copy(0, after.tasks, values)
                 self.strategy.post_step(values)
         return True
 

@@ -22,6 +22,8 @@ def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str
         method: The method's name, for the message (``"SI (si)"``).
         takes: What the method does with the losses, for the message (``"takes the log of each loss"``).
     """
+    if losses.numel() == 0 or float(losses.detach().min()) > 0:
+        return
     bad = losses.detach() <= 0
     if bool(bad.any()):
         tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks

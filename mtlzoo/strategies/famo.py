@@ -34,10 +34,14 @@ def famo_weights(losses: Tensor, logits: Tensor, min_losses: Tensor) -> Tensor:
     return z / (shifted * (z / shifted).sum())
 
 
-def logit_gradient(logits: Tensor, delta: Tensor) -> Tensor:
+def logit_gradient(logits: list[float], delta: list[float]) -> list[float]:
     """``J^T delta`` for ``z = softmax(logits)``: ``z * (delta - z . delta)`` (the authors' ``autograd.grad``)."""
-    z = torch.softmax(logits, dim=0)
-    return z * (delta - (z * delta).sum())
+    top = max(logits)
+    exps = [math.exp(value - top) for value in logits]
+    total = sum(exps)
+    z = [value / total for value in exps]
+    mean = sum(zk * dk for zk, dk in zip(z, delta))
+    return [zk * (dk - mean) for zk, dk in zip(z, delta)]
 
 
 class FAMO(WeightingStrategy):
@@ -127,16 +131,20 @@ class FAMO(WeightingStrategy):
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
         weights = self._weights(losses.detach(), tasks)
+        values = losses.detach().to(self.losses_before.dtype)
+        if not self._staged and tasks.shape[0] == self.num_tasks:  # the step's first micro-batch, every task
+            self._staged = {"sums": values, "counts": torch.ones_like(values)}
+            return weights
         sums = self._staged.get("sums", torch.zeros_like(self.losses_before))
         counts = self._staged.get("counts", torch.zeros_like(self.losses_before))
-        self._staged = {"sums": sums.index_add(0, tasks, losses.detach().to(sums.dtype)),
-                        "counts": counts.index_add(0, tasks, torch.ones_like(losses, dtype=counts.dtype))}
+        self._staged = {"sums": sums.index_add(0, tasks, values),
+                        "counts": counts.index_add(0, tasks, torch.ones_like(values))}
         return weights
 
     def _weights(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        bounds = self.min_losses[tasks].to(losses.dtype)
+        bounds = self.of_present(self.min_losses, tasks).to(losses.dtype)
         check_positive(losses - bounds, tasks, "FAMO (famo)", TAKES)
-        return famo_weights(losses, self.logits[tasks].to(losses.dtype), bounds)
+        return famo_weights(losses, self.of_present(self.logits, tasks).to(losses.dtype), bounds)
 
     def scalarize(self, losses: Tensor) -> Tensor:
         weights = self._weights(losses.detach(), torch.arange(losses.shape[0], device=losses.device))
@@ -146,9 +154,7 @@ class FAMO(WeightingStrategy):
 
     def _commit(self) -> None:
         if self._staged:
-            counts = self._staged["counts"]
-            self.losses_before = torch.where(counts > 0, self._staged["sums"] / counts.clamp_min(1),
-                                             torch.full_like(counts, math.nan))
+            self.losses_before = self._staged["sums"] / self._staged["counts"]  # 0 / 0: NaN for an absent task
         self._staged = {}
 
     def _drop_staged(self) -> None:
@@ -163,33 +169,36 @@ class FAMO(WeightingStrategy):
         if losses.shape != (self.num_tasks,):
             raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
                                      f"absent task). Found shape {tuple(losses.shape)}.")
-        after = losses.detach().to(device=self.logits.device, dtype=self.logits.dtype)
-        present = torch.isfinite(self.losses_before) & torch.isfinite(after)
-        tasks = torch.arange(self.num_tasks, device=present.device)[present]
-        if tasks.shape[0] == 0:
+        # K numbers: the update runs on the host in float64, one read and one write per buffer
+        after = losses.detach().double().tolist()
+        before = self.losses_before.double().tolist()
+        tasks = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
+        if not tasks:
             return
-        bounds = self.min_losses[tasks]
-        check_positive(after[tasks] - bounds, tasks, "FAMO (famo)", TAKES)
-        before = self.losses_before[tasks]
-        delta = torch.log(before - bounds + EPSILON) - torch.log(after[tasks] - bounds + EPSILON)
-        self._adam_step(tasks, logit_gradient(self.logits[tasks], delta))
-        self.losses_before = torch.full_like(self.losses_before, math.nan)
+        bounds = self.min_losses.double().tolist()
+        if any(after[k] - bounds[k] <= 0 for k in tasks):
+            index = torch.tensor(tasks)
+            check_positive(torch.tensor(after)[index] - torch.tensor(bounds)[index], index, "FAMO (famo)", TAKES)
+        delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in tasks]
+        logits = self.logits.double().tolist()
+        self._adam_step(tasks, logits, logit_gradient([logits[k] for k in tasks], delta))
+        self.losses_before.fill_(math.nan)
 
-    def _adam_step(self, tasks: Tensor, grad: Tensor) -> None:
-        """``torch.optim.Adam`` (L2 weight decay ``gamma``), on the logits of ``tasks`` only."""
+    def _adam_step(self, tasks: list[int], logits: list[float], grad: list[float]) -> None:
+        """``torch.optim.Adam`` (L2 weight decay ``gamma``), on the logits of ``tasks`` only, in float64."""
         beta1, beta2 = ADAM_BETAS
-        logits = self.logits[tasks]
-        grad = grad + self.gamma * logits
-        steps = self.adam_steps[tasks] + 1
-        exp_avg = self.adam_exp_avg[tasks].lerp(grad, 1 - beta1)
-        exp_avg_sq = self.adam_exp_avg_sq[tasks] * beta2 + (1 - beta2) * grad * grad
-        bias_correction1 = 1 - beta1 ** steps
-        bias_correction2 = 1 - beta2 ** steps
-        denom = exp_avg_sq.sqrt() / bias_correction2.sqrt() + ADAM_EPS
-        self.logits[tasks] = logits - (self.lr / bias_correction1) * exp_avg / denom
-        self.adam_exp_avg[tasks] = exp_avg
-        self.adam_exp_avg_sq[tasks] = exp_avg_sq
-        self.adam_steps[tasks] = steps
+        exp_avg, exp_avg_sq = self.adam_exp_avg.double().tolist(), self.adam_exp_avg_sq.double().tolist()
+        steps = self.adam_steps.double().tolist()
+        for k, g in zip(tasks, grad):
+            g = g + self.gamma * logits[k]
+            steps[k] += 1
+            exp_avg[k] += (g - exp_avg[k]) * (1 - beta1)
+            exp_avg_sq[k] = exp_avg_sq[k] * beta2 + (1 - beta2) * g * g
+            denom = math.sqrt(exp_avg_sq[k]) / math.sqrt(1 - beta2 ** steps[k]) + ADAM_EPS
+            logits[k] -= self.lr / (1 - beta1 ** steps[k]) * exp_avg[k] / denom
+        for buffer, values in ((self.logits, logits), (self.adam_exp_avg, exp_avg),
+                               (self.adam_exp_avg_sq, exp_avg_sq), (self.adam_steps, steps)):
+            buffer.copy_(torch.tensor(values, dtype=torch.float64))
 
     def extra_state(self) -> dict[str, Any]:
         return {}
