@@ -154,13 +154,22 @@ class RotationBank(nn.Module):
         """
         if not self.retracted:
             return
+        with torch.autocast(self.matrices[0].rotation.device.type, enabled=False):  # float32 even inside autocast
+            self._retract(check)
+
+    def _retract(self, check: bool) -> None:
         rotations = torch.stack([module.rotation for module in self.matrices])
         lower = torch.stack([module.tangent for module in self.matrices]).to(rotations.dtype).tril(-1)
-        skew = lower - lower.mT
-        step = torch.baddbmm(skew, skew, skew, alpha=0.5)  # A + A^2 / 2
-        step.diagonal(dim1=-2, dim2=-1).add_(1)
-        rotations = torch.bmm(rotations, step)
         size = math.sqrt(2) * float(torch.linalg.vector_norm(lower, dim=(-2, -1)).amax())  # ||A||_F
+        if size == 0 and not check:  # no step (rotations left out of the optimizer): R (I + 0) = R
+            for module in self.matrices:
+                module.tangent.zero_()
+            return
+        if size != 0:
+            skew = lower - lower.mT
+            step = torch.baddbmm(skew, skew, skew, alpha=0.5)  # A + A^2 / 2
+            step.diagonal(dim1=-2, dim2=-1).add_(1)
+            rotations = torch.bmm(rotations, step)
         if check or not size ** 4 / 4 <= POLAR_TOLERANCE / CHECK_EVERY:
             rotations = polar_project(rotations)
         for module, value in zip(self.matrices, rotations):

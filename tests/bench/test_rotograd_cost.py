@@ -68,7 +68,7 @@ def step_functions(size: int, num_tasks: int = NUM_TASKS, batch: int = BATCH,
             loss = sum(mse([head(z) for head in h], targets))
             loss.backward()
             optimizer.step()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     def floor(batched: bool) -> Callable[[], float]:
@@ -89,7 +89,7 @@ def step_functions(size: int, num_tasks: int = NUM_TASKS, batch: int = BATCH,
             loss = sum(mse(predictions, targets))
             loss.backward()
             optimizer.step()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     def fused_heads() -> Callable[[], float]:
@@ -105,7 +105,7 @@ def step_functions(size: int, num_tasks: int = NUM_TASKS, batch: int = BATCH,
             loss = sum(mse(predictions, targets))
             loss.backward()
             optimizer.step()
-            return float(loss)
+            return float(loss.detach())
         return step
 
     def ours(orthogonal_map: str) -> Callable[[], float]:
