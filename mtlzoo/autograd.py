@@ -260,8 +260,23 @@ def _blocks(rows: Sequence[Tensor | None], params: Sequence[Tensor], num_tasks: 
             for row, p in zip(rows, params)]
 
 
+@dataclass
+class Statistics:
+    """What :func:`statistics` formed that the update may reuse, unscaled.
+
+    Attributes:
+        rep: The representation gradients (K' x ...).
+        blocks: The Jacobian on the shared parameters, one K' x numel block per parameter, if formed.
+        last_layer: The linear last layer's per-task weight gradients, if its norms were read.
+    """
+
+    rep: Tensor
+    blocks: list[Tensor] | None = None
+    last_layer: LastLayerGradients | None = None
+
+
 def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inputs: StepInputs,
-               scale: Tensor | None, *, chunk_size: int | None = None) -> tuple[Tensor, list[Tensor] | None]:
+               scale: Tensor | None, *, chunk_size: int | None = None) -> Statistics:
     """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
 
     ``chunk_size`` is the number of tasks per vmapped backward of the Jacobian (see
@@ -272,8 +287,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     tuple names the last shared layer (:func:`last_layer_parameters`).
 
     Returns:
-        The representation gradients (K' x ...) and, if the Jacobian was formed, its K' x numel
-        block per shared parameter, both unscaled.
+        What the update may reuse (:class:`Statistics`), unscaled.
     """
     rep = representation_gradients(heads.grads)
     dtype = compute_dtype(rep.dtype)
@@ -281,9 +295,12 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     if request.where == "parameters" and request.statistic == "norms":
         zs = [record.z for record in heads.records]
         params = list(shared) if request.parameters != () else last_layer_parameters(zs[0])
-        norms = layer_norms(zs, heads.grads, params, dtype=dtype)
-        inputs.norms = norms if scale is None else norms / scale.to(dtype)
-        return rep, None
+        norms, last = layer_norms_and_gradients(zs, heads.grads, params, dtype=dtype)
+        if scale is not None:
+            norms = norms / scale.to(dtype)
+            last = None if last is None else LastLayerGradients(last.layer, last.weight_grads / scale.to(dtype))
+        inputs.norms = norms
+        return Statistics(rep, last_layer=last)
     if request.where != "parameters":
         if request.statistic == "gradients":
             inputs.gradients = rep
@@ -291,7 +308,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
             inputs.gramian = gramian(rep)
         else:
             inputs.norms = row_norms(rep)
-        return rep, None
+        return Statistics(rep)
     zs = [record.z for record in heads.records]
     blocks = [b.to(dtype) for b in jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size)]
     if scale is not None:
@@ -303,7 +320,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         inputs.gramian = total
     else:  # norms on the parameters went to layer_norms above
         inputs.gradients = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-    return rep, blocks
+    return Statistics(rep, blocks=blocks)
 
 
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
@@ -331,6 +348,19 @@ class LinearOutput:
     input: Tensor
     weight: Tensor | None
     bias: Tensor | None
+
+
+@dataclass
+class LastLayerGradients:
+    """The per-task gradients of the linear last layer ``z = h W^T + b``, kept from its norms' product.
+
+    ``weight_grads[:, k, :]`` is ``(dL_k/dW)^T`` (m x d), unscaled: with them the step's update
+    reaches ``W`` as a sum over tasks instead of another ``h^T dz`` product, and the backward
+    continues from ``h`` (:func:`last_layer_update`).
+    """
+
+    layer: LinearOutput
+    weight_grads: Tensor
 
 
 def linear_output(z: Tensor) -> LinearOutput | None:
@@ -418,12 +448,19 @@ def layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[
         params: The layer's parameters.
         dtype: The dtype to compute the norms in.
     """
+    return layer_norms_and_gradients(zs, grads, params, dtype=dtype)[0]
+
+
+def layer_norms_and_gradients(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], *,
+                              dtype: torch.dtype = torch.float32) -> tuple[Tensor, LastLayerGradients | None]:
+    """:func:`layer_norms`, and the last layer's per-task weight gradients where the linear route made them
+    (one forward, the weight among ``params``, everything in ``dtype``), as scaled as ``grads``."""
     with torch.no_grad():
         return _layer_norms(zs, grads, params, dtype)
 
 
 def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], dtype: torch.dtype
-                 ) -> Tensor:
+                 ) -> tuple[Tensor, LastLayerGradients | None]:
     wanted = {id(p) for p in params}
     layers = [linear_output(z) for z in zs]
     if wanted and all(layer is not None for layer in layers):
@@ -434,18 +471,45 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
             num_tasks = grads[0].shape[0]
             flat = [g.reshape(num_tasks, -1, g.shape[-1]).to(dtype) for g in grads]
             squares = torch.zeros(num_tasks, dtype=torch.float64, device=flat[0].device)  # squares of norms overflow
+            kept = None
             if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
                 # dL_k/dW^T = h^T G_k for the K tasks as one product: h^T [G_1 ... G_K], m x (K d)
                 products = [torch.mm(layer.input.to(dtype).T,  # type: ignore[union-attr]
                                      g.transpose(0, 1).reshape(g.shape[1], -1)) for g, layer in zip(flat, layers)]
                 product = products[0] if len(products) == 1 else torch.stack(products).sum(0)
-                per_task = product.view(product.shape[0], num_tasks, -1).transpose(0, 1)
-                squares = squares + row_norms(per_task).double() ** 2
+                per_task = product.view(product.shape[0], num_tasks, -1)
+                squares = squares + row_norms(per_task.transpose(0, 1)).double() ** 2
+                layer = layers[0]
+                if len(layers) == 1 and layer.input.dtype == layer.weight.dtype == dtype:  # type: ignore[union-attr]
+                    kept = LastLayerGradients(layer, per_task)  # type: ignore[arg-type]
             if layers[0].bias is not None and id(layers[0].bias) in wanted:  # type: ignore[union-attr]
                 bias = torch.stack([g.sum(1) for g in flat]).sum(0)
                 squares = squares + row_norms(bias).double() ** 2
-            return squares.sqrt().to(dtype)
-    return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype))
+            return squares.sqrt().to(dtype), kept
+    return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype)), None
+
+
+def last_layer_update(last: LastLayerGradients, dz: Tensor, weights: Tensor | None
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+    """Roots and gradients that apply ``dz = sum_k c_k G_k`` from the last layer down, without its ``h^T dz``.
+
+    ``W`` gets ``sum_k c_k (dL_k/dW)`` from the kept per-task gradients, ``b`` gets ``sum_n dz[n]``,
+    and the backward goes on from the layer's input ``h`` with ``dz W``: what a backward of ``z``
+    computes, less one product. ``weights`` is ``c`` (``None``: all ones); all unscaled.
+    """
+    layer = last.layer
+    assert layer.weight is not None
+    flat = dz.reshape(-1, dz.shape[-1]).to(layer.weight.dtype)
+    summed = last.weight_grads.sum(1) if weights is None else \
+        torch.einsum("mkd,k->md", last.weight_grads, weights.to(last.weight_grads.dtype))
+    roots, grads = [layer.weight], [summed.T]
+    if layer.bias is not None and layer.bias.requires_grad:
+        roots.append(layer.bias)
+        grads.append(flat.sum(0))
+    if layer.input.requires_grad:
+        roots.append(layer.input)
+        grads.append(flat @ layer.weight.detach())
+    return roots, grads
 
 
 def shared_update(update: Update, rep: Tensor, request: Request, blocks: Sequence[Tensor] | None = None,

@@ -63,14 +63,15 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph
     shared = [] if request.where != "parameters" or last_layer_norms else \
         shared_parameters(backbone, request.parameters, strategy)
-    rep, blocks = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
+    stats = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
+    rep, blocks = stats.rep, stats.blocks
     overflow = scale is not None and not all_finite(rep)
     consumed = list(passed.records)
     for more in extra_losses:
         extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
         extra_passed = engine.head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                         head_params, labels=more.labels)
-        extra_rep, _ = engine.statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size)
+        extra_rep = engine.statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size).rep
         overflow = overflow or (scale is not None and not all_finite(extra_rep))
         inputs.extra.append(extra)
         consumed += extra_passed.records
@@ -82,7 +83,12 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
-    checked = [t for t in (dz, own_objective) if t is not None] + (flat or [])
+    last_roots: list[Tensor] = []
+    last_grads: list[Tensor] = []
+    if stats.last_layer is not None and update.direction is None and dz is not None:
+        # dz from the last layer down: W's share summed from the kept per-task gradients
+        last_roots, last_grads = engine.last_layer_update(stats.last_layer, dz, update.weights)
+    checked = [t for t in (dz, own_objective) if t is not None] + (flat or []) + last_grads
     if scale is None and not all_finite(*checked):
         raise NonFiniteGradientError(
             f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
@@ -91,7 +97,10 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
 
     roots: list[Tensor] = []
     grads: list[Tensor | None] = []
-    if dz is not None:
+    if last_roots:
+        roots += last_roots
+        grads += [scaled(grad).to(root.dtype) for root, grad in zip(last_roots, last_grads)]
+    elif dz is not None:
         for record, piece in zip(passed.records, engine.split_batches(dz, passed.records)):
             if record.z.requires_grad:
                 roots.append(record.z)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -183,3 +184,38 @@ def test_on_the_regression_it_moves_the_norms_to_their_targets() -> None:
     assert learned < 0.5 * at_equal_weights, (learned, at_equal_weights)
     assert float(weights[2]) < 1
     torch.testing.assert_close(strategy.task_weights.detach().sum(), torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("case", ["plain", "no_bias", "input_requires_grad", "frozen_weight", "two_forwards"])
+def test_the_model_gets_the_weighted_gradients_through_the_last_layer_shortcut(case: str) -> None:
+    """On a linear last layer the engine reuses the norms' per-task products for W's gradient and goes on
+    from the layer's input, instead of back-propagating dz through the layer. Reference: plain autograd
+    of sum_k w_k L_k on a copy (w = GradNorm's weights [0.5, 1, 1.5]), on every parameter and the input.
+    A W gradient summed from the wrong products, a missing bias or input gradient, or a frozen W that
+    still moves fails it; two forwards in one backward take the ordinary route and must agree too."""
+    torch.manual_seed(0)
+    model = small_model()
+    if case == "no_bias":
+        model.backbone[2] = nn.Linear(8, 4, bias=False)
+    if case == "frozen_weight":
+        model.backbone[2].weight.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    x, targets = batch()
+    mtl = mtlzoo.MTLWrapper(model, "gradnorm", alpha=1.0)
+    with torch.no_grad():
+        mtl.strategy.task_weights.copy_(WEIGHTS)
+    inputs = [x.clone().requires_grad_(case == "input_requires_grad")]
+    if case == "two_forwards":
+        inputs.append(batch(seed=1)[0])
+    losses = [torch.stack(mse_losses(mtl(xi), targets)) for xi in inputs]
+    mtl.backward(list(sum(losses)))
+    reference_inputs = [xi.detach().clone().requires_grad_(xi.requires_grad) for xi in inputs]
+    total = sum((WEIGHTS * torch.stack(mse_losses(reference(xi), targets))).sum() for xi in reference_inputs)
+    leaves = [p for p in reference.parameters() if p.requires_grad]
+    leaves += [xi for xi in reference_inputs if xi.requires_grad]
+    expected = torch.autograd.grad(total, leaves)
+    actual = [p.grad for p in model.parameters() if p.requires_grad] + [xi.grad for xi in inputs if xi.requires_grad]
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    if case == "frozen_weight":
+        assert model.backbone[2].weight.grad is None
