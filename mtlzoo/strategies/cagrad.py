@@ -28,10 +28,18 @@ def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
     gradient and tight tolerances (``ftol=1e-12``), then polished by Newton steps on its active face;
     ``||g_w||`` is smoothed by :data:`SMOOTHING`. Raises nothing: a solver that stops early gives a
     :class:`~mtlzoo.errors.SolverWarning` and its last iterate, put back on the simplex.
+
+    First, the same Newton steps from the centre of the simplex on its whole face: where they reach a
+    point with every weight positive and equal partial derivatives (the problem's optimality
+    conditions there: the function is convex), that point is the minimiser SLSQP and the polishing
+    would reach (:func:`_interior_optimum`), and SLSQP is not run.
     """
     size = gramian.shape[0]
     mean_products = gramian.mean(axis=1)  # g_k . g_0
     radius = c * math.sqrt(max(float(gramian.mean()), 0.0))  # c ||g_0||
+    interior = _interior_optimum(gramian, mean_products, radius)
+    if interior is not None:
+        return interior
 
     def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
         products = gramian @ w
@@ -49,6 +57,22 @@ def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
                       SolverWarning, stacklevel=4)
         return weights
     return _polish(weights, gramian, mean_products, radius)
+
+
+def _interior_optimum(gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray | None:
+    """The minimiser when it lies inside the simplex (every weight positive), found by :func:`_polish`'s Newton
+    steps from the centre; ``None`` where they do not end at a point that satisfies the optimality conditions
+    (all weights above 1e-9, partial derivatives equal to 1e-10 of their size)."""
+    size = gramian.shape[0]
+    if size < 2:
+        return None
+    weights = _polish(np.full(size, 1.0 / size), gramian, linear, radius)
+    if weights.min() <= 1e-9:
+        return None
+    products = gramian @ weights
+    gradient = linear + radius * products / math.sqrt(max(float(weights @ products), 0.0) + SMOOTHING)
+    spread = float(gradient.max() - gradient.min())
+    return weights if spread <= 1e-10 * max(float(np.abs(gradient).max()), 1e-300) else None
 
 
 def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray:

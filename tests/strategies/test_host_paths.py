@@ -298,3 +298,35 @@ def test_nash_mtl_skips_the_hull_test_only_where_it_would_pass(name: str, matrix
         present = gramian.diagonal() > 0
         torch.testing.assert_close((weights * (gramian @ weights))[present],
                                    torch.ones(int(present.sum()), dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("name", "matrix"), [case for case in CASES if case[1].dtype == torch.float64],
+                         ids=[name for name, matrix in CASES if matrix.dtype == torch.float64])
+def test_cagrad_interior_newton_agrees_with_slsqp(name: str, matrix: torch.Tensor,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAGrad's Newton steps from the simplex's centre, where they are accepted, give SLSQP's polished answer (the
+    previous and only path when the interior test is switched off): the same update to 1e-6 of ||J||."""
+    from mtlzoo.strategies import cagrad as cagrad_module
+    size = matrix.shape[0]
+    ones = torch.ones(size, dtype=torch.float64)
+    for c in (0.4, 0.9):
+        fast = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
+        with monkeypatch.context() as patch:
+            patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
+            reference = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
+        scale = float(torch.linalg.matrix_norm(matrix))
+        assert float((fast - reference).norm()) <= 1e-6 * max(scale, 1e-300), c
+
+
+def test_cagrad_takes_the_interior_path_on_some_cases() -> None:
+    """The interior test is not vacuous: it accepts a generic case (and then SLSQP is not called) and refuses one
+    whose optimum has a zero weight (a task far inside the others' hull of improvement)."""
+    from mtlzoo.strategies import cagrad as cagrad_module
+    orthogonal = np.eye(3) / 3
+    assert cagrad_module._interior_optimum(orthogonal, orthogonal.mean(axis=1), 0.4 * math.sqrt(orthogonal.mean())) \
+        is not None
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    gramian = rows @ rows.T / np.trace(rows @ rows.T)
+    weights = cagrad_module.conflict_averse_weights(gramian, 0.4)
+    assert weights.min() < 1e-9
+    assert cagrad_module._interior_optimum(gramian, gramian.mean(axis=1), 0.4 * math.sqrt(gramian.mean())) is None
