@@ -49,7 +49,7 @@ def engine_step(request: Request) -> tuple[StepInputs, torch.Tensor, nn.Module, 
                               labels=["0", "1"])
     inputs = StepInputs(losses.detach(), tasks, 2)
     shared = list(backbone.parameters())
-    rep, _ = engine.statistics(request, passed, shared, inputs, None)
+    rep = engine.statistics(request, passed, shared, inputs, None).rep
     plain = torch.stack([((h(backbone(x)) - t) ** 2).mean() for h, t in zip(heads, targets)])
     per_task = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                             for loss in plain])
