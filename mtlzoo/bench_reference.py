@@ -61,6 +61,7 @@ BATCH = 256
 LR = 1e-3
 PLAIN = "plain (hand-written)"
 FLOOR = "RotoGrad floor"
+LS_FORWARD = "ls + a forward"
 SECTIONS = ("rotograd", "torchjd", "weighting", "memory")
 ROTOGRAD_SETTINGS = ((128, 4), (512, 4), (128, 16))
 ROTOGRAD_CLASSES = ("VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm")
@@ -172,11 +173,13 @@ def _strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None) -> Step:
+def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_forward: bool = False) -> Step:
     """A step of the harness (``mtl.backward``, ``mtl.step``) with SGD for the model.
 
     ``spec`` is a name with options (``"upgrad:target=representation"``) or a strategy instance. The
     strategy's own parameters get the optimizer of its metadata; FAMO gets its post-step forward.
+    ``extra_forward`` adds such a forward (the losses after the step, without a graph) to any
+    strategy: ``ls`` with it is what FAMO's target is measured against.
     """
     if isinstance(spec, str):
         name, options = parse_spec(spec)
@@ -193,6 +196,7 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None) -> Ste
         info = strategy.info
         optimizers.append(optimizer_class(info.optimizer or "sgd")(own, lr=info.lr or LR))
     post = (lambda: s.losses(mtl(s.x))) if mtl.strategy.wants_post_step_losses else None
+    after = s.losses if extra_forward else None
 
     def step() -> object:
         for optimizer in optimizers:
@@ -200,6 +204,9 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None) -> Ste
         with cached():
             mtl.backward(s.losses(mtl(s.x)))
         mtl.step(*optimizers, post_step_losses=post)
+        if after is not None:
+            with torch.no_grad():
+                return after(mtl(s.x))
         return mtl
 
     return step
@@ -470,7 +477,9 @@ def _torchjd_entries(s: Setting) -> list[Entry]:
 
 
 def _weighting_entries(s: Setting) -> list[Entry]:
-    entries = [Entry(PLAIN, "-", lambda: plain_step(s)), Entry("ls", "mtlzoo", lambda: mtlzoo_step(s, "ls"))]
+    entries = [Entry(PLAIN, "-", lambda: plain_step(s)), Entry("ls", "mtlzoo", lambda: mtlzoo_step(s, "ls")),
+               Entry(LS_FORWARD, "mtlzoo", lambda: mtlzoo_step(s, "ls", extra_forward=True),
+                     "FAMO's target: ls and the forward its post-step update needs")]
     for name in WEIGHTINGS:
         note = "with its post-step forward" if get_strategy(name).cls.wants_post_step_losses else ""
         entries.append(Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name), note))
@@ -538,7 +547,7 @@ def vs_reference(*, sections: Sequence[str] = SECTIONS,
                                                    clock=clock, progress=progress))
         if "weighting" in sections:
             add("weighting", dim, tasks, time_paired(_weighting_entries(Setting.make(dim, tasks, seed)),
-                                                     steps=steps, warmup=warmup, references=("ls",),
+                                                     steps=steps, warmup=warmup, references=("ls", LS_FORWARD),
                                                      budget_s=budget_s, clock=clock, progress=progress))
         if "memory" in sections:
             d, k = memory_setting
@@ -651,7 +660,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
             tables.append((f"memory: peak tensor memory of one step, d={d}, K={k} (the K x n Jacobian on the "
                            f"shared parameters: {jacobian:.1f} MiB)", header, rows))
             continue
-        refs = {"rotograd": ["ls", FLOOR], "torchjd": ["ls"], "weighting": ["ls"]}[section]
+        refs = {"rotograd": ["ls", FLOOR], "torchjd": ["ls"], "weighting": ["ls", LS_FORWARD]}[section]
         header = ["configuration", "package", "x plain [quartiles]", *[f"x {ref}" for ref in refs], "note"]
         rows = []
         for r in records:
