@@ -195,7 +195,9 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
         chunk_size: Tasks per vmapped backward: ``None`` takes :data:`JACOBIAN_CHUNK_SIZE` (all
             K at once unless set), ``1`` is the loop.
     """
-    blocks = jacobian_blocks(zs, grads, params, batched=batched, chunk_size=chunk_size)
+    blocks, matrix = _jacobian(zs, grads, params, batched=batched, chunk_size=chunk_size)
+    if matrix is not None:
+        return matrix
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
@@ -209,7 +211,16 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
     per-task loop runs instead and is remembered for those parameters, with one warning. The
     backbone's graph is kept (the step's final backward still needs it). Arguments as
     :func:`parameter_jacobian`.
+
+    In chunks, each chunk's rows are written into one K x n matrix as they come (the blocks are
+    views of it), so the memory beyond the Jacobian is one chunk's rows, not a second Jacobian.
     """
+    return _jacobian(zs, grads, params, batched=batched, chunk_size=chunk_size)[0]
+
+
+def _jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
+              batched: bool, chunk_size: int | None) -> tuple[list[Tensor], Tensor | None]:
+    """:func:`jacobian_blocks`, and the K x n matrix the blocks are views of when it was filled in chunks."""
     zs = [zs] if isinstance(zs, Tensor) else list(zs)
     grads = [grads] if isinstance(grads, Tensor) else list(grads)
     params = list(params)
@@ -221,7 +232,20 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
     key = params[0] if params else None
     if not batched or (key is not None and key in _VMAP_FAILED):
         chunk = 1
-    pieces: list[list[Tensor]] = []
+    sizes = [p.numel() for p in params]
+    matrix: Tensor | None = None
+
+    def store(first: int, rows: Sequence[Tensor | None]) -> None:
+        nonlocal matrix
+        if matrix is None:
+            dtype = next((row.dtype for row in rows if row is not None), params[0].dtype if params else torch.float32)
+            matrix = grads[0].new_zeros(num_tasks, sum(sizes), dtype=dtype)
+        offset = 0
+        for row, size in zip(rows, sizes):
+            if row is not None:
+                matrix[first:first + row.shape[0], offset:offset + size] = row.reshape(row.shape[0], -1)
+            offset += size
+
     for first in range(0, num_tasks, max(chunk, 1)):
         count = min(chunk, num_tasks - first)
         if count > 1:
@@ -232,17 +256,20 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
                 _remember_vmap_failure(key, error)
                 chunk = 1
             else:
-                pieces.append(_blocks(rows, params, count))
+                if count == num_tasks:
+                    return _blocks(rows, params, count), None
+                store(first, rows)
                 continue
         for task in range(first, num_tasks if chunk == 1 else first + count):
             row = torch.autograd.grad(zs, params, grad_outputs=[g[task] for g in grads], retain_graph=True,
                                       allow_unused=True)
-            pieces.append(_blocks([None if g is None else g.unsqueeze(0) for g in row], params, 1))
+            store(task, [None if g is None else g.unsqueeze(0) for g in row])
         if chunk == 1:
             break
-    if len(pieces) == 1:
-        return pieces[0]
-    return [torch.cat(column) for column in zip(*pieces)]
+    if matrix is None:  # no task
+        matrix = grads[0].new_zeros(num_tasks, sum(sizes))
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [matrix[:, offset:offset + size] for offset, size in zip(offsets, sizes)], matrix
 
 
 def _remember_vmap_failure(key: Tensor | None, error: BaseException) -> None:
@@ -310,16 +337,20 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
             inputs.norms = row_norms(rep)
         return Statistics(rep)
     zs = [record.z for record in heads.records]
-    blocks = [b.to(dtype) for b in jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size)]
-    if scale is not None:
-        blocks = [b / scale.to(dtype) for b in blocks]
+    blocks, matrix = _jacobian(zs, heads.grads, shared, batched=True, chunk_size=chunk_size)
+    if matrix is not None and (matrix.dtype != dtype or scale is not None):
+        matrix = matrix.to(dtype) if scale is None else matrix.to(dtype) / scale.to(dtype)
+        offsets = [sum(b.shape[1] for b in blocks[:i]) for i in range(len(blocks))]
+        blocks = [matrix[:, offset:offset + b.shape[1]] for offset, b in zip(offsets, blocks)]
+    elif matrix is None:
+        blocks = [b.to(dtype) if scale is None else b.to(dtype) / scale.to(dtype) for b in blocks]
     if request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
         total = torch.zeros(rep.shape[0], rep.shape[0], dtype=dtype, device=rep.device)
         for block in blocks:
             total.addmm_(block, block.T)
         inputs.gramian = total
     else:  # norms on the parameters went to layer_norms above
-        inputs.gradients = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        inputs.gradients = matrix if matrix is not None else blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
     return Statistics(rep, blocks=blocks)
 
 

@@ -185,3 +185,23 @@ def test_task_indices_made_in_inference_mode_serve_autograd_later() -> None:
     weights = torch.ones(6, requires_grad=True)
     weights[indices].sum().backward()
     assert weights.grad is not None and weights.grad.tolist() == [1, 0, 1, 0, 0, 1]
+
+
+def test_a_chunked_jacobian_needs_one_chunk_of_memory_beyond_itself() -> None:
+    """parameter_jacobian in chunks writes each chunk's rows into the K x n matrix as they come: its peak
+    stays below 1.5 Jacobians at K=16 with chunks of 2 and of 1 (concatenating the chunks at the end, as
+    before, holds two Jacobians at once). Reference: the size of the result; torch's profiler for the peak."""
+    from mtlzoo.bench_reference import peak_bytes
+
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64))
+    x = torch.randn(4, 8)
+    z = backbone(x)
+    grads = torch.randn(16, *z.shape)
+    params = list(backbone.parameters())
+    size = 16 * sum(p.numel() for p in params) * 4
+    result: list[torch.Tensor] = []
+    for chunk in (1, 2):
+        peak = peak_bytes(lambda chunk=chunk: result.append(parameter_jacobian(z, grads, params, chunk_size=chunk)))
+        assert result[-1].shape == (16, size // 64)
+        assert size <= peak < 1.5 * size, (chunk, peak / size)
