@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from mtlzoo import autograd as engine
@@ -83,12 +84,19 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
+    own_params: list[Tensor] = []
+    own_grads: list[Tensor] = []
+    if own_objective is not None and not all_finite(own_objective):
+        # A non-finite value may still have finite gradients (|x| at NaN has gradient 0): what counts is
+        # what reaches .grad, so take them apart from the final backward.
+        own_params, own_grads = _objective_gradients(own_objective, strategy, scale)
+        own_objective = None
     last_roots: list[Tensor] = []
     last_grads: list[Tensor] = []
     if stats.last_layer is not None and update.direction is None and dz is not None:
         # dz from the last layer down: W's share summed from the kept per-task gradients
         last_roots, last_grads = engine.last_layer_update(stats.last_layer, dz, update.weights)
-    checked = [t for t in (dz, own_objective) if t is not None] + (flat or []) + last_grads
+    checked = [t for t in (dz, own_objective) if t is not None] + (flat or []) + last_grads + own_grads
     if scale is None and not all_finite(*checked):
         raise NonFiniteGradientError(
             f"{type(strategy).__name__} produced non-finite gradients from finite losses (the task gradients "
@@ -109,8 +117,8 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         for param, piece in zip(shared, flat):
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
-    roots += passed.head_params + passed.extra_roots
-    grads += passed.head_grads + passed.extra_grads
+    roots += passed.head_params + passed.extra_roots + own_params
+    grads += passed.head_grads + passed.extra_grads + own_grads
     for root in (own_objective, backbone_loss):
         if root is not None:
             roots.append(scaled(root))
@@ -130,6 +138,16 @@ def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strate
         raise InvalidModelError(f"{type(strategy).__name__} asks for the backbone parameters {unknown}, "
                                 f"which the backbone does not have (it has {list(named)}).")
     return [named[name] for name in names]
+
+
+def _objective_gradients(objective: Tensor, strategy: Strategy, scale: Tensor | None
+                         ) -> tuple[list[Tensor], list[Tensor]]:
+    """The strategy's trainable parameters that ``objective`` reaches, and their (scaled) gradients."""
+    params = trainable_parameters(strategy)
+    scaled = objective if scale is None else objective * scale.to(objective.dtype)
+    found = torch.autograd.grad(scaled, params, allow_unused=True) if params else ()
+    kept = [(p, g) for p, g in zip(params, found) if g is not None]
+    return [p for p, _ in kept], [g for _, g in kept]
 
 
 def _sum(first: Tensor | None, second: Tensor | None) -> Tensor | None:

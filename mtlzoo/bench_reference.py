@@ -173,11 +173,14 @@ def _strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_forward: bool = False) -> Step:
+def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_forward: bool = False,
+                own_in_model_optimizer: bool = False) -> Step:
     """A step of the harness (``mtl.backward``, ``mtl.step``) with SGD for the model.
 
     ``spec`` is a name with options (``"upgrad:target=representation"``) or a strategy instance. The
-    strategy's own parameters get the optimizer of its metadata; FAMO gets its post-step forward.
+    strategy's own parameters get the optimizer of its metadata (a second optimizer, whose own
+    per-step cost is part of the figure), or with ``own_in_model_optimizer`` a group of the model's
+    SGD at the metadata's learning rate; FAMO gets its post-step forward.
     ``extra_forward`` adds such a forward (the losses after the step, without a graph) to any
     strategy: ``ls`` with it is what FAMO's target is measured against.
     """
@@ -190,9 +193,12 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_
     mtl = MTLWrapper(s.model(), strategy, jacobian_chunk_size=chunk).train()
     with torch.no_grad():
         mtl(s.x)  # strategies that infer a shape (RotoGrad's rotations) create their parameters here
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(mtl.model_parameters(), lr=LR)]
     own = [p for p in mtl.strategy_parameters() if p.requires_grad]
-    if own:
+    groups: list[dict[str, Any]] = [{"params": list(mtl.model_parameters())}]
+    if own and own_in_model_optimizer:
+        groups.append({"params": own, "lr": strategy.info.lr or LR})
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(groups, lr=LR)]
+    if own and not own_in_model_optimizer:
         info = strategy.info
         optimizers.append(optimizer_class(info.optimizer or "sgd")(own, lr=info.lr or LR))
     post = (lambda: s.losses(mtl(s.x))) if mtl.strategy.wants_post_step_losses else None
@@ -483,6 +489,10 @@ def _weighting_entries(s: Setting) -> list[Entry]:
     for name in WEIGHTINGS:
         note = "with its post-step forward" if get_strategy(name).cls.wants_post_step_losses else ""
         entries.append(Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name), note))
+        if get_strategy(name).info.learnable:
+            entries.append(Entry(f"{name} (own parameters in the model's optimizer)", "mtlzoo",
+                                 lambda name=name: mtlzoo_step(s, name, own_in_model_optimizer=True),
+                                 "one optimizer: the strategy's parameters as a group of the model's SGD"))
     return entries
 
 

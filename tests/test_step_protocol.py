@@ -353,3 +353,40 @@ def test_a_weighting_of_the_jacobian_reaches_every_leaf_as_c_weighted_autograd(c
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got / scale, want)
+
+
+class NanTargetObjective(GradientSurgery):
+    """An own objective ``sum_k |w_k - t|`` whose target is NaN (RotoGradNorm's GradNorm targets are NaN
+    when negative losses meet a fractional alpha): its value is NaN, its gradient (|x|' at NaN) is 0,
+    unless ``nan_gradient`` makes the gradient NaN too."""
+
+    info = StrategyInfo(name="test_nan_target", kind="surgery", summary="nan target",
+                        request=Request("representation"))
+
+    def __init__(self, num_tasks: int, nan_gradient: bool = False) -> None:
+        super().__init__(num_tasks)
+        self.nan_gradient = nan_gradient
+        self.w = nn.Parameter(torch.ones(num_tasks))
+
+    def compute(self, inputs: mtlzoo.protocol.StepInputs) -> mtlzoo.protocol.Update:
+        nan = torch.tensor(float("nan"))
+        objective = (self.w * nan).sum() if self.nan_gradient else (self.w - nan).abs().sum()
+        return mtlzoo.protocol.Update(objective=objective)
+
+
+def test_a_non_finite_objective_value_with_finite_gradients_trains_and_a_non_finite_gradient_raises() -> None:
+    """Found in use (rotograd_norm on toy2d failed at step 209 once the objective joined the final backward and
+    its value was checked): what must be finite is what reaches .grad. Reference: plain autograd of the
+    summed losses for the model, a zero gradient for w; a NaN gradient raises and leaves .grad untouched."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch()
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), NanTargetObjective(3))
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert mtl.strategy.w.grad is not None and not mtl.strategy.w.grad.any()
+    for ours, theirs in zip(mtl.model_parameters(), plain_gradients(model, x, targets)):
+        torch.testing.assert_close(ours.grad, theirs)
+    failing = mtlzoo.MTLWrapper(copy.deepcopy(model), NanTargetObjective(3, nan_gradient=True))
+    with pytest.raises(mtlzoo.errors.NonFiniteGradientError):
+        failing.backward(mse_losses(failing(x), targets))
+    assert all(p.grad is None for p in [*failing.model_parameters(), failing.strategy.w])
