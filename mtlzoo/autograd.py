@@ -321,7 +321,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     rep = rep.to(dtype) if scale is None else rep.to(dtype) / scale.to(dtype)
     if request.where == "parameters" and request.statistic == "norms":
         zs = [record.z for record in heads.records]
-        params = list(shared) if request.parameters != () else last_layer_parameters(zs[0])
+        params = list(shared) if request.parameters != () else _last_layer_weights(zs[0])
         norms, last = layer_norms_and_gradients(zs, heads.grads, params, dtype=dtype)
         if scale is not None:
             norms = norms / scale.to(dtype)
@@ -432,6 +432,14 @@ def linear_output(z: Tensor) -> LinearOutput | None:
     return LinearOutput(layer_input, weight, bias)
 
 
+def _last_layer_weights(z: Tensor) -> list[Tensor]:
+    """:func:`last_layer_parameters`, read from the linear map that produces ``z`` where there is one."""
+    layer = linear_output(z)
+    if layer is not None and layer.weight is not None and layer.weight.requires_grad:
+        return [layer.weight]
+    return last_layer_parameters(z)
+
+
 def last_layer_parameters(z: Tensor) -> list[Tensor]:
     """The weights of the last shared layer: the trainable parameters read by the operation nearest ``z``.
 
@@ -509,7 +517,7 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
                                      g.transpose(0, 1).reshape(g.shape[1], -1)) for g, layer in zip(flat, layers)]
                 product = products[0] if len(products) == 1 else torch.stack(products).sum(0)
                 per_task = product.view(product.shape[0], num_tasks, -1)
-                squares = squares + row_norms(per_task.transpose(0, 1)).double() ** 2
+                squares = squares + row_norms(per_task, dim=1).double() ** 2
                 layer = layers[0]
                 if len(layers) == 1 and layer.input.dtype == layer.weight.dtype == dtype:  # type: ignore[union-attr]
                     kept = LastLayerGradients(layer, per_task)  # type: ignore[arg-type]

@@ -14,19 +14,41 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def row_norms(matrix: Tensor) -> Tensor:
-    """The Euclidean norm of each row of a (K, ...) tensor, without overflow or underflow.
+_SAFE_SQUARES = (1e-30, 1e37)
+"""Sums of float32 squares inside this range lost nothing to overflow or underflow (an entry's square
+is below 1e37 < float32's max, and entries under 1e-19.5, whose squares flush to 0, add under 1e-39
+each to a sum of at least 1e-30)."""
+
+
+def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
+    """The Euclidean norm of each row (each index of ``dim``) of a tensor, without overflow or underflow.
 
     Rows of size 1e30 (whose squares overflow float32) or 1e-30 (whose squares underflow) get
-    their exact norms: below float64 the squares are summed in float64, whose range holds the
-    square of any float32; a float64 row is divided by its largest magnitude before squaring.
+    their exact norms. On the CPU the squares are summed in the input's precision (at least
+    float32) and read once on the host: a sum outside :data:`_SAFE_SQUARES` (or a zero row) is
+    summed again in float64, whose range holds the square of any float32. Elsewhere the float64
+    sum is the only one (no host synchronisation); a float64 row is divided by its largest
+    magnitude before squaring.
     """
-    flat = matrix.reshape(matrix.shape[0], -1)
-    if matrix.dtype != torch.float64 and matrix.is_floating_point() and matrix.device.type != "mps":
-        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(matrix.dtype)
-    scale = flat.abs().amax(dim=1, keepdim=True)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (flat / safe).norm(dim=1) * safe.squeeze(1)
+    if dim != 0:
+        matrix = matrix.movedim(dim, 0)
+    if not matrix.is_floating_point() or matrix.dtype == torch.float64 or matrix.device.type == "mps":
+        flat = matrix.reshape(matrix.shape[0], -1)
+        scale = flat.abs().amax(dim=1, keepdim=True)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return (flat / safe).norm(dim=1) * safe.squeeze(1)
+    flat = matrix.reshape(matrix.shape[0], -1) if matrix.is_contiguous() or dim == 0 else None
+    if matrix.device.type == "cpu" and matrix.shape[0] > 0:
+        if flat is not None:
+            squares = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
+        else:  # a moved dimension: square and sum in place of a copy
+            squares = matrix.float().square().sum(tuple(range(1, matrix.dim())))
+        low, high = torch.stack(torch.aminmax(squares)).tolist()
+        if _SAFE_SQUARES[0] <= low and high <= _SAFE_SQUARES[1]:
+            return squares.sqrt().to(matrix.dtype)
+    if flat is None:
+        flat = matrix.reshape(matrix.shape[0], -1)
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(matrix.dtype)
 
 
 def gramian(matrix: Tensor) -> Tensor:
@@ -85,7 +107,7 @@ def all_finite(*tensors: Tensor) -> bool:
     """
     if not tensors:
         return True
-    total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum().float() for t in tensors]).sum()
+    total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
     if math.isfinite(total.item()):
         return True
     return all(bool(t.isfinite().all()) for t in tensors)

@@ -181,7 +181,42 @@ class GradNorm(WeightingStrategy):
 
     def compute(self, inputs: StepInputs) -> Update:
         assert inputs.norms is not None
-        return Update(objective=self.objective(inputs.norms, inputs.losses, inputs.tasks))
+        return Update(objective=self.objective_surrogate(inputs.norms, inputs.losses, inputs.tasks))
+
+    def objective_surrogate(self, weighted_norms: Tensor, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """``sum_k w_k c_k`` with ``c = dL_grad/dw`` held constant: the gradient of :meth:`objective`, in closed form.
+
+        With the targets held constant, ``dL_grad/dw_k = sign(w_k n_k - target_k) n_k`` (``n_k`` the
+        unweighted norm; 0 where the difference is 0 or not a number, as autograd's ``|x|``): K
+        numbers, computed on the host (Python floats) from one read of the norms, the losses, the
+        references and the weights, instead of a graph of a dozen small operations.
+        """
+        everyone = tasks.shape[0] == self.num_tasks
+        weights = self.task_weights if everyone else self.task_weights[tasks]
+        if not weights.requires_grad:
+            return None
+        tiny_value = tiny(weighted_norms.dtype)
+        weighted = weighted_norms.tolist()
+        values = losses.tolist()
+        present = tasks.tolist()
+        reference = self._staged.get("initial_losses", self.initial_losses).tolist()
+        current = weights.detach().tolist()
+        ratios = [value / reference[k] if math.isfinite(reference[k]) and reference[k] != 0 else 1.0
+                  for k, value in zip(present, values)]
+        mean_ratio = max(sum(ratios) / len(ratios), tiny_value)
+        mean_norm = sum(weighted) / len(weighted)
+        gradient = []
+        for norm, weight, ratio in zip(weighted, current, ratios):
+            unweighted = norm / max(weight, tiny_value)
+            try:  # as torch's pow: a negative ratio to a fractional alpha is not a number
+                target = mean_norm * math.pow(ratio / mean_ratio, self.alpha)
+            except (ValueError, OverflowError):
+                target = math.nan
+            difference = weight * unweighted - target
+            sign = 0.0 if difference == 0 or math.isnan(difference) else math.copysign(1.0, difference)
+            gradient.append(sign * unweighted)
+        constant = torch.tensor(gradient, dtype=weights.dtype, device=weights.device)
+        return (weights * constant).sum()
 
     def objective(self, weighted_norms: Tensor, losses: Tensor, tasks: Tensor) -> Tensor | None:
         """``L_grad`` for the present tasks, from the norms of the weighted tasks' gradients."""
@@ -217,7 +252,7 @@ class GradNorm(WeightingStrategy):
         self._staged = {}
         with torch.no_grad():
             weights = self.task_weights.clamp_(min=WEIGHT_FLOOR)
-            weights.mul_(self.num_tasks / weights.sum())
+            weights.mul_(self.num_tasks / float(weights.sum()))
 
     def _drop_staged(self) -> None:
         self._staged = {}

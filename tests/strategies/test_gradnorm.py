@@ -219,3 +219,32 @@ def test_the_model_gets_the_weighted_gradients_through_the_last_layer_shortcut(c
         torch.testing.assert_close(got, want)
     if case == "frozen_weight":
         assert model.backbone[2].weight.grad is None
+
+
+@pytest.mark.parametrize("case", ["referenced", "first_step", "absent_task", "negative_losses", "tie"])
+def test_the_closed_form_weight_gradient_equals_autograd_of_the_gradient_loss(case: str) -> None:
+    """A step hands GradNorm's weights dL_grad/dw in closed form (objective_surrogate). Reference: autograd of
+    L_grad = sum_k |w_k n_k - mean(G) r_k^alpha| (GradNorm.objective, the paper's Algorithm 1 with the targets
+    held constant), on the same inputs; negative losses (NaN targets) and a tie (|x| at 0) included."""
+    torch.manual_seed(0)
+    gradnorm = GradNorm(3, alpha=1.5)
+    with torch.no_grad():
+        gradnorm.task_weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    tasks = torch.arange(3)
+    losses = torch.tensor([0.9, 2.0, 0.3])
+    norms = torch.tensor([0.4, 2.5, 1.2])
+    if case != "first_step":
+        gradnorm.initial_losses = torch.tensor([1.0, 1.5, 0.6])
+        gradnorm.load_extra_state({})
+    if case == "absent_task":
+        tasks, losses, norms = torch.tensor([0, 2]), losses[[0, 2]], norms[[0, 2]]
+    if case == "negative_losses":
+        losses = torch.tensor([-0.9, 2.0, 0.3])
+    if case == "tie":
+        norms = torch.tensor([1.0, 1.0, 1.0]) * gradnorm.task_weights.detach()
+        losses = torch.tensor([1.0, 1.5, 0.6])
+    gradnorm.task_weights_for(losses, tasks)
+    expected = torch.autograd.grad(gradnorm.objective(norms, losses, tasks), gradnorm.task_weights)[0]
+    actual = torch.autograd.grad(gradnorm.objective_surrogate(norms, losses, tasks), gradnorm.task_weights)[0]
+    torch.testing.assert_close(actual, expected)
+    assert bool(expected.abs().sum() > 0)
