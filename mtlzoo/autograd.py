@@ -509,7 +509,7 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
         if same_layer and wanted <= set(roles):
             num_tasks = grads[0].shape[0]
             flat = [g.reshape(num_tasks, -1, g.shape[-1]).to(dtype) for g in grads]
-            squares = torch.zeros(num_tasks, dtype=torch.float64, device=flat[0].device)  # squares of norms overflow
+            pieces: list[Tensor] = []  # the norms of the weight's and the bias's gradients
             kept = None
             if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
                 # dL_k/dW^T = h^T G_k for the K tasks as one product: h^T [G_1 ... G_K], m x (K d)
@@ -517,14 +517,14 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
                                      g.transpose(0, 1).reshape(g.shape[1], -1)) for g, layer in zip(flat, layers)]
                 product = products[0] if len(products) == 1 else torch.stack(products).sum(0)
                 per_task = product.view(product.shape[0], num_tasks, -1)
-                squares = squares + row_norms(per_task, dim=1).double() ** 2
+                pieces.append(row_norms(per_task, dim=1))
                 layer = layers[0]
                 if len(layers) == 1 and layer.input.dtype == layer.weight.dtype == dtype:  # type: ignore[union-attr]
                     kept = LastLayerGradients(layer, per_task)  # type: ignore[arg-type]
             if layers[0].bias is not None and id(layers[0].bias) in wanted:  # type: ignore[union-attr]
-                bias = torch.stack([g.sum(1) for g in flat]).sum(0)
-                squares = squares + row_norms(bias).double() ** 2
-            return squares.sqrt().to(dtype), kept
+                bias = flat[0].sum(1) if len(flat) == 1 else torch.stack([g.sum(1) for g in flat]).sum(0)
+                pieces.append(row_norms(bias))
+            return (pieces[0] if len(pieces) == 1 else torch.hypot(*pieces)), kept  # hypot: no overflow
     return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype)), None
 
 

@@ -20,6 +20,10 @@ is below 1e37 < float32's max, and entries under 1e-19.5, whose squares flush to
 each to a sum of at least 1e-30)."""
 
 
+_SMALL = 4096
+"""Below this many entries the float64 sum costs less than checking the float32 one."""
+
+
 def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
     """The Euclidean norm of each row (each index of ``dim``) of a tensor, without overflow or underflow.
 
@@ -38,7 +42,7 @@ def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         return (flat / safe).norm(dim=1) * safe.squeeze(1)
     flat = matrix.reshape(matrix.shape[0], -1) if matrix.is_contiguous() or dim == 0 else None
-    if matrix.device.type == "cpu" and matrix.shape[0] > 0:
+    if matrix.device.type == "cpu" and matrix.shape[0] > 0 and matrix.numel() > _SMALL:
         if flat is not None:
             squares = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
         else:  # a moved dimension: square and sum in place of a copy
