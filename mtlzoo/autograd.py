@@ -184,7 +184,7 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
 
     Row k is ``sum_r (dz_r/dθ)^T G_r[k]`` over the forwards ``r``, flattened and concatenated over
     ``params`` in order; a parameter that no task reaches gives zero columns, and a parameter that
-    task k does not reach zeros in row k. The concatenation of :func:`jacobian_blocks`.
+    task k does not reach zeros in row k. The blocks of :func:`jacobian_blocks`, side by side.
 
     Args:
         zs: The backbone output(s) the heads' leaves were detached from.
@@ -195,15 +195,16 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
         chunk_size: Tasks per vmapped backward: ``None`` takes :data:`JACOBIAN_CHUNK_SIZE` (all
             K at once unless set), ``1`` is the loop.
     """
-    blocks, matrix = _jacobian(zs, grads, params, batched=batched, chunk_size=chunk_size)
+    blocks, matrix = jacobian_blocks(zs, grads, params, batched=batched, chunk_size=chunk_size)
     if matrix is not None:
         return matrix
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
 
 def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
-                    batched: bool = True, chunk_size: int | None = None) -> list[Tensor]:
-    """The Jacobian of the losses w.r.t. ``params`` as one K x numel block per parameter (no concatenation).
+                    batched: bool = True, chunk_size: int | None = None) -> tuple[list[Tensor], Tensor | None]:
+    """The Jacobian of the losses w.r.t. ``params`` as one K x numel block per parameter, and the K x n
+    matrix the blocks are views of when it was filled in chunks (``None`` when the blocks are autograd's own).
 
     The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as
     ``ceil(K / chunk_size)`` of them. Where vmap cannot batch an operation of the backbone (a
@@ -215,12 +216,6 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
     In chunks, each chunk's rows are written into one K x n matrix as they come (the blocks are
     views of it), so the memory beyond the Jacobian is one chunk's rows, not a second Jacobian.
     """
-    return _jacobian(zs, grads, params, batched=batched, chunk_size=chunk_size)[0]
-
-
-def _jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Tensor, params: Sequence[Tensor], *,
-              batched: bool, chunk_size: int | None) -> tuple[list[Tensor], Tensor | None]:
-    """:func:`jacobian_blocks`, and the K x n matrix the blocks are views of when it was filled in chunks."""
     zs = [zs] if isinstance(zs, Tensor) else list(zs)
     grads = [grads] if isinstance(grads, Tensor) else list(grads)
     params = list(params)
@@ -337,7 +332,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
             inputs.norms = row_norms(rep)
         return Statistics(rep)
     zs = [record.z for record in heads.records]
-    blocks, matrix = _jacobian(zs, heads.grads, shared, batched=True, chunk_size=chunk_size)
+    blocks, matrix = jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size)
     if matrix is not None and (matrix.dtype != dtype or scale is not None):
         matrix = matrix.to(dtype) if scale is None else matrix.to(dtype) / scale.to(dtype)
         offsets = [sum(b.shape[1] for b in blocks[:i]) for i in range(len(blocks))]

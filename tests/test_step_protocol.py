@@ -276,12 +276,12 @@ def test_the_jacobian_chunk_size_reaches_the_engine(chunk: int | None, monkeypat
     from mtlzoo import autograd
 
     seen = []
-    original = autograd._jacobian
+    original = autograd.jacobian_blocks
     def spy(*args: object, **kwargs: object) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         seen.append(kwargs["chunk_size"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(autograd, "_jacobian", spy)
+    monkeypatch.setattr(autograd, "jacobian_blocks", spy)
     torch.manual_seed(0)
     model = small_model()
     mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), SumSurgery(3, target="parameters"), jacobian_chunk_size=chunk)
