@@ -120,10 +120,6 @@ class RotationBank(nn.Module):
         """All K matrices stacked, (K, n, n)."""
         return torch.stack([rotation.weight for rotation in self.matrices])
 
-    def tangents(self) -> Tensor:
-        """Retraction: the K tangent parameters stacked, (K, n, n), with their graph."""
-        return torch.stack([rotation.tangent for rotation in self.matrices])
-
     def set(self, rotations: Tensor) -> None:
         """Set the K matrices (through the parametrization's right inverse)."""
         expected = (len(self.matrices), self.size, self.size)
@@ -159,7 +155,7 @@ class RotationBank(nn.Module):
 
     def _retract(self, check: bool) -> None:
         rotations = torch.stack([module.rotation for module in self.matrices])
-        lower = torch.stack([module.tangent for module in self.matrices]).to(rotations.dtype).tril(-1)
+        lower = torch.stack([module.tangent for module in self.matrices]).to(rotations.dtype).tril_(-1)
         size = math.sqrt(2) * float(torch.linalg.vector_norm(lower, dim=(-2, -1)).amax())  # ||A||_F
         if size == 0 and not check:  # no step (rotations left out of the optimizer): R (I + 0) = R
             for module in self.matrices:
@@ -167,9 +163,7 @@ class RotationBank(nn.Module):
             return
         if size != 0:
             skew = lower - lower.mT
-            step = torch.baddbmm(skew, skew, skew, alpha=0.5)  # A + A^2 / 2
-            step.diagonal(dim1=-2, dim2=-1).add_(1)
-            rotations = torch.bmm(rotations, step)
+            rotations = torch.baddbmm(rotations, rotations, torch.baddbmm(skew, skew, skew, alpha=0.5))
         if check or not size ** 4 / 4 <= POLAR_TOLERANCE / CHECK_EVERY:
             rotations = polar_project(rotations)
         for module, value in zip(self.matrices, rotations):

@@ -144,29 +144,35 @@ class _TangentObjective(torch.autograd.Function):
 
     At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and, with
     ``A_k = tril(X_k) - tril(X_k)^T``, ``dL/dA_k = R_k^T dL/dR_k = 2 M_k`` where
-    ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all, one ``B n^2``
-    product per task. The gradient is ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads
-    ``X`` (the diagonal is 0).
+    ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all. The gradient is
+    ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads ``X`` (the diagonal is 0), and as
+    ``v v^T`` is symmetric it is ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``:
+    one ``B n^2`` product per task and no (K, B, n) difference. The value is
+    ``sum_k ||v - g_k||^2 = K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
     """
 
     @staticmethod
-    def forward(ctx: Any, tangents: Tensor, reference: Tensor, blocks: Tensor, mean: bool) -> Tensor:
-        # tangents (K, n, n), reference (B, n, P), blocks (K, B, n, P)
-        difference = reference.unsqueeze(0) - blocks
-        ctx.save_for_backward(difference, reference)
-        ctx.batch_scale = 1 / blocks.shape[1] if mean else 1.0
-        return difference.pow(2).sum() * ctx.batch_scale
+    def forward(ctx: Any, reference: Tensor, blocks: Tensor, norms: Tensor, mean: Tensor, batch_mean: bool,
+                *tangents: Tensor) -> Tensor:
+        # reference v (B, n, P), blocks g (K, B, n, P), norms ||g_k|| (K,), mean = mean_k g_k (B, n, P)
+        ctx.save_for_backward(reference, blocks)
+        ctx.batch_scale = 1 / blocks.shape[1] if batch_mean else 1.0
+        ctx.tangent_dtype = tangents[0].dtype
+        flat, average = reference.reshape(-1), mean.reshape(-1)
+        value = blocks.shape[0] * (torch.dot(flat, flat) - 2 * torch.dot(flat, average)) + norms.square().sum()
+        return value * ctx.batch_scale
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
-        difference, reference = ctx.saved_tensors
-        num, batch, size, post = difference.shape
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        reference, blocks = ctx.saved_tensors
+        num, batch, size, post = blocks.shape
+        weighted = reference * (2 * ctx.batch_scale * grad_output)
         if post == 1:
-            moments = difference.view(num, batch, size).mT @ reference.view(batch, size)
+            products = blocks.view(num, batch, size).mT @ weighted.view(batch, size)
         else:
-            moments = torch.einsum("kbip,bjp->kij", difference, reference)
-        grad = (moments - moments.mT).tril(-1)
-        return grad * (2 * ctx.batch_scale * grad_output), None, None, None
+            products = torch.einsum("kbip,bjp->kij", blocks, weighted)
+        grad = (products.mT - products).tril_(-1).to(ctx.tangent_dtype)
+        return (None, None, None, None, None, *grad.unbind())
 
 
 class RotateOnly(GradientSurgery):
@@ -264,6 +270,7 @@ class RotateOnly(GradientSurgery):
         self.step = 0
         self._staged: dict[str, Tensor] = {}
         self._complete: list[tuple[Tensor, int]] = []
+        self._seen_layout: tuple[torch.Size, RotationBank | None, tuple[int, int]] | None = None
         self.bank: RotationBank | None
         self.register_module("bank", None)
         if self.rotation_shape is not None:
@@ -314,6 +321,14 @@ class RotateOnly(GradientSurgery):
 
     def _layout(self, z: Tensor) -> tuple[int, int]:
         """Check ``z`` against the configured shapes (materialising on first sight): (n, P)."""
+        seen = self._seen_layout
+        if seen is not None and seen[0] == z.shape and seen[1] is self.bank:
+            return seen[2]
+        layout = self._check_layout(z)
+        self._seen_layout = (z.shape, self.bank, layout)
+        return layout
+
+    def _check_layout(self, z: Tensor) -> tuple[int, int]:
         post_dims, ndim = len(self.post_shape), z.dim()
         if ndim < post_dims + 2:
             raise ShapeMismatchError(f"The representation of shape {tuple(z.shape)} should be (batch, "
@@ -348,6 +363,8 @@ class RotateOnly(GradientSurgery):
     def adapt(self, z: Tensor, task: int) -> Tensor:
         size, post_numel = self._layout(z)
         assert self.bank is not None
+        if self.bank.retracted:  # a buffer: nothing to compute
+            return rotate(z, self.bank.matrices[task].rotation, size, post_numel)
         with _full_precision(z.device):
             matrix = self.bank.matrix(task).detach()
         return rotate(z, matrix, size, post_numel)
@@ -388,15 +405,15 @@ class RotateOnly(GradientSurgery):
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
         losses, tasks = inputs.losses, inputs.tasks
         self._stage_reference("initial_losses", losses, tasks, inputs.micro_batch)
+        if not self.normalize_losses:
+            return None
         reference = self._reference("initial_losses")[tasks].to(losses.dtype)
         usable = torch.isfinite(reference) & (reference != 0)
-        if self.normalize_losses and not bool(usable.all()):
+        if not bool(usable.all()):
             bad = tasks[~usable].tolist()
             warnings.warn(f"{type(self).__name__}: the losses of tasks {bad} were 0 at their reference step, so "
                           "they are not normalised until a non-zero loss gives them a reference.",
                           RuntimeWarning, stacklevel=4)
-        if not self.normalize_losses:
-            return None
         return torch.where(usable, 1 / torch.where(usable, reference, torch.ones_like(reference)),
                            torch.ones_like(reference))
 
@@ -446,19 +463,24 @@ class RotateOnly(GradientSurgery):
 
     def _rotation_objective(self, blocks: Tensor, norms: Tensor, inputs: StepInputs) -> Tensor | None:
         assert self.bank is not None
-        retracted = self.bank.retracted
-        rotations = self.bank.tangents() if retracted else self.rotations
-        if not inputs.all_present:
-            rotations = rotations[inputs.tasks]
-        if not rotations.requires_grad:
-            return None
-        rotations = rotations.to(blocks.dtype)
+        count = blocks.shape[0]
         mean = blocks.mean(0)
         scale = row_norms(mean.unsqueeze(0))[0] / norms.clamp_min(tiny(norms.dtype))
-        reference = (blocks * scale.view(-1, 1, 1, 1)).mean(0).detach()
         # As the original: summed over the batch when post_shape is empty, averaged otherwise.
-        objective = _TangentObjective if retracted else _RotationObjective
-        return objective.apply(rotations, reference, blocks.detach(), bool(self.post_shape))
+        batch_mean = bool(self.post_shape)
+        if self.bank.retracted:
+            tangents = [self.bank.matrices[k].tangent for k in inputs.tasks.tolist()] \
+                if not inputs.all_present else [module.tangent for module in self.bank.matrices]
+            if not any(tangent.requires_grad for tangent in tangents):
+                return None
+            reference = torch.tensordot(scale / count, blocks.detach(), dims=1)
+            return _TangentObjective.apply(reference, blocks.detach(), norms.detach(), mean.detach(), batch_mean,
+                                           *tangents)
+        rotations = self.rotations if inputs.all_present else self.rotations[inputs.tasks]
+        if not rotations.requires_grad:
+            return None
+        reference = torch.tensordot(scale / count, blocks, dims=1).detach()
+        return _RotationObjective.apply(rotations.to(blocks.dtype), reference, blocks.detach(), batch_mean)
 
     def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor | None]:
         """The backbone update from the K' gradients ``grads`` and their norms ``||g_k||``, and an
@@ -484,6 +506,7 @@ class RotateOnly(GradientSurgery):
         self.step = int(state["step"])
         shape = state["rotation_shape"]
         self.rotation_shape = None if shape is None else tuple(shape)
+        self._seen_layout = None
         self._staged = {}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import mtlzoo
+from mtlzoo.protocol import StepInputs
 from mtlzoo.strategies import RotateOnly
 from mtlzoo.strategies._rotation_bank import CHECK_EVERY, haar_rotations, polar_project
 from tests.helpers import assert_same_state, batch, mse_losses, optimizer_for, small_model, train_steps
@@ -94,6 +95,30 @@ def test_gradient_matches_finite_differences_of_the_objective() -> None:
         numeric[index] = (objective(step) - objective(-step)) / (2 * eps)
     assert analytic.abs().max() > 1e-3
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("post_shape", [(), (3,)])
+@pytest.mark.parametrize("present", [(0, 1, 2), (0, 2)])
+def test_objective_value_is_the_sum_of_squared_residuals(post_shape: tuple[int, ...], present: tuple[int, ...]) -> None:
+    """Reference: the definition, sum_k reduce_b ||v_b - g_{k,b}||^2 at X = 0 (summed over the batch when post_shape
+    is empty, averaged otherwise), computed directly; the engine's value comes from the norms instead (K ||v||^2 -
+    2 K <v, mean_k g_k> + sum_k ||g_k||^2); a wrong sign or factor there fails, with all tasks and with one absent."""
+    torch.manual_seed(6)
+    strategy: RotateOnly = mtlzoo.create("rotate_only", num_tasks=3, rotation_shape=4,  # type: ignore[assignment]
+                                         post_shape=post_shape, orthogonal_map="retraction").double()
+    grads = torch.randn(len(present), 5, 4, *post_shape, dtype=torch.float64)
+    tasks = torch.tensor(present)
+    inputs = StepInputs(torch.ones(len(present), dtype=torch.float64), tasks, 3, gradients=grads)
+    objective = strategy.compute(inputs).objective
+    assert objective is not None
+    norms = grads.flatten(1).norm(dim=1)
+    reference = (grads * (grads.mean(0).norm() / norms).view(-1, *[1] * (grads.dim() - 1))).mean(0)
+    expected = (reference - grads).pow(2).sum() / (5 if post_shape else 1)
+    torch.testing.assert_close(objective.detach(), expected, rtol=1e-10, atol=0)
+    objective.backward()
+    assert strategy.bank is not None
+    untouched = [k for k in range(3) if k not in present]
+    assert all(strategy.bank.matrices[k].tangent.grad is None for k in untouched)
 
 
 @pytest.mark.parametrize("size", [6, 48])
