@@ -369,7 +369,7 @@ def _first(output: Any) -> Any:
 
 def _predictions_from(mtl: MTLWrapper, z: Tensor) -> Any:
     heads = list(mtl.heads.values()) if isinstance(mtl.heads, nn.ModuleDict) else list(mtl.heads)
-    predictions = [_first(head(mtl.strategy.adapt(z, k))) for k, head in enumerate(heads)]
+    predictions = [_first(mtl.strategy.predict(head, z, k)) for k, head in enumerate(heads)]
     if mtl.task_names is not None:
         return dict(zip(mtl.task_names, predictions))
     return predictions

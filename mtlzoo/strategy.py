@@ -5,7 +5,7 @@ RotoGrad family) the shared representation ``z``. It declares a :class:`~mtlzoo.
 (what it reads from a step); :class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.autograd`)
 drive it through one training step::
 
-    forward:   z = backbone(x);  z_k = strategy.adapt(z, k);  y_k = head_k(z_k)
+    forward:   z = backbone(x);  y_k = strategy.predict(head_k, z, k) = head_k(strategy.adapt(z, k))
     backward:  w = strategy.loss_weights(inputs)          the model learns from sum_k w_k L_k
                inputs.<statistic> = engine(request)        per-task gradients of w_k L_k, if requested
                update = strategy.compute(inputs)           weights c or a direction; an own objective
@@ -241,6 +241,14 @@ class Strategy(nn.Module):
     def adapt(self, z: Tensor, task: int) -> Tensor:
         """Transform the shared representation for task ``task`` in the forward pass (identity)."""
         return z
+
+    def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
+        """Task ``task``'s prediction from the shared representation: ``head(adapt(z, task))``.
+
+        A strategy may compute the same function another way (RotoGrad folds its rotation into a head
+        that starts with a linear layer); the gradient that reaches ``z`` is the same.
+        """
+        return head(self.adapt(z, task))
 
     def task_transform(self, task: int) -> nn.Module:
         """The module that applies :meth:`adapt` for ``task``, owned by ``mtl[task]`` (identity)."""

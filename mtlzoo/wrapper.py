@@ -257,7 +257,7 @@ class MTLWrapper(nn.Module):
                 if record:
                     z_task = z.detach().requires_grad_()
                     leaves.append(z_task)
-                prediction, extras = _split(head(self.strategy.adapt(z_task, index)))
+                prediction, extras = _split(self.strategy.predict(head, z_task, index))
                 predictions.append(prediction)
                 if extras is not None:
                     head_extras.append((key, extras))

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
+from mtlzoo.strategies._linear_fold import foldable_linear
 from mtlzoo.strategies._rotation_bank import (
     CHECK_EVERY,
     ORTHOGONAL_MAPS,
@@ -203,6 +204,11 @@ class RotateOnly(GradientSurgery):
             map cannot reach a rotation by exactly pi from its base.
         rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
             or ``"identity"``.
+        fold_linear_heads: Where a head starts with a plain ``nn.Linear`` ``W`` on a flat
+            representation (and has fewer outputs than the batch has rows), compute ``W (R_k z)`` as
+            ``(W R_k) z``: the same function and gradients up to rounding, without rotating the batch
+            (the step then costs less than plain training plus the rotations; see
+            :mod:`mtlzoo.strategies._linear_fold`). ``False`` rotates ``z`` as the original does.
 
     Example:
         >>> import torch, mtlzoo
@@ -228,7 +234,7 @@ class RotateOnly(GradientSurgery):
         original_code="https://github.com/adrianjav/rotograd",
     )
     supported_targets: tuple[Target, ...] = ("representation",)
-    unchecked_settings = ("rotation_shape", "rotation_init")
+    unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
     running_buffers: ClassVar[tuple[str, ...]] = ("initial_losses",)
     """Per-task reference values, (K,) buffers that start as NaN."""
 
@@ -242,11 +248,15 @@ class RotateOnly(GradientSurgery):
         burn_in_period: int = 20,
         orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
         rotation_init: RotationInit = "random",
+        fold_linear_heads: bool = True,
     ) -> None:
         super().__init__(num_tasks)
         if not isinstance(normalize_losses, bool):
             raise ValueError(f"Parameter `normalize_losses` should be a bool. Found `normalize_losses = "
                              f"{normalize_losses!r}`.")
+        if not isinstance(fold_linear_heads, bool):
+            raise ValueError(f"Parameter `fold_linear_heads` should be a bool. Found `fold_linear_heads = "
+                             f"{fold_linear_heads!r}`.")
         if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
             raise ValueError(f"Parameter `burn_in_period` should be a non-negative int. Found `burn_in_period = "
                              f"{burn_in_period!r}`.")
@@ -263,6 +273,7 @@ class RotateOnly(GradientSurgery):
         self.burn_in_period = burn_in_period
         self.orthogonal_map = orthogonal_map
         self.rotation_init = rotation_init
+        self.fold_linear_heads = fold_linear_heads
 
         for name in self.running_buffers:
             self.register_buffer(name, torch.full((num_tasks,), math.nan))
@@ -360,14 +371,33 @@ class RotateOnly(GradientSurgery):
                           "parameters, and an n x n product per task and step. For a (batch, channels, h, w) map, "
                           "pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
 
-    def adapt(self, z: Tensor, task: int) -> Tensor:
+    def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
+        """``head(R_task z)``; with ``fold_linear_heads``, a head that starts with a linear layer ``W`` reads
+        ``z`` through ``W R_task``, formed once (see :mod:`mtlzoo.strategies._linear_fold`)."""
         size, post_numel = self._layout(z)
+        folded = foldable_linear(head, z.numel() // size) \
+            if self.fold_linear_heads and post_numel == 1 and len(self.rotation_shape or ()) == 1 else None
+        if folded is None:
+            return head(self.adapt(z, task))
+        linear, rest = folded
+        with _full_precision(z.device):
+            weight = linear.weight @ self._rotation(task, z.device).to(linear.weight.dtype)
+        output = nn.functional.linear(z, weight, linear.bias)
+        for module in rest:
+            output = module(output)
+        return output
+
+    def _rotation(self, task: int, device: Any) -> Tensor:
+        """R_task as the forward uses it: no gradient (the rotation objective trains it)."""
         assert self.bank is not None
         if self.bank.retracted:  # a buffer: nothing to compute
-            return rotate(z, self.bank.matrices[task].rotation, size, post_numel)
-        with _full_precision(z.device):
-            matrix = self.bank.matrix(task).detach()
-        return rotate(z, matrix, size, post_numel)
+            return self.bank.matrices[task].rotation
+        with _full_precision(device):
+            return self.bank.matrix(task).detach()
+
+    def adapt(self, z: Tensor, task: int) -> Tensor:
+        size, post_numel = self._layout(z)
+        return rotate(z, self._rotation(task, z.device), size, post_numel)
 
     # ------------------------------------------------------------------ step
     def _is_reference_step(self) -> bool:
@@ -596,9 +626,10 @@ class RotoGradNorm(RotateOnly):
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *, alpha: float,
                  post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
                  orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-                 rotation_init: RotationInit = "random") -> None:
+                 rotation_init: RotationInit = "random", fold_linear_heads: bool = True) -> None:
         super().__init__(num_tasks, rotation_shape, post_shape=post_shape, normalize_losses=normalize_losses,
-                         burn_in_period=burn_in_period, orthogonal_map=orthogonal_map, rotation_init=rotation_init)
+                         burn_in_period=burn_in_period, orthogonal_map=orthogonal_map, rotation_init=rotation_init,
+                         fold_linear_heads=fold_linear_heads)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
             raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found `alpha = {alpha!r}`.")
         self.alpha = float(alpha)

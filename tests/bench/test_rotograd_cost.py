@@ -12,8 +12,9 @@ median and quartiles over the rounds:
 - ``floor, one bmm``: the same with the K rotations as one batched product of a (K, B, d) stack;
 - ``W_k R_k``: the structural trick for linear heads, ``z (W_k R_k)^T`` with ``W_k R_k`` formed
   once per step (m d^2 instead of B d^2), below the floor;
-- mtlzoo's ``rotograd`` with each ``orthogonal_map``, and the original ``rotograd`` 0.1.6.0 package
-  (the ``reference`` extra) when installed.
+- mtlzoo's ``rotograd`` with each ``orthogonal_map`` (its linear heads folded, ``W_k R_k``, the default),
+  the retraction also unfolded (``fold_linear_heads=False``: the batch rotated), and the original
+  ``rotograd`` 0.1.6.0 package (the ``reference`` extra) when installed.
 
 It checks only that every configuration trains (finite losses); targets are read from the table.
 """
@@ -108,9 +109,10 @@ def step_functions(size: int, num_tasks: int = NUM_TASKS, batch: int = BATCH,
             return float(loss.detach())
         return step
 
-    def ours(orthogonal_map: str) -> Callable[[], float]:
+    def ours(orthogonal_map: str, fold: bool = True) -> Callable[[], float]:
         model = mtlzoo.HardSharing(copy.deepcopy(backbone), copy.deepcopy(heads))
-        mtl = mtlzoo.MTLWrapper(model, "rotograd", rotation_shape=size, orthogonal_map=orthogonal_map)
+        mtl = mtlzoo.MTLWrapper(model, "rotograd", rotation_shape=size, orthogonal_map=orthogonal_map,
+                                fold_linear_heads=fold)
         mtl.strategy.rotations = rotations
         optimizer = torch.optim.SGD([{"params": list(mtl.model_parameters())},
                                      {"params": mtl.strategy_parameters(), "lr": 1e-4}], lr=1e-3)
@@ -151,6 +153,8 @@ def step_functions(size: int, num_tasks: int = NUM_TASKS, batch: int = BATCH,
     steps["W_k R_k (linear heads)"] = fused_heads()
     for orthogonal_map in maps:
         steps[f"mtlzoo rotograd {orthogonal_map}"] = ours(orthogonal_map)
+    if "retraction" in maps:
+        steps["mtlzoo rotograd retraction, unfolded"] = ours("retraction", fold=False)
     reference = original()
     if reference is not None:
         steps["rotograd 0.1.6.0"] = reference
