@@ -17,7 +17,7 @@ import torch
 import mtlzoo
 from mtlzoo.protocol import StepInputs
 from mtlzoo.strategies import RotateOnly
-from mtlzoo.strategies._rotation_bank import CHECK_EVERY, haar_rotations, polar_project
+from mtlzoo.strategies._rotation_bank import CHECK_EVERY, POLAR_TOLERANCE, haar_rotations, polar_project
 from tests.helpers import assert_same_state, batch, mse_losses, optimizer_for, small_model, train_steps
 
 FAMILY = ["rotate_only", "rotograd", "rotograd_norm"]
@@ -142,6 +142,52 @@ def test_rotations_stay_in_so_n_under_large_steps(size: int) -> None:
         assert torch.all(torch.linalg.det(rotations.double()) > 0.999)
         assert all(not p.detach().any() for p in mtl.strategy_parameters()), "tangents back to zero"
     assert (mtl.strategy.rotations - start).abs().max() > 0.5
+
+
+@pytest.mark.parametrize("size", [2, 8, 64])
+@pytest.mark.parametrize("scale", [1e-3, 0.05, 0.4])
+def test_truncated_exponential_error_is_within_its_bound(size: int, scale: float) -> None:
+    """Reference: the algebra of SO(n). For skew A and M = I + A + A^2 / 2, M^T M - I = A^4 / 4, whose 2-norm the
+    retraction bounds by ||A^2||_F^2 / 4: checked in float64 on random skew matrices and on a rank-2 one (a plane
+    rotation's generator, where the bound is tight). Fails if the bound were taken from a quantity smaller than
+    ||A^2||_2^2 / 4 (||A^2||_2^2 / 8, or the mean entry)."""
+    torch.manual_seed(size)
+    random = torch.randn(size, size, dtype=torch.float64) * scale
+    plane = torch.zeros(size, size, dtype=torch.float64)
+    plane[0, 1] = scale * size
+    for x in (random, plane):
+        skew = x.tril(-1) - x.tril(-1).mT
+        square = skew @ skew
+        step = torch.eye(size, dtype=torch.float64) + skew + square / 2
+        error = torch.linalg.matrix_norm(step.mT @ step - torch.eye(size, dtype=torch.float64), ord=2)
+        torch.testing.assert_close(step.mT @ step - torch.eye(size, dtype=torch.float64),
+                                   torch.linalg.matrix_power(skew, 4) / 4, rtol=1e-9, atol=1e-15)
+        bound = float(torch.linalg.matrix_norm(square)) ** 2 / 4
+        assert float(error) <= bound * (1 + 1e-9) + 1e-15
+    assert float(error) >= 0.99 * bound  # tight for the plane rotation
+
+
+def test_adam_like_steps_are_retracted_without_a_projection_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Adam step moves every entry of A by about its learning rate: at n = 128, lr = 5e-4 the loose bound
+    ||A||_F^4 / 4 (about 4e-6) exceeds the per-step budget POLAR_TOLERANCE / CHECK_EVERY while ||A^2||_F^2 / 4
+    (about 1e-7) does not; 15 such steps keep the rotations orthogonal to 1e-5 with no projection (a projection
+    is two more n^3 products per step). Fails with the loose bound (a projection after every step)."""
+    from mtlzoo.strategies import _rotation_bank
+
+    projections = []
+    original = _rotation_bank.polar_project
+    monkeypatch.setattr(_rotation_bank, "polar_project", lambda m, *a: projections.append(1) or original(m, *a))
+    torch.manual_seed(0)
+    bank = _rotation_bank.RotationBank(4, 128, orthogonal_map="retraction", init="random")
+    for _ in range(CHECK_EVERY - 1):
+        with torch.no_grad():
+            for module in bank.matrices:
+                module.tangent.copy_(5e-4 * torch.randint(0, 2, (128, 128)).float().mul(2).sub(1).tril(-1))
+        lower = torch.stack([module.tangent.detach() for module in bank.matrices])
+        assert float((lower - lower.mT).norm(dim=(-2, -1)).amax()) ** 4 / 4 > 4 * POLAR_TOLERANCE / CHECK_EVERY
+        bank.retract(check=False)
+        assert orthogonality_error(bank.weight) <= 1e-5
+    assert projections == []
 
 
 def test_polar_projection_gives_the_nearest_rotation() -> None:
