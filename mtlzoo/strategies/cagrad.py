@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import clean_gramian, lstsq
+from mtlzoo.solvers import cholesky, cholesky_solve, clean_gramian, definite_unit, lstsq
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -113,6 +113,40 @@ def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius
             break
     return weights
 
+def definite_interior_weights(unit: list[list[float]], c: float) -> list[float] | None:
+    r"""CAGrad's weights of ``d`` (before the rescaling and the factor K) in closed form, where the Gramian is
+    positive definite (certified by :func:`mtlzoo.solvers.definite_unit`) and the minimiser lies inside the
+    simplex; ``None`` elsewhere (then :func:`conflict_averse_weights` solves the problem).
+
+    Inside the simplex the optimality conditions are ``g_0 + (r / n) G w = μ 1``, ``1^T w = 1``, with
+    ``r = c ||g_0||``, ``n = sqrt(w^T G w + δ)`` and ``G^{-1} g_0 = 1 / K`` (``g_0 = G 1 / K`` in weights).
+    With ``y = G^{-1} 1``, ``s = 1^T y`` (``1 / s`` is the least ``w^T G w`` on the affine hull of the
+    simplex), ``m = 1^T G 1 / K^2 = ||g_0||^2`` and ``t = n / r``, they give ``w = t (μ y - 1 / K)``,
+    ``μ = (1 + 1 / t) / s`` and ``t^2 = (1 / s + δ) / (1 / s - (1 - c^2) m)``; the function being convex,
+    that point is the minimiser where every ``w_k`` is positive (above 1e-9, as :func:`_interior_optimum` asks),
+    and the weights of ``d = g_0 + (r / n) g_w`` are ``1 / K + w / t = μ y``. The denominator must be positive
+    (above 1e-6 m, so that ``t`` is accurate).
+    """
+    size = len(unit)
+    factor = cholesky(unit)
+    if size < 2 or factor is None:
+        return None
+    inverse_ones = cholesky_solve(factor, [1.0] * size)
+    total = sum(inverse_ones)
+    mean = sum(map(sum, unit)) / size**2
+    if not (total > 0 and mean > 0):
+        return None
+    affine = 1.0 / total
+    denominator = affine - (1.0 - c * c) * mean
+    if not denominator > 1e-6 * mean:
+        return None
+    ratio = math.sqrt((affine + SMOOTHING) / denominator)  # t = n / r
+    multiplier = (1.0 + 1.0 / ratio) / total
+    if min(ratio * (multiplier * value - 1.0 / size) for value in inverse_ones) <= 1e-9:
+        return None
+    return [multiplier * value for value in inverse_ones]
+
+
 class CAGrad(GramianSurgery):
     r"""CAGrad: maximise the worst task's improvement within a ball around the average gradient.
 
@@ -184,6 +218,11 @@ class CAGrad(GramianSurgery):
     def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
                      micro_batch: int) -> np.ndarray:
         size = matrix.shape[0]
+        divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
+        definite = definite_unit(matrix, eps) if self.c > 0 and size > 1 else None
+        fast = definite_interior_weights(definite, self.c) if definite is not None else None
+        if fast is not None:  # small, safely positive definite, interior minimiser: closed form on Python floats
+            return np.array(fast) * (size / divisor)
         unit = clean_gramian(matrix, eps)
         weights = np.full(size, 1.0 / size)
         radius = self.c * math.sqrt(max(float(unit.mean()), 0.0))
@@ -192,5 +231,4 @@ class CAGrad(GramianSurgery):
             weights = weights + radius / math.sqrt(max(float(w @ unit @ w), 0.0) + SMOOTHING) * w
         elif radius > 0:
             weights = weights * (1 + self.c)
-        divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
         return size * weights / divisor

@@ -8,7 +8,7 @@ import numpy as np
 from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import clean_gramian, min_norm_weights, to_host
+from mtlzoo.solvers import clean_gramian, definite_min_norm, definite_unit, min_norm_weights, to_host
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -98,7 +98,9 @@ class MGDA(GramianSurgery):
                 divisors = divisors * np.abs(to_host(losses))
             divisors = np.where(divisors > 0, divisors, 1.0)
             matrix = matrix / np.outer(divisors, divisors)
-        weights = min_norm_weights(clean_gramian(matrix, eps))  # the solver of min_norm_simplex, on the host
+        unit = definite_unit(matrix, eps)  # small and safely positive definite: exact solves on Python floats
+        fast = definite_min_norm(unit) if unit is not None else None
+        weights = np.array(fast) if fast is not None else min_norm_weights(clean_gramian(matrix, eps))
         rounding = len(weights) * eps * float(np.trace(matrix))
         if self.normalization == "none" and float(weights @ matrix @ weights) <= rounding:
             return np.zeros_like(weights)  # the nearest point is 0 up to the Gramian's rounding

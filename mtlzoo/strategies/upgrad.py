@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
+from mtlzoo.solvers import clean_gramian, definite_dual_cone, definite_unit, dual_cone_weights, unit_trace
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -62,12 +62,13 @@ class DualConeSurgery(GramianSurgery):
     def host_problem(self, matrix: np.ndarray, eps: float, tasks: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """The host Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive
         semi-definite) and the preference of the present tasks (``1/K'`` each, or the given entries)."""
-        size = matrix.shape[0]
+        return clean_gramian(unit_trace(matrix, self.reg_eps), eps), self.host_preference(matrix.shape[0], tasks)
+
+    def host_preference(self, size: int, tasks: Tensor) -> np.ndarray:
+        """The preference of the present tasks on the host: ``1/K'`` each, or the given entries."""
         if self.pref_vector is None:
-            weights = np.full(size, 1.0 / size) if size else np.zeros(0)
-        else:
-            weights = self.pref_vector.numpy()[tasks.cpu().numpy()]
-        return clean_gramian(unit_trace(matrix, self.reg_eps), eps), weights
+            return np.full(size, 1.0 / size) if size else np.zeros(0)
+        return self.pref_vector.numpy()[tasks.cpu().numpy()]
 
     @property
     def properties(self) -> frozenset[str]:
@@ -134,5 +135,12 @@ class UPGrad(DualConeSurgery):
 
     def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
                      micro_batch: int) -> np.ndarray:
+        definite = definite_unit(matrix, eps, self.reg_eps)  # small and safely positive definite: Python floats
+        if definite is not None:
+            weights = self.host_preference(matrix.shape[0], tasks).tolist()
+            targets = [[value if i == k else 0.0 for i in range(len(weights))] for k, value in enumerate(weights)]
+            solutions = definite_dual_cone(targets, definite)
+            if solutions is not None:
+                return np.array([sum(column) for column in zip(*solutions)])
         unit, weights = self.host_problem(matrix, eps, tasks)
         return dual_cone_weights(np.diag(weights), unit).sum(0)  # project_to_dual_cone's solver, on the host

@@ -310,8 +310,9 @@ def test_cagrad_interior_newton_agrees_with_slsqp(name: str, matrix: torch.Tenso
     size = matrix.shape[0]
     ones = torch.ones(size, dtype=torch.float64)
     for c in (0.4, 0.9):
-        fast = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
-        with monkeypatch.context() as patch:
+        with monkeypatch.context() as patch:  # the closed form off: the Newton steps where they are accepted
+            patch.setattr(cagrad_module, "definite_interior_weights", lambda *args: None)
+            fast = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
             patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
             reference = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
         scale = float(torch.linalg.matrix_norm(matrix))
@@ -330,3 +331,206 @@ def test_cagrad_takes_the_interior_path_on_some_cases() -> None:
     weights = cagrad_module.conflict_averse_weights(gramian, 0.4)
     assert weights.min() < 1e-9
     assert cagrad_module._interior_optimum(gramian, gramian.mean(axis=1), 0.4 * math.sqrt(gramian.mean())) is None
+
+
+# ------------------------------------------ small positive-definite Gramians on Python floats (issue 12)
+def representation_like(size: int, seed: int) -> torch.Tensor:
+    """Rows like the representation gradients of the speed benchmark: nearly orthogonal, with small conflicts."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 128, generator=generator, dtype=torch.float64) * torch.rand(
+        size, 1, generator=generator, dtype=torch.float64).add(0.5)
+
+
+def balanced(size: int, seed: int) -> torch.Tensor:
+    """Rows of about equal norms, each pair in a small conflict (the mean taken off): CAGrad's optimum is interior."""
+    rows = torch.randn(size, 512, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return rows - 0.2 * rows.mean(0)
+
+
+def conflicting(size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(size, 30, generator=generator, dtype=torch.float64)
+    rows[1:] -= 2 * torch.rand(size - 1, 1, generator=generator, dtype=torch.float64) * rows[0]
+    return rows
+
+
+DEFINITE_SIZES = (1, 2, 3, 4, 8)
+DEFINITE_CASES = [(f"{name}{size}-{dtype}", matrix.to(dtype)) for size in (*DEFINITE_SIZES, 10)
+                  for name, matrix in [*matrices(size, seed=size),
+                                       ("representation", representation_like(size, size)),
+                                       ("balanced", balanced(size, size)),
+                                       ("conflicting", conflicting(size, size)),
+                                       ("scaled", conflicting(size, 2 * size) * torch.logspace(
+                                           -3, 3, size, dtype=torch.float64)[:, None]),
+                                       ("huge", 1e15 * conflicting(size, 3 * size)),
+                                       ("tiny", 1e-15 * conflicting(size, 3 * size))]
+                  for dtype in (torch.float32, torch.float64)]
+DEFINITE_IDS = [name for name, _ in DEFINITE_CASES]
+FAST_METHODS = (("upgrad", {}), ("upgrad", {"reg_eps": 1e-4}), ("upgrad", {"pref_vector": "ramp"}),
+                ("dualproj", {}), ("mgda", {}), ("mgda", {"normalization": "l2"}), ("cagrad", {}),
+                ("cagrad", {"c": 0.9, "rescale": 0}), ("nash_mtl", {}))
+
+
+def fast_options(size: int, options: dict) -> dict:
+    if options.get("pref_vector") == "ramp":
+        return {**options, "pref_vector": [1.0 + k for k in range(size)]}
+    return options
+
+
+@pytest.mark.parametrize(("name", "matrix"), DEFINITE_CASES, ids=DEFINITE_IDS)
+def test_small_definite_paths_match_the_numpy_paths(name: str, matrix: torch.Tensor,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference: the previous numpy / LAPACK path of each method (gelsd least squares, Wolfe's algorithm, Newton
+    steps or SLSQP for CAGrad), which ``SMALL = 0`` restores everywhere. Each method's step weights (float32
+    Gramians, as a step gives them) and standalone update agree with it to rounding, on degenerate Gramians too
+    (there :func:`mtlzoo.solvers.definite_unit` must refuse, and a Cholesky path that did not would fail here);
+    and the Python-float path is taken on every safely definite Gramian of at most SMALL tasks."""
+    import warnings
+
+    from mtlzoo import solvers
+    from mtlzoo.protocol import StepInputs
+    size = matrix.shape[0]
+    gramian = matrix @ matrix.T
+    certified = solvers.definite_unit(solvers.to_host(gramian), torch.finfo(matrix.dtype).eps) is not None
+    singular = (name.startswith("zero_row") or (name.startswith("duplicated") and size > 1)
+                or (name.startswith("low_rank") and size > 2))
+    if name.startswith("scaled"):  # definite, its certificate depends on the dtype's rounding unit
+        assert not certified or size <= solvers.SMALL
+    else:
+        assert certified == (size <= solvers.SMALL and not singular)
+    tolerance = 1e-5 if matrix.dtype == torch.float32 else 1e-9
+    losses = torch.rand(size, generator=torch.Generator().manual_seed(size), dtype=matrix.dtype) + 0.5
+    for method, options in FAST_METHODS:
+        options = fast_options(size, options)
+        answers = []
+        for small in (solvers.SMALL, 0):
+            monkeypatch.setattr(solvers, "SMALL", small)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Nash-MTL's warnings on degenerate Gramians, alike on both paths
+                inputs = StepInputs(losses, torch.arange(size), size, micro_batch=0)
+                inputs.gramian = gramian
+                step = mtlzoo.create(method, num_tasks=size, **options).compute(inputs).weights
+                update = mtlzoo.create(method, num_tasks=size, **options).aggregate(matrix, losses)
+            answers.append((step, update))
+        (step, update), (step_reference, update_reference) = answers
+        assert step is not None and step_reference is not None and step.dtype == gramian.dtype
+        close_updates(step.double(), step_reference.double(), matrix, tolerance)
+        scale = float(torch.linalg.matrix_norm(matrix.double())) * max(float(step_reference.abs().max()), 1.0)
+        assert float((update.double() - update_reference.double()).norm()) <= tolerance * scale, (method, options)
+
+
+def test_definite_unit_certifies_only_safely_positive_definite_gramians() -> None:
+    """Gramians built from chosen eigenvalues: certified (and then equal to :func:`clean_gramian`'s matrix) just
+    above max(DEFINITE, 64 K eps), refused just below it, and refused when singular, zero, subnormal, infinite
+    or larger than SMALL tasks."""
+    from mtlzoo.solvers import DEFINITE, SMALL, clean_gramian, definite_unit
+    rng = np.random.default_rng(0)
+    for size in (2, 4, SMALL):
+        vectors = np.linalg.qr(rng.standard_normal((size, size)))[0]
+        for eps in (0.0, float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)):
+            bound = max(DEFINITE, 64 * size * eps)
+            for factor, accepted in ((1.5, True), (0.5, False), (0.0, False), (-1.0, False)):
+                values = np.linspace(1.0, 2.0, size)
+                values[0] = 0.0
+                values *= (1 - factor * bound) / values.sum()
+                values[0] = factor * bound  # unit trace, smallest eigenvalue factor * bound
+                gramian = (vectors * values) @ vectors.T * 3.7
+                unit = definite_unit(gramian, eps)
+                assert (unit is not None) == accepted, (size, eps, factor)
+                if unit is not None:
+                    np.testing.assert_allclose(np.array(unit), clean_gramian(gramian, eps), rtol=0, atol=1e-13)
+    identity = np.eye(3)
+    assert definite_unit(identity) is not None
+    assert definite_unit(np.zeros((3, 3))) is None
+    assert definite_unit(identity * 1e-300) is None  # a subnormal trace
+    assert definite_unit(identity * 1e300) is not None and definite_unit(np.full((2, 2), 1e308) + np.eye(2)) is None
+    assert definite_unit(np.eye(SMALL + 1)) is None and definite_unit(np.zeros((0, 0))) is None
+    ridged = definite_unit(np.diag([1.0, 0.0]), ridge=0.1)  # UPGrad's reg_eps makes a singular Gramian definite
+    assert ridged is not None
+    np.testing.assert_allclose(np.array(ridged), np.diag([1.1, 0.1]) / 1.2, rtol=1e-15)
+
+
+@pytest.mark.parametrize("size", DEFINITE_SIZES)
+def test_small_definite_min_norm_is_the_best_support(size: int) -> None:
+    """Independent reference for MGDA's Python-float path: every support S of the weights, the affine minimiser
+    ``G_S^{-1} 1 / 1^T G_S^{-1} 1`` by numpy.linalg.solve, the feasible one of least norm (the problem is
+    strictly convex on a definite Gramian). Conflicting and representation-like rows; the path is taken."""
+    import itertools
+
+    from mtlzoo.solvers import definite_min_norm, definite_unit
+    for rows in (conflicting(size, 7), representation_like(size, 8), conflicting(size, 9).abs()):
+        gramian = (rows @ rows.T).numpy()
+        unit = definite_unit(gramian)
+        assert unit is not None
+        ours = np.array(definite_min_norm(unit))
+        best, best_value = None, np.inf
+        for count in range(1, size + 1):
+            for support in itertools.combinations(range(size), count):
+                index = list(support)
+                solution = np.linalg.solve(gramian[np.ix_(index, index)], np.ones(count))
+                if solution.min() <= 0:
+                    continue
+                weights = np.zeros(size)
+                weights[index] = solution / solution.sum()
+                value = weights @ gramian @ weights
+                if value < best_value:
+                    best, best_value = weights, value
+        np.testing.assert_allclose(ours, best, rtol=0, atol=1e-10)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("size", (2, 3, 4, 8))
+def test_small_definite_dual_cone_equals_torchjd(size: int) -> None:
+    """torchjd 0.18's UPGradWeighting and DualProjWeighting (quadprog on G / tr(G) + 1e-4 I) against mtlzoo's
+    Python-float path with reg_eps=1e-4 (taken here: the Gramians are definite), to 1e-10 of the weights."""
+    aggregation = pytest.importorskip("torchjd.aggregation")
+    pytest.importorskip("quadprog")
+    from mtlzoo.solvers import definite_unit
+    for rows in (conflicting(size, 11), representation_like(size, 12), conflicting(size, 13) * 10.0):
+        gramian = rows @ rows.T
+        assert definite_unit(gramian.numpy(), ridge=1e-4) is not None
+        for method, reference in (("upgrad", aggregation.UPGradWeighting()),
+                                  ("dualproj", aggregation.DualProjWeighting())):
+            ours = mtlzoo.create(method, num_tasks=size, reg_eps=1e-4).gramian_weights(gramian, torch.ones(size))
+            expected = reference(gramian)
+            scale = float(expected.abs().max())
+            torch.testing.assert_close(ours, expected.to(ours.dtype), rtol=0, atol=1e-10 * scale, msg=method)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.4, 0.9, 2.0])
+@pytest.mark.parametrize("size", (2, 3, 4, 8))
+def test_cagrad_closed_form_is_the_interior_minimiser(size: int, c: float) -> None:
+    """CAGrad's closed form (:func:`definite_interior_weights`) against its problem: where it answers, the
+    minimiser it implies (``w = t (μ y - 1/K)``, recovered from the weights of d) is inside the simplex and has
+    equal partial derivatives (the optimality conditions; the function is convex), and SLSQP from the centre,
+    polished, finds the same point; where the optimum is on the boundary it answers None."""
+    from mtlzoo.solvers import definite_unit
+    from mtlzoo.strategies import cagrad as cagrad_module
+    from mtlzoo.strategies.cagrad import SMOOTHING, definite_interior_weights
+    answered = 0
+    for rows in (balanced(size, 20), conflicting(size, 21), representation_like(size, 22), conflicting(size, 23).abs()):
+        gramian = (rows @ rows.T).numpy()
+        unit = definite_unit(gramian)
+        assert unit is not None
+        unit_array = np.array(unit)
+        weights = definite_interior_weights(unit, c)
+        mean = unit_array.mean(axis=1)
+        radius = c * math.sqrt(unit_array.mean())
+        if weights is None:
+            continue
+        answered += 1
+        # d's weights are 1/K + (r / n) w with w on the simplex: w is their excess over 1/K, normalised.
+        excess = np.array(weights) - 1.0 / size
+        w = excess / excess.sum()
+        assert w.min() > 1e-9
+        norm = math.sqrt(w @ unit_array @ w + SMOOTHING)
+        np.testing.assert_allclose(excess, radius / norm * w, rtol=1e-9)
+        gradient = mean + radius * (unit_array @ w) / norm
+        assert float(gradient.max() - gradient.min()) <= 1e-9 * float(np.abs(gradient).max())
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
+            np.testing.assert_allclose(cagrad_module.conflict_averse_weights(unit_array, c), w, rtol=0, atol=1e-7)
+    assert answered >= (1 if c >= 0.4 else 0)  # the balanced rows' optimum is interior from c = 0.4 on
+    rows = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])  # a task far inside the others' improvement: w_3 = 0
+    unit = definite_unit(rows @ rows.T + 1e-3 * np.eye(3))
+    assert unit is not None and definite_interior_weights(unit, 0.4) is None
