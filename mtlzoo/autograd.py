@@ -611,7 +611,23 @@ def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:
 
 
 def apply(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool = False) -> None:
-    """One ``torch.autograd.backward`` over every root of the step, so accumulation hooks fire once."""
-    if roots:
-        torch.autograd.backward(list(roots), list(grads), retain_graph=retain_graph)
+    """One backward over every root of the step, so accumulation hooks fire once.
+
+    What ``torch.autograd.backward`` runs, given to autograd's engine directly: the engine builds
+    every gradient with its root's shape and dtype, so the per-root checks of the Python entry
+    point (about 10 us per root, a dozen roots per step) are skipped; a root without a gradient
+    (a scalar objective) gets ones.
+    """
+    if not roots:
+        return
+    filled = tuple(torch.ones_like(root) if grad is None else grad for root, grad in zip(roots, grads))
+    if _ENGINE is None:
+        torch.autograd.backward(list(roots), list(filled), retain_graph=retain_graph)
+        return
+    _ENGINE.run_backward(tuple(roots), filled, retain_graph, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
+_ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
+if not hasattr(_ENGINE, "run_backward"):
+    _ENGINE = None
 
