@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from operator import mul
 
 import numpy as np
 from scipy.optimize import minimize
@@ -113,38 +114,101 @@ def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius
             break
     return weights
 
-def definite_interior_weights(unit: list[list[float]], c: float) -> list[float] | None:
-    r"""CAGrad's weights of ``d`` (before the rescaling and the factor K) in closed form, where the Gramian is
-    positive definite (certified by :func:`mtlzoo.solvers.definite_unit`) and the minimiser lies inside the
-    simplex; ``None`` elsewhere (then :func:`conflict_averse_weights` solves the problem).
+def definite_conflict_averse(unit: list[list[float]], c: float) -> list[float] | None:
+    r"""CAGrad's weights of ``d`` (before the rescaling and the factor K) on a positive definite Gramian (certified
+    by :func:`mtlzoo.solvers.definite_unit`), exactly, on Python floats; ``None`` where this method gives up
+    (then :func:`conflict_averse_weights` solves the problem).
 
-    Inside the simplex the optimality conditions are ``g_0 + (r / n) G w = μ 1``, ``1^T w = 1``, with
-    ``r = c ||g_0||``, ``n = sqrt(w^T G w + δ)`` and ``G^{-1} g_0 = 1 / K`` (``g_0 = G 1 / K`` in weights).
-    With ``y = G^{-1} 1``, ``s = 1^T y`` (``1 / s`` is the least ``w^T G w`` on the affine hull of the
-    simplex), ``m = 1^T G 1 / K^2 = ||g_0||^2`` and ``t = n / r``, they give ``w = t (μ y - 1 / K)``,
-    ``μ = (1 + 1 / t) / s`` and ``t^2 = (1 / s + δ) / (1 / s - (1 - c^2) m)``; the function being convex,
-    that point is the minimiser where every ``w_k`` is positive (above 1e-9, as :func:`_interior_optimum` asks),
-    and the weights of ``d = g_0 + (r / n) g_w`` are ``1 / K + w / t = μ y``. The denominator must be positive
-    (above 1e-6 m, so that ``t`` is accurate).
+    On a face ``S`` of the simplex the optimality conditions of ``f(w) = a^T w + r n``, with ``a = G 1 / K``
+    (``g_k . g_0``), ``r = c ||g_0||`` and ``n = sqrt(w^T G w + δ)``, are ``a_S + (r / n) G_S w_S = μ 1``,
+    ``1^T w_S = 1``. With ``y = G_S^{-1} 1``, ``b = G_S^{-1} a_S``, their sums ``s_y``, ``s_b``,
+    ``q = a_S^T b`` and ``t = n / r`` they give, in closed form,
+
+    .. math::
+
+        w_S = t (μ y - b), \quad μ = (1 / t + s_b) / s_y, \quad
+        t^2 = \frac{1 / s_y + δ}{r^2 - q + s_b^2 / s_y}
+
+    (on the whole simplex ``b = 1 / K``: ``w = t (μ y - 1 / K)``). ``f`` is strictly convex, so a primal
+    active-set method finds its minimiser: from the centre (from the vertex of least ``f`` where ``f`` is
+    unbounded below on the whole simplex's affine hull), move towards the current face's minimiser, dropping
+    the first weight that reaches 0 on the way; at a face minimiser with positive weights, add the task whose
+    partial derivative is furthest below ``μ``, or stop when none is (the optimality conditions hold). ``f``
+    falls at every move, so no face comes back. The weights of ``d = g_0 + (r / n) g_w`` are then
+    ``1 / K + w / t``. ``None`` where a face's denominator is not safely positive (below 1e-6 of ``r^2`` or
+    ``q``: its ``t`` would be inaccurate, or ``f`` unbounded on the face's affine hull).
     """
     size = len(unit)
-    factor = cholesky(unit)
-    if size < 2 or factor is None:
+    mean = sum(map(sum, unit)) / size**2  # ||g_0||^2
+    if size < 2 or not mean > 0:
         return None
-    inverse_ones = cholesky_solve(factor, [1.0] * size)
-    total = sum(inverse_ones)
-    mean = sum(map(sum, unit)) / size**2
-    if not (total > 0 and mean > 0):
+    linear = [sum(row) / size for row in unit]
+    squared_radius = c * c * mean
+    support = list(range(size))
+    weights = [1.0 / size] * size
+    entering = -1
+    for iteration in range(10 * size + 50):
+        face = _face_minimiser(unit, linear, squared_radius, support)
+        if face is None and iteration == 0:  # f unbounded on the simplex's affine hull: start at the best vertex
+            values = [linear[k] + math.sqrt(squared_radius * (unit[k][k] + SMOOTHING)) for k in range(size)]
+            best_vertex = values.index(min(values))
+            support, weights = [best_vertex], [0.0] * size
+            weights[best_vertex] = 1.0
+            face = _face_minimiser(unit, linear, squared_radius, support)
+        if face is None:
+            return None
+        target, ratio, multiplier = face
+        if min(target) > 0:
+            weights = [0.0] * size
+            for i, value in zip(support, target):
+                weights[i] = value
+            derivatives = [linear[k] + sum(map(mul, unit[k], weights)) / ratio for k in range(size)]
+            tolerance = 1e-12 * max(max(map(abs, derivatives)), abs(multiplier))
+            best, entering = multiplier - tolerance, -1
+            for k in range(size):
+                if weights[k] == 0.0 and derivatives[k] < best:
+                    best, entering = derivatives[k], k
+            if entering < 0:
+                return [1.0 / size + value / ratio for value in weights]
+            support = sorted([*support, entering])
+            continue
+        step, blocking = math.inf, -1  # towards the target until the first weight reaches 0
+        for position, (i, value) in enumerate(zip(support, target)):
+            if value <= 0:
+                drop = weights[i] - value
+                ratio_to_zero = weights[i] / drop if drop > 0 else 0.0
+                if ratio_to_zero < step:
+                    step, blocking = ratio_to_zero, position
+        if support[blocking] == entering and step <= 0:
+            return None  # the task just added would leave at once: rounding (or a face this method cannot take)
+        moved = [weights[i] + step * (value - weights[i]) for i, value in zip(support, target)]
+        moved[blocking] = 0.0
+        weights = [0.0] * size
+        for i, value in zip(support, moved):
+            weights[i] = max(value, 0.0)
+        support = [i for i in support if weights[i] > 0]
+    return None
+
+
+def _face_minimiser(unit: list[list[float]], linear: list[float], squared_radius: float,
+                    support: list[int]) -> tuple[list[float], float, float] | None:
+    """The minimiser of :func:`definite_conflict_averse`'s ``f`` on the affine hull of a face: ``(w_S, t, μ)``."""
+    factor = cholesky([[unit[i][j] for j in support] for i in support])
+    if factor is None:
         return None
-    affine = 1.0 / total
-    denominator = affine - (1.0 - c * c) * mean
-    if not denominator > 1e-6 * mean:
+    face_linear = [linear[i] for i in support]
+    inverse_ones = cholesky_solve(factor, [1.0] * len(support))
+    inverse_linear = cholesky_solve(factor, face_linear)
+    total, linear_total = sum(inverse_ones), sum(inverse_linear)
+    quadratic = sum(map(mul, face_linear, inverse_linear))
+    if not total > 0:
         return None
-    ratio = math.sqrt((affine + SMOOTHING) / denominator)  # t = n / r
-    multiplier = (1.0 + 1.0 / ratio) / total
-    if min(ratio * (multiplier * value - 1.0 / size) for value in inverse_ones) <= 1e-9:
+    denominator = squared_radius - quadratic + linear_total**2 / total
+    if not denominator > 1e-6 * max(squared_radius, quadratic):
         return None
-    return [multiplier * value for value in inverse_ones]
+    ratio = math.sqrt((1.0 / total + SMOOTHING) / denominator)  # t = n / r
+    multiplier = (1.0 / ratio + linear_total) / total
+    return [ratio * (multiplier * y - b) for y, b in zip(inverse_ones, inverse_linear)], ratio, multiplier
 
 
 class CAGrad(GramianSurgery):
@@ -220,8 +284,8 @@ class CAGrad(GramianSurgery):
         size = matrix.shape[0]
         divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
         definite = definite_unit(matrix, eps) if self.c > 0 and size > 1 else None
-        fast = definite_interior_weights(definite, self.c) if definite is not None else None
-        if fast is not None:  # small, safely positive definite, interior minimiser: closed form on Python floats
+        fast = definite_conflict_averse(definite, self.c) if definite is not None else None
+        if fast is not None:  # small and safely positive definite: an exact active set on Python floats
             return np.array(fast) * (size / divisor)
         unit = clean_gramian(matrix, eps)
         weights = np.full(size, 1.0 / size)

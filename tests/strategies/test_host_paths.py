@@ -311,7 +311,7 @@ def test_cagrad_interior_newton_agrees_with_slsqp(name: str, matrix: torch.Tenso
     ones = torch.ones(size, dtype=torch.float64)
     for c in (0.4, 0.9):
         with monkeypatch.context() as patch:  # the closed form off: the Newton steps where they are accepted
-            patch.setattr(cagrad_module, "definite_interior_weights", lambda *args: None)
+            patch.setattr(cagrad_module, "definite_conflict_averse", lambda *args: None)
             fast = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
             patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
             reference = mtlzoo.create("cagrad", num_tasks=size, c=c).aggregate(matrix, ones)
@@ -499,38 +499,57 @@ def test_small_definite_dual_cone_equals_torchjd(size: int) -> None:
 
 @pytest.mark.parametrize("c", [0.1, 0.4, 0.9, 2.0])
 @pytest.mark.parametrize("size", (2, 3, 4, 8))
-def test_cagrad_closed_form_is_the_interior_minimiser(size: int, c: float) -> None:
-    """CAGrad's closed form (:func:`definite_interior_weights`) against its problem: where it answers, the
-    minimiser it implies (``w = t (μ y - 1/K)``, recovered from the weights of d) is inside the simplex and has
-    equal partial derivatives (the optimality conditions; the function is convex), and SLSQP from the centre,
-    polished, finds the same point; where the optimum is on the boundary it answers None."""
+def test_cagrad_definite_active_set_is_the_minimiser(size: int, c: float) -> None:
+    """CAGrad's exact active set (:func:`definite_conflict_averse`) against its problem: the minimiser it implies
+    (w, recovered from the weights of d = 1/K + (r / n) w) is on the simplex and satisfies the optimality conditions
+    (the function is convex: equal partial derivatives on the support, none below them off it), and SLSQP from
+    the centre, polished (the previous path), finds the same point; on interior optima (balanced rows) and on
+    optima with zero weights (a task far inside the others' reach), from the centre and from the best vertex."""
     from mtlzoo.solvers import definite_unit
     from mtlzoo.strategies import cagrad as cagrad_module
-    from mtlzoo.strategies.cagrad import SMOOTHING, definite_interior_weights
-    answered = 0
-    for rows in (balanced(size, 20), conflicting(size, 21), representation_like(size, 22), conflicting(size, 23).abs()):
+    from mtlzoo.strategies.cagrad import SMOOTHING, definite_conflict_averse
+    boundary = 0
+    for rows in (balanced(size, 20), conflicting(size, 21), representation_like(size, 22), conflicting(size, 23).abs(),
+                 torch.cat([balanced(size - 1, 24), 3.0 * balanced(size - 1, 24).mean(0, keepdim=True)])):
         gramian = (rows @ rows.T).numpy()
         unit = definite_unit(gramian)
-        assert unit is not None
+        if unit is None:
+            continue
         unit_array = np.array(unit)
-        weights = definite_interior_weights(unit, c)
+        weights = definite_conflict_averse(unit, c)
+        assert weights is not None
         mean = unit_array.mean(axis=1)
         radius = c * math.sqrt(unit_array.mean())
-        if weights is None:
-            continue
-        answered += 1
-        # d's weights are 1/K + (r / n) w with w on the simplex: w is their excess over 1/K, normalised.
         excess = np.array(weights) - 1.0 / size
         w = excess / excess.sum()
-        assert w.min() > 1e-9
+        assert w.min() >= 0
         norm = math.sqrt(w @ unit_array @ w + SMOOTHING)
-        np.testing.assert_allclose(excess, radius / norm * w, rtol=1e-9)
+        np.testing.assert_allclose(excess, radius / norm * w, rtol=1e-9, atol=1e-15)
         gradient = mean + radius * (unit_array @ w) / norm
-        assert float(gradient.max() - gradient.min()) <= 1e-9 * float(np.abs(gradient).max())
+        support = w > 0
+        boundary += int(not support.all())
+        level = float(gradient[support].min())
+        scale = float(np.abs(gradient).max())
+        assert float(gradient[support].max()) - level <= 1e-9 * scale
+        assert float(gradient[~support].min(initial=np.inf)) >= level - 1e-9 * scale
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
             np.testing.assert_allclose(cagrad_module.conflict_averse_weights(unit_array, c), w, rtol=0, atol=1e-7)
-    assert answered >= (1 if c >= 0.4 else 0)  # the balanced rows' optimum is interior from c = 0.4 on
-    rows = np.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])  # a task far inside the others' improvement: w_3 = 0
-    unit = definite_unit(rows @ rows.T + 1e-3 * np.eye(3))
-    assert unit is not None and definite_interior_weights(unit, 0.4) is None
+    assert boundary >= 1  # the zero-weight faces are exercised
+
+
+def test_cagrad_active_set_answers_the_boundary_example() -> None:
+    """Hand-made: a third row (5, 5) beside (1, 0) and (0, 1) is far inside their improvement: its weight is 0, as
+    SLSQP finds (the previous path), on a safely definite Gramian."""
+    from mtlzoo.solvers import definite_unit
+    from mtlzoo.strategies import cagrad as cagrad_module
+    rows = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 0.1]])
+    unit = definite_unit(rows @ rows.T)
+    assert unit is not None
+    weights = np.array(cagrad_module.definite_conflict_averse(unit, 0.4))
+    excess = weights - 1 / 3
+    assert excess[2] == 0 and excess[:2].min() > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cagrad_module, "_interior_optimum", lambda *args: None)
+        reference = cagrad_module.conflict_averse_weights(np.array(unit), 0.4)
+    np.testing.assert_allclose(excess / excess.sum(), reference, atol=1e-7)
