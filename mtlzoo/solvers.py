@@ -9,6 +9,12 @@ host face (:func:`min_norm_weights`, :func:`dual_cone_weights`) for the strategi
 step's K x K work on the host after one transfer (:func:`to_host`, :func:`from_host`). A one-off
 problem of a single strategy stays in that strategy's module.
 
+Up to :data:`SMALL` tasks, a Gramian that :func:`definite_unit` certifies safely positive definite
+(the common case on a representation wider than K) is solved on Python floats instead, by the same
+active-set methods with exact Cholesky solves (:func:`definite_min_norm`, :func:`definite_dual_cone`):
+there numpy's and LAPACK's per-call overhead was most of a step's solver time (issue 12). Anything
+else, and anything those solvers give up on, takes the numpy / LAPACK path.
+
 - :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
 - :func:`project_to_dual_cone`: the projection of ``J^T u`` onto the dual cone

@@ -226,9 +226,12 @@ class CAGrad(GramianSurgery):
     As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
     the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
     keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is the plain
-    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian by
-    SLSQP, as the authors do, with the exact gradient and ``ftol=1e-12``; if SLSQP stops early,
-    a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is used. As in the
+    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian:
+    exactly, by an active set over the simplex's faces (each face's minimiser in closed form,
+    :func:`definite_conflict_averse`), where the Gramian of at most 8 tasks is safely positive
+    definite; elsewhere by SLSQP, as the authors do, with the exact gradient and ``ftol=1e-12``
+    (if SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is
+    used). The two agree to rounding where both apply. As in the
     authors' code, ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of
     ``||J||_F^2``; theirs is 1e-8 in raw units) in the problem and in ``d``: the update is
     unique and continuous, and tends to ``g_0`` where ``g_w`` vanishes (0 is in the gradients'
