@@ -27,21 +27,29 @@ ADAM_EPS = 1e-8
 TAKES = "takes the log of each loss minus its lower bound"
 
 
-def famo_weights(losses: Tensor, logits: Tensor, min_losses: Tensor) -> Tensor:
-    """``w_k = z_k / (c (L_k - b_k + eps))``, ``z = softmax(logits)``, ``c = sum_j z_j / (L_j - b_j + eps)``."""
-    z = torch.softmax(logits, dim=0)
-    shifted = losses - min_losses + EPSILON
-    return z / (shifted * (z / shifted).sum())
+def famo_weights(losses: list[float], logits: list[float], min_losses: list[float]) -> list[float]:
+    """``w_k = z_k / (c (L_k - b_k + eps))``, ``z = softmax(logits)``, ``c = sum_j z_j / (L_j - b_j + eps)``.
+
+    K numbers, on the host (Python floats): a dozen tensor operations of K entries cost more.
+    """
+    z = _softmax(logits)
+    shifted = [loss - bound + EPSILON for loss, bound in zip(losses, min_losses)]
+    total = sum(zk / gap for zk, gap in zip(z, shifted))
+    return [zk / (gap * total) for zk, gap in zip(z, shifted)]
 
 
 def logit_gradient(logits: list[float], delta: list[float]) -> list[float]:
     """``J^T delta`` for ``z = softmax(logits)``: ``z * (delta - z . delta)`` (the authors' ``autograd.grad``)."""
+    z = _softmax(logits)
+    mean = sum(zk * dk for zk, dk in zip(z, delta))
+    return [zk * (dk - mean) for zk, dk in zip(z, delta)]
+
+
+def _softmax(logits: list[float]) -> list[float]:
     top = max(logits)
     exps = [math.exp(value - top) for value in logits]
     total = sum(exps)
-    z = [value / total for value in exps]
-    mean = sum(zk * dk for zk, dk in zip(z, delta))
-    return [zk * (dk - mean) for zk, dk in zip(z, delta)]
+    return [value / total for value in exps]
 
 
 class FAMO(WeightingStrategy):
@@ -142,9 +150,13 @@ class FAMO(WeightingStrategy):
         return weights
 
     def _weights(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        bounds = self.of_present(self.min_losses, tasks).to(losses.dtype)
-        check_positive(losses - bounds, tasks, "FAMO (famo)", TAKES)
-        return famo_weights(losses, self.of_present(self.logits, tasks).to(losses.dtype), bounds)
+        present, values = tasks.tolist(), losses.tolist()
+        bounds, logits = self.min_losses.tolist(), self.logits.tolist()
+        if not all(value - bounds[k] > 0 for value, k in zip(values, present)):
+            check_positive(losses - self.of_present(self.min_losses, tasks).to(losses.dtype), tasks, "FAMO (famo)",
+                           TAKES)
+        weights = famo_weights(values, [logits[k] for k in present], [bounds[k] for k in present])
+        return torch.tensor(weights, dtype=losses.dtype, device=losses.device)
 
     def scalarize(self, losses: Tensor) -> Tensor:
         weights = self._weights(losses.detach(), torch.arange(losses.shape[0], device=losses.device))
@@ -153,8 +165,8 @@ class FAMO(WeightingStrategy):
         return (weights * shifted.detach() * shifted.log()).sum()
 
     def _commit(self) -> None:
-        if self._staged:
-            self.losses_before = self._staged["sums"] / self._staged["counts"]  # 0 / 0: NaN for an absent task
+        if self._staged:  # 0 / 0: NaN for an absent task
+            self.losses_before.copy_(self._staged["sums"] / self._staged["counts"])
         self._staged = {}
 
     def _drop_staged(self) -> None:
@@ -169,26 +181,26 @@ class FAMO(WeightingStrategy):
         if losses.shape != (self.num_tasks,):
             raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
                                      f"absent task). Found shape {tuple(losses.shape)}.")
-        # K numbers: the update runs on the host in float64, one read and one write per buffer
-        after = losses.detach().double().tolist()
-        before = self.losses_before.double().tolist()
+        # K numbers: the update runs on the host in float64 (Python floats), one read and one write per buffer
+        after = losses.detach().tolist()
+        before = self.losses_before.tolist()
         tasks = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
         if not tasks:
             return
-        bounds = self.min_losses.double().tolist()
+        bounds = self.min_losses.tolist()
         if any(after[k] - bounds[k] <= 0 for k in tasks):
             index = torch.tensor(tasks)
             check_positive(torch.tensor(after)[index] - torch.tensor(bounds)[index], index, "FAMO (famo)", TAKES)
         delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in tasks]
-        logits = self.logits.double().tolist()
+        logits = self.logits.tolist()
         self._adam_step(tasks, logits, logit_gradient([logits[k] for k in tasks], delta))
         self.losses_before.fill_(math.nan)
 
     def _adam_step(self, tasks: list[int], logits: list[float], grad: list[float]) -> None:
         """``torch.optim.Adam`` (L2 weight decay ``gamma``), on the logits of ``tasks`` only, in float64."""
         beta1, beta2 = ADAM_BETAS
-        exp_avg, exp_avg_sq = self.adam_exp_avg.double().tolist(), self.adam_exp_avg_sq.double().tolist()
-        steps = self.adam_steps.double().tolist()
+        exp_avg, exp_avg_sq = self.adam_exp_avg.tolist(), self.adam_exp_avg_sq.tolist()
+        steps = self.adam_steps.tolist()
         for k, g in zip(tasks, grad):
             g = g + self.gamma * logits[k]
             steps[k] += 1
@@ -196,9 +208,9 @@ class FAMO(WeightingStrategy):
             exp_avg_sq[k] = exp_avg_sq[k] * beta2 + (1 - beta2) * g * g
             denom = math.sqrt(exp_avg_sq[k]) / math.sqrt(1 - beta2 ** steps[k]) + ADAM_EPS
             logits[k] -= self.lr / (1 - beta1 ** steps[k]) * exp_avg[k] / denom
-        for buffer, values in ((self.logits, logits), (self.adam_exp_avg, exp_avg),
-                               (self.adam_exp_avg_sq, exp_avg_sq), (self.adam_steps, steps)):
-            buffer.copy_(torch.tensor(values, dtype=torch.float64))
+        rows = torch.tensor([logits, exp_avg, exp_avg_sq, steps], dtype=torch.float64)
+        for buffer, values in zip((self.logits, self.adam_exp_avg, self.adam_exp_avg_sq, self.adam_steps), rows):
+            buffer.copy_(values)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
