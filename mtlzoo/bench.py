@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.caching import cached
-from mtlzoo.compare import BASELINE, optimizer_class, split_top_level
+from mtlzoo.compare import BASELINE, optimizer_class, parse_spec, split_top_level
 from mtlzoo.problems.base import GRADNORM_ALPHA, GRADNORM_STRATEGIES
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
 from mtlzoo.wrapper import HardSharing, MTLWrapper
@@ -76,14 +76,21 @@ def _options(name: str, kind: str) -> dict[str, Any]:
     return options
 
 
+def _canonical(spec: str) -> str:
+    """A strategy spec (``"name"`` or ``"name:key=value"``) with the registered name (an alias resolved)."""
+    name = split_top_level(spec, ":")[0]
+    return get_strategy(name).name + spec[len(name):]
+
+
 def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str] = MODELS, tasks: int = 4,
           dim: int = 64, steps: int = 50, warmup: int = 10, rounds: int = 5, device: str | torch.device = "cpu",
           seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time a training step of each strategy on the reference models.
 
     Args:
-        strategies: Names (a list or a comma-separated string), ``"all"``, or ``None`` for the strategies
-            marked ``default_comparison``. ``ls`` is always timed (the ratios' denominator).
+        strategies: Names with options (``"upgrad:target=representation"``; a list or a comma-separated
+            string), ``"all"``, or ``None`` for the strategies marked ``default_comparison``. ``ls`` is
+            always timed (the ratios' denominator).
         models: ``"mlp"`` and/or ``"cnn"``.
         tasks: K, the number of heads.
         dim: d, the width of the representation (the CNN's channels).
@@ -106,7 +113,7 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
         names = [e.name for e in list_strategies()]
     else:
         names = split_top_level(strategies, ",") if isinstance(strategies, str) else list(strategies)
-    names = [get_strategy(name).name for name in names]  # unknown names fail here, with close matches
+    names = [_canonical(spec) for spec in names]  # unknown names fail here, with close matches
     names = [BASELINE, *[n for n in dict.fromkeys(names) if n != BASELINE]]
     for kind in models:
         if kind not in MODELS:
@@ -157,14 +164,15 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
         records[name] = record
         try:
             torch.manual_seed(seed)
-            strategy = REGISTRY.create(name, num_tasks=tasks, **_options(name, kind))
+            strategy_name, options = parse_spec(name)
+            strategy = REGISTRY.create(strategy_name, num_tasks=tasks, **{**_options(strategy_name, kind), **options})
             mtl = MTLWrapper(reference_model(kind, tasks, dim), strategy).to(device).train()
             with torch.no_grad():
                 mtl(x)
             optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(mtl.model_parameters(), lr=1e-3)]
             own = [p for p in mtl.strategy_parameters() if p.requires_grad]
             if own:
-                info = get_strategy(name).info
+                info = get_strategy(strategy_name).info
                 if info.optimizer is None or info.lr is None:
                     raise ValueError(f"{name} has learnable parameters but no optimizer in its metadata "
                                      "(StrategyInfo.optimizer, .lr).")

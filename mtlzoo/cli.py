@@ -362,7 +362,9 @@ def _add_bench(commands: Any) -> None:
                     "With --vs-reference: mtlzoo beside rotograd 0.1.6.0, torchjd and hand-written training "
                     "(paired per-step ratios, peak memory), a table on stdout. With --growth: the ratio to plain "
                     "training as K and d grow.")
-    bench.add_argument("--strategies", metavar="LIST", help="comma-separated names or 'all' (default: the default set)")
+    bench.add_argument("--strategies", metavar="LIST",
+                       help="comma-separated strategies (name[:key=value...], e.g. upgrad:target=representation) "
+                            "or 'all' (default: the default set)")
     bench.add_argument("--tasks", type=int, default=4, metavar="K", help="number of tasks (default 4)")
     bench.add_argument("--dim", type=int, metavar="D",
                        help="width of the representation (default 64; 128 with --vs-reference)")

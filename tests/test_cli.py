@@ -188,6 +188,20 @@ def test_bench_reports_ratios_to_ls_on_both_models(capsys: pytest.CaptureFixture
     assert ratio == pytest.approx(records[("cnn", "rotograd")]["median_s"] / records[("cnn", "ls")]["median_s"])
 
 
+def test_bench_takes_strategy_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """A strategy with options is timed as given (the representation variant of a surgery), under its spec,
+    and an alias resolves to the registered name."""
+    args = ["bench", "--strategies", "upgrad:target=representation,rotateonly", "--model", "mlp", "--tasks", "2",
+            "--dim", "8", "--steps", "2", "--warmup", "1", "--threads", "1"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["strategies"] == ["ls", "upgrad:target=representation", "rotate_only"]
+    assert all(r["status"] == "ok" for r in report["results"])
+    assert main([*args[:2], "upgrad:target=nowhere", *args[3:]]) == 0  # the options reach the strategy
+    failed = [r for r in json.loads(capsys.readouterr().out)["results"] if r["strategy"] != "ls"]
+    assert failed[0]["status"] == "failed" and "target" in failed[0]["error"]
+
+
 def test_bench_models_have_the_stated_shapes() -> None:
     """MLP: 64-256-256-d with K linear heads; CNN: a (batch, d, 8, 8) representation."""
     import torch
