@@ -161,6 +161,9 @@ class MTLWrapper(nn.Module):
         else:
             raise TypeError(f"`strategy` should be a registered name or a Strategy instance. "
                             f"Found {type(strategy).__name__}.")
+        device = _single_device(backbone, heads)
+        if device is not None:  # a model already on its device: the strategy's state joins it
+            strategy.to(device)
         self.strategy = strategy
         self._pending = engine.PendingForwards()
         self._tracker = StepTracker(self, "_commit_step")
@@ -459,3 +462,8 @@ class MTLWrapper(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker")}
 
+
+def _single_device(*modules: nn.Module) -> torch.device | None:
+    """The one device every parameter and buffer of ``modules`` is on, or ``None`` (none, or several)."""
+    devices = {tensor.device for module in modules for tensor in (*module.parameters(), *module.buffers())}
+    return devices.pop() if len(devices) == 1 else None

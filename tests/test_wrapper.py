@@ -245,3 +245,21 @@ def test_hard_sharing_runs_every_head() -> None:
     assert list(out) == ["task0", "task1", "task2"]
 
 
+
+
+@pytest.mark.parametrize("name", [entry.name for entry in mtlzoo.list_strategies()])
+def test_a_model_already_on_its_device_takes_the_strategy_there(name: str) -> None:
+    """Found in use (on a GPU): MTLWrapper(model.cuda(), "uw") left the strategy's state on the CPU and the first
+    backward failed with a device mismatch. The strategy's parameters and buffers follow the model's one device
+    ("meta" stands in for an accelerator here); a model spread over devices leaves the strategy where it is."""
+    from tests.helpers import required_kwargs
+
+    model = small_model(dim=4).to("meta")
+    mtl = mtlzoo.MTLWrapper(model, name, **required_kwargs(name),
+                            **({"rotation_shape": 4} if "rotation_shape" in mtlzoo.get_strategy(name).hyperparameters
+                               else {}))
+    state = [*mtl.strategy.parameters(), *mtl.strategy.buffers()]
+    assert all(tensor.device.type == "meta" for tensor in state)
+    split = small_model(dim=4)
+    split.heads[0].to("meta")
+    assert all(t.device.type == "cpu" for t in mtlzoo.MTLWrapper(split, "uw").strategy.parameters())
