@@ -109,6 +109,8 @@ class MTLWrapper(nn.Module):
         model: Any module with a ``backbone`` module and ``heads`` (a sequence, ``nn.ModuleList``
             or, for named tasks, a mapping / ``nn.ModuleDict``). The wrapper registers the same
             backbone and head objects as its own submodules; nothing of the model is modified.
+            When all of the model's tensors are on one device (``model.cuda()`` first), the
+            strategy's state is moved there too; otherwise move the wrapper with ``mtl.to(...)``.
         strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
         jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
