@@ -23,6 +23,7 @@ reads (a learnable loss) get no gradient on the gradient paths: put them in a he
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -298,11 +299,13 @@ class Statistics:
 
 
 def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inputs: StepInputs,
-               scale: Tensor | None, *, chunk_size: int | None = None) -> Statistics:
+               scale: Tensor | None, *, chunk_size: int | None = None,
+               head_weights: Sequence[Tensor | None] = ()) -> Statistics:
     """Fill ``inputs`` with the statistic ``request`` names, unscaled and in at least float32.
 
     ``chunk_size`` is the number of tasks per vmapped backward of the Jacobian (see
-    :func:`parameter_jacobian`).
+    :func:`parameter_jacobian`). ``head_weights``: per present task, the weight of the linear layer
+    through which alone the task reads its leaf of ``z`` (see :func:`layer_norms`), or ``None``.
 
     Norms on named parameters (GradNorm's layer) come from :func:`layer_norms`, without the
     Jacobian where the layer is the linear map that produces ``z``; an empty ``request.parameters``
@@ -317,7 +320,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     if request.where == "parameters" and request.statistic == "norms":
         zs = [record.z for record in heads.records]
         params = list(shared) if request.parameters != () else _last_layer_weights(zs[0])
-        norms, last = layer_norms_and_gradients(zs, heads.grads, params, dtype=dtype)
+        norms, last = layer_norms_and_gradients(zs, heads.grads, params, dtype=dtype, head_weights=head_weights)
         if scale is not None:
             norms = norms / scale.to(dtype)
             last = None if last is None else LastLayerGradients(last.layer, last.weight_grads / scale.to(dtype))
@@ -469,7 +472,8 @@ def layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[
 
     When ``z`` is produced by the linear map of those parameters (``z = h W^T + b``, see
     :func:`linear_output`), ``dL_k/dW = G_k^T h`` and ``dL_k/db = sum_n G_k[n]``: no backward at all,
-    one (K d) x N x m product. Otherwise (a convolution, a layer below the last one) the rows of the
+    one (K d) x N x m product, or less where every head reads ``z`` through a narrow linear layer
+    (see :func:`layer_norms_and_gradients`). Otherwise (a convolution, a layer below the last one) the rows of the
     Jacobian restricted to ``params`` (:func:`parameter_jacobian`: one vmapped backward through that
     layer and those above it only).
 
@@ -486,15 +490,23 @@ def layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[
 
 
 def layer_norms_and_gradients(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], *,
-                              dtype: torch.dtype = torch.float32) -> tuple[Tensor, LastLayerGradients | None]:
+                              dtype: torch.dtype = torch.float32, head_weights: Sequence[Tensor | None] = ()
+                              ) -> tuple[Tensor, LastLayerGradients | None]:
     """:func:`layer_norms`, and the last layer's per-task weight gradients where the linear route made them
-    (one forward, the weight among ``params``, everything in ``dtype``), as scaled as ``grads``."""
+    (one forward, the weight among ``params``, everything in ``dtype``), as scaled as ``grads``.
+
+    ``head_weights``: per task, the weight ``V_k`` (o x d) of the linear layer through which alone task
+    k reads its leaf of ``z`` (a head that starts with a plain ``nn.Linear``), or ``None``. Where every
+    task has one of the same small width o, ``G_k = D_k V_k`` and the weight's norms come from
+    ``||V_k^T (D_k^T h)||``: ``K B o (d + m)`` multiply-adds instead of ``K B d m``, and no per-task
+    gradients are kept.
+    """
     with torch.no_grad():
-        return _layer_norms(zs, grads, params, dtype)
+        return _layer_norms(zs, grads, params, dtype, head_weights)
 
 
-def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], dtype: torch.dtype
-                 ) -> tuple[Tensor, LastLayerGradients | None]:
+def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[Tensor], dtype: torch.dtype,
+                 head_weights: Sequence[Tensor | None] = ()) -> tuple[Tensor, LastLayerGradients | None]:
     wanted = {id(p) for p in params}
     layers = [linear_output(z) for z in zs]
     if wanted and all(layer is not None for layer in layers):
@@ -506,7 +518,11 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
             flat = [g.reshape(num_tasks, -1, g.shape[-1]).to(dtype) for g in grads]
             pieces: list[Tensor] = []  # the norms of the weight's and the bias's gradients
             kept = None
-            if id(layers[0].weight) in wanted:  # type: ignore[union-attr]
+            factored = _factored_weight_norms(layers[0].input, grads[0], head_weights, dtype) \
+                if len(layers) == 1 and id(layers[0].weight) in wanted else None  # type: ignore[union-attr]
+            if factored is not None:
+                pieces.append(factored)
+            elif id(layers[0].weight) in wanted:  # type: ignore[union-attr]
                 # dL_k/dW^T = h^T G_k for the K tasks as one product: h^T [G_1 ... G_K], m x (K d)
                 products = [torch.mm(layer.input.to(dtype).T,  # type: ignore[union-attr]
                                      g.transpose(0, 1).reshape(g.shape[1], -1)) for g, layer in zip(flat, layers)]
@@ -521,6 +537,41 @@ def _layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence
                 pieces.append(row_norms(bias))
             return (pieces[0] if len(pieces) == 1 else torch.hypot(*pieces)), kept  # hypot: no overflow
     return row_norms(parameter_jacobian(list(zs), list(grads), list(params)).to(dtype)), None
+
+
+FACTORED_WIDTH = 8
+"""Widest head layer (outputs o) through which :func:`layer_norms` factors the per-task gradients."""
+
+
+def _factored_weight_norms(layer_input: Tensor, grads: Tensor, head_weights: Sequence[Tensor | None],
+                           dtype: torch.dtype) -> Tensor | None:
+    """``||G_k^T h||_F`` with ``G_k = D_k V_k`` (``grads`` (K, N, d), ``V_k`` the task's head layer, o x d).
+
+    ``D_k = G_k V_k^T (V_k V_k^T)^-1`` (exact when task k reads its leaf through ``V_k`` alone), then
+    ``||V_k^T (D_k^T h)||_F^2 = <P_k, (V_k V_k^T) P_k>`` with ``P_k = D_k^T h`` (o x m). ``None`` (the
+    product route instead) unless every task has such a layer, all of one width o <= FACTORED_WIDTH,
+    with ``V_k V_k^T`` well conditioned.
+    """
+    if not head_weights or len(head_weights) != grads.shape[0] or any(w is None for w in head_weights):
+        return None
+    shapes = {(tuple(w.shape), w.dtype) for w in head_weights if w is not None}
+    if len(shapes) != 1:
+        return None
+    (width, size), weight_dtype = next(iter(shapes))
+    # Another dtype than the gradients' (autocast) means the layer ran on a rounded copy of V_k.
+    if width > FACTORED_WIDTH or size != grads.shape[-1] or weight_dtype != grads.dtype:
+        return None
+    weights = torch.stack([w.detach() for w in head_weights if w is not None]).to(dtype)  # (K, o, d)
+    gram = weights @ weights.mT  # (K, o, o)
+    eigenvalues = torch.linalg.eigvalsh(gram)
+    low, high = torch.stack([eigenvalues[:, 0].min(), eigenvalues[:, -1].max()]).tolist()
+    if not (low > 1e-6 * high and math.isfinite(high)):
+        return None
+    flat = grads.reshape(grads.shape[0], -1, size).to(dtype)
+    factors = torch.linalg.solve(gram, (flat @ weights.mT).mT)  # D_k^T, (K, o, N)
+    products = factors @ layer_input.to(dtype)  # P_k = D_k^T h, (K, o, m)
+    squares = (products * (gram @ products)).sum((1, 2))
+    return squares.clamp_min(0).sqrt()
 
 
 def last_layer_update(last: LastLayerGradients, dz: Tensor, weights: Tensor | None

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mtlzoo import autograd as engine
 from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
+from mtlzoo.leading_linear import leading_linear
 from mtlzoo.linalg import all_finite
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, Update
@@ -64,7 +65,9 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph
     shared = [] if request.where != "parameters" or last_layer_norms else \
         shared_parameters(backbone, request.parameters, strategy)
-    stats = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size)
+    head_weights = _leading_weights(heads, losses.present, strategy) if last_layer_norms else ()
+    stats = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size,
+                              head_weights=head_weights)
     rep, blocks = stats.rep, stats.blocks
     overflow = scale is not None and not all_finite(rep)
     consumed = list(passed.records)
@@ -126,6 +129,16 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     engine.apply(roots, grads, retain_graph=retain_graph)
     if not retain_graph:
         pending.remove(consumed)
+
+
+def _leading_weights(heads: nn.Module, tasks: Sequence[int], strategy: Strategy) -> list[Tensor | None]:
+    """Per present task, the weight of the plain linear layer its head starts with, where the head reads
+    its leaf of ``z`` through that layer alone (the strategy neither adapts ``z`` nor predicts otherwise)."""
+    if type(strategy).adapt is not Strategy.adapt or type(strategy).predict is not Strategy.predict:
+        return []
+    modules = list(heads.values()) if isinstance(heads, nn.ModuleDict) else list(heads)
+    found = [leading_linear(modules[k]) for k in tasks]
+    return [None if layer is None else layer[0].weight for layer in found]
 
 
 def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strategy: Strategy) -> list[Tensor]:

@@ -62,9 +62,9 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
+from mtlzoo.leading_linear import leading_linear
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
-from mtlzoo.strategies._linear_fold import foldable_linear
 from mtlzoo.strategies._rotation_bank import (
     CHECK_EVERY,
     ORTHOGONAL_MAPS,
@@ -208,7 +208,7 @@ class RotateOnly(GradientSurgery):
             representation (and has fewer outputs than the batch has rows), compute ``W (R_k z)`` as
             ``(W R_k) z``: the same function and gradients up to rounding, without rotating the batch
             (the step then costs less than plain training plus the rotations; see
-            :mod:`mtlzoo.strategies._linear_fold`). ``False`` rotates ``z`` as the original does.
+            :mod:`mtlzoo.leading_linear`). ``False`` rotates ``z`` as the original does.
 
     Example:
         >>> import torch, mtlzoo
@@ -372,12 +372,13 @@ class RotateOnly(GradientSurgery):
                           "pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
 
     def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
-        """``head(R_task z)``; with ``fold_linear_heads``, a head that starts with a linear layer ``W`` reads
-        ``z`` through ``W R_task``, formed once (see :mod:`mtlzoo.strategies._linear_fold`)."""
+        """``head(R_task z)``; with ``fold_linear_heads``, a head that starts with a linear layer ``W`` of fewer
+        outputs than ``z`` has rows reads ``z`` through ``W R_task``, formed once (see
+        :mod:`mtlzoo.leading_linear`)."""
         size, post_numel = self._layout(z)
-        folded = foldable_linear(head, z.numel() // size) \
+        folded = leading_linear(head) \
             if self.fold_linear_heads and post_numel == 1 and len(self.rotation_shape or ()) == 1 else None
-        if folded is None:
+        if folded is None or folded[0].out_features >= z.numel() // size:
             return head(self.adapt(z, task))
         linear, rest = folded
         with _full_precision(z.device):

@@ -89,6 +89,101 @@ def test_norms_on_a_linear_last_layer_equal_autograd_without_any_extra_backward(
     torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected)
 
 
+class Hooked(nn.Linear):
+    """A linear layer the engine must not read through (a subclass)."""
+
+
+def hooked_head() -> nn.Module:
+    head = nn.Linear(4, 1)
+    head.register_forward_hook(lambda module, args, output: output)
+    return head
+
+
+def singular_head() -> nn.Module:
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.weight[1] = head.weight[0]  # V V^T singular: D_k cannot be recovered
+    return head
+
+
+@pytest.mark.parametrize(("make_head", "factored"), [
+    (lambda: nn.Linear(4, 1), True),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)), True),
+    (lambda: nn.Sequential(nn.Linear(4, 9), nn.Tanh(), nn.Linear(9, 1)), False),  # wider than FACTORED_WIDTH
+    (lambda: nn.Sequential(nn.Tanh(), nn.Linear(4, 1)), False),
+    (lambda: Hooked(4, 1), False),
+    (hooked_head, False),
+    (singular_head, False),
+], ids=["linear", "sequential", "wide", "not first", "subclass", "hook", "singular"])
+def test_norms_factored_through_linear_heads_equal_autograd(make_head: Any, factored: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that reads z through a plain linear layer V_k (o outputs) alone: G_k = D_k V_k, and the norms on W come
+    from ||V_k^T (D_k^T h)|| without the K (d x m) products. Reference: plain autograd of w_k L_k on W, for the factored
+    heads and for those that must take the product route (a wide, non-leading, subclassed, hooked or rank-deficient
+    layer); a factoring that dropped V_k V_k^T, or read D_k as G_k V_k^T, fails."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+    model = mtlzoo.HardSharing(backbone, [make_head() for _ in range(3)])
+    x, targets = batch(3)
+    expected = autograd_norms(model, x, targets, [backbone[2].weight], WEIGHTS)
+    calls = []
+    factored_norms = engine._factored_weight_norms
+
+    def spy(*args: Any) -> Any:
+        result = factored_norms(*args)
+        calls.append(result is not None)
+        return result
+    monkeypatch.setattr(engine, "_factored_weight_norms", spy)
+    torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected, rtol=1e-5, atol=1e-7)
+    assert calls == [factored]
+
+
+def test_norms_under_autocast_take_the_product_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the head read a rounded copy of V_k, so G_k = D_k V_k no longer holds to float32
+    precision: the norms come from the products h^T G_k (the factored route is refused)."""
+    calls = []
+    factored_norms = engine._factored_weight_norms
+
+    def spy(*args: Any) -> Any:
+        result = factored_norms(*args)
+        calls.append(result is not None)
+        return result
+    monkeypatch.setattr(engine, "_factored_weight_norms", spy)
+    torch.manual_seed(0)
+    model = mtlzoo.HardSharing(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)),
+                               [nn.Linear(4, 1) for _ in range(3)])
+    mtl = mtlzoo.MTLWrapper(model, "gradnorm", alpha=1.5)
+    x, targets = batch(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions = mtl(x)
+    mtl.backward([loss.float() for loss in mse_losses(predictions, targets)])
+    assert calls == [False]
+
+
+def test_factored_norms_train_like_the_product_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five GradNorm steps with linear heads: the factored route (no per-task products kept, W's gradient by the
+    ordinary backward) and the product route give the same weights and model, to rounding."""
+    results = []
+    for factor in (True, False):
+        if not factor:
+            monkeypatch.setattr(engine, "FACTORED_WIDTH", 0)
+        torch.manual_seed(0)
+        model = mtlzoo.HardSharing(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)),
+                                   [nn.Linear(4, 1) for _ in range(3)])
+        mtl = mtlzoo.MTLWrapper(model, "gradnorm", alpha=1.5)
+        optimizer = torch.optim.SGD([{"params": list(mtl.model_parameters())},
+                                     {"params": mtl.strategy_parameters(), "lr": 0.05}], lr=0.05)
+        for step in range(5):
+            x, targets = batch(3, seed=step)
+            optimizer.zero_grad()
+            mtl.backward(mse_losses(mtl(x), targets))
+            mtl.step(optimizer)
+        results.append(mtl)
+    torch.testing.assert_close(results[0].strategy.task_weights, results[1].strategy.task_weights)
+    for a, b in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_norms_on_a_convolutional_last_layer_equal_autograd() -> None:
     """A backbone ending in a convolution: its weight is the default layer, through the Jacobian restricted to it."""
     torch.manual_seed(0)

@@ -1,0 +1,39 @@
+"""A head's leading linear layer: where a head starts with ``W``, what reaches it is read through ``W`` alone.
+
+Two uses rest on it. RotoGrad folds its rotation into that layer, ``W (R z) = (W R) z``: ``W R`` is
+formed once per step (m n^2 multiply-adds) instead of rotating the batch (B n^2 in the forward and
+again in the backward). GradNorm's per-task gradient norms on the last shared layer factor through
+it: a task's gradient on ``z`` is ``G_k = D_k W_k`` (``D_k`` the gradient at the layer's output, of
+its m outputs), so ``||G_k^T h|| = ||W_k^T (D_k^T h)||``, m times cheaper than the product itself.
+A layer is used so only when nothing could tell the difference: a plain ``nn.Linear`` (not a
+subclass or a parametrized one), as the head itself or first in a plain ``nn.Sequential``, with no
+hook on either and no global module hook.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules import module as module_hooks
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def leading_linear(head: nn.Module) -> tuple[nn.Linear, list[nn.Module]] | None:
+    """The head's first layer and the modules after it, when it is a plain, unhooked ``nn.Linear``."""
+    if type(head) is nn.Linear:
+        first, rest = head, []
+    elif type(head) is nn.Sequential and len(head) > 0 and type(head[0]) is nn.Linear:
+        first, rest = head[0], list(head)[1:]
+    else:
+        return None
+    if _hooked(head) or _hooked(first) or _global_hooks():
+        return None
+    return first, rest
+
+
+def _hooked(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    return any(getattr(module_hooks, "_global" + name, None) for name in _HOOKS)
