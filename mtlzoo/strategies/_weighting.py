@@ -35,6 +35,15 @@ def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str
             "not take its log, ratio or product (ls, uw).")
 
 
+def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
+    """``sum_k p_k g_k`` with ``g`` held constant: a scalar whose gradient w.r.t. ``parameters`` is ``g``.
+
+    For an objective whose gradient has a closed form over K numbers, computed on the host: two
+    operations in the step's graph instead of a dozen (its value is not the objective's).
+    """
+    return (parameters * torch.tensor(gradient, dtype=parameters.dtype, device=parameters.device)).sum()
+
+
 def remind_end_epoch(method: str, steps: int, consequence: str) -> None:
     """Warn once that ``mtl.end_epoch()`` seems never to be called (``steps`` steps without it)."""
     warnings.warn(f"{method} has taken {steps} optimizer steps and no epoch has ended: call mtl.end_epoch() at the "

@@ -83,7 +83,7 @@ class DynamicWeightAverage(WeightingStrategy):
         self.register_buffer("epoch_weights", torch.ones(num_tasks))
         self.epoch = 0
         self.steps_in_epoch = 0
-        self._staged: dict[str, Tensor] = {}
+        self._staged: dict[str, Tensor | None] = {}
 
     @property
     def properties(self) -> frozenset[str]:
@@ -95,16 +95,30 @@ class DynamicWeightAverage(WeightingStrategy):
         return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        sums = self._staged.get("sums", torch.zeros_like(self.loss_sums))
-        counts = self._staged.get("counts", torch.zeros_like(self.loss_counts))
-        self._staged = {"sums": sums.index_add(0, tasks, losses.detach().to(sums.dtype)),
-                        "counts": counts.index_add(0, tasks, torch.ones_like(losses, dtype=counts.dtype))}
-        return self.epoch_weights[tasks].to(losses.dtype)
+        values = losses.detach().to(self.loss_sums.dtype)
+        if not self._staged and tasks.shape[0] == self.num_tasks:  # the step's first micro-batch, every task
+            self._staged = {"sums": values, "counts": None}
+        else:
+            sums, counts = self._staged_totals()
+            self._staged = {"sums": sums.index_add(0, tasks, values),
+                            "counts": counts.index_add(0, tasks, torch.ones_like(values, dtype=counts.dtype))}
+        return self.of_present(self.epoch_weights, tasks).to(losses.dtype)
+
+    def _staged_totals(self) -> tuple[Tensor, Tensor]:
+        """The losses this step staged so far, as (K,) sums and counts (zeros before its first micro-batch)."""
+        if not self._staged:
+            return torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
+        counts = self._staged["counts"]
+        return self._staged["sums"], torch.ones_like(self.loss_counts) if counts is None else counts
 
     def _commit(self) -> None:
         if self._staged:
             self.loss_sums += self._staged["sums"]
-            self.loss_counts += self._staged["counts"]
+            counts = self._staged["counts"]
+            if counts is None:  # one micro-batch of every task
+                self.loss_counts += 1
+            else:
+                self.loss_counts += counts
         self._staged = {}
         self.steps_in_epoch += 1
         if self.epoch == 0 and self.steps_in_epoch == self.reminder_steps:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.strategies._weighting import gradient_surrogate
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 IMTL_PAPER = Paper(
@@ -76,9 +79,13 @@ class IMTLL(WeightingStrategy):
         return torch.exp(self.log_scales.detach()).to(losses.dtype)
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return torch.exp(self.of_present(self.log_scales.detach(), tasks)).to(losses.dtype)
+        values = self.log_scales.tolist()
+        return torch.tensor([math.exp(values[k]) for k in tasks.tolist()], dtype=losses.dtype, device=losses.device)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """The scales' objective ``sum_k (e^{s_k} L_k - s_k)``, as its gradient ``e^{s_k} L_k - 1``."""
         if not self.log_scales.requires_grad:
             return None
-        return imtl_l_total(losses.detach(), self.of_present(self.log_scales, tasks).to(losses.dtype))
+        values, present = self.log_scales.tolist(), tasks.tolist()
+        gradient = [math.exp(values[k]) * loss - 1 for k, loss in zip(present, losses.tolist())]
+        return gradient_surrogate(self.of_present(self.log_scales, tasks), gradient)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.strategies._weighting import gradient_surrogate
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 UW_PAPER = Paper(
@@ -77,9 +80,15 @@ class UncertaintyWeighting(WeightingStrategy):
         return (0.5 * torch.exp(-self.log_variances.detach())).to(losses.dtype)
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return (0.5 * torch.exp(-self.of_present(self.log_variances.detach(), tasks))).to(losses.dtype)
+        values = self.log_variances.tolist()
+        weights = [0.5 * math.exp(-values[k]) for k in tasks.tolist()]
+        return torch.tensor(weights, dtype=losses.dtype, device=losses.device)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """``total`` for the log-variances, as its gradient ``d total / d s_k = (1 - exp(-s_k) L_k) / 2``."""
         if not self.log_variances.requires_grad:
             return None
-        return self._total(losses.detach(), tasks)
+        values, present = self.log_variances.tolist(), tasks.tolist()
+        gradient = [0.5 - 0.5 * math.exp(-values[k]) * loss for k, loss in zip(present, losses.tolist())]
+        return gradient_surrogate(self.of_present(self.log_variances, tasks), gradient)
+
