@@ -95,30 +95,16 @@ class DynamicWeightAverage(WeightingStrategy):
         return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        values = losses.detach().to(self.loss_sums.dtype)
-        if not self._staged and tasks.shape[0] == self.num_tasks:  # the step's first micro-batch, every task
-            self._staged = {"sums": values, "counts": None}
-        else:
-            sums, counts = self._staged_totals()
-            self._staged = {"sums": sums.index_add(0, tasks, values),
-                            "counts": counts.index_add(0, tasks, torch.ones_like(values, dtype=counts.dtype))}
+        self._staged = _weighting.stage_losses(self._staged, losses.detach().to(self.loss_sums.dtype), tasks,
+                                               self.num_tasks)
         return self.of_present(self.epoch_weights, tasks).to(losses.dtype)
-
-    def _staged_totals(self) -> tuple[Tensor, Tensor]:
-        """The losses this step staged so far, as (K,) sums and counts (zeros before its first micro-batch)."""
-        if not self._staged:
-            return torch.zeros_like(self.loss_sums), torch.zeros_like(self.loss_counts)
-        counts = self._staged["counts"]
-        return self._staged["sums"], torch.ones_like(self.loss_counts) if counts is None else counts
 
     def _commit(self) -> None:
         if self._staged:
-            self.loss_sums += self._staged["sums"]
-            counts = self._staged["counts"]
-            if counts is None:  # one micro-batch of every task
-                self.loss_counts += 1
-            else:
-                self.loss_counts += counts
+            sums, counts = self._staged["sums"], self._staged["counts"]
+            assert sums is not None
+            self.loss_sums += sums
+            self.loss_counts += 1 if counts is None else counts
         self._staged = {}
         self.steps_in_epoch += 1
         if self.epoch == 0 and self.steps_in_epoch == self.reminder_steps:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlzoo.errors import ShapeMismatchError
-from mtlzoo.strategies._weighting import check_positive
+from mtlzoo.strategies._weighting import check_positive, stage_losses
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 FAMO_PAPER = Paper(
@@ -121,7 +121,7 @@ class FAMO(WeightingStrategy):
         self.register_buffer("adam_exp_avg_sq", torch.zeros(num_tasks))
         self.register_buffer("adam_steps", torch.zeros(num_tasks))
         self.register_buffer("losses_before", torch.full((num_tasks,), math.nan))
-        self._staged: dict[str, Tensor] = {}
+        self._staged: dict[str, Tensor | None] = {}
 
     @property
     def properties(self) -> frozenset[str]:
@@ -139,14 +139,7 @@ class FAMO(WeightingStrategy):
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
         weights = self._weights(losses.detach(), tasks)
-        values = losses.detach().to(self.losses_before.dtype)
-        if not self._staged and tasks.shape[0] == self.num_tasks:  # the step's first micro-batch, every task
-            self._staged = {"sums": values, "counts": torch.ones_like(values)}
-            return weights
-        sums = self._staged.get("sums", torch.zeros_like(self.losses_before))
-        counts = self._staged.get("counts", torch.zeros_like(self.losses_before))
-        self._staged = {"sums": sums.index_add(0, tasks, values),
-                        "counts": counts.index_add(0, tasks, torch.ones_like(values))}
+        self._staged = stage_losses(self._staged, losses.detach().to(self.losses_before.dtype), tasks, self.num_tasks)
         return weights
 
     def _weights(self, losses: Tensor, tasks: Tensor) -> Tensor:
@@ -166,7 +159,9 @@ class FAMO(WeightingStrategy):
 
     def _commit(self) -> None:
         if self._staged:  # 0 / 0: NaN for an absent task
-            self.losses_before.copy_(self._staged["sums"] / self._staged["counts"])
+            sums, counts = self._staged["sums"], self._staged["counts"]
+            assert sums is not None
+            self.losses_before.copy_(sums if counts is None else sums / counts)
         self._staged = {}
 
     def _drop_staged(self) -> None:
