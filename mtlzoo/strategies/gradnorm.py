@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mtlzoo.linalg import row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
+from mtlzoo.strategies._weighting import gradient_surrogate
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 GRADNORM_PAPER = Paper(
@@ -55,6 +56,34 @@ def loss_ratios(losses: Tensor, reference: Tensor) -> Tensor:
 def inverse_training_rates(ratios: Tensor, alpha: float) -> Tensor:
     """GradNorm's ``r_k^alpha`` with ``r_k = ratio_k / mean_j ratio_j`` (the relative inverse training rate)."""
     return (ratios / ratios.mean().clamp_min(tiny(ratios.dtype))) ** alpha
+
+
+def loss_ratio_values(losses: list[float], tasks: list[int], reference: list[float]) -> list[float]:
+    """``L_k / L_k(t_0)`` on the host, 1 where the reference is not usable (not finite, or 0)."""
+    return [loss / reference[k] if math.isfinite(reference[k]) and reference[k] != 0 else 1.0
+            for k, loss in zip(tasks, losses)]
+
+
+def gradnorm_weight_gradient(weights: list[float], norms: list[float], ratios: list[float], target_norm: float,
+                             alpha: float, floor: float) -> list[float]:
+    """``dL_grad/dw_k = sign(w_k n_k - target_k) n_k``, ``target_k = target_norm (r_k / mean_j r_j)^alpha``.
+
+    The gradient of :func:`gradnorm_objective` with the targets held constant, on host floats: 0 where
+    the difference is 0 or not a number, as autograd's ``|x|``; a negative ratio to a fractional
+    ``alpha`` is not a number, as torch's ``pow``. ``floor`` bounds the mean ratio from below (the
+    dtype's smallest normal number, as the tensor code's clamp).
+    """
+    mean_ratio = max(sum(ratios) / len(ratios), floor)
+    gradient = []
+    for weight, norm, ratio in zip(weights, norms, ratios):
+        try:
+            target = target_norm * math.pow(ratio / mean_ratio, alpha)
+        except (ValueError, OverflowError):
+            target = math.nan
+        difference = weight * norm - target
+        sign = 0.0 if difference == 0 or math.isnan(difference) else math.copysign(1.0, difference)
+        gradient.append(sign * norm)
+    return gradient
 
 
 def gradnorm_objective(weights: Tensor, norms: Tensor, targets: Tensor) -> Tensor:
@@ -197,26 +226,14 @@ class GradNorm(WeightingStrategy):
             return None
         tiny_value = tiny(weighted_norms.dtype)
         weighted = weighted_norms.tolist()
-        values = losses.tolist()
         present = tasks.tolist()
         reference = self._staged.get("initial_losses", self.initial_losses).tolist()
         current = weights.detach().tolist()
-        ratios = [value / reference[k] if math.isfinite(reference[k]) and reference[k] != 0 else 1.0
-                  for k, value in zip(present, values)]
-        mean_ratio = max(sum(ratios) / len(ratios), tiny_value)
-        mean_norm = sum(weighted) / len(weighted)
-        gradient = []
-        for norm, weight, ratio in zip(weighted, current, ratios):
-            unweighted = norm / max(weight, tiny_value)
-            try:  # as torch's pow: a negative ratio to a fractional alpha is not a number
-                target = mean_norm * math.pow(ratio / mean_ratio, self.alpha)
-            except (ValueError, OverflowError):
-                target = math.nan
-            difference = weight * unweighted - target
-            sign = 0.0 if difference == 0 or math.isnan(difference) else math.copysign(1.0, difference)
-            gradient.append(sign * unweighted)
-        constant = torch.tensor(gradient, dtype=weights.dtype, device=weights.device)
-        return (weights * constant).sum()
+        ratios = loss_ratio_values(losses.tolist(), present, reference)
+        unweighted = [norm / max(weight, tiny_value) for norm, weight in zip(weighted, current)]
+        gradient = gradnorm_weight_gradient(current, unweighted, ratios, sum(weighted) / len(weighted), self.alpha,
+                                            tiny_value)
+        return gradient_surrogate(weights, gradient)
 
     def objective(self, weighted_norms: Tensor, losses: Tensor, tasks: Tensor) -> Tensor | None:
         """``L_grad`` for the present tasks, from the norms of the weighted tasks' gradients."""

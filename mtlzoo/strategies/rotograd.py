@@ -75,7 +75,8 @@ from mtlzoo.strategies._rotation_bank import (
     as_shape,
     rotate,
 )
-from mtlzoo.strategies.gradnorm import gradnorm_objective, inverse_training_rates
+from mtlzoo.strategies._weighting import gradient_surrogate
+from mtlzoo.strategies.gradnorm import gradnorm_weight_gradient, loss_ratio_values
 from mtlzoo.strategy import GradientSurgery, Paper, StrategyInfo, Target
 
 ROTOGRAD_PAPER = Paper(
@@ -642,10 +643,14 @@ class RotoGradNorm(RotateOnly):
         return self.num_tasks * torch.softmax(self.weight_logits, dim=0)
 
     def _combine_gradients(self, grads: Tensor, norms: Tensor, inputs: StepInputs) -> tuple[Tensor, Tensor | None]:
-        weights = self.task_weights[inputs.tasks].to(grads.dtype)
-        update = torch.tensordot(weights.detach(), grads, dims=1)
+        weights = self.task_weights if inputs.all_present else self.task_weights[inputs.tasks]
+        update = torch.tensordot(weights.detach().to(grads.dtype), grads, dims=1)
         if not weights.requires_grad:
             return update, None
-        ratios = self.loss_ratios(inputs.losses, inputs.tasks).to(grads.dtype)
-        targets = (row_norms(update.unsqueeze(0))[0] / self.num_tasks) * inverse_training_rates(ratios, self.alpha)
-        return update, gradnorm_objective(weights, norms, targets)
+        # GradNorm's objective with the targets held constant, as its gradient in closed form (host floats)
+        ratios = loss_ratio_values(inputs.losses.tolist(), inputs.tasks.tolist(),
+                                   self._reference("initial_losses").tolist())
+        target_norm = float(row_norms(update.unsqueeze(0))[0]) / self.num_tasks
+        gradient = gradnorm_weight_gradient(weights.detach().tolist(), norms.tolist(), ratios, target_norm, self.alpha,
+                                            tiny(norms.dtype))
+        return update, gradient_surrogate(weights, gradient)
