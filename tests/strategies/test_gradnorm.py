@@ -89,6 +89,19 @@ def test_norms_on_a_linear_last_layer_equal_autograd_without_any_extra_backward(
     torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected)
 
 
+def spy_factoring(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Per call of the engine's factored norms, whether they were taken (``True``) or refused."""
+    calls: list[bool] = []
+    factored_norms = engine._factored_weight_norms
+
+    def spy(*args: Any) -> Any:
+        result = factored_norms(*args)
+        calls.append(result is not None)
+        return result
+    monkeypatch.setattr(engine, "_factored_weight_norms", spy)
+    return calls
+
+
 class Hooked(nn.Linear):
     """A linear layer the engine must not read through (a subclass)."""
 
@@ -126,14 +139,7 @@ def test_norms_factored_through_linear_heads_equal_autograd(make_head: Any, fact
     model = mtlzoo.HardSharing(backbone, [make_head() for _ in range(3)])
     x, targets = batch(3)
     expected = autograd_norms(model, x, targets, [backbone[2].weight], WEIGHTS)
-    calls = []
-    factored_norms = engine._factored_weight_norms
-
-    def spy(*args: Any) -> Any:
-        result = factored_norms(*args)
-        calls.append(result is not None)
-        return result
-    monkeypatch.setattr(engine, "_factored_weight_norms", spy)
+    calls = spy_factoring(monkeypatch)
     torch.testing.assert_close(norms_through_the_wrapper(model, x, targets), expected, rtol=1e-5, atol=1e-7)
     assert calls == [factored]
 
@@ -141,14 +147,7 @@ def test_norms_factored_through_linear_heads_equal_autograd(make_head: Any, fact
 def test_norms_under_autocast_take_the_product_route(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under bf16 autocast the head read a rounded copy of V_k, so G_k = D_k V_k no longer holds to float32
     precision: the norms come from the products h^T G_k (the factored route is refused)."""
-    calls = []
-    factored_norms = engine._factored_weight_norms
-
-    def spy(*args: Any) -> Any:
-        result = factored_norms(*args)
-        calls.append(result is not None)
-        return result
-    monkeypatch.setattr(engine, "_factored_weight_norms", spy)
+    calls = spy_factoring(monkeypatch)
     torch.manual_seed(0)
     model = mtlzoo.HardSharing(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4)),
                                [nn.Linear(4, 1) for _ in range(3)])
