@@ -223,6 +223,21 @@ def _solve_definite(hessian: list[list[float]], index: list[int], linear: list[f
     return None if factor is None else cholesky_solve(factor, [linear[i] for i in index])
 
 
+
+def blocking_step(current: list[float], support: list[int], target: list[float]) -> tuple[float, int]:
+    """An active-set move from ``current`` towards ``target`` (on the coordinates ``support``): the
+    fraction of the way at which the first coordinate reaches 0, and its position in ``support``
+    (``inf`` and -1 when no target coordinate is <= 0)."""
+    step, blocking = math.inf, -1
+    for position, (i, value) in enumerate(zip(support, target)):
+        if value <= 0:
+            drop = current[i] - value
+            ratio = current[i] / drop if drop > 0 else 0.0
+            if ratio < step:
+                step, blocking = ratio, position
+    return step, blocking
+
+
 def _definite_nonnegative_quadratic(hessian: list[list[float]], linear: list[float], start: list[int],
                                     scale: float) -> list[float] | None:
     r""":func:`_nonnegative_quadratic` for a positive definite H on Python floats (``argmin_{x >= 0} 1/2 x^T H x -
@@ -265,13 +280,7 @@ def _definite_nonnegative_quadratic(hessian: list[list[float]], linear: list[flo
                     x[i] = value
                 break
             # Move towards the target until the first coordinate reaches 0 (the blocking one), drop it.
-            step, blocking = math.inf, -1
-            for position, (i, value) in enumerate(zip(index, target)):
-                if value <= 0:
-                    drop = x[i] - value
-                    ratio = x[i] / drop if drop > 0 else 0.0
-                    if ratio < step:
-                        step, blocking = ratio, position
+            step, blocking = blocking_step(x, index, target)
             moved = [x[i] + step * (value - x[i]) for i, value in zip(index, target)]
             moved[blocking] = 0.0
             x = [0.0] * size

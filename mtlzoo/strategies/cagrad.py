@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import cholesky, cholesky_solve, clean_gramian, definite_unit, lstsq
+from mtlzoo.solvers import blocking_step, cholesky, cholesky_solve, clean_gramian, definite_unit, lstsq
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -172,13 +172,7 @@ def definite_conflict_averse(unit: list[list[float]], c: float) -> list[float] |
                 return [1.0 / size + value / ratio for value in weights]
             support = sorted([*support, entering])
             continue
-        step, blocking = math.inf, -1  # towards the target until the first weight reaches 0
-        for position, (i, value) in enumerate(zip(support, target)):
-            if value <= 0:
-                drop = weights[i] - value
-                ratio_to_zero = weights[i] / drop if drop > 0 else 0.0
-                if ratio_to_zero < step:
-                    step, blocking = ratio_to_zero, position
+        step, blocking = blocking_step(weights, support, target)  # towards the target until a weight reaches 0
         if support[blocking] == entering and step <= 0:
             return None  # the task just added would leave at once: rounding (or a face this method cannot take)
         moved = [weights[i] + step * (value - weights[i]) for i, value in zip(support, target)]
