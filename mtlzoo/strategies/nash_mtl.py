@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,9 @@ import torch
 from scipy.linalg import lapack
 from torch import Tensor
 
+from mtlzoo import solvers
 from mtlzoo.errors import SolverWarning
-from mtlzoo.protocol import Request
+from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategy import Paper, StrategyInfo, Target
@@ -20,6 +22,9 @@ from mtlzoo.strategy import Paper, StrategyInfo, Target
 _EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
 """Squared norm (on the unit-Frobenius Gramian) below which the gradients' hull is taken to contain 0."""
+SMALL_STEPS = 20
+"""Newton steps that :func:`small_bargaining_weights` takes at most: a warm start needs two or three, a cold one
+about ten; more is the mark of a near-stationary, ill-conditioned problem, left to the numpy path as before."""
 
 
 def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: int = 200) -> tuple[np.ndarray, bool]:
@@ -49,6 +54,98 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
     return alpha, False
 
 
+def _quadratic(matrix: list[list[float]], vector: list[float]) -> float:
+    """``v^T M v`` on Python floats."""
+    return sum(value * sum(map(mul, row, vector)) for value, row in zip(vector, matrix))
+
+
+def _newton_step(gramian: list[list[float]], alpha: list[float], gradient: list[float]) -> list[float] | None:
+    """The Newton step ``-(G + diag(1 / α^2))^{-1} ∇`` on Python floats: the Hessian's Cholesky factor, row by row
+    with the forward substitution, then the backward one; ``None`` at a pivot that is not positive (rounding)."""
+    size = len(alpha)
+    factor: list[list[float]] = []
+    forward: list[float] = []
+    for i in range(size):
+        source = gramian[i]
+        row: list[float] = []
+        for j in range(i):
+            other = factor[j]
+            value = source[j]
+            for k in range(j):
+                value -= row[k] * other[k]
+            row.append(value / other[j])
+        pivot = source[i] + 1.0 / (alpha[i] * alpha[i])
+        for value in row:
+            pivot -= value * value
+        if not pivot > 0:
+            return None
+        root = math.sqrt(pivot)
+        row.append(root)
+        factor.append(row)
+        value = -gradient[i]
+        for k in range(i):
+            value -= row[k] * forward[k]
+        forward.append(value / root)
+    step = [0.0] * size
+    for i in range(size - 1, -1, -1):
+        value = forward[i]
+        for k in range(i + 1, size):
+            value -= factor[k][i] * step[k]
+        step[i] = value / factor[i][i]
+    return step
+
+
+def small_bargaining_weights(gramian: list[list[float]], start: list[float],
+                             max_iterations: int) -> list[float] | None:
+    """:func:`bargaining_weights` on Python floats (up to :data:`mtlzoo.solvers.SMALL` tasks): the same start, damped
+    Newton steps and stopping rule, each Newton system solved by a Cholesky factorisation of the Hessian
+    ``G + diag(1 / α^2)`` (:func:`_newton_step`). Only a converged, finite answer is returned: ``None`` where a
+    pivot is not positive (rounding), where the arithmetic fails (a zero or overflowing iterate) or where Newton's
+    method does not converge in ``max_iterations`` steps; the caller then runs :func:`bargaining_weights` from the
+    same start, so that every such case is the numpy path's, warnings included.
+
+    Near the solution both paths' iterates agree to rounding times the Hessian's condition number: on a
+    well-conditioned problem the answers agree to ~1e-15, on a near-stationary one (large ``α``) less closely,
+    as two runs of either path on inputs one rounding apart would."""
+    size = len(start)
+    alpha = [value if value > 0 else 1.0 for value in start]
+    try:
+        curvature = _quadratic(gramian, alpha)
+        if curvature > 0:
+            scale = math.sqrt(size / curvature)
+            alpha = [value * scale for value in alpha]
+        for _ in range(max_iterations):
+            gradient = [sum(map(mul, row, alpha)) - 1.0 / value for row, value in zip(gramian, alpha)]
+            step = _newton_step(gramian, alpha, gradient)
+            if step is None:
+                return None
+            decrement = math.sqrt(max(-sum(map(mul, gradient, step)), 0.0))
+            if decrement < 1e-10:
+                return alpha if all(map(math.isfinite, alpha)) else None
+            if decrement > 0.25:
+                damping = 1.0 + decrement
+                alpha = [value + change / damping for value, change in zip(alpha, step)]
+            else:
+                alpha = [value + change for value, change in zip(alpha, step)]
+    except (ArithmeticError, ValueError):  # ZeroDivisionError, OverflowError; math.sqrt of a negative
+        return None
+    return None
+
+
+def _zero_rows_message(rows: list[int]) -> str:
+    return (f"Nash-MTL: the gradients of tasks (rows) {rows} are zero, so the bargaining problem has no solution; "
+            "they get weight 0 and the other tasks bargain among themselves.")
+
+
+_STATIONARY_MESSAGE = ("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary point), so "
+                       "no update improves every task and the bargaining problem has no solution; the update is 0.")
+
+
+def _not_converged_message(max_iterations: int) -> str:
+    return (f"Nash-MTL: Newton's method did not converge in {max_iterations} steps (the gradients are close to "
+            "Pareto-stationary); its last iterate is used.")
+
+
 class NashMTL(GramianSurgery):
     r"""Nash-MTL: the update on which the tasks would agree in a Nash bargaining game.
 
@@ -64,8 +161,9 @@ class NashMTL(GramianSurgery):
     approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS, on ``G`` divided
     by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is
     computed to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised
-    ``Ĝ`` by damped Newton steps (numpy), warm-started at the previous step's ``α``, and scaled
-    back. As the authors' code, the update is clipped to norm ``max_norm``
+    ``Ĝ`` by damped Newton steps, warm-started at the previous step's ``α``, and scaled back:
+    on Python floats after one transfer of the Gramian up to :data:`mtlzoo.solvers.SMALL` tasks
+    (at most :data:`SMALL_STEPS` steps), on numpy / LAPACK beyond and where those steps do not converge. As the authors' code, the update is clipped to norm ``max_norm``
     (``||J^T α|| <= max_norm``, so with the default 1.0 and K >= 2 it has norm 1; 0 disables
     the clipping), and with ``update_weights_every = m`` the weights are recomputed every m-th
     optimizer step and reused (then clipped anew) in between.
@@ -135,6 +233,85 @@ class NashMTL(GramianSurgery):
         self.step = 0
         self._staged: dict[str, Tensor] = {}
 
+    def compute(self, inputs: StepInputs) -> Update:
+        gramian = inputs.gramian
+        assert gramian is not None
+        if gramian.shape[0] <= solvers.SMALL:  # one transfer, then Python floats
+            rows = gramian.tolist()
+            if math.isfinite(sum(map(sum, rows))):  # else the base class (its finiteness check, numpy)
+                weights = self._small_weights(rows, inputs.tasks.tolist(), inputs.micro_batch)
+                return Update(weights=torch.tensor(weights, dtype=gramian.dtype, device=gramian.device))
+        return super().compute(inputs)
+
+    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
+        if gramian.shape[0] <= solvers.SMALL:
+            weights = self._small_weights(gramian.tolist(), tasks.tolist(), micro_batch)
+            return torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
+        return super().weights_for(gramian, losses, tasks, micro_batch)
+
+    def _small_weights(self, rows: list[list[float]], tasks: list[int], micro_batch: int) -> list[float]:
+        """:meth:`host_weights` on Python floats (up to :data:`mtlzoo.solvers.SMALL` tasks): the same state, solve
+        (:meth:`_small_solve`) and clipping."""
+        buffer = self.previous_weights
+        everyone = buffer.tolist()
+        previous = [everyone[k] for k in tasks]
+        if self.step % self.update_weights_every == 0:
+            alpha = self._small_solve(rows, previous)
+            if micro_batch == 0:
+                for k, value in zip(tasks, alpha):
+                    everyone[k] = value  # rounded to the buffer's dtype below
+                self._staged["previous_weights"] = torch.tensor(everyone, dtype=buffer.dtype, device=buffer.device)
+        else:
+            alpha = previous
+        if self.max_norm > 0:
+            norm = math.sqrt(max(_quadratic(rows, alpha), 0.0))
+            if norm > self.max_norm:
+                scale = self.max_norm / norm
+                alpha = [value * scale for value in alpha]
+        return alpha
+
+    def _small_solve(self, raw: list[list[float]], previous: list[float]) -> list[float]:
+        """:meth:`_solve` on Python floats: at most :data:`SMALL_STEPS` Newton steps by
+        :func:`small_bargaining_weights`; where they do not converge, :func:`bargaining_weights` (numpy) from the same
+        start and on the same normalised Gramian (bit for bit), as :meth:`_solve`; the hull test (rare) on numpy."""
+        count = len(raw)
+        array = np.array(raw)
+        size = math.sqrt(float((array * array).sum()))  # ||G||_F, rounded as :meth:`_solve` rounds it
+        matrix = [[value / size for value in row] for row in raw] if size > 0 else [[0.0] * count for _ in raw]
+        present = [k for k in range(count) if matrix[k][k] > 0]
+        alpha = [0.0] * count
+        if len(present) < count:
+            warnings.warn(_zero_rows_message([k for k in range(count) if not matrix[k][k] > 0]), SolverWarning,
+                          stacklevel=5)
+        if present:
+            sub = matrix if len(present) == count else [[matrix[i][j] for j in present] for i in present]
+            root = math.sqrt(size)
+            start = [previous[k] * root for k in present]
+            solution = small_bargaining_weights(sub, start, min(self.max_iterations, SMALL_STEPS))
+            converged = solution is not None
+            if solution is None:  # the numpy path, as :meth:`_solve`
+                with np.errstate(all="ignore"):
+                    try:
+                        found, converged = bargaining_weights(np.array(sub), np.array(start), self.max_iterations)
+                    except np.linalg.LinAlgError:
+                        found, converged = np.ones(len(start)), False
+                converged = converged and bool(np.isfinite(found).all())
+                solution = found.tolist()
+            # The hull test is skipped where the solution bounds the hull away from 0, as in :meth:`_solve`.
+            largest = max(solution)
+            if not (converged and 0.5 / (len(present) * largest * largest) > STATIONARY * sum(
+                    sub[k][k] for k in range(len(present)))):
+                block = np.array(sub)
+                hull = min_norm_weights(clean_gramian(block, _EPS))
+                if float(hull @ block @ hull) <= STATIONARY * float(np.trace(block)):
+                    warnings.warn(_STATIONARY_MESSAGE, SolverWarning, stacklevel=5)
+                    return alpha
+            if not converged:
+                warnings.warn(_not_converged_message(self.max_iterations), SolverWarning, stacklevel=5)
+            for k, value in zip(present, solution):
+                alpha[k] = value / root  # the solution for the raw Gramian
+        return alpha
+
     def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
                      micro_batch: int) -> np.ndarray:
         index = tasks.cpu().numpy()
@@ -159,9 +336,7 @@ class NashMTL(GramianSurgery):
         present = np.diag(matrix) > 0
         alpha = np.zeros(matrix.shape[0])
         if not present.all():
-            warnings.warn(f"Nash-MTL: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
-                          "the bargaining problem has no solution; they get weight 0 and the other tasks bargain "
-                          "among themselves.", SolverWarning, stacklevel=5)
+            warnings.warn(_zero_rows_message(np.flatnonzero(~present).tolist()), SolverWarning, stacklevel=5)
         if present.any():
             sub = matrix if present.all() else matrix[np.ix_(present, present)]
             start = previous[present] * math.sqrt(size)
@@ -178,14 +353,10 @@ class NashMTL(GramianSurgery):
             if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))):
                 hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
                 if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-                    warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
-                                  "point), so no update improves every task and the bargaining problem has no "
-                                  "solution; the update is 0.", SolverWarning, stacklevel=5)
+                    warnings.warn(_STATIONARY_MESSAGE, SolverWarning, stacklevel=5)
                     return alpha
             if not converged:
-                warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
-                              "gradients are close to Pareto-stationary); its last iterate is used.",
-                              SolverWarning, stacklevel=5)
+                warnings.warn(_not_converged_message(self.max_iterations), SolverWarning, stacklevel=5)
             alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 
