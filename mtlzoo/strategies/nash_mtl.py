@@ -163,7 +163,8 @@ class NashMTL(GramianSurgery):
     computed to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised
     ``Ĝ`` by damped Newton steps, warm-started at the previous step's ``α``, and scaled back:
     on Python floats after one transfer of the Gramian up to :data:`mtlzoo.solvers.SMALL` tasks
-    (at most :data:`SMALL_STEPS` steps), on numpy / LAPACK beyond and where those steps do not converge. As the authors' code, the update is clipped to norm ``max_norm``
+    (at most :data:`SMALL_STEPS` steps), on numpy / LAPACK beyond and where those steps do not
+    converge. As the authors' code, the update is clipped to norm ``max_norm``
     (``||J^T α|| <= max_norm``, so with the default 1.0 and K >= 2 it has norm 1; 0 disables
     the clipping), and with ``update_weights_every = m`` the weights are recomputed every m-th
     optimizer step and reused (then clipped anew) in between.
