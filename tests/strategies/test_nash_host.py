@@ -151,8 +151,15 @@ def test_standalone_aggregate_equals_the_numpy_path(name: str, matrix: torch.Ten
     same warnings (text and count), as the numpy path."""
     size = matrix.shape[0]
     losses = torch.ones(size, dtype=torch.float64)
-    if not bool(torch.isfinite(matrix @ matrix.T).all()):
-        pytest.skip("standalone, a non-finite Gramian is an error on both paths")
+    if not bool(torch.isfinite(matrix @ matrix.T).all()):  # standalone, an error on both paths, the same one
+        raised = []
+        for small in (solvers.SMALL, 0):
+            monkeypatch.setattr(solvers, "SMALL", small)
+            with pytest.raises(Exception) as error:
+                mtlzoo.create("nash_mtl", num_tasks=size).gramian_weights(matrix @ matrix.T, losses)
+            raised.append((type(error.value), str(error.value)))
+        assert raised[0] == raised[1]
+        return
     for options in OPTIONS:
         def make(options: dict = options) -> tuple[torch.Tensor, torch.Tensor]:
             strategy = mtlzoo.create("nash_mtl", num_tasks=size, **options)
