@@ -458,13 +458,6 @@ class RotateOnly(GradientSurgery):
         usable = bool(torch.isfinite(reference) & (reference != 0))
         return 1 / reference.to(backbone_loss.dtype) if usable else None
 
-    def loss_ratios(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        """``L_k / L_k(t_0)`` for the present tasks (1 where no reference is usable)."""
-        reference = self._reference("initial_losses")[tasks].to(losses.dtype)
-        usable = torch.isfinite(reference) & (reference != 0)
-        return torch.where(usable, losses / torch.where(usable, reference, torch.ones_like(reference)),
-                           torch.ones_like(losses))
-
     def compute(self, inputs: StepInputs) -> Update:
         grads = inputs.gradients
         assert grads is not None
