@@ -76,7 +76,7 @@ class IMTLL(WeightingStrategy):
         return imtl_l_total(losses, self.log_scales.to(losses.dtype))
 
     def weights(self, losses: Tensor) -> Tensor:
-        return torch.exp(self.log_scales.detach()).to(losses.dtype)
+        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
         values = self.log_scales.tolist()

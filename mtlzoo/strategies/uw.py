@@ -68,16 +68,12 @@ class UncertaintyWeighting(WeightingStrategy):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
-    def _total(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        s = self.log_variances if tasks is None else self.of_present(self.log_variances, tasks)
-        s = s.to(losses.dtype)
+    def scalarize(self, losses: Tensor) -> Tensor:
+        s = self.log_variances.to(losses.dtype)
         return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
 
-    def scalarize(self, losses: Tensor) -> Tensor:
-        return self._total(losses, None)
-
     def weights(self, losses: Tensor) -> Tensor:
-        return (0.5 * torch.exp(-self.log_variances.detach())).to(losses.dtype)
+        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
         values = self.log_variances.tolist()
