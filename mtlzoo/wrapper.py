@@ -28,9 +28,6 @@ from mtlzoo.structure import invalidate
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
 
-LARGE_ROTATION = 1024
-"""A lazily inferred rotation size above which the wrapper warns (n x n parameters per task)."""
-
 
 def _split(output: Any) -> tuple[Any, tuple[Any, ...] | None]:
     """``(first, rest)`` of a tuple/list output, ``(output, None)`` otherwise."""
@@ -247,7 +244,6 @@ class MTLWrapper(nn.Module):
             gradients reach the backbone on every path, beside the strategy's combined gradient.
         """
         record = self.training and torch.is_grad_enabled() and self.strategy.request.needs_gradients
-        materialised = self._strategy_is_ready()
         z, backbone_extras = _split(self.backbone(*args, **kwargs))
         leaves: list[Tensor] = []
         predictions: list[Any] = []
@@ -266,8 +262,6 @@ class MTLWrapper(nn.Module):
                 predictions.append(prediction)
                 if extras is not None:
                     head_extras.append((key, extras))
-        if not materialised and self._strategy_is_ready():
-            self._warn_large_rotation()
         if record and z.requires_grad:
             self._pending.add(engine.ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
 
@@ -285,21 +279,6 @@ class MTLWrapper(nn.Module):
         if backbone_extras is None and not head_extras:
             return predictions
         return predictions, [*(backbone_extras or ()), *(extras for _, extras in head_extras)]
-
-    def _strategy_is_ready(self) -> bool:
-        try:
-            self.strategy.check_ready()
-        except Exception:
-            return False
-        return True
-
-    def _warn_large_rotation(self) -> None:
-        size = sum(p.shape[-1] for p in self.strategy.parameters()) // max(len(self), 1)
-        if size > LARGE_ROTATION:
-            warnings.warn(f"{type(self.strategy).__name__} inferred rotations of size n = {size} from the "
-                          f"representation ({len(self)} x {size}^2 = {len(self) * size ** 2:,} parameters). For a "
-                          "(batch, channels, h, w) map, pass post_shape=(h, w) to rotate the channels only.",
-                          RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- backward
     def backward(self, losses: Losses, backbone_loss: Tensor | None = None, *, more_batches: Sequence[Losses] = (),

@@ -174,7 +174,7 @@ def test_strategy_parameters_before_materialisation_raise_with_both_fixes() -> N
     mtl.zero_grad()  # a loop that zeroes gradients before its first forward keeps working
     mtl(torch.randn(2, 5))
     assert mtl.strategy.rotation_shape == (4,)
-    assert [p.shape for p in mtl.strategy_parameters()] == [(4, 4)] * 3
+    assert [p.shape for p in mtl.strategy_parameters()] == [(6,)] * 3  # tangents: 4 x 3 / 2 entries, below the diagonal
 
 
 def test_torch_module_api_works_before_materialisation() -> None:

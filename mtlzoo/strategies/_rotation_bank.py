@@ -9,8 +9,11 @@ unconstrained parameter an optimizer updates; ``R_k`` is computed once per step 
 With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward (one
 plain product per task), and the parameter is a tangent step ``X_k`` in the same coordinates as
 torch's trivialization (``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric), but at the current
-rotation: ``R_k (I + A_k)`` to first order. ``X_k`` is zero at every forward, so its gradient is the
-Riemannian gradient in closed form (``tril(S - S^T)`` with ``S = R_k^T dL/dR_k``), and after each
+rotation: ``R_k (I + A_k)`` to first order. Only the ``n (n - 1) / 2`` entries below the diagonal of
+``X_k`` move ``A_k``, so the parameter holds just those, row by row (:func:`lower_indices`): an
+optimizer steps half the numbers of a full ``n x n`` matrix. ``X_k`` is zero at every forward, so
+its gradient is the Riemannian gradient in closed form (``tril(S - S^T)`` with
+``S = R_k^T dL/dR_k``), and after each
 optimizer step that was taken :meth:`RotationBank.retract` moves ``R_k <- R_k (I + A + A^2 / 2)``
 (exp to second order: orthogonal up to ``A^4 / 4``) and sets ``X_k`` back to zero, its optimizer
 state (Adam's moments) kept: a dynamic trivialization (Lezcano-Casado, "Trivializations for
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -69,17 +73,48 @@ class _Rotation(nn.Module):
         parametrizations.orthogonal(self, "weight", orthogonal_map=orthogonal_map)
 
 
+@lru_cache(maxsize=32)
+def lower_indices(size: int, device: torch.device) -> Tensor:
+    """The flat indices ``i * n + j`` (``i > j``) of the entries below the diagonal of an n x n matrix, row by row.
+
+    Made once per size and device, outside inference mode (the engine never writes to it).
+    """
+    with torch.inference_mode(False):
+        rows, cols = torch.tril_indices(size, size, -1, device=device)
+        return rows * size + cols
+
+
+def skew_from_tangents(tangents: Tensor, size: int) -> Tensor:
+    """``A = tril(X) - tril(X)^T`` (..., n, n) from the packed entries below the diagonal (..., n (n - 1) / 2)."""
+    flat = tangents.new_zeros(*tangents.shape[:-1], size * size)
+    lower = flat.index_copy_(-1, lower_indices(size, tangents.device), tangents).unflatten(-1, (size, size))
+    return lower - lower.mT
+
+
+def packed_lower(matrices: Tensor) -> Tensor:
+    """The entries below the diagonal of (..., n, n) matrices, packed row by row (..., n (n - 1) / 2)."""
+    size = matrices.shape[-1]
+    return matrices.flatten(-2).index_select(-1, lower_indices(size, matrices.device))
+
+
 class _Retracted(nn.Module):
-    """One rotation ``weight`` (a buffer) and its tangent step ``tangent`` (a parameter, zero between steps)."""
+    """One rotation ``weight`` (a buffer) and its tangent step ``tangent`` (a parameter, zero between steps):
+    the n (n - 1) / 2 entries of ``X`` below the diagonal, packed row by row."""
 
     def __init__(self, size: int, device: Any, dtype: Any) -> None:
         super().__init__()
         self.register_buffer("rotation", torch.eye(size, device=device, dtype=dtype))
-        self.tangent = nn.Parameter(torch.zeros(size, size, device=device, dtype=dtype))
+        self.tangent = nn.Parameter(torch.zeros(size * (size - 1) // 2, device=device, dtype=dtype))
 
     @property
     def weight(self) -> Tensor:
         return self.rotation
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        saved = state_dict.get(prefix + "tangent")
+        if saved is not None and saved.dim() == 2:  # a checkpoint from before the packing: the full n x n X
+            state_dict[prefix + "tangent"] = packed_lower(saved)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class RotationBank(nn.Module):
@@ -159,15 +194,15 @@ class RotationBank(nn.Module):
 
     def _retract(self, check: bool) -> None:
         rotations = torch.stack([module.rotation for module in self.matrices])
-        lower = torch.stack([module.tangent for module in self.matrices]).to(rotations.dtype).tril_(-1)
-        size = math.sqrt(2) * float(torch.linalg.vector_norm(lower, dim=(-2, -1)).amax())  # ||A||_F
+        tangents = [module.tangent for module in self.matrices]
+        lower = torch.stack(tangents).to(rotations.dtype)
+        size = math.sqrt(2) * float(torch.linalg.vector_norm(lower, dim=-1).amax())  # ||A||_F
         if size == 0 and not check:  # no step (rotations left out of the optimizer): R (I + 0) = R
-            for module in self.matrices:
-                module.tangent.zero_()
+            torch._foreach_zero_(tangents)
             return
         truncation = 0.0
         if size != 0:
-            skew = lower - lower.mT
+            skew = skew_from_tangents(lower, rotations.shape[-1])
             square = torch.bmm(skew, skew)
             truncation = float(torch.linalg.vector_norm(square, dim=(-2, -1)).amax()) ** 2 / 4
             rotations = torch.baddbmm(rotations, rotations, square.mul_(0.5).add_(skew))  # R + R (A + A^2 / 2)
@@ -175,7 +210,7 @@ class RotationBank(nn.Module):
             rotations = polar_project(rotations)
         for module, value in zip(self.matrices, rotations):
             module.rotation.copy_(value)
-            module.tangent.zero_()
+        torch._foreach_zero_(tangents)
 
 
 def polar_project(matrices: Tensor, tolerance: float = POLAR_TOLERANCE) -> Tensor:

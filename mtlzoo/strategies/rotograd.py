@@ -47,8 +47,8 @@ see :mod:`mtlzoo.strategies._rotation_bank`): no matrix function in the forward 
 rotation objective's gradient in closed form, two batched n x n products per step, so its training
 differs from the trivializations' by amounts of second order in the steps (on toy2d it follows
 ``matrix_exp`` seed by seed; ``tests/bench/test_rotograd_equivalence.py``). Its parameters are
-tangent steps, zero between optimizer steps; Adam's moments refer to them, in the frame of the
-current rotation, as in any dynamic trivialization.
+tangent steps (the entries below the diagonal of ``X``, packed), zero between optimizer steps; Adam's
+moments refer to them, in the frame of the current rotation, as in any dynamic trivialization.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ from mtlzoo.strategies._rotation_bank import (
     RotationBank,
     RotationInit,
     as_shape,
+    packed_lower,
     rotate,
 )
 from mtlzoo.strategies._weighting import gradient_surrogate
@@ -149,7 +150,8 @@ class _TangentObjective(torch.autograd.Function):
     ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all. The gradient is
     ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads ``X`` (the diagonal is 0), and as
     ``v v^T`` is symmetric it is ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``:
-    one ``B n^2`` product per task and no (K, B, n) difference. The value is
+    one ``B n^2`` product per task and no (K, B, n) difference, packed to the entries below the
+    diagonal (the parameter's layout). The value is
     ``sum_k ||v - g_k||^2 = K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
     """
 
@@ -173,7 +175,7 @@ class _TangentObjective(torch.autograd.Function):
             products = blocks.view(num, batch, size).mT @ weighted.view(batch, size)
         else:
             products = torch.einsum("kbip,bjp->kij", blocks, weighted)
-        grad = (products.mT - products).tril_(-1).to(ctx.tangent_dtype)
+        grad = packed_lower(products.mT - products).to(ctx.tangent_dtype)
         return (None, None, None, None, None, *grad.unbind())
 
 

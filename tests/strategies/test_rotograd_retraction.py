@@ -17,7 +17,14 @@ import torch
 import mtlzoo
 from mtlzoo.protocol import StepInputs
 from mtlzoo.strategies import RotateOnly
-from mtlzoo.strategies._rotation_bank import CHECK_EVERY, POLAR_TOLERANCE, haar_rotations, polar_project
+from mtlzoo.strategies._rotation_bank import (
+    CHECK_EVERY,
+    POLAR_TOLERANCE,
+    haar_rotations,
+    packed_lower,
+    polar_project,
+    skew_from_tangents,
+)
 from tests.helpers import assert_same_state, batch, mse_losses, optimizer_for, small_model, train_steps
 
 FAMILY = ["rotate_only", "rotograd", "rotograd_norm"]
@@ -46,7 +53,9 @@ def test_gradient_equals_the_trivializations_at_the_same_rotation(name: str, lay
     """Reference: torch's parametrization with base R reads the same coordinates X (A = tril(X) - tril(X)^T), and
     at X = 0 both maps have derivative identity, so the gradient w.r.t. X must be the same, for the sum over the
     batch (flat) and the mean (post_shape). Fails with a missing transpose, a wrong factor, or the Euclidean
-    gradient of R instead of the tangent one."""
+    gradient of R instead of the tangent one. The tangents hold X's entries below the diagonal only: the
+    trivializations' gradient is zero on and above it (so the packing drops nothing), and a packing that misplaced
+    an entry (column-major, say) fails the comparison."""
     torch.manual_seed(2)
     model = small_model(dim=5) if layout == "flat" else channel_model()
     shapes = {"rotation_shape": 5} if layout == "flat" else {"rotation_shape": 3, "post_shape": (4, 3)}
@@ -61,8 +70,11 @@ def test_gradient_equals_the_trivializations_at_the_same_rotation(name: str, lay
         grads[orthogonal_map] = torch.stack([module.parametrizations.weight.original.grad
                                              if orthogonal_map != "retraction" else module.tangent.grad
                                              for module in mtl.strategy.bank.matrices])
-    expected = grads[trivialization]
+    full = grads[trivialization]
+    assert full.triu().abs().max() == 0, "torch's trivialization reads X below the diagonal only"
+    expected = packed_lower(full)
     assert expected.abs().max() > 1e-4
+    assert grads["retraction"].shape == expected.shape
     torch.testing.assert_close(grads["retraction"], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
 
 
@@ -83,7 +95,9 @@ def test_gradient_matches_finite_differences_of_the_objective() -> None:
     fixed = torch.einsum("kij,kbj->kbi", rotations, grads)
 
     def objective(tangents: torch.Tensor) -> torch.Tensor:
-        lower = tangents.tril(-1)
+        lower = torch.zeros(2, 4, 4, dtype=torch.float64)
+        rows, cols = torch.tril_indices(4, 4, -1)
+        lower[:, rows, cols] = tangents  # X's entries below the diagonal, row by row
         moved = rotations @ torch.linalg.matrix_exp(lower - lower.mT)
         return (torch.einsum("kij,bj->kbi", moved, reference) - fixed).pow(2).sum()
 
@@ -182,9 +196,9 @@ def test_adam_like_steps_are_retracted_without_a_projection_at_every_step(monkey
     for _ in range(CHECK_EVERY - 1):
         with torch.no_grad():
             for module in bank.matrices:
-                module.tangent.copy_(5e-4 * torch.randint(0, 2, (128, 128)).float().mul(2).sub(1).tril(-1))
-        lower = torch.stack([module.tangent.detach() for module in bank.matrices])
-        assert float((lower - lower.mT).norm(dim=(-2, -1)).amax()) ** 4 / 4 > 4 * POLAR_TOLERANCE / CHECK_EVERY
+                module.tangent.copy_(5e-4 * torch.randint(0, 2, module.tangent.shape).float().mul(2).sub(1))
+        skew = skew_from_tangents(torch.stack([module.tangent.detach() for module in bank.matrices]), 128)
+        assert float(skew.norm(dim=(-2, -1)).amax()) ** 4 / 4 > 4 * POLAR_TOLERANCE / CHECK_EVERY
         bank.retract(check=False)
         assert orthogonality_error(bank.weight) <= 1e-5
     assert projections == []
@@ -306,4 +320,31 @@ def test_a_lazy_strategy_materialises_its_rotations_from_a_state_dict() -> None:
     lazy = mtlzoo.create("rotograd", num_tasks=3, orthogonal_map="retraction")
     lazy.load_state_dict(trained.state_dict(), strict=False)  # the hyperparameters differ: rotation_shape
     torch.testing.assert_close(lazy.rotations, trained.rotations, rtol=0, atol=0)
-    assert [p.shape for p in lazy.parameters()] == [torch.Size([4, 4])] * 3
+    assert [p.shape for p in lazy.parameters()] == [torch.Size([6])] * 3  # 4 * 3 / 2 entries below the diagonal
+
+
+def test_tangents_pack_the_entries_below_the_diagonal_row_by_row() -> None:
+    """Reference: torch.tril_indices (row-major, as torch's trivialization reads tril(X)) and A = tril(X, -1) -
+    tril(X, -1)^T computed directly. Fails with a column-major packing, the diagonal kept, or a sign flipped."""
+    full = torch.randn(3, 5, 5, dtype=torch.float64)
+    rows, cols = torch.tril_indices(5, 5, -1)
+    packed = packed_lower(full)
+    torch.testing.assert_close(packed, full[:, rows, cols], rtol=0, atol=0)
+    lower = full.tril(-1)
+    torch.testing.assert_close(skew_from_tangents(packed, 5), lower - lower.mT, rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_full_square_tangents_still_loads() -> None:
+    """Checkpoints written before the tangents were packed hold an n x n X: it loads, its entries below the
+    diagonal kept, into the same rotations."""
+    torch.manual_seed(1)
+    saved = mtlzoo.create("rotate_only", num_tasks=2, rotation_shape=4, orthogonal_map="retraction")
+    state = saved.state_dict()
+    full = torch.randn(4, 4)
+    state["bank.matrices.1.tangent"] = full
+    state["bank.matrices.0.tangent"] = torch.zeros(4, 4)
+    loaded = mtlzoo.create("rotate_only", num_tasks=2, rotation_shape=4, orthogonal_map="retraction")
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.rotations, saved.rotations, rtol=0, atol=0)
+    assert loaded.bank is not None
+    torch.testing.assert_close(loaded.bank.matrices[1].tangent.detach(), packed_lower(full), rtol=0, atol=0)
