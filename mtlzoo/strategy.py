@@ -205,6 +205,9 @@ class Strategy(nn.Module):
 
     hparams: dict[str, Any]
     micro_batch: int
+    plain_attributes: ClassVar[frozenset[str]] = frozenset({"micro_batch", "step", "_staged"})
+    """Per-step bookkeeping (ints, dicts): once set as plain attributes, set again past ``nn.Module.__setattr__``,
+    whose checks cost more than the set itself."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Strategy:
         instance = super().__new__(cls)
@@ -218,6 +221,12 @@ class Strategy(nn.Module):
                        if name in hyperparameters(cls)}
         object.__setattr__(instance, "hparams", hparams)
         return instance
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.plain_attributes and name in self.__dict__ and not isinstance(value, nn.Module):
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()

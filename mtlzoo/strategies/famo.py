@@ -25,6 +25,7 @@ EPSILON = 1e-8
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 TAKES = "takes the log of each loss minus its lower bound"
+_ADAM_STATE = ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps")
 
 
 def famo_weights(losses: list[float], logits: list[float], min_losses: list[float]) -> list[float]:
@@ -43,6 +44,22 @@ def logit_gradient(logits: list[float], delta: list[float]) -> list[float]:
     z = _softmax(logits)
     mean = sum(zk * dk for zk, dk in zip(z, delta))
     return [zk * (dk - mean) for zk, dk in zip(z, delta)]
+
+
+def adam_step(tasks: list[int], state: list[list[float]], grad: list[float], lr: float, gamma: float) -> None:
+    """``torch.optim.Adam`` (L2 weight decay ``gamma``) on the logits of ``tasks`` only, in float64, in place.
+
+    ``state`` is ``[logits, exp_avg, exp_avg_sq, steps]`` (K each); ``grad`` holds the gradients of ``tasks``.
+    """
+    logits, exp_avg, exp_avg_sq, steps = state
+    beta1, beta2 = ADAM_BETAS
+    for k, g in zip(tasks, grad):
+        g = g + gamma * logits[k]
+        steps[k] += 1
+        exp_avg[k] += (g - exp_avg[k]) * (1 - beta1)
+        exp_avg_sq[k] = exp_avg_sq[k] * beta2 + (1 - beta2) * g * g
+        denom = math.sqrt(exp_avg_sq[k]) / math.sqrt(1 - beta2 ** steps[k]) + ADAM_EPS
+        logits[k] -= lr / (1 - beta1 ** steps[k]) * exp_avg[k] / denom
 
 
 def _softmax(logits: list[float]) -> list[float]:
@@ -176,36 +193,26 @@ class FAMO(WeightingStrategy):
         if losses.shape != (self.num_tasks,):
             raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
                                      f"absent task). Found shape {tuple(losses.shape)}.")
-        # K numbers: the update runs on the host in float64 (Python floats), one read and one write per buffer
+        # K numbers: the update runs on the host in float64 (Python floats), one read per buffer and one write
+        buffers = self._buffers
         after = losses.detach().tolist()
-        before = self.losses_before.tolist()
+        before = buffers["losses_before"].tolist()
         tasks = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
         if not tasks:
             return
-        bounds = self.min_losses.tolist()
+        bounds = buffers["min_losses"].tolist()
         if any(after[k] - bounds[k] <= 0 for k in tasks):
             index = torch.tensor(tasks)
             check_positive(torch.tensor(after)[index] - torch.tensor(bounds)[index], index, "FAMO (famo)", TAKES)
         delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in tasks]
-        logits = self.logits.tolist()
-        self._adam_step(tasks, logits, logit_gradient([logits[k] for k in tasks], delta))
-        self.losses_before.fill_(math.nan)
-
-    def _adam_step(self, tasks: list[int], logits: list[float], grad: list[float]) -> None:
-        """``torch.optim.Adam`` (L2 weight decay ``gamma``), on the logits of ``tasks`` only, in float64."""
-        beta1, beta2 = ADAM_BETAS
-        exp_avg, exp_avg_sq = self.adam_exp_avg.tolist(), self.adam_exp_avg_sq.tolist()
-        steps = self.adam_steps.tolist()
-        for k, g in zip(tasks, grad):
-            g = g + self.gamma * logits[k]
-            steps[k] += 1
-            exp_avg[k] += (g - exp_avg[k]) * (1 - beta1)
-            exp_avg_sq[k] = exp_avg_sq[k] * beta2 + (1 - beta2) * g * g
-            denom = math.sqrt(exp_avg_sq[k]) / math.sqrt(1 - beta2 ** steps[k]) + ADAM_EPS
-            logits[k] -= self.lr / (1 - beta1 ** steps[k]) * exp_avg[k] / denom
-        rows = torch.tensor([logits, exp_avg, exp_avg_sq, steps], dtype=torch.float64)
-        for buffer, values in zip((self.logits, self.adam_exp_avg, self.adam_exp_avg_sq, self.adam_steps), rows):
-            buffer.copy_(values)
+        state = [buffers[name].tolist() for name in _ADAM_STATE]
+        logits = state[0]
+        adam_step(tasks, state, logit_gradient([logits[k] for k in tasks], delta), self.lr, self.gamma)
+        reference = buffers["logits"]
+        rows = torch.tensor([*state, [math.nan] * self.num_tasks], dtype=reference.dtype, device=reference.device)
+        # rebound to rows of one new tensor: one write instead of five
+        for name, row in zip((*_ADAM_STATE, "losses_before"), rows.unbind()):
+            buffers[name] = row
 
     def extra_state(self) -> dict[str, Any]:
         return {}
