@@ -180,3 +180,29 @@ def test_a_strategy_reads_independent_batches() -> None:
     weights = rows(xb, tb).norm(dim=1).reciprocal()
     expected = weights @ rows(xa, ta)
     torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), expected)
+
+
+def test_plain_bookkeeping_attributes_bypass_only_plain_attributes() -> None:
+    """Strategy.__setattr__ sets micro_batch, step and _staged past nn.Module's checks once they are plain
+    attributes; a buffer of one of those names stays a buffer (a tensor assigned reaches state_dict), and a
+    module assigned is still registered."""
+
+    class Counting(WeightingStrategy):
+        info = StrategyInfo(name="counting_test", kind="weighting", summary="test")
+
+        def __init__(self, num_tasks: int) -> None:
+            super().__init__(num_tasks)
+            self.register_buffer("step", torch.zeros(()))
+            self._staged = {}
+
+        def weights(self, losses: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(losses)
+
+    strategy = Counting(2)
+    strategy.micro_batch = 3
+    strategy._staged = {"sums": None}
+    assert strategy.micro_batch == 3 and strategy._staged == {"sums": None}
+    strategy.step = torch.tensor(5.0)
+    assert float(strategy.state_dict()["step"]) == 5.0 and "step" not in vars(strategy)
+    strategy._staged = nn.Linear(1, 1)
+    assert "_staged" in dict(strategy.named_children())
