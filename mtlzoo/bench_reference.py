@@ -62,6 +62,7 @@ LR = 1e-3
 PLAIN = "plain (hand-written)"
 FLOOR = "RotoGrad floor"
 LS_FORWARD = "ls + a forward"
+LS_OPTIMIZER = "ls + a second Adam"
 SECTIONS = ("rotograd", "torchjd", "weighting", "memory")
 ROTOGRAD_SETTINGS = ((128, 4), (512, 4), (128, 16))
 ROTOGRAD_CLASSES = ("VanillaMTL", "RotateOnly", "RotoGrad", "RotoGradNorm")
@@ -174,7 +175,7 @@ def _strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_forward: bool = False,
-                own_in_model_optimizer: bool = False) -> Step:
+                own_in_model_optimizer: bool = False, second_optimizer: bool = False) -> Step:
     """A step of the harness (``mtl.backward``, ``mtl.step``) with SGD for the model.
 
     ``spec`` is a name with options (``"upgrad:target=representation"``) or a strategy instance. The
@@ -182,7 +183,9 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_
     per-step cost is part of the figure), or with ``own_in_model_optimizer`` a group of the model's
     SGD at the metadata's learning rate; FAMO gets its post-step forward.
     ``extra_forward`` adds such a forward (the losses after the step, without a graph) to any
-    strategy: ``ls`` with it is what FAMO's target is measured against.
+    strategy: ``ls`` with it is what FAMO's target is measured against. ``second_optimizer`` adds a
+    torch Adam stepping K numbers that get a gradient every step, apart from the model: ``ls`` with it
+    is what a strategy whose K parameters have their own Adam (UW, IMTL-L) is measured against.
     """
     if isinstance(spec, str):
         name, options = parse_spec(spec)
@@ -201,6 +204,9 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_
     if own and not own_in_model_optimizer:
         info = strategy.info
         optimizers.append(optimizer_class(info.optimizer or "sgd")(own, lr=info.lr or LR))
+    apart = torch.nn.Parameter(torch.zeros(s.tasks)) if second_optimizer else None
+    if apart is not None:
+        optimizers.append(torch.optim.Adam([apart], lr=1e-2))
     post = (lambda: s.losses(mtl(s.x))) if mtl.strategy.wants_post_step_losses else None
     after = s.losses if extra_forward else None
 
@@ -209,6 +215,8 @@ def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_
             optimizer.zero_grad()
         with cached():
             mtl.backward(s.losses(mtl(s.x)))
+        if apart is not None:
+            apart.grad = torch.ones_like(apart)
         mtl.step(*optimizers, post_step_losses=post)
         if after is not None:
             with torch.no_grad():
@@ -485,7 +493,9 @@ def _torchjd_entries(s: Setting) -> list[Entry]:
 def _weighting_entries(s: Setting) -> list[Entry]:
     entries = [Entry(PLAIN, "-", lambda: plain_step(s)), Entry("ls", "mtlzoo", lambda: mtlzoo_step(s, "ls")),
                Entry(LS_FORWARD, "mtlzoo", lambda: mtlzoo_step(s, "ls", extra_forward=True),
-                     "FAMO's target: ls and the forward its post-step update needs")]
+                     "FAMO's target: ls and the forward its post-step update needs"),
+               Entry(LS_OPTIMIZER, "mtlzoo", lambda: mtlzoo_step(s, "ls", second_optimizer=True),
+                     "ls and a torch Adam on K numbers apart: the target of a strategy with its own Adam")]
     for name in WEIGHTINGS:
         note = "with its post-step forward" if get_strategy(name).cls.wants_post_step_losses else ""
         entries.append(Entry(name, "mtlzoo", lambda name=name: mtlzoo_step(s, name), note))
@@ -557,7 +567,8 @@ def vs_reference(*, sections: Sequence[str] = SECTIONS,
                                                    clock=clock, progress=progress))
         if "weighting" in sections:
             add("weighting", dim, tasks, time_paired(_weighting_entries(Setting.make(dim, tasks, seed)),
-                                                     steps=steps, warmup=warmup, references=("ls", LS_FORWARD),
+                                                     steps=steps, warmup=warmup,
+                                                     references=("ls", LS_FORWARD, LS_OPTIMIZER),
                                                      budget_s=budget_s, clock=clock, progress=progress))
         if "memory" in sections:
             d, k = memory_setting
@@ -670,7 +681,7 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
             tables.append((f"memory: peak tensor memory of one step, d={d}, K={k} (the K x n Jacobian on the "
                            f"shared parameters: {jacobian:.1f} MiB)", header, rows))
             continue
-        refs = {"rotograd": ["ls", FLOOR], "torchjd": ["ls"], "weighting": ["ls", LS_FORWARD]}[section]
+        refs = {"rotograd": ["ls", FLOOR], "torchjd": ["ls"], "weighting": ["ls", LS_FORWARD, LS_OPTIMIZER]}[section]
         header = ["configuration", "package", "x plain [quartiles]", *[f"x {ref}" for ref in refs], "note"]
         rows = []
         for r in records:

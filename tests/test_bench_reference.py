@@ -98,6 +98,25 @@ def test_autograd_loop_and_torchjd_mean_take_the_same_step(monkeypatch: pytest.M
     assert not torch.allclose(after[0], after[2], atol=1e-6)
 
 
+def test_the_second_adam_baseline_steps_k_numbers_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"ls + a second Adam" is the target of a strategy whose K parameters have their own Adam: that Adam must
+    take a real step each time (a parameter without a gradient would be skipped, a cheaper baseline)."""
+    made: list[torch.optim.Adam] = []
+
+    class Recorded(torch.optim.Adam):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recorded)
+    step = ref.mtlzoo_step(ref.Setting.make(6, 3), "ls", second_optimizer=True)
+    for _ in range(2):
+        step()
+    (adam,) = made
+    (param,) = adam.param_groups[0]["params"]
+    assert param.shape == (3,) and float(adam.state[param]["step"]) == 2 and param.detach().abs().min() > 0
+
+
 def test_floor_step_back_propagates_into_the_rotations() -> None:
     """The RotoGrad floor computes ``dR_k`` (K d x d gradients) besides a plain step."""
     rotations = ref.floor_step(ref.Setting.make(6, 3))()
