@@ -45,7 +45,8 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     """
     request = strategy.request
     weights = strategy.loss_weights(inputs)
-    weighted = losses.values if weights is None else losses.values * weights.to(losses.values.dtype)
+    if weights is not None:
+        weights = weights.to(losses.values.dtype)
     if backbone_loss is not None:
         backbone_weight = strategy.backbone_loss_weight(backbone_loss)
         if backbone_weight is not None:
@@ -54,12 +55,15 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     scaled: Callable[[Tensor], Tensor] = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
 
     if not request.needs_gradients:
-        total = weighted.sum() if backbone_loss is None else weighted.sum() + backbone_loss
+        # one dot product: a node fewer in the step's graph than the weighted losses and their sum
+        total = losses.values.sum() if weights is None else torch.dot(losses.values, weights)
+        total = total if backbone_loss is None else total + backbone_loss
         roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
         engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
         return
 
     head_params = trainable_parameters(heads)
+    weighted = losses.values if weights is None else losses.values * weights
     passed = engine.head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
                               labels=losses.labels, retain_graph=retain_graph)
     last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph

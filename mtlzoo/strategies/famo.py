@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlzoo.errors import ShapeMismatchError
-from mtlzoo.strategies._weighting import check_positive, stage_losses
+from mtlzoo.strategies._weighting import check_positive
 from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
 
 FAMO_PAPER = Paper(
@@ -138,7 +138,7 @@ class FAMO(WeightingStrategy):
         self.register_buffer("adam_exp_avg_sq", torch.zeros(num_tasks))
         self.register_buffer("adam_steps", torch.zeros(num_tasks))
         self.register_buffer("losses_before", torch.full((num_tasks,), math.nan))
-        self._staged: dict[str, Tensor | None] = {}
+        self._staged: dict[str, list[float]] = {}
 
     @property
     def properties(self) -> frozenset[str]:
@@ -155,13 +155,18 @@ class FAMO(WeightingStrategy):
         return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        weights = self._weights(losses.detach(), tasks)
-        self._staged = stage_losses(self._staged, losses.detach().to(self.losses_before.dtype), tasks, self.num_tasks)
+        losses = losses.detach()
+        present, values = tasks.tolist(), losses.tolist()
+        weights = self._weights(losses, tasks, present, values)
+        staged = self._staged or {"sums": [0.0] * self.num_tasks, "counts": [0.0] * self.num_tasks}
+        for k, value in zip(present, values):  # this step's losses so far, on the host
+            staged["sums"][k] += value
+            staged["counts"][k] += 1
+        self._staged = staged
         return weights
 
-    def _weights(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        present, values = tasks.tolist(), losses.tolist()
-        bounds, logits = self.min_losses.tolist(), self.logits.tolist()
+    def _weights(self, losses: Tensor, tasks: Tensor, present: list[int], values: list[float]) -> Tensor:
+        bounds, logits = self._buffers["min_losses"].tolist(), self._buffers["logits"].tolist()
         if not all(value - bounds[k] > 0 for value, k in zip(values, present)):
             check_positive(losses - self.of_present(self.min_losses, tasks).to(losses.dtype), tasks, "FAMO (famo)",
                            TAKES)
@@ -169,16 +174,18 @@ class FAMO(WeightingStrategy):
         return torch.tensor(weights, dtype=losses.dtype, device=losses.device)
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        weights = self._weights(losses.detach(), torch.arange(losses.shape[0], device=losses.device))
+        tasks = torch.arange(losses.shape[0], device=losses.device)
+        weights = self._weights(losses.detach(), tasks, tasks.tolist(), losses.detach().tolist())
         shifted = losses - self.min_losses.to(losses.dtype) + EPSILON
         # c sum_k z_k log(L_k - b_k + eps): weights * shifted is c z, held constant
         return (weights * shifted.detach() * shifted.log()).sum()
 
     def _commit(self) -> None:
-        if self._staged:  # 0 / 0: NaN for an absent task
-            sums, counts = self._staged["sums"], self._staged["counts"]
-            assert sums is not None
-            self.losses_before.copy_(sums if counts is None else sums / counts)
+        if self._staged:  # a task absent from every micro-batch: NaN
+            before = [total / count if count else math.nan
+                      for total, count in zip(self._staged["sums"], self._staged["counts"])]
+            reference = self._buffers["losses_before"]
+            self._buffers["losses_before"] = torch.tensor(before, dtype=reference.dtype, device=reference.device)
         self._staged = {}
 
     def _drop_staged(self) -> None:
