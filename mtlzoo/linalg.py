@@ -14,10 +14,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-_SAFE_SQUARES = (1e-30, 1e37)
-"""Sums of float32 squares inside this range lost nothing to overflow or underflow (an entry's square
-is below 1e37 < float32's max, and entries under 1e-19.5, whose squares flush to 0, add under 1e-39
-each to a sum of at least 1e-30)."""
+_SAFE_NORMS = (1e-15, 3e18)
+"""Norms from sums of float32 squares inside this range lost nothing to overflow or underflow: the sum
+is between 1e-30 and 9e36 < float32's max (an entry's square is below that too), and entries under
+1e-19.5, whose squares flush to 0, add under 1e-39 each to a sum of at least 1e-30."""
 
 
 _SMALL = 4096
@@ -29,8 +29,8 @@ def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
 
     Rows of size 1e30 (whose squares overflow float32) or 1e-30 (whose squares underflow) get
     their exact norms. On the CPU the squares are summed in the input's precision (at least
-    float32) and read once on the host: a sum outside :data:`_SAFE_SQUARES` (or a zero row) is
-    summed again in float64, whose range holds the square of any float32. Elsewhere the float64
+    float32) and the norms read once on the host: a norm outside :data:`_SAFE_NORMS` (or of a zero
+    row) is summed again in float64, whose range holds the square of any float32. Elsewhere the float64
     sum is the only one (no host synchronisation); a float64 row is divided by its largest
     magnitude before squaring.
     """
@@ -44,12 +44,12 @@ def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
     flat = matrix.reshape(matrix.shape[0], -1) if matrix.is_contiguous() or dim == 0 else None
     if matrix.device.type == "cpu" and matrix.shape[0] > 0 and matrix.numel() > _SMALL:
         if flat is not None:
-            squares = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).square()
+            norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
         else:  # a moved dimension: square and sum in place of a copy
-            squares = matrix.float().square().sum(tuple(range(1, matrix.dim())))
-        low, high = torch.stack(torch.aminmax(squares)).tolist()
-        if _SAFE_SQUARES[0] <= low and high <= _SAFE_SQUARES[1]:
-            return squares.sqrt().to(matrix.dtype)
+            norms = matrix.float().square().sum(tuple(range(1, matrix.dim()))).sqrt_()
+        low, high = _SAFE_NORMS
+        if all(low <= value <= high for value in norms.tolist()):  # NaN fails too
+            return norms if norms.dtype == matrix.dtype else norms.to(matrix.dtype)
     if flat is None:
         flat = matrix.reshape(matrix.shape[0], -1)
     return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(matrix.dtype)
