@@ -371,8 +371,9 @@ class RotateOnly(GradientSurgery):
         if size > LARGE_ROTATION:
             warnings.warn(f"{type(self).__name__} inferred rotations of size n = {size} from a representation of "
                           f"shape {tuple(z.shape)}: {self.num_tasks} x {size}^2 = {self.num_tasks * size ** 2:,} "
-                          "parameters, and an n x n product per task and step. For a (batch, channels, h, w) map, "
-                          "pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
+                          "numbers in rotation matrices, and an n x n product per task and step. For a (batch, "
+                          "channels, h, w) map, pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning,
+                          stacklevel=5)
 
     def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
         """``head(R_task z)``; with ``fold_linear_heads``, a head that starts with a linear layer ``W`` of fewer
