@@ -26,6 +26,7 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 TAKES = "takes the log of each loss minus its lower bound"
 _ADAM_STATE = ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps")
+_STATE_ROWS = (*_ADAM_STATE, "losses_before")
 
 
 def famo_weights(losses: list[float], logits: list[float], min_losses: list[float]) -> list[float]:
@@ -84,9 +85,10 @@ class FAMO(WeightingStrategy):
     rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
     ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
-    The logits are the strategy's own state (buffers), stepped only by that inner Adam, whose
-    moments and step counts are buffers too; none is among ``strategy_parameters()``, so the
-    user's optimizer never steps them. ``L^before`` is the step's loss (averaged over its
+    The logits are the strategy's own state, stepped only by that inner Adam, whose moments and
+    step counts are state too: K numbers each, kept on the host in float64 and saved exactly in
+    ``state_dict()`` (its extra state); none is among ``strategy_parameters()``, so the user's
+    optimizer never steps them. ``L^before`` is the step's loss (averaged over its
     micro-batches). Without the post-step losses (``post_step_losses`` not given, the wrapper warns
     once) the logits stay at 0: plain ``sum_k log L_k`` with equal ``z``. An absent task keeps its
     logit, moments and step count; the others' softmax is taken without it. A loss at or below its
@@ -133,16 +135,42 @@ class FAMO(WeightingStrategy):
         self.lr = float(lr)
         self.gamma = float(gamma)
         self.register_buffer("min_losses", bounds)
-        self.register_buffer("logits", torch.zeros(num_tasks))
-        self.register_buffer("adam_exp_avg", torch.zeros(num_tasks))
-        self.register_buffer("adam_exp_avg_sq", torch.zeros(num_tasks))
-        self.register_buffer("adam_steps", torch.zeros(num_tasks))
-        self.register_buffer("losses_before", torch.full((num_tasks,), math.nan))
+        # K numbers each, updated on the host in float64 and saved exactly by extra_state()
+        self._state: dict[str, list[float]] = _initial_state(num_tasks)
         self._staged: dict[str, list[float]] = {}
 
     @property
+    def logits(self) -> Tensor:
+        """``xi``, the K task logits (a copy of the host state, in ``min_losses``' dtype and device)."""
+        return self._as_tensor(self._state["logits"])
+
+    @property
+    def adam_exp_avg(self) -> Tensor:
+        """The inner Adam's first moments of the logits."""
+        return self._as_tensor(self._state["adam_exp_avg"])
+
+    @property
+    def adam_exp_avg_sq(self) -> Tensor:
+        """The inner Adam's second moments of the logits."""
+        return self._as_tensor(self._state["adam_exp_avg_sq"])
+
+    @property
+    def adam_steps(self) -> Tensor:
+        """The inner Adam's step count of each logit (an absent task's does not advance)."""
+        return self._as_tensor(self._state["adam_steps"])
+
+    @property
+    def losses_before(self) -> Tensor:
+        """This optimizer step's losses (NaN once the post-step update used them, or for an absent task)."""
+        return self._as_tensor(self._state["losses_before"])
+
+    def _as_tensor(self, values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=self.min_losses.dtype, device=self.min_losses.device)
+
+    @property
     def properties(self) -> frozenset[str]:
-        if bool((self.logits == self.logits[0]).all()) and bool((self.min_losses == self.min_losses[0]).all()):
+        logits, bounds = self._state["logits"], self.min_losses.tolist()
+        if all(value == logits[0] for value in logits) and all(value == bounds[0] for value in bounds):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
@@ -166,7 +194,7 @@ class FAMO(WeightingStrategy):
         return weights
 
     def _weights(self, losses: Tensor, tasks: Tensor, present: list[int], values: list[float]) -> Tensor:
-        bounds, logits = self._buffers["min_losses"].tolist(), self._buffers["logits"].tolist()
+        bounds, logits = self.min_losses.tolist(), self._state["logits"]
         if not all(value - bounds[k] > 0 for value, k in zip(values, present)):
             check_positive(losses - self.of_present(self.min_losses, tasks).to(losses.dtype), tasks, "FAMO (famo)",
                            TAKES)
@@ -182,10 +210,8 @@ class FAMO(WeightingStrategy):
 
     def _commit(self) -> None:
         if self._staged:  # a task absent from every micro-batch: NaN
-            before = [total / count if count else math.nan
-                      for total, count in zip(self._staged["sums"], self._staged["counts"])]
-            reference = self._buffers["losses_before"]
-            self._buffers["losses_before"] = torch.tensor(before, dtype=reference.dtype, device=reference.device)
+            self._state["losses_before"] = [total / count if count else math.nan
+                                            for total, count in zip(self._staged["sums"], self._staged["counts"])]
         self._staged = {}
 
     def _drop_staged(self) -> None:
@@ -200,29 +226,37 @@ class FAMO(WeightingStrategy):
         if losses.shape != (self.num_tasks,):
             raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
                                      f"absent task). Found shape {tuple(losses.shape)}.")
-        # K numbers: the update runs on the host in float64 (Python floats), one read per buffer and one write
-        buffers = self._buffers
-        after = losses.detach().tolist()
-        before = buffers["losses_before"].tolist()
+        after, before = losses.detach().tolist(), self._state["losses_before"]
         tasks = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
         if not tasks:
             return
-        bounds = buffers["min_losses"].tolist()
+        bounds = self.min_losses.tolist()
         if any(after[k] - bounds[k] <= 0 for k in tasks):
             index = torch.tensor(tasks)
             check_positive(torch.tensor(after)[index] - torch.tensor(bounds)[index], index, "FAMO (famo)", TAKES)
         delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in tasks]
-        state = [buffers[name].tolist() for name in _ADAM_STATE]
+        state = [self._state[name] for name in _ADAM_STATE]
         logits = state[0]
         adam_step(tasks, state, logit_gradient([logits[k] for k in tasks], delta), self.lr, self.gamma)
-        reference = buffers["logits"]
-        rows = torch.tensor([*state, [math.nan] * self.num_tasks], dtype=reference.dtype, device=reference.device)
-        # rebound to rows of one new tensor: one write instead of five
-        for name, row in zip((*_ADAM_STATE, "losses_before"), rows.unbind()):
-            buffers[name] = row
+        self._state["losses_before"] = [math.nan] * self.num_tasks
 
     def extra_state(self) -> dict[str, Any]:
-        return {}
+        return {name: list(values) for name, values in self._state.items()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._staged = {}
+        if _STATE_ROWS[0] in state:
+            self._state = {name: [float(value) for value in state[name]] for name in _STATE_ROWS}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # a checkpoint from before the state moved to the host holds it as buffers
+        saved = {name: state_dict.pop(prefix + name) for name in _STATE_ROWS if prefix + name in state_dict}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if saved:
+            self._state = {name: saved[name].double().tolist() if name in saved else self._state[name]
+                           for name in _STATE_ROWS}
+
+
+def _initial_state(num_tasks: int) -> dict[str, list[float]]:
+    """Logits 0, Adam's moments and step counts 0, no step's losses yet."""
+    return {**{name: [0.0] * num_tasks for name in _ADAM_STATE}, "losses_before": [math.nan] * num_tasks}

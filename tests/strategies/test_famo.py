@@ -49,12 +49,43 @@ def test_same_weights_and_logits_as_torchjd_famo(gamma: float) -> None:
 
 
 def test_the_logits_are_state_not_parameters() -> None:
-    """The user's optimizer never sees them; the logits and the inner Adam's moments are in state_dict()."""
+    """The user's optimizer never sees them; the logits, the inner Adam's moments and step counts and the step's
+    losses are in state_dict() (its extra state), exactly: a FAMO loaded from it takes the same next step."""
     torch.manual_seed(0)
     mtl = mtlzoo.MTLWrapper(small_model(), "famo")
     assert mtl.strategy_parameters() == [] and list(mtl.strategy.parameters()) == []
-    keys = set(mtl.strategy.state_dict())
-    assert {"logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps", "losses_before", "min_losses"} <= keys
+    famo = FAMO(3)
+    for before, after in ((torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.9, 1.7, 2.9])),
+                          (torch.tensor([0.8, 1.5, 2.0]), torch.tensor([0.7, 1.4, 2.1]))):
+        famo.weights(before)
+        famo.advance()
+        famo.post_step(after)
+    famo.weights(torch.tensor([0.6, 1.3, 2.2]))
+    famo.advance()
+    state = famo.state_dict()
+    saved = state["_extra_state"]["state"]
+    assert set(saved) == {"logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps", "losses_before"}
+    loaded = FAMO(3)
+    loaded.load_state_dict(state)
+    for strategy in (famo, loaded):
+        strategy.post_step(torch.tensor([0.5, 1.2, 2.0]))
+    for name in ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps"):  # the float64 values, bit for bit
+        assert loaded.extra_state()[name] == famo.extra_state()[name], name
+    assert float(loaded.adam_steps[0]) == 3 and bool(loaded.losses_before.isnan().all())
+
+
+def test_a_checkpoint_with_the_state_as_buffers_still_loads() -> None:
+    """Checkpoints written while the state was buffers (logits, adam_*, losses_before) load into the host state."""
+    famo = FAMO(2)
+    state = famo.state_dict()
+    state.update(logits=torch.tensor([0.5, -0.5]), adam_exp_avg=torch.tensor([0.1, -0.1]),
+                 adam_exp_avg_sq=torch.tensor([0.01, 0.02]), adam_steps=torch.tensor([4.0, 4.0]),
+                 losses_before=torch.tensor([float("nan"), float("nan")]))
+    loaded = FAMO(2)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.logits, torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(loaded.adam_steps, torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(loaded.task_weights, torch.softmax(torch.tensor([0.5, -0.5]), 0))
 
 
 def test_without_post_step_losses_it_warns_once_and_keeps_equal_logits() -> None:
