@@ -70,6 +70,11 @@ def _softmax(logits: list[float]) -> list[float]:
     return [value / total for value in exps]
 
 
+def _state_view(name: str, doc: str) -> property:
+    """A read-only tensor copy of one row of FAMO's host state, in ``min_losses``' dtype and on its device."""
+    return property(lambda self: self._as_tensor(self._state[name]), doc=doc)
+
+
 class FAMO(WeightingStrategy):
     r"""FAMO: weights ``z = softmax(xi)`` on the log-losses, ``xi`` learned from how much each loss fell.
 
@@ -139,30 +144,11 @@ class FAMO(WeightingStrategy):
         self._state: dict[str, list[float]] = _initial_state(num_tasks)
         self._staged: dict[str, list[float]] = {}
 
-    @property
-    def logits(self) -> Tensor:
-        """``xi``, the K task logits (a copy of the host state, in ``min_losses``' dtype and device)."""
-        return self._as_tensor(self._state["logits"])
-
-    @property
-    def adam_exp_avg(self) -> Tensor:
-        """The inner Adam's first moments of the logits."""
-        return self._as_tensor(self._state["adam_exp_avg"])
-
-    @property
-    def adam_exp_avg_sq(self) -> Tensor:
-        """The inner Adam's second moments of the logits."""
-        return self._as_tensor(self._state["adam_exp_avg_sq"])
-
-    @property
-    def adam_steps(self) -> Tensor:
-        """The inner Adam's step count of each logit (an absent task's does not advance)."""
-        return self._as_tensor(self._state["adam_steps"])
-
-    @property
-    def losses_before(self) -> Tensor:
-        """This optimizer step's losses (NaN once the post-step update used them, or for an absent task)."""
-        return self._as_tensor(self._state["losses_before"])
+    logits = _state_view("logits", "``xi``, the K task logits.")
+    adam_exp_avg = _state_view("adam_exp_avg", "The inner Adam's first moments of the logits.")
+    adam_exp_avg_sq = _state_view("adam_exp_avg_sq", "The inner Adam's second moments of the logits.")
+    adam_steps = _state_view("adam_steps", "The inner Adam's step count of each logit (an absent task's stays).")
+    losses_before = _state_view("losses_before", "This step's losses (NaN once the post-step update used them).")
 
     def _as_tensor(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=self.min_losses.dtype, device=self.min_losses.device)
