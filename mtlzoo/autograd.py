@@ -681,4 +681,3 @@ def apply(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_gra
 _ENGINE = getattr(torch.autograd.Variable, "_execution_engine", None)
 if not hasattr(_ENGINE, "run_backward"):
     _ENGINE = None
-

@@ -310,5 +310,3 @@ def test_item_24_the_caller_parts_are_the_wrappers_and_unchanged() -> None:
     assert set(model.state_dict()) == set(before)
     x = torch.randn(3, 5)
     torch.testing.assert_close(heads[0](model.backbone(x)), model(x)[0])
-
-

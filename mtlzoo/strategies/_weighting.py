@@ -35,24 +35,6 @@ def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str
             "not take its log, ratio or product (ls, uw).")
 
 
-def stage_losses(staged: dict[str, Tensor | None], values: Tensor, tasks: Tensor, num_tasks: int
-                 ) -> dict[str, Tensor | None]:
-    """This optimizer step's losses so far, per task: ``{"sums": (K,), "counts": (K,) or None}``.
-
-    ``staged`` is what the step's earlier micro-batches staged (``{}`` at its first). A first
-    micro-batch of every task is kept as it is, ``counts`` ``None`` (one each): no copies.
-    """
-    if not staged and tasks.shape[0] == num_tasks:
-        return {"sums": values, "counts": None}
-    if staged:
-        sums, counts = staged["sums"], staged["counts"]
-        assert sums is not None
-        counts = torch.ones_like(sums) if counts is None else counts
-    else:
-        sums, counts = values.new_zeros(num_tasks), values.new_zeros(num_tasks)
-    return {"sums": sums.index_add(0, tasks, values), "counts": counts.index_add(0, tasks, torch.ones_like(values))}
-
-
 def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
     """``sum_k p_k g_k`` with ``g`` held constant: a scalar whose gradient w.r.t. ``parameters`` is ``g``.
 

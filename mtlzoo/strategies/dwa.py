@@ -95,7 +95,7 @@ class DynamicWeightAverage(WeightingStrategy):
         return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
 
     def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        self._staged = _weighting.stage_losses(self._staged, losses.detach().to(self.loss_sums.dtype), tasks,
+        self._staged = _stage_losses(self._staged, losses.detach().to(self.loss_sums.dtype), tasks,
                                                self.num_tasks)
         return self.of_present(self.epoch_weights, tasks).to(losses.dtype)
 
@@ -135,3 +135,21 @@ class DynamicWeightAverage(WeightingStrategy):
         self.epoch = int(state["epoch"])
         self.steps_in_epoch = int(state["steps_in_epoch"])
         self._staged = {}
+
+
+def _stage_losses(staged: dict[str, Tensor | None], values: Tensor, tasks: Tensor, num_tasks: int
+                 ) -> dict[str, Tensor | None]:
+    """This optimizer step's losses so far, per task: ``{"sums": (K,), "counts": (K,) or None}``.
+
+    ``staged`` is what the step's earlier micro-batches staged (``{}`` at its first). A first
+    micro-batch of every task is kept as it is, ``counts`` ``None`` (one each): no copies.
+    """
+    if not staged and tasks.shape[0] == num_tasks:
+        return {"sums": values, "counts": None}
+    if staged:
+        sums, counts = staged["sums"], staged["counts"]
+        assert sums is not None
+        counts = torch.ones_like(sums) if counts is None else counts
+    else:
+        sums, counts = values.new_zeros(num_tasks), values.new_zeros(num_tasks)
+    return {"sums": sums.index_add(0, tasks, values), "counts": counts.index_add(0, tasks, torch.ones_like(values))}

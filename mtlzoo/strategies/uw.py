@@ -87,4 +87,3 @@ class UncertaintyWeighting(WeightingStrategy):
         values, present = self.log_variances.tolist(), tasks.tolist()
         gradient = [0.5 - 0.5 * math.exp(-values[k]) * loss for k, loss in zip(present, losses.tolist())]
         return gradient_surrogate(self.of_present(self.log_variances, tasks), gradient)
-
