@@ -4,15 +4,31 @@ from mtlzoo.caching import cached
 from mtlzoo.hookspecs import hookimpl
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.registry import create, get_strategy, list_strategies, register_strategy
-from mtlzoo.strategy import GradientSurgery, GramianWeightedSurgery, Paper, Strategy, StrategyInfo, WeightingStrategy
+from mtlzoo.roles import (
+    Adapter,
+    Aggregator,
+    DirectionAggregator,
+    GradientSurgery,
+    GramianAggregator,
+    GramianWeightedSurgery,
+    LossWeighting,
+    WeightingStrategy,
+    compose,
+)
+from mtlzoo.strategy import Paper, Strategy, StrategyInfo
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
+    "Aggregator",
+    "DirectionAggregator",
     "GradientSurgery",
+    "GramianAggregator",
     "GramianWeightedSurgery",
     "HardSharing",
+    "LossWeighting",
     "MTLWrapper",
     "Paper",
     "Request",
@@ -22,6 +38,7 @@ __all__ = [
     "Update",
     "WeightingStrategy",
     "cached",
+    "compose",
     "create",
     "get_strategy",
     "hookimpl",

@@ -11,10 +11,14 @@ drive it through one training step::
                update = strategy.compute(inputs)           weights c or a direction; an own objective
     step:      strategy.advance()                          once per successful optimizer step
 
-Running state (counters, reference values, moving averages) advances only in :meth:`Strategy.advance`,
-once per optimizer step that was taken; a backward may *stage* values (read by the later
-micro-batches of the same step) that ``advance`` commits and :meth:`Strategy.discard` drops. Used
-standalone, on a matrix, a strategy is advanced by calling ``advance()`` after each step.
+Running state (counters, reference values, moving averages) is declared once
+(:meth:`Strategy.declare_state`, :mod:`mtlzoo.state`): a backward *stages* values (read by the later
+micro-batches of the same step) that :meth:`Strategy.advance` commits, once per optimizer step that
+was taken, and :meth:`Strategy.discard` drops. Used standalone, on a matrix, a strategy is advanced
+by calling ``advance()`` after each step.
+
+A strategy plays one or more *roles* (:mod:`mtlzoo.roles`): a loss weighting, an aggregator of the
+task gradients, an adapter of the shared representation; its ``kind`` is derived from them.
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
-from mtlzoo.protocol import Request, StepInputs, Update, Where
-from mtlzoo.structure import trainable_parameters
+from mtlzoo.protocol import Request, StepInputs, Update
+from mtlzoo.state import PerStep, RunningState
 
 Kind = Literal["weighting", "surgery"]
 Target = Literal["representation", "parameters"]
@@ -96,7 +99,11 @@ class StrategyInfo:
 
     Attributes:
         name: Canonical name, lower case with underscores (``"rotograd_norm"``).
-        kind: ``"weighting"`` (weights the losses) or ``"surgery"`` (combines per-task gradients).
+        kind: Derived from the roles the class plays (leave it out): ``"weighting"`` for a loss
+            weighting alone, ``"surgery"`` where an aggregator or an adapter of the representation
+            is present. A class that states it must state the derived value.
+        roles: Derived too: the roles the class plays, among ``"weighting"``, ``"aggregator"``,
+            ``"adapter"`` (empty for a class that plays none of the public roles).
         summary: One line saying what the method does.
         request: What one step asks of the engine by default (:class:`~mtlzoo.protocol.Request`).
             ``needs`` is accepted as a shorthand: ``"losses"``, ``"representation_grads"`` or
@@ -124,8 +131,8 @@ class StrategyInfo:
     """
 
     name: str
-    kind: Kind
-    summary: str
+    kind: Kind | None = None
+    summary: str = ""
     request: Request | None = None
     paper: Paper | None = None
     aliases: tuple[str, ...] = ()
@@ -139,9 +146,12 @@ class StrategyInfo:
     default_comparison: bool = False
     cost: str | None = None
     original_code: str | None = None
+    roles: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not self.summary:
+            raise ValueError(f"Parameter `summary` should be one line saying what {self.name!r} does.")
+        if self.kind is not None and self.kind not in KINDS:
             raise ValueError(f"Parameter `kind` should be one of {KINDS}. Found `kind = {self.kind!r}`.")
         request = self.request
         if self.needs is not None:
@@ -189,25 +199,44 @@ def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
 class Strategy(nn.Module):
     """Base class of every multitask-learning strategy.
 
-    Subclasses set the class attribute ``info`` and implement the face of their kind
-    (:class:`WeightingStrategy`, :class:`GradientSurgery`). The constructor's arguments are kept in
-    :attr:`hparams` (a home that cannot collide with methods), shown by ``repr``, saved in
-    ``state_dict()`` and checked when a checkpoint is loaded. Running state lives in buffers or in
-    :meth:`extra_state`, so ``state_dict()`` resumes a run exactly.
+    Subclasses set the class attribute ``info`` and derive from the role they play
+    (:class:`~mtlzoo.roles.LossWeighting`, :class:`~mtlzoo.roles.GramianAggregator`,
+    :class:`~mtlzoo.roles.DirectionAggregator`, :class:`~mtlzoo.roles.Adapter`), or compose roles
+    (:func:`mtlzoo.compose`). The constructor's arguments are kept in :attr:`hparams` (a home that
+    cannot collide with methods), shown by ``repr``, saved in ``state_dict()`` and checked when a
+    checkpoint is loaded. Running state is declared with :meth:`declare_state` and read and written
+    through :attr:`state`, so ``state_dict()`` resumes a run exactly.
 
     Args:
         num_tasks: K, the number of tasks (heads); the wrapper passes it.
     """
 
     info: ClassVar[StrategyInfo]
+    role: ClassVar[str | None] = None
+    """The public role the class plays (``"weighting"``, ``"aggregator"``, ``"adapter"``), set by the role bases."""
     unchecked_settings: ClassVar[tuple[str, ...]] = ()
     """Hyperparameters a checkpoint may hold different values of (inferred ones, such as a shape)."""
 
     hparams: dict[str, Any]
     micro_batch: int
-    plain_attributes: ClassVar[frozenset[str]] = frozenset({"micro_batch", "step", "_staged"})
-    """Per-step bookkeeping (ints, dicts): once set as plain attributes, set again past ``nn.Module.__setattr__``,
-    whose checks cost more than the set itself."""
+    state: RunningState
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        info = cls.__dict__.get("info")
+        if isinstance(info, StrategyInfo):
+            roles = cls.roles()
+            kind: Kind = "surgery" if {"aggregator", "adapter"} & set(roles) else "weighting"
+            if info.kind is not None and info.kind != kind:
+                raise InvalidStrategyError(f"{cls.__name__}.info states kind={info.kind!r}, but the roles it plays "
+                                           f"({', '.join(roles) or 'none'}) make it {kind!r}: leave `kind` out of "
+                                           "its StrategyInfo, it is derived.")
+            cls.info = dataclasses.replace(info, kind=kind, roles=roles, needs=None)
+
+    @classmethod
+    def roles(cls) -> tuple[str, ...]:
+        """The roles instances of this class play (a composite: those of its parts, see ``Composite``)."""
+        return (cls.role,) if cls.role else ()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Strategy:
         instance = super().__new__(cls)
@@ -222,18 +251,13 @@ class Strategy(nn.Module):
         object.__setattr__(instance, "hparams", hparams)
         return instance
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in self.plain_attributes and name in self.__dict__ and not isinstance(value, nn.Module):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"Parameter `num_tasks` should be a positive int. Found `num_tasks = {num_tasks!r}`.")
         self.num_tasks = num_tasks
         self.micro_batch = 0
+        self.state = RunningState(self)
 
     # ------------------------------------------------------------- metadata
     @property
@@ -283,6 +307,26 @@ class Strategy(nn.Module):
         return Update()
 
     # ------------------------------------------------------------ lifecycle
+    def declare_state(self, per_step: PerStep = "first", **fields: Any) -> None:
+        """Declare running state fields and their initial values (see :mod:`mtlzoo.state`).
+
+        Tensors become buffers of that name (moved by ``.to()``, saved in ``state_dict()``); other
+        values (ints, floats, lists, bytes) are saved in the extra state. Read and write them as
+        ``self.state.name``: inside a step a write is staged, and committed by :meth:`advance`.
+
+        Args:
+            per_step: ``"first"``: the step's first micro-batch sets the value, later ones read it
+                (their writes are ignored); ``"every"``: every micro-batch may write.
+            **fields: Name and initial value of each field.
+        """
+        for name, initial in fields.items():
+            self.state.declare(name, initial, per_step)
+
+    @property
+    def first_micro_batch(self) -> bool:
+        """Whether the current backward is the first of its optimizer step."""
+        return self.micro_batch == 0
+
     def advance(self) -> None:
         """Commit what this optimizer step staged and advance the running state, once per step.
 
@@ -290,11 +334,18 @@ class Strategy(nn.Module):
         call it yourself when you drive the strategy standalone.
         """
         self.micro_batch = 0
+        self.state.commit()
         self._commit()
+        with self.state.direct():
+            self.on_advance()
+
+    def on_advance(self) -> None:
+        """Subclasses: the maths of a step boundary (a counter, a retraction); writes here are committed."""
 
     def discard(self) -> None:
         """Drop what the current step staged (a step that the ``GradScaler`` skipped)."""
         self.micro_batch = 0
+        self.state.drop()
         self._drop_staged()
 
     def end_epoch(self) -> None:
@@ -310,10 +361,10 @@ class Strategy(nn.Module):
     wants_post_step_losses: ClassVar[bool] = False
 
     def _commit(self) -> None:
-        """Subclasses: apply staged values and advance counters."""
+        """Deprecated: hand-rolled staging; declare the state instead (:meth:`declare_state`)."""
 
     def _drop_staged(self) -> None:
-        """Subclasses: forget staged values."""
+        """Deprecated: hand-rolled staging; declare the state instead (:meth:`declare_state`)."""
 
     def check_ready(self) -> None:
         """Raise :class:`~mtlzoo.errors.NotMaterializedError` if parameters are still to be created.
@@ -324,32 +375,43 @@ class Strategy(nn.Module):
 
     # ------------------------------------------------------------ state
     def extra_state(self) -> dict[str, Any]:
-        """Running state that is not a tensor (subclasses extend it); saved in ``state_dict()``."""
+        """Running state that is neither declared nor a tensor (subclasses extend it); saved in ``state_dict()``."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` returned."""
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"settings": _comparable(self.hparams), "state": self.extra_state()}
+        saved: dict[str, Any] = {"settings": _comparable(self.hparams),
+                                 "state": {**self.state.plain_values(), **self.extra_state()}}
+        if self.micro_batch or self.state.staged:  # saved between the micro-batches of a step
+            saved["staged"] = self.state.staged
+            saved["micro_batch"] = self.micro_batch
+        return saved
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.load_extra_state(state["state"])
+        with self.state.direct():
+            self.state.load_plain_values(state["state"])
+            self.load_extra_state(state["state"])
+        self.state.load_staged(state.get("staged", {}))
+        self.micro_batch = int(state.get("micro_batch", 0))
 
     def check_settings(self, state_dict: Mapping[str, Any], prefix: str = "") -> None:
         """Raise :class:`~mtlzoo.errors.CheckpointMismatchError` if the checkpoint's settings differ from this
-        strategy's (``unchecked_settings`` aside, such as an inferred shape)."""
+        strategy's (``unchecked_settings`` aside, such as an inferred shape), its parts' included."""
         saved = state_dict.get(prefix + "_extra_state")
-        if not isinstance(saved, dict) or "settings" not in saved:
-            return
-        mine = _comparable(self.hparams)
-        differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
-                  for name in mine if name in saved["settings"] and name not in self.unchecked_settings
-                  and saved["settings"][name] != mine[name]]
-        if differ:
-            raise CheckpointMismatchError(
-                f"The checkpoint's {type(self).__name__} was saved with other settings (" + "; ".join(differ)
-                + "). Build the strategy with the checkpoint's settings; nothing was loaded.")
+        if isinstance(saved, dict) and "settings" in saved:
+            mine = _comparable(self.hparams)
+            differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
+                      for name in mine if name in saved["settings"] and name not in self.unchecked_settings
+                      and saved["settings"][name] != mine[name]]
+            if differ:
+                raise CheckpointMismatchError(
+                    f"The checkpoint's {type(self).__name__} was saved with other settings (" + "; ".join(differ)
+                    + "). Build the strategy with the checkpoint's settings; nothing was loaded.")
+        for name, child in self.named_children():
+            if isinstance(child, Strategy):
+                child.check_settings(state_dict, f"{prefix}{name}.")
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         self.check_settings(state_dict)
@@ -369,137 +431,21 @@ def _comparable(hparams: dict[str, Any]) -> dict[str, Any]:
             return [plain(v) for v in value]
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
+        if isinstance(value, Strategy):
+            return {"strategy": value.info.name, **_comparable(value.hparams)}
         return repr(value)
 
     return {name: plain(value) for name, value in hparams.items()}
 
 
-class WeightingStrategy(Strategy):
-    r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
-
-    One definition of what the model learns, whichever path computes it: the model (backbone and
-    heads) receives ``sum_k w_k dL_k/dθ`` with ``w_k = d total / d L_k`` evaluated at this step and
-    held constant. For ``f = sum_k log L_k`` (SI) that is ``w_k = 1/L_k``. The strategy's own
-    parameters (UW's log-variances) learn from ``total`` itself, with the losses held constant.
-
-    Subclasses implement :meth:`scalarize` (the method's definition) and, where it has a closed
-    form, :meth:`weights` (checked against autograd by the test suite); or only :meth:`weights`
-    when the weights do not depend on the losses' values through ``f``.
-    """
-
-    def scalarize(self, losses: Tensor) -> Tensor:
-        """The scalar ``f(L)`` this method minimises (differentiable in the losses and own parameters)."""
-        if type(self).weights is WeightingStrategy.weights:
-            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
-        return (self.weights(losses.detach()).detach() * losses).sum()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        """``w_k = d f / d L_k`` at these losses, detached (by autograd unless a subclass has a closed form)."""
-        if type(self).scalarize is WeightingStrategy.scalarize:
-            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
-        with torch.enable_grad():
-            leaf = losses.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(self.scalarize(leaf), leaf)
-        return grad
-
-    def combine(self, losses: Tensor) -> Tensor:
-        """``sum_k w_k L_k`` with the weights held constant: the scalar whose backward trains the model."""
-        return (self.weights(losses.detach()).to(losses.dtype) * losses).sum()
-
-    def loss_weights(self, inputs: StepInputs) -> Tensor:
-        return self.task_weights_for(inputs.losses, inputs.tasks)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        """The weights of the present tasks ``tasks``, from their losses.
-
-        By default :meth:`weights` of the present losses, indexed by ``tasks`` when it returns all K
-        (a weighting whose weights are per-task state rather than a function of the losses).
-        """
-        weights = self.weights(losses)
-        if weights.shape[0] == self.num_tasks and losses.shape[0] != self.num_tasks:
-            return weights[tasks]
-        return weights
-
-    def of_present(self, values: Tensor, tasks: Tensor) -> Tensor:
-        """``values[tasks]``: the per-task ``values`` (K,) of the present tasks (``values`` itself when all are)."""
-        return values if tasks.shape[0] == self.num_tasks else values[tasks]
-
-    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
-        if not trainable_parameters(self):
-            return None
-        return self.scalarize(losses.detach())
-
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Standalone: ``sum_k w_k g_k`` for K gradients (K x ...) and their losses."""
-        weights = self.weights(losses.detach()).to(grads.dtype)
-        return torch.tensordot(weights, grads, dims=1)
+_MOVED = {"WeightingStrategy": "LossWeighting", "GradientSurgery": "Aggregator",
+          "GramianWeightedSurgery": "GramianAggregator"}
 
 
-class GradientSurgery(Strategy):
-    """A strategy that combines the K per-task gradients into one update direction.
+def __getattr__(name: str) -> Any:
+    """The role classes' former homes (``mtlzoo.strategy.WeightingStrategy``): they live in :mod:`mtlzoo.roles`."""
+    if name in _MOVED:
+        from mtlzoo import roles
 
-    Subclasses implement :meth:`aggregate` (K x ... gradients to one gradient), or override
-    :meth:`compute` for more (an own objective, staged state).
-
-    Args:
-        num_tasks: K.
-        target: ``"representation"`` (gradients w.r.t. the backbone output ``z``, Sener & Koltun's
-            cheap variant) or ``"parameters"`` (the Jacobian w.r.t. the shared parameters). ``None``
-            takes the default from ``info.request``.
-    """
-
-    supported_targets: ClassVar[tuple[Target, ...]] = TARGETS
-    statistic: ClassVar[Literal["gradients", "gramian", "norms"] | None] = None
-    """The statistic the engine gives :meth:`compute` (``None``: the one ``info.request`` names)."""
-
-    def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
-        super().__init__(num_tasks)
-        default: Where = self.info.request.where
-        if default not in TARGETS:
-            raise InvalidStrategyError(f"{type(self).__name__}.info.request is {self.info.request}; gradient "
-                                       f"surgery reads gradients on one of {TARGETS}.")
-        target = default if target is None else target
-        if target not in self.supported_targets:
-            raise ValueError(
-                f"Parameter `target` should be one of {self.supported_targets} for {type(self).__name__}. "
-                f"Found `target = {target!r}`."
-            )
-        self.target: Target = target
-
-    @property
-    def request(self) -> Request:
-        return dataclasses.replace(self.info.request, where=self.target,
-                                   statistic=self.statistic or self.info.request.statistic)
-
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Reduce K per-task gradients (K x ...) to one gradient of shape ``grads.shape[1:]``."""
-        raise NotImplementedError(f"{type(self).__name__} should implement `aggregate` or `compute`.")
-
-    def compute(self, inputs: StepInputs) -> Update:
-        assert inputs.gradients is not None
-        return Update(direction=self.aggregate(inputs.gradients, inputs.losses))
-
-
-class GramianWeightedSurgery(GradientSurgery):
-    """Surgery whose update is a weighting ``sum_k c_k g_k`` with ``c`` read from the K x K Gramian.
-
-    Subclasses implement :meth:`gramian_weights`. MGDA, UPGrad, CAGrad, IMTL-G and Nash-MTL are of
-    this form; the engine then needs only the Gramian ``G G^T`` (summed per parameter, the K x n
-    Jacobian never concatenated), and applies the weights as ``J_p^T c`` on each shared parameter
-    (on the representation: one ordinary backward of ``dz = sum_k c_k g_k`` through the backbone).
-    """
-
-    statistic = "gramian"
-
-    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        """The K weights for this Gramian."""
-        raise NotImplementedError
-
-    def compute(self, inputs: StepInputs) -> Update:
-        assert inputs.gramian is not None
-        return Update(weights=self.gramian_weights(inputs.gramian, inputs.losses))
-
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        flat = grads.reshape(grads.shape[0], -1)
-        weights = self.gramian_weights(flat @ flat.T, losses.detach())
-        return torch.tensordot(weights.to(grads.dtype), grads, dims=1)
+        return getattr(roles, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,8 +26,8 @@ from torch import Tensor
 from mtlzoo.errors import NonFiniteGradientError
 from mtlzoo.linalg import all_finite, compute_dtype, flat_rows
 from mtlzoo.protocol import StepInputs, Update
+from mtlzoo.roles.aggregator import GradientSurgery, GramianWeightedSurgery
 from mtlzoo.solvers import from_host, to_host
-from mtlzoo.strategy import GradientSurgery, GramianWeightedSurgery
 
 
 def check_gradients(grads: Tensor, losses: Tensor, owner: object) -> None:

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 DWA_PAPER = Paper(
     authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"),

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from mtlzoo.errors import ShapeMismatchError
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies._weighting import check_positive
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 FAMO_PAPER = Paper(
     authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"),

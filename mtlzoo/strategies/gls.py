@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies._weighting import check_positive
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 GLS_PAPER = Paper(
     authors=("Sumanth Chennupati", "Ganesh Sistu", "Senthil Yogamani", "Samir A. Rawashdeh"),

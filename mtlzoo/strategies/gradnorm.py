@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from mtlzoo.linalg import row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies._weighting import gradient_surrogate
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 GRADNORM_PAPER = Paper(
     authors=("Zhao Chen", "Vijay Badrinarayanan", "Chen-Yu Lee", "Andrew Rabinovich"),

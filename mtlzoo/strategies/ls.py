@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from mtlzoo.protocol import StepInputs
-from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.strategy import StrategyInfo
 
 
 class LinearScalarization(WeightingStrategy):

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 RLW_PAPER = Paper(
     authors=("Baijiong Lin", "Feiyang Ye", "Yu Zhang", "Ivor W. Tsang"),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies._weighting import check_positive
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 NASH_MTL_PAPER = Paper(
     authors=("Aviv Navon", "Aviv Shamsian", "Idan Achituve", "Haggai Maron", "Kenji Kawaguchi", "Gal Chechik",

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 STCH_PAPER = Paper(
     authors=("Xi Lin", "Xiaoyuan Zhang", "Zhiyuan Yang", "Fei Liu", "Zhenkun Wang", "Qingfu Zhang"),

@@ -7,8 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.roles.weighting import WeightingStrategy
 from mtlzoo.strategies._weighting import gradient_surrogate
-from mtlzoo.strategy import Paper, StrategyInfo, WeightingStrategy
+from mtlzoo.strategy import Paper, StrategyInfo
 
 UW_PAPER = Paper(
     authors=("Alex Kendall", "Yarin Gal", "Roberto Cipolla"),

@@ -1,0 +1,27 @@
+"""The three roles a strategy plays, and their composition.
+
+- :class:`LossWeighting`: K losses to the weights the model learns from (``scalarize``).
+- :class:`GramianAggregator` (``weigh``: K x K Gramian to K weights) and :class:`DirectionAggregator`
+  (``combine``: the gradients to the update): how the shared part's update is formed.
+- :class:`Adapter` (``adapt``): each task's view of the shared representation.
+
+:func:`compose` makes one strategy of at most one of each; :mod:`mtlzoo.roles.modifiers` wrap an
+aggregator (clipping, acting every n steps).
+"""
+
+from mtlzoo.roles.adapter import Adapter
+from mtlzoo.roles.aggregator import (
+    Aggregator,
+    DirectionAggregator,
+    GradientSurgery,
+    GramianAggregator,
+    GramianWeightedSurgery,
+    HostStep,
+)
+from mtlzoo.roles.composite import Composite, compose
+from mtlzoo.roles.modifiers import ClipNorm, EveryNSteps, Modifier, modify
+from mtlzoo.roles.weighting import LossWeighting, WeightingStrategy
+
+__all__ = ["Adapter", "Aggregator", "ClipNorm", "Composite", "DirectionAggregator", "EveryNSteps", "GradientSurgery",
+           "GramianAggregator", "GramianWeightedSurgery", "HostStep", "LossWeighting", "Modifier", "WeightingStrategy",
+           "compose", "modify"]

@@ -1,0 +1,52 @@
+"""A strategy made of other strategies (a composite, a modifier): the step's lifecycle reaches every part."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mtlzoo.strategy import Strategy
+
+
+class WithParts(Strategy):
+    """Fans the lifecycle out to the strategies held as submodules: micro-batch count, advance, discard, epochs."""
+
+    def parts(self) -> list[Strategy]:
+        """The strategies this one is made of, in registration order."""
+        return [module for module in self._modules.values() if isinstance(module, Strategy)]
+
+    @property  # type: ignore[override]
+    def micro_batch(self) -> int:
+        return self.__dict__.get("_micro_batch", 0)
+
+    @micro_batch.setter
+    def micro_batch(self, value: int) -> None:
+        self.__dict__["_micro_batch"] = value
+        for part in self.parts():
+            part.micro_batch = value
+
+    def advance(self) -> None:
+        super().advance()
+        for part in self.parts():
+            part.advance()
+
+    def discard(self) -> None:
+        super().discard()
+        for part in self.parts():
+            part.discard()
+
+    def end_epoch(self) -> None:
+        for part in self.parts():
+            part.end_epoch()
+
+    @property  # type: ignore[override]
+    def wants_post_step_losses(self) -> bool:
+        return any(part.wants_post_step_losses for part in self.parts())
+
+    def post_step(self, losses: Tensor) -> None:
+        for part in self.parts():
+            if part.wants_post_step_losses:
+                part.post_step(losses)
+
+    def check_ready(self) -> None:
+        for part in self.parts():
+            part.check_ready()

@@ -1,0 +1,176 @@
+"""Declared running state: what a strategy carries from one optimizer step to the next.
+
+A strategy declares each field once, with its initial value (:meth:`mtlzoo.Strategy.declare_state`);
+the base class does the bookkeeping every stateful method needs under gradient accumulation and
+mixed precision, so that a method keeps only its maths:
+
+- inside a step, ``self.state.name = value`` *stages* the value; reading ``self.state.name`` gives
+  the staged value if the step staged one, else the committed one;
+- a field declared ``per_step="first"`` (the default) takes its value from the step's first
+  micro-batch: later micro-batches of the same step read it and their writes are ignored, so a
+  step's state does not depend on how its batch was split; ``per_step="every"`` lets every
+  micro-batch write (a sum over the step's micro-batches: read, add, write);
+- when an optimizer step is taken the staged values are committed (``Strategy.advance``); when a
+  ``GradScaler`` skips it they are dropped (``Strategy.discard``);
+- ``state_dict()`` saves the committed values: tensors as buffers (under the field's name), other
+  values (ints, floats, lists, bytes) in the module's extra state. A checkpoint taken between the
+  micro-batches of a step also holds what that step staged so far and its micro-batch count, so
+  loading it continues the step where it was.
+
+Writes are staged wherever they come from (a step's backward, or a standalone ``aggregate``, which
+is committed by calling ``advance()`` as after an optimizer step); those made in
+``Strategy.on_advance`` (counters, a retraction, a renormalisation) or inside
+``with strategy.state.direct():`` (a user's assignment, loading) go straight to the committed value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+PerStep = Literal["first", "every"]
+PER_STEP: tuple[PerStep, ...] = ("first", "every")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One declared field: whether it is a tensor (a buffer) and which micro-batches may write it."""
+
+    name: str
+    is_tensor: bool
+    per_step: PerStep
+
+
+class RunningState:
+    """The running state of one strategy: declared fields, their committed and staged values.
+
+    Reached as ``strategy.state``; attribute access reads and writes fields (see the module's
+    docstring for the semantics). It holds no reference to tensors of its own beyond the staged
+    values: committed tensors are the owner's buffers.
+    """
+
+    __slots__ = ("_committed", "_direct", "_fields", "_owner", "_staged")
+
+    def __init__(self, owner: nn.Module) -> None:
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "_fields", {})
+        object.__setattr__(self, "_committed", {})
+        object.__setattr__(self, "_staged", {})
+        object.__setattr__(self, "_direct", 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: object.__getattribute__(self, name) for name in self.__slots__}
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        for name, value in saved.items():
+            object.__setattr__(self, name, value)
+
+    # ---------------------------------------------------------------- fields
+    def declare(self, name: str, initial: Any, per_step: PerStep = "first") -> None:
+        if per_step not in PER_STEP:
+            raise ValueError(f"Parameter `per_step` should be one of {PER_STEP}. Found `per_step = {per_step!r}`.")
+        if not name.isidentifier() or name.startswith("_") or hasattr(type(self), name):
+            raise ValueError(f"A state field needs a public identifier as its name. Found {name!r}.")
+        if name in self._fields:
+            raise ValueError(f"The state field {name!r} is declared twice.")
+        is_tensor = isinstance(initial, Tensor)
+        self._fields[name] = Field(name, is_tensor, per_step)
+        if is_tensor:
+            self._owner.register_buffer(name, initial)
+        else:
+            self._committed[name] = initial
+
+    @property
+    def fields(self) -> dict[str, Field]:
+        """The declared fields by name."""
+        return dict(self._fields)
+
+    @property
+    def staged(self) -> dict[str, Any]:
+        """What the current step has staged so far (empty between steps)."""
+        return dict(self._staged)
+
+    def __getattr__(self, name: str) -> Any:
+        fields = object.__getattribute__(self, "_fields")
+        if name not in fields:
+            raise AttributeError(f"{type(self._owner).__name__} declares no state field {name!r} "
+                                 f"(it has {sorted(fields)}).")
+        staged = object.__getattribute__(self, "_staged")
+        if name in staged:
+            return staged[name]
+        return self.committed(name)
+
+    def committed(self, name: str) -> Any:
+        """The committed value of field ``name`` (what ``state_dict()`` saves)."""
+        if self._fields[name].is_tensor:
+            return getattr(self._owner, name)
+        return self._committed[name]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        field = self._fields.get(name)
+        if field is None:
+            raise AttributeError(f"{type(self._owner).__name__} declares no state field {name!r}: declare it in "
+                                 f"__init__ with self.declare_state({name}=initial_value).")
+        if self._direct:
+            self._write(field, value)
+        elif field.per_step == "every" or self._owner.micro_batch == 0:
+            self._staged[name] = value
+
+    def _write(self, field: Field, value: Any) -> None:
+        if field.is_tensor:
+            current = getattr(self._owner, field.name)
+            value = torch.as_tensor(value)
+            if isinstance(current, Tensor):
+                value = value.detach().to(device=current.device, dtype=current.dtype)
+            setattr(self._owner, field.name, value)
+        else:
+            self._committed[field.name] = value
+
+    # ------------------------------------------------------------- lifecycle
+    def commit(self) -> None:
+        """Make the staged values the committed ones."""
+        staged = self._staged
+        object.__setattr__(self, "_staged", {})
+        for name, value in staged.items():
+            self._write(self._fields[name], value)
+
+    def drop(self) -> None:
+        """Forget the staged values."""
+        object.__setattr__(self, "_staged", {})
+
+    def direct(self) -> _Direct:
+        """A context in which writes go to the committed values (``on_advance``, loading)."""
+        return _Direct(self)
+
+    # ------------------------------------------------------------ saving
+    def plain_values(self) -> dict[str, Any]:
+        """The committed values of the fields that are not tensors (saved in the extra state)."""
+        return dict(self._committed)
+
+    def load_plain_values(self, values: dict[str, Any]) -> None:
+        for name in self._committed:
+            if name in values:
+                self._committed[name] = values[name]
+        object.__setattr__(self, "_staged", {})
+
+    def load_staged(self, staged: dict[str, Any]) -> None:
+        unknown = sorted(set(staged) - set(self._fields))
+        if unknown:
+            raise KeyError(f"The checkpoint stages state fields {unknown} that {type(self._owner).__name__} does not "
+                           "declare.")
+        object.__setattr__(self, "_staged", dict(staged))
+
+
+class _Direct:
+    def __init__(self, state: RunningState) -> None:
+        self.state = state
+
+    def __enter__(self) -> RunningState:
+        object.__setattr__(self.state, "_direct", self.state._direct + 1)
+        return self.state
+
+    def __exit__(self, *exc: object) -> None:
+        object.__setattr__(self.state, "_direct", self.state._direct - 1)
