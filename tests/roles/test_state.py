@@ -1,0 +1,126 @@
+"""Declared running state (mtlzoo.state): staged in a step, committed at advance, dropped at discard, saved whole."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import Tensor
+
+import mtlzoo
+from mtlzoo.protocol import StepInputs
+
+
+class Counting(mtlzoo.LossWeighting):
+    """A stateful weighting for the tests: weights from the running mean of the first micro-batch's losses."""
+
+    info = mtlzoo.StrategyInfo(name="counting", summary="test double")
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        self.declare_state(mean=torch.zeros(num_tasks), steps=0)
+        self.declare_state("every", seen=0)
+
+    def weights(self, losses: Tensor) -> Tensor:
+        steps = self.state.steps
+        self.state.mean = (self.state.mean * steps + losses.detach()) / (steps + 1)
+        self.state.seen = self.state.seen + 1
+        return torch.ones_like(losses)
+
+    def on_advance(self) -> None:
+        self.state.steps += 1
+
+
+def backward(strategy: Counting, losses: list[float]) -> None:
+    inputs = StepInputs(torch.tensor(losses), torch.arange(len(losses)), strategy.num_tasks,
+                        micro_batch=strategy.micro_batch)
+    strategy.loss_weights(inputs)
+    strategy.micro_batch += 1
+
+
+def test_a_write_is_staged_read_back_and_committed_at_advance() -> None:
+    strategy = Counting(2)
+    backward(strategy, [1.0, 2.0])
+    assert strategy.state.mean.tolist() == [1.0, 2.0]  # staged, read back
+    assert strategy.mean.tolist() == [0.0, 0.0] and strategy.state.steps == 0  # committed: unchanged
+    strategy.advance()
+    assert strategy.mean.tolist() == [1.0, 2.0] and strategy.state.steps == 1
+
+
+def test_a_first_field_takes_the_first_micro_batch_and_an_every_field_each() -> None:
+    strategy = Counting(2)
+    backward(strategy, [1.0, 2.0])
+    backward(strategy, [5.0, 6.0])  # a second micro-batch: `mean` keeps the first one's value
+    assert strategy.state.mean.tolist() == [1.0, 2.0] and strategy.state.seen == 2
+    strategy.advance()
+    assert strategy.state.seen == 2 and strategy.micro_batch == 0
+
+
+def test_discard_drops_what_the_step_staged() -> None:
+    strategy = Counting(2)
+    backward(strategy, [1.0, 2.0])
+    strategy.discard()
+    assert strategy.state.mean.tolist() == [0.0, 0.0] and strategy.state.seen == 0 and strategy.micro_batch == 0
+    strategy.advance()
+    assert strategy.state.steps == 1 and strategy.mean.tolist() == [0.0, 0.0]
+
+
+def test_state_dict_saves_committed_values_and_a_mid_step_checkpoint_continues_the_step() -> None:
+    strategy = Counting(2)
+    backward(strategy, [1.0, 2.0])
+    strategy.advance()
+    backward(strategy, [3.0, 5.0])  # mid-step
+    saved = copy.deepcopy(strategy.state_dict())
+    assert saved["mean"].tolist() == [1.0, 2.0]
+    resumed = Counting(2)
+    resumed.load_state_dict(saved)
+    assert resumed.micro_batch == 1 and resumed.state.steps == 1
+    for one in (strategy, resumed):
+        backward(one, [7.0, 7.0])
+        one.advance()
+    assert resumed.mean.tolist() == strategy.mean.tolist() == [2.0, 3.5]
+    assert resumed.state.seen == strategy.state.seen == 3 and resumed.state.steps == 2
+
+
+def test_state_survives_deepcopy_pickle_and_device_moves() -> None:
+    strategy = Counting(2)
+    backward(strategy, [1.0, 2.0])
+    strategy.advance()
+    for copied in (copy.deepcopy(strategy), pickle.loads(pickle.dumps(strategy)), copy.deepcopy(strategy).double()):
+        assert copied.state.mean.tolist() == [1.0, 2.0] and copied.state.steps == 1
+        backward(copied, [3.0, 3.0])
+        copied.advance()
+        assert copied.state.steps == 2 and strategy.state.steps == 1  # not shared with the original
+    assert copy.deepcopy(strategy).double().state.mean.dtype == torch.float64
+
+
+def test_declaring_or_writing_a_wrong_field_is_a_clear_error() -> None:
+    strategy = Counting(2)
+    with pytest.raises(AttributeError, match=r"declares no state field 'nope'.*declare_state"):
+        strategy.state.nope = 1
+    with pytest.raises(AttributeError, match="declares no state field 'nope'"):
+        _ = strategy.state.nope
+    with pytest.raises(ValueError, match="declared twice"):
+        strategy.declare_state(steps=1)
+    with pytest.raises(ValueError, match="per_step"):
+        strategy.declare_state("sometimes", other=1)
+
+
+def test_a_stateful_plugin_strategy_trains_under_the_wrapper_with_accumulation_and_a_skipped_step() -> None:
+    model = mtlzoo.HardSharing(torch.nn.Linear(3, 4), [torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)])
+    mtl = mtlzoo.MTLWrapper(model, Counting(2))
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+    for half in x.chunk(2):
+        mtl.backward([p.pow(2).mean() for p in mtl(half)])
+    mtl.step(optimizer)
+    assert mtl.strategy.state.steps == 1 and mtl.strategy.state.seen == 2
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    optimizer.zero_grad()
+    mtl.backward([p.pow(2).mean() * 1e38 for p in mtl(x)], scaler=scaler)  # overflows: the scaler skips the step
+    before = mtl.strategy.mean.clone()
+    assert not mtl.step(optimizer, scaler=scaler)
+    assert mtl.strategy.state.steps == 1 and mtl.strategy.state.seen == 2 and torch.equal(mtl.strategy.mean, before)
