@@ -25,7 +25,7 @@ mktestdocs = pytest.importorskip("mktestdocs", reason="the docs extra: python -m
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-EXECUTED_PAGES = ["index.md", "getting-started.md", "concepts.md", "plugins.md", "rotograd.md"]
+EXECUTED_PAGES = ["index.md", "getting-started.md", "concepts.md", "composition.md", "plugins.md", "rotograd.md"]
 
 
 def load_hook(name: str) -> ModuleType:

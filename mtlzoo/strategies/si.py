@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import check_positive
 from mtlzoo.strategy import Paper, StrategyInfo
 
@@ -19,7 +19,7 @@ NASH_MTL_PAPER = Paper(
 TAKES = "takes the log of each loss"
 
 
-class ScaleInvariant(WeightingStrategy):
+class ScaleInvariant(LossWeighting):
     r"""Scale-invariant loss (SI): ``total = sum_k log L_k``, so ``w_k = 1 / L_k``.
 
     The baseline of Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
