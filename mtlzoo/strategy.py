@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -121,6 +122,9 @@ class StrategyInfo:
             none (a baseline, or no code was published); ``None`` when not stated. The docs'
             comparison guide shows it. State it in the ``info = StrategyInfo(...)`` block
             (``original_code="https://github.com/..."``).
+        suggested: Suggested values of hyperparameters for the harness (``mtlzoo compare``, ``mtlzoo bench``), so
+            that every registered strategy constructs by name alone: at least one for each hyperparameter
+            without a default (GradNorm's ``alpha``); a problem or a run may override them. Frozen read-only.
     """
 
     name: str
@@ -139,6 +143,7 @@ class StrategyInfo:
     default_comparison: bool = False
     cost: str | None = None
     original_code: str | None = None
+    suggested: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -170,6 +175,10 @@ class StrategyInfo:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not 0 <= self.lr < float("inf")):
             raise ValueError(f"Parameter `lr` should be a finite number >= 0. Found `lr = {self.lr!r}`.")
+        if not isinstance(self.suggested, Mapping) or not all(isinstance(key, str) for key in self.suggested):
+            raise ValueError(f"Parameter `suggested` should map hyperparameter names to values. Found "
+                             f"`suggested = {self.suggested!r}`.")
+        object.__setattr__(self, "suggested", MappingProxyType(dict(self.suggested)))
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
