@@ -27,8 +27,8 @@ from mtlzoo.errors import (
     UnknownHyperparameterError,
     UnknownProblemError,
 )
+from mtlzoo.harness.problems.base import Problem
 from mtlzoo.hookspecs import hookimpl
-from mtlzoo.problems.base import Problem
 from mtlzoo.registry import REGISTRY, Origin, normalize_name
 
 HOOK = "mtlzoo_register_problems"
@@ -76,7 +76,7 @@ def _check_class(cls: Any, origin: Origin) -> str:
 
 
 def _builtin_implementation() -> Callable[..., None]:
-    import mtlzoo.problems as builtin
+    import mtlzoo.harness.problems as builtin
 
     return builtin.mtlzoo_register_problems
 
@@ -191,6 +191,11 @@ def list_problems(*, available_only: bool = False) -> list[ProblemEntry]:
     return [entry for entry in PROBLEMS.list() if entry.available() or not available_only]
 
 
+def default_problems() -> list[str]:
+    """The registered problems marked ``in_default`` whose optional extra (if any) is installed."""
+    return [entry.name for entry in list_problems(available_only=True) if entry.cls.in_default]
+
+
 def create_problem(name: str, /, **settings: Any) -> Problem:
     """Create a registered problem by name.
 
@@ -234,5 +239,5 @@ def register_problem(cls: type[Problem]) -> type[Problem]:
     return cls
 
 
-__all__ = ["PROBLEMS", "ProblemEntry", "ProblemRegistry", "create_problem", "get_problem", "list_problems",
-           "register_problem"]
+__all__ = ["PROBLEMS", "ProblemEntry", "ProblemRegistry", "create_problem", "default_problems", "get_problem",
+           "list_problems", "register_problem"]
