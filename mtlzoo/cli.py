@@ -204,7 +204,8 @@ def _config(args: argparse.Namespace, named: bool) -> Any:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from mtlzoo.harness.compare import compare, iter_problems
+    from mtlzoo.harness.comparison import compare, iter_problems
+    from mtlzoo.harness.config import RUNS_DIR
     from mtlzoo.harness.plan import plan_all
     from mtlzoo.harness.store import save
 
@@ -226,7 +227,7 @@ def _run_compare(args: argparse.Namespace) -> int:
                 results.append(compare(problem, plans[problem.name], config, progress=progress))
         except KeyboardInterrupt:
             progress.stop()
-            kept = f"; the finished runs are in {config.out}: run the same command with --resume to go on" \
+            kept = f"; the finished runs are in {config.out / RUNS_DIR}: run the same command with --resume to go on" \
                 if config.out is not None else " (use --out DIR to keep finished runs across an interruption)"
             stderr.print(f"Interrupted{kept}.")
             return 130

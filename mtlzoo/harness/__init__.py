@@ -6,8 +6,8 @@ uses the library only through its public surface, as a user would. One concept p
 - :mod:`~mtlzoo.harness.spec`: what to run (:class:`StrategySpec`, parsed from ``"name:key=value"``);
 - :mod:`~mtlzoo.harness.config`: how (:class:`RunConfig`: seeds, steps, reference, device, output);
 - :mod:`~mtlzoo.harness.plan`: every strategy and the problem's metrics checked before training;
-- :mod:`~mtlzoo.harness.run`: one strategy, one problem, one seed;
-- :mod:`~mtlzoo.harness.compare`: every strategy under identical conditions (:func:`compare`);
+- :mod:`~mtlzoo.harness.training`: one strategy, one problem, one seed;
+- :mod:`~mtlzoo.harness.comparison`: every strategy under identical conditions (:func:`compare`);
 - :mod:`~mtlzoo.harness.results`: what the runs say (Δm%, ranks, summaries);
 - :mod:`~mtlzoo.harness.store`: runs and results on disk (:func:`save`, :func:`load`, ``resume``);
 - :mod:`~mtlzoo.harness.problems`: the problems and their registry;
@@ -20,7 +20,7 @@ Example:
     ['ls', 'upgrad']
 """
 
-from mtlzoo.harness.compare import compare, iter_problems
+from mtlzoo.harness.comparison import compare, iter_problems
 from mtlzoo.harness.config import RunConfig, check_device
 from mtlzoo.harness.plan import Plan, check_problem, plan, plan_all
 from mtlzoo.harness.problems import (
@@ -33,7 +33,7 @@ from mtlzoo.harness.problems import (
     register_problem,
 )
 from mtlzoo.harness.results import ComparisonResults, RunResult
-from mtlzoo.harness.run import ProgressEvent, measure_conflicts, run, train_and_evaluate
+from mtlzoo.harness.training import ProgressEvent, measure_conflicts, run, train_and_evaluate
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, parse_spec
 from mtlzoo.harness.store import load, run_path, save
 

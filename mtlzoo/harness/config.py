@@ -97,7 +97,7 @@ class RunConfig:
                                   f"`conflict_every = {self.conflict_every!r}`.")
         if self.reference not in REFERENCES:
             raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {self.reference!r}.")
-        object.__setattr__(self, "device", str(torch.device(self.device)))
+        object.__setattr__(self, "device", str(check_device(self.device)))
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
 

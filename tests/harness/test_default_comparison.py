@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlzoo.compare import default_problems, default_strategies, load
-from mtlzoo.problems import create_problem
+from mtlzoo.harness import default_problems, default_strategies, load
+from mtlzoo.harness.problems import create_problem
 
 RESULTS = os.environ.get("MTLZOO_COMPARE_RESULTS")
 pytestmark = pytest.mark.skipif(not RESULTS, reason="set MTLZOO_COMPARE_RESULTS=DIR after `mtlzoo compare --out DIR`")

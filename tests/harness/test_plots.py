@@ -15,9 +15,9 @@ matplotlib = pytest.importorskip("matplotlib")
 
 from matplotlib.image import imread  # noqa: E402
 
-from mtlzoo.compare import StrategySpec, compare  # noqa: E402
-from mtlzoo.plots import figures, loss_curves, pareto, save_plots, trajectories  # noqa: E402
-from mtlzoo.problems import GradNormSynthetic, Toy2D  # noqa: E402
+from mtlzoo.harness import StrategySpec, compare  # noqa: E402
+from mtlzoo.harness.plots import figures, loss_curves, pareto, save_plots, trajectories  # noqa: E402
+from mtlzoo.harness.problems import GradNormSynthetic, Toy2D  # noqa: E402
 
 STRATEGIES = ["rotograd", StrategySpec("rotate_only", {"normalize_losses": False}), "test_never_runs"]
 
@@ -26,7 +26,7 @@ STRATEGIES = ["rotograd", StrategySpec("rotate_only", {"normalize_losses": False
 def toy() -> Any:
     import mtlzoo
     from mtlzoo.registry import REGISTRY
-    from tests.test_compare import NeedsValue
+    from tests.harness.test_compare import NeedsValue
 
     mtlzoo.register_strategy(NeedsValue)  # fails on every seed (no value for `beta`): it gets no series
     try:

@@ -14,7 +14,7 @@ import pytest
 
 import mtlzoo
 from mtlzoo.errors import DuplicateStrategyError, PluginWarning, UnknownHyperparameterError, UnknownProblemError
-from mtlzoo.problems import (
+from mtlzoo.harness.problems import (
     BUILTIN_PROBLEMS,
     Toy2D,
     create_problem,

@@ -4,7 +4,7 @@ It returns a :class:`~mtlzoo.harness.results.ComparisonResults`: per strategy an
 final test metrics, the training-loss curves, Δm% against ``ls`` (or single-task training), the
 mean rank, the seconds per step and their ratio to ``ls`` measured in the same comparison, and
 gradient-conflict statistics; summaries give the mean and standard deviation over seeds. The
-conditions of a run are those of :mod:`mtlzoo.harness.run`.
+conditions of a run are those of :mod:`mtlzoo.harness.training`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mtlzoo.harness.config import RunConfig
 from mtlzoo.harness.plan import Plan, plan_all
 from mtlzoo.harness.problems import Problem, create_problem, default_problems
 from mtlzoo.harness.results import ComparisonResults, RunResult
-from mtlzoo.harness.run import ProgressCallback, ProgressEvent, run
+from mtlzoo.harness.training import ProgressCallback, ProgressEvent, run
 from mtlzoo.harness.spec import StrategySpec, parse_spec
 from mtlzoo.harness.store import fingerprint, load_run, run_path, write_json
 
@@ -38,7 +38,7 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
             ``ls`` is always added. Or the :class:`~mtlzoo.harness.plan.Plan`\\ s that
             :func:`~mtlzoo.harness.plan.plan_all` returned for this problem.
         config: Seeds, steps, reference, device, output folder (:class:`~mtlzoo.harness.config.RunConfig`).
-        progress: Called with :class:`~mtlzoo.harness.run.ProgressEvent`\\ s.
+        progress: Called with :class:`~mtlzoo.harness.training.ProgressEvent`\\ s.
         **settings: Fields of :class:`~mtlzoo.harness.config.RunConfig`, when ``config`` is not given
             (``compare("toy2d", ["upgrad"], seeds=2, steps=100)``).
 
