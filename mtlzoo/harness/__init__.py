@@ -33,9 +33,9 @@ from mtlzoo.harness.problems import (
     register_problem,
 )
 from mtlzoo.harness.results import ComparisonResults, RunResult
-from mtlzoo.harness.training import ProgressEvent, measure_conflicts, run, train_and_evaluate
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, parse_spec
 from mtlzoo.harness.store import load, run_path, save
+from mtlzoo.harness.training import ProgressEvent, measure_conflicts, run, train_and_evaluate
 
 __all__ = [
     "BASELINE",

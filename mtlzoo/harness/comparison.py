@@ -19,9 +19,9 @@ from mtlzoo.harness.config import RunConfig
 from mtlzoo.harness.plan import Plan, plan_all
 from mtlzoo.harness.problems import Problem, create_problem, default_problems
 from mtlzoo.harness.results import ComparisonResults, RunResult
-from mtlzoo.harness.training import ProgressCallback, ProgressEvent, run
 from mtlzoo.harness.spec import StrategySpec, parse_spec
 from mtlzoo.harness.store import fingerprint, load_run, run_path, write_json
+from mtlzoo.harness.training import ProgressCallback, ProgressEvent, run
 
 
 def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Plan] | str | None = None,

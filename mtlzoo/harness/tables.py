@@ -11,6 +11,7 @@ from typing import Any
 
 from mtlzoo.harness.results import ComparisonResults
 
+
 def fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
     """``mean`` to ``digits`` significant digits, ``±std`` to one; ``-`` for none."""
     if mean is None:

@@ -20,15 +20,15 @@ from torch import Tensor, nn
 
 import mtlzoo
 from mtlzoo import harness
-from mtlzoo.harness.spec import split_top_level
-from mtlzoo.harness import ComparisonResults, RunConfig, RunResult, StrategySpec, compare, measure_conflicts, plan, run
 from mtlzoo.errors import (
     ComparisonError,
     UnknownHyperparameterError,
     UnknownProblemError,
     UnknownStrategyError,
 )
+from mtlzoo.harness import ComparisonResults, RunConfig, RunResult, StrategySpec, compare, measure_conflicts, plan, run
 from mtlzoo.harness.problems import GradNormSynthetic, Toy2D
+from mtlzoo.harness.spec import split_top_level
 from mtlzoo.registry import REGISTRY
 from mtlzoo.strategy import StrategyInfo
 
