@@ -278,11 +278,13 @@ def _failed_status(results: list[Any], named: bool) -> int:
 
 
 def _console(stderr: bool = False) -> Any:
-    """A rich console; 100 columns when the output is not a terminal (a CI log)."""
+    """A rich console: the terminal's width, else ``COLUMNS``, else 100 columns (a CI log)."""
     from rich.console import Console
 
     console = Console(stderr=stderr)
-    return console if console.is_terminal else Console(stderr=stderr, width=100)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(stderr=stderr, width=100)
 
 
 class _Progress:

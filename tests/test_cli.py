@@ -222,3 +222,100 @@ def test_bench_unknown_strategy_is_an_error(capsys: pytest.CaptureFixture[str]) 
     """Unknown names fail with close matches, as in the registry (timm's habit)."""
     assert main(["bench", "--strategies", "rotogradd"]) == 2
     assert "Did you mean 'rotograd'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- small things a new user hit (issue 19, items 21 and 24)
+def test_compare_help_prints_delta_m_without_a_doubled_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse expands `%%` in an option's help but prints a raw description as written."""
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "Δm%%" not in out and out.count("Δm%") >= 2
+
+
+def test_list_into_a_closed_pipe_exits_quietly() -> None:
+    """`mtlzoo list | head`: the reader is gone before the table is written; no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "mtlzoo", "list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the only reader closes its end, as `head` does after its lines
+    error = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert "Traceback" not in error and "BrokenPipeError" not in error
+
+
+class AlwaysFailing(mtlzoo.WeightingStrategy):
+    info = mtlzoo.StrategyInfo(name="test_always_failing", kind="weighting", needs="losses", summary="raises")
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def always_failing() -> Any:
+    mtlzoo.register_strategy(AlwaysFailing)
+    yield
+    mtlzoo.registry.REGISTRY.unregister_plugin(mtlzoo.get_strategy("test_always_failing").origin.plugin)
+
+
+@pytest.mark.usefixtures("always_failing")
+def test_compare_exits_non_zero_when_a_named_strategy_failed_every_run(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--problem", "toy2d", "--steps", "3", "--seeds", "2", "--conflict-every", "0"]
+    assert main([*args, "--strategies", "test_always_failing"]) == 1
+    captured = capsys.readouterr()
+    assert "test_always_failing failed every run on toy2d" in captured.err and "boom" in captured.out
+    assert main([*args, "--strategies", "upgrad"]) == 0
+
+
+def test_compare_omits_an_empty_literature_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    """A problem whose `literature` is empty gets no "The literature on NAME (a newcomer): ." line."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mtlzoo.harness.problems import Toy2D, register_problem
+
+    @dataclass(frozen=True)
+    class Newcomer(Toy2D):
+        name: ClassVar[str] = "test_newcomer"
+        source: ClassVar[str] = "a newcomer"
+        literature: ClassVar[str] = ""
+
+    register_problem(Newcomer)
+    try:
+        assert main(["compare", "--problem", "test_newcomer", "--strategies", "ls", "--steps", "2", "--seeds", "1",
+                     "--conflict-every", "0"]) == 0
+    finally:
+        mtlzoo.registry.REGISTRY.unregister_plugin(f"{Newcomer.__module__}:{Newcomer.__qualname__}[problem]")
+    out = capsys.readouterr().out
+    assert "The literature on" not in out and ": ." not in out
+    assert main(["compare", "--problem", "toy2d", "--strategies", "ls", "--steps", "2", "--seeds", "1"]) == 0
+    assert "The literature on toy2d (Javaloy & Valera" in capsys.readouterr().out  # a non-empty one still shows
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_compare_tables_fit_the_terminal_without_cutting_numbers(
+        columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """At 80 and 100 columns every line fits and no number is shortened to `0.9…`: wide tables are split."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["compare", "--problem", "toy2d", "--strategies", "upgrad,rotograd,rotograd_norm", "--steps", "4",
+                 "--seeds", "2", "--conflict-every", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tables = [line for line in lines if not line.startswith("  ")]  # the notes below wrap as prose
+    assert max(len(line) for line in tables) <= columns
+    assert "…" not in "\n".join(lines)
+    assert sum(line.startswith("│ rotograd_norm ") for line in lines) >= 1
+
+
+def test_bench_prints_a_readable_table_and_json_on_request(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--strategies", "uw", "--model", "mlp", "--tasks", "2", "--dim", "8", "--steps", "2",
+            "--warmup", "1", "--threads", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    header = next(line for line in text.splitlines() if line.startswith("strategy"))
+    assert header.split() == ["strategy", "ms/step", "p25", "p75", "x", "ls", "status"]
+    assert any(line.startswith("uw ") and line.rstrip().endswith("ok") for line in text.splitlines())
+    for option in (["--json"], ["--format", "json"]):
+        assert main([*args, *option]) == 0
+        assert [r["strategy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["ls", "uw"]
