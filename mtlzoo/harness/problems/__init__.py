@@ -1,15 +1,15 @@
-"""Built-in problems on which strategies are compared, and the internal plugin that registers them.
+"""The problems on which strategies are compared: what a problem is, the built-ins, and their registry.
 
 Every problem generates its data itself (``multidigits`` reads the digits scikit-learn ships, the
-``digits`` extra). A plugin adds problems through the hook ``mtlzoo_register_problems``, as this
-module does for the built-ins; :func:`list_problems` and :func:`create_problem` see them all.
+``digits`` extra). A plugin adds problems through the hook ``mtlzoo_register_problems``, as
+:mod:`mtlzoo.harness.problems.builtin` does for the built-ins; :func:`list_problems` and
+:func:`create_problem` see them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from mtlzoo.harness.problems.base import Metric, Problem, check_metrics
+from mtlzoo.harness.problems.builtin import BUILTIN_PROBLEMS
 from mtlzoo.harness.problems.gradnorm_synthetic import GradNormSynthetic
 from mtlzoo.harness.problems.multidigits import MultiDigits
 from mtlzoo.harness.problems.registry import (
@@ -22,9 +22,6 @@ from mtlzoo.harness.problems.registry import (
     register_problem,
 )
 from mtlzoo.harness.problems.toy2d import RotoGradToy, Toy2D
-from mtlzoo.hookspecs import hookimpl
-
-BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits)
 
 __all__ = [
     "BUILTIN_PROBLEMS",
@@ -44,8 +41,3 @@ __all__ = [
     "register_problem",
 ]
 
-
-@hookimpl
-def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
-    for cls in BUILTIN_PROBLEMS:
-        register(cls)

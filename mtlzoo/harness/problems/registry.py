@@ -1,38 +1,41 @@
-"""The comparison problems by name, fed by the same plugins as the strategies.
+"""The comparison problems by name: a :class:`~mtlzoo.names.NameRegistry` fed by the strategies' plugins.
 
 A plugin adds problems by implementing ``mtlzoo_register_problems(register)`` (see
-:mod:`mtlzoo.hookspecs`) beside, or instead of, ``mtlzoo_register_strategies``; the plugins are
-the strategy registry's own (:data:`mtlzoo.registry.REGISTRY`: built-ins, then the ``mtlzoo``
-entry points, loaded lazily, and in-process registrations). The built-in problems come from the
-internal plugin :mod:`mtlzoo.problems`, whose hook this registry always calls first.
+:mod:`mtlzoo.hookspecs`) beside, or instead of, ``mtlzoo_register_strategies``. The problems' table
+joins the plugin loader of the strategy registry (:data:`mtlzoo.registry.REGISTRY`) when the
+harness is imported (the library never imports the harness): the same built-ins-first order, the
+same entry points, the same isolation of a broken plugin. The built-in problems come from the
+internal plugin :mod:`mtlzoo.harness.problems.builtin`.
 
 Names are case-insensitive and ``-`` equals ``_``; an unknown name raises
-:class:`~mtlzoo.errors.UnknownProblemError` listing close matches, a duplicate is refused naming
-both origins (a warning for an entry point, whose other problems still load).
+:class:`~mtlzoo.errors.UnknownProblemError` listing close matches; a taken name is refused with a
+:class:`~mtlzoo.errors.DuplicateNameError` naming both origins (a warning for an entry point,
+whose other problems still load).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import warnings
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mtlzoo.errors import (
-    DuplicateStrategyError,
+    DuplicateNameError,
     InvalidPluginError,
-    PluginWarning,
     UnknownHyperparameterError,
     UnknownProblemError,
 )
 from mtlzoo.harness.problems.base import Problem
 from mtlzoo.hookspecs import hookimpl
-from mtlzoo.registry import REGISTRY, Origin, normalize_name
+from mtlzoo.names import NameRegistry
+from mtlzoo.plugins import Origin, PluginLoader, skip_duplicate
+from mtlzoo.registry import REGISTRY
 
 HOOK = "mtlzoo_register_problems"
-BUILTIN_ORIGIN = Origin("mtlzoo.problems", builtin=True)
+BUILTIN_PLUGIN = "mtlzoo.harness.problems.builtin"
 
 
 @dataclass(frozen=True)
@@ -65,65 +68,43 @@ class ProblemEntry:
         }
 
 
-def _check_class(cls: Any, origin: Origin) -> str:
+def _check_class(cls: Any, origin: Origin) -> type[Problem]:
     if not (isinstance(cls, type) and issubclass(cls, Problem) and dataclasses.is_dataclass(cls)):
-        raise InvalidPluginError(f"register() takes a dataclass subclass of mtlzoo.problems.Problem; plugin {origin} "
-                                 f"passed {cls!r}.")
+        raise InvalidPluginError(f"register() takes a dataclass subclass of mtlzoo.harness.problems.Problem; plugin "
+                                 f"{origin} passed {cls!r}.")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.strip():
         raise InvalidPluginError(f"Problem class {cls.__qualname__} (from {origin}) has no str `name`.")
-    return normalize_name(name)
-
-
-def _builtin_implementation() -> Callable[..., None]:
-    import mtlzoo.harness.problems as builtin
-
-    return builtin.mtlzoo_register_problems
+    return cls
 
 
 class ProblemRegistry:
-    """Problems by name; the table is rebuilt when the set of loaded plugins changes."""
+    """Problems by name, fed through ``mtlzoo_register_problems`` by the plugins of ``loader``."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, ProblemEntry] = {}
-        self._seen: tuple[int, ...] | None = None
+    hook = HOOK
 
-    def _refresh(self) -> None:
-        implementations = REGISTRY.implementations(HOOK)
-        key = tuple(id(impl) for _, impl in implementations)
-        if key == self._seen:
-            return
-        entries: dict[str, ProblemEntry] = {}
+    def __init__(self, loader: PluginLoader) -> None:
+        self.loader = loader
+        self.names: NameRegistry[ProblemEntry] = NameRegistry(
+            "problem", UnknownProblemError,
+            see_also=lambda names: f"The problems: {', '.join(sorted(names))}.")
+        loader.add_table(self, BUILTIN_PLUGIN, lambda: importlib.import_module(BUILTIN_PLUGIN))
 
-        def collect(function: Callable[..., None], argnames: tuple[str, ...], origin: Origin, strict: bool) -> None:
-            def register(cls: type) -> None:
-                key = _check_class(cls, origin)
-                if key in entries and entries[key].cls is not cls:
-                    error = DuplicateStrategyError(
-                        f"Problem name {key!r} of {cls.__qualname__} (from {origin}) is already taken by "
-                        f"{entries[key].cls.__qualname__} (from {entries[key].origin}).")
-                    if strict:
-                        raise error
-                    warnings.warn(f"{error} The problem was not registered.", PluginWarning, stacklevel=2)
-                    return
-                entries[key] = ProblemEntry(cls, origin)
-
-            function(**{name: register for name in argnames})
-
-        collect(_builtin_implementation(), ("register",), BUILTIN_ORIGIN, strict=True)
-        for origin, impl in implementations:
-            where = f"plugin {impl.plugin_name!r} ({origin})"
-            if impl.wrapper or impl.hookwrapper:
-                warnings.warn(f"mtlzoo ignored {where}: it implements {HOOK} as a hook wrapper, which registers "
-                              "nothing; drop wrapper=True/hookwrapper=True.", PluginWarning, stacklevel=3)
-                continue
+    def register_callback(self, origin: Origin, *, strict: bool) -> Callable[[type], None]:
+        """The ``register`` that ``mtlzoo_register_problems`` hands to the plugin of ``origin``."""
+        def register(cls: type) -> None:
+            entry = ProblemEntry(_check_class(cls, origin), origin)
             try:
-                collect(impl.function, tuple(impl.argnames), origin, strict=False)
-            except Exception as error:  # one broken plugin must not hide the others' problems
-                warnings.warn(f"mtlzoo could not load the problems of {where}: {type(error).__name__}: {error}",
-                              PluginWarning, stacklevel=3)
-        self._entries = entries
-        self._seen = key
+                self.names.add(entry)
+            except DuplicateNameError as error:
+                if strict:
+                    raise
+                skip_duplicate(error, "problem")
+
+        return register
+
+    def drop_plugin(self, plugin: str) -> None:
+        self.names.drop_plugin(plugin)
 
     def get(self, name: str) -> ProblemEntry:
         """The problem called ``name``.
@@ -131,21 +112,13 @@ class ProblemRegistry:
         Raises:
             UnknownProblemError: No problem has that name; the message lists close matches.
         """
-        self._refresh()
-        if not isinstance(name, str):
-            raise TypeError(f"A problem name is a str. Found {name!r}.")
-        key = normalize_name(name)
-        if key not in self._entries:
-            close = difflib.get_close_matches(key, list(self._entries), n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise UnknownProblemError(f"Unknown problem {name!r}.{hint} The problems: "
-                                      f"{', '.join(sorted(self._entries))}.")
-        return self._entries[key]
+        self.loader.load()
+        return self.names.get(name)
 
     def list(self) -> list[ProblemEntry]:
         """Every registered problem, built-ins first, in registration order."""
-        self._refresh()
-        return list(self._entries.values())
+        self.loader.load()
+        return self.names.entries()
 
     def create(self, name: str, /, **settings: Any) -> Problem:
         """Instantiate the problem ``name`` with ``settings`` (its dataclass fields), after checking their names.
@@ -171,8 +144,8 @@ class ProblemRegistry:
         return entry.cls(**settings)
 
 
-PROBLEMS = ProblemRegistry()
-"""The process-wide problem registry."""
+PROBLEMS = ProblemRegistry(REGISTRY.loader)
+"""The process-wide problem registry (on the plugin loader of :data:`mtlzoo.registry.REGISTRY`)."""
 
 
 def get_problem(name: str) -> ProblemEntry:
@@ -184,7 +157,7 @@ def list_problems(*, available_only: bool = False) -> list[ProblemEntry]:
     """The registered problems (``available_only``: those whose optional extra is installed).
 
     Example:
-        >>> from mtlzoo.problems import list_problems
+        >>> from mtlzoo.harness.problems import list_problems
         >>> [entry.name for entry in list_problems()][:2]
         ['toy2d', 'gradnorm_synthetic']
     """
@@ -200,7 +173,7 @@ def create_problem(name: str, /, **settings: Any) -> Problem:
     """Create a registered problem by name.
 
     Example:
-        >>> from mtlzoo.problems import create_problem
+        >>> from mtlzoo.harness.problems import create_problem
         >>> create_problem("gradnorm_synthetic", num_tasks=10).scales[:3]
         (48.0, 3.0, 54.0)
     """
@@ -217,27 +190,29 @@ class _DecoratedProblem:
 
 
 def register_problem(cls: type[Problem]) -> type[Problem]:
-    """Class decorator registering a problem in this process (a small plugin of the strategy registry).
+    """Class decorator registering a problem in this process (a small plugin of the plugin loader).
 
     Registering the class again, or a re-definition of it (same module and qualified name: a re-run
     notebook cell), replaces the earlier registration. The plugin is named ``"module:QualName[problem]"``;
     remove it with ``mtlzoo.registry.REGISTRY.unregister_plugin(name)``.
 
     Raises:
-        DuplicateStrategyError: Another problem class already has the name (both origins are named).
+        DuplicateNameError: Another problem class already has the name (both origins are named).
     """
-    key = _check_class(cls, Origin("in-process"))
+    loader = PROBLEMS.loader
     plugin_name = f"{cls.__module__}:{cls.__qualname__}[problem]"
-    PROBLEMS._refresh()
-    existing = PROBLEMS._entries.get(key)
-    if existing is not None and existing.origin.plugin != plugin_name:
-        raise DuplicateStrategyError(f"Problem name {cls.name!r} of {cls.__qualname__} (in-process) is already taken "
-                                     f"by {existing.cls.__qualname__} (from {existing.origin}).")
-    if plugin_name in REGISTRY.plugins():
-        REGISTRY.unregister_plugin(plugin_name)
-    REGISTRY.register_plugin(_DecoratedProblem(cls), name=plugin_name)
+    origin = loader.in_process_origin(plugin_name)
+    entry = ProblemEntry(_check_class(cls, origin), origin)
+    with loader.lock:
+        loader.load()
+        existing = PROBLEMS.names.holder(cls.name)
+        if existing is not None and existing.origin.plugin != plugin_name:
+            PROBLEMS.names.check_free(entry, [cls.name])  # raises, naming both
+        if plugin_name in loader.plugins():
+            loader.unregister_plugin(plugin_name)
+        loader.register_plugin(_DecoratedProblem(cls), name=plugin_name)
     return cls
 
 
-__all__ = ["PROBLEMS", "ProblemEntry", "ProblemRegistry", "create_problem", "default_problems", "get_problem",
-           "list_problems", "register_problem"]
+__all__ = ["BUILTIN_PLUGIN", "PROBLEMS", "ProblemEntry", "ProblemRegistry", "create_problem", "default_problems",
+           "get_problem", "list_problems", "register_problem"]

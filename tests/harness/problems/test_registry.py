@@ -13,7 +13,7 @@ from typing import ClassVar
 import pytest
 
 import mtlzoo
-from mtlzoo.errors import DuplicateStrategyError, PluginWarning, UnknownHyperparameterError, UnknownProblemError
+from mtlzoo.errors import DuplicateNameError, UnknownHyperparameterError, UnknownProblemError
 from mtlzoo.harness.problems import (
     BUILTIN_PROBLEMS,
     Toy2D,
@@ -68,6 +68,7 @@ def test_a_plugin_registers_problems_through_the_hook() -> None:
 
 
 def test_a_plugin_taking_a_builtin_name_is_refused_with_both_origins() -> None:
+    """In this process the plugin is refused with an error (as for strategies); nothing of it is kept."""
     @dataclass(frozen=True)
     class Impostor(Toy2D):
         name: ClassVar[str] = "toy2d"
@@ -77,13 +78,9 @@ def test_a_plugin_taking_a_builtin_name_is_refused_with_both_origins() -> None:
         def mtlzoo_register_problems(self, register):
             register(Impostor)
 
-    name = REGISTRY.register_plugin(Plugin(), name="impostor-plugin")
-    try:
-        with pytest.warns(PluginWarning, match=r"'toy2d'.*impostor-plugin.*already taken by Toy2D \(from built-in\)"):
-            entry = get_problem("toy2d")
-        assert entry.cls is Toy2D
-    finally:
-        REGISTRY.unregister_plugin(name)
+    with pytest.raises(DuplicateNameError, match=r"'toy2d'.*impostor-plugin.*already taken by Toy2D \(from built-in\)"):
+        REGISTRY.register_plugin(Plugin(), name="impostor-plugin")
+    assert "impostor-plugin" not in REGISTRY.plugins() and get_problem("toy2d").cls is Toy2D
 
 
 def test_register_problem_decorator_and_re_registration() -> None:
@@ -92,7 +89,7 @@ def test_register_problem_decorator_and_re_registration() -> None:
         assert get_problem("toy2d_shifted").cls is Shifted
         register_problem(Shifted)  # again: replaces, no error
         assert get_problem("toy2d_shifted").cls is Shifted
-        with pytest.raises(DuplicateStrategyError, match="already taken"):
+        with pytest.raises(DuplicateNameError, match=r"'toy2d_shifted' of .*Other \(from in-process .*\) is already"):
             @register_problem
             @dataclass(frozen=True)
             class Other(Toy2D):
