@@ -70,7 +70,7 @@ def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.devi
             required hyperparameter, an optimizer for its own parameters, a named backbone parameter);
             the message names the strategy.
     """
-    spec = StrategySpec(spec) if isinstance(spec, str) else spec
+    spec = StrategySpec.parse(spec) if isinstance(spec, str) else spec
     entry = get_strategy(spec.name)
     options = {**problem.strategy_options(entry), **dict(spec.options)}
     label = _label(spec, entry)

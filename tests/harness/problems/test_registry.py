@@ -98,3 +98,45 @@ def test_register_problem_decorator_and_re_registration() -> None:
         REGISTRY.unregister_plugin(f"{Shifted.__module__}:{Shifted.__qualname__}[problem]")
     with pytest.raises(UnknownProblemError):
         get_problem("toy2d_shifted")
+
+
+def test_entry_point_problems_load_through_the_one_loader_each_on_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strategies' plugin loader feeds the problems too, with the same isolation: a plugin whose problem hook
+    raises is dropped whole (with a warning naming its distribution), a taken name is a warning naming both
+    origins, and the other plugins' problems load (reference: the registry contract of DESIGN.md)."""
+    import types
+
+    from mtlzoo import registry
+    from mtlzoo.errors import PluginWarning
+    from mtlzoo.harness.problems.registry import ProblemRegistry
+    from tests.test_registry import FakeEntryPoint
+
+    def plugin(*classes: type, fail: bool = False) -> types.SimpleNamespace:
+        @mtlzoo.hookimpl
+        def mtlzoo_register_problems(register):
+            for cls in classes:
+                register(cls)
+            if fail:
+                raise RuntimeError("boom")
+
+        return types.SimpleNamespace(mtlzoo_register_problems=mtlzoo_register_problems)
+
+    @dataclass(frozen=True)
+    class Impostor(Toy2D):
+        name: ClassVar[str] = "toy2d"
+
+    @dataclass(frozen=True)
+    class Half(Toy2D):
+        name: ClassVar[str] = "toy2d_half"
+
+    entry_points = [FakeEntryPoint("failing", lambda: plugin(Half, fail=True), dist="mtlzoo-failing"),
+                    FakeEntryPoint("clash", lambda: plugin(Impostor, Shifted), dist="mtlzoo-clash")]
+    monkeypatch.setattr(registry, "_entry_points", lambda: entry_points)
+    problems = ProblemRegistry(registry.StrategyRegistry().loader)
+    with pytest.warns(PluginWarning) as caught:
+        names = [entry.name for entry in problems.list()]
+    messages = [str(w.message) for w in caught]
+    assert any("'mtlzoo-failing'" in m and "boom" in m for m in messages)
+    assert any("'toy2d'" in m and "mtlzoo-clash 1.2" in m and "Toy2D (from built-in)" in m for m in messages)
+    assert names == ["toy2d", "gradnorm_synthetic", "multidigits", "toy2d_shifted"]
+    assert problems.get("toy2d").cls is Toy2D and str(problems.get("toy2d_shifted").origin) == "mtlzoo-clash 1.2"
