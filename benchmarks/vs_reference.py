@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from mtlzoo.caching import cached
 from mtlzoo.harness.bench import peak_bytes, reference_model
 from mtlzoo.harness.spec import optimizer_class, parse_spec, split_top_level
+from mtlzoo.harness.tables import plain_table
 from mtlzoo.protocol import Request
 from mtlzoo.registry import REGISTRY, get_strategy
 from mtlzoo.strategy import GradientSurgery, StrategyInfo
@@ -696,13 +697,6 @@ def growth_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
 
 
 # ============================================================================ the command
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def _pairs(text: str, option: str) -> list[tuple[int, int]]:
     try:
         pairs = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
@@ -794,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vs_reference: {error}", file=sys.stderr)
         return 2
     for title, header, rows in tables:
-        print(f"\n{title}\n{_table(rows, header)}")
+        print(f"\n{title}\n{plain_table(header, rows)}")
     if args.growth and args.plot:
         from mtlzoo.harness.plots import save_growth_plots
 

@@ -16,13 +16,6 @@ from typing import Any
 from mtlzoo.registry import StrategyEntry, list_strategies
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
 def _row(entry: StrategyEntry) -> list[str]:
     info = entry.info
     return [info.name, ", ".join(info.aliases) or "-", info.kind, info.needs,
@@ -34,7 +27,10 @@ def _list(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps([entry.to_record() for entry in entries], indent=2, ensure_ascii=False))
     elif entries:
-        print(_table([_row(entry) for entry in entries], ["name", "aliases", "kind", "needs", "paper", "origin"]))
+        from mtlzoo.harness.tables import plain_table
+
+        header = ["name", "aliases", "kind", "needs", "paper", "origin"]
+        print(plain_table(header, [_row(entry) for entry in entries]))
     else:
         print("No strategy matches.", file=sys.stderr)
     return 0

@@ -8,7 +8,8 @@ expose theirs through the ``mtlzoo`` entry-point group::
 
 The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
 very hook, and the built-in comparison problems by :mod:`mtlzoo.harness.problems.builtin` through
-``mtlzoo_register_problems``; :mod:`mtlzoo.plugins` calls each plugin's hooks through pluggy. Implement a hook as a plain function: a hook wrapper
+``mtlzoo_register_problems``; :mod:`mtlzoo.plugins` calls each plugin's hooks through pluggy.
+Implement a hook as a plain function: a hook wrapper
 (``@mtlzoo.hookimpl(wrapper=True)`` or ``hookwrapper=True``) is refused (an error in-process, a
 :class:`mtlzoo.errors.PluginWarning` for an entry point), since it would register nothing.
 """

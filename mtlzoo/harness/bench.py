@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mtlzoo.caching import cached
 from mtlzoo.harness.spec import BASELINE, optimizer_class, parse_spec, split_top_level
+from mtlzoo.harness.tables import plain_table
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -210,29 +211,25 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
     return list(records.values())
 
 
-def _cell(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
-    return "-" if value is None else f"{value * scale:.{digits}g}"
+def _cell(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:.3g}"
 
 
 def report_table(report: dict[str, Any]) -> str:
     """A :func:`bench` report as a plain-text table per model: strategy, ms per step (median and
     quartiles), ratio to ``ls``, status; fits 80 columns unless a strategy's name is long."""
-    settings = report["settings"]
-    lines = [f"Time of a training step (median over {settings['steps']} steps after {settings['warmup']} of warm-up), "
-             f"K={settings['tasks']}, d={settings['dim']}, {report['environment']['device']}, "
-             f"torch {report['environment']['torch']}, {report['environment']['threads']} threads."]
+    settings, environment = report["settings"], report["environment"]
+    parts = [f"Time of a training step (median over {settings['steps']} steps after {settings['warmup']} of warm-up), "
+             f"K={settings['tasks']}, d={settings['dim']}, {environment['device']}, torch {environment['torch']}, "
+             f"{environment['threads']} threads."]
     for kind in settings["models"]:
         rows = [[r["strategy"], _cell(r.get("median_s"), 1000), _cell(r.get("p25_s"), 1000),
-                 _cell(r.get("p75_s"), 1000), _cell(r.get("ratio_to_ls"), 1.0, 3),
+                 _cell(r.get("p75_s"), 1000), _cell(r.get("ratio_to_ls")),
                  "ok" if r["status"] == "ok" else f"failed: {r['error']}"]
                 for r in report["results"] if r["model"] == kind]
-        header = ["strategy", "ms/step", "p25", "p75", "x ls", "status"]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-        lines += ["", f"{kind} (batch {settings['batch_sizes'][kind]})"]
-        for row in [header, ["-" * w for w in widths] + ["------"], *rows]:
-            cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:])]
-            lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+        parts.append(f"\n{kind} (batch {settings['batch_sizes'][kind]})\n" + plain_table(
+            ["strategy", "ms/step", "p25", "p75", "x ls", "status"], rows, right=(1, 2, 3, 4)))
+    return "\n".join(parts)
 
 
 def peak_bytes(step: Callable[[], object]) -> int:

@@ -1,4 +1,4 @@
-"""A comparison's results as terminal tables (rich) that stay readable at 80 to 100 columns.
+"""Tables for the terminal: a comparison's results (rich), readable at 80 to 100 columns, and plain text.
 
 The columns (each task's metrics, worst task, Δm%, rank, time, conflicts, runs) are packed into
 as many tables as the width needs, each repeating the strategy column, so that no number is ever
@@ -7,9 +7,22 @@ cut (rich would shorten ``0.912`` to ``0.9…`` in a table wider than the termin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from mtlzoo.harness.results import ComparisonResults
+
+
+def plain_table(header: list[str], rows: list[list[str]], *, right: Sequence[int] = ()) -> str:
+    """``rows`` under ``header`` in aligned plain-text columns, a rule under the header; the columns whose
+    indices are in ``right`` right-aligned (numbers), the others left-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
