@@ -31,6 +31,7 @@ def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str
     by_name = {r["name"]: r for r in records}
     assert by_name["rotograd_norm"]["aliases"] == ["rotogradnorm"]
     assert by_name["rotograd_norm"]["required"] == ["alpha"]
+    assert by_name["rotograd_norm"]["suggested"] == by_name["gradnorm"]["suggested"] == {"alpha": 1.5}
     assert by_name["rotograd"]["kind"] == "surgery"
     assert by_name["rotograd"]["needs"] == mtlzoo.get_strategy("rotograd").info.needs != by_name["ls"]["needs"]
     assert by_name["ls"]["origin"] == "built-in" and not by_name["ls"]["adapts_representation"]

@@ -182,7 +182,9 @@ def strategy_page(entry: StrategyEntry) -> str:
         _table(["metadata", "value"], rows),
         "## Hyperparameters\n",
         ("The constructor's keyword arguments; `num_tasks` is supplied by `MTLWrapper`.\n\n"
-         + _table(["name", "default"], [[f"`{n}`", default_repr(d)] for n, d in hparams.items()]))
+         + _table(["name", "default"], [[f"`{n}`", default_repr(d) + (
+             f" (`mtlzoo compare` and `mtlzoo bench` use {default_repr(info.suggested[n])})"
+             if n in info.suggested else "")] for n, d in hparams.items()]))
         if hparams else "None besides `num_tasks`, which `MTLWrapper` supplies.\n",
         "## Use it\n",
         "```py\n"
