@@ -26,7 +26,7 @@ STRATEGIES = ["rotograd", StrategySpec("rotate_only", {"normalize_losses": False
 def toy() -> Any:
     import mtlzoo
     from mtlzoo.registry import REGISTRY
-    from tests.harness.test_compare import NeedsValue
+    from tests.harness.test_comparison import NeedsValue
 
     mtlzoo.register_strategy(NeedsValue)  # fails on every seed (no value for `beta`): it gets no series
     try:
