@@ -10,10 +10,11 @@ Run from the repository's root, with the ``plot`` extra installed::
 
 It runs ``mtlzoo compare --out DIR`` (the built-in strategies only: third-party autoload is off)
 and copies ``results.json``, ``results.csv`` and the PNG plots into ``docs/comparison/``; then
-``mtlzoo bench --out docs/performance/bench.json``; then ``mtlzoo bench --vs-reference --out
-docs/performance/reference.json`` and ``mtlzoo bench --growth --out docs/performance/growth.json
---plot docs/performance``. The site reads them at build time, so
-building it needs no training. Commit what changed.
+``mtlzoo bench --out docs/performance/bench.json``; then the benchmark against the reference
+implementations, which is not installed with mtlzoo: ``python benchmarks/vs_reference.py --out
+docs/performance/reference.json`` and ``python benchmarks/vs_reference.py --growth --out
+docs/performance/growth.json --plot docs/performance``. Every command runs this checkout's mtlzoo.
+The site reads their output at build time, so building it needs no training. Commit what changed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 COMPARISON = DOCS / "comparison"
+ROOT = DOCS.parent
+VS_REFERENCE = ROOT / "benchmarks" / "vs_reference.py"
 BENCH = DOCS / "performance" / "bench.json"
 REFERENCE = DOCS / "performance" / "reference.json"
 GROWTH = DOCS / "performance" / "growth.json"
@@ -35,7 +38,8 @@ GROWTH = DOCS / "performance" / "growth.json"
 
 def run(command: list[str]) -> None:
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "MTLZOO_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # this checkout's mtlzoo
+    subprocess.run(command, check=True, env={**os.environ, "MTLZOO_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONPATH": path})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the committed suite against rotograd and torchjd (reference.json)")
     parser.add_argument("--skip-growth", action="store_true", help="keep the committed growth figures")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                        help="passed to `mtlzoo bench --vs-reference/--growth --clock` (default: cpu)")
+                        help="passed to `benchmarks/vs_reference.py [--growth] --clock` (default: cpu)")
     args = parser.parse_args(argv)
 
     mtlzoo = [sys.executable, "-m", "mtlzoo"]
@@ -78,10 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         run([*mtlzoo, "bench", "--strategies", "all", "--out", str(BENCH)])
         print("wrote", BENCH.relative_to(DOCS.parent))
     if not args.skip_reference:
-        run([*mtlzoo, "bench", "--vs-reference", "--clock", args.clock, "--out", str(REFERENCE)])
+        run([sys.executable, str(VS_REFERENCE), "--clock", args.clock, "--out", str(REFERENCE)])
         print("wrote", REFERENCE.relative_to(DOCS.parent))
     if not args.skip_growth:
-        run([*mtlzoo, "bench", "--growth", "--clock", args.clock, "--out", str(GROWTH), "--plot", str(GROWTH.parent)])
+        run([sys.executable, str(VS_REFERENCE), "--growth", "--clock", args.clock, "--out", str(GROWTH), "--plot",
+             str(GROWTH.parent)])
         print("wrote", GROWTH.relative_to(DOCS.parent), "and its growth_*.png")
     return 0
 

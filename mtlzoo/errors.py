@@ -19,8 +19,13 @@ class UnknownStrategyError(MTLZooError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class DuplicateStrategyError(MTLZooError, ValueError):
-    """A strategy name or alias that is already taken (the message names both origins)."""
+class DuplicateNameError(MTLZooError, ValueError):
+    """A name or alias that a registry (of strategies, of problems) already holds (the message names both origins)."""
+
+
+class DuplicateStrategyError(DuplicateNameError):
+    """A strategy name or alias that is already taken (the message names both origins); a
+    :class:`DuplicateNameError`, kept under this name for compatibility."""
 
 
 class InvalidStrategyError(MTLZooError, TypeError):

@@ -7,8 +7,9 @@ expose theirs through the ``mtlzoo`` entry-point group::
     my_plugin = "my_package.mtl_plugin"
 
 The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
-very hook, and the built-in comparison problems by :mod:`mtlzoo.problems` through
-``mtlzoo_register_problems``. Implement a hook as a plain function: a hook wrapper
+very hook, and the built-in comparison problems by :mod:`mtlzoo.harness.problems.builtin` through
+``mtlzoo_register_problems``; :mod:`mtlzoo.plugins` calls each plugin's hooks through pluggy.
+Implement a hook as a plain function: a hook wrapper
 (``@mtlzoo.hookimpl(wrapper=True)`` or ``hookwrapper=True``) is refused (an error in-process, a
 :class:`mtlzoo.errors.PluginWarning` for an entry point), since it would register nothing.
 """
@@ -51,9 +52,10 @@ def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
     """Register comparison problems by calling ``register(cls)`` once per class.
 
     Args:
-        register: Callback taking a :class:`mtlzoo.problems.Problem` subclass (a frozen dataclass
+        register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass
             of its settings, with a ``name``); ``mtlzoo compare --problem NAME`` then runs it. A
-            name that is already taken is refused, naming both origins.
+            name that is already taken is refused (:class:`mtlzoo.errors.DuplicateNameError`), naming both
+            origins.
 
     Example:
         ```python

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
@@ -128,6 +129,9 @@ class StrategyInfo:
             none (a baseline, or no code was published); ``None`` when not stated. The docs'
             comparison guide shows it. State it in the ``info = StrategyInfo(...)`` block
             (``original_code="https://github.com/..."``).
+        suggested: Suggested values of hyperparameters for the harness (``mtlzoo compare``, ``mtlzoo bench``), so
+            that every registered strategy constructs by name alone: at least one for each hyperparameter
+            without a default (GradNorm's ``alpha``); a problem or a run may override them. Frozen read-only.
     """
 
     name: str
@@ -147,6 +151,7 @@ class StrategyInfo:
     cost: str | None = None
     original_code: str | None = None
     roles: tuple[str, ...] = ()
+    suggested: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if not self.summary:
@@ -180,6 +185,10 @@ class StrategyInfo:
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not 0 <= self.lr < float("inf")):
             raise ValueError(f"Parameter `lr` should be a finite number >= 0. Found `lr = {self.lr!r}`.")
+        if not isinstance(self.suggested, Mapping) or not all(isinstance(key, str) for key in self.suggested):
+            raise ValueError(f"Parameter `suggested` should map hyperparameter names to values. Found "
+                             f"`suggested = {self.suggested!r}`.")
+        object.__setattr__(self, "suggested", MappingProxyType(dict(self.suggested)))
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
@@ -436,16 +445,3 @@ def _comparable(hparams: dict[str, Any]) -> dict[str, Any]:
         return repr(value)
 
     return {name: plain(value) for name, value in hparams.items()}
-
-
-_MOVED = {"WeightingStrategy": "LossWeighting", "GradientSurgery": "Aggregator",
-          "GramianWeightedSurgery": "GramianAggregator"}
-
-
-def __getattr__(name: str) -> Any:
-    """The role classes' former homes (``mtlzoo.strategy.WeightingStrategy``): they live in :mod:`mtlzoo.roles`."""
-    if name in _MOVED:
-        from mtlzoo import roles
-
-        return getattr(roles, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,7 @@ def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str
     by_name = {r["name"]: r for r in records}
     assert by_name["rotograd_norm"]["aliases"] == ["rotogradnorm"]
     assert by_name["rotograd_norm"]["required"] == ["alpha"]
+    assert by_name["rotograd_norm"]["suggested"] == by_name["gradnorm"]["suggested"] == {"alpha": 1.5}
     assert by_name["rotograd"]["kind"] == "surgery"
     assert by_name["rotograd"]["needs"] == mtlzoo.get_strategy("rotograd").info.needs != by_name["ls"]["needs"]
     assert by_name["ls"]["origin"] == "built-in" and not by_name["ls"]["adapts_representation"]
@@ -85,8 +86,9 @@ def test_compare_prints_a_table_per_problem_and_writes_results_and_plots(
     out = capsys.readouterr().out
     assert "toy2d: 12 steps x 2 seeds" in out
     rows = [line for line in out.splitlines() if line.startswith("│")]
-    assert [row.split("│")[1].strip() for row in rows] == ["ls", "rotograd"]
-    assert all("2/2" in row for row in rows)
+    tables = len([line for line in out.splitlines() if line.startswith("toy2d: 12 steps x 2 seeds")])
+    assert [row.split("│")[1].strip() for row in rows] == ["ls", "rotograd"] * tables  # each part of a wide table
+    assert sum("2/2" in row for row in rows) == 2
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["results.csv", "results.json", "runs", "toy2d_losses.png", "toy2d_pareto.png",
                      "toy2d_trajectories.png"]
@@ -119,9 +121,9 @@ def test_compare_json_format(capsys: pytest.CaptureFixture[str]) -> None:
 def test_compare_refuses_bad_input_before_training(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10: bad names and options fail before any training (training is replaced by a failure) with close names."""
-    from mtlzoo import compare as harness
+    from mtlzoo.harness import training
 
-    monkeypatch.setattr(harness, "_train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(training, "_train", lambda *a, **k: pytest.fail("training started"))
     assert main(["compare", *args]) == 2
     assert message in capsys.readouterr().err
 
@@ -129,9 +131,9 @@ def test_compare_refuses_bad_input_before_training(args: list[str], message: str
 def test_an_interrupted_compare_keeps_finished_runs_and_resumes(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """Ctrl-C (KeyboardInterrupt) in the third run: two runs are kept; --resume trains only the other two."""
-    from mtlzoo import compare as harness
+    from mtlzoo.harness import training
 
-    real_train = harness._train
+    real_train = training._train
     calls: list[str] = []
 
     def interrupted(problem: Any, plan: Any, seed: int, *args: Any) -> None:
@@ -140,7 +142,7 @@ def test_an_interrupted_compare_keeps_finished_runs_and_resumes(
             raise KeyboardInterrupt
         real_train(problem, plan, seed, *args)
 
-    monkeypatch.setattr(harness, "_train", interrupted)
+    monkeypatch.setattr(training, "_train", interrupted)
     assert main(_compare(tmp_path, "--no-plots")) == 130
     err = capsys.readouterr().err
     assert "--resume" in err and str(tmp_path / "runs") in err
@@ -165,7 +167,7 @@ def test_compare_help_states_what_the_default_cuts(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    from mtlzoo.problems import BUILTIN_PROBLEMS
+    from mtlzoo.harness.problems import BUILTIN_PROBLEMS
 
     for cls in BUILTIN_PROBLEMS:
         assert f"{cls.name}: {cls.default_steps:,} steps x {cls.default_seeds} seeds" in text
@@ -176,7 +178,7 @@ def test_compare_help_states_what_the_default_cuts(capsys: pytest.CaptureFixture
 def test_bench_reports_ratios_to_ls_on_both_models(capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 10: median step time per strategy and model, and its ratio to ls's median on the same model."""
     args = ["bench", "--strategies", "rotograd", "--tasks", "3", "--dim", "8", "--steps", "6", "--warmup", "1",
-            "--threads", "1"]
+            "--threads", "1", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["tasks"] == 3 and report["settings"]["batch_sizes"] == {"mlp": 256, "cnn": 64}
@@ -192,7 +194,7 @@ def test_bench_takes_strategy_options(capsys: pytest.CaptureFixture[str]) -> Non
     """A strategy with options is timed as given (the representation variant of a surgery), under its spec,
     and an alias resolves to the registered name."""
     args = ["bench", "--strategies", "upgrad:target=representation,rotateonly", "--model", "mlp", "--tasks", "2",
-            "--dim", "8", "--steps", "2", "--warmup", "1", "--threads", "1"]
+            "--dim", "8", "--steps", "2", "--warmup", "1", "--threads", "1", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["settings"]["strategies"] == ["ls", "upgrad:target=representation", "rotate_only"]
@@ -206,7 +208,7 @@ def test_bench_models_have_the_stated_shapes() -> None:
     """MLP: 64-256-256-d with K linear heads; CNN: a (batch, d, 8, 8) representation."""
     import torch
 
-    from mtlzoo.bench import reference_batch, reference_model
+    from mtlzoo.harness.bench import reference_batch, reference_model
 
     mlp = reference_model("mlp", 3, 16)
     widths = [(m.in_features, m.out_features) for m in mlp.backbone if isinstance(m, torch.nn.Linear)]
@@ -221,3 +223,100 @@ def test_bench_unknown_strategy_is_an_error(capsys: pytest.CaptureFixture[str]) 
     """Unknown names fail with close matches, as in the registry (timm's habit)."""
     assert main(["bench", "--strategies", "rotogradd"]) == 2
     assert "Did you mean 'rotograd'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- small things a new user hit (issue 19, items 21 and 24)
+def test_compare_help_prints_delta_m_without_a_doubled_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse expands `%%` in an option's help but prints a raw description as written."""
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "Δm%%" not in out and out.count("Δm%") >= 2
+
+
+def test_list_into_a_closed_pipe_exits_quietly() -> None:
+    """`mtlzoo list | head`: the reader is gone before the table is written; no BrokenPipeError traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "mtlzoo", "list"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the only reader closes its end, as `head` does after its lines
+    error = process.stderr.read().decode()
+    assert process.wait() == 1
+    assert "Traceback" not in error and "BrokenPipeError" not in error
+
+
+class AlwaysFailing(mtlzoo.WeightingStrategy):
+    info = mtlzoo.StrategyInfo(name="test_always_failing", kind="weighting", needs="losses", summary="raises")
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def always_failing() -> Any:
+    mtlzoo.register_strategy(AlwaysFailing)
+    yield
+    mtlzoo.registry.REGISTRY.unregister_plugin(mtlzoo.get_strategy("test_always_failing").origin.plugin)
+
+
+@pytest.mark.usefixtures("always_failing")
+def test_compare_exits_non_zero_when_a_named_strategy_failed_every_run(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", "--problem", "toy2d", "--steps", "3", "--seeds", "2", "--conflict-every", "0"]
+    assert main([*args, "--strategies", "test_always_failing"]) == 1
+    captured = capsys.readouterr()
+    assert "test_always_failing failed every run on toy2d" in captured.err and "boom" in captured.out
+    assert main([*args, "--strategies", "upgrad"]) == 0
+
+
+def test_compare_omits_an_empty_literature_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    """A problem whose `literature` is empty gets no "The literature on NAME (a newcomer): ." line."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from mtlzoo.harness.problems import Toy2D, register_problem
+
+    @dataclass(frozen=True)
+    class Newcomer(Toy2D):
+        name: ClassVar[str] = "test_newcomer"
+        source: ClassVar[str] = "a newcomer"
+        literature: ClassVar[str] = ""
+
+    register_problem(Newcomer)
+    try:
+        assert main(["compare", "--problem", "test_newcomer", "--strategies", "ls", "--steps", "2", "--seeds", "1",
+                     "--conflict-every", "0"]) == 0
+    finally:
+        mtlzoo.registry.REGISTRY.unregister_plugin(f"{Newcomer.__module__}:{Newcomer.__qualname__}[problem]")
+    out = capsys.readouterr().out
+    assert "The literature on" not in out and ": ." not in out
+    assert main(["compare", "--problem", "toy2d", "--strategies", "ls", "--steps", "2", "--seeds", "1"]) == 0
+    assert "The literature on toy2d (Javaloy & Valera" in capsys.readouterr().out  # a non-empty one still shows
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_compare_tables_fit_the_terminal_without_cutting_numbers(
+        columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """At 80 and 100 columns every line fits and no number is shortened to `0.9…`: wide tables are split."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert main(["compare", "--problem", "toy2d", "--strategies", "upgrad,rotograd,rotograd_norm", "--steps", "4",
+                 "--seeds", "2", "--conflict-every", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tables = [line for line in lines if not line.startswith("  ")]  # the notes below wrap as prose
+    assert max(len(line) for line in tables) <= columns
+    assert "…" not in "\n".join(lines)
+    assert sum(line.startswith("│ rotograd_norm ") for line in lines) >= 1
+
+
+def test_bench_prints_a_readable_table_and_json_on_request(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--strategies", "uw", "--model", "mlp", "--tasks", "2", "--dim", "8", "--steps", "2",
+            "--warmup", "1", "--threads", "1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    header = next(line for line in text.splitlines() if line.startswith("strategy"))
+    assert header.split() == ["strategy", "ms/step", "p25", "p75", "x", "ls", "status"]
+    assert any(line.startswith("uw ") and line.rstrip().endswith("ok") for line in text.splitlines())
+    for option in (["--json"], ["--format", "json"]):
+        assert main([*args, *option]) == 0
+        assert [r["strategy"] for r in json.loads(capsys.readouterr().out)["results"]] == ["ls", "uw"]

@@ -191,7 +191,7 @@ def test_a_chunked_jacobian_needs_one_chunk_of_memory_beyond_itself() -> None:
     """parameter_jacobian in chunks writes each chunk's rows into the K x n matrix as they come: its peak
     stays below 1.5 Jacobians at K=16 with chunks of 2 and of 1 (concatenating the chunks at the end, as
     before, holds two Jacobians at once). Reference: the size of the result; torch's profiler for the peak."""
-    from mtlzoo.bench_reference import peak_bytes
+    from mtlzoo.harness.bench import peak_bytes
 
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64))

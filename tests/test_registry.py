@@ -175,7 +175,7 @@ def test_entry_points_load_lazily_each_on_its_own(fresh: Callable[..., registry.
     later = FakeEntryPoint("later", lambda: plugin_of(weighting("test_later")), dist="mtlzoo-later")
     same_name = FakeEntryPoint("good", lambda: plugin_of(weighting("test_shadowed")), dist="mtlzoo-other")
     reg = fresh(bad, good, clash, later, same_name)
-    assert not reg._entry_points_loaded
+    assert not reg.loader.entry_points_loaded
     with pytest.warns(PluginWarning) as caught:
         names = [entry.name for entry in reg.list()]
     messages = [str(w.message) for w in caught]
@@ -225,9 +225,9 @@ def test_environment_variable_disables_autoload(fresh: Callable[..., registry.St
 def test_import_loads_no_entry_point() -> None:
     code = textwrap.dedent("""
         import mtlzoo, mtlzoo.registry as r
-        assert not r.REGISTRY._entry_points_loaded and not r.REGISTRY._builtins_loaded
+        assert not r.REGISTRY.loader.entry_points_loaded and not r.REGISTRY.loader.builtins_loaded
         mtlzoo.list_strategies()
-        assert r.REGISTRY._entry_points_loaded
+        assert r.REGISTRY.loader.entry_points_loaded
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
 

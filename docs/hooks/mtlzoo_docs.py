@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import mtlzoo
-from mtlzoo.problems import get_problem
+from mtlzoo.harness.problems import get_problem
 from mtlzoo.registry import StrategyEntry
 from mtlzoo.strategy import COSTS, PROPERTIES, REQUIRED
 
@@ -39,9 +39,9 @@ RESULTS = DOCS / "comparison" / "results.json"
 BENCH = DOCS / "performance" / "bench.json"
 """What ``python docs/make_figures.py`` writes: the output of ``mtlzoo bench``."""
 REFERENCE = DOCS / "performance" / "reference.json"
-"""The output of ``mtlzoo bench --vs-reference`` (``python docs/make_figures.py`` writes it)."""
+"""The output of ``python benchmarks/vs_reference.py`` (``python docs/make_figures.py`` writes it)."""
 GROWTH = DOCS / "performance" / "growth.json"
-"""The output of ``mtlzoo bench --growth`` (idem, with its plots ``growth_*.png``)."""
+"""The output of ``python benchmarks/vs_reference.py --growth`` (idem, with its plots ``growth_*.png``)."""
 CATALOGUE = "strategies/index.md"
 CATALOGUE_TITLE = "Strategy catalogue"
 
@@ -182,7 +182,9 @@ def strategy_page(entry: StrategyEntry) -> str:
         _table(["metadata", "value"], rows),
         "## Hyperparameters\n",
         ("The constructor's keyword arguments; `num_tasks` is supplied by `MTLWrapper`.\n\n"
-         + _table(["name", "default"], [[f"`{n}`", default_repr(d)] for n, d in hparams.items()]))
+         + _table(["name", "default"], [[f"`{n}`", default_repr(d) + (
+             f" (`mtlzoo compare` and `mtlzoo bench` use {default_repr(info.suggested[n])})"
+             if n in info.suggested else "")] for n, d in hparams.items()]))
         if hparams else "None besides `num_tasks`, which `MTLWrapper` supplies.\n",
         "## Use it\n",
         "```py\n"
@@ -247,12 +249,21 @@ def results_strategies(path: Path = RESULTS) -> dict[str, set[str]]:
 def results_section(problem: dict[str, Any]) -> str:
     """One problem's table (mean ± std over seeds) and its plots."""
     name = problem["problem"]
-    metrics = problem["metrics"]
-    primary = metrics[0]
+    metrics = {metric["name"]: metric for metric in problem["metrics"]}
     tasks = problem["task_names"]
+    # each task's primary metric (results written before per-task metrics: the first metric for every task)
+    primaries = {task: metrics[(problem.get("task_metrics") or {}).get(task, [problem["metrics"][0]["name"]])[0]]
+                 for task in tasks}
+    primary = primaries[tasks[0]]
+    shared = len({metric["name"] for metric in primaries.values()}) == 1
     seeds = problem.get("seeds") or []
-    arrow = "↑" if primary["higher_is_better"] else "↓"
-    header = ["strategy"] + [f"{task} {primary['name']} {arrow}" for task in tasks] + [f"worst task {arrow}"]
+
+    def arrow(metric: dict[str, Any]) -> str:
+        return "↑" if metric["higher_is_better"] else "↓"
+
+    header = ["strategy"] + [f"{task} {primaries[task]['name']} {arrow(primaries[task])}" for task in tasks]
+    if shared:
+        header.append(f"worst task {arrow(primary)}")
     if problem.get("delta_m"):
         header.append(f"Δm% vs {problem.get('reference', 'ls')} ↓")
     header += ["mean rank ↓", "time / `ls` step", "steps with a conflict"]
@@ -269,8 +280,9 @@ def results_section(problem: dict[str, Any]) -> str:
         def cell(key: str, digits: int = 3, row: dict[str, Any] = row) -> str:
             return _fmt(row.get(key), row.get(f"{key}_std") if len(seeds) > 1 else None, digits)
 
-        cells += [cell(f"{task}/{primary['name']}") for task in tasks]
-        cells.append(cell("worst"))
+        cells += [cell(f"{task}/{primaries[task]['name']}") for task in tasks]
+        if shared:
+            cells.append(cell("worst"))
         if problem.get("delta_m"):
             cells.append(cell("delta_m"))
         cells.append(cell("rank", 2))
@@ -284,11 +296,13 @@ def results_section(problem: dict[str, Any]) -> str:
     if what is not None:
         source = f" Source: {what.cls.source}." if what.cls.source else ""
         parts.append(f"{what.cls.summary.rstrip('.')}.{source}\n")
-    direction = "higher is better" if primary["higher_is_better"] else "lower is better"
+    described = []
+    for metric in {m["name"]: m for m in primaries.values()}.values():
+        direction = "higher is better" if metric["higher_is_better"] else "lower is better"
+        described.append(f"*{metric['name']}* ({metric.get('description') or direction}, {direction})")
     parts.append(f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}), "
-                 f"{problem.get('steps')} steps each; primary metric *{primary['name']}* "
-                 f"({primary.get('description') or direction}, {direction}); "
-                 "mean ± standard deviation over seeds.\n")
+                 f"{problem.get('steps')} steps each; primary metric{'s' if len(described) > 1 else ''} "
+                 f"{' and '.join(described)}; mean ± standard deviation over seeds.\n")
     parts.append(_table(header, rows))
     if failures:
         parts.append("Runs recorded as failed (the harness records the error and goes on):\n\n"
@@ -349,7 +363,7 @@ def bench_table(path: Path = BENCH) -> str:
 
 
 def _suite_tables(path: Path, render: Callable[[dict[str, Any]], list[tuple[str, list[str], list[list[str]]]]]) -> str:
-    """A committed ``mtlzoo bench --vs-reference`` / ``--growth`` JSON as Markdown tables (the command's own rows)."""
+    """A committed ``benchmarks/vs_reference.py`` (``--growth``) JSON as Markdown tables (the script's own rows)."""
     if not path.exists():
         return (f"!!! warning \"No committed figures\"\n    `docs/performance/{path.name}` is missing: run "
                 "`python docs/make_figures.py --skip-compare`.\n")
@@ -368,16 +382,27 @@ def _suite_tables(path: Path, render: Callable[[dict[str, Any]], list[tuple[str,
     return "\n".join(parts)
 
 
-def reference_tables(path: Path = REFERENCE) -> str:
-    from mtlzoo.bench_reference import report_rows
+def vs_reference() -> Any:
+    """``benchmarks/vs_reference.py`` (at the repository's root, not installed), imported from its file."""
+    import importlib.util
+    import sys
 
-    return _suite_tables(path, report_rows)
+    name = "benchmarks.vs_reference"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DOCS.parent / "benchmarks" / "vs_reference.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up while it is executed
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def reference_tables(path: Path = REFERENCE) -> str:
+    return _suite_tables(path, vs_reference().report_rows)
 
 
 def growth_tables(path: Path = GROWTH) -> str:
-    from mtlzoo.bench_reference import growth_rows
-
-    return _suite_tables(path, growth_rows)
+    return _suite_tables(path, vs_reference().growth_rows)
 
 
 def strategy_count(entries: list[StrategyEntry]) -> str:

@@ -1,48 +1,8 @@
-"""Built-in problems on which strategies are compared, and the internal plugin that registers them.
+"""The comparison problems under their former name: they now live in :mod:`mtlzoo.harness.problems`.
 
-Every problem generates its data itself (``multidigits`` reads the digits scikit-learn ships, the
-``digits`` extra). A plugin adds problems through the hook ``mtlzoo_register_problems``, as this
-module does for the built-ins; :func:`list_problems` and :func:`create_problem` see them all.
+Kept so that ``from mtlzoo.problems import Metric, Problem`` (a plugin's problem) keeps working;
+new code imports from :mod:`mtlzoo.harness.problems`.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable
-
-from mtlzoo.hookspecs import hookimpl
-from mtlzoo.problems.base import Metric, Problem
-from mtlzoo.problems.gradnorm_synthetic import GradNormSynthetic
-from mtlzoo.problems.multidigits import MultiDigits
-from mtlzoo.problems.registry import (
-    PROBLEMS,
-    ProblemEntry,
-    create_problem,
-    get_problem,
-    list_problems,
-    register_problem,
-)
-from mtlzoo.problems.toy2d import RotoGradToy, Toy2D
-
-BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits)
-
-__all__ = [
-    "BUILTIN_PROBLEMS",
-    "PROBLEMS",
-    "GradNormSynthetic",
-    "Metric",
-    "MultiDigits",
-    "Problem",
-    "ProblemEntry",
-    "RotoGradToy",
-    "Toy2D",
-    "create_problem",
-    "get_problem",
-    "list_problems",
-    "register_problem",
-]
-
-
-@hookimpl
-def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
-    for cls in BUILTIN_PROBLEMS:
-        register(cls)
+from mtlzoo.harness.problems import *  # noqa: F403
+from mtlzoo.harness.problems import __all__  # noqa: F401

@@ -152,6 +152,7 @@ class GradNorm(WeightingStrategy):
         lr=1e-2,
         cost="layer",
         original_code="",
+        suggested={"alpha": 1.5},  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
     )
 
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,

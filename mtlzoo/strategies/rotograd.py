@@ -619,6 +619,7 @@ class RotoGradNorm(RotateOnly):
         default_comparison=True,
         cost="representation",
         original_code="https://github.com/adrianjav/rotograd",
+        suggested={"alpha": 1.5},  # GradNorm's asymmetry as Chen et al. (ICML 2018) recommend it
     )
 
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *, alpha: float,

@@ -12,7 +12,12 @@ Each step is the harness's training step (zero_grad, forward, ``mtl.backward``, 
 fixed random batch, with Adam for the model (and the strategy's own optimizer, from its metadata).
 After ``warmup`` steps, ``steps`` steps are timed in ``rounds`` interleaved rounds (every strategy
 takes a turn each round, so that a slow spell of the machine hits all of them) and the median is
-reported, with its ratio to ``ls``'s median on the same model. Nothing here prints.
+reported, with its ratio to ``ls``'s median on the same model. Every strategy gets the
+hyperparameters its metadata suggests (``StrategyInfo.suggested``). :func:`report_table` renders a
+report as the readable table ``mtlzoo bench`` prints (``--json`` prints the report itself).
+
+:func:`peak_bytes` measures the memory a step allocates; the benchmark against the reference
+implementations (``benchmarks/vs_reference.py`` in the repository, not installed) uses both.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.caching import cached
-from mtlzoo.compare import BASELINE, optimizer_class, parse_spec, split_top_level
-from mtlzoo.problems.base import GRADNORM_ALPHA, GRADNORM_STRATEGIES
+from mtlzoo.harness.spec import BASELINE, optimizer_class, parse_spec, split_top_level
+from mtlzoo.harness.tables import plain_table
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -67,12 +72,11 @@ class _Runner:
 
 
 def _options(name: str, kind: str) -> dict[str, Any]:
+    """The metadata's suggested hyperparameters, and on the CNN the map's shape for the RotoGrad family."""
     entry = get_strategy(name)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = dict(entry.info.suggested)
     if kind == "cnn" and "post_shape" in entry.hyperparameters:
         options["post_shape"] = (MAP_SIDE, MAP_SIDE)
-    if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters:
-        options["alpha"] = GRADNORM_ALPHA
     return options
 
 
@@ -205,3 +209,44 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
         median = record.get("median_s")
         record["ratio_to_ls"] = median / base if median is not None and base else None
     return list(records.values())
+
+
+def _cell(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value * scale:.3g}"
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """A :func:`bench` report as a plain-text table per model: strategy, ms per step (median and
+    quartiles), ratio to ``ls``, status; fits 80 columns unless a strategy's name is long."""
+    settings, environment = report["settings"], report["environment"]
+    parts = [f"Time of a training step (median over {settings['steps']} steps after {settings['warmup']} of warm-up), "
+             f"K={settings['tasks']}, d={settings['dim']}, {environment['device']}, torch {environment['torch']}, "
+             f"{environment['threads']} threads."]
+    for kind in settings["models"]:
+        rows = [[r["strategy"], _cell(r.get("median_s"), 1000), _cell(r.get("p25_s"), 1000),
+                 _cell(r.get("p75_s"), 1000), _cell(r.get("ratio_to_ls")),
+                 "ok" if r["status"] == "ok" else f"failed: {r['error']}"]
+                for r in report["results"] if r["model"] == kind]
+        parts.append(f"\n{kind} (batch {settings['batch_sizes'][kind]})\n" + plain_table(
+            ["strategy", "ms/step", "p25", "p75", "x ls", "status"], rows, right=(1, 2, 3, 4)))
+    return "\n".join(parts)
+
+
+def peak_bytes(step: Callable[[], object]) -> int:
+    """Peak of the tensor memory one call of ``step`` allocates beyond what was live before it (bytes).
+
+    Read from torch's profiler (``profile_memory=True``): every allocation and free of the CPU
+    allocator, in order; the peak of their running sum. Deterministic for a deterministic step.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()  # optimizer state and caches exist before the measured step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -19,15 +19,16 @@ import torch
 from torch import Tensor, nn
 
 import mtlzoo
-from mtlzoo import compare as harness
-from mtlzoo.compare import ComparisonResults, RunResult, StrategySpec, compare, measure_conflicts, plan, run
+from mtlzoo import harness
 from mtlzoo.errors import (
     ComparisonError,
     UnknownHyperparameterError,
     UnknownProblemError,
     UnknownStrategyError,
 )
-from mtlzoo.problems import GradNormSynthetic, Toy2D
+from mtlzoo.harness import ComparisonResults, RunConfig, RunResult, StrategySpec, compare, measure_conflicts, plan, run
+from mtlzoo.harness.problems import GradNormSynthetic, Toy2D
+from mtlzoo.harness.spec import split_top_level
 from mtlzoo.registry import REGISTRY
 from mtlzoo.strategy import StrategyInfo
 
@@ -42,9 +43,9 @@ def _curves(result: RunResult) -> Tensor:
 def test_two_runs_of_one_strategy_and_seed_are_bitwise_identical() -> None:
     """RotoGrad draws random rotations and the data is shuffled: only seeding both makes the runs equal."""
     problem = GradNormSynthetic(**SMALL_GN)
-    first = run(problem, "rotograd", seed=3, steps=25, conflict_every=5)
-    second = run(problem, "rotograd", seed=3, steps=25, conflict_every=5)
-    other_seed = run(problem, "rotograd", seed=4, steps=25, conflict_every=5)
+    first = run(problem, "rotograd", 3, RunConfig(steps=25, conflict_every=5))
+    second = run(problem, "rotograd", 3, RunConfig(steps=25, conflict_every=5))
+    other_seed = run(problem, "rotograd", 4, RunConfig(steps=25, conflict_every=5))
     assert first.ok and second.ok
     assert first.train_losses == second.train_losses
     assert first.metrics == second.metrics
@@ -150,7 +151,7 @@ def test_the_loop_calls_post_step_with_the_losses_after_the_step_and_end_epoch_p
     Lifecycle.log.clear()
     problem = GradNormSynthetic(train_size=200, test_size=100, batch_size=10)
     try:
-        result = run(problem, "test_lifecycle", seed=0, steps=45, conflict_every=0)
+        result = run(problem, "test_lifecycle", 0, RunConfig(steps=45, conflict_every=0))
     finally:
         REGISTRY.unregister_plugin(mtlzoo.get_strategy("test_lifecycle").origin.plugin)
     assert result.ok, result.error
@@ -231,7 +232,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("training started")
 
-    monkeypatch.setattr(harness, "_train", refuse)
+    monkeypatch.setattr(harness.training, "_train", refuse)
 
 
 @pytest.mark.usefixtures("no_training")
@@ -325,7 +326,7 @@ def test_strategy_info_comparison_fields() -> None:
 def test_spec_parsing() -> None:
     assert harness.parse_spec("rotograd_norm:alpha=0.5:normalize_losses=true") == (
         "rotograd_norm", {"alpha": 0.5, "normalize_losses": True})
-    assert harness.split_top_level("ls:weights=[1, 2],rotograd", ",") == ["ls:weights=[1, 2]", "rotograd"]
+    assert split_top_level("ls:weights=[1, 2],rotograd", ",") == ["ls:weights=[1, 2]", "rotograd"]
     assert harness.parse_spec("x:mode=fast") == ("x", {"mode": "fast"})
     with pytest.raises(ComparisonError, match="has no '='"):
         harness.parse_spec("ls:weights")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mtlzoo.compare import default_problems, default_strategies, load
-from mtlzoo.problems import create_problem
+from mtlzoo.harness import default_problems, default_strategies, load
+from mtlzoo.harness.problems import create_problem
 
 RESULTS = os.environ.get("MTLZOO_COMPARE_RESULTS")
 pytestmark = pytest.mark.skipif(not RESULTS, reason="set MTLZOO_COMPARE_RESULTS=DIR after `mtlzoo compare --out DIR`")
@@ -43,7 +43,7 @@ def test_every_run_has_finite_metrics_or_a_recorded_failure(results: dict) -> No
     for name, result in results.items():
         for run in result.runs:
             if run.ok:
-                values = [run.metrics[task][m["name"]] for task in result.task_names for m in result.metrics]
+                values = [run.metrics[task][m["name"]] for task, m in result.columns()]
                 assert all(math.isfinite(v) for v in values), (name, run.label, run.seed)
                 assert len(run.train_losses) == result.steps
             else:

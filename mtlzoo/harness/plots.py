@@ -1,20 +1,23 @@
 """Figures of a comparison (matplotlib, the ``plot`` extra): loss curves, Pareto scatter, toy2d trajectories.
 
-Each function takes a :class:`~mtlzoo.compare.ComparisonResults` and returns a matplotlib
+Each function takes a :class:`~mtlzoo.harness.results.ComparisonResults` and returns a matplotlib
 ``Figure`` with one series per strategy (labelled with the strategy); :func:`save_plots` writes
-them as PNG files. Failed runs are left out (a strategy without a finished run has no series).
+them as PNG files. Every strategy has its own colour and marker, however many are compared
+(:func:`styles`). Failed runs cannot be drawn, and the legend says so: a strategy with failed
+seeds is labelled ``"name (2/3 seeds)"``, one without a finished run ``"name (failed, not shown)"``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtlzoo.compare import ComparisonResults
+from mtlzoo.harness.results import ComparisonResults
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,23 +37,63 @@ def _matplotlib() -> Any:
     return Figure
 
 
-def _colors(labels: Sequence[str]) -> dict[str, Any]:
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _palette(count: int) -> list[Any]:
+    """``count`` distinct colours: tab10, then tab20b's and tab20c's 40 shades, then hues spaced evenly."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    if count <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(count)]
+    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+    colors += [matplotlib.colormaps[name](i) for i in range(20) for name in ("tab20b", "tab20c")]
+    if count <= len(colors):
+        return colors[:count]
+    return [matplotlib.colormaps["hsv"](i / count) for i in range(count)]
 
 
-LINESTYLES = ("-", "--", "-.", ":")
+@dataclass(frozen=True)
+class Style:
+    """How one strategy is drawn: a colour of its own, a line style and a marker."""
+
+    color: Any
+    linestyle: str
+    marker: str
 
 
-def _styles(labels: Sequence[str]) -> dict[str, str]:
-    """A line style per strategy besides its colour, so that curves drawn on top of each other stay visible."""
-    return {label: LINESTYLES[i % len(LINESTYLES)] for i, label in enumerate(labels)}
+def styles(labels: Sequence[str]) -> dict[str, Style]:
+    """A style per strategy: distinct colours (for any number), and line styles and markers besides, so that
+    curves drawn on top of each other stay apart."""
+    colors = _palette(len(labels))
+    return {label: Style(colors[i], LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)])
+            for i, label in enumerate(labels)}
 
 
-def _legend(fig: Any, ax: Any) -> None:
+def legend_label(results: ComparisonResults, label: str) -> str:
+    """A strategy's name in a legend, with its failed seeds: ``"name"``, ``"name (2/3 seeds)"``,
+    ``"name (failed, not shown)"``."""
+    runs = results.runs_of(label)
+    finished = sum(r.ok for r in runs)
+    if finished == len(runs):
+        return label
+    return f"{label} (failed, not shown)" if not finished else f"{label} ({finished}/{len(runs)} seeds)"
+
+
+def _legend(fig: Any, ax: Any, results: ComparisonResults | None = None) -> None:
+    from matplotlib.lines import Line2D
+
     handles, labels = ax.get_legend_handles_labels()
+    if results is not None:
+        shown = dict(zip(labels, handles))
+        drawn = styles(results.labels)
+        handles, labels = [], []
+        for label in results.labels:
+            style = drawn[label]
+            handle = shown.get(label) or Line2D([], [], color=style.color, marker="x", linestyle="none")
+            handles.append(handle)
+            labels.append(legend_label(results, label))
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
 
@@ -77,7 +120,7 @@ def loss_curves(results: ComparisonResults) -> Figure:
     columns = min(len(tasks), 4)
     axes = fig.subplots(math.ceil(len(tasks) / columns), columns, squeeze=False).ravel()
     finished = _finished(results)
-    colors, styles = _colors(results.labels), _styles(results.labels)
+    drawn = styles(results.labels)
     for k, (ax, task) in enumerate(zip(axes, tasks)):
         positive = True
         for label, runs in finished.items():
@@ -91,8 +134,10 @@ def loss_curves(results: ComparisonResults) -> Figure:
             std = _smooth(stacked.std(1, keepdim=True) if stacked.shape[1] > 1 else torch.zeros_like(stacked[:, :1]),
                           window)[:, 0]
             steps = torch.arange(1, length + 1)
-            ax.plot(steps, mean, label=label, color=colors[label], linestyle=styles[label], linewidth=1.5)
-            ax.fill_between(steps, mean - std, mean + std, color=colors[label], alpha=0.15, linewidth=0)
+            style = drawn[label]
+            ax.plot(steps, mean, label=label, color=style.color, linestyle=style.linestyle, linewidth=1.5,
+                    marker=style.marker, markevery=max(1, length // 8), markersize=4)
+            ax.fill_between(steps, mean - std, mean + std, color=style.color, alpha=0.15, linewidth=0)
             positive = positive and bool((stacked > 0).all())
         if positive and ax.has_data():
             ax.set_yscale("log")
@@ -102,15 +147,14 @@ def loss_curves(results: ComparisonResults) -> Figure:
         ax.grid(alpha=0.3)
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
-    _legend(fig, axes[0])
+    _legend(fig, axes[0], results)
     fig.suptitle(f"{results.problem}: training losses (mean over seeds, ± 1 std)")
     return fig
 
 
 def pareto(results: ComparisonResults) -> Figure:
-    """Each task pair's primary test metrics, one point per seed and a larger one for the mean."""
+    """Each task pair's primary test metrics (each task's own), one point per seed and a larger one for the mean."""
     Figure = _matplotlib()
-    metric = results.primary
     tasks = results.task_names
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:MAX_PAIRS]
     columns = min(len(pairs), 3)
@@ -118,31 +162,37 @@ def pareto(results: ComparisonResults) -> Figure:
     fig = Figure(figsize=(max(5.0 * columns, 7.0), 4.4 * rows + 0.8), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
     finished = _finished(results)
-    colors = _colors(results.labels)
-    name = metric["name"]
+    drawn = styles(results.labels)
+
+    def axis_label(task: str) -> str:
+        metric = results.primary_of(task)
+        return f"{task} {metric['name']} ({'higher' if metric['higher_is_better'] else 'lower'} is better)"
+
     for ax, (i, j) in zip(axes, pairs):
+        x_name, y_name = results.primary_of(tasks[i])["name"], results.primary_of(tasks[j])["name"]
         for label, runs in finished.items():
-            xs = [r.metrics[tasks[i]][name] for r in runs]
-            ys = [r.metrics[tasks[j]][name] for r in runs]
-            ax.scatter(xs, ys, color=colors[label], alpha=0.45, s=22, label=label)
-            ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=colors[label], s=110, marker="D",
+            style = drawn[label]
+            xs = [r.metrics[tasks[i]][x_name] for r in runs]
+            ys = [r.metrics[tasks[j]][y_name] for r in runs]
+            ax.scatter(xs, ys, color=style.color, marker=style.marker, alpha=0.45, s=22, label=label)
+            ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=style.color, s=110, marker=style.marker,
                        edgecolors="black", linewidths=0.6, label="_nolegend_")
-        better = "higher" if metric["higher_is_better"] else "lower"
-        ax.set_xlabel(f"{tasks[i]} {name}")
-        ax.set_ylabel(f"{tasks[j]} {name}")
-        ax.set_title(f"{tasks[i]} vs {tasks[j]} ({better} is better)")
+        ax.set_xlabel(axis_label(tasks[i]))
+        ax.set_ylabel(axis_label(tasks[j]))
+        ax.set_title(f"{tasks[i]} vs {tasks[j]}")
         ax.grid(alpha=0.3)
     for ax in axes[len(pairs):]:
         ax.set_visible(False)
-    _legend(fig, axes[0])
+    _legend(fig, axes[0], results)
     shown = "" if len(pairs) == len(tasks) * (len(tasks) - 1) // 2 else f" (first {len(pairs)} pairs)"
-    fig.suptitle(f"{results.problem}: test {name}, a dot per seed, the mean as a diamond{shown}")
+    names = " / ".join(dict.fromkeys(results.primary_of(task)["name"] for task in tasks))
+    fig.suptitle(f"{results.problem}: test {names}, a dot per seed, the mean outlined{shown}")
     return fig
 
 
 def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
     """toy2d: each task's output during training, over the contours of that task's loss (one seed)."""
-    from mtlzoo.problems.toy2d import OPTIMA, SIGNS, toy_values
+    from mtlzoo.harness.problems.toy2d import OPTIMA, SIGNS, toy_values
 
     Figure = _matplotlib()
     finished = _finished(results)
@@ -154,7 +204,7 @@ def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
     grid = torch.linspace(-4, 4, 161)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     points = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
-    colors, styles = _colors(results.labels), _styles(results.labels)
+    drawn = styles(results.labels)
     for k, (ax, sign, optimum) in enumerate(zip(axes, SIGNS, OPTIMA)):
         values = toy_values(points, sign).view(xx.shape)
         ax.contour(xx, yy, values, levels=20, cmap="Greys", linewidths=0.6, alpha=0.7)
@@ -164,16 +214,17 @@ def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
             if run is None:
                 continue
             path = torch.tensor(run.trace)[:, k]
-            ax.plot(path[:, 0], path[:, 1], color=colors[label], linestyle=styles[label], linewidth=1.8, label=label)
-            ax.scatter(path[:1, 0], path[:1, 1], color=colors[label], marker="s", s=30, label="_nolegend_")
-            ax.scatter(path[-1:, 0], path[-1:, 1], color=colors[label], marker="o", s=45, edgecolors="black",
+            style = drawn[label]
+            ax.plot(path[:, 0], path[:, 1], color=style.color, linestyle=style.linestyle, linewidth=1.8, label=label)
+            ax.scatter(path[:1, 0], path[:1, 1], color=style.color, marker="s", s=30, label="_nolegend_")
+            ax.scatter(path[-1:, 0], path[-1:, 1], color=style.color, marker=style.marker, s=45, edgecolors="black",
                        linewidths=0.6, label="_nolegend_")
         ax.set_xlim(-4, 4)
         ax.set_ylim(-4, 4)
         ax.set_aspect("equal")
         ax.set_title(f"{results.task_names[k]}: its output z_{k + 1} (optimum at {optimum})")
-    _legend(fig, axes[0])
-    fig.suptitle(f"toy2d, seed {seed}: each task's output from start (square) to end (circle)")
+    _legend(fig, axes[0], results)
+    fig.suptitle(f"toy2d, seed {seed}: each task's output from start (square) to end (outlined)")
     return fig
 
 
@@ -211,24 +262,26 @@ def matplotlib_ticker() -> Any:
 def growth_figure(report: dict[str, Any], axis: str) -> Figure:
     """Step time / plain step time against K (``axis="tasks"``) or d (``axis="dim"``), log-log.
 
-    ``report`` is what :func:`mtlzoo.bench_reference.growth` returns (``mtlzoo bench --growth
-    --out FILE``): one line per strategy through the medians, a band between the quartiles.
+    ``report`` is what ``growth`` in ``benchmarks/vs_reference.py`` returns (``python
+    benchmarks/vs_reference.py --growth --out FILE``): one line per strategy through the medians, a
+    band between the quartiles.
     """
     if axis not in GROWTH_AXES:
         raise ValueError(f"Parameter `axis` should be one of {tuple(GROWTH_AXES)}. Found {axis!r}.")
     figure_class = _matplotlib()
     records = [r for r in report["results"] if r["axis"] == axis and r.get("status") == "ok" and "ratio" in r]
     labels = list(dict.fromkeys(r["label"] for r in records))
-    colors, styles = _colors(labels), _styles(labels)
+    drawn = styles(labels)
     fig = figure_class(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     for label in labels:
         rows = sorted((r for r in records if r["label"] == label), key=lambda r: r[axis])
         xs = [r[axis] for r in rows]
-        ax.plot(xs, [r["ratio"]["median"] for r in rows], marker="o", color=colors[label],
-                linestyle=styles[label], label=label)
+        style = drawn[label]
+        ax.plot(xs, [r["ratio"]["median"] for r in rows], marker=style.marker, color=style.color,
+                linestyle=style.linestyle, label=label)
         ax.fill_between(xs, [r["ratio"]["p25"] for r in rows], [r["ratio"]["p75"] for r in rows],
-                        color=colors[label], alpha=0.15, linewidth=0)
+                        color=style.color, alpha=0.15, linewidth=0)
     title, other = GROWTH_AXES[axis]
     fixed = records[0]["dim" if axis == "tasks" else "tasks"] if records else "?"
     ax.set_xscale("log", base=2)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.problems.base import GRADNORM_STRATEGIES, Batch, Metric, Problem, shuffled_batches
+from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
 from mtlzoo.registry import StrategyEntry
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -170,6 +170,9 @@ class GradNormSynthetic(Problem):
         return results
 
     def strategy_options(self, entry: StrategyEntry) -> dict[str, Any]:
-        if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters:
-            return {"alpha": 0.12}  # the paper's asymmetry on this problem
-        return {}
+        """The metadata's suggestions, with the paper's asymmetry ``alpha = 0.12`` on this problem for every
+        strategy whose metadata suggests GradNorm's ``alpha`` (``gradnorm``, ``rotograd_norm``)."""
+        options = super().strategy_options(entry)
+        if "alpha" in options:
+            options["alpha"] = 0.12
+        return options

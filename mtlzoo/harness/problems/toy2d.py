@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.problems.base import Batch, Metric, Problem
+from mtlzoo.harness.problems.base import Batch, Metric, Problem
 from mtlzoo.registry import StrategyEntry
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -141,4 +141,4 @@ class Toy2D(Problem):
 
 
 RotoGradToy = Toy2D
-"""The name this problem had before the problem registry (``RotoGradToy().train("rotograd", seed)``)."""
+"""The name this problem had before the problem registry."""

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 SIDE = 8

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import mtlzoo
-from mtlzoo.problems import GradNormSynthetic, create_problem
+from mtlzoo.harness import train_and_evaluate
+from mtlzoo.harness.problems import GradNormSynthetic, create_problem
 
 SMALL = {"train_size": 2_000, "test_size": 1_000}
 
@@ -84,7 +85,7 @@ def test_equal_weights_starve_the_small_sigma_task() -> None:
     """The paper's premise: with w = (1, 1) the sigma = 100 task dominates; inverse-variance weights
     (1, 1e-4), which equalise the loss scales, let the sigma = 1 task learn much more."""
     problem = GradNormSynthetic(**SMALL)
-    equal = problem.train("ls", seed=0, steps=300)
-    balanced = problem.train("ls", seed=0, steps=300, weights=[1.0, 1e-4])
+    equal = train_and_evaluate(problem, "ls", seed=0, steps=300)
+    balanced = train_and_evaluate(problem, "ls", seed=0, steps=300, weights=[1.0, 1e-4])
     nmse_equal, nmse_balanced = equal[0] / 1.0, balanced[0] / 1.0
     assert nmse_balanced < nmse_equal - 0.05

@@ -1,4 +1,9 @@
-"""``mtlzoo bench --vs-reference`` and ``--growth``: mtlzoo beside rotograd 0.1.6.0, torchjd and plain training.
+"""mtlzoo beside rotograd 0.1.6.0, torchjd and plain training; and the growth of the step time with K and d.
+
+Run from the repository (this file is not installed with mtlzoo)::
+
+    python benchmarks/vs_reference.py --out reference.json            # the suite against the references
+    python benchmarks/vs_reference.py --growth --out growth.json --plot figures/
 
 Every figure is a ratio to plain, hand-written training (``z = backbone(x)``, the K heads,
 ``sum_k L_k``, one ``backward``, one optimizer step) on the reference MLP of the speed issue
@@ -48,10 +53,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.bench import reference_model
 from mtlzoo.caching import cached
-from mtlzoo.compare import optimizer_class, parse_spec
-from mtlzoo.problems.base import GRADNORM_ALPHA, GRADNORM_STRATEGIES
+from mtlzoo.harness.bench import peak_bytes, reference_model
+from mtlzoo.harness.spec import optimizer_class, parse_spec, split_top_level
+from mtlzoo.harness.tables import plain_table
 from mtlzoo.protocol import Request
 from mtlzoo.registry import REGISTRY, get_strategy
 from mtlzoo.strategy import GradientSurgery, StrategyInfo
@@ -168,10 +173,8 @@ def floor_step(s: Setting) -> Step:
 
 
 def _strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    entry = get_strategy(name)
-    if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters and "alpha" not in options:
-        options = {**options, "alpha": GRADNORM_ALPHA}
-    return options
+    """The metadata's suggested hyperparameters (GradNorm's ``alpha``), under the given ones."""
+    return {**get_strategy(name).info.suggested, **options}
 
 
 def mtlzoo_step(s: Setting, spec: str | Any, *, chunk: int | None = None, extra_forward: bool = False,
@@ -231,7 +234,7 @@ def rotograd_step(s: Setting, cls_name: str) -> Step:
     rotograd = _import("rotograd")
     model = s.model()
     heads = list(model.heads)
-    kwargs: dict[str, Any] = {"alpha": GRADNORM_ALPHA} if cls_name == "RotoGradNorm" else {}
+    kwargs: dict[str, Any] = dict(get_strategy("rotograd_norm").info.suggested) if cls_name == "RotoGradNorm" else {}
     if cls_name == "VanillaMTL":
         wrapped = rotograd.VanillaMTL(model.backbone, heads)
     else:
@@ -405,26 +408,6 @@ def time_paired(entries: Sequence[Entry], *, steps: int, warmup: int, references
 
 
 # ============================================================================ memory
-def peak_bytes(step: Step) -> int:
-    """Peak of the tensor memory one call of ``step`` allocates beyond what was live before it (bytes).
-
-    Read from torch's profiler (``profile_memory=True``): every allocation and free of the CPU
-    allocator, in order; the peak of their running sum. Deterministic for a deterministic step.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    step()  # optimizer state and caches exist before the measured step
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def memory_entries(s: Setting, chunk: int) -> list[tuple[str, str, str, Callable[[], Step]]]:
     """(label, route, package, build) of the memory section."""
     rows: list[tuple[str, str, str, Callable[[], Step]]] = [
@@ -711,3 +694,110 @@ def growth_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
         tables.append((f"growth with {'K' if axis == 'tasks' else 'd'} ({other}={fixed}): median step time / plain",
                        ["strategy", *[str(v) for v in values]], rows))
     return tables
+
+
+# ============================================================================ the command
+def _pairs(text: str, option: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(v) for v in part.lower().split("x")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Option `{option}` should be DxK pairs like 128x4,512x4. Found {text!r}.")
+    return [(p[0], p[1]) for p in pairs]
+
+
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"Option `{option}` should be comma-separated ints. Found {text!r}.") from None
+
+
+def build_parser() -> Any:
+    """The command line of this script (what ``mtlzoo bench --vs-reference`` and ``--growth`` were)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/vs_reference.py",
+        description="mtlzoo beside rotograd 0.1.6.0, torchjd and hand-written training (paired per-step ratios, "
+                    "peak memory), tables on stdout; with --growth, the ratio to plain training as K and d grow.")
+    parser.add_argument("--growth", action="store_true",
+                        help="the ratio to plain training as K grows (--growth-tasks) and d grows (--growth-dims)")
+    parser.add_argument("--tasks", type=int, default=4, metavar="K", help="number of tasks (default 4)")
+    parser.add_argument("--dim", type=int, default=128, metavar="D", help="width of the representation (default 128)")
+    parser.add_argument("--steps", type=int, metavar="N", help="timed steps (default 60; --growth 20)")
+    parser.add_argument("--warmup", type=int, metavar="N", help="untimed steps first (default 5; --growth 2)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), metavar="LIST",
+                        help="which of rotograd, torchjd, weighting, memory (default: all)")
+    parser.add_argument("--rotograd-settings", default="128x4,512x4,128x16", metavar="DxK,...",
+                        help="(d, K) of the rotograd section (default: 128x4,512x4,128x16)")
+    parser.add_argument("--memory-setting", default="512x40", metavar="DxK",
+                        help="(d, K) of the memory section (default: 512x40)")
+    parser.add_argument("--memory-chunk", type=int, default=MEMORY_CHUNK, metavar="N",
+                        help="jacobian_chunk_size of the chunked rows (default 8)")
+    parser.add_argument("--growth-strategies", metavar="LIST",
+                        help="--growth: strategies, with options as name:key=value (default: ls, uw, "
+                             "upgrad:target=representation, upgrad, rotograd)")
+    parser.add_argument("--growth-tasks", default="2,4,8,16,40", metavar="LIST", help="--growth: K values (at d=128)")
+    parser.add_argument("--growth-dims", default="64,128,256,512,1024", metavar="LIST",
+                        help="--growth: d values (at K=4)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="stop timing a section (a growth setting) after this many seconds, at 5 iterations at "
+                             "least (default 30; --growth 15); 0: always --steps")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="this thread's CPU time, on one torch thread (default: steady on a loaded machine), or "
+                             "wall-clock time")
+    parser.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--plot", metavar="DIR", help="--growth: also write growth_tasks.png and growth_dim.png there")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite (or ``--growth``), print its tables, and write the report with ``--out``."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from mtlzoo.errors import MTLZooError
+
+    args = build_parser().parse_args(argv)
+    timing: dict[str, Any] = {k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v is not None}
+    timing["clock"] = args.clock
+    if args.budget is not None:
+        timing["budget_s"] = args.budget or None
+
+    def progress(text: str) -> None:
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    try:
+        if args.growth:
+            strategies = (split_top_level(args.growth_strategies, ",") if args.growth_strategies
+                          else GROWTH_STRATEGIES)
+            report = growth(strategies, tasks=_ints(args.growth_tasks, "--growth-tasks"),
+                            dims=_ints(args.growth_dims, "--growth-dims"), progress=progress, **timing)
+            tables = growth_rows(report)
+        else:
+            report = vs_reference(sections=[s.strip() for s in args.sections.split(",") if s.strip()],
+                                  rotograd_settings=_pairs(args.rotograd_settings, "--rotograd-settings"),
+                                  dim=args.dim, tasks=args.tasks,
+                                  memory_setting=_pairs(args.memory_setting, "--memory-setting")[0],
+                                  memory_chunk=args.memory_chunk, progress=progress, **timing)
+            tables = report_rows(report)
+    except (MTLZooError, ValueError) as error:
+        print(f"vs_reference: {error}", file=sys.stderr)
+        return 2
+    for title, header, rows in tables:
+        print(f"\n{title}\n{plain_table(header, rows)}")
+    if args.growth and args.plot:
+        from mtlzoo.harness.plots import save_growth_plots
+
+        for path in save_growth_plots(report, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import mtlzoo
-from mtlzoo.problems import RotoGradToy, Toy2D, create_problem
-from mtlzoo.problems.toy2d import OPTIMA, OPTIMUM_VALUE, SIGNS, toy_loss
+from mtlzoo.harness import train_and_evaluate
+from mtlzoo.harness.problems import RotoGradToy, Toy2D, create_problem
+from mtlzoo.harness.problems.toy2d import OPTIMA, OPTIMUM_VALUE, SIGNS, toy_loss
 
 SEEDS = range(5)
 
@@ -51,7 +52,7 @@ def test_an_epoch_is_a_fixed_number_of_steps_of_the_one_batch() -> None:
 @pytest.fixture(scope="module")
 def results() -> dict[str, list[list[float]]]:
     toy = Toy2D()
-    return {name: [toy.train(name, seed) for seed in SEEDS] for name in ("ls", "rotograd")}
+    return {name: [train_and_evaluate(toy, name, seed) for seed in SEEDS] for name in ("ls", "rotograd")}
 
 
 def test_summed_losses_let_one_task_dominate(results: dict[str, list[list[float]]]) -> None:
@@ -72,15 +73,15 @@ def test_rotograd_brings_both_tasks_down(results: dict[str, list[list[float]]]) 
 
 def test_training_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
-    Toy2D().train("rotograd", seed=3, steps=2)
+    train_and_evaluate(Toy2D(), "rotograd", seed=3, steps=2)
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_metrics_and_trace_are_the_tasks_outputs() -> None:
     """The distance metric is ||mean z_k - optimum_k|| and the trace follows z_k step by step (identity heads)."""
-    from mtlzoo.compare import run
+    from mtlzoo.harness import RunConfig, run
 
-    result = run(Toy2D(), "ls", seed=0, steps=5, conflict_every=0)
+    result = run(Toy2D(), "ls", 0, RunConfig(steps=5, conflict_every=0))
     assert len(result.trace) == 5 and all(len(point) == 2 and len(point[0]) == 2 for point in result.trace)
     for k, (task, optimum) in enumerate(zip(["task0", "task1"], OPTIMA)):
         # the last trace point is before the last step; one more SGD step at 1e-3 moves it by very little

@@ -1,13 +1,16 @@
-"""``mtlzoo bench --vs-reference`` and ``--growth``: rows, ratios, missing packages, memory, plots.
+"""``benchmarks/vs_reference.py`` (and its ``--growth``): rows, ratios, missing packages, memory, plots.
 
 No timed assertion here (times are only checked to be finite and positive); the figures come from
-``mtlzoo bench --vs-reference`` on a quiet machine (docs/performance.md).
+``python benchmarks/vs_reference.py`` on a quiet machine (docs/performance.md). The script lives at
+the repository's root, outside the installed package; the tests import it as ``benchmarks.vs_reference``
+(the repository's root is on the path under pytest) and run it as a script once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,11 +18,12 @@ from typing import Any
 import pytest
 import torch
 
-from mtlzoo import bench_reference as ref
-from mtlzoo.cli import main
+from benchmarks import vs_reference as ref
+from benchmarks.vs_reference import main
+from mtlzoo.cli import main as mtlzoo_main
 
 TINY = ["--rotograd-settings", "8x2", "--dim", "8", "--tasks", "2", "--memory-setting", "8x4", "--memory-chunk", "2",
-        "--steps", "3", "--warmup", "1", "--threads", "1"]
+        "--steps", "3", "--warmup", "1"]
 
 
 def _finite_positive(spread: dict[str, float]) -> bool:
@@ -40,7 +44,7 @@ def test_vs_reference_cli_reports_every_row(tmp_path: Path, capsys: pytest.Captu
     pytest.importorskip("rotograd")
     pytest.importorskip("torchjd")
     out = tmp_path / "reference.json"
-    assert main(["bench", "--vs-reference", *TINY, "--out", str(out)]) == 0
+    assert main([*TINY, "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "rotograd: d=8, K=2" in text and "torchjd: d=8, K=2" in text and "memory: peak" in text
     report = json.loads(out.read_text())
@@ -166,7 +170,7 @@ def test_growth_plots_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    from mtlzoo.plots import growth_figure, save_growth_plots
+    from mtlzoo.harness.plots import growth_figure, save_growth_plots
 
     def record(axis: str, d: int, k: int, label: str, median: float) -> dict[str, Any]:
         return {"axis": axis, "dim": d, "tasks": k, "label": label, "status": "ok",
@@ -186,9 +190,9 @@ def test_growth_plots_are_written(tmp_path: Path) -> None:
 
 def test_vs_reference_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     """Bad sections and pairs are usage errors (exit 2), said on stderr."""
-    assert main(["bench", "--vs-reference", "--sections", "rotograd,nope"]) == 2
+    assert main(["--sections", "rotograd,nope"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert main(["bench", "--vs-reference", "--rotograd-settings", "128"]) == 2
+    assert main(["--rotograd-settings", "128"]) == 2
     assert "DxK" in capsys.readouterr().err
 
 
@@ -218,11 +222,11 @@ def test_docs_hook_renders_the_committed_suite(tmp_path: Path) -> None:
 
 
 def test_growth_cli_with_cpu_clock_writes_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``mtlzoo bench --growth --clock cpu --plot DIR``: the tables on stdout, the JSON says its clock, two PNGs."""
+    """``vs_reference.py --growth --clock cpu --plot DIR``: the tables on stdout, the JSON says its clock, two PNGs."""
     pytest.importorskip("matplotlib")
     threads = torch.get_num_threads()
     try:
-        assert main(["bench", "--growth", "--growth-strategies", "ls,uw", "--growth-tasks", "2", "--growth-dims",
+        assert main(["--growth", "--growth-strategies", "ls,uw", "--growth-tasks", "2", "--growth-dims",
                      "8", "--steps", "2", "--warmup", "1", "--clock", "cpu", "--out", str(tmp_path / "g.json"),
                      "--plot", str(tmp_path)]) == 0
     finally:
@@ -232,3 +236,21 @@ def test_growth_cli_with_cpu_clock_writes_json_and_plots(tmp_path: Path, capsys:
     assert report["settings"]["clock"] == "cpu" and report["environment"]["threads"] == 1
     assert [r["label"] for r in report["results"]] == ["ls", "uw", "ls", "uw"]
     assert (tmp_path / "growth_tasks.png").exists() and (tmp_path / "growth_dim.png").exists()
+
+
+def test_the_script_runs_from_the_repository_and_mtlzoo_bench_points_at_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python benchmarks/vs_reference.py`` runs as a script (here: its --help, and one tiny growth), and
+    ``mtlzoo bench --vs-reference`` (the former place) says where the benchmark went instead of failing vaguely."""
+    import subprocess
+
+    script = Path(ref.__file__)
+    root = str(script.parent.parent)  # this checkout's mtlzoo, whichever one is installed
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True,
+                          env=environment)
+    assert "rotograd 0.1.6.0" in done.stdout
+    assert not (Path(mtlzoo_main.__code__.co_filename).parent / "bench_reference.py").exists()
+    for option in ("--vs-reference", "--growth"):
+        assert mtlzoo_main(["bench", option]) == 2
+        assert "python benchmarks/vs_reference.py" in capsys.readouterr().err

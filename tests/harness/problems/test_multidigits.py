@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtlzoo.problems import MultiDigits, create_problem, get_problem
+from mtlzoo.harness import train_and_evaluate
+from mtlzoo.harness.problems import MultiDigits, create_problem, get_problem
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
@@ -45,7 +46,7 @@ def test_test_pairs_use_held_out_images() -> None:
 
 def test_it_is_learnable_and_reports_accuracy_per_digit() -> None:
     problem = create_problem("multidigits", **SMALL)
-    accuracies = problem.train("ls", seed=0, steps=150)
+    accuracies = train_and_evaluate(problem, "ls", seed=0, steps=150)
     assert problem.task_names == ["left", "right"]
     assert all(accuracy > 0.5 for accuracy in accuracies)  # chance is 0.1
 
@@ -53,7 +54,7 @@ def test_it_is_learnable_and_reports_accuracy_per_digit() -> None:
 def test_without_scikit_learn_it_is_listed_but_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    from mtlzoo.compare import default_problems
+    from mtlzoo.harness import default_problems
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))

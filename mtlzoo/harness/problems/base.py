@@ -1,13 +1,17 @@
 """What a comparison problem is: data, a model, the task losses, metrics and a training recipe.
 
 A problem is a frozen dataclass whose fields are its settings (``GradNormSynthetic(num_tasks=10)``)
-and whose class attributes are its metadata. The harness (:mod:`mtlzoo.compare`) asks it for
+and whose class attributes are its metadata. The harness (:mod:`mtlzoo.harness`) asks it for
 
 - a freshly initialised model (:meth:`Problem.build_model`, called under a seeded torch RNG, so
   one seed gives one initialisation, which the harness copies for every strategy);
 - the training batches of one epoch in an order drawn from a ``torch.Generator`` that the harness
   seeds (:meth:`Problem.epoch`): every strategy sees the same batches in the same order;
-- the task losses of a batch (:meth:`Problem.losses`) and the test metrics (:meth:`Problem.evaluate`);
+- the task losses of a batch (:meth:`Problem.losses`) and the test metrics (:meth:`Problem.evaluate`):
+  the metrics declared in :attr:`Problem.metrics` (each with its direction), the same for every task
+  or, where tasks differ (accuracy for a classifier, RMSE for a regression), per task
+  (:attr:`Problem.task_metrics`); :func:`check_metrics` holds what ``evaluate`` returns to that
+  declaration, and the harness checks it on the untrained model, before any training;
 - the recipe: the model's optimizer and learning rate, and per strategy the options
   (:meth:`Problem.strategy_options`) and the optimizer of its own parameters
   (:meth:`Problem.strategy_optimizer`) that the problem's source used.
@@ -27,14 +31,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.errors import ComparisonError
+
 if TYPE_CHECKING:
     from mtlzoo.registry import StrategyEntry
     from mtlzoo.wrapper import MTLWrapper
-
-GRADNORM_ALPHA = 1.5
-"""GradNorm's asymmetry where a problem's source gives none (Chen et al., ICML 2018, recommend 1.5 on NYUv2)."""
-GRADNORM_STRATEGIES = ("gradnorm", "rotograd_norm")
-"""Strategies whose ``alpha`` is GradNorm's asymmetry."""
 
 Batch = tuple[Any, Any]
 """``(inputs, targets)`` of one training step; tensors (or nested tuples of tensors) on the CPU."""
@@ -63,7 +64,9 @@ class Problem:
         summary: One line.
         source: Where the problem comes from (paper, section).
         literature: What the literature reports on it, for the reader of a comparison.
-        metrics: The metrics reported per task; the first is the primary one (Δm%, ranks, plots).
+        metrics: The metrics the problem reports, each with its direction; unless :attr:`task_metrics`
+            says otherwise, every task reports all of them and the first is each task's primary one
+            (Δm%, ranks, plots).
         delta_m: Whether Δm% is meaningful (metrics bounded away from zero).
         requires: Modules that an optional extra installs (``("sklearn",)``); the problem is listed
             but joins the default comparison only when they are importable.
@@ -118,6 +121,17 @@ class Problem:
         raise NotImplementedError
 
     @property
+    def task_metrics(self) -> dict[str, tuple[str, ...]]:
+        """The names of the metrics each task reports, its primary one first; each one of :attr:`metrics`.
+
+        By default every task reports every metric. Override it when tasks differ, e.g.
+        ``{"digit": ("accuracy",), "value": ("rmse",)}``: Δm% and ranks then use each task's primary
+        metric with that metric's direction.
+        """
+        names = tuple(metric.name for metric in self.metrics)
+        return {task: names for task in self.task_names}
+
+    @property
     def steps_per_epoch(self) -> int:
         """How many optimizer steps one epoch of :meth:`epoch` yields."""
         raise NotImplementedError
@@ -145,32 +159,51 @@ class Problem:
 
     # ------------------------------------------------------------------ recipe
     def strategy_options(self, entry: StrategyEntry) -> dict[str, Any]:
-        """Hyperparameters this problem's source used for a strategy (a run may override them).
+        """Hyperparameters a strategy gets on this problem (a run may override them).
 
-        By default GradNorm's asymmetry ``alpha`` (required by ``rotograd_norm``) is 1.5, the value
-        Chen et al. (ICML 2018) recommend where a problem's source gives none.
+        By default the values its metadata suggests (``StrategyInfo.suggested``: GradNorm's
+        asymmetry ``alpha = 1.5``, which Chen et al. (ICML 2018) recommend where a problem's source
+        gives none); a problem whose source used other values overrides this.
         """
-        if entry.name in GRADNORM_STRATEGIES and "alpha" in entry.hyperparameters:
-            return {"alpha": GRADNORM_ALPHA}
-        return {}
+        return dict(entry.info.suggested)
 
     def strategy_optimizer(self, entry: StrategyEntry) -> tuple[str, float] | None:
         """The optimizer and learning rate of a strategy's own parameters on this problem, if the
         source prescribes one (else the strategy's metadata default applies)."""
         return None
 
-    def train(self, strategy: str, seed: int = 0, *, steps: int | None = None, **strategy_kwargs: Any) -> list[float]:
-        """Train one strategy from seed ``seed`` (the harness's loop) and return each task's primary metric.
 
-        A convenience over :func:`mtlzoo.compare.run`; the global RNG state is left as it was.
-        """
-        from mtlzoo.compare import StrategySpec, run
+def check_metrics(problem: Problem, reported: dict[str, dict[str, float]]) -> None:
+    """Check what ``problem.evaluate`` returned against the problem's declared metrics.
 
-        result = run(self, StrategySpec(strategy, strategy_kwargs), seed, steps=steps, conflict_every=0)
-        if result.status != "ok":
-            raise RuntimeError(f"{strategy} failed on {self.name}: {result.error}")
-        primary = self.metrics[0].name
-        return [result.metrics[task][primary] for task in self.task_names]
+    Raises:
+        ComparisonError: A task missing, or a task whose metrics are not those declared for it (the
+            message names the task, both sets, and how to declare per-task metrics).
+    """
+    declared = {metric.name for metric in problem.metrics}
+    expected = problem.task_metrics
+    where = f"Problem {problem.name!r}"
+    if list(expected) != list(problem.task_names):
+        raise ComparisonError(f"{where}: `task_metrics` should have one entry per task, in order {problem.task_names}. "
+                              f"Found {list(expected)}.")
+    for task, names in expected.items():
+        if not names:
+            raise ComparisonError(f"{where}: task {task!r} declares no metric in `task_metrics`.")
+        undeclared = [name for name in names if name not in declared]
+        if undeclared:
+            raise ComparisonError(f"{where}: task {task!r} reports {undeclared}, which `metrics` does not declare "
+                                  f"(it declares {sorted(declared)}): add a Metric(name, higher_is_better) for each.")
+    missing = [task for task in problem.task_names if task not in reported]
+    if missing:
+        raise ComparisonError(f"{where}: evaluate() returned no metrics for the tasks {missing} (it returned "
+                              f"{sorted(reported)}).")
+    for task, names in expected.items():
+        if set(reported[task]) != set(names):
+            raise ComparisonError(
+                f"{where}: evaluate() returned {sorted(reported[task])} for task {task!r}, which should report "
+                f"{sorted(names)}. When tasks report different metrics (accuracy for a classifier, RMSE for a "
+                f"regression), declare them per task: override the property `task_metrics`, e.g. "
+                f"{{'{task}': {tuple(sorted(reported[task]))!r}, ...}}.")
 
 
 def _plain(value: Any) -> Any:

@@ -15,9 +15,9 @@ matplotlib = pytest.importorskip("matplotlib")
 
 from matplotlib.image import imread  # noqa: E402
 
-from mtlzoo.compare import StrategySpec, compare  # noqa: E402
-from mtlzoo.plots import figures, loss_curves, pareto, save_plots, trajectories  # noqa: E402
-from mtlzoo.problems import GradNormSynthetic, Toy2D  # noqa: E402
+from mtlzoo.harness import StrategySpec, compare  # noqa: E402
+from mtlzoo.harness.plots import figures, loss_curves, pareto, save_plots, trajectories  # noqa: E402
+from mtlzoo.harness.problems import GradNormSynthetic, Toy2D  # noqa: E402
 
 STRATEGIES = ["rotograd", StrategySpec("rotate_only", {"normalize_losses": False}), "test_never_runs"]
 
@@ -26,7 +26,7 @@ STRATEGIES = ["rotograd", StrategySpec("rotate_only", {"normalize_losses": False
 def toy() -> Any:
     import mtlzoo
     from mtlzoo.registry import REGISTRY
-    from tests.test_compare import NeedsValue
+    from tests.harness.test_comparison import NeedsValue
 
     mtlzoo.register_strategy(NeedsValue)  # fails on every seed (no value for `beta`): it gets no series
     try:
@@ -93,3 +93,41 @@ def test_saved_images_are_pngs_that_show_data(toy: Any, synthetic: Any, tmp_path
         assert not_white > 0.03, f"{path.name} is nearly blank"  # an empty axes: 0.023
         assert coloured > 0.001, f"{path.name} has no coloured series: no data drawn?"
     assert set(figures(toy)) == {"toy2d_losses", "toy2d_pareto", "toy2d_trajectories"}
+
+
+def _legend_texts(fig: Any) -> list[str]:
+    return [text.get_text() for legend in fig.legends for text in legend.get_texts()]
+
+
+def test_the_legend_says_which_strategies_failed(toy: Any) -> None:
+    """Issue 19, item 21: a strategy without a finished run is not dropped silently: the legend names it."""
+    for fig in figures(toy).values():
+        texts = _legend_texts(fig)
+        assert "test_never_runs (failed, not shown)" in texts
+        assert set(FINISHED) <= set(texts)
+
+
+def _many(count: int) -> Any:
+    """A made-up comparison of ``count`` strategies (one run each, one seed failed for the last one)."""
+    from mtlzoo.harness import ComparisonResults, RunResult
+
+    problem = {"name": "p", "settings": {}, "task_names": ["a", "b"], "delta_m": False,
+               "metrics": [{"name": "m", "higher_is_better": False}]}
+    labels = [f"s{i}" for i in range(count)]
+    runs = [RunResult("p", {}, label, label, {}, None, seed, 4, metrics={"a": {"m": 1.0 + i}, "b": {"m": 2.0 - i}},
+                      train_losses=[[1.0 + i, 2.0]] * 4, status="failed" if (i, seed) == (count - 1, 1) else "ok")
+            for i, label in enumerate(labels) for seed in (0, 1)]
+    return ComparisonResults(problem, runs, labels, steps=4, seeds=[0, 1])
+
+
+@pytest.mark.parametrize("count", [11, 25, 45])
+def test_every_strategy_has_its_own_colour_past_ten(count: int) -> None:
+    """Issue 19, item 21: no two strategies share a colour (the default palette repeats after ten); the legend
+    says when a strategy lost seeds."""
+    results = _many(count)
+    fig = loss_curves(results)
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()]
+    assert len(colours) == count and len(set(colours)) == count
+    assert f"s{count - 1} (1/2 seeds)" in _legend_texts(fig)
+    points = pareto(results).axes[0].collections[::2]  # a dot per seed, then the mean, per strategy
+    assert len({matplotlib.colors.to_hex(c.get_facecolor()[0]) for c in points}) == count

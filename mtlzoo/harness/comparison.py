@@ -1,0 +1,96 @@
+"""Every strategy trained under identical conditions on a problem (:func:`compare`).
+
+It returns a :class:`~mtlzoo.harness.results.ComparisonResults`: per strategy and seed each task's
+final test metrics, the training-loss curves, Δm% against ``ls`` (or single-task training), the
+mean rank, the seconds per step and their ratio to ``ls`` measured in the same comparison, and
+gradient-conflict statistics; summaries give the mean and standard deviation over seeds. The
+conditions of a run are those of :mod:`mtlzoo.harness.training`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlzoo.harness.config import RunConfig
+from mtlzoo.harness.plan import Plan, plan_all
+from mtlzoo.harness.problems import Problem, create_problem, default_problems
+from mtlzoo.harness.results import ComparisonResults, RunResult
+from mtlzoo.harness.spec import StrategySpec, parse_spec
+from mtlzoo.harness.store import fingerprint, load_run, run_path, write_json
+from mtlzoo.harness.training import ProgressCallback, ProgressEvent, run
+
+
+def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Plan] | str | None = None,
+            config: RunConfig | None = None, *, progress: ProgressCallback | None = None,
+            **settings: Any) -> ComparisonResults:
+    """Train every strategy on ``problem`` under identical conditions and collect the results.
+
+    Args:
+        problem: A :class:`~mtlzoo.harness.problems.Problem` or a registered problem name (with its
+            default settings).
+        strategies: Names or :class:`~mtlzoo.harness.spec.StrategySpec`\\ s (``"name:key=value"``
+            strings are parsed), a comma-separated string, ``"all"`` (every registered strategy) or
+            ``None`` (the default set: ``ls`` and the strategies marked ``default_comparison``).
+            ``ls`` is always added. Or the :class:`~mtlzoo.harness.plan.Plan`\\ s that
+            :func:`~mtlzoo.harness.plan.plan_all` returned for this problem.
+        config: Seeds, steps, reference, device, output folder (:class:`~mtlzoo.harness.config.RunConfig`).
+        progress: Called with :class:`~mtlzoo.harness.training.ProgressEvent`\\ s.
+        **settings: Fields of :class:`~mtlzoo.harness.config.RunConfig`, when ``config`` is not given
+            (``compare("toy2d", ["upgrad"], seeds=2, steps=100)``).
+
+    Raises (before any training):
+        UnknownStrategyError, UnknownProblemError, UnknownHyperparameterError: Bad names (with close matches).
+        ComparisonError: A strategy that cannot run on the problem (``strict``), a problem whose
+            ``evaluate`` does not report its declared metrics, a setting out of range, or ``out``
+            already holding runs without ``resume``.
+    """
+    if config is not None and settings:
+        raise TypeError(f"compare() takes either `config` or its fields as keywords, not both. Found "
+                        f"{sorted(settings)}.")
+    config = RunConfig(**settings) if config is None else config
+    problem = create_problem(problem) if isinstance(problem, str) else problem
+    if isinstance(strategies, Sequence) and not isinstance(strategies, str) and strategies \
+            and all(isinstance(p, Plan) for p in strategies):
+        plans: list[Plan] = list(strategies)  # type: ignore[arg-type]  # already checked by plan_all
+    else:
+        plans = plan_all(problem, strategies, reference=config.reference, strict=config.strict,  # type: ignore[arg-type]
+                         device=config.device)
+    config.check_out([problem.name])
+    seeds, steps = config.seeds_for(problem), config.steps_for(problem)
+    if progress is not None:
+        progress(ProgressEvent("start", problem.name, total_runs=len(plans) * len(seeds), steps=steps))
+    runs: list[RunResult] = []
+    for seed in seeds:
+        initial: nn.Module | None = None
+        for plan_ in plans:
+            path = run_path(config.out, problem.name, plan_.label, seed) if config.out is not None else None
+            done = load_run(path, fingerprint(problem, plan_, seed, steps, config)) \
+                if path is not None and config.resume else None
+            skipped = done is not None
+            if done is None:
+                if progress is not None:
+                    progress(ProgressEvent("run_start", problem.name, plan_.label, seed, steps=steps))
+                if initial is None:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed)
+                        initial = problem.build_model()
+                done = run(problem, plan_, seed, config, initial_model=initial, progress=progress)
+                if path is not None:
+                    write_json(path, done.to_dict())
+            runs.append(done)
+            if progress is not None:
+                progress(ProgressEvent("run_end", problem.name, plan_.label, seed, steps, steps, result=done,
+                                       skipped=skipped))
+    return ComparisonResults(problem, runs, [p.label for p in plans if p.role == "strategy"], config.reference,
+                             steps=steps, seeds=seeds)
+
+
+def iter_problems(names: Iterable[str] | None) -> Iterator[Problem]:
+    """Problems from ``"name"`` / ``"name:key=value"`` texts (default: the default problems)."""
+    for text in (default_problems() if names is None else names):
+        name, settings = parse_spec(text)
+        yield create_problem(name, **settings)

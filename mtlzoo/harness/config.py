@@ -1,0 +1,133 @@
+"""How a comparison runs (:class:`RunConfig`): seeds, steps, reference, device, output folder.
+
+One object, passed whole from the command line to every run, and checked in one place (its
+constructor and :meth:`RunConfig.check_out`) before any training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from mtlzoo.errors import ComparisonError
+
+if TYPE_CHECKING:
+    from mtlzoo.harness.problems.base import Problem
+
+Reference = Literal["ls", "single_task"]
+REFERENCES = ("ls", "single_task")
+RUNS_DIR = "runs"
+"""The folder under ``out`` that holds one JSON file per finished run."""
+
+
+def slug(text: str) -> str:
+    """``text`` as a file name: runs of other characters than ``A-Za-z0-9_.=-`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[:120] or "run"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, after allocating on it once.
+
+    Raises:
+        ComparisonError: torch cannot use it (``"cuda"`` without a GPU, a misspelled name).
+    """
+    try:
+        device = torch.device(device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ComparisonError(f"Device {str(device)!r} cannot be used here: {error}") from None
+    return device
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ComparisonError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The settings of a comparison that are the same for every strategy (checked on construction).
+
+    Attributes:
+        seeds: A number of seeds (``0 .. n-1``) or the seeds themselves (``None``: the problem's ``default_seeds``).
+        steps: Optimizer steps per run (``None``: the problem's ``default_steps``).
+        reference: What Δm% is measured against: ``"ls"``, or ``"single_task"`` (K more runs per seed).
+        conflict_every: Steps between two gradient-conflict measurements (0 disables them).
+        device: Where to train.
+        out: A folder: each finished run is written there as it ends (``runs/<problem>/...json``).
+        resume: Reuse the runs already in ``out`` that were made with the same settings.
+        strict: Raise (rather than record as failed) for a strategy that cannot run on the problem;
+            ``None``: when strategies are named.
+        threads: torch's CPU threads during the runs (restored after); ``None`` keeps torch's setting.
+            One is the fastest for the built-in problems' small models, and gives steadier timings.
+
+    Raises:
+        ComparisonError: A value out of range (the message names the field).
+    """
+
+    seeds: int | tuple[int, ...] | None = None
+    steps: int | None = None
+    reference: Reference = "ls"
+    conflict_every: int = 10
+    device: str = "cpu"
+    out: Path | None = None
+    resume: bool = False
+    strict: bool | None = None
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and not isinstance(self.seeds, int):
+            object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))  # type: ignore[union-attr]
+            if not self.seeds:
+                raise ComparisonError("Parameter `seeds` should name at least one seed. Found none.")
+        elif self.seeds is not None:
+            _positive("seeds", self.seeds)
+        if self.steps is not None:
+            _positive("steps", self.steps)
+        if self.threads is not None:
+            _positive("threads", self.threads)
+        if isinstance(self.conflict_every, bool) or not isinstance(self.conflict_every, int) \
+                or self.conflict_every < 0:
+            raise ComparisonError(f"Parameter `conflict_every` should be an int >= 0. Found "
+                                  f"`conflict_every = {self.conflict_every!r}`.")
+        if self.reference not in REFERENCES:
+            raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {self.reference!r}.")
+        object.__setattr__(self, "device", str(check_device(self.device)))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def seeds_for(self, problem: Problem) -> list[int]:
+        """The seeds of the runs on ``problem``."""
+        seeds = problem.default_seeds if self.seeds is None else self.seeds
+        return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+    def steps_for(self, problem: Problem) -> int:
+        """The optimizer steps of each run on ``problem``."""
+        return problem.default_steps if self.steps is None else self.steps
+
+    def runs_folder(self, problem: str) -> Path | None:
+        """Where the finished runs on the problem named ``problem`` are written (``None`` without ``out``)."""
+        return None if self.out is None else self.out / RUNS_DIR / slug(problem)
+
+    def check_out(self, problems: Iterable[str]) -> None:
+        """Refuse to train into an ``out`` that already holds runs of these problems, unless ``resume``.
+
+        Raises:
+            ComparisonError: The folder holds runs and ``resume`` is off (the message says what to do).
+        """
+        if self.resume:
+            return
+        for problem in problems:
+            folder = self.runs_folder(problem)
+            if folder is not None and folder.exists():
+                raise ComparisonError(f"{folder} already holds runs: pass resume=True (--resume) to keep the finished "
+                                      "ones and run the rest, or choose another folder (--out).")

@@ -1,0 +1,43 @@
+"""The problems on which strategies are compared: what a problem is, the built-ins, and their registry.
+
+Every problem generates its data itself (``multidigits`` reads the digits scikit-learn ships, the
+``digits`` extra). A plugin adds problems through the hook ``mtlzoo_register_problems``, as
+:mod:`mtlzoo.harness.problems.builtin` does for the built-ins; :func:`list_problems` and
+:func:`create_problem` see them all.
+"""
+
+from __future__ import annotations
+
+from mtlzoo.harness.problems.base import Metric, Problem, check_metrics
+from mtlzoo.harness.problems.builtin import BUILTIN_PROBLEMS
+from mtlzoo.harness.problems.gradnorm_synthetic import GradNormSynthetic
+from mtlzoo.harness.problems.multidigits import MultiDigits
+from mtlzoo.harness.problems.registry import (
+    PROBLEMS,
+    ProblemEntry,
+    create_problem,
+    default_problems,
+    get_problem,
+    list_problems,
+    register_problem,
+)
+from mtlzoo.harness.problems.toy2d import RotoGradToy, Toy2D
+
+__all__ = [
+    "BUILTIN_PROBLEMS",
+    "PROBLEMS",
+    "GradNormSynthetic",
+    "Metric",
+    "MultiDigits",
+    "Problem",
+    "ProblemEntry",
+    "RotoGradToy",
+    "Toy2D",
+    "check_metrics",
+    "create_problem",
+    "default_problems",
+    "get_problem",
+    "list_problems",
+    "register_problem",
+]
+

@@ -1,0 +1,97 @@
+"""A comparison on disk: one JSON file per finished run (for ``resume``), and ``results.json`` / ``results.csv``.
+
+Files are written atomically (a crash leaves the previous file or none, never half of one), as
+strict JSON (NaN and infinities as ``null``). :func:`load` reads every ``results.json`` this
+package has written, including those from before tasks could report different metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtlzoo.harness.config import RUNS_DIR, RunConfig, slug
+from mtlzoo.harness.results import FORMAT_VERSION, ComparisonResults, RunResult, jsonable
+
+if TYPE_CHECKING:
+    from mtlzoo.harness.plan import Plan
+    from mtlzoo.harness.problems.base import Problem
+
+
+def fingerprint(problem: Problem, plan: Plan, seed: int, steps: int, config: RunConfig) -> str:
+    """A hash of everything that makes a run what it is (a resumed comparison reuses a run only if it matches)."""
+    identity = {"format": FORMAT_VERSION, "problem": problem.name, "settings": jsonable(problem.settings),
+                "model": [problem.model_optimizer, problem.model_lr], "label": plan.label,
+                "strategy": plan.entry.name, "options": jsonable(plan.options), "optimizer": plan.optimizer,
+                "role": plan.role, "seed": seed, "steps": steps, "conflict_every": config.conflict_every,
+                "device": config.torch_device.type}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_path(out: str | Path, problem: str, label: str, seed: int) -> Path:
+    """Where a finished run is written (``out/runs/<problem>/<label>__seed<seed>.json``)."""
+    return Path(out) / RUNS_DIR / slug(problem) / f"{slug(label)}__seed{seed}.json"
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (strict JSON; a diverged run's last losses)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as strict JSON to ``path``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(finite(data), allow_nan=False))
+    os.replace(temporary, path)
+
+
+def load_run(path: Path, expected: str) -> RunResult | None:
+    """The run stored at ``path`` if its fingerprint is ``expected`` (else, or if unreadable, ``None``)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("fingerprint") != expected:
+        return None
+    return RunResult.from_dict(data)
+
+
+def save(results: Sequence[ComparisonResults], out: str | Path) -> list[Path]:
+    """Write ``results.json`` (everything) and ``results.csv`` (one row per run) into ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "results.json", folder / "results.csv"
+    write_json(json_path, {"format": FORMAT_VERSION, "problems": [r.to_dict() for r in results]})
+    records = [finite(record) for r in results for record in r.to_records()]
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for record in records:
+        writer.writerow({key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                         for key, value in record.items()})
+    csv_path.write_text(buffer.getvalue())
+    return [json_path, csv_path]
+
+
+def load(path: str | Path) -> list[ComparisonResults]:
+    """Read back what :func:`save` wrote (``results.json``, or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    data = json.loads(path.read_text())
+    return [ComparisonResults.from_dict(problem) for problem in data["problems"]]

@@ -1,0 +1,276 @@
+"""One strategy trained on one problem from one seed (:func:`run`), under the harness's conditions.
+
+- the same initial weights: one initialisation per seed (the problem's model built under
+  ``torch.manual_seed(seed)``), copied for every strategy;
+- the same data order: the batches of every epoch drawn from a ``torch.Generator`` seeded with the
+  seed, so every strategy sees the same batches in the same order;
+- the same model optimizer and learning rate (the problem's recipe);
+- the strategy's own parameters (rotations, task weights) trained by their own optimizer (see
+  :func:`~mtlzoo.harness.plan.plan`);
+
+and the training loop of the step protocol::
+
+    optimizer.zero_grad()
+    with mtlzoo.cached():
+        losses = problem.losses(mtl(x), y)
+        mtl.backward(losses)
+    mtl.step(*optimizers, post_step_losses=...)      # only for strategies that read them (FAMO)
+    ...
+    mtl.end_epoch()                                   # after each of the problem's epochs
+
+**Gradient conflict.** Every ``conflict_every`` steps, in a measurement pass outside the timed
+step, the harness computes each task's gradient of its raw loss with respect to the shared
+representation ``z = backbone(x)``: before any strategy combines them (through the strategy's
+per-task transform of ``z``, RotoGrad's rotation, when it has one). It records the pairwise
+cosine similarities, and the share of measurements in which some pair conflicts (cosine < 0).
+
+A strategy whose request reads several independent batches per step (SDMGrad, MoDo) gets the
+additional ones from data streams of their own, seeded from the seed, and passes their losses as
+``mtl.backward(losses, more_batches=[...])``: the batches the model learns from stay those of every
+other strategy.
+
+A strategy that raises, or whose losses or metrics stop being finite, is recorded as failed with
+its error. Warnings raised during a run are recorded with it. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlzoo.caching import cached
+from mtlzoo.errors import ComparisonError
+from mtlzoo.harness.config import RunConfig
+from mtlzoo.harness.plan import Plan, plan
+from mtlzoo.harness.problems.base import Problem, to_device
+from mtlzoo.harness.results import RunResult, jsonable
+from mtlzoo.harness.spec import StrategySpec, optimizer_class
+from mtlzoo.harness.store import fingerprint
+from mtlzoo.registry import REGISTRY
+from mtlzoo.wrapper import MTLWrapper
+
+PROGRESS_EVERY = 10
+"""Steps between two ``step`` progress events."""
+EXTRA_STREAM_SEED = 1_000_003
+"""Seeds the data streams of the additional independent batches a request may read (``batches > 1``)."""
+
+
+@dataclass
+class ProgressEvent:
+    """What a comparison reports as it goes (``kind``: ``"start"``, ``"run_start"``, ``"step"``, ``"run_end"``)."""
+
+    kind: str
+    problem: str
+    label: str | None = None
+    seed: int | None = None
+    step: int = 0
+    steps: int = 0
+    total_runs: int = 0
+    result: RunResult | None = None
+    skipped: bool = False
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _predictions_from(mtl: MTLWrapper, z: Tensor) -> Any:
+    heads = list(mtl.heads.values()) if isinstance(mtl.heads, nn.ModuleDict) else list(mtl.heads)
+    predictions = [_first(mtl.strategy.predict(head, z, k)) for k, head in enumerate(heads)]
+    if mtl.task_names is not None:
+        return dict(zip(mtl.task_names, predictions))
+    return predictions
+
+
+def _as_list(losses: Any) -> list[Tensor]:
+    return list(losses.values()) if isinstance(losses, Mapping) else list(losses)
+
+
+def measure_conflicts(mtl: MTLWrapper, problem: Problem, x: Any, y: Any) -> Tensor:
+    """The K x K cosine similarities of the task gradients ``dL_k/dz`` on the shared representation.
+
+    Each ``L_k`` is the raw task loss, computed through the strategy's transform of ``z`` for task k
+    (the identity but for the RotoGrad family) and task k's head; ``z`` is detached, so no parameter
+    receives a gradient, and the global RNG is left as it was (dropout draws nothing visible).
+    """
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), cached():
+        z = _first(mtl.backbone(x)).detach().requires_grad_()
+        losses = _as_list(problem.losses(_predictions_from(mtl, z), y))
+        grads = []
+        for loss in losses:
+            (grad,) = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+            grads.append(torch.zeros_like(z) if grad is None else grad)
+    matrix = torch.stack([g.reshape(-1) for g in grads]).double()
+    norms = matrix.norm(dim=1)
+    gram = matrix @ matrix.T
+    return (gram / torch.outer(norms, norms).clamp_min(torch.finfo(torch.float64).tiny)).float()
+
+
+def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: RunConfig | None = None, *,
+        initial_model: nn.Module | None = None, progress: ProgressCallback | None = None) -> RunResult:
+    """Train one strategy on ``problem`` from ``seed`` and evaluate it; never raises for a failing strategy.
+
+    Args:
+        problem: The problem.
+        spec: The strategy (a name, a :class:`~mtlzoo.harness.spec.StrategySpec`, or a
+            :class:`~mtlzoo.harness.plan.Plan` from :func:`~mtlzoo.harness.plan.plan`).
+        seed: Seeds the initialisation (unless ``initial_model`` is given), the data order and the
+            strategy's own random draws.
+        config: Steps, conflict measurements, device and threads (:class:`~mtlzoo.harness.config.RunConfig`;
+            its seeds, output folder and reference do not concern one run).
+        initial_model: The initial model to copy (the same for every strategy of a seed).
+        progress: Called with ``"step"`` events every few steps.
+
+    The global RNG state is left as it was. ``KeyboardInterrupt`` propagates.
+    """
+    config = RunConfig() if config is None else config
+    device = config.torch_device
+    plan_ = spec if isinstance(spec, Plan) else plan(problem, spec, device=device)
+    steps = config.steps_for(problem)
+    result = RunResult(problem.name, jsonable(problem.settings), plan_.label, plan_.entry.name,
+                       jsonable(plan_.options), None if plan_.optimizer is None else list(plan_.optimizer), seed,
+                       steps, role=plan_.role, task=plan_.task,
+                       fingerprint=fingerprint(problem, plan_, seed, steps, config))
+    if plan_.error is not None:
+        result.status, result.error = "failed", plan_.error
+        return result
+    devices = [device.index or 0] if device.type == "cuda" else []
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None and config.threads != previous_threads:
+        torch.set_num_threads(config.threads)
+    try:
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                _train(problem, plan_, seed, steps, config, initial_model, progress, result)
+            except Exception as error:
+                result.status = "failed"
+                result.error = f"{type(error).__name__}: {error}"
+            result.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
+    finally:
+        if torch.get_num_threads() != previous_threads:
+            torch.set_num_threads(previous_threads)
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _optimizers(mtl: MTLWrapper, problem: Problem, plan_: Plan) -> list[torch.optim.Optimizer]:
+    optimizers: list[torch.optim.Optimizer] = [
+        optimizer_class(problem.model_optimizer)(mtl.model_parameters(), lr=problem.model_lr)]
+    own = [p for p in mtl.strategy_parameters() if p.requires_grad]
+    if own:
+        assert plan_.optimizer is not None, "plan() gives every strategy with parameters an optimizer"
+        kind, lr = plan_.optimizer
+        optimizers.append(optimizer_class(kind)(own, lr=lr))
+    return optimizers
+
+
+def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConfig,
+           initial_model: nn.Module | None, progress: ProgressCallback | None, result: RunResult) -> None:
+    device = config.torch_device
+    torch.manual_seed(seed)
+    model = copy.deepcopy(initial_model) if initial_model is not None else problem.build_model()
+    torch.manual_seed(seed)  # the strategy's own draws do not depend on how the model came to be
+    strategy = REGISTRY.create(plan_.entry.name, num_tasks=problem.num_tasks, **plan_.options)
+    mtl = MTLWrapper(model, strategy).to(device)
+    mtl.train()
+    order = torch.Generator().manual_seed(seed)
+    sample, _ = next(iter(problem.epoch(torch.Generator().manual_seed(seed))))
+    with torch.no_grad():
+        mtl(to_device(sample, device))  # materialises lazily shaped strategies before the optimizers exist
+    optimizers = _optimizers(mtl, problem, plan_)
+    post_step = mtl.strategy.wants_post_step_losses
+    # a strategy reading several independent batches per step gets them from streams of their own, so that
+    # the main batches, what the model learns from, are those of every other strategy
+    streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
+               for i in range(mtl.strategy.request.batches - 1)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    losses_log: list[Tensor] = []
+    times: list[float] = []
+    trace: list[Any] = []
+    step = 0
+    try:
+        while step < steps:
+            before = step
+            for x, y in problem.epoch(order):
+                if step >= steps:
+                    break
+                x, y = to_device(x, device), to_device(y, device)
+                if config.conflict_every and step % config.conflict_every == 0:
+                    cosines = measure_conflicts(mtl, problem, x, y)
+                    upper = torch.triu_indices(len(cosines), len(cosines), offset=1)
+                    result.conflicts["steps"].append(step)
+                    result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
+                sync()
+                start = time.perf_counter()
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                with cached():
+                    predictions = mtl(x)
+                    losses = problem.losses(predictions, y)
+                    more = [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)]
+                    mtl.backward(losses, more_batches=more)
+                mtl.step(*optimizers, post_step_losses=(
+                    (lambda x=x, y=y: problem.losses(mtl(x), y)) if post_step else None))
+                sync()
+                times.append(time.perf_counter() - start)
+                losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
+                traced = problem.trace(predictions)
+                if traced is not None:
+                    trace.append(traced)
+                step += 1
+                result.steps_done = step
+                if progress is not None and (step % PROGRESS_EVERY == 0 or step == steps):
+                    progress(ProgressEvent("step", problem.name, plan_.label, seed, step, steps))
+            else:
+                if step == before:
+                    raise ComparisonError(f"Problem {problem.name!r} yielded an epoch without batches.")
+                mtl.end_epoch()
+                continue
+            break
+    finally:  # a failed run keeps its curves up to the failure
+        result.train_losses = torch.stack(losses_log).tolist() if losses_log else []
+        result.trace = trace or None
+        result.seconds_per_step = statistics.median(times) if times else None
+        result.seconds_mean = statistics.fmean(times) if times else None
+    mtl.eval()
+    with torch.no_grad():
+        metrics = problem.evaluate(mtl, device)
+    result.metrics = {task: {name: float(value) for name, value in values.items()} for task, values in metrics.items()}
+    bad = [f"{task}/{name}" for task, values in result.metrics.items() for name, value in values.items()
+           if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"diverged: non-finite test metrics {bad}")
+
+
+def _endless(problem: Problem, generator: torch.Generator) -> Iterator[Any]:
+    while True:
+        yield from problem.epoch(generator)
+
+
+def train_and_evaluate(problem: Problem, strategy: str, seed: int = 0, *, steps: int | None = None,
+                       **options: Any) -> list[float]:
+    """Train one strategy from seed ``seed`` (the harness's loop) and return each task's primary metric.
+
+    A convenience over :func:`run` (no conflict measurements); the global RNG state is left as it was.
+
+    Raises:
+        ComparisonError: The run failed (the message gives its error).
+    """
+    result = run(problem, StrategySpec(strategy, options), seed, RunConfig(steps=steps, conflict_every=0))
+    if not result.ok:
+        raise ComparisonError(f"{strategy} failed on {problem.name}: {result.error}")
+    return [result.metrics[task][problem.task_metrics[task][0]] for task in problem.task_names]
