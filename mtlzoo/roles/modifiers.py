@@ -117,10 +117,10 @@ class EveryNSteps(Modifier):
 
     def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         if self.state.steps % self.n:
-            return self.state.weights.numpy()[step.tasks]
+            return self.state.weights.detach().cpu().numpy().astype(np.float64)[step.tasks]
         weights = self.inner.weigh(gramian, step)
-        everyone = self.state.weights.clone()
-        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(weights)
+        everyone = self.state.weights.detach().cpu().clone()  # the buffer may live on an accelerator
+        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(weights).to(everyone.dtype)
         self.state.weights = everyone
         return weights
 
