@@ -185,9 +185,6 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     start = int(diagonal.argmin())
     corral = [start]
     weights[start] = 1.0
-    bordered = np.ones((size + 1, size + 1))  # the affine minimiser's system on a corral S is bordered[S + [K]]
-    bordered[:size, :size] = matrix
-    bordered[size, size] = 0.0
     for _ in range(50 * size + 100):
         products = matrix @ weights
         norm = float(weights @ products)
@@ -197,7 +194,7 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
         if slack[candidate] >= 0 or candidate in corral:
             break
         corral.append(candidate)
-        if not _minor_cycle(bordered, weights, corral):
+        if not _minor_cycle(matrix, weights, corral):
             break  # the new row is affinely dependent on the corral up to rounding: optimal
     else:
         raise SolverError(f"min_norm_simplex did not converge on a {size} x {size} Gramian.")
@@ -206,25 +203,19 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     return weights
 
 
-def _minor_cycle(bordered: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
+def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
     """Wolfe's minor cycle, in place: move ``weights`` towards the corral's affine minimiser, dropping
-    the rows whose weight reaches 0, until that minimiser lies in the corral's hull. ``bordered`` is
-    the Gramian bordered by ones (and 0 in the corner): ``[[G, 1], [1^T, 0]]``.
+    the rows whose weight reaches 0, until that minimiser lies in the corral's hull.
 
     Returns ``False`` (and drops the row just added) when that row cannot enter: rounding only.
     """
-    size = weights.shape[0]
     while True:
-        count = len(corral)
-        index = np.array([*corral, size])
-        rhs = np.zeros(count + 1)
-        rhs[count] = 1.0
-        affine = lstsq(bordered[index[:, None], index], rhs)[:count]
+        affine = _affine_minimiser(matrix[np.ix_(corral, corral)])
         if affine.min() > _EPS:
             weights[:] = 0.0
-            weights[index[:count]] = affine
+            weights[corral] = affine
             return True
-        current = weights[index[:count]]
+        current = weights[corral]
         if current[-1] <= 0 and affine[-1] <= _EPS:
             corral.pop()
             return False
@@ -235,11 +226,30 @@ def _minor_cycle(bordered: np.ndarray, weights: np.ndarray, corral: list[int]) -
         moved[blocking] = 0.0
         keep = moved > _EPS
         weights[:] = 0.0
-        weights[index[:count][keep]] = moved[keep]
+        weights[np.array(corral)[keep]] = moved[keep]
         corral[:] = [row for row, kept in zip(corral, keep.tolist()) if kept]
         if len(corral) == 1:
             weights[corral] = 1.0
             return True
+
+
+def _affine_minimiser(block: np.ndarray) -> np.ndarray:
+    """``w`` minimising ``w^T G_S w`` subject to ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
+    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved on the rows' own scales (``w = D^-1 u`` with
+    ``D = diag(sqrt(G_kk))``: ``[[C, v], [v^T, 0]] [u; λ] = [0; 1]``, ``C = D^-1 G_S D^-1`` of unit diagonal,
+    ``v = D^-1 1`` divided by its largest entry), so that rows of very different sizes keep their digits."""
+    count = block.shape[0]
+    scales = np.sqrt(np.clip(np.diag(block), 0.0, None))
+    safe = np.where(scales > 0, scales, 1.0)
+    border = 1.0 / safe
+    largest = float(border.max())
+    system = np.zeros((count + 1, count + 1))
+    system[:count, :count] = block / np.outer(safe, safe)
+    system[:count, count] = border / largest
+    system[count, :count] = border / largest
+    rhs = np.zeros(count + 1)
+    rhs[count] = 1.0 / largest
+    return lstsq(system, rhs)[:count] / safe
 
 
 def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarray:

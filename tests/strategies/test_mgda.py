@@ -51,3 +51,24 @@ def test_mgda_ub_is_mgda_on_the_representation() -> None:
     torch.testing.assert_close(ub.aggregate(matrix, torch.ones(3)), mgda.aggregate(matrix, torch.ones(3)))
     with pytest.raises(ValueError, match="Parameter `target`"):
         mtlzoo.create("mgda_ub", num_tasks=3, target="parameters")
+
+
+def test_loss_normalisation_divides_by_the_signed_loss_as_the_authors() -> None:
+    """Issue 19, item 3: the authors' gradient_normalizers divide by L_k itself, so a negative loss flips that task's
+    normalised gradient. By hand: g = (1, 1), (0, 1) with L = (-1, 1) gives g / L = (-1, -1), (0, 1), whose nearest
+    hull point is at w = (0.4, 0.6): d = 0.4 (1, 1) + 0.6 (0, 1) = (0.4, 1). Dividing by |L_k| (before the fix) gave
+    w = (0, 1), d = (0, 1)."""
+    matrix = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    losses = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(aggregate(matrix, losses, normalization="loss"),
+                               torch.tensor([0.4, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(aggregate(matrix, losses, normalization="loss+"), _loss_plus(matrix, losses))
+
+
+def _loss_plus(matrix: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """By hand for "loss+": the normalised rows g_k / (L_k ||g_k||) span a segment whose nearest point to 0 is at the
+    minimiser t of a quadratic (clamped to [0, 1]); its weights (1 - t, t) apply to the raw rows."""
+    first, second = matrix[0] / (losses[0] * matrix[0].norm()), matrix[1] / (losses[1] * matrix[1].norm())
+    difference = second - first
+    t = float((-(first @ difference) / (difference @ difference)).clamp(0, 1))
+    return (1 - t) * matrix[0] + t * matrix[1]
