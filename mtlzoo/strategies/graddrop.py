@@ -122,7 +122,8 @@ class GradDrop(DirectionAggregator):
 
     def adapt(self, z: Tensor, task: int) -> Tensor:
         """Identity; a training forward's ``sgn(z)`` is kept for the backward that follows (``input_sign``)."""
-        if self.input_sign and self.target == "representation" and torch.is_grad_enabled() and task == 0:
+        if (self.input_sign and self.target == "representation" and self.training and torch.is_grad_enabled()
+                and task == 0):
             self._sign = z.detach().sign()
         return z
 

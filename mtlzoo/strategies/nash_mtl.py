@@ -16,7 +16,8 @@ from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, EveryNSteps, GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies.si import NASH_MTL_PAPER
+from mtlzoo.strategy import StrategyInfo, Target
 
 _EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
@@ -64,14 +65,8 @@ def _not_converged_message(max_iterations: int) -> str:
             "Pareto-stationary); its last iterate is used.")
 
 
-NASH_PAPER = Paper(
-    authors=("Aviv Navon", "Aviv Shamsian", "Idan Achituve", "Haggai Maron", "Kenji Kawaguchi", "Gal Chechik",
-             "Ethan Fetaya"),
-    title="Multi-Task Learning as a Bargaining Game",
-    venue="ICML",
-    year=2022,
-    url="https://arxiv.org/abs/2202.01017",
-)
+NASH_PAPER = NASH_MTL_PAPER
+"""The paper (SI, the scale-invariant loss weighting, comes from it too)."""
 
 
 class NashBargaining(GramianAggregator):
