@@ -37,7 +37,7 @@ class GradDrop(DirectionAggregator):
 
     - ``marginalize_batch`` (lingvo's ``marginalize_batch_dim``): one purity and one ``U`` per
       feature from the batch-summed signal; off, one per (sample, feature) from each sample's
-      gradients (mtlzoo's variant before 0.2, and torchjd 0.18's on its matrix);
+      gradients (mtlzoo 0.1.0's only variant, and torchjd 0.18's on its matrix);
     - ``input_sign`` (lingvo's ``use_input_sign_only``): the signal is the gradient times
       ``sgn(z)``, the sign of the representation of the training forward this backward follows
       (the paper's line 4); off, the gradient itself (LibMTL multiplies by ``sgn(z)`` too; torchjd

@@ -176,7 +176,7 @@ class NashMTL(ClipNorm):
 
     Running state: the bargaining weights' warm start (``inner.inner.previous_weights``), the
     weights reused between recomputations and the optimizer step count (``inner.weights``,
-    ``inner``'s ``steps``). A checkpoint of mtlzoo 0.1's ``NashMTL`` (``previous_weights`` and
+    ``inner``'s ``steps``). A checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and
     ``step`` at the top) loads into this layout.
 
     Args:
@@ -218,7 +218,7 @@ class NashMTL(ClipNorm):
 
 
 def _from_flat_checkpoint(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Map a checkpoint of mtlzoo 0.1's ``NashMTL`` (``previous_weights`` and the extra state's ``step`` on the
+    """Map a checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and the extra state's ``step`` on the
     strategy itself) onto the composition: the warm start and the reused weights are the old previous weights,
     the step count the old one."""
     old = state_dict.pop(prefix + "previous_weights", None)

@@ -100,7 +100,7 @@ def test_previous_weights_advance_only_at_advance_and_resume() -> None:
 
 
 def test_a_checkpoint_of_the_flat_nash_mtl_loads() -> None:
-    """A state_dict written by mtlzoo 0.1's NashMTL (previous_weights and step on the strategy itself) loads into
+    """A state_dict written by mtlzoo 0.1.0's NashMTL (previous_weights and step on the strategy itself) loads into
     the composition: the warm start, the reused weights and the step count continue from it."""
     previous = torch.tensor([0.5, 2.0, 1.5])
     old = {"previous_weights": previous,

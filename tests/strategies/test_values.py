@@ -1,6 +1,6 @@
 """Pinned outputs of the gradient-surgery aggregators (torchjd's test_values.py habit).
 
-Reference: the values mtlzoo 0.1 (commit 4f727cc) computed, on both of its solver paths (the Python-float
+Reference: the values mtlzoo 0.1.0 (commit 4f727cc) computed, on both of its solver paths (the Python-float
 Cholesky / active-set / Newton copies up to 8 tasks and the numpy / LAPACK ones, which agreed to rounding
 there), before those copies were removed (issue 18): the remaining path must keep giving them. Each method's
 own correctness is checked against an independent reference in its test file; this table pins behaviour.
