@@ -56,6 +56,19 @@ def test_non_conflicting_with_rows_scaled_apart(name: str, size: int, spread: fl
         assert float(conflicts(rows, update).min()) >= -1e-9, (seed, rows @ update)
 
 
+@pytest.mark.parametrize("spread", [3.0, 6.0])
+@pytest.mark.parametrize("name", NON_CONFLICTING)
+def test_non_conflicting_with_rows_scaled_apart_in_float32(name: str, spread: float) -> None:
+    """The same in float32 (the Gramian, the update): cosines non-negative up to ten of float32's rounding units."""
+    for size in (2, 3, 5, 8):
+        for seed in range(4):
+            rows = scaled_apart(size, seed, spread).float()
+            update = mtlzoo.create(name, num_tasks=size).aggregate(rows, torch.ones(size))
+            if float(update.norm()) == 0:
+                continue
+            assert float(conflicts(rows.double(), update.double()).min()) >= -1e-6, (size, seed, rows @ update)
+
+
 def twenty_tasks(kind: str, seed: int) -> torch.Tensor:
     """(20, n) float32 rows: generic (n = 30), more tasks than dimensions (n = 5, a rank-deficient Gramian), or
     with the rows' sizes spread over 1e-3 to 1e3 (n = 10, 19, 100)."""
