@@ -8,6 +8,7 @@ import numpy as np
 
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.roles.modifiers import normalized
 from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -53,8 +54,9 @@ class MGDA(GramianAggregator):
     ``L_k ||g_k||`` (``"loss+"``, their choice for MultiMNIST). As theirs, ``L_k`` is the signed
     loss: a negative loss (a log-likelihood, say) flips that task's normalised gradient. With a
     normalization the update is no longer the minimum-norm point, nor free of conflict. A zero
-    normaliser counts as 1. It stays a hyperparameter of MGDA (not a modifier): it is part of the
-    authors' method, and its weights only mean something for the minimum-norm problem they feed.
+    normaliser counts as 1. It stays a hyperparameter of MGDA (the authors' method, and checkpoints keep
+    their layout); the same normalisation is the modifier :class:`~mtlzoo.roles.modifiers.Normalize`
+    for any other Gramian aggregator (one function, :func:`~mtlzoo.roles.modifiers.normalized`).
 
     On ``target="representation"`` this is the paper's MGDA-UB (registered as ``mgda_ub``).
 
@@ -95,13 +97,7 @@ class MGDA(GramianAggregator):
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         if self.normalization != "none":
-            divisors = np.ones(gramian.shape[0])
-            if self.normalization in ("l2", "loss+"):
-                divisors = divisors * np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-            if self.normalization in ("loss", "loss+"):
-                divisors = divisors * step.losses  # signed, as the authors' gradient_normalizers
-            divisors = np.where(divisors != 0, divisors, 1.0)
-            gramian = gramian / np.outer(divisors, divisors)
+            gramian = normalized(gramian, step.losses, self.normalization)  # signed losses, as the authors'
         weights = min_norm_weights(clean_gramian(gramian, step.eps))
         reach = float(np.sqrt(np.clip(np.diag(gramian), 0.0, None)) @ weights)  # bounds ||J^T c|| and its rounding
         if self.normalization == "none" and float(weights @ gramian @ weights) <= len(weights) * step.eps * reach**2:

@@ -72,3 +72,25 @@ def _loss_plus(matrix: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     difference = second - first
     t = float((-(first @ difference) / (difference @ difference)).clamp(0, 1))
     return (1 - t) * matrix[0] + t * matrix[1]
+
+
+def test_the_normalisation_is_a_modifier_any_aggregator_takes() -> None:
+    """Issue 18, item 3: MGDA's normalisation is the function the Normalize modifier applies; wrapped around plain
+    MGDA it gives MGDA(normalization=...)'s weights, and it wraps another aggregator (UPGrad) as well, whose
+    weights are then those of the normalised rows (reference: UPGrad on the rows divided by ||g_k||)."""
+    from mtlzoo.roles.modifiers import Normalize, modify
+    generator = torch.Generator().manual_seed(4)
+    matrix = torch.randn(3, 6, generator=generator, dtype=torch.float64) * torch.tensor([[1.0], [10.0], [0.1]],
+                                                                                          dtype=torch.float64)
+    losses = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    gramian = matrix @ matrix.T
+    for by in ("l2", "loss", "loss+"):
+        wrapped = modify("normalize", mtlzoo.create("mgda", num_tasks=3), by=by).gramian_weights(gramian, losses)
+        built_in = mtlzoo.create("mgda", num_tasks=3, normalization=by).gramian_weights(gramian, losses)
+        torch.testing.assert_close(wrapped, built_in, rtol=0, atol=1e-12)
+    units = matrix / matrix.norm(dim=1, keepdim=True)
+    expected = mtlzoo.create("upgrad", num_tasks=3).gramian_weights(units @ units.T, losses)
+    torch.testing.assert_close(Normalize(mtlzoo.create("upgrad", num_tasks=3), "l2").gramian_weights(gramian, losses),
+                               expected)
+    with pytest.raises(ValueError, match="Parameter `by`"):
+        Normalize(mtlzoo.create("upgrad", num_tasks=3), "l1")
