@@ -108,7 +108,7 @@ def test_a_float32_step_gives_the_papers_weights_on_nearly_dependent_gradients()
     float32 Gramian still determines the weights (the cosines' smallest singular value, ~1e-5, is far above
     float32's rounding): the float32 step's weights are the paper's to the float32 Gramian's rounding
     amplified by that conditioning (~1e-2), and its update is as long as the paper's. Before the fix the
-    solver's cut-off of 10 (K+1) eps dropped that component: weights [0.388, 0.170, 0.442], an update 1.3x
+    solver's cut-off of 10 (K+1) eps dropped that component: weights [0.388, 0.170, 0.442], an update 1.58x
     the paper's."""
     generator = torch.Generator().manual_seed(1)
     direction = torch.randn(200, generator=generator, dtype=torch.float64)
