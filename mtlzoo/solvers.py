@@ -9,11 +9,14 @@ host face (:func:`min_norm_weights`, :func:`dual_cone_weights`) for the strategi
 step's K x K work on the host after one transfer (:func:`to_host`, :func:`from_host`). A one-off
 problem of a single strategy stays in that strategy's module.
 
-Up to :data:`SMALL` tasks, a Gramian that :func:`definite_unit` certifies safely positive definite
-(the common case on a representation wider than K) is solved on Python floats instead, by the same
-active-set methods with exact Cholesky solves (:func:`definite_min_norm`, :func:`definite_dual_cone`):
-there numpy's and LAPACK's per-call overhead was most of a step's solver time (issue 12). Anything
-else, and anything those solvers give up on, takes the numpy / LAPACK path.
+Tolerances are relative to each row's own scale (``sqrt(G_kk)``), never to the largest row's: the
+answers keep their properties (no conflict with any task) when the tasks' gradients differ in size by
+many orders of magnitude, and they are invariant to the order of the tasks.
+
+There is one implementation of each problem. The Python-float copies that mtlzoo 0.1 ran up to 8 tasks
+(Cholesky factorisations beside LAPACK's, against numpy's per-call overhead) are gone: measured on a
+step's whole weighting (``compute`` then ``advance``, K = 3 and 8, one thread), the numpy / LAPACK path
+costs 0.9 to 1.2 times what they did, so no separate small-K path is kept.
 
 - :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
@@ -23,10 +26,8 @@ else, and anything those solvers give up on, takes the numpy / LAPACK path.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import lru_cache
-from operator import mul
 
 import numpy as np
 import torch
@@ -79,18 +80,32 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
 
 
 def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
-    """A finite float64 Gramian scaled to unit trace and made positive semi-definite: eigenvalues within
-    ``K eps λ_max`` of 0 (``eps`` the rounding unit of the dtype it was computed in; negative ones included)
-    are set to 0, so that rows linearly dependent up to rounding count as such. A zero one stays zero."""
+    """A finite float64 Gramian scaled to unit trace and made positive semi-definite, on the rows' own scales.
+
+    With ``D = diag(sqrt(G_kk))``, the correlation matrix ``C = D^-1 G D^-1`` (each row's rounding is relative to
+    its own size, whatever the others') has its eigenvalues within ``K eps λ_max(C)`` of 0 (``eps`` the rounding
+    unit of the dtype ``G`` was computed in; negative ones included) set to 0, so that rows linearly dependent up
+    to rounding count as such; the result is ``D C D`` divided by its trace. Zero rows stay zero, as does a zero
+    Gramian. Cutting on ``C`` rather than on ``G`` keeps a task whose gradient is 1e-6 of another's (its
+    eigenvalues are 1e-12 of ``G``'s largest, below float32's rounding there, not on its own scale).
+    """
     if array.size == 0:
         return array
-    values, vectors = eigh((array + array.T) / 2)
+    array = (array + array.T) / 2
+    scales = np.sqrt(np.clip(np.diag(array), 0.0, None))
+    present = scales > 0
+    if not present.any():
+        return np.zeros_like(array)
+    inverse = np.where(present, 1.0 / np.where(present, scales, 1.0), 0.0)
+    values, vectors = eigh(array * np.outer(inverse, inverse))
     cutoff = max(float(values[-1]), 0.0) * array.shape[0] * eps
     values = np.where(values > cutoff, values, 0.0)
-    total = float(values.sum())
-    if total <= 0:
+    correlation = (vectors * values) @ vectors.T
+    array = correlation * np.outer(scales, scales)
+    total = float(np.trace(array))
+    if not total > 0:
         return np.zeros_like(array)
-    array = (vectors * (values / total)) @ vectors.T
+    array = array / total
     return (array + array.T) / 2
 
 
@@ -137,202 +152,6 @@ def lstsq(matrix: np.ndarray, rhs: np.ndarray, cutoff: float | None = None) -> n
     return solution
 
 
-# ------------------------------------------------------ small positive-definite Gramians, on Python floats
-SMALL = 8
-"""Up to this many tasks, a Gramian that is safely positive definite (:func:`definite_unit`) is solved on Python
-floats by Cholesky factorisations: numpy's and LAPACK's per-call overhead dominates there."""
-DEFINITE = 1e-8
-"""The smallest eigenvalue :func:`definite_unit` asks of a unit-trace Gramian (at least, and ``64 K eps`` of its
-dtype): every principal block then has a condition number below ``1 / DEFINITE``."""
-
-
-def definite_unit(matrix: np.ndarray, eps: float = 0.0, ridge: float = 0.0) -> list[list[float]] | None:
-    """The host Gramian scaled to unit trace (after ``ridge I`` is added to ``G / tr(G)``), as Python floats, where
-    its smallest eigenvalue is certainly above ``max(DEFINITE, 64 K eps)`` and K is at most :data:`SMALL`; else
-    ``None``.
-
-    The certificate is a Cholesky factorisation of ``G - t I`` (``t`` that bound), which succeeds exactly when
-    ``G - t I`` is positive definite, up to a backward error of order ``K eps_64``. Where it holds,
-    :func:`clean_gramian` would keep every eigenvalue (it returns this matrix up to rounding), and each
-    principal block (Cauchy's interlacing) is non-singular with a condition number below ``1 / DEFINITE``, so
-    that :func:`lstsq`'s minimum-norm least-squares solution is the exact solution a Cholesky solve gives.
-    ``matrix`` is finite (the callers check).
-    """
-    size = matrix.shape[0]
-    if size == 0 or size > SMALL:
-        return None
-    rows = matrix.tolist()
-    trace = sum(rows[i][i] for i in range(size))
-    if not _NORMAL < trace < math.inf:  # a subnormal trace has lost its digits
-        return None
-    scale = 1.0 / (trace * (1.0 + size * ridge))
-    unit = [[(rows[i][j] + rows[j][i]) * 0.5 * scale for j in range(size)] for i in range(size)]
-    if ridge:
-        for i in range(size):
-            unit[i][i] += ridge / (1.0 + size * ridge)
-    if cholesky(unit, max(DEFINITE, 64 * size * eps)) is None:
-        return None
-    return unit
-
-
-def cholesky(matrix: list[list[float]], shift: float = 0.0) -> list[list[float]] | None:
-    """The lower Cholesky factor of ``matrix - shift I`` (Python floats), ``None`` at a pivot that is not positive."""
-    size = len(matrix)
-    factor = [[0.0] * size for _ in range(size)]
-    for i in range(size):
-        row = factor[i]
-        source = matrix[i]
-        for j in range(i):
-            other = factor[j]
-            row[j] = (source[j] - sum(map(mul, row[:j], other[:j]))) / other[j]
-        pivot = source[i] - shift - sum(map(mul, row[:i], row[:i]))
-        if not pivot > 0:
-            return None
-        row[i] = math.sqrt(pivot)
-    return factor
-
-
-def cholesky_solve(factor: list[list[float]], rhs: list[float]) -> list[float]:
-    """``x`` with ``L L^T x = rhs``, ``L`` from :func:`cholesky`."""
-    size = len(factor)
-    forward = [0.0] * size
-    for i in range(size):
-        row = factor[i]
-        forward[i] = (rhs[i] - sum(map(mul, row[:i], forward[:i]))) / row[i]
-    solution = [0.0] * size
-    for i in range(size - 1, -1, -1):
-        solution[i] = (forward[i] - sum(factor[k][i] * solution[k] for k in range(i + 1, size))) / factor[i][i]
-    return solution
-
-
-def _solve_definite(hessian: list[list[float]], index: list[int], linear: list[float]) -> list[float] | None:
-    """``x`` with ``H[index, index] x = f[index]`` for a positive definite H (Python floats): a division, Cramer's rule
-    on 2 x 2, a Cholesky factorisation above; ``None`` at a pivot that is not positive (rounding only)."""
-    if len(index) == 1:
-        i = index[0]
-        pivot = hessian[i][i]
-        return [linear[i] / pivot] if pivot > 0 else None
-    if len(index) == 2:
-        i, j = index
-        a, b, d = hessian[i][i], hessian[i][j], hessian[j][j]
-        determinant = a * d - b * b
-        if not (a > 0 and determinant > 0):
-            return None
-        return [(d * linear[i] - b * linear[j]) / determinant, (a * linear[j] - b * linear[i]) / determinant]
-    factor = cholesky([[hessian[i][j] for j in index] for i in index])
-    return None if factor is None else cholesky_solve(factor, [linear[i] for i in index])
-
-
-
-def blocking_step(current: list[float], support: list[int], target: list[float]) -> tuple[float, int]:
-    """An active-set move from ``current`` towards ``target`` (on the coordinates ``support``): the
-    fraction of the way at which the first coordinate reaches 0, and its position in ``support``
-    (``inf`` and -1 when no target coordinate is <= 0)."""
-    step, blocking = math.inf, -1
-    for position, (i, value) in enumerate(zip(support, target)):
-        if value <= 0:
-            drop = current[i] - value
-            ratio = current[i] / drop if drop > 0 else 0.0
-            if ratio < step:
-                step, blocking = ratio, position
-    return step, blocking
-
-
-def _definite_nonnegative_quadratic(hessian: list[list[float]], linear: list[float], start: list[int],
-                                    scale: float) -> list[float] | None:
-    r""":func:`_nonnegative_quadratic` for a positive definite H on Python floats (``argmin_{x >= 0} 1/2 x^T H x -
-    f^T x``, unique), Lawson and Hanson's method with exact solves (:func:`_solve_definite`) on the passive sets.
-    ``scale`` is ``max |H_ij|`` (the tolerance is 1e-12 of it or of ``max |f_i|``, as there).
-
-    It starts from the minimiser on the passive set ``start`` where that minimiser is positive (a valid state of
-    the method: the objective only decreases from there), else from 0. ``None`` where a block's factorisation
-    fails or the method does not converge (rounding only): the caller then takes the numpy path.
-    """
-    size = len(linear)
-    x = [0.0] * size
-    passive = [False] * size
-    tolerance = 1e-12 * max(scale, max(map(abs, linear)), _EPS)
-    if start:
-        target = _solve_definite(hessian, start, linear)
-        if target is None:
-            return None
-        if min(target) > 0:
-            for i, value in zip(start, target):
-                x[i], passive[i] = value, True
-    for _ in range(10 * size + 50):
-        best, candidate = tolerance, -1
-        for i in range(size):
-            if not passive[i]:
-                gradient = linear[i] - sum(map(mul, hessian[i], x))
-                if gradient > best:
-                    best, candidate = gradient, i
-        if candidate < 0:
-            return x
-        passive[candidate] = True
-        for _ in range(size + 1):
-            index = [i for i in range(size) if passive[i]]
-            target = _solve_definite(hessian, index, linear)
-            if target is None:
-                return None
-            if min(target) > 0:
-                x = [0.0] * size
-                for i, value in zip(index, target):
-                    x[i] = value
-                break
-            # Move towards the target until the first coordinate reaches 0 (the blocking one), drop it.
-            step, blocking = blocking_step(x, index, target)
-            moved = [x[i] + step * (value - x[i]) for i, value in zip(index, target)]
-            moved[blocking] = 0.0
-            x = [0.0] * size
-            for i, value in zip(index, moved):
-                if value > 0:
-                    x[i] = value
-                else:
-                    passive[i] = False
-            if not any(passive):
-                break
-    return None
-
-
-def _largest_entry(unit: list[list[float]]) -> float:
-    return max(max(map(abs, row)) for row in unit)
-
-
-def definite_min_norm(unit: list[list[float]]) -> list[float] | None:
-    """:func:`min_norm_weights` on a Gramian certified by :func:`definite_unit`: ``w = x / 1^T x`` with
-    ``x = argmin_{x >= 0} 1/2 x^T G x - 1^T x`` (the two problems' optimality conditions coincide, with
-    ``x = w / w^T G w``), started from ``G^{-1} 1`` (all tasks passive: optimal where it is positive, the
-    common case). ``None`` where the exact solver gives up (then take :func:`min_norm_weights`)."""
-    size = len(unit)
-    x = _definite_nonnegative_quadratic(unit, [1.0] * size, list(range(size)), _largest_entry(unit))
-    if x is None:
-        return None
-    total = sum(x)
-    return [value / total for value in x] if total > 0 else None
-
-
-def definite_dual_cone(targets: list[list[float]], unit: list[list[float]]) -> list[list[float]] | None:
-    """:func:`dual_cone_weights` on a Gramian certified by :func:`definite_unit` (one solution per row of
-    ``targets``), each problem started from the tasks its target conflicts with. ``None`` where the exact solver
-    gives up (then take :func:`dual_cone_weights`)."""
-    size = len(unit)
-    scale = max(_largest_entry(unit), _EPS)
-    solutions = []
-    for target in targets:
-        linear = [0.0] * size  # -G u (G symmetric: a combination of its rows)
-        for i, value in enumerate(target):
-            if value:
-                linear = [total - value * entry for total, entry in zip(linear, unit[i])]
-        solution = list(target)
-        if max(linear) > 1e-12 * max(max(map(abs, linear)), scale):
-            x = _definite_nonnegative_quadratic(unit, linear, [i for i in range(size) if linear[i] > 0], scale)
-            if x is None:
-                return None
-            solution = [value + step for value, step in zip(solution, x)]
-        solutions.append(solution)
-    return solutions
-
-
 def min_norm_simplex(gramian: Tensor) -> Tensor:
     r"""Weights ``w`` of the minimum-norm point of the convex hull of the rows: ``min_{w >= 0, 1^T w = 1} w^T G w``.
 
@@ -359,30 +178,28 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
 
 def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     """:func:`min_norm_simplex` on a host Gramian already made by :func:`host_gramian` (or :func:`clean_gramian`):
-    on Python floats where :func:`definite_unit` certifies it (:func:`definite_min_norm`), else Wolfe's algorithm."""
+    Wolfe's algorithm. A row enters the corral when ``x . p_j < ||x||^2`` by more than the rounding of those
+    products, ``1e-12 sqrt(G_jj) s`` with ``s = sum_k w_k sqrt(G_kk)`` (a bound of ``||x||``): relative to row
+    ``j``'s own size, so that a task whose gradient is tiny beside another's is still kept free of conflict."""
     size = matrix.shape[0]
     weights = np.zeros(size)
     if size == 0:
         return weights
-    unit = definite_unit(matrix)
-    if unit is not None and (fast := definite_min_norm(unit)) is not None:
-        return np.array(fast)
     diagonal = np.diag(matrix)
+    scales = np.sqrt(np.clip(diagonal, 0.0, None))
     start = int(diagonal.argmin())
     corral = [start]
     weights[start] = 1.0
-    tolerance = 1e-12 * max(float(diagonal.max()), _EPS)
-    bordered = np.ones((size + 1, size + 1))  # the affine minimiser's system on a corral S is bordered[S + [K]]
-    bordered[:size, :size] = matrix
-    bordered[size, size] = 0.0
     for _ in range(50 * size + 100):
         products = matrix @ weights
         norm = float(weights @ products)
-        candidate = int(products.argmin())
-        if products[candidate] >= norm - tolerance or candidate in corral:
+        reach = float(scales @ weights)
+        slack = products - norm + 1e-12 * (scales + reach) * reach
+        candidate = int(slack.argmin())
+        if slack[candidate] >= 0 or candidate in corral:
             break
         corral.append(candidate)
-        if not _minor_cycle(bordered, weights, corral):
+        if not _minor_cycle(matrix, weights, corral):
             break  # the new row is affinely dependent on the corral up to rounding: optimal
     else:
         raise SolverError(f"min_norm_simplex did not converge on a {size} x {size} Gramian.")
@@ -391,25 +208,19 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     return weights
 
 
-def _minor_cycle(bordered: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
+def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> bool:
     """Wolfe's minor cycle, in place: move ``weights`` towards the corral's affine minimiser, dropping
-    the rows whose weight reaches 0, until that minimiser lies in the corral's hull. ``bordered`` is
-    the Gramian bordered by ones (and 0 in the corner): ``[[G, 1], [1^T, 0]]``.
+    the rows whose weight reaches 0, until that minimiser lies in the corral's hull.
 
     Returns ``False`` (and drops the row just added) when that row cannot enter: rounding only.
     """
-    size = weights.shape[0]
     while True:
-        count = len(corral)
-        index = np.array([*corral, size])
-        rhs = np.zeros(count + 1)
-        rhs[count] = 1.0
-        affine = lstsq(bordered[index[:, None], index], rhs)[:count]
+        affine = _affine_minimiser(matrix[np.ix_(corral, corral)])
         if affine.min() > _EPS:
             weights[:] = 0.0
-            weights[index[:count]] = affine
+            weights[corral] = affine
             return True
-        current = weights[index[:count]]
+        current = weights[corral]
         if current[-1] <= 0 and affine[-1] <= _EPS:
             corral.pop()
             return False
@@ -420,11 +231,30 @@ def _minor_cycle(bordered: np.ndarray, weights: np.ndarray, corral: list[int]) -
         moved[blocking] = 0.0
         keep = moved > _EPS
         weights[:] = 0.0
-        weights[index[:count][keep]] = moved[keep]
+        weights[np.array(corral)[keep]] = moved[keep]
         corral[:] = [row for row, kept in zip(corral, keep.tolist()) if kept]
         if len(corral) == 1:
             weights[corral] = 1.0
             return True
+
+
+def _affine_minimiser(block: np.ndarray) -> np.ndarray:
+    """``w`` minimising ``w^T G_S w`` subject to ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
+    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved on the rows' own scales (``w = D^-1 u`` with
+    ``D = diag(sqrt(G_kk))``: ``[[C, v], [v^T, 0]] [u; λ] = [0; 1]``, ``C = D^-1 G_S D^-1`` of unit diagonal,
+    ``v = D^-1 1`` divided by its largest entry), so that rows of very different sizes keep their digits."""
+    count = block.shape[0]
+    scales = np.sqrt(np.clip(np.diag(block), 0.0, None))
+    safe = np.where(scales > 0, scales, 1.0)
+    border = 1.0 / safe
+    largest = float(border.max())
+    system = np.zeros((count + 1, count + 1))
+    system[:count, :count] = block / np.outer(safe, safe)
+    system[:count, count] = border / largest
+    system[count, :count] = border / largest
+    rhs = np.zeros(count + 1)
+    rhs[count] = 1.0 / largest
+    return lstsq(system, rhs)[:count] / safe
 
 
 def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarray:
@@ -433,18 +263,28 @@ def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarra
 
     Each inner step moves from the current point by the minimum-norm step to the minimiser on
     the passive set, so a newly freed coordinate always grows, also when H is singular.
+
+    It is solved in the variables ``y = D x`` with ``D = diag(sqrt(H_kk))`` (the same problem, ``y >= 0`` exactly
+    when ``x >= 0``, on ``D^-1 H D^-1``, whose diagonal is 1), so that its tolerances and its least-squares
+    cut-offs are relative to each row's own size: rows of very different sizes (a task's gradient 1e6 times
+    another's) are solved as accurately as rows of one size, and the order of the rows plays no part.
     """
     size = hessian.shape[0]
+    scales = np.sqrt(np.clip(np.diag(hessian), 0.0, None))
+    safe = np.where(scales > 0, scales, 1.0)
+    hessian = hessian / np.outer(safe, safe)
+    linear = linear / safe
     x = np.zeros(size)
     passive = np.zeros(size, dtype=bool)
-    scale = max(float(np.abs(hessian).max(initial=0.0)), float(np.abs(linear).max(initial=0.0)), _EPS)
-    tolerance = 1e-12 * scale
+    unit = (scales > 0).astype(np.float64)
+    reach = float(np.abs(linear).max(initial=0.0))
     for _ in range(10 * size + 50):
         gradient = linear - hessian @ x
-        free = np.where(passive, -np.inf, gradient)
+        tolerance = 1e-12 * unit * (reach + float(np.abs(x).sum()))  # rounding of each row's gradient
+        free = np.where(passive, -np.inf, gradient - tolerance)
         candidate = int(free.argmax())
-        if free[candidate] <= tolerance:  # also when every coordinate is passive (free is all -inf)
-            return x
+        if free[candidate] <= 0:  # also when every coordinate is passive (free is all -inf)
+            return x / safe
         passive[candidate] = True
         for _ in range(size + 1):
             index = np.flatnonzero(passive)
@@ -500,19 +340,16 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
 
 def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """:func:`project_to_dual_cone` on the host: one solution per row of ``targets`` (N x K), for a Gramian made by
-    :func:`host_gramian` (or :func:`clean_gramian`); on Python floats where :func:`definite_unit` certifies it
-    (:func:`definite_dual_cone`), else by :func:`_nonnegative_quadratic`. The solutions do not depend on the
-    Gramian's scale, so the unit-trace one is solved on."""
+    :func:`host_gramian` (or :func:`clean_gramian`), by :func:`_nonnegative_quadratic`. The solutions do not
+    depend on the Gramian's scale, so the unit-trace one is solved on."""
     solutions = targets.copy()
     if not targets.shape[0]:
         return solutions
-    unit = definite_unit(matrix)
-    if unit is not None and (fast := definite_dual_cone(targets.tolist(), unit)) is not None:
-        return np.array(fast).reshape(targets.shape)
     linear = -(targets @ matrix)  # row r: -G u_r, the linear term of problem r
-    # Lawson-Hanson's first test, for all the problems at once: where no coordinate of -G u is above the
-    # tolerance, x = 0 is optimal (J^T u is already in the cone) and v = u.
-    scale = np.maximum(np.abs(linear).max(axis=1), max(float(np.abs(matrix).max(initial=0.0)), _EPS))
-    for row in np.flatnonzero(linear.max(axis=1) > 1e-12 * scale):
+    # Lawson-Hanson's first test, for all the problems at once: where no coordinate of -G u is above its row's
+    # rounding, x = 0 is optimal (J^T u is already in the cone) and v = u.
+    scales = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
+    tolerance = 1e-12 * np.outer(np.abs(targets) @ scales, scales)
+    for row in np.flatnonzero((linear - tolerance).max(axis=1) > 0):
         solutions[row] += _nonnegative_quadratic(matrix, linear[row])
     return solutions

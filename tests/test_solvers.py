@@ -141,3 +141,22 @@ def test_gramian_normalisation_is_scale_free_and_safe_at_zero() -> None:
         normalize_gramian(gramian, "max")
     torch.testing.assert_close(regularize_gramian(gramian, 0.5), gramian + 0.5 * torch.eye(2))
     torch.testing.assert_close(gramian_norms(gramian), torch.tensor([3.0, 5.0**0.5]))
+
+
+def test_lstsq_and_eigh_are_numpys() -> None:
+    """mtlzoo.solvers.lstsq / eigh call LAPACK's gelsd / syevd directly: the same answers as numpy.linalg.lstsq
+    (rcond=None and a given cut-off) and numpy.linalg.eigh, singular systems included."""
+    from mtlzoo.solvers import eigh, lstsq
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 5, 41):
+        for rank in {size, max(size // 2, 1)}:
+            factor = rng.standard_normal((size, rank))
+            matrix = factor @ factor.T
+            rhs = rng.standard_normal(size)
+            np.testing.assert_allclose(lstsq(matrix, rhs), np.linalg.lstsq(matrix, rhs, rcond=None)[0], rtol=1e-9,
+                                       atol=1e-9 * np.abs(np.linalg.pinv(matrix) @ rhs).max())
+            np.testing.assert_allclose(lstsq(matrix, rhs, cutoff=1e-3), np.linalg.lstsq(matrix, rhs, rcond=1e-3)[0],
+                                       rtol=1e-9, atol=1e-12)
+            values, vectors = eigh(matrix)
+            np.testing.assert_allclose(values, np.linalg.eigh(matrix)[0], atol=1e-12 * np.abs(values).max())
+            np.testing.assert_allclose((vectors * values) @ vectors.T, matrix, atol=1e-12 * np.abs(values).max())

@@ -20,6 +20,20 @@ from mtlzoo.roles._parts import WithParts
 from mtlzoo.roles.aggregator import GramianAggregator, HostStep
 from mtlzoo.strategy import StrategyInfo
 
+NORMALIZERS: tuple[str, ...] = ("l2", "loss", "loss+")
+
+
+def normalized(gramian: np.ndarray, losses: np.ndarray, by: str) -> np.ndarray:
+    """The Gramian of ``g_k / n_k``: ``n_k = ||g_k||`` (``"l2"``), ``L_k`` (``"loss"``, signed) or ``L_k ||g_k||``
+    (``"loss+"``), as the ``gradient_normalizers`` of Sener & Koltun's code; a zero normaliser counts as 1."""
+    divisors = np.ones(gramian.shape[0])
+    if by in ("l2", "loss+"):
+        divisors = divisors * np.sqrt(np.clip(np.diag(gramian), 0.0, None))
+    if by in ("loss", "loss+"):
+        divisors = divisors * losses
+    divisors = np.where(divisors != 0, divisors, 1.0)
+    return gramian / np.outer(divisors, divisors)
+
 
 def clipped(weights: np.ndarray, gramian: np.ndarray, max_norm: float) -> np.ndarray:
     """``c`` scaled so that the update ``J^T c`` has norm at most ``max_norm`` (``||J^T c||^2 = c^T G c``)."""
@@ -117,10 +131,10 @@ class EveryNSteps(Modifier):
 
     def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         if self.state.steps % self.n:
-            return self.state.weights.numpy()[step.tasks]
+            return self.state.weights.detach().cpu().numpy().astype(np.float64)[step.tasks]
         weights = self.inner.weigh(gramian, step)
-        everyone = self.state.weights.clone()
-        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(weights)
+        everyone = self.state.weights.detach().cpu().clone()  # the buffer may live on an accelerator
+        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(weights).to(everyone.dtype)
         self.state.weights = everyone
         return weights
 
@@ -128,11 +142,42 @@ class EveryNSteps(Modifier):
         self.state.steps += 1
 
 
-MODIFIERS: dict[str, type[Modifier]] = {cls.name: cls for cls in (ClipNorm, EveryNSteps)}
+class Normalize(Modifier):
+    r"""Weigh the normalised gradients, apply the weights to the raw ones: ``c = inner.weigh(D^{-1} G D^{-1})``.
+
+    Sener & Koltun's ``gradient_normalizers`` (MGDA's ``normalization``, which uses the same function) for any
+    Gramian aggregator: ``D = diag(n)`` with ``n_k = ||g_k||`` (``"l2"``), the signed loss ``L_k`` (``"loss"``)
+    or ``L_k ||g_k||`` (``"loss+"``); the update is ``J^T c`` on the raw gradients, as in the authors' code.
+
+    Args:
+        inner: The Gramian aggregator.
+        by: ``"l2"``, ``"loss"`` or ``"loss+"``.
+    """
+
+    info = StrategyInfo(name="normalize", summary="The wrapped aggregator's weights of the normalised gradients.",
+                        request=Request("parameters", "gramian"))
+    name = "normalize"
+
+    def __init__(self, inner: GramianAggregator, by: str = "l2") -> None:
+        if by not in NORMALIZERS:
+            raise ValueError(f"Parameter `by` should be one of {NORMALIZERS}. Found `by = {by!r}`.")
+        super().__init__(inner)
+        self.by = by
+
+    @property
+    def properties(self) -> frozenset[str]:
+        return self.inner.properties - {"non_conflicting", "stationary", "linear_under_scaling"}
+
+    def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        return self.inner.weigh(normalized(gramian, step.losses, self.by), step)
+
+
+MODIFIERS: dict[str, type[Modifier]] = {cls.name: cls for cls in (ClipNorm, EveryNSteps, Normalize)}
 
 
 def modify(name: str, inner: GramianAggregator, **options: Any) -> Modifier:
-    """Wrap ``inner`` in the modifier called ``name`` (``"clip_norm"``, ``"every"``) with ``options``."""
+    """Wrap ``inner`` in the modifier called ``name`` (``"clip_norm"``, ``"every"``, ``"normalize"``) with
+    ``options``."""
     try:
         cls = MODIFIERS[name]
     except KeyError:

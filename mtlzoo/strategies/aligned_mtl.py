@@ -9,8 +9,8 @@ import numpy as np
 from torch import Tensor
 
 from mtlzoo.protocol import Request
+from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import eigh, from_host, to_host
-from mtlzoo.strategies._surgery import GramianSurgery
 from mtlzoo.strategies.upgrad import preference
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -46,7 +46,7 @@ def balance_host(matrix: np.ndarray, scale_mode: ScaleMode = "min") -> np.ndarra
     return (vectors * np.sqrt(scale / values)) @ vectors.T
 
 
-class AlignedMTL(GramianSurgery):
+class AlignedMTL(GramianAggregator):
     r"""Aligned-MTL: make the task gradients orthogonal and of equal size along their principal components.
 
     Paper: Senushkin et al., *Independent Component Alignment for Multi-Task Learning*, CVPR 2023
@@ -83,7 +83,6 @@ class AlignedMTL(GramianSurgery):
 
     info = StrategyInfo(
         name="aligned_mtl",
-        kind="surgery",
         summary="Aligns the task gradients' principal components (condition number one), then sums them.",
         request=Request("parameters", "gramian"),
         paper=Paper(
@@ -113,9 +112,8 @@ class AlignedMTL(GramianSurgery):
             return self.info.properties - {"permutation_invariant"}
         return self.info.properties
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        balance = balance_host(matrix, self.scale_mode)
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        balance = balance_host(gramian, self.scale_mode)
         if self.pref_vector is None:
             return balance.sum(1)
-        return balance @ self.pref_vector.numpy()[tasks.cpu().numpy()]
+        return balance @ self.pref_vector.numpy()[step.tasks]

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from operator import mul
 
 import numpy as np
 from scipy.optimize import minimize
-from torch import Tensor
 
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import blocking_step, cholesky, cholesky_solve, clean_gramian, definite_unit, lstsq
-from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.solvers import clean_gramian, lstsq
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 RESCALES = (0, 1, 2)
 SMOOTHING = 1e-8
-"""Added to ``||g_w||^2`` on the unit-trace Gramian (the authors' code adds 1e-8 on the raw one): the norm is
+"""Added to ``||g_w||^2`` on the unit-trace Gramian (the authors' objective adds 1e-8 on the raw one): the norm is
 smooth at ``g_w = 0`` and the update continuous there."""
 
 
@@ -114,98 +112,7 @@ def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius
             break
     return weights
 
-def definite_conflict_averse(unit: list[list[float]], c: float) -> list[float] | None:
-    r"""CAGrad's weights of ``d`` (before the rescaling and the factor K) on a positive definite Gramian (certified
-    by :func:`mtlzoo.solvers.definite_unit`), exactly, on Python floats; ``None`` where this method gives up
-    (then :func:`conflict_averse_weights` solves the problem).
-
-    On a face ``S`` of the simplex the optimality conditions of ``f(w) = a^T w + r n``, with ``a = G 1 / K``
-    (``g_k . g_0``), ``r = c ||g_0||`` and ``n = sqrt(w^T G w + δ)``, are ``a_S + (r / n) G_S w_S = μ 1``,
-    ``1^T w_S = 1``. With ``y = G_S^{-1} 1``, ``b = G_S^{-1} a_S``, their sums ``s_y``, ``s_b``,
-    ``q = a_S^T b`` and ``t = n / r`` they give, in closed form,
-
-    .. math::
-
-        w_S = t (μ y - b), \quad μ = (1 / t + s_b) / s_y, \quad
-        t^2 = \frac{1 / s_y + δ}{r^2 - q + s_b^2 / s_y}
-
-    (on the whole simplex ``b = 1 / K``: ``w = t (μ y - 1 / K)``). ``f`` is strictly convex, so a primal
-    active-set method finds its minimiser: from the centre (from the vertex of least ``f`` where ``f`` is
-    unbounded below on the whole simplex's affine hull), move towards the current face's minimiser, dropping
-    the first weight that reaches 0 on the way; at a face minimiser with positive weights, add the task whose
-    partial derivative is furthest below ``μ``, or stop when none is (the optimality conditions hold). ``f``
-    falls at every move, so no face comes back. The weights of ``d = g_0 + (r / n) g_w`` are then
-    ``1 / K + w / t``. ``None`` where a face's denominator is not safely positive (below 1e-6 of ``r^2`` or
-    ``q``: its ``t`` would be inaccurate, or ``f`` unbounded on the face's affine hull).
-    """
-    size = len(unit)
-    mean = sum(map(sum, unit)) / size**2  # ||g_0||^2
-    if size < 2 or not mean > 0:
-        return None
-    linear = [sum(row) / size for row in unit]
-    squared_radius = c * c * mean
-    support = list(range(size))
-    weights = [1.0 / size] * size
-    entering = -1
-    for iteration in range(10 * size + 50):
-        face = _face_minimiser(unit, linear, squared_radius, support)
-        if face is None and iteration == 0:  # f unbounded on the simplex's affine hull: start at the best vertex
-            values = [linear[k] + math.sqrt(squared_radius * (unit[k][k] + SMOOTHING)) for k in range(size)]
-            best_vertex = values.index(min(values))
-            support, weights = [best_vertex], [0.0] * size
-            weights[best_vertex] = 1.0
-            face = _face_minimiser(unit, linear, squared_radius, support)
-        if face is None:
-            return None
-        target, ratio, multiplier = face
-        if min(target) > 0:
-            weights = [0.0] * size
-            for i, value in zip(support, target):
-                weights[i] = value
-            derivatives = [linear[k] + sum(map(mul, unit[k], weights)) / ratio for k in range(size)]
-            tolerance = 1e-12 * max(max(map(abs, derivatives)), abs(multiplier))
-            best, entering = multiplier - tolerance, -1
-            for k in range(size):
-                if weights[k] == 0.0 and derivatives[k] < best:
-                    best, entering = derivatives[k], k
-            if entering < 0:
-                return [1.0 / size + value / ratio for value in weights]
-            support = sorted([*support, entering])
-            continue
-        step, blocking = blocking_step(weights, support, target)  # towards the target until a weight reaches 0
-        if support[blocking] == entering and step <= 0:
-            return None  # the task just added would leave at once: rounding (or a face this method cannot take)
-        moved = [weights[i] + step * (value - weights[i]) for i, value in zip(support, target)]
-        moved[blocking] = 0.0
-        weights = [0.0] * size
-        for i, value in zip(support, moved):
-            weights[i] = max(value, 0.0)
-        support = [i for i in support if weights[i] > 0]
-    return None
-
-
-def _face_minimiser(unit: list[list[float]], linear: list[float], squared_radius: float,
-                    support: list[int]) -> tuple[list[float], float, float] | None:
-    """The minimiser of :func:`definite_conflict_averse`'s ``f`` on the affine hull of a face: ``(w_S, t, μ)``."""
-    factor = cholesky([[unit[i][j] for j in support] for i in support])
-    if factor is None:
-        return None
-    face_linear = [linear[i] for i in support]
-    inverse_ones = cholesky_solve(factor, [1.0] * len(support))
-    inverse_linear = cholesky_solve(factor, face_linear)
-    total, linear_total = sum(inverse_ones), sum(inverse_linear)
-    quadratic = sum(map(mul, face_linear, inverse_linear))
-    if not total > 0:
-        return None
-    denominator = squared_radius - quadratic + linear_total**2 / total
-    if not denominator > 1e-6 * max(squared_radius, quadratic):
-        return None
-    ratio = math.sqrt((1.0 / total + SMOOTHING) / denominator)  # t = n / r
-    multiplier = (1.0 / ratio + linear_total) / total
-    return [ratio * (multiplier * y - b) for y, b in zip(inverse_ones, inverse_linear)], ratio, multiplier
-
-
-class CAGrad(GramianSurgery):
+class CAGrad(GramianAggregator):
     r"""CAGrad: maximise the worst task's improvement within a ball around the average gradient.
 
     Paper: Liu et al., *Conflict-Averse Gradient Descent for Multi-task Learning*, NeurIPS 2021
@@ -220,16 +127,20 @@ class CAGrad(GramianSurgery):
     As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
     the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
     keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is the plain
-    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian:
-    exactly, by an active set over the simplex's faces (each face's minimiser in closed form,
-    :func:`definite_conflict_averse`), where the Gramian of at most 8 tasks is safely positive
-    definite; elsewhere by SLSQP, as the authors do, with the exact gradient and ``ftol=1e-12``
-    (if SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is
-    used). The two agree to rounding where both apply. As in the
-    authors' code, ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of
-    ``||J||_F^2``; theirs is 1e-8 in raw units) in the problem and in ``d``: the update is
-    unique and continuous, and tends to ``g_0`` where ``g_w`` vanishes (0 is in the gradients'
-    hull and no update within the ball improves every task).
+    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian,
+    as the authors do, by SLSQP (here with the exact gradient and ``ftol=1e-12``, then Newton steps
+    on its active face to rounding; if SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning`
+    says so and its last iterate is used), skipped where Newton steps from the simplex's centre
+    already satisfy the optimality conditions (an interior optimum, the common case).
+    ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of ``||J||_F^2``) in the
+    problem, as the authors' objective (theirs adds 1e-8 in raw units), and in ``d``, where the
+    authors divide by ``||g_w|| + 1e-8`` instead (also raw units): the two agree unless
+    ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``, and there this update stays
+    continuous and independent of the gradients' scale, tending to ``g_0`` where ``g_w`` vanishes
+    (0 is in the gradients' hull and no update within the ball improves every task).
+
+    ``rescale`` stays a hyperparameter (not a modifier): it is the authors' constant factor of
+    their own update, tied to ``c``.
 
     Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (no rescaling, no
     factor K: its update is this one times ``(1 + c^2) / K``), solves the inner problem with
@@ -252,7 +163,6 @@ class CAGrad(GramianSurgery):
 
     info = StrategyInfo(
         name="cagrad",
-        kind="surgery",
         summary="Best worst-case task improvement within a ball around the average gradient (conflict-averse).",
         request=Request("parameters", "gramian"),
         paper=Paper(
@@ -276,15 +186,10 @@ class CAGrad(GramianSurgery):
         self.c = float(c)
         self.rescale = rescale
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        size = matrix.shape[0]
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        size = gramian.shape[0]
         divisor = {0: 1.0, 1: 1 + self.c**2, 2: 1 + self.c}[self.rescale]
-        definite = definite_unit(matrix, eps) if self.c > 0 and size > 1 else None
-        fast = definite_conflict_averse(definite, self.c) if definite is not None else None
-        if fast is not None:  # small and safely positive definite: an exact active set on Python floats
-            return np.array(fast) * (size / divisor)
-        unit = clean_gramian(matrix, eps)
+        unit = clean_gramian(gramian, step.eps)
         weights = np.full(size, 1.0 / size)
         radius = self.c * math.sqrt(max(float(unit.mean()), 0.0))
         if radius > 0 and size > 1:

@@ -3,9 +3,9 @@ r"""DualProj: the mean task gradient projected onto the dual cone (eq. 11 of GEM
 from __future__ import annotations
 
 import numpy as np
-from torch import Tensor
 
 from mtlzoo.protocol import Request
+from mtlzoo.roles import HostStep
 from mtlzoo.solvers import dual_cone_weights
 from mtlzoo.strategies.upgrad import DualConeSurgery
 from mtlzoo.strategy import Paper, StrategyInfo
@@ -47,7 +47,6 @@ class DualProj(DualConeSurgery):
 
     info = StrategyInfo(
         name="dualproj",
-        kind="surgery",
         summary="Mean task gradient projected onto the dual cone of the task gradients (GEM's projection).",
         request=Request("parameters", "gramian"),
         paper=Paper(
@@ -64,7 +63,6 @@ class DualProj(DualConeSurgery):
 
     regularization_breaks = frozenset({"non_conflicting"})
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        unit, weights = self.host_problem(matrix, eps, tasks)
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        unit, weights = self.problem(gramian, step)
         return dual_cone_weights(weights[None], unit)[0]  # project_to_dual_cone's solver, on the host

@@ -3,60 +3,86 @@ r"""GradDrop (Chen et al., NeurIPS 2020): keep, element by element, the gradient
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlzoo.protocol import Request
-from mtlzoo.strategies._surgery import DirectionSurgery, SeededGenerator
+from mtlzoo.protocol import Request, StepInputs
+from mtlzoo.roles import DirectionAggregator
+from mtlzoo.strategies.pcgrad import drawing, initial_stream
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 
-class GradDrop(DirectionSurgery):
-    r"""GradDrop: per element, keep the positive or the negative task gradients, the likelier the purer.
+class GradDrop(DirectionAggregator):
+    r"""GradDrop: per feature, keep the positive or the negative task gradients, the likelier the purer.
 
     Paper: Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
-    Dropout*, NeurIPS 2020 (https://arxiv.org/abs/2010.06808), Algorithm 1, lines 10-15. Element
-    by element, with the gradient positive sign purity ``P``, ``U ~ Uniform(0, 1)`` drawn once
-    per element and ``l_k`` the leak of task k:
+    Dropout*, NeurIPS 2020 (https://arxiv.org/abs/2010.06808), Algorithm 1, as the authors ship it
+    (lingvo's ``GradDrop`` layer, ``lingvo/core/graddrop.py``, with its defaults). With ``g_k`` the
+    gradients of the losses w.r.t. the shared representation ``z`` (batch first), the sign signal
+    ``s_k = sum_b sgn(z_b) g_{k,b}`` (summed over the batch), ``U ~ Uniform(0, 1)`` drawn once per
+    feature and ``l_k`` the leak of task k:
 
     .. math::
 
-        P = \tfrac12 \Big(1 + \frac{\sum_k g_k}{\sum_k |g_k|}\Big),\quad
-        M_k = 1[P > U]\,1[g_k > 0] + 1[P < U]\,1[g_k < 0],\quad
-        d = \sum_k \big(l_k + (1 - l_k) M_k\big)\, g_k ,
+        P = \tfrac12 \Big(1 + \frac{\sum_k s_k}{\sum_k |s_k|}\Big),\quad
+        M_k = 1[s_k = 0] + 1[P \ge U]\,1[s_k > 0] + 1[P < U]\,1[s_k < 0],\quad
+        t = \sum_k \big(l_k + (1 - l_k) M_k\big)\, g_k ,
 
-    so in expectation element e receives ``sum_k (l_k + (1 - l_k) q_k) g_k`` with ``q_k = P`` for
-    a positive ``g_k`` and ``1 - P`` for a negative one. Where every task's gradient is zero,
-    ``d = 0`` (the paper's ratio is 0/0 there; any mask gives 0).
+    each feature's masks applied to every sample's gradients, and the result rescaled as lingvo's
+    ``keep_gradnorm_constant``: ``d = t ||t|| / ||o||`` with ``o = sum_k g_k`` the gradient the
+    plain sum of the losses would give (norms over the whole batch).
 
-    The paper applies GradDrop to the activations of the last shared layer, so
-    ``target="representation"`` is the default: the gradients on ``z``, one mask element per
-    batch element and feature. The paper's ``f(P)`` is the identity here, and its
-    multiplication of the gradients by ``sgn(z)`` (line 4, which needs the activations) is left
-    out, as torchjd 0.18 also does. ``U`` comes from the strategy's own generator (seeded from
-    torch's at construction or by ``seed``, saved in ``state_dict()``); for a fixed draw the
-    update is permutation invariant and scales with the gradients.
+    The three choices are options (all on by default, as the authors'):
+
+    - ``marginalize_batch`` (lingvo's ``marginalize_batch_dim``): one purity and one ``U`` per
+      feature from the batch-summed signal; off, one per (sample, feature) from each sample's
+      gradients (mtlzoo 0.1.0's only variant, and torchjd 0.18's on its matrix);
+    - ``input_sign`` (lingvo's ``use_input_sign_only``): the signal is the gradient times
+      ``sgn(z)``, the sign of the representation of the training forward this backward follows
+      (the paper's line 4); off, the gradient itself (LibMTL multiplies by ``sgn(z)`` too; torchjd
+      has no ``z``);
+    - ``rescale_norm`` (lingvo's ``keep_gradnorm_constant``): the rescaling above, which is what
+      lingvo's formula computes (its parameter's description speaks of keeping the norm constant,
+      which that formula does not do: mtlzoo follows the code the paper's results came from);
+      off, ``d = t`` (LibMTL).
+
+    On ``target="parameters"`` there is neither batch nor input: the gradients are one row per
+    task, ``s_k = g_k`` and ``U`` is drawn per element (the first two options do not apply). With
+    a zero signal (``s_k = 0``) a task's gradient is kept, as lingvo's mask does; where every task's
+    signal is 0 the purity is taken as 1/2. Lingvo's ``epsilon = 1e-7`` (in the purity's and the
+    rescaling's divisors, an absolute constant that makes the update depend on the gradients'
+    scale) is left out: divisions are exact, ``0 / 0`` giving ``d = 0``.
+
+    Worked example (issue 19): K = 2, a batch of 2, one feature, ``z = +1``, ``g_1 = (1, -3)``,
+    ``g_2 = (1, 0)``: ``s = (-2, 1)``, ``P = 1/3``; with probability 1/3 the positive task is kept,
+    ``t = (1, 0)``, else ``t = (1, -3)`` (lingvo's and LibMTL's answers; ``rescale_norm`` then
+    multiplies by ``||t|| / ||(2, -3)||``).
+
+    ``U`` comes from the strategy's own random stream (seeded from torch's at construction or by
+    ``seed``, saved in ``state_dict()``); for a fixed draw the update is permutation invariant
+    and scales with the gradients.
 
     Args:
         num_tasks: K.
-        target: ``"representation"`` (default) or ``"parameters"``.
+        target: ``"representation"`` (default, as the paper) or ``"parameters"``.
         leak: ``l``: one number for every task, or K numbers in [0, 1] (1 lets a task's gradient
             through untouched; the paper's transfer-learning setting leaks the main task).
+        marginalize_batch: Sum the signal over the batch (see above).
+        input_sign: Multiply the signal by ``sgn(z)`` (see above).
+        rescale_norm: lingvo's rescaling ``t ||t|| / ||o||`` (see above).
         seed: Seed of ``U``; ``None`` draws one from torch's generator.
 
     Example:
         >>> import torch, mtlzoo
-        >>> graddrop = mtlzoo.create("graddrop", num_tasks=2, target="parameters")
+        >>> graddrop = mtlzoo.create("graddrop", num_tasks=2, target="parameters", rescale_norm=False)
         >>> graddrop.aggregate(torch.tensor([[2.0, 1.0], [3.0, -1.0]]), torch.ones(2))[0]
         tensor(5.)
     """
 
     info = StrategyInfo(
         name="graddrop",
-        kind="surgery",
-        summary="Per element, keeps the positive or the negative task gradients at random, by sign purity.",
+        summary="Per feature, keeps the positive or the negative task gradients at random, by sign purity.",
         request=Request("representation", "gradients"),
         paper=Paper(
             authors=("Zhao Chen", "Jiquan Ngiam", "Yanping Huang", "Thang Luong", "Henrik Kretzschmar",
@@ -68,12 +94,13 @@ class GradDrop(DirectionSurgery):
         ),
         stochastic=True,
         cost="representation",
-        original_code="",
+        original_code="https://github.com/tensorflow/lingvo/blob/master/lingvo/core/graddrop.py",
     )
     unchecked_settings = ("seed",)
-    """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""
+    """A checkpoint carries the random stream's state, which replaces the one ``seed`` started."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, leak: float | Sequence[float] = 0.0,
+                 marginalize_batch: bool = True, input_sign: bool = True, rescale_norm: bool = True,
                  seed: int | None = None) -> None:
         super().__init__(num_tasks, target=target)
         values = torch.as_tensor(leak, dtype=torch.float64).detach().clone()
@@ -82,39 +109,52 @@ class GradDrop(DirectionSurgery):
         if values.shape != (num_tasks,) or not bool(((values >= 0) & (values <= 1)).all()):
             raise ValueError(f"Parameter `leak` should be a number or {num_tasks} numbers in [0, 1]. Found "
                              f"`leak = {leak!r}`.")
+        for name, flag in (("marginalize_batch", marginalize_batch), ("input_sign", input_sign),
+                           ("rescale_norm", rescale_norm)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"Parameter `{name}` should be True or False. Found `{name} = {flag!r}`.")
         self.leaks = values
-        self._leaky = bool((values > 0).any())
-        self.random = SeededGenerator(seed)
+        self.marginalize_batch = marginalize_batch
+        self.input_sign = input_sign
+        self.rescale_norm = rescale_norm
+        self._sign: Tensor | None = None
+        self.declare_state(per_step="every", generator=initial_stream(seed))
 
-    def direction_for(self, grads: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        # With g+ = max(g, 0) and g- = g - g+ (exact), S+- = sum_k g_k+-: P = S+ / (S+ - S-) (= (1 + sum_k g_k /
-        # sum_k |g_k|) / 2) and d = sum_k l_k g_k + 1[P > U] sum_k (1 - l_k) g_k+ + 1[P < U] sum_k (1 - l_k) g_k-:
-        # four passes over the K x n gradients, the rest on n-vectors. Where every g_k is 0, P is NaN (0/0), both
-        # masks are 0, and d = 0 as with any mask.
-        generator = self.random.on_device(grads.device)
-        flat = grads.reshape(grads.shape[0], -1)
-        positive = flat.clamp(min=0)
-        negative = flat - positive
-        up, down = positive.sum(0), negative.sum(0)
-        purity = up / (up - down)
-        draw = torch.rand(grads.shape[1:], generator=generator, device=grads.device).to(grads.dtype)  # any dtype
-        draw = draw.reshape(-1)
-        if self._leaky:
-            leaks = self.leaks.to(grads.device)[tasks.to(grads.device)].to(grads.dtype)
-            direction = leaks @ flat + (1 - leaks) @ positive * (purity > draw) + (1 - leaks) @ negative * (
-                purity < draw)
-        else:
-            direction = up * (purity > draw) + down * (purity < draw)
-        return direction.reshape(grads.shape[1:])
+    def adapt(self, z: Tensor, task: int) -> Tensor:
+        """Identity; a training forward's ``sgn(z)`` is kept for the backward that follows (``input_sign``)."""
+        if (self.input_sign and self.target == "representation" and self.training and torch.is_grad_enabled()
+                and task == 0):
+            self._sign = z.detach().sign()
+        return z
 
-    def _commit(self) -> None:
-        self.random.commit()
+    def aggregate(self, grads: Tensor, losses: Tensor, representation: Tensor | None = None) -> Tensor:
+        """Standalone: the update for ``(K, B, ...)`` gradients on a representation (``representation``: that
+        ``z``, whose sign ``input_sign`` reads; ``None``: a positive one), or for ``(K, n)`` gradients on the
+        parameters."""
+        self._sign = None if representation is None else representation.detach().sign()
+        return super().aggregate(grads, losses)
 
-    def _drop_staged(self) -> None:
-        self.random.rewind()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.random.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.random.load(state["generator"])
+    def combine(self, gradients: Tensor, inputs: StepInputs) -> Tensor:
+        leaks = self.leaks.to(gradients.device)[inputs.tasks.to(gradients.device)].to(gradients.dtype)
+        signal = gradients
+        per_sample = self.target == "representation"  # gradients (K, B, ...): the batch first
+        sign = self._sign
+        if per_sample and self.input_sign and sign is not None and sign.shape == gradients.shape[1:]:
+            signal = gradients * sign.to(gradients.dtype)
+        if per_sample and self.marginalize_batch:
+            signal = signal.sum(1, keepdim=True)
+        total, magnitude = signal.sum(0), signal.abs().sum(0)
+        purity = torch.where(magnitude > 0, 0.5 * (1 + total / torch.where(magnitude > 0, magnitude, 1)), 0.5)
+        with drawing(self.state) as generator:
+            if gradients.device.type != "cpu":  # a device generator seeded from the stream
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+                generator = torch.Generator(device=gradients.device).manual_seed(seed)
+            draw = torch.rand(purity.shape, generator=generator, device=gradients.device)
+        positive = purity >= draw.to(gradients.dtype)
+        masks = (signal == 0) | (positive & (signal > 0)) | (~positive & (signal < 0))
+        shape = (-1, *[1] * (gradients.dim() - 1))
+        update = ((leaks.view(shape) + (1 - leaks.view(shape)) * masks) * gradients).sum(0)
+        if self.rescale_norm:
+            plain = gradients.sum(0).norm()
+            update = update * torch.where(plain > 0, update.norm() / torch.where(plain > 0, plain, 1), 0)
+        return update

@@ -2,22 +2,16 @@ r"""Gradient Vaccine (Wang et al., ICLR 2021): steer each pair of gradients towa
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 import torch
-from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.strategies._surgery import GramianSurgery, SeededGenerator
-from mtlzoo.strategies.pcgrad import task_orders
+from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.strategies.pcgrad import drawing, initial_stream, task_orders
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 TARGET_LIMIT = 1 - 1e-6
 """Largest |φ̂| the correction divides by ``sqrt(1 - φ̂^2)`` with: a target of exactly 1 asks for an infinite step."""
-SMALL = 12
-"""Up to this many tasks the per-pair steps run on Python floats; above it, in numpy for all the rows at once."""
 
 
 def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
@@ -27,13 +21,9 @@ def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
     Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]`` (t = 0, 1, ...), as in
     :class:`GradVac`'s formula; ``P = C G`` (the products ``g_i^{PC} . g_j``) is kept up to date with
     each correction and ``||g_i^{PC}||^2 = (C P^T)_ii`` read afresh at every visit. The rows are
-    independent: up to :data:`SMALL` tasks they are done one by one on Python
-    floats, above it step t is taken for all of them at once in numpy (the same arithmetic).
+    independent, so step t is taken for all of them at once.
     """
     size = matrix.shape[0]
-    if size <= SMALL:
-        weights, updated = _vaccine_small(matrix.tolist(), targets.tolist(), beta, orders.tolist())
-        return np.array(weights), np.array(updated).reshape(size, size)
     rows = np.arange(size)
     norms = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
     updated = targets.copy()
@@ -59,38 +49,7 @@ def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
     return combination.sum(0), updated
 
 
-def _vaccine_small(matrix: list[list[float]], targets: list[list[float]], beta: float,
-                   orders: list[list[int]]) -> tuple[list[float], list[list[float]]]:
-    """:func:`vaccine_weights` on Python floats."""
-    size = len(matrix)
-    norms = [math.sqrt(max(matrix[j][j], 0.0)) for j in range(size)]
-    weights = [0.0] * size
-    updated = [list(row) for row in targets]
-    for i, order in enumerate(orders):
-        combination = [0.0] * size
-        combination[i] = 1.0
-        products = matrix[i]
-        for j in order:
-            norm_j = norms[j]
-            if j == i or norm_j == 0:
-                continue
-            norm = math.sqrt(max(sum(c * p for c, p in zip(combination, products)), 0.0))
-            if norm == 0:
-                continue
-            cosine = max(-1.0, min(1.0, products[j] / (norm * norm_j)))
-            target = targets[i][j]
-            if cosine < target:
-                capped = max(-TARGET_LIMIT, min(TARGET_LIMIT, target))
-                root = math.sqrt(1 - capped**2)
-                step = norm * (capped * math.sqrt(1 - cosine**2) - cosine * root) / (norm_j * root)
-                combination[j] += step
-                products = [p + step * m for p, m in zip(products, matrix[j])]
-            updated[i][j] = (1 - beta) * target + beta * cosine
-        weights = [w + c for w, c in zip(weights, combination)]
-    return weights, updated
-
-
-class GradVac(GramianSurgery):
+class GradVac(GramianAggregator):
     r"""GradVac: raise each pair's cosine similarity to an exponential moving average of its past values.
 
     Paper: Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization in
@@ -141,7 +100,6 @@ class GradVac(GramianSurgery):
 
     info = StrategyInfo(
         name="gradvac",
-        kind="surgery",
         summary="Raises each pair of task gradients to a moving-average cosine similarity, in random order.",
         request=Request("parameters", "gramian"),
         paper=Paper(
@@ -165,35 +123,16 @@ class GradVac(GramianSurgery):
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
         self.beta = float(beta)
-        self.random = SeededGenerator(seed)
-        self.register_buffer("targets", torch.zeros(num_tasks, num_tasks))
-        self._staged: dict[str, Tensor] = {}
+        self.declare_state(targets=torch.zeros(num_tasks, num_tasks))
+        self.declare_state(per_step="every", generator=initial_stream(seed))
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        index = tasks.cpu().numpy()
-        targets = self.targets.detach().cpu().numpy().astype(np.float64)[np.ix_(index, index)]
-        weights, updated = vaccine_weights(matrix, targets, self.beta,
-                                           task_orders(matrix.shape[0], self.random.begin()))
-        if micro_batch == 0:
-            staged = self.targets.detach().cpu().numpy().copy()
-            staged[np.ix_(index, index)] = updated  # rounded to the buffer's dtype
-            self._staged["targets"] = torch.from_numpy(staged).to(self.targets.device)
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        index = np.ix_(step.tasks, step.tasks)
+        # Every micro-batch of a step corrects towards the targets the step started with (the committed ones).
+        everyone = self.state.committed("targets").detach().cpu().numpy().astype(np.float64)
+        with drawing(self.state) as generator:
+            orders = task_orders(gramian.shape[0], generator)
+        weights, updated = vaccine_weights(gramian, everyone[index], self.beta, orders)
+        everyone[index] = updated
+        self.state.targets = torch.from_numpy(everyone)  # rounded to the buffer's dtype when committed
         return weights
-
-    def _commit(self) -> None:
-        for name, value in self._staged.items():
-            setattr(self, name, value)
-        self._staged = {}
-        self.random.commit()
-
-    def _drop_staged(self) -> None:
-        self._staged = {}
-        self.random.rewind()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.random.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.random.load(state["generator"])
-        self._staged = {}

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import from_host, lstsq, to_host, unit_trace
-from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.solvers import from_host, lstsq, to_host
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 IMTL_PAPER = Paper(
@@ -24,36 +24,41 @@ IMTL_PAPER = Paper(
 def equal_projection_weights(gramian: Tensor) -> Tensor:
     r"""IMTL-G's weights ``a`` for a Gramian: ``sum_k a_k = 1`` and ``d = J^T a`` with ``d . u_k`` equal for all k.
 
-    With ``u_k = g_k / ||g_k||`` the conditions read ``G a = t n`` (``n_k = ||g_k||``) and
-    ``1^T a = 1``, a (K+1) x (K+1) linear system in ``(a, t)``, solved in float64 on the
-    unit-trace Gramian by the pseudo-inverse (the minimum-norm least-squares solution where it is
-    singular; the cut-off is the input dtype's rounding). Tasks whose gradient is zero have no
-    direction to be impartial to: they take weight 0 and the others share the sum of 1.
+    With ``u_k = g_k / ||g_k||`` the conditions read ``G a = t n`` (``n_k = ||g_k||``) and ``1^T a = 1``. In
+    the variables ``b = n * a`` (``a_k = b_k / n_k``) they are ``C b = t 1`` on the correlation matrix
+    ``C = D^-1 G D^-1`` (``D = diag(n)``: the cosines of the task gradients, each known to the rounding of
+    the dtype the Gramian was computed in, whatever the gradients' sizes), with ``sum_k b_k / n_k = 1``: a
+    (K+1) x (K+1) bordered system, solved in float64 by the pseudo-inverse with the cut-off ``(K + 1) eps``
+    of that dtype. Its solution is the paper's wherever the Gramian determines it (singular values above
+    the Gramian's rounding), and the minimum-norm least-squares solution of the same conditions where rows
+    are linearly dependent up to rounding. Tasks whose gradient is zero have no direction to be impartial
+    to: they take weight 0 and the others share the sum of 1.
     """
     return from_host(equal_projection_host(to_host(gramian), float(torch.finfo(gramian.dtype).eps)), gramian)
 
 
 def equal_projection_host(matrix: np.ndarray, eps: float) -> np.ndarray:
-    """:func:`equal_projection_weights` on a float64 host Gramian computed in a dtype of rounding unit ``eps``:
-    the system is solved by :func:`mtlzoo.solvers.lstsq` with the cut-off of the pseudo-inverse."""
-    unit = unit_trace(matrix)
-    norms = np.sqrt(np.clip(np.diag(unit), 0.0, None))
+    """:func:`equal_projection_weights` on a float64 host Gramian computed in a dtype of rounding unit ``eps``."""
+    norms = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
     weights = np.zeros(len(norms))
-    present = norms > 0
-    count = int(present.sum())
+    present = np.flatnonzero(norms > 0)
+    count = len(present)
     if count == 0:
         return weights
+    sizes = norms[present]
+    inverse = 1.0 / sizes
+    largest = float(inverse.max())
     system = np.zeros((count + 1, count + 1))
-    system[:count, :count] = unit[np.ix_(present, present)] if count < len(norms) else unit
-    system[:count, count] = -norms[present]
-    system[count, :count] = 1.0
+    system[:count, :count] = matrix[np.ix_(present, present)] / np.outer(sizes, sizes)
+    system[:count, count] = -1.0
+    system[count, :count] = inverse / largest  # sum_k b_k / n_k = 1, divided by its largest coefficient
     rhs = np.zeros(count + 1)
-    rhs[count] = 1.0
-    weights[present] = lstsq(system, rhs, cutoff=10 * (count + 1) * eps)[:count]
+    rhs[count] = 1.0 / largest
+    weights[present] = lstsq(system, rhs, cutoff=(count + 1) * eps)[:count] * inverse
     return weights
 
 
-class IMTLG(GramianSurgery):
+class IMTLG(GramianAggregator):
     r"""IMTL-G: weights summing to one whose combined gradient has equal projections on every task's direction.
 
     Paper: Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021
@@ -65,9 +70,11 @@ class IMTLG(GramianSurgery):
 
     whose closed form is the paper's ``a_{2:K} = g_1 U^\top (D U^\top)^{-1}`` (``D``, ``U`` the
     differences ``g_1 - g_k``, ``u_1 - u_k``), ``a_1 = 1 - \sum_{k>1} a_k``. Here the same
-    conditions are solved on the Gramian as one linear system (``G a = t ||g||``, ``1^T a = 1``,
-    see :func:`equal_projection_weights`), which gives the paper's weights whenever its inverse
-    exists, and otherwise the minimum-norm least-squares solution of the same conditions: with
+    conditions are solved on the Gramian as one linear system (``G a = t ||g||``, ``1^T a = 1``, on
+    the cosines of the gradients, see :func:`equal_projection_weights`), which gives the paper's
+    weights whenever the Gramian determines them (in a float32 step too: the cut-off is the
+    rounding of the float32 cosines, not a multiple of it that would drop components the Gramian
+    still resolves), and otherwise the minimum-norm least-squares solution of the same conditions: with
     linearly dependent rows the only update with equal projections is often ``d = 0``, which is
     what it then returns (two opposite gradients give 0, whatever their sizes). The weights do
     not depend on the gradients' scale.
@@ -94,7 +101,6 @@ class IMTLG(GramianSurgery):
 
     info = StrategyInfo(
         name="imtl_g",
-        kind="surgery",
         summary="Weights summing to one whose combined gradient projects equally on every task's direction.",
         request=Request("representation", "gramian"),
         paper=IMTL_PAPER,
@@ -106,6 +112,5 @@ class IMTLG(GramianSurgery):
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:
         super().__init__(num_tasks, target=target)
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        return equal_projection_host(matrix, eps)
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        return equal_projection_host(gramian, step.eps)

@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import math
 import warnings
-from operator import mul
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.linalg import lapack
-from torch import Tensor
+from torch import nn
 
-from mtlzoo import solvers
 from mtlzoo.errors import SolverWarning
-from mtlzoo.protocol import Request, StepInputs, Update
+from mtlzoo.protocol import Request
+from mtlzoo.roles import ClipNorm, EveryNSteps, GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategies._surgery import GramianSurgery
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies.si import NASH_MTL_PAPER
+from mtlzoo.strategy import StrategyInfo, Target
 
 _EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
 """Squared norm (on the unit-Frobenius Gramian) below which the gradients' hull is taken to contain 0."""
-SMALL_STEPS = 20
-"""Newton steps that :func:`small_bargaining_weights` takes at most: a warm start needs two or three, a cold one
-about ten; more is the mark of a near-stationary, ill-conditioned problem, left to the numpy path as before."""
 
 
 def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: int = 200) -> tuple[np.ndarray, bool]:
@@ -54,84 +51,6 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
     return alpha, False
 
 
-def _quadratic(matrix: list[list[float]], vector: list[float]) -> float:
-    """``v^T M v`` on Python floats."""
-    return sum(value * sum(map(mul, row, vector)) for value, row in zip(vector, matrix))
-
-
-def _newton_step(gramian: list[list[float]], alpha: list[float], gradient: list[float]) -> list[float] | None:
-    """The Newton step ``-(G + diag(1 / α^2))^{-1} ∇`` on Python floats: the Hessian's Cholesky factor, row by row
-    with the forward substitution, then the backward one; ``None`` at a pivot that is not positive (rounding)."""
-    size = len(alpha)
-    factor: list[list[float]] = []
-    forward: list[float] = []
-    for i in range(size):
-        source = gramian[i]
-        row: list[float] = []
-        for j in range(i):
-            other = factor[j]
-            value = source[j]
-            for k in range(j):
-                value -= row[k] * other[k]
-            row.append(value / other[j])
-        pivot = source[i] + 1.0 / (alpha[i] * alpha[i])
-        for value in row:
-            pivot -= value * value
-        if not pivot > 0:
-            return None
-        root = math.sqrt(pivot)
-        row.append(root)
-        factor.append(row)
-        value = -gradient[i]
-        for k in range(i):
-            value -= row[k] * forward[k]
-        forward.append(value / root)
-    step = [0.0] * size
-    for i in range(size - 1, -1, -1):
-        value = forward[i]
-        for k in range(i + 1, size):
-            value -= factor[k][i] * step[k]
-        step[i] = value / factor[i][i]
-    return step
-
-
-def small_bargaining_weights(gramian: list[list[float]], start: list[float],
-                             max_iterations: int) -> list[float] | None:
-    """:func:`bargaining_weights` on Python floats (up to :data:`mtlzoo.solvers.SMALL` tasks): the same start, damped
-    Newton steps and stopping rule, each Newton system solved by a Cholesky factorisation of the Hessian
-    ``G + diag(1 / α^2)`` (:func:`_newton_step`). Only a converged, finite answer is returned: ``None`` where a
-    pivot is not positive (rounding), where the arithmetic fails (a zero or overflowing iterate) or where Newton's
-    method does not converge in ``max_iterations`` steps; the caller then runs :func:`bargaining_weights` from the
-    same start, so that every such case is the numpy path's, warnings included.
-
-    Near the solution both paths' iterates agree to rounding times the Hessian's condition number: on a
-    well-conditioned problem the answers agree to ~1e-15, on a near-stationary one (large ``α``) less closely,
-    as two runs of either path on inputs one rounding apart would."""
-    size = len(start)
-    alpha = [value if value > 0 else 1.0 for value in start]
-    try:
-        curvature = _quadratic(gramian, alpha)
-        if curvature > 0:
-            scale = math.sqrt(size / curvature)
-            alpha = [value * scale for value in alpha]
-        for _ in range(max_iterations):
-            gradient = [sum(map(mul, row, alpha)) - 1.0 / value for row, value in zip(gramian, alpha)]
-            step = _newton_step(gramian, alpha, gradient)
-            if step is None:
-                return None
-            decrement = math.sqrt(max(-sum(map(mul, gradient, step)), 0.0))
-            if decrement < 1e-10:
-                return alpha if all(map(math.isfinite, alpha)) else None
-            if decrement > 0.25:
-                damping = 1.0 + decrement
-                alpha = [value + change / damping for value, change in zip(alpha, step)]
-            else:
-                alpha = [value + change for value, change in zip(alpha, step)]
-    except (ArithmeticError, ValueError):  # ZeroDivisionError, OverflowError; math.sqrt of a negative
-        return None
-    return None
-
-
 def _zero_rows_message(rows: list[int]) -> str:
     return (f"Nash-MTL: the gradients of tasks (rows) {rows} are zero, so the bargaining problem has no solution; "
             "they get weight 0 and the other tasks bargain among themselves.")
@@ -146,8 +65,12 @@ def _not_converged_message(max_iterations: int) -> str:
             "Pareto-stationary); its last iterate is used.")
 
 
-class NashMTL(GramianSurgery):
-    r"""Nash-MTL: the update on which the tasks would agree in a Nash bargaining game.
+NASH_PAPER = NASH_MTL_PAPER
+"""The paper (SI, the scale-invariant loss weighting, comes from it too)."""
+
+
+class NashBargaining(GramianAggregator):
+    r"""The Nash bargaining weights among the tasks, unclipped and recomputed every step (Nash-MTL's core).
 
     Paper: Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
     (https://arxiv.org/abs/2202.01017), Algorithm 1. The Nash bargaining solution of
@@ -159,15 +82,10 @@ class NashMTL(GramianSurgery):
 
     so ``||d||^2 = α^T G α = K`` whatever the gradients' (or the losses') scale. The authors
     approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS, on ``G`` divided
-    by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is
-    computed to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised
-    ``Ĝ`` by damped Newton steps, warm-started at the previous step's ``α``, and scaled back:
-    on Python floats after one transfer of the Gramian up to :data:`mtlzoo.solvers.SMALL` tasks
-    (at most :data:`SMALL_STEPS` steps), on numpy / LAPACK beyond and where those steps do not
-    converge. As the authors' code, the update is clipped to norm ``max_norm``
-    (``||J^T α|| <= max_norm``, so with the default 1.0 and K >= 2 it has norm 1; 0 disables
-    the clipping), and with ``update_weights_every = m`` the weights are recomputed every m-th
-    optimizer step and reused (then clipped anew) in between.
+    by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is computed
+    to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised ``Ĝ`` by
+    damped Newton steps (:func:`bargaining_weights`, LAPACK), warm-started at the previous
+    step's ``α``, and scaled back.
 
     When the bargaining problem has no solution:
 
@@ -179,159 +97,42 @@ class NashMTL(GramianSurgery):
     - Newton's method not converged in ``max_iterations`` steps (near-stationary gradients): its
       last iterate is used, with a :class:`~mtlzoo.errors.SolverWarning`.
 
-    Running state: the previous weights (a ``(K,)`` buffer, ones at first as the authors' code)
-    and the optimizer step count; both advance at ``advance()``, from the step's first
-    micro-batch. A task absent from a step keeps its previous weight.
+    Running state: the last weights (``previous_weights``, a ``(K,)`` buffer, ones at first as the
+    authors' code), the warm start, staged by the step's first micro-batch; a task absent from a
+    step keeps its previous weight.
 
     Args:
         num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"``.
-        max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
-        update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).
-
-    Example:
-        >>> import torch, mtlzoo
-        >>> nash = mtlzoo.create("nash_mtl", num_tasks=2, max_norm=0.0)
-        >>> nash.aggregate(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2))
-        tensor([1., 1.])
     """
 
     info = StrategyInfo(
-        name="nash_mtl",
-        kind="surgery",
-        summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
+        name="nash_bargaining",
+        summary="Nash bargaining weights among the tasks: alpha_k (G alpha)_k = 1 (Nash-MTL unclipped).",
         request=Request("parameters", "gramian"),
-        paper=Paper(
-            authors=("Aviv Navon", "Aviv Shamsian", "Idan Achituve", "Haggai Maron", "Kenji Kawaguchi",
-                     "Gal Chechik", "Ethan Fetaya"),
-            title="Multi-Task Learning as a Bargaining Game",
-            venue="ICML",
-            year=2022,
-            url="https://arxiv.org/abs/2202.01017",
-        ),
-        properties=frozenset(),
+        paper=NASH_PAPER,
         cost="parameters",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
-    """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices,
-    where Nash-MTL warns. Where its problem has a solution it is permutation invariant, and its update does not
-    depend on the gradients' scale (tests/strategies/test_nash_mtl.py)."""
 
-    def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
-                 update_weights_every: int = 1, max_iterations: int = 200) -> None:
+    def __init__(self, num_tasks: int, *, target: Target | None = None, max_iterations: int = 200) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not (
-                max_norm >= 0 and math.isfinite(max_norm)):
-            raise ValueError(f"Parameter `max_norm` should be a non-negative number. Found `max_norm = {max_norm!r}`.")
-        for name, value in (("update_weights_every", update_weights_every), ("max_iterations", max_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
-        self.max_norm = float(max_norm)
-        self.update_weights_every = update_weights_every
+        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+            raise ValueError(f"Parameter `max_iterations` should be a positive int. Found `max_iterations = "
+                             f"{max_iterations!r}`.")
         self.max_iterations = max_iterations
-        self.register_buffer("previous_weights", torch.ones(num_tasks))
-        self.step = 0
-        self._staged: dict[str, Tensor] = {}
+        self.declare_state(previous_weights=torch.ones(num_tasks))
 
-    def compute(self, inputs: StepInputs) -> Update:
-        gramian = inputs.gramian
-        assert gramian is not None
-        if gramian.shape[0] <= solvers.SMALL:  # one transfer, then Python floats
-            rows = gramian.tolist()
-            if math.isfinite(sum(map(sum, rows))):  # else the base class (its finiteness check, numpy)
-                weights = self._small_weights(rows, inputs.tasks.tolist(), inputs.micro_batch)
-                return Update(weights=torch.tensor(weights, dtype=gramian.dtype, device=gramian.device))
-        return super().compute(inputs)
-
-    def weights_for(self, gramian: Tensor, losses: Tensor, tasks: Tensor, micro_batch: int) -> Tensor:
-        if gramian.shape[0] <= solvers.SMALL:
-            weights = self._small_weights(gramian.tolist(), tasks.tolist(), micro_batch)
-            return torch.tensor(weights, dtype=gramian.dtype, device=gramian.device)
-        return super().weights_for(gramian, losses, tasks, micro_batch)
-
-    def _small_weights(self, rows: list[list[float]], tasks: list[int], micro_batch: int) -> list[float]:
-        """:meth:`host_weights` on Python floats (up to :data:`mtlzoo.solvers.SMALL` tasks): the same state, solve
-        (:meth:`_small_solve`) and clipping."""
-        buffer = self.previous_weights
-        everyone = buffer.tolist()
-        previous = [everyone[k] for k in tasks]
-        if self.step % self.update_weights_every == 0:
-            alpha = self._small_solve(rows, previous)
-            if micro_batch == 0:
-                for k, value in zip(tasks, alpha):
-                    everyone[k] = value  # rounded to the buffer's dtype below
-                self._staged["previous_weights"] = torch.tensor(everyone, dtype=buffer.dtype, device=buffer.device)
-        else:
-            alpha = previous
-        if self.max_norm > 0:
-            norm = math.sqrt(max(_quadratic(rows, alpha), 0.0))
-            if norm > self.max_norm:
-                scale = self.max_norm / norm
-                alpha = [value * scale for value in alpha]
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        everyone = self.state.previous_weights.detach().cpu().to(torch.float64)
+        alpha = self.solve(gramian, everyone.numpy()[step.tasks])
+        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(alpha)
+        self.state.previous_weights = everyone  # rounded to the buffer's dtype when committed
         return alpha
 
-    def _small_solve(self, raw: list[list[float]], previous: list[float]) -> list[float]:
-        """:meth:`_solve` on Python floats: at most :data:`SMALL_STEPS` Newton steps by
-        :func:`small_bargaining_weights`; where they do not converge, :func:`bargaining_weights` (numpy) from the same
-        start and on the same normalised Gramian (bit for bit), as :meth:`_solve`; the hull test (rare) on numpy."""
-        count = len(raw)
-        array = np.array(raw)
-        size = math.sqrt(float((array * array).sum()))  # ||G||_F, rounded as :meth:`_solve` rounds it
-        matrix = [[value / size for value in row] for row in raw] if size > 0 else [[0.0] * count for _ in raw]
-        present = [k for k in range(count) if matrix[k][k] > 0]
-        alpha = [0.0] * count
-        if len(present) < count:
-            warnings.warn(_zero_rows_message([k for k in range(count) if not matrix[k][k] > 0]), SolverWarning,
-                          stacklevel=5)
-        if present:
-            sub = matrix if len(present) == count else [[matrix[i][j] for j in present] for i in present]
-            root = math.sqrt(size)
-            start = [previous[k] * root for k in present]
-            solution = small_bargaining_weights(sub, start, min(self.max_iterations, SMALL_STEPS))
-            converged = solution is not None
-            if solution is None:  # the numpy path, as :meth:`_solve`
-                with np.errstate(all="ignore"):
-                    try:
-                        found, converged = bargaining_weights(np.array(sub), np.array(start), self.max_iterations)
-                    except np.linalg.LinAlgError:
-                        found, converged = np.ones(len(start)), False
-                converged = converged and bool(np.isfinite(found).all())
-                solution = found.tolist()
-            # The hull test is skipped where the solution bounds the hull away from 0, as in :meth:`_solve`.
-            largest = max(solution)
-            if not (converged and 0.5 / (len(present) * largest * largest) > STATIONARY * sum(
-                    sub[k][k] for k in range(len(present)))):
-                block = np.array(sub)
-                hull = min_norm_weights(clean_gramian(block, _EPS))
-                if float(hull @ block @ hull) <= STATIONARY * float(np.trace(block)):
-                    warnings.warn(_STATIONARY_MESSAGE, SolverWarning, stacklevel=5)
-                    return alpha
-            if not converged:
-                warnings.warn(_not_converged_message(self.max_iterations), SolverWarning, stacklevel=5)
-            for k, value in zip(present, solution):
-                alpha[k] = value / root  # the solution for the raw Gramian
-        return alpha
-
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        index = tasks.cpu().numpy()
-        previous = self.previous_weights.detach().cpu().numpy().astype(np.float64)[index]
-        if self.step % self.update_weights_every == 0:
-            alpha = self._solve(matrix, previous)
-            if micro_batch == 0:
-                staged = self.previous_weights.detach().cpu().numpy().copy()
-                staged[index] = alpha  # rounded to the buffer's dtype
-                self._staged["previous_weights"] = torch.from_numpy(staged).to(self.previous_weights.device)
-        else:
-            alpha = previous
-        if self.max_norm > 0:
-            norm = math.sqrt(max(float(alpha @ matrix @ alpha), 0.0))
-            if norm > self.max_norm:
-                alpha = alpha * (self.max_norm / norm)
-        return alpha
-
-    def _solve(self, raw: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    def solve(self, raw: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """``α`` for the raw Gramian, from the warm start ``previous`` (see the class's docstring)."""
         size = math.sqrt(float((raw * raw).sum()))  # ||G||_F
         matrix = raw / size if size > 0 else np.zeros_like(raw)
         present = np.diag(matrix) > 0
@@ -361,18 +162,71 @@ class NashMTL(GramianSurgery):
             alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 
-    def _commit(self) -> None:
-        for name, value in self._staged.items():
-            setattr(self, name, value)
-        self._staged = {}
-        self.step += 1
 
-    def _drop_staged(self) -> None:
-        self._staged = {}
+class NashMTL(ClipNorm):
+    r"""Nash-MTL: the update on which the tasks would agree in a Nash bargaining game, clipped, as the authors run it.
 
-    def extra_state(self) -> dict[str, Any]:
-        return {"step": self.step}
+    Paper: Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
+    (https://arxiv.org/abs/2202.01017). A composition of the public roles: the bargaining weights
+    (:class:`NashBargaining`, ``α_k (G α)_k = 1``), recomputed every ``update_weights_every``-th
+    optimizer step and reused in between (:class:`~mtlzoo.roles.EveryNSteps`), the update then
+    clipped to norm ``max_norm`` (:class:`~mtlzoo.roles.ClipNorm`: ``||J^T α|| <= max_norm``, so with
+    the default 1.0 and K >= 2 it has norm 1; 0 disables the clipping), as the authors' code does.
+    The same modifiers wrap any Gramian aggregator (``ClipNorm(EveryNSteps(UPGrad(3), 4), 1.0)``).
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._staged = {}
+    Running state: the bargaining weights' warm start (``inner.inner.previous_weights``), the
+    weights reused between recomputations and the optimizer step count (``inner.weights``,
+    ``inner``'s ``steps``). A checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and
+    ``step`` at the top) loads into this layout.
+
+    Args:
+        num_tasks: K.
+        target: ``"parameters"`` (default) or ``"representation"``.
+        max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
+        update_weights_every: Recompute the weights every this many optimizer steps.
+        max_iterations: Newton steps before giving up (with a warning).
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> nash = mtlzoo.create("nash_mtl", num_tasks=2, max_norm=0.0)
+        >>> nash.aggregate(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2))
+        tensor([1., 1.])
+    """
+
+    info = StrategyInfo(
+        name="nash_mtl",
+        summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
+        request=Request("parameters", "gramian"),
+        paper=NASH_PAPER,
+        properties=frozenset(),
+        cost="parameters",
+        original_code="https://github.com/AvivNavon/nash-mtl",
+    )
+    """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices,
+    where Nash-MTL warns. Where its problem has a solution it is permutation invariant, and its update does not
+    depend on the gradients' scale (tests/strategies/test_nash_mtl.py)."""
+
+    def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
+                 update_weights_every: int = 1, max_iterations: int = 200) -> None:
+        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
+                or update_weights_every < 1:
+            raise ValueError(f"Parameter `update_weights_every` should be a positive int. Found "
+                             f"`update_weights_every = {update_weights_every!r}`.")
+        core = NashBargaining(num_tasks, target=target, max_iterations=max_iterations)
+        super().__init__(EveryNSteps(core, update_weights_every), max_norm=max_norm)
+        self.register_load_state_dict_pre_hook(_from_flat_checkpoint)
+
+
+def _from_flat_checkpoint(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Map a checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and the extra state's ``step`` on the
+    strategy itself) onto the composition: the warm start and the reused weights are the old previous weights,
+    the step count the old one."""
+    old = state_dict.pop(prefix + "previous_weights", None)
+    if old is None or prefix + "inner.weights" in state_dict:
+        return
+    extra = state_dict.get(prefix + "_extra_state")
+    saved = extra.get("state", {}) if isinstance(extra, Mapping) else {}
+    state_dict[prefix + "inner.inner.previous_weights"] = old
+    state_dict[prefix + "inner.weights"] = old.to(torch.float64)
+    state_dict[prefix + "inner._extra_state"] = {"settings": {}, "state": {"steps": int(saved.get("step", 0))}}
+    state_dict[prefix + "inner.inner._extra_state"] = {"settings": {}, "state": {}}

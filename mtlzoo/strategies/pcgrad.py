@@ -2,19 +2,39 @@ r"""PCGrad (Yu et al., NeurIPS 2020): project away the conflicting part of each 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.strategies._surgery import GramianSurgery, SeededGenerator
+from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.state import RunningState
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
-SMALL = 24
-"""Up to this many tasks the per-pair steps run on Python floats (numpy's per-call overhead dominates there);
-above it, step t runs for all the rows at once in numpy."""
+
+def initial_stream(seed: int | None) -> bytes:
+    """The initial state of a stochastic aggregator's random stream (a CPU ``torch.Generator``'s, as bytes).
+
+    Seeded by ``seed``, or by a number drawn from torch's global generator (so that a run is deterministic given
+    ``torch.manual_seed``). Declared as the running-state field ``generator`` (``per_step="every"``: each
+    micro-batch draws on from where the previous one stopped), so that the base class stages what a step draws,
+    commits it when the optimizer step is taken, rewinds it when the step is skipped, and saves it in
+    ``state_dict()``: a resumed run draws what the uninterrupted one would.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator().manual_seed(seed).get_state().numpy().tobytes()
+
+
+@contextmanager
+def drawing(state: RunningState) -> Iterator[torch.Generator]:
+    """A CPU generator at the stream's current state (``state.generator``); what is drawn from it is staged."""
+    generator = torch.Generator()
+    generator.set_state(torch.frombuffer(bytearray(state.generator), dtype=torch.uint8))
+    yield generator
+    state.generator = generator.get_state().numpy().tobytes()
 
 
 def task_orders(size: int, generator: torch.Generator) -> np.ndarray:
@@ -28,13 +48,10 @@ def projected_weights(matrix: np.ndarray, orders: np.ndarray) -> np.ndarray:
 
     Row i of ``C`` starts at ``e_i`` and visits the tasks ``j = orders[i, t]`` (t = 0, 1, ...): if
     ``g_i^{PC} . g_j < 0`` (and ``j != i``, ``g_j != 0``), ``C_ij -= g_i^{PC} . g_j / ||g_j||^2``. The
-    products ``P = C G`` (``P_ij = g_i^{PC} . g_j``) are kept up to date with each step. The rows are
-    independent: up to :data:`SMALL` tasks they are done one by one on Python floats, above it step t
-    is taken for all of them at once in numpy (the same arithmetic, row by row).
+    products ``P = C G`` (``P_ij = g_i^{PC} . g_j``) are kept up to date with each step; the rows are
+    independent, so step t is taken for all of them at once.
     """
     size = matrix.shape[0]
-    if size <= SMALL:
-        return np.array(_projected_small(matrix.tolist(), orders.tolist()))
     rows = np.arange(size)
     diagonal = np.diag(matrix)
     combination = np.eye(size)
@@ -50,23 +67,7 @@ def projected_weights(matrix: np.ndarray, orders: np.ndarray) -> np.ndarray:
     return combination.sum(0)
 
 
-def _projected_small(matrix: list[list[float]], orders: list[list[int]]) -> list[float]:
-    """:func:`projected_weights` on Python floats."""
-    size = len(matrix)
-    weights = [0.0] * size
-    for i, order in enumerate(orders):
-        weights[i] += 1.0
-        products = matrix[i]
-        for j in order:
-            product, divisor = products[j], matrix[j][j]
-            if j != i and divisor > 0 and product < 0:
-                step = -product / divisor
-                weights[j] += step
-                products = [p + step * m for p, m in zip(products, matrix[j])]
-    return weights
-
-
-class PCGrad(GramianSurgery):
+class PCGrad(GramianAggregator):
     r"""PCGrad: each task's gradient loses its component along every other gradient it conflicts with.
 
     Paper: Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020
@@ -79,7 +80,11 @@ class PCGrad(GramianSurgery):
         g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j,
         \qquad d = \sum_i g_i^{PC}
 
-    (projections against the original ``g_j``, as the authors' code). Tasks that conflict with
+    (projections against the original ``g_j``, as the authors' code). Task i skips itself (``j != i``):
+    the authors' code (``pc_grad_update``) and its ports (LibMTL, torchjd's ``PCGrad``) visit ``j = i`` too,
+    where ``g_i^{PC} . g_i`` is negative only after earlier projections have turned ``g_i^{PC}`` against
+    ``g_i``; that visit then removes the component along ``g_i`` itself. Skipping it follows the paper's
+    Algorithm 1 ("for each g_j, j != i"); the two differ only on such rows. Tasks that conflict with
     no other are left as they are, so without any conflict ``d`` is the plain sum. Computed on
     the Gramian (``g_i^{PC} = sum_k C_ik g_k``), so the update is a weighting ``J^T C^T 1``. A
     zero gradient projects nothing.
@@ -103,7 +108,6 @@ class PCGrad(GramianSurgery):
 
     info = StrategyInfo(
         name="pcgrad",
-        kind="surgery",
         summary="Projects each task gradient off the gradients it conflicts with, in random order, then sums.",
         request=Request("parameters", "gramian"),
         paper=Paper(
@@ -123,20 +127,9 @@ class PCGrad(GramianSurgery):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, seed: int | None = None) -> None:
         super().__init__(num_tasks, target=target)
-        self.random = SeededGenerator(seed)
+        self.declare_state(per_step="every", generator=initial_stream(seed))
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        return projected_weights(matrix, task_orders(matrix.shape[0], self.random.begin()))
-
-    def _commit(self) -> None:
-        self.random.commit()
-
-    def _drop_staged(self) -> None:
-        self.random.rewind()
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.random.state()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.random.load(state["generator"])
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        with drawing(self.state) as generator:
+            orders = task_orders(gramian.shape[0], generator)
+        return projected_weights(gramian, orders)

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from mtlzoo.protocol import Request
-from mtlzoo.solvers import clean_gramian, definite_dual_cone, definite_unit, dual_cone_weights, unit_trace
-from mtlzoo.strategies._surgery import GramianSurgery
+from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 JD_PAPER = Paper(
@@ -33,20 +33,13 @@ def preference(values: Sequence[float] | Tensor | None, num_tasks: int) -> Tenso
     return vector
 
 
-def present_preference(vector: Tensor | None, tasks: Tensor, like: Tensor) -> Tensor:
-    """The preference of the present tasks: the given entries, or ``1/K'`` each."""
-    if vector is None:
-        return torch.full(tasks.shape, 1.0 / tasks.shape[0], dtype=like.dtype, device=like.device)
-    return vector.to(like.device)[tasks.to(like.device)].to(like.dtype)
-
-
 def check_eps(reg_eps: float) -> float:
     if isinstance(reg_eps, bool) or not isinstance(reg_eps, (int, float)) or not reg_eps >= 0:
         raise ValueError(f"Parameter `reg_eps` should be a non-negative number. Found `reg_eps = {reg_eps!r}`.")
     return float(reg_eps)
 
 
-class DualConeSurgery(GramianSurgery):
+class DualConeSurgery(GramianAggregator):
     """What UPGrad and DualProj share: an optional preference vector over the tasks and a Gramian
     regularisation ``reg_eps``, and the properties those settings break."""
 
@@ -59,16 +52,16 @@ class DualConeSurgery(GramianSurgery):
         self.pref_vector = preference(pref_vector, num_tasks)
         self.reg_eps = check_eps(reg_eps)
 
-    def host_problem(self, matrix: np.ndarray, eps: float, tasks: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The host Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive
-        semi-definite) and the preference of the present tasks (``1/K'`` each, or the given entries)."""
-        return clean_gramian(unit_trace(matrix, self.reg_eps), eps), self.host_preference(matrix.shape[0], tasks)
-
-    def host_preference(self, size: int, tasks: Tensor) -> np.ndarray:
-        """The preference of the present tasks on the host: ``1/K'`` each, or the given entries."""
+    def problem(self, gramian: np.ndarray, step: HostStep) -> tuple[np.ndarray, np.ndarray]:
+        """The Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive semi-definite on
+        the rows' own scales by :func:`mtlzoo.solvers.clean_gramian`) and the preference of the present tasks
+        (``1/K'`` each, or the given entries)."""
+        size = gramian.shape[0]
         if self.pref_vector is None:
-            return np.full(size, 1.0 / size) if size else np.zeros(0)
-        return self.pref_vector.numpy()[tasks.cpu().numpy()]
+            weights = np.full(size, 1.0 / size) if size else np.zeros(0)
+        else:
+            weights = self.pref_vector.numpy()[step.tasks]
+        return clean_gramian(unit_trace(gramian, self.reg_eps), step.eps), weights
 
     @property
     def properties(self) -> frozenset[str]:
@@ -121,7 +114,6 @@ class UPGrad(DualConeSurgery):
 
     info = StrategyInfo(
         name="upgrad",
-        kind="surgery",
         summary="Mean of the task gradients, each projected onto the dual cone of all of them (Jacobian descent).",
         request=Request("parameters", "gramian"),
         paper=JD_PAPER,
@@ -133,14 +125,6 @@ class UPGrad(DualConeSurgery):
 
     regularization_breaks = frozenset({"non_conflicting", "linear_under_scaling"})
 
-    def host_weights(self, matrix: np.ndarray, eps: float, losses: Tensor, tasks: Tensor,
-                     micro_batch: int) -> np.ndarray:
-        definite = definite_unit(matrix, eps, self.reg_eps)  # small and safely positive definite: Python floats
-        if definite is not None:
-            weights = self.host_preference(matrix.shape[0], tasks).tolist()
-            targets = [[value if i == k else 0.0 for i in range(len(weights))] for k, value in enumerate(weights)]
-            solutions = definite_dual_cone(targets, definite)
-            if solutions is not None:
-                return np.array([sum(column) for column in zip(*solutions)])
-        unit, weights = self.host_problem(matrix, eps, tasks)
+    def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        unit, weights = self.problem(gramian, step)
         return dual_cone_weights(np.diag(weights), unit).sum(0)  # project_to_dual_cone's solver, on the host

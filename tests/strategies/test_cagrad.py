@@ -74,7 +74,6 @@ def test_an_early_stop_of_slsqp_warns(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(module, "minimize", failing)
     monkeypatch.setattr(module, "_interior_optimum", lambda *args: None)  # SLSQP runs also where Newton would do
-    monkeypatch.setattr(module, "definite_conflict_averse", lambda *args: None)  # and where the active set would
     with pytest.warns(SolverWarning, match="SLSQP stopped without converging"):
         update = mtlzoo.create("cagrad", num_tasks=3).aggregate(MATRIX, ONES)
     assert bool(torch.isfinite(update).all())

@@ -100,3 +100,24 @@ def test_imtl_trains_its_scales_through_the_wrapper() -> None:
     torch.testing.assert_close(mtl.strategy.loss_scales.log_scales.grad, losses - 1, rtol=1e-4, atol=1e-5)
     mtl.step(optimizer)
     assert bool((mtl.strategy.loss_scales.log_scales != 0).all())
+
+
+def test_a_float32_step_gives_the_papers_weights_on_nearly_dependent_gradients() -> None:
+    """Issue 19, item 2: rows c v + 2e-3 noise (c = 1, 3, 0.5; n = 200), cast to float32 as a step computes them.
+    Reference: the paper's closed form a_{2:K} = g_1 U^T (D U^T)^{-1} in float64 (closed_form above). The
+    float32 Gramian still determines the weights (the cosines' smallest singular value, ~1e-5, is far above
+    float32's rounding): the float32 step's weights are the paper's to the float32 Gramian's rounding
+    amplified by that conditioning (~1e-2), and its update is as long as the paper's. Before the fix the
+    solver's cut-off of 10 (K+1) eps dropped that component: weights [0.388, 0.170, 0.442], an update 1.58x
+    the paper's."""
+    generator = torch.Generator().manual_seed(1)
+    direction = torch.randn(200, generator=generator, dtype=torch.float64)
+    noise = torch.randn(3, 200, generator=generator, dtype=torch.float64)
+    rows = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)[:, None] * direction + 2e-3 * noise
+    expected = closed_form(rows)
+    single = rows.float()
+    weights = mtlzoo.create("imtl_g", num_tasks=3).gramian_weights(single @ single.T, torch.ones(3))
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.double(), expected, rtol=0, atol=1e-2)
+    ratio = float((weights.double() @ rows).norm() / (expected @ rows).norm())
+    assert abs(ratio - 1) < 1e-2

@@ -54,28 +54,64 @@ def test_clipped_to_max_norm_and_reused_between_updates() -> None:
     strategy = nash(update_weights_every=2)
     weights = strategy.gramian_weights(first @ first.T, ONES)
     strategy.advance()
-    assert strategy.step == 1 and torch.equal(strategy.previous_weights, weights.float())
-    torch.testing.assert_close(strategy.gramian_weights(second @ second.T, ONES), weights.float().double())
+    every = strategy.inner
+    assert every.state.steps == 1 and torch.equal(every.weights, weights)
+    torch.testing.assert_close(strategy.gramian_weights(second @ second.T, ONES), weights)
     strategy.advance()
-    assert strategy.step == 2
+    assert every.state.steps == 2
     fresh = strategy.gramian_weights(second @ second.T, ONES)
     torch.testing.assert_close(fresh * (second @ second.T @ fresh), ONES)
+
+
+def test_nash_mtl_is_the_bargaining_core_under_the_modifiers() -> None:
+    """Issue 18: max_norm and update_weights_every are the public modifiers ClipNorm and EveryNSteps around the
+    bargaining core; composing them by hand gives the registered strategy's numbers, step after step."""
+    from mtlzoo.roles import ClipNorm, EveryNSteps
+    from mtlzoo.strategies.nash_mtl import NashBargaining
+    generator = torch.Generator().manual_seed(3)
+    registered = mtlzoo.create("nash_mtl", num_tasks=3, max_norm=0.5, update_weights_every=3)
+    composed = ClipNorm(EveryNSteps(NashBargaining(3), 3), max_norm=0.5)
+    for _ in range(5):
+        matrix = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+        ours = registered.aggregate(matrix, ONES)
+        assert torch.equal(ours, composed.aggregate(matrix, ONES))
+        assert float(ours.norm()) <= 0.5 * (1 + 1e-12)
+        registered.advance()
+        composed.advance()
 
 
 def test_previous_weights_advance_only_at_advance_and_resume() -> None:
     matrix = torch.randn(3, 10, dtype=torch.float64)
     strategy = nash()
+    core = strategy.inner.inner
     strategy.aggregate(matrix, ONES)
-    assert torch.equal(strategy.previous_weights, torch.ones(3))
+    assert torch.equal(core.previous_weights, torch.ones(3))
     strategy.discard()
-    assert torch.equal(strategy.previous_weights, torch.ones(3)) and strategy.step == 0
+    assert torch.equal(core.previous_weights, torch.ones(3)) and strategy.inner.state.steps == 0
     weights = strategy.gramian_weights(matrix @ matrix.T, ONES)
     strategy.advance()
     state = strategy.state_dict()
-    assert torch.equal(state["previous_weights"], weights.float()) and state["_extra_state"]["state"] == {"step": 1}
+    assert torch.equal(state["inner.inner.previous_weights"], weights.float())
+    assert state["inner._extra_state"]["state"] == {"steps": 1}
     restored = nash()
     restored.load_state_dict(state)
-    assert restored.step == 1 and torch.equal(restored.previous_weights, strategy.previous_weights)
+    assert restored.inner.state.steps == 1 and torch.equal(restored.inner.inner.previous_weights,
+                                                            core.previous_weights)
+
+
+def test_a_checkpoint_of_the_flat_nash_mtl_loads() -> None:
+    """A state_dict written by mtlzoo 0.1.0's NashMTL (previous_weights and step on the strategy itself) loads into
+    the composition: the warm start, the reused weights and the step count continue from it."""
+    previous = torch.tensor([0.5, 2.0, 1.5])
+    old = {"previous_weights": previous,
+           "_extra_state": {"settings": {"target": None, "max_norm": 0.0, "update_weights_every": 2,
+                                         "max_iterations": 200}, "state": {"step": 3}}}
+    strategy = nash(update_weights_every=2)
+    strategy.load_state_dict(old)
+    assert strategy.inner.state.steps == 3
+    assert torch.equal(strategy.inner.inner.previous_weights, previous)
+    matrix = torch.randn(3, 10, dtype=torch.float64)
+    torch.testing.assert_close(strategy.gramian_weights(matrix @ matrix.T, ONES), previous.double())  # reused
 
 
 def test_a_zero_gradient_warns_and_the_others_bargain() -> None:
