@@ -19,9 +19,9 @@ from mtlzoo.roles.aggregator import (
     HostStep,
 )
 from mtlzoo.roles.composite import Composite, compose
-from mtlzoo.roles.modifiers import ClipNorm, EveryNSteps, Modifier, modify
+from mtlzoo.roles.modifiers import ClipNorm, EveryNSteps, Modifier, Normalize, modify
 from mtlzoo.roles.weighting import LossWeighting, WeightingStrategy
 
 __all__ = ["Adapter", "Aggregator", "ClipNorm", "Composite", "DirectionAggregator", "EveryNSteps", "GradientSurgery",
-           "GramianAggregator", "GramianWeightedSurgery", "HostStep", "LossWeighting", "Modifier", "WeightingStrategy",
-           "compose", "modify"]
+           "GramianAggregator", "GramianWeightedSurgery", "HostStep", "LossWeighting", "Modifier", "Normalize",
+           "WeightingStrategy", "compose", "modify"]
