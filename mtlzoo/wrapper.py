@@ -1,7 +1,7 @@
 """``MTLWrapper``: one training step of a hard-parameter-sharing model under any strategy.
 
 The wrapper adapts the model (which parts are shared, which belong to a task) and holds the user
-API; the engine (:mod:`mtlzoo.autograd`) holds the autograd, and the strategy its maths and state.
+API; the engine (:mod:`mtlzoo.engine`) holds the autograd, and the strategy its maths and state.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mtlzoo import autograd as engine
-from mtlzoo.backward import run_backward
+from mtlzoo.engine.forwards import ForwardRecord, PendingForwards
+from mtlzoo.engine.jacobian import JacobianRoute
+from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
+from mtlzoo.engine.step import backpropagate
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
-from mtlzoo.lifecycle import StepTracker, run_optimizers
 from mtlzoo.linalg import autocast_off
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
-from mtlzoo.structure import invalidate
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
@@ -164,8 +164,9 @@ class MTLWrapper(nn.Module):
         if device is not None:  # a model already on its device: the strategy's state joins it
             strategy.to(device)
         self.strategy = strategy
-        self._pending = engine.PendingForwards()
-        self._tracker = StepTracker(self, "_commit_step")
+        self._pending = PendingForwards()
+        self._tracker = StepTracker(self._watched_parameters)
+        self._route = JacobianRoute()
         self._warned: set[str] = set()
 
     # ---------------------------------------------------------------- the model
@@ -218,10 +219,6 @@ class MTLWrapper(nn.Module):
         self.strategy.check_ready()
         return list(self.strategy.parameters())
 
-    def _apply(self, fn: Any, recurse: bool = True) -> MTLWrapper:
-        invalidate()  # a conversion may put new parameter objects in place without registering them
-        return super()._apply(fn, recurse)
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``nn.Module.zero_grad``."""
         for part in (self.backbone, self.heads, self.strategy):
@@ -263,7 +260,7 @@ class MTLWrapper(nn.Module):
                 if extras is not None:
                     head_extras.append((key, extras))
         if record and z.requires_grad:
-            self._pending.add(engine.ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
+            self._pending.add(ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
 
         if self.task_names is not None:
             named = dict(zip(self.task_names, predictions))
@@ -327,6 +324,8 @@ class MTLWrapper(nn.Module):
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
+        if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
+            self._commit_step()
         scale = None
         if scaler is not None and scaler.is_enabled():
             scale = scaler.scale(torch.ones((), device=step_losses.values.device))
@@ -335,9 +334,9 @@ class MTLWrapper(nn.Module):
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), autocast_off(step_losses.values.device.type):
-                run_backward(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
-                             backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
-                             retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size)
+                backpropagate(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
+                              backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
+                              retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()
@@ -377,11 +376,7 @@ class MTLWrapper(nn.Module):
         if not optimizers:
             raise TypeError("mtl.step() takes the optimizer(s) to step: mtl.step(optimizer).")
         self._check_optimizer_groups(optimizers)
-        self._tracker.inside_step = True
-        try:
-            taken = run_optimizers(optimizers, scaler)
-        finally:
-            self._tracker.inside_step = False
+        taken = run_optimizers(optimizers, scaler)
         if not taken:
             self.strategy.discard()
             self._tracker.close()
@@ -404,6 +399,10 @@ class MTLWrapper(nn.Module):
     def _commit_step(self) -> None:
         self.strategy.advance()
         self._tracker.close()
+
+    def _watched_parameters(self) -> list[Tensor]:
+        """What an optimizer step writes: every parameter of the wrapper (model and strategy)."""
+        return list(self.parameters())
 
     def end_epoch(self) -> None:
         """Mark the end of an epoch, for strategies that work per epoch (DWA, STCH)."""
@@ -436,12 +435,13 @@ class MTLWrapper(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._pending = engine.PendingForwards()
-        self._tracker = StepTracker(self, "_commit_step")
+        self._pending = PendingForwards()
+        self._tracker = StepTracker(self._watched_parameters)
+        self._route = JacobianRoute()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker")}
+        return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker", "_route")}
 
 
 def _single_device(*modules: nn.Module) -> torch.device | None:

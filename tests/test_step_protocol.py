@@ -273,15 +273,15 @@ def test_a_constant_loss_gives_a_zero_gradient_with_one_warning() -> None:
 @pytest.mark.parametrize("chunk", [1, 2, None])
 def test_the_jacobian_chunk_size_reaches_the_engine(chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """MTLWrapper(jacobian_chunk_size=...) bounds the Jacobian's batch; the gradients do not change."""
-    from mtlzoo import autograd
+    from mtlzoo.engine import statistics
 
     seen = []
-    original = autograd.jacobian_blocks
+    original = statistics.jacobian_blocks
     def spy(*args: object, **kwargs: object) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         seen.append(kwargs["chunk_size"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(autograd, "jacobian_blocks", spy)
+    monkeypatch.setattr(statistics, "jacobian_blocks", spy)
     torch.manual_seed(0)
     model = small_model()
     mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), SumSurgery(3, target="parameters"), jacobian_chunk_size=chunk)

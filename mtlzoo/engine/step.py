@@ -1,9 +1,10 @@
 """One backward of a training step: the strategy's request fulfilled, its update applied.
 
-The wrapper checks the user's input and keeps the lifecycle; this module runs the step's maths in
-order — loss weights, the heads' pass, the requested statistics, the strategy's update — and hands
-every root of the step to one ``torch.autograd.backward`` (:func:`mtlzoo.autograd.apply`).
-Nothing reaches ``.grad`` before that last call, so an error anywhere leaves no trace.
+The wrapper checks the user's input and keeps the lifecycle; :func:`backpropagate` runs the
+step's maths in order — loss weights, the heads' pass, the requested statistics, the strategy's
+update — and hands every root of the step to one ``torch.autograd.backward``
+(:func:`accumulate`). Nothing reaches ``.grad`` before that last call, so an error anywhere
+leaves no trace.
 """
 
 from __future__ import annotations
@@ -13,20 +14,26 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtlzoo import autograd as engine
+from mtlzoo.engine.forwards import PendingForwards
+from mtlzoo.engine.heads import head_pass, split_batches
+from mtlzoo.engine.jacobian import JacobianRoute
+from mtlzoo.engine.last_layer import last_layer_update, last_layer_weights
+from mtlzoo.engine.leading_linear import leading_linear
+from mtlzoo.engine.statistics import statistics
+from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
-from mtlzoo.leading_linear import leading_linear
 from mtlzoo.linalg import all_finite
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, Update
 from mtlzoo.strategy import Strategy
-from mtlzoo.structure import named_parameters_of, trainable_parameters
+from mtlzoo.structure import trainable_parameters
 
 
-def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.Module, backbone: nn.Module,
-                 losses: StepLosses, inputs: StepInputs, *, backbone_loss: Tensor | None = None,
-                 extra_losses: Sequence[StepLosses] = (), scale: Tensor | None = None,
-                 retain_graph: bool = False, chunk_size: int | None = None) -> None:
+def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module, backbone: nn.Module,
+                  losses: StepLosses, inputs: StepInputs, *, backbone_loss: Tensor | None = None,
+                  extra_losses: Sequence[StepLosses] = (), scale: Tensor | None = None,
+                  retain_graph: bool = False, chunk_size: int | None = None,
+                  route: JacobianRoute | None = None) -> None:
     """Back-propagate one backward's checked losses through ``strategy`` into the model and the strategy.
 
     Args:
@@ -42,6 +49,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
             the statistics are divided by it; an overflowing step gives up the strategy's update.
         retain_graph: Keep the graphs for another backward.
         chunk_size: Tasks per vmapped backward when the Jacobian is formed (``None``: all at once).
+        route: The wrapper's memory of how its backbone's Jacobian can be formed (a vmap failure).
     """
     request = strategy.request
     weights = strategy.loss_weights(inputs)
@@ -59,35 +67,39 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         total = losses.values.sum() if weights is None else torch.dot(losses.values, weights)
         total = total if backbone_loss is None else total + backbone_loss
         roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
-        engine.apply(roots, [None] * len(roots), retain_graph=retain_graph)
+        accumulate(roots, [None] * len(roots), retain_graph=retain_graph)
         return
 
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
-    passed = engine.head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
+    passed = head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
                               labels=losses.labels, retain_graph=retain_graph)
-    last_layer_norms = request.statistic == "norms" and request.parameters == ()  # found from z's graph
-    shared = [] if request.where != "parameters" or last_layer_norms else \
-        shared_parameters(backbone, request.parameters, strategy)
-    head_weights = _leading_weights(heads, losses.present, strategy) if last_layer_norms else ()
-    stats = engine.statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size,
-                              head_weights=head_weights)
+    if request.where != "parameters":
+        shared = []
+    elif request.layer == "last":  # found from the graph of z
+        shared = last_layer_weights(passed.records[0].z)
+    else:
+        shared = shared_parameters(backbone, request.parameters, strategy)
+    head_weights = _leading_weights(heads, losses.present, strategy) \
+        if request.layer == "last" and request.statistic == "norms" else ()
+    stats = statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size, head_weights=head_weights,
+                       route=route)
     rep, blocks = stats.rep, stats.blocks
     overflow = scale is not None and not all_finite(rep)
     consumed = list(passed.records)
     for more in extra_losses:
         extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
-        extra_passed = engine.head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
+        extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                         head_params, labels=more.labels)
-        extra_rep = engine.statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size).rep
+        extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep
         overflow = overflow or (scale is not None and not all_finite(extra_rep))
         inputs.extra.append(extra)
         consumed += extra_passed.records
 
     update = Update() if overflow else strategy.compute(inputs)
-    covered = blocks is not None and request.parameters is None and \
-        engine.covers_representation([record.z for record in passed.records], shared)
-    dz, flat = engine.shared_update(update, rep, request, blocks if covered else None, shared)
+    covered = blocks is not None and request.parameters is None and request.layer is None and \
+        covers_representation([record.z for record in passed.records], shared)
+    dz, flat = shared_update(update, rep, request, blocks if covered else None, shared)
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
@@ -102,7 +114,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
     last_grads: list[Tensor] = []
     if stats.last_layer is not None and update.direction is None and dz is not None:
         # dz from the last layer down: W's share summed from the kept per-task gradients
-        last_roots, last_grads = engine.last_layer_update(stats.last_layer, dz, update.weights)
+        last_roots, last_grads = last_layer_update(stats.last_layer, dz, update.weights)
     checked = [t for t in (dz, own_objective) if t is not None] + (flat or []) + last_grads + own_grads
     if scale is None and not all_finite(*checked):
         raise NonFiniteGradientError(
@@ -116,7 +128,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         roots += last_roots
         grads += [scaled(grad).to(root.dtype) for root, grad in zip(last_roots, last_grads)]
     elif dz is not None:
-        for record, piece in zip(passed.records, engine.split_batches(dz, passed.records)):
+        for record, piece in zip(passed.records, split_batches(dz, passed.records)):
             if record.z.requires_grad:
                 roots.append(record.z)
                 grads.append(scaled(piece).to(record.z.dtype))
@@ -130,7 +142,7 @@ def run_backward(strategy: Strategy, pending: engine.PendingForwards, heads: nn.
         if root is not None:
             roots.append(scaled(root))
             grads.append(None)
-    engine.apply(roots, grads, retain_graph=retain_graph)
+    accumulate(roots, grads, retain_graph=retain_graph)
     if not retain_graph:
         pending.remove(consumed)
 
@@ -147,8 +159,8 @@ def _leading_weights(heads: nn.Module, tasks: Sequence[int], strategy: Strategy)
 
 def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strategy: Strategy) -> list[Tensor]:
     """The backbone's trainable parameters, or those ``names`` picks (a request's named subset)."""
-    named = named_parameters_of(backbone)
-    if names is None or names == ():
+    named = dict(backbone.named_parameters())
+    if names is None:
         return [p for p in named.values() if p.requires_grad]
     unknown = [name for name in names if name not in named]
     if unknown:
@@ -171,3 +183,12 @@ def _sum(first: Tensor | None, second: Tensor | None) -> Tensor | None:
     if first is None:
         return second
     return first if second is None else first + second
+
+
+def accumulate(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool = False) -> None:
+    """The step's one final backward: ``torch.autograd.backward`` over every root, so accumulation hooks
+    fire once and gradients reach ``.grad`` as after a plain backward; a root without a gradient (a
+    scalar objective) gets ones."""
+    if roots:
+        torch.autograd.backward(list(roots), [torch.ones_like(root) if grad is None else grad
+                                              for root, grad in zip(roots, grads)], retain_graph=retain_graph)
