@@ -81,8 +81,8 @@ class Request:
                                  f"`where = {self.where!r}`.")
             object.__setattr__(self, "parameters", tuple(self.parameters))
             if not self.parameters:
-                raise ValueError("Parameter `parameters` should name at least one parameter. Found an empty tuple; "
-                                 "for the last shared layer, give layer='last' instead.")
+                raise ValueError("Parameter `parameters` should be a non-empty tuple of parameter names. Found an "
+                                 "empty tuple; for the last shared layer, give layer='last' instead.")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
 

@@ -13,7 +13,7 @@ import mtlzoo
 from mtlzoo.engine.forwards import ForwardRecord
 from mtlzoo.engine.heads import head_pass
 from mtlzoo.engine.statistics import statistics
-from mtlzoo.protocol import Request, StepInputs
+from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.strategy import StrategyInfo, WeightingStrategy
 from tests.helpers import batch, mse_losses, small_model
 
@@ -24,10 +24,52 @@ from tests.helpers import batch, mse_losses, small_model
     ({"where": "representation", "parameters": ("0.weight",)}, "parameters"),
     ({"where": "parameters", "parameters": "0.weight"}, "parameters"),
     ({"batches": 0}, "batches"),
+    ({"where": "parameters", "parameters": ()}, "parameters"),  # an empty tuple no longer means "last layer"
+    ({"where": "representation", "layer": "last"}, "layer"),
+    ({"where": "parameters", "layer": "first"}, "layer"),
+    ({"where": "parameters", "parameters": ("0.weight",), "layer": "last"}, "layer"),
 ])
 def test_invalid_requests_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"Parameter `{message}` should be"):
         Request(**kwargs)
+
+
+def test_the_last_layer_is_requested_by_name() -> None:
+    """Issue 18: ``layer="last"`` names the last shared layer; ``LAST_LAYER`` (not an empty tuple) still says it."""
+    from mtlzoo.protocol import LAST_LAYER
+
+    request = Request("parameters", "norms", layer="last")
+    assert request.parameters is None and str(request) == "norms on the last shared layer"
+    assert Request("parameters", "norms", parameters=LAST_LAYER) == request
+    assert LAST_LAYER != () and repr(LAST_LAYER) == "LAST_LAYER"
+
+
+@pytest.mark.parametrize("statistic", ["gradients", "gramian", "norms"])
+def test_every_statistic_reads_on_the_last_layer(statistic: str) -> None:
+    """The last layer's statistics equal per-task autograd on the last linear layer's weight alone."""
+    class Reader(WeightingStrategy):
+        info = StrategyInfo(name=f"test_last_layer_{statistic}", kind="weighting", summary="reads the last layer",
+                            request=Request("parameters", statistic, layer="last"))
+        def weights(self, losses: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(losses)
+
+        def compute(self, inputs: StepInputs) -> Update:
+            seen.append(inputs)
+            return Update()
+
+    seen: list[StepInputs] = []
+
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch()
+    weight = model.backbone[2].weight
+    rows = torch.stack([torch.autograd.grad(loss, weight, retain_graph=True)[0].flatten()
+                        for loss in mse_losses(model(x), targets)])
+    mtl = mtlzoo.MTLWrapper(model, Reader(3))
+    mtl.backward(mse_losses(mtl(x), targets))
+    inputs = seen[-1]
+    expected = {"gradients": rows, "gramian": rows @ rows.T, "norms": rows.norm(dim=1)}[statistic]
+    torch.testing.assert_close(getattr(inputs, statistic), expected)
 
 
 def test_request_text_and_legacy_needs() -> None:
