@@ -9,9 +9,11 @@ engine without any strategy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 Where = Literal["losses", "representation", "parameters"]
@@ -152,3 +154,40 @@ class Update:
     weights: Tensor | None = None
     direction: Tensor | None = None
     objective: Tensor | None = None
+
+
+@dataclass
+class StepWeights:
+    """What one backward used, per task: the loss weights ``w`` and the gradient coefficients ``c``.
+
+    The model learned from ``sum_k w_k L_k``; the shared part received ``sum_k c_k g_k`` with
+    ``g_k`` the gradient of ``w_k L_k`` (so a loss weighting has ``c = 1`` and a Gramian-weighted
+    surgery ``w = 1``). Read it from ``mtl.last_step`` after ``mtl.backward`` to log or plot it.
+    Tensors are detached, on the losses' device, of length K in task order, ``NaN`` for a task
+    absent from the step.
+
+    Attributes:
+        loss_weights: ``(K,)`` the loss weights ``w`` (all ones when the strategy weighs nothing).
+        coefficients: ``(K,)`` the coefficients ``c`` of the task gradients in the shared update,
+            or ``None`` where the strategy's update was a combined gradient (a direction, as
+            RotoGrad's) rather than coefficients.
+        tasks: ``(K',)`` the present tasks' indices.
+    """
+
+    loss_weights: Tensor
+    coefficients: Tensor | None
+    tasks: Tensor
+
+    @classmethod
+    def of_present(cls, loss_weights: Tensor | None, coefficients: Tensor | None, tasks: Tensor, num_tasks: int, *,
+                   direction: bool = False) -> StepWeights:
+        """From the present tasks' ``w`` and ``c`` (``None``: all ones), unless ``direction``: no ``c`` at all."""
+        template = tasks.new_full((num_tasks,), math.nan, dtype=torch.float32 if loss_weights is None
+                                  else loss_weights.dtype)
+
+        def spread(values: Tensor | None) -> Tensor:
+            present = torch.ones(tasks.shape, dtype=template.dtype, device=template.device) if values is None \
+                else values.detach().to(template.dtype)
+            return present if tasks.shape[0] == num_tasks else template.index_copy(0, tasks, present)
+
+        return cls(spread(loss_weights), None if direction else spread(coefficients), tasks)

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mtlzoo.engine.forwards import ForwardRecord, PendingForwards
+from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
 from mtlzoo.engine.step import backpropagate
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
 from mtlzoo.linalg import autocast_off
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
-from mtlzoo.protocol import StepInputs
+from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
 
@@ -168,6 +168,9 @@ class MTLWrapper(nn.Module):
         self._tracker = StepTracker(self._watched_parameters)
         self._route = JacobianRoute()
         self._warned: set[str] = set()
+        self.last_step: StepWeights | None = None
+        """What the last :meth:`backward` used per task: its loss weights and gradient coefficients
+        (:class:`~mtlzoo.protocol.StepWeights`), for logging; ``None`` before the first backward."""
 
     # ---------------------------------------------------------------- the model
     def __len__(self) -> int:
@@ -240,8 +243,12 @@ class MTLWrapper(nn.Module):
             (the backbone's under ``"backbone"``). The backbone's extras may enter the losses: their
             gradients reach the backbone on every path, beside the strategy's combined gradient.
         """
-        record = self.training and torch.is_grad_enabled() and self.strategy.request.needs_gradients
+        training = self.training and torch.is_grad_enabled()
+        record = training and self.strategy.request.needs_gradients
         z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        if training and not record and isinstance(z, Tensor) and z.is_floating_point():
+            z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
+            self._pending.add(MarkedForward.create(marker))
         leaves: list[Tensor] = []
         predictions: list[Any] = []
         head_extras: list[tuple[str | int, tuple[Any, ...]]] = []
@@ -334,14 +341,15 @@ class MTLWrapper(nn.Module):
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), autocast_off(step_losses.values.device.type):
-                backpropagate(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
-                              backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
-                              retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
+                used = backpropagate(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
+                                     backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
+                                     retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()
             raise
         strategy.micro_batch += 1
+        self.last_step = used
         self._tracker.backward_done()
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:

@@ -1,7 +1,11 @@
-"""The training forwards a backward consumes: one :class:`ForwardRecord` per forward, held as handles.
+"""The training forwards a backward consumes: one record per forward, held as handles.
 
 A training forward of a strategy that reads gradients feeds every head its own detached copy
-("leaf") of the backbone output ``z``; its record keeps ``z`` and weak references to the leaves.
+("leaf") of the backbone output ``z``; its :class:`ForwardRecord` keeps ``z`` and weak references
+to the leaves. A forward of a strategy that reads only the losses feeds the heads ``z + m``, with
+``m`` a zero scalar leaf (a *marker*) that the heads' graph holds; its :class:`MarkedForward`
+keeps ``m`` weakly. Either way a backward can tell, before anything reaches ``.grad``, whether
+the losses come from this wrapper's forwards and whether those were already back-propagated.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -37,6 +42,27 @@ class ForwardRecord:
         return any(ref() is not None for ref in self.leaves)
 
 
+@dataclass
+class MarkedForward:
+    """What one training forward of a losses-only strategy leaves: the marker its heads read, held weakly."""
+
+    marker: weakref.ref[Tensor]
+
+    @classmethod
+    def create(cls, marker: Tensor) -> MarkedForward:
+        return cls(weakref.ref(marker))
+
+    @property
+    def alive(self) -> bool:
+        return self.marker() is not None
+
+
+def mark(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(z + m, m)``: ``z`` as the heads of a losses-only forward read it, and the marker ``m`` (a zero leaf)."""
+    marker = torch.zeros((), dtype=z.dtype, device=z.device, requires_grad=True)
+    return z + marker, marker
+
+
 class PendingForwards:
     """The training forwards not yet consumed by a backward: handles, not a single slot.
 
@@ -45,13 +71,13 @@ class PendingForwards:
     """
 
     def __init__(self) -> None:
-        self.records: list[ForwardRecord] = []
+        self.records: list[ForwardRecord | MarkedForward] = []
 
-    def add(self, record: ForwardRecord) -> None:
+    def add(self, record: ForwardRecord | MarkedForward) -> None:
         self.records = [r for r in self.records if r.alive]
         self.records.append(record)
 
-    def remove(self, records: Sequence[ForwardRecord]) -> None:
+    def remove(self, records: Sequence[ForwardRecord | MarkedForward]) -> None:
         ids = {id(r) for r in records}
         self.records = [r for r in self.records if id(r) not in ids and r.alive]
 

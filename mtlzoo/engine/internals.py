@@ -69,6 +69,26 @@ def leaves_reached(roots: Sequence[Tensor]) -> Iterator[Tensor]:
             yield leaf
 
 
+def marked_leaves_reached(root: Tensor, marked: set[int]) -> set[int]:
+    """The ids of the leaves in ``marked`` that the graph of ``root`` reaches, not walking on past a node
+    that reads one (so the graph behind a marked input is not visited)."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [root.grad_fn] if root.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        children = inputs_of(node)
+        hits = {id(leaf) for leaf in map(leaf_of, children) if leaf is not None and id(leaf) in marked}
+        if hits:
+            found |= hits
+        else:
+            stack += children
+    return found
+
+
 def parameter_behind(node: object) -> Tensor | None:
     """The leaf tensor (a parameter) that ``node`` leads to through transposes and casts, or ``None``."""
     while node is not None:
@@ -207,6 +227,9 @@ def check_internals() -> None:
         raise _fail("next_functions and AccumulateGrad.variable", "the parameters nearest an output are not found")
     if {id(t) for t in leaves_reached([z.sum()])} != {id(layer.weight), id(layer.bias)}:
         raise _fail("next_functions and AccumulateGrad.variable", "the leaves of a graph are not found")
+    marker = torch.zeros((), requires_grad=True)
+    if marked_leaves_reached((torch.tanh(z) + marker).sum(), {id(marker)}) != {id(marker)}:
+        raise _fail("next_functions and AccumulateGrad.variable", "a marked leaf of a graph is not found")
     module = nn.Linear(1, 1)
     for name in _MODULE_HOOKS:
         if not isinstance(getattr(module, name, None), dict):

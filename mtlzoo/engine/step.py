@@ -14,17 +14,18 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.forwards import PendingForwards
+from mtlzoo.engine.forwards import MarkedForward, PendingForwards
 from mtlzoo.engine.heads import head_pass, split_batches
+from mtlzoo.engine.internals import marked_leaves_reached
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.last_layer import last_layer_update, last_layer_weights
 from mtlzoo.engine.leading_linear import leading_linear
 from mtlzoo.engine.statistics import statistics
 from mtlzoo.engine.update import covers_representation, shared_update
-from mtlzoo.errors import InvalidModelError, NonFiniteGradientError
+from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
 from mtlzoo.linalg import all_finite
 from mtlzoo.losses import StepLosses
-from mtlzoo.protocol import StepInputs, Update
+from mtlzoo.protocol import StepInputs, StepWeights, Update
 from mtlzoo.strategy import Strategy
 from mtlzoo.structure import trainable_parameters
 
@@ -33,7 +34,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
                   losses: StepLosses, inputs: StepInputs, *, backbone_loss: Tensor | None = None,
                   extra_losses: Sequence[StepLosses] = (), scale: Tensor | None = None,
                   retain_graph: bool = False, chunk_size: int | None = None,
-                  route: JacobianRoute | None = None) -> None:
+                  route: JacobianRoute | None = None) -> StepWeights:
     """Back-propagate one backward's checked losses through ``strategy`` into the model and the strategy.
 
     Args:
@@ -50,6 +51,9 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         retain_graph: Keep the graphs for another backward.
         chunk_size: Tasks per vmapped backward when the Jacobian is formed (``None``: all at once).
         route: The wrapper's memory of how its backbone's Jacobian can be formed (a vmap failure).
+
+    Returns:
+        What the step used: the loss weights and the coefficients of the task gradients.
     """
     request = strategy.request
     weights = strategy.loss_weights(inputs)
@@ -63,12 +67,15 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     scaled: Callable[[Tensor], Tensor] = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
 
     if not request.needs_gradients:
+        consumed_marks = marked_forwards(pending, losses)
         # one dot product: a node fewer in the step's graph than the weighted losses and their sum
         total = losses.values.sum() if weights is None else torch.dot(losses.values, weights)
         total = total if backbone_loss is None else total + backbone_loss
         roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
         accumulate(roots, [None] * len(roots), retain_graph=retain_graph)
-        return
+        if not retain_graph:
+            pending.remove(consumed_marks)
+        return StepWeights.of_present(weights, None, losses.tasks, inputs.num_tasks)
 
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
@@ -145,6 +152,33 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     accumulate(roots, grads, retain_graph=retain_graph)
     if not retain_graph:
         pending.remove(consumed)
+    return StepWeights.of_present(weights, update.weights, losses.tasks, inputs.num_tasks,
+                                  direction=update.direction is not None)
+
+
+def marked_forwards(pending: PendingForwards, losses: StepLosses) -> list[MarkedForward]:
+    """The pending losses-only forwards that the losses come from (checked before anything is back-propagated).
+
+    Raises:
+        BackwardOrderError: A loss that depends on something but on no pending forward of this wrapper
+            (another model's forward, or one already back-propagated).
+    """
+    marks = {id(marker): record for record in pending.records if isinstance(record, MarkedForward)
+             and (marker := record.marker()) is not None}
+    found: set[int] = set()
+    stale = []
+    for task, loss, requires in zip(losses.present, losses.scalars, losses.requires_grad):
+        reached = marked_leaves_reached(loss, set(marks)) if requires and marks else set()
+        if requires and not reached:
+            stale.append(losses.labels[task])
+        found |= reached
+    if stale:
+        raise BackwardOrderError(
+            f"The losses of tasks {stale} do not depend on any training forward of this wrapper that backward() "
+            "has not consumed yet (losses of another model's forward, or of a forward already back-propagated): "
+            "compute each loss from the predictions of mtl(x) (in training mode, with gradients enabled) and call "
+            "backward() once per forward. Nothing was back-propagated.")
+    return [marks[key] for key in found]
 
 
 def _leading_weights(heads: nn.Module, tasks: Sequence[int], strategy: Strategy) -> list[Tensor | None]:
