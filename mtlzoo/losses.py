@@ -94,8 +94,10 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
     values = vector.detach().tolist()  # the step's one host synchronisation of the checks
     bad = [f"{labels[k]}={value:g}" for k, value in zip(present, values) if not math.isfinite(value)]
     if bad:
-        raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated; check the "
-                        "predictions and targets of those tasks (or lower the learning rate).")
+        raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated. A masked loss over "
+                        "an empty mask (no labels for the task in this batch) is NaN: give None as that task's loss "
+                        "to leave it out of the step. Otherwise check the predictions and targets of those tasks "
+                        "(or lower the learning rate).")
     return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present, scalars)
 
 

@@ -353,14 +353,28 @@ class MTLWrapper(nn.Module):
         self._tracker.backward_done()
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
-        for task, requires in zip(tasks, requires_grad):
-            if not requires and labels[task] not in self._warned:
-                self._warned.add(labels[task])
-                warnings.warn(f"The loss of task {labels[task]} does not depend on the model (a constant, or "
-                              "detached): that task gets a zero gradient in this step. That is what a masked task "
-                              "with no labels in the batch needs; otherwise look for a stray .detach(). (Give None "
-                              "instead to leave the task out of the step.) Said once per task.",
-                              RuntimeWarning, stacklevel=3)
+        """Warn about a loss that does not depend on the model: once per task for a strategy that reads only the
+        losses (the task adds nothing to the sum), at every such backward for one that reads gradients (a zero
+        row changes its update: MGDA's can vanish, UPGrad's and RotoGrad's shrink)."""
+        constant = [labels[task] for task, requires in zip(tasks, requires_grad) if not requires]
+        if not constant:
+            return
+        if self.strategy.request.needs_gradients:
+            name = type(self.strategy).__name__
+            warnings.warn(f"The losses of tasks {', '.join(constant)} do not depend on the model (a constant, or "
+                          f"detached): they get a zero gradient, which changes the update of {name} (a zero task "
+                          "gradient can stall MGDA's update and shrinks UPGrad's, DualProj's and RotoGrad's). For a "
+                          "masked task with no labels in the batch, give None instead of its loss to leave it out of "
+                          "the step; otherwise look for a stray .detach(). Said at every such backward.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        for label in constant:
+            if label not in self._warned:
+                self._warned.add(label)
+                warnings.warn(f"The loss of task {label} does not depend on the model (a constant, or detached): "
+                              "that task gets a zero gradient in this step. That is what a masked task with no "
+                              "labels in the batch needs; otherwise look for a stray .detach(). (Give None instead "
+                              "to leave the task out of the step.) Said once per task.", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------- lifecycle
     def step(self, *optimizers: torch.optim.Optimizer, scaler: Any | None = None,
