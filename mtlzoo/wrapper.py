@@ -111,8 +111,12 @@ class MTLWrapper(nn.Module):
         strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
         jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
-            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks;
-            in between, the peak memory is bounded by the chunk rather than by K.
+            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks.
+            A chunk bounds the batched backward's working memory (one copy of the backbone's
+            activation gradients per task of the chunk), not the K x n Jacobian, which is formed
+            whatever the chunk, with one chunk of rows held beside it while it fills: the peak
+            falls with the chunk where activations outweigh parameters (large batches, feature
+            maps), and ``1`` is the lowest peak either way (see the API reference's figures).
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
