@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
+from mtlzoo.engine.internals import compiled_original, without_donated_buffers
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
 from mtlzoo.engine.step import backpropagate
@@ -136,6 +137,11 @@ class MTLWrapper(nn.Module):
             raise ValueError(f"Parameter `jacobian_chunk_size` should be a positive int or None. Found "
                              f"`jacobian_chunk_size = {jacobian_chunk_size!r}`.")
         self.jacobian_chunk_size = jacobian_chunk_size
+        if compiled_original(model) is not None:
+            warnings.warn("MTLWrapper(torch.compile(model)) compiles nothing: the wrapper calls model.backbone and "
+                          "model.heads, never the compiled model's forward. Compile the backbone instead: "
+                          "model.backbone = torch.compile(model.backbone), or "
+                          "mtlzoo.HardSharing(torch.compile(backbone), heads).", RuntimeWarning, stacklevel=2)
         backbone = getattr(model, "backbone", None)
         if not isinstance(backbone, nn.Module):
             raise InvalidModelError(f"The model should have a `backbone` attribute holding an nn.Module. "
@@ -150,6 +156,7 @@ class MTLWrapper(nn.Module):
             raise InvalidModelError(f"Every head should be an nn.Module; heads {bad} are not.")
         self.backbone = backbone
         self.heads = heads
+        self._compiled_backbone = compiled_original(backbone) is not None
         self.task_names: list[str] | None = list(heads.keys()) if isinstance(heads, nn.ModuleDict) else None
 
         if isinstance(strategy, Strategy):
@@ -249,7 +256,11 @@ class MTLWrapper(nn.Module):
         """
         training = self.training and torch.is_grad_enabled()
         record = training and self.strategy.request.needs_gradients
-        z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        if training and self._compiled_backbone:  # its graph must serve the Jacobian's backwards and the step's
+            with without_donated_buffers():
+                z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        else:
+            z, backbone_extras = _split(self.backbone(*args, **kwargs))
         if training and not record and isinstance(z, Tensor) and z.is_floating_point():
             z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
             self._pending.add(MarkedForward.create(marker))

@@ -15,11 +15,13 @@ walks, which :func:`check_internals` covers too.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch._functorch import config as functorch_config
 from torch.nn.modules import module as module_globals
 
 from mtlzoo.errors import MTLZooError
@@ -29,10 +31,16 @@ class TorchInternalsError(MTLZooError, RuntimeError):
     """A fact about torch's internals that the engine relies on no longer holds for the installed torch."""
 
 
+class CompiledGraphError(MTLZooError, ValueError):
+    """A statistic needs to see inside a region compiled by ``torch.compile``, which the graph does not show."""
+
+
 _VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 """Autograd nodes of reshapes that ``nn.Linear`` puts around its product for inputs of more than 2 dimensions."""
 _PASS_THROUGH = frozenset({"TBackward0", "ToCopyBackward0"})
 """Autograd nodes between a parameter and the product that reads it (``W^T``; autocast's cast of ``W``)."""
+_COMPILED_NODE = "CompiledFunctionBackward"
+"""The class name of the autograd node of a region compiled by ``torch.compile`` (AOTAutograd)."""
 _MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 """A module's own hook dicts; ``torch.nn.modules.module`` holds the process-wide ones as ``_global`` + name."""
 
@@ -103,7 +111,12 @@ def parameter_behind(node: object) -> Tensor | None:
 
 def nearest_parameters(z: Tensor) -> list[Tensor]:
     """The trainable leaves read by the operation nearest ``z`` that reads any directly (through a transpose
-    or a cast), walking the graph back from ``z`` breadth first; empty when ``z`` depends on none."""
+    or a cast), walking the graph back from ``z`` breadth first; empty when ``z`` depends on none.
+
+    Raises:
+        CompiledGraphError: That operation is a compiled region (``torch.compile``), which reads the
+            parameters of every layer inside it: the nearest layer cannot be told apart.
+    """
     frontier = [z.grad_fn] if z.grad_fn is not None else []
     seen: set[int] = set()
     while frontier:
@@ -113,11 +126,42 @@ def nearest_parameters(z: Tensor) -> list[Tensor]:
                 continue
             seen.add(id(node))
             params = [p for p in (parameter_behind(child) for child in inputs_of(node)) if p is not None]
+            if params and is_compiled_node(node):
+                raise CompiledGraphError(
+                    "The last shared layer cannot be found through a compiled backbone: torch.compile makes the "
+                    "whole compiled region one node of the graph, which reads the parameters of all its layers. "
+                    "Name the layer's parameters instead (GradNorm's layer=[...], as backbone.named_parameters() "
+                    "names them), or compile the layers below the last one only.")
             if params:
                 return params
             following += inputs_of(node)
         frontier = following
     return []
+
+
+def is_compiled_node(node: object) -> bool:
+    """Whether ``node`` is the backward of a region compiled by ``torch.compile`` (AOTAutograd's node)."""
+    return type(node).__name__ == _COMPILED_NODE
+
+
+def compiled_original(module: nn.Module) -> nn.Module | None:
+    """The module that ``torch.compile(module)`` wrapped, or ``None`` when ``module`` is not such a wrapper."""
+    original = getattr(module, "_orig_mod", None)
+    return original if type(module).__name__ == "OptimizedModule" and isinstance(original, nn.Module) else None
+
+
+def without_donated_buffers() -> contextlib.AbstractContextManager[object]:
+    """Within the block, regions that ``torch.compile`` compiles keep their buffers for more than one backward
+    (AOTAutograd's ``donated_buffer`` option off), as the Jacobian on the shared parameters needs; a no-op where
+    torch has no such option."""
+    if not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
+
+
+def is_donated_buffer_error(error: BaseException) -> bool:
+    """Whether ``error`` is AOTAutograd refusing a second backward of a compiled region whose buffers it donated."""
+    return isinstance(error, RuntimeError) and "donated buffer" in str(error)
 
 
 @dataclass
@@ -248,3 +292,28 @@ def check_internals() -> None:
         torch._foreach_add_([param], [torch.ones(2)])
     if version_sum([param]) < before + 2:
         raise _fail("Tensor._version", "an in-place update (plain or foreach) does not move the version counter")
+
+
+def check_compile_internals() -> None:
+    """Check the patterns of ``torch.compile`` (its module wrapper and its autograd node) against the installed
+    torch. Apart from :func:`check_internals` because compiling takes seconds.
+
+    Raises:
+        TorchInternalsError: A pattern stopped matching; the message names it and the torch version.
+    """
+    layer = nn.Linear(3, 2)
+    compiled = torch.compile(layer, backend="aot_eager")
+    if compiled_original(compiled) is not layer or compiled_original(layer) is not None:
+        raise _fail("OptimizedModule._orig_mod", "the module torch.compile wrapped is not found")
+    if not hasattr(functorch_config, "donated_buffer"):
+        raise _fail("torch._functorch.config.donated_buffer", "the option is missing")
+    with without_donated_buffers():
+        if functorch_config.donated_buffer:
+            raise _fail("torch._functorch.config.patch(donated_buffer=False)", "the option is not switched off")
+    def region(x: Tensor, weight: Tensor) -> Tensor:
+        return torch.tanh(x @ weight)
+
+    output = torch.compile(region, backend="aot_eager")(torch.randn(4, 3), torch.randn(3, 2, requires_grad=True))
+    if not is_compiled_node(output.grad_fn):
+        raise _fail(f"the node of a compiled region ({_COMPILED_NODE})",
+                    f"a compiled region's output has {type(output.grad_fn).__name__}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mtlzoo.engine.internals import CompiledGraphError, is_donated_buffer_error
+
 
 @dataclass
 class JacobianRoute:
@@ -103,6 +105,8 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
                 rows = torch.autograd.grad(zs, params, grad_outputs=[g[first:first + count] for g in grads],
                                            retain_graph=True, is_grads_batched=True, allow_unused=True)
             except (RuntimeError, NotImplementedError) as error:
+                if is_donated_buffer_error(error):
+                    raise _donated_buffers(error) from error
                 _remember_vmap_failure(route, error)
                 chunk = 1
             else:
@@ -111,8 +115,13 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
                 store(first, rows)
                 continue
         for task in range(first, num_tasks if chunk == 1 else first + count):
-            row = torch.autograd.grad(zs, params, grad_outputs=[g[task] for g in grads], retain_graph=True,
-                                      allow_unused=True)
+            try:
+                row = torch.autograd.grad(zs, params, grad_outputs=[g[task] for g in grads], retain_graph=True,
+                                          allow_unused=True)
+            except RuntimeError as error:
+                if is_donated_buffer_error(error):
+                    raise _donated_buffers(error) from error
+                raise
             store(task, [None if g is None else g.unsqueeze(0) for g in row])
         if chunk == 1:
             break
@@ -120,6 +129,15 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
         matrix = grads[0].new_zeros(num_tasks, sum(sizes))
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     return [matrix[:, offset:offset + size] for offset, size in zip(offsets, sizes)], matrix
+
+
+def _donated_buffers(error: BaseException) -> CompiledGraphError:
+    return CompiledGraphError(
+        "The backbone was compiled (torch.compile) with donated buffers, which allow one backward only, and the "
+        "Jacobian on the shared parameters takes a backward per task before the step's own. Compile with "
+        "torch._functorch.config.donated_buffer = False (set before the first compiled call), or use the "
+        f"strategy's representation target (target='representation'), which back-propagates the backbone once. "
+        f"({type(error).__name__}: {str(error).splitlines()[0]})")
 
 
 def _remember_vmap_failure(route: JacobianRoute | None, error: BaseException) -> None:
