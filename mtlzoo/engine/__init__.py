@@ -19,10 +19,24 @@ backward (:func:`~mtlzoo.engine.step.backpropagate`) then runs in three moves:
    so gradients reach ``.grad`` through autograd's accumulation: hooks,
    ``DistributedDataParallel`` and a ``GradScaler`` see them as after a plain backward.
 
-When the state advances is :mod:`~mtlzoo.engine.lifecycle`'s concern. Every read of torch's
-graph or module internals is in :mod:`~mtlzoo.engine.internals`, with a self-test.
+The same step for a model that is not a backbone plus heads, given the losses, the shared
+representation and the shared parameters: :func:`mtlzoo.engine.functional.backward`
+(``mtlzoo.engine.backward``). When the state advances is :mod:`~mtlzoo.engine.lifecycle`'s
+concern. Every read of torch's graph or module internals is in :mod:`~mtlzoo.engine.internals`, with a self-test.
 
 A cross-task loss (one that reads two heads' predictions) makes leaf ``k`` carry the gradient of
 every loss that reads head ``k``, not of ``L_k`` alone. Parameters outside the model that a loss
 reads (a learnable loss) get no gradient on the gradient paths: put them in a head.
 """
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    """``mtlzoo.engine.backward``, the functional face (:mod:`mtlzoo.engine.functional`), imported on first use
+    so that importing a module of the engine does not import the strategies' base class."""
+    if name == "backward":
+        from mtlzoo.engine.functional import backward
+
+        return backward
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

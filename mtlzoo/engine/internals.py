@@ -56,9 +56,10 @@ def leaf_of(node: object) -> Tensor | None:
     return getattr(node, "variable", None)
 
 
-def walk(roots: Iterable[Tensor]) -> Iterator[object]:
-    """Every node of the graphs of ``roots``, each once, depth first."""
-    seen: set[int] = set()
+def walk(roots: Iterable[Tensor], stop: Sequence[Tensor] = ()) -> Iterator[object]:
+    """Every node of the graphs of ``roots``, each once, depth first, not walking on past the nodes that
+    produced the tensors ``stop``."""
+    seen: set[int] = {id(t.grad_fn) for t in stop if t.grad_fn is not None}
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
     while stack:
         node = stack.pop()
@@ -69,9 +70,10 @@ def walk(roots: Iterable[Tensor]) -> Iterator[object]:
         stack += inputs_of(node)
 
 
-def leaves_reached(roots: Sequence[Tensor]) -> Iterator[Tensor]:
-    """The leaf tensors (parameters, inputs that require grad) that the graphs of ``roots`` reach."""
-    for node in walk(roots):
+def leaves_reached(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> Iterator[Tensor]:
+    """The leaf tensors (parameters, inputs that require grad) that the graphs of ``roots`` reach, not
+    walking on past the nodes that produced the tensors ``stop``."""
+    for node in walk(roots, stop):
         leaf = leaf_of(node)
         if leaf is not None:
             yield leaf
@@ -271,6 +273,9 @@ def check_internals() -> None:
         raise _fail("next_functions and AccumulateGrad.variable", "the parameters nearest an output are not found")
     if {id(t) for t in leaves_reached([z.sum()])} != {id(layer.weight), id(layer.bias)}:
         raise _fail("next_functions and AccumulateGrad.variable", "the leaves of a graph are not found")
+    head = nn.Linear(2, 1)
+    if {id(t) for t in leaves_reached([head(z).sum()], stop=[z])} != {id(head.weight), id(head.bias)}:
+        raise _fail("next_functions", "a walk does not stop at the node that produced a given tensor")
     marker = torch.zeros((), requires_grad=True)
     if marked_leaves_reached((torch.tanh(z) + marker).sum(), {id(marker)}) != {id(marker)}:
         raise _fail("next_functions and AccumulateGrad.variable", "a marked leaf of a graph is not found")

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.engine.forwards import MarkedForward, PendingForwards
-from mtlzoo.engine.heads import head_pass, split_batches
+from mtlzoo.engine.heads import HeadPass, head_pass, split_batches
 from mtlzoo.engine.internals import marked_leaves_reached
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.last_layer import last_layer_update, last_layer_weights
 from mtlzoo.engine.leading_linear import leading_linear
-from mtlzoo.engine.statistics import statistics
+from mtlzoo.engine.statistics import Statistics, statistics
 from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
 from mtlzoo.linalg import all_finite
@@ -56,31 +56,19 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         What the step used: the loss weights and the coefficients of the task gradients.
     """
     request = strategy.request
-    weights = strategy.loss_weights(inputs)
-    if weights is not None:
-        weights = weights.to(losses.values.dtype)
-    if backbone_loss is not None:
-        backbone_weight = strategy.backbone_loss_weight(backbone_loss)
-        if backbone_weight is not None:
-            backbone_loss = backbone_loss * backbone_weight
-    objective = strategy.loss_objective(inputs.losses, inputs.tasks)
-    scaled: Callable[[Tensor], Tensor] = (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
-
+    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
+    scaled = scaler_of(scale)
     if not request.needs_gradients:
         consumed_marks = marked_forwards(pending, losses)
-        # one dot product: a node fewer in the step's graph than the weighted losses and their sum
-        total = losses.values.sum() if weights is None else torch.dot(losses.values, weights)
-        total = total if backbone_loss is None else total + backbone_loss
-        roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
-        accumulate(roots, [None] * len(roots), retain_graph=retain_graph)
+        used = losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
         if not retain_graph:
             pending.remove(consumed_marks)
-        return StepWeights.of_present(weights, None, losses.tasks, inputs.num_tasks)
+        return used
 
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
     passed = head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
-                              labels=losses.labels, retain_graph=retain_graph)
+                       labels=losses.labels, retain_graph=retain_graph)
     if request.where != "parameters":
         shared = []
     elif request.layer == "last":  # found from the graph of z
@@ -91,18 +79,76 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         if request.layer == "last" and request.statistic == "norms" else ()
     stats = statistics(request, passed, shared, inputs, scale, chunk_size=chunk_size, head_weights=head_weights,
                        route=route)
-    rep, blocks = stats.rep, stats.blocks
-    overflow = scale is not None and not all_finite(rep)
+    overflow = scale is not None and not all_finite(stats.rep)
     consumed = list(passed.records)
     for more in extra_losses:
         extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
         extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
-                                        head_params, labels=more.labels)
+                                 head_params, labels=more.labels)
         extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep
         overflow = overflow or (scale is not None and not all_finite(extra_rep))
         inputs.extra.append(extra)
         consumed += extra_passed.records
+    used = apply_update(strategy, inputs, passed, shared, stats, weights=weights, objective=objective,
+                        backbone_loss=backbone_loss, overflow=overflow, scale=scale, retain_graph=retain_graph)
+    if not retain_graph:
+        pending.remove(consumed)
+    return used
 
+
+def scaler_of(scale: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """Multiplies by a ``GradScaler``'s scale (the identity without one)."""
+    return (lambda t: t) if scale is None else (lambda t: t * scale.to(t.dtype))
+
+
+def loss_weights(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backbone_loss: Tensor | None
+                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The strategy's loss weights ``w`` (in the losses' dtype), the weighted backbone loss, and the strategy's
+    loss objective (the gradient of its own parameters), for one backward."""
+    weights = strategy.loss_weights(inputs)
+    if weights is not None:
+        weights = weights.to(losses.values.dtype)
+    if backbone_loss is not None:
+        backbone_weight = strategy.backbone_loss_weight(backbone_loss)
+        if backbone_weight is not None:
+            backbone_loss = backbone_loss * backbone_weight
+    return weights, backbone_loss, strategy.loss_objective(inputs.losses, inputs.tasks)
+
+
+def losses_only(losses: StepLosses, inputs: StepInputs, weights: Tensor | None, objective: Tensor | None,
+                backbone_loss: Tensor | None, scale: Tensor | None, retain_graph: bool) -> StepWeights:
+    """The step of a strategy that reads the losses only: one backward of ``sum_k w_k L_k`` and its objective."""
+    scaled = scaler_of(scale)
+    # one dot product: a node fewer in the step's graph than the weighted losses and their sum
+    total = losses.values.sum() if weights is None else torch.dot(losses.values, weights)
+    total = total if backbone_loss is None else total + backbone_loss
+    roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
+    accumulate(roots, [None] * len(roots), retain_graph=retain_graph)
+    return StepWeights.of_present(weights, None, losses.tasks, inputs.num_tasks)
+
+
+def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, shared: Sequence[Tensor],
+                 stats: Statistics, *, weights: Tensor | None, objective: Tensor | None,
+                 backbone_loss: Tensor | None, overflow: bool, scale: Tensor | None,
+                 retain_graph: bool) -> StepWeights:
+    """The strategy's update from the statistics, turned into gradients and applied by the one final backward.
+
+    Args:
+        strategy: The strategy (its ``compute`` gives the update).
+        inputs: What the strategy reads, filled with the statistics.
+        passed: The per-task gradients on the representation and the task-specific gradients.
+        shared: The shared parameters the statistics were formed on (empty off the parameters).
+        stats: The statistics the update may reuse.
+        weights: The loss weights ``w`` of the present tasks (``None``: all ones).
+        objective: The strategy's loss objective, if any.
+        backbone_loss: The (weighted) backbone loss, if any.
+        overflow: A ``GradScaler``'s scale overflowed: the strategy's update is given up.
+        scale: The scale, if any.
+        retain_graph: Keep the graphs for another backward.
+    """
+    request = strategy.request
+    scaled = scaler_of(scale)
+    rep, blocks = stats.rep, stats.blocks
     update = Update() if overflow else strategy.compute(inputs)
     covered = blocks is not None and request.parameters is None and request.layer is None and \
         covers_representation([record.z for record in passed.records], shared)
@@ -150,9 +196,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
             roots.append(scaled(root))
             grads.append(None)
     accumulate(roots, grads, retain_graph=retain_graph)
-    if not retain_graph:
-        pending.remove(consumed)
-    return StepWeights.of_present(weights, update.weights, losses.tasks, inputs.num_tasks,
+    return StepWeights.of_present(weights, update.weights, inputs.tasks, inputs.num_tasks,
                                   direction=update.direction is not None)
 
 
