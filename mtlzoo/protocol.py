@@ -93,6 +93,11 @@ class Request:
         """Whether the step must compute per-task gradients (anything but ``where="losses"``)."""
         return self.where != "losses"
 
+    def __repr__(self) -> str:
+        layer = "" if self.layer is None else f", layer={self.layer!r}"
+        return (f"Request(where={self.where!r}, statistic={self.statistic!r}, parameters={self.parameters!r}{layer}, "
+                f"batches={self.batches!r})")
+
     def __str__(self) -> str:
         if self.where == "losses":
             return "losses"

@@ -42,6 +42,8 @@ def test_the_last_layer_is_requested_by_name() -> None:
     assert request.parameters is None and str(request) == "norms on the last shared layer"
     assert Request("parameters", "norms", parameters=LAST_LAYER) == request
     assert LAST_LAYER != () and repr(LAST_LAYER) == "LAST_LAYER"
+    assert eval(repr(request)) == request and "layer='last'" in repr(request)
+    assert "layer" not in repr(Request("parameters"))  # the repr strategies' doctests show is unchanged
 
 
 @pytest.mark.parametrize("statistic", ["gradients", "gramian", "norms"])
