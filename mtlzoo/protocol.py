@@ -161,7 +161,6 @@ class Update:
     objective: Tensor | None = None
 
 
-@dataclass
 class StepWeights:
     """What one backward used, per task: the loss weights ``w`` and the gradient coefficients ``c``.
 
@@ -169,7 +168,7 @@ class StepWeights:
     ``g_k`` the gradient of ``w_k L_k`` (so a loss weighting has ``c = 1`` and a Gramian-weighted
     surgery ``w = 1``). Read it from ``mtl.last_step`` after ``mtl.backward`` to log or plot it.
     Tensors are detached, on the losses' device, of length K in task order, ``NaN`` for a task
-    absent from the step.
+    absent from the step; they are formed when first read, so a step that nobody logs pays nothing.
 
     Attributes:
         loss_weights: ``(K,)`` the loss weights ``w`` (all ones when the strategy weighs nothing).
@@ -179,20 +178,30 @@ class StepWeights:
         tasks: ``(K',)`` the present tasks' indices.
     """
 
-    loss_weights: Tensor
-    coefficients: Tensor | None
-    tasks: Tensor
-
-    @classmethod
-    def of_present(cls, loss_weights: Tensor | None, coefficients: Tensor | None, tasks: Tensor, num_tasks: int, *,
-                   direction: bool = False) -> StepWeights:
+    def __init__(self, loss_weights: Tensor | None, coefficients: Tensor | None, tasks: Tensor, num_tasks: int, *,
+                 direction: bool = False) -> None:
         """From the present tasks' ``w`` and ``c`` (``None``: all ones), unless ``direction``: no ``c`` at all."""
-        template = tasks.new_full((num_tasks,), math.nan, dtype=torch.float32 if loss_weights is None
-                                  else loss_weights.dtype)
+        self._present = (None if loss_weights is None else loss_weights.detach(),
+                         None if coefficients is None else coefficients.detach())
+        self._direction = direction
+        self.tasks = tasks
+        self.num_tasks = num_tasks
 
-        def spread(values: Tensor | None) -> Tensor:
-            present = torch.ones(tasks.shape, dtype=template.dtype, device=template.device) if values is None \
-                else values.detach().to(template.dtype)
-            return present if tasks.shape[0] == num_tasks else template.index_copy(0, tasks, present)
+    @property
+    def loss_weights(self) -> Tensor:
+        return self._spread(self._present[0])
 
-        return cls(spread(loss_weights), None if direction else spread(coefficients), tasks)
+    @property
+    def coefficients(self) -> Tensor | None:
+        return None if self._direction else self._spread(self._present[1])
+
+    def _spread(self, values: Tensor | None) -> Tensor:
+        dtype = next((v.dtype for v in self._present if v is not None), torch.float32)
+        present = torch.ones(self.tasks.shape, dtype=dtype, device=self.tasks.device) if values is None \
+            else values.to(dtype)
+        if self.tasks.shape[0] == self.num_tasks:
+            return present
+        return present.new_full((self.num_tasks,), math.nan).index_copy(0, self.tasks, present)
+
+    def __repr__(self) -> str:
+        return f"StepWeights(loss_weights={self.loss_weights}, coefficients={self.coefficients})"

@@ -124,7 +124,7 @@ def losses_only(losses: StepLosses, inputs: StepInputs, weights: Tensor | None, 
     total = total if backbone_loss is None else total + backbone_loss
     roots = [scaled(total)] + ([] if objective is None else [scaled(objective)])
     accumulate(roots, [None] * len(roots), retain_graph=retain_graph)
-    return StepWeights.of_present(weights, None, losses.tasks, inputs.num_tasks)
+    return StepWeights(weights, None, losses.tasks, inputs.num_tasks)
 
 
 def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, shared: Sequence[Tensor],
@@ -196,7 +196,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
             roots.append(scaled(root))
             grads.append(None)
     accumulate(roots, grads, retain_graph=retain_graph)
-    return StepWeights.of_present(weights, update.weights, inputs.tasks, inputs.num_tasks,
+    return StepWeights(weights, update.weights, inputs.tasks, inputs.num_tasks,
                                   direction=update.direction is not None)
 
 
