@@ -306,7 +306,10 @@ class MTLWrapper(nn.Module):
 
         Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
         backward); call :meth:`step` afterwards. Call it once per forward: micro-batches
-        accumulate, and the strategy's state advances once, at :meth:`step`.
+        accumulate, and the strategy's state advances once, at :meth:`step`. A plain
+        ``optimizer.step()`` since the previous backward is noticed here (the parameters moved with
+        no :meth:`step`): the state advances then, with a one-time warning. What the backward used
+        (loss weights, gradient coefficients) is in :attr:`last_step` afterwards.
 
         The model learns from ``sum_k w_k L_k`` (``w`` the strategy's loss weights, all ones for
         surgery); a surgery strategy then combines the per-task gradients on the shared part. A
