@@ -261,9 +261,12 @@ class MTLWrapper(nn.Module):
                 z, backbone_extras = _split(self.backbone(*args, **kwargs))
         else:
             z, backbone_extras = _split(self.backbone(*args, **kwargs))
-        if training and not record and isinstance(z, Tensor) and z.is_floating_point():
-            z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
-            self._pending.add(MarkedForward.create(marker))
+        if training and not record:
+            if isinstance(z, Tensor) and z.is_floating_point():
+                z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
+                self._pending.add(MarkedForward.create(marker))
+            else:
+                self._pending.unmarked = True
         leaves: list[Tensor] = []
         predictions: list[Any] = []
         head_extras: list[tuple[str | int, tuple[Any, ...]]] = []

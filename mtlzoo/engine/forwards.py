@@ -72,6 +72,9 @@ class PendingForwards:
 
     def __init__(self) -> None:
         self.records: list[ForwardRecord | MarkedForward] = []
+        self.unmarked = False
+        """A losses-only forward since the last backward whose representation could not be marked (not a
+        floating-point tensor): the next backward cannot check where its losses come from, and does not."""
 
     def add(self, record: ForwardRecord | MarkedForward) -> None:
         self.records = [r for r in self.records if r.alive]
@@ -88,5 +91,5 @@ class PendingForwards:
         return PendingForwards()
 
     def __getstate__(self) -> dict:
-        return {"records": []}
+        return {"records": [], "unmarked": False}
 

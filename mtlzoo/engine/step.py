@@ -209,6 +209,9 @@ def marked_forwards(pending: PendingForwards, losses: StepLosses) -> list[Marked
     """
     marks = {id(marker): record for record in pending.records if isinstance(record, MarkedForward)
              and (marker := record.marker()) is not None}
+    if pending.unmarked:  # a forward whose representation could not be marked: nothing to check against
+        pending.unmarked = False
+        return list(marks.values())
     found: set[int] = set()
     stale = []
     for task, loss, requires in zip(losses.present, losses.scalars, losses.requires_grad):

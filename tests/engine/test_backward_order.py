@@ -69,3 +69,32 @@ def test_retained_graphs_and_several_forwards_still_work(name: str) -> None:
     mtl.backward(losses)
     first, second = mse_losses(mtl(x), targets), mse_losses(mtl(x[:8]), targets[:, :8])
     mtl.backward([a + b for a, b in zip(first, second)])
+
+
+class DictBackbone(torch.nn.Module):
+    """A backbone whose output is not a tensor (a dict its heads read): nothing to mark."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"z": torch.tanh(self.linear(x))}
+
+
+class DictHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(features["z"])
+
+
+def test_a_representation_that_cannot_be_marked_still_trains_under_a_losses_only_strategy() -> None:
+    """The check needs a floating-point tensor to mark; without one the step goes on unchecked, as before."""
+    mtl = mtlzoo.MTLWrapper(mtlzoo.HardSharing(DictBackbone(), [DictHead() for _ in range(3)]), "uw")
+    x, targets = batch()
+    for _ in range(2):
+        mtl.backward(mse_losses(mtl(x), targets))
+    assert all(p.grad is not None for p in mtl.parameters())
