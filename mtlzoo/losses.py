@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -25,6 +25,7 @@ class StepLosses:
         requires_grad: Per present task, whether its loss depends on anything that requires grad.
         labels: Every task's label (its name, or its index as a string), for messages.
         present: The present tasks' indices as a list (``tasks`` on the host).
+        scalars: The present tasks' losses as given (before stacking), for the engine's checks.
     """
 
     values: Tensor
@@ -32,6 +33,7 @@ class StepLosses:
     requires_grad: list[bool]
     labels: list[str]
     present: list[int]
+    scalars: list[Tensor] = field(default_factory=list)
 
 
 def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int, *,
@@ -92,9 +94,11 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
     values = vector.detach().tolist()  # the step's one host synchronisation of the checks
     bad = [f"{labels[k]}={value:g}" for k, value in zip(present, values) if not math.isfinite(value)]
     if bad:
-        raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated; check the "
-                        "predictions and targets of those tasks (or lower the learning rate).")
-    return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present)
+        raise LossError(f"Non-finite losses: {', '.join(bad)}. Nothing was back-propagated. A masked loss over "
+                        "an empty mask (no labels for the task in this batch) is NaN: give None as that task's loss "
+                        "to leave it out of the step. Otherwise check the predictions and targets of those tasks "
+                        "(or lower the learning rate).")
+    return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present, scalars)
 
 
 @lru_cache(maxsize=64)

@@ -1,7 +1,7 @@
 """What flows between the engine and a strategy in one training step.
 
 A strategy declares a :class:`Request`: what it reads from a step. The engine
-(:mod:`mtlzoo.autograd`) fulfils it by the cheapest route it knows and hands the strategy a
+(:mod:`mtlzoo.engine`) fulfils it by the cheapest route it knows and hands the strategy a
 :class:`StepInputs`; the strategy answers with an :class:`Update`, which the engine turns into
 gradients. Both sides are plain tensors, so a strategy is testable on random matrices and the
 engine without any strategy.
@@ -9,20 +9,32 @@ engine without any strategy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 Where = Literal["losses", "representation", "parameters"]
 Statistic = Literal["gradients", "gramian", "norms"]
-
-LAST_LAYER: tuple[str, ...] = ()
-"""``Request(parameters=LAST_LAYER)``: the last shared layer's weights, found by the engine from the graph of
-``z`` (GradNorm's default), so the strategy need not know the backbone's parameter names."""
+Layer = Literal["last"]
 
 WHERES: tuple[Where, ...] = ("losses", "representation", "parameters")
 STATISTICS: tuple[Statistic, ...] = ("gradients", "gramian", "norms")
+LAYERS: tuple[Layer, ...] = ("last",)
+
+
+class _LastLayer:
+    """The type of :data:`LAST_LAYER`: a named marker, not an empty tuple of names."""
+
+    def __repr__(self) -> str:
+        return "LAST_LAYER"
+
+
+LAST_LAYER = _LastLayer()
+"""``Request("parameters", ..., parameters=LAST_LAYER)`` is ``Request("parameters", ..., layer="last")``, kept
+for existing callers: the last shared layer's weights, found by the engine from the graph of ``z``."""
 
 
 @dataclass(frozen=True)
@@ -36,14 +48,18 @@ class Request:
         statistic: What of those gradients: ``"gradients"`` (the K x ... matrix itself), the K x K
             ``"gramian"`` ``G G^T``, or the K ``"norms"`` ``||g_k||``.
         parameters: With ``where="parameters"``, the names of the shared parameters to take the
-            gradients on (as ``backbone.named_parameters()`` gives them), :data:`LAST_LAYER` for the
-            last shared layer's weights (GradNorm's choice), or ``None`` for all of them.
+            gradients on (as ``backbone.named_parameters()`` gives them), or ``None`` for all of them
+            (or for the layer named by ``layer``).
+        layer: With ``where="parameters"``, ``"last"`` for the weights of the last shared layer, found
+            by the engine from the graph of ``z`` (GradNorm's choice), so the strategy need not know
+            the backbone's parameter names; ``None`` when ``parameters`` says.
         batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
     """
 
     where: Where = "losses"
     statistic: Statistic = "gradients"
     parameters: tuple[str, ...] | None = None
+    layer: Layer | None = None
     batches: int = 1
 
     def __post_init__(self) -> None:
@@ -52,12 +68,23 @@ class Request:
         if self.statistic not in STATISTICS:
             raise ValueError(f"Parameter `statistic` should be one of {STATISTICS}. "
                              f"Found `statistic = {self.statistic!r}`.")
+        if isinstance(self.parameters, _LastLayer):
+            object.__setattr__(self, "parameters", None)
+            object.__setattr__(self, "layer", "last" if self.layer is None else self.layer)
+        if self.layer is not None and (self.layer not in LAYERS or self.where != "parameters"
+                                       or self.parameters is not None):
+            raise ValueError(f"Parameter `layer` should be one of {LAYERS}, given with where='parameters' and no "
+                             f"`parameters`. Found `layer = {self.layer!r}` with `where = {self.where!r}`, "
+                             f"`parameters = {self.parameters!r}`.")
         if self.parameters is not None:
             if isinstance(self.parameters, str) or self.where != "parameters":
                 raise ValueError("Parameter `parameters` should be a tuple of parameter names, given with "
                                  f"where='parameters'. Found `parameters = {self.parameters!r}` with "
                                  f"`where = {self.where!r}`.")
             object.__setattr__(self, "parameters", tuple(self.parameters))
+            if not self.parameters:
+                raise ValueError("Parameter `parameters` should be a non-empty tuple of parameter names. Found an "
+                                 "empty tuple; for the last shared layer, give layer='last' instead.")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
 
@@ -66,11 +93,16 @@ class Request:
         """Whether the step must compute per-task gradients (anything but ``where="losses"``)."""
         return self.where != "losses"
 
+    def __repr__(self) -> str:
+        layer = "" if self.layer is None else f", layer={self.layer!r}"
+        return (f"Request(where={self.where!r}, statistic={self.statistic!r}, parameters={self.parameters!r}{layer}, "
+                f"batches={self.batches!r})")
+
     def __str__(self) -> str:
         if self.where == "losses":
             return "losses"
         text = f"{self.statistic} on {self.where}"
-        if self.parameters == LAST_LAYER:
+        if self.layer == "last":
             text = f"{self.statistic} on the last shared layer"
         elif self.parameters is not None:
             text += f" {list(self.parameters)}"
@@ -127,3 +159,49 @@ class Update:
     weights: Tensor | None = None
     direction: Tensor | None = None
     objective: Tensor | None = None
+
+
+class StepWeights:
+    """What one backward used, per task: the loss weights ``w`` and the gradient coefficients ``c``.
+
+    The model learned from ``sum_k w_k L_k``; the shared part received ``sum_k c_k g_k`` with
+    ``g_k`` the gradient of ``w_k L_k`` (so a loss weighting has ``c = 1`` and a Gramian-weighted
+    surgery ``w = 1``). Read it from ``mtl.last_step`` after ``mtl.backward`` to log or plot it.
+    Tensors are detached, on the losses' device, of length K in task order, ``NaN`` for a task
+    absent from the step; they are formed when first read, so a step that nobody logs pays nothing.
+
+    Attributes:
+        loss_weights: ``(K,)`` the loss weights ``w`` (all ones when the strategy weighs nothing).
+        coefficients: ``(K,)`` the coefficients ``c`` of the task gradients in the shared update,
+            or ``None`` where the strategy's update was a combined gradient (a direction, as
+            RotoGrad's) rather than coefficients.
+        tasks: ``(K',)`` the present tasks' indices.
+    """
+
+    def __init__(self, loss_weights: Tensor | None, coefficients: Tensor | None, tasks: Tensor, num_tasks: int, *,
+                 direction: bool = False) -> None:
+        """From the present tasks' ``w`` and ``c`` (``None``: all ones), unless ``direction``: no ``c`` at all."""
+        self._present = (None if loss_weights is None else loss_weights.detach(),
+                         None if coefficients is None else coefficients.detach())
+        self._direction = direction
+        self.tasks = tasks
+        self.num_tasks = num_tasks
+
+    @property
+    def loss_weights(self) -> Tensor:
+        return self._spread(self._present[0])
+
+    @property
+    def coefficients(self) -> Tensor | None:
+        return None if self._direction else self._spread(self._present[1])
+
+    def _spread(self, values: Tensor | None) -> Tensor:
+        dtype = next((v.dtype for v in self._present if v is not None), torch.float32)
+        present = torch.ones(self.tasks.shape, dtype=dtype, device=self.tasks.device) if values is None \
+            else values.to(dtype)
+        if self.tasks.shape[0] == self.num_tasks:
+            return present
+        return present.new_full((self.num_tasks,), math.nan).index_copy(0, self.tasks, present)
+
+    def __repr__(self) -> str:
+        return f"StepWeights(loss_weights={self.loss_weights}, coefficients={self.coefficients})"

@@ -1,7 +1,7 @@
 """``MTLWrapper``: one training step of a hard-parameter-sharing model under any strategy.
 
 The wrapper adapts the model (which parts are shared, which belong to a task) and holds the user
-API; the engine (:mod:`mtlzoo.autograd`) holds the autograd, and the strategy its maths and state.
+API; the engine (:mod:`mtlzoo.engine`) holds the autograd, and the strategy its maths and state.
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mtlzoo import autograd as engine
-from mtlzoo.backward import run_backward
+from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
+from mtlzoo.engine.internals import compiled_original, without_donated_buffers
+from mtlzoo.engine.jacobian import JacobianRoute
+from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
+from mtlzoo.engine.step import backpropagate
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
-from mtlzoo.lifecycle import StepTracker, run_optimizers
 from mtlzoo.linalg import autocast_off
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
-from mtlzoo.protocol import StepInputs
+from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
-from mtlzoo.structure import invalidate
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
@@ -111,8 +112,12 @@ class MTLWrapper(nn.Module):
         strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
         jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
-            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks;
-            in between, the peak memory is bounded by the chunk rather than by K.
+            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks.
+            A chunk bounds the batched backward's working memory (one copy of the backbone's
+            activation gradients per task of the chunk), not the K x n Jacobian, which is formed
+            whatever the chunk, with one chunk of rows held beside it while it fills: the peak
+            falls with the chunk where activations outweigh parameters (large batches, feature
+            maps), and ``1`` is the lowest peak either way (see the API reference's figures).
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
@@ -132,6 +137,11 @@ class MTLWrapper(nn.Module):
             raise ValueError(f"Parameter `jacobian_chunk_size` should be a positive int or None. Found "
                              f"`jacobian_chunk_size = {jacobian_chunk_size!r}`.")
         self.jacobian_chunk_size = jacobian_chunk_size
+        if compiled_original(model) is not None:
+            warnings.warn("MTLWrapper(torch.compile(model)) compiles nothing: the wrapper calls model.backbone and "
+                          "model.heads, never the compiled model's forward. Compile the backbone instead: "
+                          "model.backbone = torch.compile(model.backbone), or "
+                          "mtlzoo.HardSharing(torch.compile(backbone), heads).", RuntimeWarning, stacklevel=2)
         backbone = getattr(model, "backbone", None)
         if not isinstance(backbone, nn.Module):
             raise InvalidModelError(f"The model should have a `backbone` attribute holding an nn.Module. "
@@ -146,6 +156,7 @@ class MTLWrapper(nn.Module):
             raise InvalidModelError(f"Every head should be an nn.Module; heads {bad} are not.")
         self.backbone = backbone
         self.heads = heads
+        self._compiled_backbone = compiled_original(backbone) is not None
         self.task_names: list[str] | None = list(heads.keys()) if isinstance(heads, nn.ModuleDict) else None
 
         if isinstance(strategy, Strategy):
@@ -164,9 +175,13 @@ class MTLWrapper(nn.Module):
         if device is not None:  # a model already on its device: the strategy's state joins it
             strategy.to(device)
         self.strategy = strategy
-        self._pending = engine.PendingForwards()
-        self._tracker = StepTracker(self, "_commit_step")
+        self._pending = PendingForwards()
+        self._tracker = StepTracker(self._watched_parameters)
+        self._route = JacobianRoute()
         self._warned: set[str] = set()
+        self.last_step: StepWeights | None = None
+        """What the last :meth:`backward` used per task: its loss weights and gradient coefficients
+        (:class:`~mtlzoo.protocol.StepWeights`), for logging; ``None`` before the first backward."""
 
     # ---------------------------------------------------------------- the model
     def __len__(self) -> int:
@@ -218,10 +233,6 @@ class MTLWrapper(nn.Module):
         self.strategy.check_ready()
         return list(self.strategy.parameters())
 
-    def _apply(self, fn: Any, recurse: bool = True) -> MTLWrapper:
-        invalidate()  # a conversion may put new parameter objects in place without registering them
-        return super()._apply(fn, recurse)
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``nn.Module.zero_grad``."""
         for part in (self.backbone, self.heads, self.strategy):
@@ -243,8 +254,19 @@ class MTLWrapper(nn.Module):
             (the backbone's under ``"backbone"``). The backbone's extras may enter the losses: their
             gradients reach the backbone on every path, beside the strategy's combined gradient.
         """
-        record = self.training and torch.is_grad_enabled() and self.strategy.request.needs_gradients
-        z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        training = self.training and torch.is_grad_enabled()
+        record = training and self.strategy.request.needs_gradients
+        if training and self._compiled_backbone:  # its graph must serve the Jacobian's backwards and the step's
+            with without_donated_buffers():
+                z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        else:
+            z, backbone_extras = _split(self.backbone(*args, **kwargs))
+        if training and not record:
+            if isinstance(z, Tensor) and z.is_floating_point():
+                z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
+                self._pending.add(MarkedForward.create(marker))
+            else:
+                self._pending.unmarked = True
         leaves: list[Tensor] = []
         predictions: list[Any] = []
         head_extras: list[tuple[str | int, tuple[Any, ...]]] = []
@@ -263,7 +285,7 @@ class MTLWrapper(nn.Module):
                 if extras is not None:
                     head_extras.append((key, extras))
         if record and z.requires_grad:
-            self._pending.add(engine.ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
+            self._pending.add(ForwardRecord.create(z, leaves, extra_roots, extra_leaves))
 
         if self.task_names is not None:
             named = dict(zip(self.task_names, predictions))
@@ -287,7 +309,10 @@ class MTLWrapper(nn.Module):
 
         Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
         backward); call :meth:`step` afterwards. Call it once per forward: micro-batches
-        accumulate, and the strategy's state advances once, at :meth:`step`.
+        accumulate, and the strategy's state advances once, at :meth:`step`. A plain
+        ``optimizer.step()`` since the previous backward is noticed here (the parameters moved with
+        no :meth:`step`): the state advances then, with a one-time warning. What the backward used
+        (loss weights, gradient coefficients) is in :attr:`last_step` afterwards.
 
         The model learns from ``sum_k w_k L_k`` (``w`` the strategy's loss weights, all ones for
         surgery); a surgery strategy then combines the per-task gradients on the shared part. A
@@ -327,6 +352,8 @@ class MTLWrapper(nn.Module):
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
+        if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
+            self._commit_step()
         scale = None
         if scaler is not None and scaler.is_enabled():
             scale = scaler.scale(torch.ones((), device=step_losses.values.device))
@@ -335,25 +362,40 @@ class MTLWrapper(nn.Module):
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), autocast_off(step_losses.values.device.type):
-                run_backward(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
-                             backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
-                             retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size)
+                used = backpropagate(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
+                                     backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
+                                     retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
         except BaseException:
             if strategy.micro_batch == 0:
                 strategy.discard()
             raise
         strategy.micro_batch += 1
+        self.last_step = used
         self._tracker.backward_done()
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
-        for task, requires in zip(tasks, requires_grad):
-            if not requires and labels[task] not in self._warned:
-                self._warned.add(labels[task])
-                warnings.warn(f"The loss of task {labels[task]} does not depend on the model (a constant, or "
-                              "detached): that task gets a zero gradient in this step. That is what a masked task "
-                              "with no labels in the batch needs; otherwise look for a stray .detach(). (Give None "
-                              "instead to leave the task out of the step.) Said once per task.",
-                              RuntimeWarning, stacklevel=3)
+        """Warn about a loss that does not depend on the model: once per task for a strategy that reads only the
+        losses (the task adds nothing to the sum), at every such backward for one that reads gradients (a zero
+        row changes its update: MGDA's can vanish, UPGrad's and RotoGrad's shrink)."""
+        constant = [labels[task] for task, requires in zip(tasks, requires_grad) if not requires]
+        if not constant:
+            return
+        if self.strategy.request.needs_gradients:
+            name = type(self.strategy).__name__
+            warnings.warn(f"The losses of tasks {', '.join(constant)} do not depend on the model (a constant, or "
+                          f"detached): they get a zero gradient, which changes the update of {name} (a zero task "
+                          "gradient can stall MGDA's update and shrinks UPGrad's, DualProj's and RotoGrad's). For a "
+                          "masked task with no labels in the batch, give None instead of its loss to leave it out of "
+                          "the step; otherwise look for a stray .detach(). Said at every such backward.",
+                          RuntimeWarning, stacklevel=3)
+            return
+        for label in constant:
+            if label not in self._warned:
+                self._warned.add(label)
+                warnings.warn(f"The loss of task {label} does not depend on the model (a constant, or detached): "
+                              "that task gets a zero gradient in this step. That is what a masked task with no "
+                              "labels in the batch needs; otherwise look for a stray .detach(). (Give None instead "
+                              "to leave the task out of the step.) Said once per task.", RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------- lifecycle
     def step(self, *optimizers: torch.optim.Optimizer, scaler: Any | None = None,
@@ -377,11 +419,7 @@ class MTLWrapper(nn.Module):
         if not optimizers:
             raise TypeError("mtl.step() takes the optimizer(s) to step: mtl.step(optimizer).")
         self._check_optimizer_groups(optimizers)
-        self._tracker.inside_step = True
-        try:
-            taken = run_optimizers(optimizers, scaler)
-        finally:
-            self._tracker.inside_step = False
+        taken = run_optimizers(optimizers, scaler)
         if not taken:
             self.strategy.discard()
             self._tracker.close()
@@ -404,6 +442,10 @@ class MTLWrapper(nn.Module):
     def _commit_step(self) -> None:
         self.strategy.advance()
         self._tracker.close()
+
+    def _watched_parameters(self) -> list[Tensor]:
+        """What an optimizer step writes: every parameter of the wrapper (model and strategy)."""
+        return list(self.parameters())
 
     def end_epoch(self) -> None:
         """Mark the end of an epoch, for strategies that work per epoch (DWA, STCH)."""
@@ -436,12 +478,13 @@ class MTLWrapper(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._pending = engine.PendingForwards()
-        self._tracker = StepTracker(self, "_commit_step")
+        self._pending = PendingForwards()
+        self._tracker = StepTracker(self._watched_parameters)
+        self._route = JacobianRoute()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker")}
+        return {key: value for key, value in dict(state).items() if key not in ("_pending", "_tracker", "_route")}
 
 
 def _single_device(*modules: nn.Module) -> torch.device | None:

@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtlzoo import autograd as engine
-from mtlzoo.autograd import parameter_jacobian
+from mtlzoo.engine.jacobian import JacobianRoute, parameter_jacobian
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 
@@ -87,9 +86,8 @@ def test_the_module_default_chunk_size_applies_and_is_checked(monkeypatch: pytes
         calls.append(bool(kwargs.get("is_grads_batched")))
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(engine, "JACOBIAN_CHUNK_SIZE", 3)
     monkeypatch.setattr(torch.autograd, "grad", counting)
-    actual = parameter_jacobian(z, grads, params)
+    actual = parameter_jacobian(z, grads, params, chunk_size=3)
     assert calls == [True, True, False]  # 3 + 3 batched, the last task alone
     torch.testing.assert_close(actual, looped_reference(z, grads, params))
     with pytest.raises(ValueError, match="chunk_size"):
@@ -118,45 +116,64 @@ class Unbatchable(nn.Module):
 
 
 def test_vmap_failure_falls_back_to_the_loop_with_one_warning() -> None:
-    """A backward that vmap cannot batch: the same Jacobian by the loop, a warning the first time only."""
+    """A backward that vmap cannot batch: the same Jacobian by the loop, a warning the first time only; the
+    failure is remembered in the route given (one per wrapper), nowhere else."""
     torch.manual_seed(0)
     backbone = Unbatchable()
     params = list(backbone.parameters())
     grads = torch.randn(3, 5, 3)
     z = backbone(torch.randn(5, 4))
-    with pytest.warns(RuntimeWarning, match="batched .vmapped. Jacobian failed.*Said once per backbone"):
-        first = parameter_jacobian(z, grads, params)
+    route = JacobianRoute()
+    with pytest.warns(RuntimeWarning, match="batched .vmapped. Jacobian failed.*Said once per wrapper"):
+        first = parameter_jacobian(z, grads, params, route=route)
     torch.testing.assert_close(first, looped_reference(z, grads, params))
+    assert route.vmap_failed is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params)
+        second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=route)
     assert second.shape == first.shape
-    assert params[0] in engine._VMAP_FAILED
+    with pytest.warns(RuntimeWarning, match="Jacobian failed"):  # another route (wrapper) learns it afresh
+        parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=JacobianRoute())
+
+
+def test_the_vmap_fallback_is_scoped_to_the_wrapper() -> None:
+    """Two wrappers of one backbone: the first's vmap failure warns once for it; the second warns for itself."""
+    torch.manual_seed(0)
+    backbone = Unbatchable()
+    wrappers = [MTLWrapper(HardSharing(backbone, [nn.Linear(3, 1), nn.Linear(3, 1)]), "upgrad",
+                           target="parameters") for _ in range(2)]
+    x = torch.randn(5, 4)
+    for mtl in wrappers:
+        with pytest.warns(RuntimeWarning, match="Jacobian failed"):
+            mtl.backward([p.pow(2).mean() for p in mtl(x)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mtl.backward([p.pow(2).mean() for p in mtl(x)])
 
 
 def test_parameter_lists_follow_structural_changes() -> None:
-    """The cached parameter lists (mtlzoo.structure) must never go stale: a new parameter, a replaced
-    submodule and a conversion that swaps parameter objects each show up at the next call, as in
-    ``module.named_parameters()`` (the reference). A cache that never invalidates fails each step."""
-    from mtlzoo.structure import named_parameters_of, trainable_parameters
+    """The parameter lists (mtlzoo.structure) never go stale: a new parameter, a replaced submodule, a frozen
+    weight and a conversion that swaps parameter objects each show up at the next call, as in
+    ``module.parameters()`` (the reference)."""
+    from mtlzoo.structure import trainable_parameters
 
     heads = nn.ModuleList([nn.Linear(3, 1), nn.Linear(3, 1)])
-    assert list(named_parameters_of(heads).values()) == list(heads.parameters())
+    assert trainable_parameters(heads) == list(heads.parameters())
     heads[1] = nn.Linear(3, 2)
-    assert list(named_parameters_of(heads).values()) == list(heads.parameters())
+    assert trainable_parameters(heads) == list(heads.parameters())
     heads[0].scale = nn.Parameter(torch.ones(()))
-    assert list(named_parameters_of(heads)) == [name for name, _ in heads.named_parameters()]
+    assert trainable_parameters(heads) == list(heads.parameters())
     heads[0].weight.requires_grad_(False)
     assert all(p is not heads[0].weight for p in trainable_parameters(heads))
 
     mtl = MTLWrapper(HardSharing(nn.Linear(3, 3), [nn.Linear(3, 1)]), "ls")
-    before = list(named_parameters_of(mtl.backbone).values())
+    before = trainable_parameters(mtl.backbone)
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
         mtl.double()
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
-    after = list(named_parameters_of(mtl.backbone).values())
+    after = trainable_parameters(mtl.backbone)
     assert all(p.dtype == torch.float64 for p in after)
     assert [id(p) for p in after] == [id(p) for p in mtl.backbone.parameters()] != [id(p) for p in before]
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import mtlzoo
 from mtlzoo.errors import LossError
@@ -71,3 +72,16 @@ def test_bad_backbone_loss_is_refused() -> None:
     with pytest.raises(LossError, match="not finite"):
         mtl.backward(losses, backbone_loss=torch.tensor(math.inf, requires_grad=True))
     assert mtl.strategy.step == 0
+
+
+def test_the_nan_of_an_empty_mask_points_to_none() -> None:
+    """Issue 19, item 17: the usual masked loss over an empty mask is NaN; the error says to give None instead."""
+    mtl = mtlzoo.MTLWrapper(small_model(), "ls")
+    x, targets = batch()
+    predictions = mtl(x)
+    mask = torch.zeros(targets.shape[1], dtype=torch.bool)  # no labels for task 1 in this batch
+    losses = mse_losses(predictions, targets)
+    losses[1] = nn.functional.mse_loss(predictions[1][mask], targets[1][mask])
+    with pytest.raises(LossError, match=r"empty mask.*give None"):
+        mtl.backward(losses)
+    assert all(p.grad is None for p in mtl.parameters())

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
 
 import mtlzoo
-from mtlzoo import autograd as engine
-from mtlzoo.protocol import Request, StepInputs
+from mtlzoo.engine.forwards import ForwardRecord
+from mtlzoo.engine.heads import head_pass
+from mtlzoo.engine.statistics import statistics
+from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.strategy import StrategyInfo, WeightingStrategy
 from tests.helpers import batch, mse_losses, small_model
 
@@ -19,10 +24,54 @@ from tests.helpers import batch, mse_losses, small_model
     ({"where": "representation", "parameters": ("0.weight",)}, "parameters"),
     ({"where": "parameters", "parameters": "0.weight"}, "parameters"),
     ({"batches": 0}, "batches"),
+    ({"where": "parameters", "parameters": ()}, "parameters"),  # an empty tuple no longer means "last layer"
+    ({"where": "representation", "layer": "last"}, "layer"),
+    ({"where": "parameters", "layer": "first"}, "layer"),
+    ({"where": "parameters", "parameters": ("0.weight",), "layer": "last"}, "layer"),
 ])
 def test_invalid_requests_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"Parameter `{message}` should be"):
         Request(**kwargs)
+
+
+def test_the_last_layer_is_requested_by_name() -> None:
+    """Issue 18: ``layer="last"`` names the last shared layer; ``LAST_LAYER`` (not an empty tuple) still says it."""
+    from mtlzoo.protocol import LAST_LAYER
+
+    request = Request("parameters", "norms", layer="last")
+    assert request.parameters is None and str(request) == "norms on the last shared layer"
+    assert Request("parameters", "norms", parameters=LAST_LAYER) == request
+    assert LAST_LAYER != () and repr(LAST_LAYER) == "LAST_LAYER"
+    assert eval(repr(request)) == request and "layer='last'" in repr(request)
+    assert "layer" not in repr(Request("parameters"))  # the repr strategies' doctests show is unchanged
+
+
+@pytest.mark.parametrize("statistic", ["gradients", "gramian", "norms"])
+def test_every_statistic_reads_on_the_last_layer(statistic: str) -> None:
+    """The last layer's statistics equal per-task autograd on the last linear layer's weight alone."""
+    class Reader(WeightingStrategy):
+        info = StrategyInfo(name=f"test_last_layer_{statistic}", kind="weighting", summary="reads the last layer",
+                            request=Request("parameters", statistic, layer="last"))
+        def weights(self, losses: torch.Tensor) -> torch.Tensor:
+            return torch.ones_like(losses)
+
+        def compute(self, inputs: StepInputs) -> Update:
+            seen.append(inputs)
+            return Update()
+
+    seen: list[StepInputs] = []
+
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch()
+    weight = model.backbone[2].weight
+    rows = torch.stack([torch.autograd.grad(loss, weight, retain_graph=True)[0].flatten()
+                        for loss in mse_losses(model(x), targets)])
+    mtl = mtlzoo.MTLWrapper(model, Reader(3))
+    mtl.backward(mse_losses(mtl(x), targets))
+    inputs = seen[-1]
+    expected = {"gradients": rows, "gramian": rows @ rows.T, "norms": rows.norm(dim=1)}[statistic]
+    torch.testing.assert_close(getattr(inputs, statistic), expected)
 
 
 def test_request_text_and_legacy_needs() -> None:
@@ -42,14 +91,14 @@ def engine_step(request: Request) -> tuple[StepInputs, torch.Tensor, nn.Module, 
     x, targets = batch(2)
     z = backbone(x)
     leaves = [z.detach().requires_grad_() for _ in heads]
-    record = engine.ForwardRecord.create(z, leaves)
+    record = ForwardRecord.create(z, leaves)
     losses = torch.stack([((head(leaf) - t) ** 2).mean() for head, leaf, t in zip(heads, leaves, targets)])
     tasks = torch.arange(2)
-    passed = engine.head_pass([record], losses, tasks, [True, True], [p for h in heads for p in h.parameters()],
+    passed = head_pass([record], losses, tasks, [True, True], [p for h in heads for p in h.parameters()],
                               labels=["0", "1"])
     inputs = StepInputs(losses.detach(), tasks, 2)
     shared = list(backbone.parameters())
-    rep = engine.statistics(request, passed, shared, inputs, None).rep
+    rep = statistics(request, passed, shared, inputs, None).rep
     plain = torch.stack([((h(backbone(x)) - t) ** 2).mean() for h, t in zip(heads, targets)])
     per_task = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
                             for loss in plain])
@@ -114,24 +163,67 @@ def test_the_documented_loop_calls_each_hook_once() -> None:
         mtl.step(optimizer)
 
 
-def test_a_plain_optimizer_step_still_advances_with_one_warning() -> None:
+def test_a_plain_optimizer_step_is_noticed_at_the_next_backward_with_one_warning() -> None:
+    """A plain optimizer.step() is seen locally at the next mtl.backward (the parameters moved since the last
+    backward, no mtl.step ran): the state advances once per such step, with one warning naming mtl.step."""
     strategy = Recorder(3)
     mtl = mtlzoo.MTLWrapper(small_model(), strategy)
     optimizer = torch.optim.SGD(mtl.parameters(), lr=0.1)
     x, targets = batch()
-    for step in range(2):
-        optimizer.zero_grad()
+    optimizer.zero_grad()
+    mtl.backward(mse_losses(mtl(x), targets))
+    optimizer.step()
+    assert strategy.calls == []  # nothing happens at the step itself: no hook
+    optimizer.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"mtl.step\(optimizer\)"):
         mtl.backward(mse_losses(mtl(x), targets))
-        if step == 0:
-            with pytest.warns(RuntimeWarning, match=r"outside mtl.step\(optimizer\)"):
-                optimizer.step()
-        else:
-            optimizer.step()  # said once: a second warning would be an error here
+    assert strategy.calls == ["advance"]
+    optimizer.step()
+    optimizer.zero_grad()
+    mtl.backward(mse_losses(mtl(x), targets))  # said once: a second warning would be an error here
+    assert strategy.calls == ["advance", "advance"]
+    mtl.backward(mse_losses(mtl(x), targets))  # accumulation: the parameters did not move, nothing advances
     assert strategy.calls == ["advance", "advance"]
     other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
-    mtl.backward(mse_losses(mtl(x), targets))
     other.step()  # an optimizer of other parameters does not advance this wrapper
+    mtl.backward(mse_losses(mtl(x), targets))
     assert strategy.calls == ["advance", "advance"]
+    assert mtl.step(optimizer, post_step_losses=lambda: mse_losses(mtl(x), targets))
+    assert strategy.calls == ["advance", "advance", "advance"]
+    optimizer.zero_grad()
+    mtl.backward(mse_losses(mtl(x), targets))  # after mtl.step, the parameters' change is not a plain step
+    assert strategy.calls == ["advance", "advance", "advance"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    lambda params: torch.optim.Adam(params, lr=0.1),
+    lambda params: torch.optim.Adam(params, lr=0.1, foreach=False),
+    lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.1),
+], ids=["sgd-momentum", "adam-foreach", "adam-loop", "adamw"])
+def test_a_plain_step_of_every_optimizer_implementation_is_noticed(make: Any) -> None:
+    """Plain and foreach updates move the parameters' version counters the check reads (a fused one does not:
+    the lifecycle's docstring says so)."""
+    strategy = Recorder(3)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    optimizer = make(list(mtl.parameters()))
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match=r"mtl.step\(optimizer\)"):
+        mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.calls == ["advance"]
+
+
+def test_no_process_wide_hook_is_installed() -> None:
+    """Issue 18: neither a global optimizer hook nor a global module hook anywhere in the package."""
+    package = Path(mtlzoo.__file__).parent
+    banned = ("register_optimizer_step_post_hook", "register_optimizer_step_pre_hook", "register_module_forward",
+              "register_module_full_backward", "register_module_backward", "register_module_parameter_registration",
+              "register_module_buffer_registration", "register_module_module_registration")
+    found = [f"{path.relative_to(package)}: {name}" for path in sorted(package.rglob("*.py"))
+             for name in banned if name in path.read_text()]
+    assert found == []
 
 
 def test_a_standalone_strategy_advances_when_told() -> None:

@@ -63,7 +63,7 @@ def test_all_paths_agree_with_summed_loss_training(backbone_loss: bool) -> None:
 
 
 def test_batched_and_looped_jacobian_agree() -> None:
-    from mtlzoo.autograd import parameter_jacobian
+    from mtlzoo.engine.jacobian import parameter_jacobian
 
     backbone = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4))
     z = backbone(torch.randn(6, 5))

@@ -174,7 +174,7 @@ class GradNorm(WeightingStrategy):
         self.layer = names
         self.target: Target = target
         self._request = Request("representation", "norms") if target == "representation" else Request(
-            "parameters", "norms", parameters=names if names is not None else ())
+            "parameters", "norms", parameters=names if names is not None else LAST_LAYER)
         self.task_weights = nn.Parameter(torch.ones(num_tasks))
         self.register_buffer("initial_losses", torch.full((num_tasks,), math.nan))
         self._referenced = False

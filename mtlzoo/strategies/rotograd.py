@@ -61,8 +61,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.engine.leading_linear import leading_linear
 from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
-from mtlzoo.leading_linear import leading_linear
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.strategies._rotation_bank import (

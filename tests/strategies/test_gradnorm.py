@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import mtlzoo
-from mtlzoo import autograd as engine
+from mtlzoo.engine import last_layer as engine
 from mtlzoo.protocol import StepInputs, Update
 from mtlzoo.strategies.gradnorm import GradNorm
 from tests.helpers import batch, mse_losses, small_model

@@ -13,9 +13,8 @@ hook on either and no global module hook.
 from __future__ import annotations
 
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+from mtlzoo.engine.internals import has_global_module_hooks, has_module_hooks
 
 
 def leading_linear(head: nn.Module) -> tuple[nn.Linear, list[nn.Module]] | None:
@@ -26,14 +25,6 @@ def leading_linear(head: nn.Module) -> tuple[nn.Linear, list[nn.Module]] | None:
         first, rest = head[0], list(head)[1:]
     else:
         return None
-    if _hooked(head) or _hooked(first) or _global_hooks():
+    if has_module_hooks(head) or has_module_hooks(first) or has_global_module_hooks():
         return None
     return first, rest
-
-
-def _hooked(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOKS)
-
-
-def _global_hooks() -> bool:
-    return any(getattr(module_hooks, "_global" + name, None) for name in _HOOKS)

@@ -1,0 +1,84 @@
+"""When a strategy's running state advances: once per optimizer step that was taken.
+
+``mtl.step(optimizer)`` steps the optimizer (through a ``GradScaler`` when given) and then commits
+or drops what the step's backward calls staged; it is the one way to advance the state. A plain
+``optimizer.step()`` is noticed locally, at the wrapper's next backward: the model's parameters
+were written in place (their version counters moved) since the last backward while no
+``mtl.step`` ran. The state then advances as that step would have advanced it, with a one-time
+warning that names ``mtl.step(optimizer)``. No process-wide hook is installed. A fused optimizer
+(``fused=True``) writes the parameters without moving their version counters, so with one,
+``mtl.step`` is the only way the state advances; so is an update through ``.data``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtlzoo.engine.internals import version_sum
+
+PLAIN_STEP_WARNING = (
+    "The model's parameters changed since the last mtl.backward() without mtl.step(optimizer): a plain "
+    "optimizer.step() ran. The strategy's state was advanced now, as mtl.step would have done, but a step that a "
+    "GradScaler skips cannot be told apart from gradient accumulation that way, and the state advances only at the "
+    "next backward. Call mtl.step(optimizer) (with scaler=... under a GradScaler) instead of optimizer.step(). "
+    "Said once per wrapper.")
+
+
+class StepTracker:
+    """The lifecycle of one wrapper's steps: whether backward calls wait for an optimizer step, and who steps.
+
+    Args:
+        parameters: Lists the model's parameters (those an optimizer step writes).
+    """
+
+    def __init__(self, parameters: Callable[[], Sequence[Tensor]]) -> None:
+        self._parameters = parameters
+        self.open = False
+        self.warned_plain_step = False
+        self.checked_groups = False
+        self._watched: Sequence[Tensor] = ()
+        self._versions = 0
+
+    def backward_done(self) -> None:
+        """A backward ran: an optimizer step is now expected."""
+        self.open = True
+        self._watched = self._parameters()
+        self._versions = version_sum(self._watched)
+
+    def close(self) -> None:
+        """The step's state was committed or dropped (``mtl.step``, or a plain step noticed)."""
+        self.open = False
+        self._watched = ()
+
+    def stepped_outside(self) -> bool:
+        """Whether a plain optimizer step ran since the last backward (call before the next backward);
+        warns the first time."""
+        if not self.open or version_sum(self._watched) == self._versions:
+            return False
+        if not self.warned_plain_step:
+            self.warned_plain_step = True
+            warnings.warn(PLAIN_STEP_WARNING, RuntimeWarning, stacklevel=4)
+        return True
+
+
+def run_optimizers(optimizers: Sequence[torch.optim.Optimizer], scaler: Any | None) -> bool:
+    """Step every optimizer (through ``scaler``); whether a step was taken (a scaler may skip it)."""
+    if scaler is None:
+        for optimizer in optimizers:
+            optimizer.step()
+        return True
+    taken: list[bool] = []
+    handles = [optimizer.register_step_post_hook(lambda *_: taken.append(True)) for optimizer in optimizers]
+    try:
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return bool(taken)
