@@ -59,7 +59,8 @@ from mtlzoo.harness.spec import optimizer_class, parse_spec, split_top_level
 from mtlzoo.harness.tables import plain_table
 from mtlzoo.protocol import Request
 from mtlzoo.registry import REGISTRY, get_strategy
-from mtlzoo.strategy import GradientSurgery, StrategyInfo
+from mtlzoo.roles import GradientSurgery
+from mtlzoo.strategy import StrategyInfo
 from mtlzoo.wrapper import MTLWrapper
 
 BATCH = 256

@@ -14,6 +14,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def widened(tensor: Tensor) -> Tensor:
+    """``tensor`` in :func:`compute_dtype` (the losses a strategy reads: float64 kept, half precision widened)."""
+    return tensor.to(compute_dtype(tensor.dtype))
+
+
 _SAFE_NORMS = (1e-15, 3e18)
 """Norms from sums of float32 squares inside this range lost nothing to overflow or underflow: the sum
 is between 1e-30 and 9e36 < float32's max (an entry's square is below that too), and entries under

@@ -2,7 +2,7 @@
 
 A strategy is math over tensors: it never sees the model, only losses, gradients and (for the
 RotoGrad family) the shared representation ``z``. It declares a :class:`~mtlzoo.protocol.Request`
-(what it reads from a step); :class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.autograd`)
+(what it reads from a step); :class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.engine`)
 drive it through one training step::
 
     forward:   z = backbone(x);  y_k = strategy.predict(head_k, z, k) = head_k(strategy.adapt(z, k))

@@ -20,7 +20,7 @@ from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
 from mtlzoo.engine.step import backpropagate
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
-from mtlzoo.linalg import autocast_off
+from mtlzoo.linalg import autocast_off, widened
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
@@ -358,7 +358,7 @@ class MTLWrapper(nn.Module):
         if scaler is not None and scaler.is_enabled():
             scale = scaler.scale(torch.ones((), device=step_losses.values.device))
         strategy = self.strategy
-        inputs = StepInputs(step_losses.values.detach().float(), step_losses.tasks, len(self),
+        inputs = StepInputs(widened(step_losses.values.detach()), step_losses.tasks, len(self),
                             micro_batch=strategy.micro_batch)
         try:  # the strategy's maths in full precision, whatever the autocast context
             with parametrize.cached(), autocast_off(step_losses.values.device.type):
@@ -432,9 +432,9 @@ class MTLWrapper(nn.Module):
             else:
                 with torch.no_grad():
                     after = loss_vector(post_step_losses(), self.task_names, len(self), require_grad=False)
-                values = after.values.detach().float()
+                values = widened(after.values.detach())
                 if len(after.present) < len(self):
-                    absent = torch.full((len(self),), float("nan"), device=values.device)
+                    absent = torch.full((len(self),), float("nan"), dtype=values.dtype, device=values.device)
                     values = absent.index_copy(0, after.tasks, values)
                 self.strategy.post_step(values)
         return True

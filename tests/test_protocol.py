@@ -14,7 +14,8 @@ from mtlzoo.engine.forwards import ForwardRecord
 from mtlzoo.engine.heads import head_pass
 from mtlzoo.engine.statistics import statistics
 from mtlzoo.protocol import Request, StepInputs, Update
-from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+from mtlzoo.roles import WeightingStrategy
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import batch, mse_losses, small_model
 
 

@@ -23,7 +23,8 @@ from mtlzoo.errors import (
     UnknownHyperparameterError,
     UnknownStrategyError,
 )
-from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+from mtlzoo.roles import WeightingStrategy
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import batch, mse_losses, small_model
 
 

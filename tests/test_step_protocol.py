@@ -18,7 +18,8 @@ from torch import nn
 import mtlzoo
 from mtlzoo.errors import BackwardOrderError
 from mtlzoo.protocol import Request
-from mtlzoo.strategy import GradientSurgery, StrategyInfo, WeightingStrategy
+from mtlzoo.roles import GradientSurgery, WeightingStrategy
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import batch, mse_losses, small_model
 
 PATHS = ["losses", "representation", "parameters"]

@@ -10,7 +10,8 @@ from torch import nn
 
 import mtlzoo
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NotMaterializedError
-from mtlzoo.strategy import GradientSurgery, GramianWeightedSurgery, StrategyInfo
+from mtlzoo.roles import GradientSurgery, GramianWeightedSurgery
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import batch, mse_losses, small_model
 
 

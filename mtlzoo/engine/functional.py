@@ -25,7 +25,7 @@ from mtlzoo.engine.last_layer import last_layer_weights
 from mtlzoo.engine.statistics import statistics
 from mtlzoo.engine.step import apply_update, loss_weights, losses_only, scaler_of, shared_parameters
 from mtlzoo.errors import InvalidModelError
-from mtlzoo.linalg import all_finite, autocast_off
+from mtlzoo.linalg import all_finite, autocast_off, widened
 from mtlzoo.losses import Losses, StepLosses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.strategy import Strategy
@@ -95,7 +95,7 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     scale = None
     if scaler is not None and scaler.is_enabled():  # type: ignore[attr-defined]
         scale = scaler.scale(torch.ones((), device=step_losses.values.device))  # type: ignore[attr-defined]
-    inputs = StepInputs(step_losses.values.detach().float(), step_losses.tasks, strategy.num_tasks,
+    inputs = StepInputs(widened(step_losses.values.detach()), step_losses.tasks, strategy.num_tasks,
                         micro_batch=strategy.micro_batch)
     try:
         with autocast_off(step_losses.values.device.type):

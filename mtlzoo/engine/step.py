@@ -23,7 +23,7 @@ from mtlzoo.engine.leading_linear import leading_linear
 from mtlzoo.engine.statistics import Statistics, statistics
 from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
-from mtlzoo.linalg import all_finite
+from mtlzoo.linalg import all_finite, widened
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, StepWeights, Update
 from mtlzoo.strategy import Strategy
@@ -82,7 +82,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     overflow = scale is not None and not all_finite(stats.rep)
     consumed = list(passed.records)
     for more in extra_losses:
-        extra = StepInputs(more.values.detach().float(), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
+        extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
         extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                  head_params, labels=more.labels)
         extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep

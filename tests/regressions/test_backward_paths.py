@@ -12,7 +12,8 @@ from torch import nn
 
 import mtlzoo
 from mtlzoo.errors import LossError, NonFiniteGradientError
-from mtlzoo.strategy import GramianWeightedSurgery, StrategyInfo
+from mtlzoo.roles import GramianWeightedSurgery
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import batch, mse_losses, small_model
 
 

@@ -15,7 +15,8 @@ import torch
 
 import mtlzoo
 from mtlzoo.errors import CheckpointMismatchError
-from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+from mtlzoo.roles import WeightingStrategy
+from mtlzoo.strategy import StrategyInfo
 from tests.helpers import assert_same_state, small_model
 
 ROOT = Path(__file__).resolve().parents[2]

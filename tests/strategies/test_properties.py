@@ -79,7 +79,8 @@ def test_instance_metadata_drops_a_claim_its_settings_break() -> None:
 
 def test_a_composed_strategy_derives_its_metadata() -> None:
     """Issue 6: a strategy built on another (here: its weights scaled by a constant) derives request and properties."""
-    from mtlzoo.strategy import StrategyInfo, WeightingStrategy
+    from mtlzoo.roles import WeightingStrategy
+    from mtlzoo.strategy import StrategyInfo
 
     class Scaled(WeightingStrategy):
         info = StrategyInfo(name="test_scaled", kind="weighting", summary="an inner weighting, scaled",
