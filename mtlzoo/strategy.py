@@ -229,6 +229,9 @@ class Strategy(nn.Module):
     hparams: dict[str, Any]
     micro_batch: int
     state: RunningState
+    weighted_heads: bool = False
+    """Whether head k learns from ``c_k w_k L_k`` (``c`` the aggregator's weights: MGDA's and Nash-MTL's authors
+    back-propagate ``sum_k c_k L_k``) rather than from ``w_k L_k`` (the default)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -41,7 +41,10 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     gets the gradient of ``sum_k w_k L_k``; the shared parameters get the strategy's combination
     of the task gradients. Nothing reaches ``.grad`` before the one final backward, so an error
     leaves no trace. After the optimizer step, call ``strategy.advance()`` (``MTLWrapper.step``
-    does it for the wrapper); micro-batches accumulate as with the wrapper.
+    does it for the wrapper); micro-batches accumulate as with the wrapper. The task-specific
+    parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
+    Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they
+    learn from ``sum_k w_k L_k`` whatever the strategy.
 
     Args:
         strategy: The strategy, built for K tasks (``mtlzoo.create(name, num_tasks=K)``). Strategies

@@ -90,10 +90,32 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         inputs.extra.append(extra)
         consumed += extra_passed.records
     used = apply_update(strategy, inputs, passed, shared, stats, weights=weights, objective=objective,
-                        backbone_loss=backbone_loss, overflow=overflow, scale=scale, retain_graph=retain_graph)
+                        backbone_loss=backbone_loss, overflow=overflow, scale=scale, retain_graph=retain_graph,
+                        head_owners=head_owners(heads) if strategy.weighted_heads else None)
     if not retain_graph:
         pending.remove(consumed)
     return used
+
+
+def head_owners(heads: nn.Module) -> dict[int, int]:
+    """The task index of each head parameter (by ``id``); a parameter shared by two heads is refused."""
+    modules = list(heads.values()) if isinstance(heads, nn.ModuleDict) else list(heads)
+    owners: dict[int, int] = {}
+    for task, head in enumerate(modules):
+        for param in head.parameters():
+            if owners.setdefault(id(param), task) != task:
+                raise InvalidModelError(
+                    f"Heads {owners[id(param)]} and {task} share a parameter, so it cannot be weighted by one task's "
+                    "coefficient (the strategy's weighted_heads=True): build the strategy with weighted_heads=False.")
+    return owners
+
+
+def weigh_heads(passed: HeadPass, coefficients: Tensor, tasks: Tensor, owners: dict[int, int]) -> list[Tensor]:
+    """The heads' gradients with head k's scaled by ``c_k``: the heads learn from ``sum_k c_k w_k L_k``."""
+    row_of = {task: row for row, task in enumerate(tasks.tolist())}
+    values = coefficients.tolist()
+    return [grad * values[row_of[owners[id(param)]]] if id(param) in owners else grad
+            for param, grad in zip(passed.head_params, passed.head_grads)]
 
 
 def scaler_of(scale: Tensor | None) -> Callable[[Tensor], Tensor]:
@@ -130,7 +152,7 @@ def losses_only(losses: StepLosses, inputs: StepInputs, weights: Tensor | None, 
 def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, shared: Sequence[Tensor],
                  stats: Statistics, *, weights: Tensor | None, objective: Tensor | None,
                  backbone_loss: Tensor | None, overflow: bool, scale: Tensor | None,
-                 retain_graph: bool) -> StepWeights:
+                 retain_graph: bool, head_owners: dict[int, int] | None = None) -> StepWeights:
     """The strategy's update from the statistics, turned into gradients and applied by the one final backward.
 
     Args:
@@ -145,6 +167,8 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
         overflow: A ``GradScaler``'s scale overflowed: the strategy's update is given up.
         scale: The scale, if any.
         retain_graph: Keep the graphs for another backward.
+        head_owners: The task of each head parameter, when the heads learn from the coefficient-weighted losses
+            (a strategy with ``weighted_heads``); ``None`` leaves the heads' gradients as the head pass gave them.
     """
     request = strategy.request
     scaled = scaler_of(scale)
@@ -189,8 +213,11 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
         for param, piece in zip(shared, flat):
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
+    head_grads = passed.head_grads
+    if head_owners is not None and update.weights is not None:
+        head_grads = weigh_heads(passed, update.weights, inputs.tasks, head_owners)
     roots += passed.head_params + passed.extra_roots + own_params
-    grads += passed.head_grads + passed.extra_grads + own_grads
+    grads += head_grads + passed.extra_grads + own_grads
     for root in (own_objective, backbone_loss):
         if root is not None:
             roots.append(scaled(root))

@@ -24,6 +24,15 @@ class WithParts(Strategy):
         for part in self.parts():
             part.micro_batch = value
 
+    @property  # type: ignore[override]
+    def weighted_heads(self) -> bool:
+        own = self.__dict__.get("_weighted_heads")
+        return any(part.weighted_heads for part in self.parts()) if own is None else own
+
+    @weighted_heads.setter
+    def weighted_heads(self, value: bool) -> None:
+        self.__dict__["_weighted_heads"] = value
+
     def advance(self) -> None:
         super().advance()
         for part in self.parts():

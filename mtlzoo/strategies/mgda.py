@@ -60,10 +60,16 @@ class MGDA(GramianAggregator):
 
     On ``target="representation"`` this is the paper's MGDA-UB (registered as ``mgda_ub``).
 
+    The heads: the authors back-propagate ``sum_k c_k L_k`` once the weights are known (their
+    ``multi_task/train_multi_task.py``), so head k learns from ``c_k L_k``; that is the default
+    here (``weighted_heads=True``). With ``weighted_heads=False`` every head learns from its own
+    loss unweighted, as under the other aggregators (torchjd's ``mtl_backward`` does so).
+
     Args:
         num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"``.
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
+        weighted_heads: Whether head k learns from ``c_k L_k`` (the authors' choice) or from ``L_k``.
 
     Example:
         >>> import torch, mtlzoo
@@ -82,8 +88,13 @@ class MGDA(GramianAggregator):
         original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
 
-    def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none") -> None:
+    def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none",
+                 weighted_heads: bool = True) -> None:
         super().__init__(num_tasks, target=target)
+        if not isinstance(weighted_heads, bool):
+            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
+                             f"{weighted_heads!r}`.")
+        self.weighted_heads = weighted_heads
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"Parameter `normalization` should be one of {NORMALIZATIONS}. Found "
                              f"`normalization = {normalization!r}`.")

@@ -179,12 +179,18 @@ class NashMTL(ClipNorm):
     ``inner``'s ``steps``). A checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and
     ``step`` at the top) loads into this layout.
 
+    The heads: the authors (nash-mtl's ``methods/weight_methods.py``, and LibMTL) back-propagate
+    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (with the clipped ``α``); that is the
+    default here (``weighted_heads=True``). With ``weighted_heads=False`` every head learns from its
+    own loss unweighted, as under the other aggregators.
+
     Args:
         num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"``.
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).
+        weighted_heads: Whether head k learns from ``α_k L_k`` (the authors' choice) or from ``L_k``.
 
     Example:
         >>> import torch, mtlzoo
@@ -207,13 +213,17 @@ class NashMTL(ClipNorm):
     depend on the gradients' scale (tests/strategies/test_nash_mtl.py)."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
-                 update_weights_every: int = 1, max_iterations: int = 200) -> None:
+                 update_weights_every: int = 1, max_iterations: int = 200, weighted_heads: bool = True) -> None:
         if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
                 or update_weights_every < 1:
             raise ValueError(f"Parameter `update_weights_every` should be a positive int. Found "
                              f"`update_weights_every = {update_weights_every!r}`.")
         core = NashBargaining(num_tasks, target=target, max_iterations=max_iterations)
+        if not isinstance(weighted_heads, bool):
+            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
+                             f"{weighted_heads!r}`.")
         super().__init__(EveryNSteps(core, update_weights_every), max_norm=max_norm)
+        self.weighted_heads = weighted_heads
         self.register_load_state_dict_pre_hook(_from_flat_checkpoint)
 
 

@@ -65,6 +65,7 @@ from mtlzoo.engine.leading_linear import leading_linear
 from mtlzoo.errors import NotMaterializedError, ShapeMismatchError
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
+from mtlzoo.roles import GradientSurgery
 from mtlzoo.strategies._rotation_bank import (
     CHECK_EVERY,
     ORTHOGONAL_MAPS,
@@ -78,7 +79,7 @@ from mtlzoo.strategies._rotation_bank import (
 )
 from mtlzoo.strategies._weighting import gradient_surrogate
 from mtlzoo.strategies.gradnorm import gradnorm_weight_gradient, loss_ratio_values
-from mtlzoo.strategy import GradientSurgery, Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 ROTOGRAD_PAPER = Paper(
     authors=("Adrián Javaloy", "Isabel Valera"),
