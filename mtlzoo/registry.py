@@ -33,6 +33,7 @@ from mtlzoo.errors import (
 )
 from mtlzoo.names import NameRegistry, normalize_name, normalize_pattern
 from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Origin, PluginLoader, skip_duplicate
+from mtlzoo.roles.modifiers import MODIFIERS
 from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters
 
 BUILTIN_PLUGIN = "mtlzoo.strategies"
@@ -305,14 +306,34 @@ class StrategyRegistry:
     def create(self, name: str, /, **kwargs: Any) -> Strategy:
         """Instantiate the strategy called ``name`` with ``kwargs``, after checking their names.
 
+        A name ``"modifier(name)"`` wraps the strategy ``name`` in a modifier of
+        :mod:`mtlzoo.roles.modifiers` (``"every(mgda)"``, ``"clip_norm(every(upgrad))"``): the
+        modifier takes the keyword arguments among its own hyperparameters, the wrapped strategy
+        the others.
+
         Raises:
-            UnknownStrategyError: No strategy has that name.
+            UnknownStrategyError: No strategy (or modifier) has that name.
             UnknownHyperparameterError: An argument the strategy does not take (with a suggestion).
             MissingHyperparameterError: A required hyperparameter is not given.
         """
+        modified = _modified_name(name)
+        if modified is not None:
+            return self._create_modified(*modified, kwargs)
         entry = self.get(name)
         _check_hyperparameters(entry.name, entry.cls, kwargs, [e for e in self.names.entries() if e is not entry])
         return entry.cls(**kwargs)
+
+    def _create_modified(self, outer: str, inner: str, kwargs: dict[str, Any]) -> Strategy:
+        modifier = MODIFIERS.get(normalize_name(outer))
+        if modifier is None:
+            close = difflib.get_close_matches(normalize_name(outer), list(MODIFIERS), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UnknownStrategyError(f"No modifier called {outer!r} (in {outer}({inner})).{hint} The modifiers: "
+                                       f"{', '.join(sorted(MODIFIERS))}.")
+        own = {key: kwargs.pop(key) for key in list(kwargs) if key in hyperparameters(modifier) and key != "inner"}
+        wrapped = self.create(inner, **kwargs)
+        _check_hyperparameters(outer, modifier, {"inner": wrapped, **own}, [])
+        return modifier(wrapped, **own)
 
     def list(
         self,
@@ -334,6 +355,15 @@ class StrategyRegistry:
         return [entry for entry in self.names.list(pattern, exclude=exclude, aliases=lambda e: e.info.aliases,
                                                    sort=True)
                 if (kind is None or entry.info.kind == kind) and (where is None or entry.info.request.where == where)]
+
+
+def _modified_name(name: str) -> tuple[str, str] | None:
+    """``("every", "mgda")`` for ``"every(mgda)"``; ``None`` for a plain name."""
+    text = name.strip()
+    if not (text.endswith(")") and "(" in text):
+        return None
+    outer, _, inner = text[:-1].partition("(")
+    return outer.strip(), inner.strip()
 
 
 REGISTRY = StrategyRegistry()

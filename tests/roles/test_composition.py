@@ -36,10 +36,12 @@ def test_compose_refuses_a_part_in_the_wrong_role_and_parts_that_read_different_
 
 def test_a_weighting_under_an_aggregator_weighs_the_losses_then_aggregates_their_gradients() -> None:
     """Reference: the definition. The shared gradient is MGDA's combination of the gradients of w_k L_k (UW's
-    weights w_k = exp(-s_k) / 2 at s != 0), and the heads learn from sum_k w_k L_k."""
+    weights w_k = exp(-s_k) / 2 at s != 0), and the heads learn from sum_k w_k L_k (MGDA's heads unweighted by its
+    coefficients here: tests/strategies/test_weighted_heads.py checks the authors' weighting)."""
     torch.manual_seed(0)
     model = small_model()
-    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), mtlzoo.compose(weighting="uw", aggregator="mgda", num_tasks=3))
+    mgda = mtlzoo.create("mgda", num_tasks=3, weighted_heads=False)
+    mtl = mtlzoo.MTLWrapper(copy.deepcopy(model), mtlzoo.compose(weighting="uw", aggregator=mgda))
     with torch.no_grad():
         mtl.strategy.weighting.log_variances.copy_(torch.tensor([0.5, -1.0, 0.2]))
     x, targets = batch()
@@ -118,3 +120,24 @@ def test_every_n_steps_reuses_the_weights_between_recomputations() -> None:
 def test_a_modifier_refuses_an_aggregator_without_weights() -> None:
     with pytest.raises(InvalidStrategyError, match="GradDrop is not one"):
         ClipNorm(mtlzoo.create("graddrop", num_tasks=2))
+
+
+def test_a_modifier_by_name_wraps_the_named_strategy_and_splits_the_options() -> None:
+    strategy = mtlzoo.create("clip_norm(every(mgda))", num_tasks=2, n=3, max_norm=0.5, normalization="l2")
+    assert isinstance(strategy, ClipNorm) and strategy.max_norm == 0.5
+    assert isinstance(strategy.inner, EveryNSteps) and strategy.inner.n == 3
+    assert strategy.inner.inner.normalization == "l2"
+    grads = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    expected = ClipNorm(EveryNSteps(mtlzoo.create("mgda", num_tasks=2, normalization="l2"), 3), 0.5)
+    torch.testing.assert_close(strategy.aggregate(grads, torch.ones(2)), expected.aggregate(grads, torch.ones(2)))
+    mtl = mtlzoo.MTLWrapper(small_model(), "every(upgrad)", n=2)
+    assert isinstance(mtl.strategy, EveryNSteps) and mtl.strategy.n == 2
+
+
+def test_an_unknown_modifier_or_option_is_a_clear_error() -> None:
+    with pytest.raises(mtlzoo.errors.UnknownStrategyError, match="Did you mean 'every'"):
+        mtlzoo.create("evry(mgda)", num_tasks=2)
+    with pytest.raises(mtlzoo.errors.UnknownHyperparameterError, match="'mgda' has no hyperparameter 'm'"):
+        mtlzoo.create("every(mgda)", num_tasks=2, m=3)
+    with pytest.raises(mtlzoo.errors.UnknownStrategyError, match="mgdaa"):
+        mtlzoo.create("every(mgdaa)", num_tasks=2)
