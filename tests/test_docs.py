@@ -85,8 +85,11 @@ def test_every_builtin_strategy_has_a_catalogue_row_a_page_and_a_nav_entry(hook:
         entry = mtlzoo.get_strategy(name)
         assert f"::: {entry.cls.__module__}.{entry.cls.__qualname__}" in page  # the docstring: the formula
         assert entry.info.summary in page
+        described = hook.argument_descriptions(entry.cls)
         for hyperparameter in entry.hyperparameters:
             assert f"| `{hyperparameter}` |" in page, (name, hyperparameter)
+            assert described.get(hyperparameter), f"{name}'s docstring says nothing of {hyperparameter!r} (Args:)"
+            assert described[hyperparameter].replace("|", "\\|") in page, (name, hyperparameter)
     assert set(table_rows(files.get_file_from_path("strategies/index.md").content_string)) == set(builtin_names)
 
 

@@ -19,6 +19,7 @@ that builds it has installed.
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import logging
 import re
@@ -150,6 +151,31 @@ def catalogue_page(entries: list[StrategyEntry]) -> str:
     return "\n".join(parts)
 
 
+def argument_descriptions(cls: type) -> dict[str, str]:
+    """What the ``Args:`` sections of ``cls``'s docstring, and of its bases' (Google style), say of each argument."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        found.update(_docstring_args(klass.__dict__.get("__doc__")))
+    return found
+
+
+def _docstring_args(doc: str | None) -> dict[str, str]:
+    args: dict[str, str] = {}
+    current: str | None = None
+    inside = False
+    for line in inspect.cleandoc(doc or "").splitlines():
+        if re.fullmatch(r"Args:\s*", line):
+            inside, current = True, None
+        elif inside and not line.startswith(" ") and line.strip():
+            inside = False
+        elif inside and (match := re.fullmatch(r" {4}(\w+)(?: \([^)]*\))?:\s*(.*)", line)):
+            current = match.group(1)
+            args[current] = match.group(2)
+        elif inside and current and line.startswith(" " * 8):
+            args[current] += " " + line.strip()
+    return args
+
+
 def strategy_page(entry: StrategyEntry) -> str:
     """One strategy: its metadata, hyperparameters and defaults, a usage line, its docstring (the formula)."""
     info = entry.info
@@ -174,6 +200,7 @@ def strategy_page(entry: StrategyEntry) -> str:
         ["In the default comparison", yes_no(info.default_comparison)],
     ]
     hparams = entry.hyperparameters
+    described = {name: text.replace("|", "\\|") for name, text in argument_descriptions(entry.cls).items()}
     required = {name: "..." for name, default in hparams.items() if default is REQUIRED}
     call = "".join(f", {name}=..." for name in required)
     parts = [
@@ -182,9 +209,9 @@ def strategy_page(entry: StrategyEntry) -> str:
         _table(["metadata", "value"], rows),
         "## Hyperparameters\n",
         ("The constructor's keyword arguments; `num_tasks` is supplied by `MTLWrapper`.\n\n"
-         + _table(["name", "default"], [[f"`{n}`", default_repr(d) + (
+         + _table(["name", "default", "what it does"], [[f"`{n}`", default_repr(d) + (
              f" (`mtlzoo compare` and `mtlzoo bench` use {default_repr(info.suggested[n])})"
-             if n in info.suggested else "")] for n, d in hparams.items()]))
+             if n in info.suggested else ""), described.get(n, "")] for n, d in hparams.items()]))
         if hparams else "None besides `num_tasks`, which `MTLWrapper` supplies.\n",
         "## Use it\n",
         "```py\n"
