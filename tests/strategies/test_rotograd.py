@@ -191,7 +191,7 @@ def test_losses_are_normalised_by_their_values_at_step_zero_and_burn_in() -> Non
     assert seen == [[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [2.0, 0.5]]
     raw = make("rotate_only", num_tasks=2, rotation_shape=2)
     assert normalised(raw, [2.0, 4.0]) == [2.0, 4.0]
-    assert raw._reference("initial_losses").tolist() == [2.0, 4.0]  # recorded for RotoGradNorm's ratios all the same
+    assert raw.adapter.state.initial_losses.tolist() == [2.0, 4.0]  # staged: recorded at step 0 all the same
 
 
 @pytest.mark.parametrize("name", FAMILY)
