@@ -264,6 +264,7 @@ class RotateOnly(Composite):
         original_code=ROTOGRAD_CODE,
     )
     composes = ("adapter",)
+    supported_targets = ("representation",)
     unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
     adapter: Rotations
 
