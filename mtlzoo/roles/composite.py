@@ -198,6 +198,11 @@ class Composite(WithParts):
             return wide.sum(0).to(grads.dtype)
         return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
 
+    def extra_repr(self) -> str:
+        if type(self).__init__ is not Composite.__init__:  # a built-in composite: its own hyperparameters
+            return super().extra_repr()
+        return f"num_tasks={self.num_tasks}"  # the parts are shown as submodules
+
     # ------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         self._from_single_module(state_dict, prefix)
