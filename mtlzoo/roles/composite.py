@@ -159,10 +159,11 @@ class Composite(WithParts):
     def compute(self, inputs: StepInputs) -> Update:
         objectives: list[Tensor] = []
         combined = Update()
-        for part in self.parts():
-            if not part.request.needs_gradients:
-                continue
-            update = part.compute(_derived(inputs, part.request.statistic))
+        readers = [part for part in self.parts() if part.request.needs_gradients]
+        for part in readers:  # every statistic a part reads, formed once (the rotations reuse the norms)
+            inputs = _derived(inputs, part.request.statistic)
+        for part in readers:
+            update = part.compute(inputs)
             if update.objective is not None:
                 objectives.append(update.objective)
             if part is self.aggregator:
