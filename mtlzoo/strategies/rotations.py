@@ -196,6 +196,9 @@ class Rotations(ReferenceSteps, Adapter):
             ``(W R_k) z``: the same function and gradients up to rounding, without rotating the batch
             (see :mod:`mtlzoo.leading_linear`). ``False`` rotates ``z`` as the original does.
 
+    The adapter is not registered by name of its own: alone it is the ``rotate_only`` strategy, and
+    ``mtlzoo.compose(adapter="rotate_only", ...)`` takes these rotations with their defaults.
+
     Example:
         >>> import torch, mtlzoo
         >>> from mtlzoo.strategies.rotations import Rotations
@@ -380,13 +383,6 @@ class Rotations(ReferenceSteps, Adapter):
         return rotate(z, self._rotation(task, z.device), size, post_numel)
 
     # ------------------------------------------------------------------ step
-    def _normalizers(self, reference: Tensor, dtype: torch.dtype) -> Tensor:
-        """``1 / L(t_0)`` where the reference is usable, else 1."""
-        reference = reference.to(dtype)
-        usable = torch.isfinite(reference) & (reference != 0)
-        return torch.where(usable, 1 / torch.where(usable, reference, torch.ones_like(reference)),
-                           torch.ones_like(reference))
-
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
         """Records the reference losses; with ``normalize_losses``, ``1 / L_k(t_0)``."""
         losses, tasks = inputs.losses, inputs.tasks
@@ -400,7 +396,7 @@ class Rotations(ReferenceSteps, Adapter):
             warnings.warn(f"{type(self).__name__}: the losses of tasks {bad} were 0 at their reference step, so "
                           "they are not normalised until a non-zero loss gives them a reference.",
                           RuntimeWarning, stacklevel=5)
-        return self._normalizers(present, losses.dtype)
+        return torch.where(usable, 1 / torch.where(usable, present, torch.ones_like(present)), torch.ones_like(present))
 
     def backbone_loss_weight(self, backbone_loss: Tensor) -> Tensor | None:
         """Records the backbone loss's reference; with ``normalize_losses``, ``1 / L_b(t_0)``."""

@@ -78,7 +78,7 @@ __all__ = [
 ]
 
 class _RepresentationAggregator(ReferenceSteps, Aggregator):
-    """An aggregator of the family: reference values, and the standalone form from the weights or direction."""
+    """Base of the family's aggregators: reference values (:class:`ReferenceSteps`) and the standalone form."""
 
     def __init__(self, num_tasks: int, *, burn_in_period: int = 20, target: Target | None = None) -> None:
         super().__init__(num_tasks, target=target)

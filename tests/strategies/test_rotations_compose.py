@@ -14,6 +14,7 @@ import torch
 
 import mtlzoo
 from mtlzoo.errors import InvalidStrategyError
+from mtlzoo.protocol import StepInputs
 from mtlzoo.roles import Composite
 from mtlzoo.strategies.rotations import Rotations
 from tests.helpers import batch, mse_losses, small_model
@@ -120,3 +121,11 @@ def test_accumulation_and_a_checkpoint_resume_bit_for_bit() -> None:
     for key, value in mtl.state_dict().items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, resumed.state_dict()[key], rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def test_the_rotations_loss_normalisation_multiplies_a_weightings_weights() -> None:
+    strategy = mtlzoo.compose(weighting="imtl_l", adapter=Rotations(2, rotation_shape=3, normalize_losses=True))
+    with torch.no_grad():
+        strategy.weighting.log_scales.copy_(torch.tensor([0.0, 1.0]))
+    weights = strategy.loss_weights(StepInputs(torch.tensor([2.0, 4.0]), torch.arange(2), 2))
+    torch.testing.assert_close(weights, torch.exp(torch.tensor([0.0, 1.0])) / torch.tensor([2.0, 4.0]))
