@@ -94,7 +94,9 @@ class Composite(WithParts):
         self._request = self._joint_request()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ROLE_NAMES and value is None:
+        if name == "micro_batch":  # set at every backward: straight to the property, past nn.Module's checks
+            object.__setattr__(self, name, value)
+        elif name in ROLE_NAMES and value is None:
             object.__setattr__(self, name, None)  # an absent role: not a submodule
         else:
             super().__setattr__(name, value)
