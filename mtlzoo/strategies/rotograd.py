@@ -223,23 +223,18 @@ class RotateOnly(Composite):
 
     Args:
         num_tasks: K.
-        rotation_shape: Shape of the rotated part of ``z`` (without the batch dimension), an int
-            for a flat representation. ``None`` infers it at the first forward as every dimension
-            between the batch dimension and ``post_shape``; until then ``check_ready`` raises.
-        post_shape: Trailing dimensions of ``z`` left unrotated (``(h, w)`` to rotate only the
-            channels of a ``(batch, channels, h, w)`` map).
+        rotation_shape: Shape of the rotated part of ``z`` (without the batch dimension); ``None``
+            infers it at the first forward.
+        post_shape: Trailing dimensions of ``z`` left unrotated (``(h, w)``: rotate the channels).
         normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
-        burn_in_period: Optimizer step at which the reference values ``L_k(t_0)`` (and RotoGrad's
-            initial gradient norms) are recorded again, after being recorded at step 0.
-        orthogonal_map: How the rotations are kept orthogonal: ``"retraction"`` (the default, the
-            fast one), or a map of torch's orthogonal parametrization: ``"matrix_exp"`` (the
-            original's ``expm``: use it to reproduce a rotograd run number for number), ``"cayley"``
-            or ``"householder"`` (see :class:`~mtlzoo.strategies.rotations.Rotations`).
-        rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
-            or ``"identity"``.
-        fold_linear_heads: Where a head starts with a plain ``nn.Linear`` ``W`` on a flat
-            representation, compute ``W (R_k z)`` as ``(W R_k) z`` (see :mod:`mtlzoo.leading_linear`).
-            ``False`` rotates ``z`` as the original does.
+        burn_in_period: Optimizer step at which the reference values (``L_k(t_0)``, and the
+            aggregator's) are recorded again, after step 0.
+        orthogonal_map: ``"retraction"`` (default, the fast one), or torch's ``"matrix_exp"`` (the
+            original's chart: a rotograd run number for number), ``"cayley"``, ``"householder"``.
+        rotation_init: ``"random"`` (Haar on SO(n), as the original) or ``"identity"``.
+        fold_linear_heads: Read ``z`` through ``W R_k`` where a head starts with a plain linear ``W``.
+
+    See :class:`~mtlzoo.strategies.rotations.Rotations` for each setting in full.
 
     Example:
         >>> import torch, mtlzoo
