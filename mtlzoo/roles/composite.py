@@ -207,28 +207,46 @@ class Composite(WithParts):
         return f"num_tasks={self.num_tasks}"  # the parts are shown as submodules
 
     # ------------------------------------------------------------ checkpoints
+    def check_settings(self, state_dict: Any, prefix: str = "") -> None:
+        self._single_module_layout(state_dict, prefix)  # refuses a tensor no part holds, before any loading
+        super().check_settings(state_dict, prefix)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        self._from_single_module(state_dict, prefix)
+        moves = self._single_module_layout(state_dict, prefix)
+        for key, targets in moves.items():  # torch's copy of the caller's dict
+            value = state_dict.pop(key)
+            for target in targets:
+                state_dict[target] = value
+        if moves:
+            saved = state_dict.get(prefix + "_extra_state")
+            values = saved.get("state", {}) if isinstance(saved, dict) else {}
+            for role, part in self._strategy_parts().items():
+                key = f"{prefix}{role}._extra_state"
+                if key not in state_dict:
+                    state_dict[key] = {"state": {field: values[field] for field in part.state.plain_values()
+                                                 if field in values}}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def _from_single_module(self, state_dict: dict[str, Any], prefix: str) -> None:
-        """Read a checkpoint of mtlzoo 0.1.0, where the built-in composites were single modules, in place.
+    def _strategy_parts(self) -> dict[str, Strategy]:
+        return {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
+
+    def _single_module_layout(self, state_dict: Any, prefix: str) -> dict[str, list[str]]:
+        """Where the tensors of a checkpoint of mtlzoo 0.1.0 go, where the built-in composites were single modules.
 
         There each tensor sat at the top (``initial_losses``, ``bank.*``, ``weight_logits``) or under a
         former name (``renamed``); each goes to the part that holds a tensor or module of that name (to
         all of them: RotoGradNorm's rotations and weights both record the reference losses), and the
-        saved running state (a step counter) to every part that declares that field. A tensor no part
-        holds is refused, naming the version.
+        saved running state (a step counter) to every part that declares that field. Empty for a
+        checkpoint in the parts' layout; a tensor no part holds raises
+        :class:`~mtlzoo.errors.CheckpointMismatchError`.
         """
-        own = {prefix + "_extra_state"}
-        parts = {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
-        flat = [key for key in state_dict if key.startswith(prefix) and key not in own
-                and key[len(prefix):].split(".")[0] not in parts]
-        if not flat:
-            return
-        for key in flat:
+        parts = self._strategy_parts()
+        moves: dict[str, list[str]] = {}
+        for key in state_dict:
             name = key[len(prefix):]
             head, dot, rest = name.partition(".")
+            if not key.startswith(prefix) or head in parts or name == "_extra_state":
+                continue
             if head in self.renamed:
                 targets = [self.renamed[head] + dot + rest]
             else:
@@ -239,16 +257,8 @@ class Composite(WithParts):
                     f"The checkpoint holds {name!r} under {prefix or 'the strategy'}, which {type(self).__name__} "
                     "has no place for: it was not written by this strategy (nor by its mtlzoo 0.1.0 layout). "
                     "Nothing was loaded.")
-            value = state_dict.pop(key)
-            for target in targets:
-                state_dict[prefix + target] = value
-        saved = state_dict.get(prefix + "_extra_state")
-        values = saved.get("state", {}) if isinstance(saved, dict) else {}
-        for role, part in parts.items():
-            key = f"{prefix}{role}._extra_state"
-            if key not in state_dict:
-                state_dict[key] = {"state": {field: values[field] for field in part.state.plain_values()
-                                             if field in values}}
+            moves[key] = [prefix + target for target in targets]
+        return moves
 
 
 def _derived(inputs: StepInputs, statistic: str) -> StepInputs:

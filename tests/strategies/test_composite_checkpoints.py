@@ -12,6 +12,7 @@ batch, ``torch.manual_seed(0)``), the outputs of the next forward and the gradie
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,18 @@ def test_a_tensor_that_no_part_holds_is_refused_by_name() -> None:
     state["loss_sums"] = torch.zeros(3)
     with pytest.raises(CheckpointMismatchError, match=r"'loss_sums'.*mtlzoo 0\.1\.0"):
         mtlzoo.create("rotograd", num_tasks=3, rotation_shape=4).load_state_dict(state)
+
+
+def test_a_refused_checkpoint_leaves_the_wrapper_unchanged() -> None:
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd", rotation_shape=4)
+    state = copy.deepcopy(mtl.state_dict())
+    state["backbone.0.weight"] += 1
+    state["strategy.loss_sums"] = torch.zeros(3)
+    before = copy.deepcopy(mtl.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="loss_sums"):
+        mtl.load_state_dict(state)
+    for key, value in mtl.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert "strategy.loss_sums" in state and "strategy.adapter.bank.matrices.0.rotation" in state  # as it was
