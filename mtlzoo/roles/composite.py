@@ -3,8 +3,10 @@
 ``compose(weighting="gradnorm", aggregator="upgrad")`` is a strategy like any other: it trains
 through ``MTLWrapper``, checkpoints (each part under its role's name) and lists its roles. In a step:
 
-- the model learns from ``sum_k w_k L_k`` with the weighting's ``w`` (all ones without one);
-- the adapter transforms ``z`` per task in the forward and learns from the task gradients on ``z``;
+- the model learns from ``sum_k w_k L_k`` with the weighting's ``w`` (all ones without one), times
+  the adapter's own loss scales if it has any (RotoGrad's ``normalize_losses``);
+- the adapter transforms ``z`` per task in the forward and learns from the task gradients on ``z``
+  (the gradients as they reach ``z``, through the adapter: ``g_k = dL_k/dz``);
 - the aggregator combines the task gradients (of the weighted losses) into the shared update (the
   plain sum without one).
 
@@ -21,10 +23,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.errors import InvalidStrategyError
-from mtlzoo.linalg import flat_rows
+from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
+from mtlzoo.linalg import compute_dtype, flat_rows, row_norms
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles._parts import WithParts
+from mtlzoo.roles.aggregator import check_gradients
 from mtlzoo.strategy import Strategy, StrategyInfo
 
 ROLE_NAMES: tuple[str, ...] = ("weighting", "aggregator", "adapter")
@@ -32,7 +35,11 @@ _RICHNESS = {"norms": 0, "gramian": 1, "gradients": 2}
 
 
 def _part(value: Strategy | str | None, role: str, num_tasks: int | None, **options: Any) -> Strategy | None:
-    """The part for ``role``: an instance as given (checked), or created by name from the registry."""
+    """The part for ``role``: an instance as given (checked), or created by name from the registry.
+
+    A composite that holds that role alone stands for its part: ``adapter="rotate_only"`` is RotoGrad's
+    rotations (``rotate_only`` is the rotations adapter with the plain sum).
+    """
     if value is None:
         return None
     if isinstance(value, str):
@@ -41,6 +48,8 @@ def _part(value: Strategy | str | None, role: str, num_tasks: int | None, **opti
         from mtlzoo.registry import create  # the registry imports the strategies, which import this module
 
         value = create(value, num_tasks=num_tasks, **options)
+    if isinstance(value, Composite) and value.present_roles() == (role,):
+        value = getattr(value, role)
     if not isinstance(value, Strategy):
         raise TypeError(f"compose(): `{role}` should be a strategy name or instance. Found {type(value).__name__}.")
     if value.role != role:
@@ -64,6 +73,8 @@ class Composite(WithParts):
     info = StrategyInfo(name="compose", summary="A loss weighting, an aggregator and an adapter as one strategy.")
     composes: ClassVar[tuple[str, ...]] = ()
     """The roles a built-in composite class always holds (for its listing); an ad-hoc one reports its parts."""
+    renamed: ClassVar[dict[str, str]] = {}
+    """Former names of the parts in checkpoints of mtlzoo 0.1.0 (IMTL's ``loss_scales`` is its weighting)."""
 
     @classmethod
     def roles(cls) -> tuple[str, ...]:
@@ -83,7 +94,9 @@ class Composite(WithParts):
         self._request = self._joint_request()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ROLE_NAMES and value is None:
+        if name == "micro_batch":  # set at every backward: straight to the property, past nn.Module's checks
+            object.__setattr__(self, name, value)
+        elif name in ROLE_NAMES and value is None:
             object.__setattr__(self, name, None)  # an absent role: not a submodule
         else:
             super().__setattr__(name, value)
@@ -133,7 +146,11 @@ class Composite(WithParts):
         return nn.Identity() if self.adapter is None else self.adapter.task_transform(task)
 
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
-        return None if self.weighting is None else self.weighting.loss_weights(inputs)
+        weights = None if self.weighting is None else self.weighting.loss_weights(inputs)
+        scales = None if self.adapter is None else self.adapter.loss_weights(inputs)
+        if scales is None:
+            return weights
+        return scales if weights is None else weights * scales.to(weights.dtype)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None if self.weighting is None else self.weighting.loss_objective(losses, tasks)
@@ -144,10 +161,11 @@ class Composite(WithParts):
     def compute(self, inputs: StepInputs) -> Update:
         objectives: list[Tensor] = []
         combined = Update()
-        for part in self.parts():
-            if not part.request.needs_gradients:
-                continue
-            update = part.compute(_derived(inputs, part.request.statistic))
+        readers = [part for part in self.parts() if part.request.needs_gradients]
+        for part in readers:  # every statistic a part reads, formed once (the rotations reuse the norms)
+            inputs = _derived(inputs, part.request.statistic)
+        for part in readers:
+            update = part.compute(inputs)
             if update.objective is not None:
                 objectives.append(update.objective)
             if part is self.aggregator:
@@ -156,6 +174,91 @@ class Composite(WithParts):
         for value in objectives:
             objective = value if objective is None else objective + value
         return Update(weights=combined.weights, direction=combined.direction, objective=objective)
+
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Standalone: the shared update for K task gradients (K x ...) of the losses ``losses``.
+
+        As in a step: the rows are scaled by the loss weights ``w`` (where the composite has any), the
+        parts read them, the objectives of their own parameters are back-propagated (their ``.grad``),
+        and the update is the aggregator's (the plain sum without one). Computed in at least float32,
+        returned in ``grads``' dtype; state staged here is committed by :meth:`advance`.
+        """
+        check_gradients(grads, losses, self)
+        wide = grads.to(compute_dtype(grads.dtype))
+        tasks = torch.arange(grads.shape[0], device=grads.device)
+        inputs = StepInputs(losses.detach().to(wide.dtype), tasks, self.num_tasks, micro_batch=self.micro_batch)
+        weights = self.loss_weights(inputs)
+        if weights is not None:
+            wide = wide * weights.to(wide.dtype).view(-1, *[1] * (wide.dim() - 1))
+        inputs.gradients = wide
+        update = self.compute(inputs)
+        if update.objective is not None and update.objective.requires_grad:
+            update.objective.backward()
+        self.micro_batch += 1
+        if update.direction is not None:
+            return update.direction.to(grads.dtype)
+        if update.weights is None:
+            return wide.sum(0).to(grads.dtype)
+        return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
+
+    def extra_repr(self) -> str:
+        if type(self).__init__ is not Composite.__init__:  # a built-in composite: its own hyperparameters
+            return super().extra_repr()
+        return f"num_tasks={self.num_tasks}"  # the parts are shown as submodules
+
+    # ------------------------------------------------------------ checkpoints
+    def check_settings(self, state_dict: Any, prefix: str = "") -> None:
+        self._single_module_layout(state_dict, prefix)  # refuses a tensor no part holds, before any loading
+        super().check_settings(state_dict, prefix)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        moves = self._single_module_layout(state_dict, prefix)
+        for key, targets in moves.items():  # torch's copy of the caller's dict
+            value = state_dict.pop(key)
+            for target in targets:
+                state_dict[target] = value
+        if moves:
+            saved = state_dict.get(prefix + "_extra_state")
+            values = saved.get("state", {}) if isinstance(saved, dict) else {}
+            for role, part in self._strategy_parts().items():
+                key = f"{prefix}{role}._extra_state"
+                if key not in state_dict:
+                    state_dict[key] = {"state": {field: values[field] for field in part.state.plain_values()
+                                                 if field in values}}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _strategy_parts(self) -> dict[str, Strategy]:
+        return {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
+
+    def _single_module_layout(self, state_dict: Any, prefix: str) -> dict[str, list[str]]:
+        """Where the tensors of a checkpoint of mtlzoo 0.1.0 go, where the built-in composites were single modules.
+
+        There each tensor sat at the top (``initial_losses``, ``bank.*``, ``weight_logits``) or under a
+        former name (``renamed``); each goes to the part that holds a tensor or module of that name (to
+        all of them: RotoGradNorm's rotations and weights both record the reference losses), and the
+        saved running state (a step counter) to every part that declares that field. Empty for a
+        checkpoint in the parts' layout; a tensor no part holds raises
+        :class:`~mtlzoo.errors.CheckpointMismatchError`.
+        """
+        parts = self._strategy_parts()
+        moves: dict[str, list[str]] = {}
+        for key in state_dict:
+            name = key[len(prefix):]
+            head, dot, rest = name.partition(".")
+            if not key.startswith(prefix) or head in parts or name == "_extra_state":
+                continue
+            if head in self.renamed:
+                targets = [self.renamed[head] + dot + rest]
+            else:
+                targets = [f"{role}.{name}" for role, part in parts.items()
+                           if head in part._parameters or head in part._buffers or head in part._modules]
+            if not targets:
+                raise CheckpointMismatchError(
+                    f"The checkpoint holds {name!r} under {prefix or 'the strategy'}, which {type(self).__name__} "
+                    "has no place for: it was not written by this strategy (nor by its mtlzoo 0.1.0 layout). "
+                    "Nothing was loaded.")
+            moves[key] = [prefix + target for target in targets]
+        return moves
 
 
 def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
@@ -170,7 +273,7 @@ def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
         if inputs.gramian is not None:
             return dataclasses.replace(inputs, norms=torch.diagonal(inputs.gramian).clamp_min(0).sqrt())
         assert inputs.gradients is not None
-        return dataclasses.replace(inputs, norms=flat_rows(inputs.gradients).norm(dim=1))
+        return dataclasses.replace(inputs, norms=row_norms(inputs.gradients))
     raise InvalidStrategyError(f"A part asks for {statistic!r}, which cannot be formed from what the step computed.")
 
 

@@ -21,6 +21,10 @@ gradient-based optimization on manifolds", NeurIPS 2019) whose chart is re-centr
 Rounding drift is removed every ``CHECK_EVERY`` steps (and at once after a large step) by a
 Newton-Schulz polar projection (:func:`polar_project`). Cost per step: two batched n x n products,
 where torch's maps run an O(n^3) factorisation or series and its backward at every step.
+
+The rotation objective, with its gradient in closed form, is here too: :class:`RotationObjective`
+(in the rotations, for torch's maps) and :class:`TangentObjective` (in the tangent steps, for the
+retraction).
 """
 
 from __future__ import annotations
@@ -173,7 +177,6 @@ class RotationBank(nn.Module):
             # Row-major, as a state_dict loads into: the layout of the base changes matmul rounding.
             rotation.weight = value.to(device=original.device, dtype=original.dtype).contiguous()
 
-
     @torch.no_grad()
     def retract(self, check: bool) -> None:
         """After an optimizer step: ``R <- R (I + A + A^2 / 2)``, tangents back to zero (torch's maps: no-op).
@@ -286,6 +289,74 @@ def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
         blocks = z.reshape(rotation.shape[0], -1, size, post_numel)
         rotated = torch.einsum("kij,kbjp->kbip", rotation, blocks)
     return rotated.reshape(z.shape)
+
+
+class RotationObjective(torch.autograd.Function):
+    r"""``sum_k reduce_b || R_k v_b - R_k^{sg} g_{k,b} ||^2`` with its gradient in closed form.
+
+    The residual ``r_k = R_k (v - g_k)`` is one product per task, and the gradient is
+    ``d/dR_k = 2 reduce_b r_{k,b} v_b^T`` (``R^{sg}`` stops gradients): two ``B n^2`` products per
+    task where autograd through ``R_k v - R_k^{sg} g_k`` takes three.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rotations: Tensor, reference: Tensor, blocks: Tensor, mean: bool) -> Tensor:
+        # rotations (K, n, n), reference (B, n, P), blocks (K, B, n, P)
+        num, batch, size, post = blocks.shape
+        difference = reference.unsqueeze(0) - blocks
+        if post == 1:
+            residual = torch.bmm(difference.view(num, batch, size), rotations.mT)  # rows r_{k,b}^T
+        else:
+            residual = torch.einsum("kij,kbjp->kbip", rotations, difference)
+        ctx.save_for_backward(residual, reference)
+        ctx.batch_scale = 1 / batch if mean else 1.0
+        return residual.pow(2).sum() * ctx.batch_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        residual, reference = ctx.saved_tensors
+        if residual.dim() == 3:
+            grad = residual.mT @ reference.view(reference.shape[0], -1)
+        else:
+            grad = torch.einsum("kbip,bjp->kij", residual, reference)
+        return grad * (2 * ctx.batch_scale * grad_output), None, None, None
+
+
+class TangentObjective(torch.autograd.Function):
+    r"""The rotation objective as a function of the tangent parameters ``X_k`` (``orthogonal_map="retraction"``).
+
+    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and, with
+    ``A_k = tril(X_k) - tril(X_k)^T``, ``dL/dA_k = R_k^T dL/dR_k = 2 M_k`` where
+    ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all. The gradient is
+    ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads ``X`` (the diagonal is 0), and as
+    ``v v^T`` is symmetric it is ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``:
+    one ``B n^2`` product per task and no (K, B, n) difference, packed to the entries below the
+    diagonal (the parameter's layout). The value is
+    ``sum_k ||v - g_k||^2 = K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, reference: Tensor, blocks: Tensor, norms: Tensor, mean: Tensor, batch_mean: bool,
+                *tangents: Tensor) -> Tensor:
+        # reference v (B, n, P), blocks g (K, B, n, P), norms ||g_k|| (K,), mean = mean_k g_k (B, n, P)
+        ctx.save_for_backward(reference, blocks)
+        ctx.batch_scale = 1 / blocks.shape[1] if batch_mean else 1.0
+        ctx.tangent_dtype = tangents[0].dtype
+        flat, average = reference.reshape(-1), mean.reshape(-1)
+        value = blocks.shape[0] * (torch.dot(flat, flat) - 2 * torch.dot(flat, average)) + norms.square().sum()
+        return value * ctx.batch_scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        reference, blocks = ctx.saved_tensors
+        num, batch, size, post = blocks.shape
+        weighted = reference * (2 * ctx.batch_scale * grad_output)
+        if post == 1:
+            products = blocks.view(num, batch, size).mT @ weighted.view(batch, size)
+        else:
+            products = torch.einsum("kbip,bjp->kij", blocks, weighted)
+        grad = packed_lower(products.mT - products).to(ctx.tangent_dtype)
+        return (None, None, None, None, None, *grad.unbind())
 
 
 def as_shape(value: int | Sequence[int], name: str, *, allow_empty: bool) -> tuple[int, ...]:

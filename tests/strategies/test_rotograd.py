@@ -191,7 +191,7 @@ def test_losses_are_normalised_by_their_values_at_step_zero_and_burn_in() -> Non
     assert seen == [[1.0, 1.0], [0.5, 0.25], [1.0, 1.0], [2.0, 0.5]]
     raw = make("rotate_only", num_tasks=2, rotation_shape=2)
     assert normalised(raw, [2.0, 4.0]) == [2.0, 4.0]
-    assert raw._reference("initial_losses").tolist() == [2.0, 4.0]  # recorded for RotoGradNorm's ratios all the same
+    assert raw.adapter.state.initial_losses.tolist() == [2.0, 4.0]  # staged: recorded at step 0 all the same
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -314,3 +314,16 @@ def test_the_strategy_sees_unscaled_gradients_under_a_grad_scaler() -> None:
     torch.testing.assert_close(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_issue_19_item_16_a_zero_row_in_float64_gives_the_float32_strategys_update(name: str) -> None:
+    """Item 16: rotograd's standalone aggregate returned NaN for a zero row given float64 input to a float32
+    strategy (the norm's floor, tiny(float64), was 0 as a float32 reference, and 0 / 0 the convergence rate)."""
+    grads = torch.tensor([[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]], dtype=torch.float64)
+    torch.manual_seed(0)
+    wide = make(name, num_tasks=2, rotation_shape=3).aggregate(grads, torch.ones(2, dtype=torch.float64))
+    torch.manual_seed(0)
+    narrow = make(name, num_tasks=2, rotation_shape=3).aggregate(grads.float(), torch.ones(2))
+    assert wide.dtype == torch.float64 and bool(torch.isfinite(wide).all())
+    torch.testing.assert_close(wide.float(), narrow)

@@ -59,14 +59,14 @@ def gradients(mtl: mtlzoo.MTLWrapper) -> dict[str, torch.Tensor]:
 
 
 def count_adapt_calls(mtl: mtlzoo.MTLWrapper, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The tasks whose representation the strategy rotates (``adapt``), in call order."""
+    """The tasks whose representation the rotations adapter rotates (``adapt``), in call order."""
     calls: list[int] = []
-    original = type(mtl.strategy).adapt
+    original = type(mtl.strategy.adapter).adapt
 
     def adapt(self: object, z: torch.Tensor, task: int) -> torch.Tensor:
         calls.append(task)
         return original(self, z, task)
-    monkeypatch.setattr(type(mtl.strategy), "adapt", adapt)
+    monkeypatch.setattr(type(mtl.strategy.adapter), "adapt", adapt)
     return calls
 
 

@@ -243,7 +243,7 @@ def test_a_skipped_step_neither_retracts_nor_changes_state(name: str) -> None:
 
     train_steps(mtl, optimizer, steps=1, first_seed=6)
     assert len(calls) == 3
-    assert (mtl.strategy.rotations - before["strategy.bank.matrices.0.rotation"]).abs().max() > 0
+    assert (mtl.strategy.rotations - before["strategy.adapter.bank.matrices.0.rotation"]).abs().max() > 0
 
 
 @pytest.mark.parametrize("name", FAMILY)
