@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import check_positive
 from mtlzoo.strategy import Paper, StrategyInfo
 
@@ -18,7 +18,7 @@ GLS_PAPER = Paper(
 TAKES = "takes the product (the geometric mean) of the losses"
 
 
-class GeometricLossStrategy(WeightingStrategy):
+class GeometricLossStrategy(LossWeighting):
     r"""Geometric loss strategy (GLS): ``total = (prod_k L_k)^(1/K)``, so ``w_k = total / (K L_k)``.
 
     Paper: Chennupati, Sistu, Yogamani & Rawashdeh, *MultiNet++: Multi-Stream Feature Aggregation
@@ -49,13 +49,5 @@ class GeometricLossStrategy(WeightingStrategy):
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        check_positive(losses, None, "GLS (gls)", TAKES)
+        check_positive(losses, self.present_tasks, "GLS (gls)", TAKES)
         return losses.log().mean().exp()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, None)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        check_positive(losses, tasks, "GLS (gls)", TAKES)
-        losses = losses.detach()
-        return losses.log().mean().exp() / (losses.shape[0] * losses)

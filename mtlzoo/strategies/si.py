@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import check_positive
 from mtlzoo.strategy import Paper, StrategyInfo
 
@@ -19,7 +19,7 @@ NASH_MTL_PAPER = Paper(
 TAKES = "takes the log of each loss"
 
 
-class ScaleInvariant(WeightingStrategy):
+class ScaleInvariant(LossWeighting):
     r"""Scale-invariant loss (SI): ``total = sum_k log L_k``, so ``w_k = 1 / L_k``.
 
     The baseline of Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
@@ -48,12 +48,5 @@ class ScaleInvariant(WeightingStrategy):
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        check_positive(losses, None, "SI (si)", TAKES)
+        check_positive(losses, self.present_tasks, "SI (si)", TAKES)
         return losses.log().sum()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, None)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        check_positive(losses, tasks, "SI (si)", TAKES)
-        return 1 / losses.detach()
