@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ def widen(strategy: torch.nn.Module, names: Sequence[str], dtype: torch.dtype) -
 class WidensState:
     """Mixin: the buffers in ``widening`` take a checkpoint's wider dtype when loaded (see :func:`widen`)."""
 
-    widening: tuple[str, ...] = ()
+    widening: ClassVar[tuple[str, ...]] = ()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         for name in self.widening:

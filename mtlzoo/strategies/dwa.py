@@ -71,6 +71,7 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
         original_code="https://github.com/lorenmt/mtan",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
+    widening = ("loss_sums", "averages", "epoch_weights")
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
@@ -100,7 +101,7 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
         _weighting.check_positive(losses, tasks, "DWA (dwa)", TAKES)
         tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks
         values = losses.detach()
-        _weighting.widen(self, _SUMMED, values.dtype)
+        _weighting.widen(self, self.widening, values.dtype)
         sums = self.state.loss_sums.to(torch.promote_types(self.loss_sums.dtype, values.dtype))
         self.state.loss_sums = sums.index_add(0, tasks, values.to(sums.dtype))  # this step's losses so far
         self.state.loss_counts = self.state.loss_counts.index_add(0, tasks, torch.ones_like(self.loss_counts[tasks]))
@@ -124,7 +125,3 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
             self.state.loss_counts = torch.zeros_like(self.loss_counts)
             self.state.epoch += 1
             self.state.steps_in_epoch = 0
-
-
-_SUMMED = ("loss_sums", "averages", "epoch_weights")
-"""The buffers that follow the losses' dtype."""

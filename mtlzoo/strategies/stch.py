@@ -77,6 +77,7 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
         original_code="https://github.com/Xi-L/STCH",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
+    widening = ("nadir", "nadir_sums")
 
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_epochs: int = 4) -> None:
         super().__init__(num_tasks)
@@ -110,7 +111,7 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
         tasks = self.present_tasks
         _weighting.check_positive(losses, tasks, "STCH (stch)", TAKES)
         tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks
-        _weighting.widen(self, _SUMMED, losses.dtype)
+        _weighting.widen(self, self.widening, losses.dtype)
         if self.nadir_epoch:  # this step's losses so far
             sums = self.state.nadir_sums.to(self.nadir_sums.dtype)
             self.state.nadir_sums = sums.index_add(0, tasks, losses.detach().to(sums.dtype))
@@ -138,7 +139,3 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
                                                torch.full_like(self.nadir, math.nan))
             self.state.epoch += 1
             self.state.steps_in_epoch = 0
-
-
-_SUMMED = ("nadir", "nadir_sums")
-"""The buffers that follow the losses' dtype."""
