@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mtlzoo.linalg import row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
 from mtlzoo.roles.weighting import LossWeighting, working_dtype
+from mtlzoo.strategies._weighting import WidensState, widen
 from mtlzoo.strategy import Paper, StrategyInfo
 
 GRADNORM_PAPER = Paper(
@@ -87,7 +88,7 @@ def gradnorm_weight_gradient(weights: list[float], norms: list[float], ratios: l
     return gradient.tolist()
 
 
-class GradNorm(LossWeighting):
+class GradNorm(WidensState, LossWeighting):
     r"""GradNorm: learned loss weights that balance the tasks' gradient norms and training rates.
 
     Paper: Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive
@@ -151,6 +152,8 @@ class GradNorm(LossWeighting):
         original_code="",
     )
 
+    widening = ("initial_losses",)
+
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,
                  target: Target = "parameters") -> None:
         super().__init__(num_tasks)
@@ -190,6 +193,7 @@ class GradNorm(LossWeighting):
 
     def _stage_reference(self, losses: Tensor) -> None:
         """``L_k(0)``: a present task without a usable reference takes this loss (if finite and non-zero)."""
+        widen(self, self.widening, losses.dtype)
         reference = self.state.initial_losses
         reference = reference.to(torch.promote_types(reference.dtype, losses.dtype))
         tasks = self.present_tasks

@@ -357,3 +357,72 @@ def test_the_weight_gradient_is_the_papers_closed_form(case: str) -> None:
     face = gradnorm_weight_gradient(weights, unweighted, ratios, target_norm, 1.5, 1e-38)
     torch.testing.assert_close(torch.tensor(face), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert loss_ratio_values(losses.tolist(), present, reference) == pytest.approx(ratios)
+
+
+def test_under_an_aggregator_its_weights_follow_its_rule_on_the_derived_norms() -> None:
+    """Issue 18: GradNorm's weights under an aggregator. With layer="all" it reads the norms on every shared
+    parameter, so compose() asks the engine for UPGrad's Gramian once and hands GradNorm sqrt(diag(G)). Reference:
+    the paper's dL_grad/dw_k = sign(w_k n_k - target) n_k at a first step (all ratios 1, target = mean_j w_j n_j),
+    n_k = ||dL_k/dθ|| by plain autograd over the backbone's parameters."""
+    torch.manual_seed(0)
+    model = small_model()
+    reference = copy.deepcopy(model)
+    gradnorm = GradNorm(3, alpha=1.5, layer="all")
+    strategy = mtlzoo.compose(weighting=gradnorm, aggregator="upgrad")
+    assert strategy.request.where == "parameters" and strategy.request.parameters is None
+    with torch.no_grad():
+        gradnorm.task_weights.copy_(WEIGHTS)
+    mtl = mtlzoo.MTLWrapper(model, strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+
+    shared = list(reference.backbone.parameters())
+    norms = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]).norm()
+                         for loss in mse_losses(reference(x), targets)])
+    weighted = WEIGHTS * norms
+    expected = torch.sign(weighted - weighted.mean()) * norms
+    torch.testing.assert_close(gradnorm.task_weights.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_under_an_aggregator_it_trains_and_renormalises() -> None:
+    """Through MTLWrapper with Adam on the model and the weights: every loss falls, the weights move and sum to K."""
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, layer="all"),
+                                                          aggregator="upgrad"))
+    x, targets = batch(3, seed=0)
+    before = torch.stack(mse_losses(mtl(x), targets)).detach()
+    optimizer = torch.optim.Adam([{"params": list(mtl.model_parameters())},
+                                  {"params": mtl.strategy_parameters(), "lr": 0.05}], lr=0.01)
+    for _ in range(60):
+        optimizer.zero_grad()
+        mtl.backward(mse_losses(mtl(x), targets))
+        mtl.step(optimizer)
+    after = torch.stack(mse_losses(mtl(x), targets)).detach()
+    assert bool((after < before).all()), (before, after)
+    weights = mtl.strategy.weighting.task_weights.detach()
+    torch.testing.assert_close(weights.sum(), torch.tensor(3.0))
+    assert float((weights - 1).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "aggregator"), [({}, "upgrad"), ({"target": "representation"}, "upgrad"),
+                                                    ({"layer": "all"}, "mgda:target=representation")])
+def test_under_an_aggregator_reading_elsewhere_it_is_refused_clearly(kwargs: dict, aggregator: str) -> None:
+    """The default (the last shared layer, the paper's) or another target than the aggregator's: one step computes
+    one statistic on one target, so compose() refuses, naming both parts and where each reads."""
+    name, _, option = aggregator.partition(":")
+    options = dict([option.split("=")]) if option else {}
+    with pytest.raises(mtlzoo.errors.InvalidStrategyError, match=r"GradNorm reads .* reads"):
+        mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, **kwargs),
+                       aggregator=mtlzoo.create(name, num_tasks=3, **options))
+
+
+def test_under_an_aggregator_on_the_representation() -> None:
+    """target="representation" matches an aggregator built on z: the composite reads the gradients on z."""
+    strategy = mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, target="representation"),
+                              aggregator=mtlzoo.create("upgrad", num_tasks=3, target="representation"))
+    assert strategy.request.where == "representation"
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.weighting.task_weights.grad is not None

@@ -25,7 +25,7 @@ def history(name: str, strategy: Any) -> None:
     with torch.no_grad():
         for parameter in strategy.parameters():
             parameter.copy_(torch.tensor([0.3, -0.2, 0.1]))
-    for epoch, losses in enumerate(LOSSES):
+    for losses in LOSSES:
         strategy.weights(losses)
         strategy.advance()
         if name == "famo":
