@@ -46,15 +46,15 @@ class FAMO(WidensState, LossWeighting):
     ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
     The logits (the buffer ``logits``) are the strategy's own state, stepped only by that inner
-    optimizer, a ``torch.optim.Adam`` over the K logits (one scalar each, on the host), whose
-    state (moments and step count of each logit) is declared state too, saved exactly in
-    ``state_dict()``; none is among ``strategy_parameters()``, so the user's optimizer never steps
-    them. The logits are kept in the losses' dtype (at least float32, as the authors' code keeps
-    them in the model's). ``L^before`` is the step's loss (averaged over its
-    micro-batches). Without the post-step losses (``post_step_losses`` not given, the wrapper warns
-    once) the logits stay at 0: plain ``sum_k log L_k`` with equal ``z``. An absent task keeps its
-    logit, moments and step count; the others' softmax is taken without it. A loss at or below its
-    lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
+    optimizer, a ``torch.optim.Adam`` over the K logits (on the host), whose state (moments and
+    step count) is declared state too, saved exactly in ``state_dict()``; none is among
+    ``strategy_parameters()``, so the user's optimizer never steps them. The logits are kept in
+    the losses' dtype (at least float32, as the authors' code keeps them in the model's).
+    ``L^before`` is the step's loss (averaged over its micro-batches). Without the post-step
+    losses (``post_step_losses`` not given, the wrapper warns once) the logits stay at 0: plain
+    ``sum_k log L_k`` with equal ``z``. An absent task keeps its logit and moments (the step
+    count is the optimizer's, shared); the others' softmax is taken without it. A loss at or below
+    its lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
     state left as it was.
 
     Args:
@@ -95,7 +95,7 @@ class FAMO(WidensState, LossWeighting):
         self.lr = float(lr)
         self.gamma = float(gamma)
         self.register_buffer("min_losses", bounds)
-        # logits: the inner Adam's parameters; inner: its per-logit state (Adam.state_dict()["state"]);
+        # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq);
         # losses_before: the last step's losses; step_losses: this step's sums and counts over its micro-batches
         self.declare_state(logits=torch.zeros(num_tasks), inner={}, losses_before=None)
         self.declare_state(per_step="every", step_losses=None)
@@ -154,51 +154,44 @@ class FAMO(WidensState, LossWeighting):
         widen(self, self.widening, losses.dtype)
         dtype = self.logits.dtype  # the losses' dtype, at least float32 (the authors': the model's)
         before = torch.as_tensor(before, dtype=torch.float64).to(dtype)
-        after = losses.detach().cpu().to(dtype)
+        after, bounds = losses.detach().cpu().to(dtype), self.min_losses.cpu().to(dtype)
         present = torch.isfinite(before) & torch.isfinite(after)
-        if not bool(present.any()):
+        everyone = bool(present.all())
+        if not everyone and not bool(present.any()):
             return
-        tasks = present.nonzero().flatten()
-        bounds = self.min_losses.cpu().to(dtype)
-        check_positive(after[tasks] - bounds[tasks], tasks, "FAMO (famo)", TAKES)
-        delta = torch.log(before - bounds + EPSILON) - torch.log(after - bounds + EPSILON)
-        logits = [value.clone() for value in self.logits.detach().cpu()]  # on the host: K numbers
-        inner = torch.optim.Adam(logits, lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=self.gamma,
-                                 foreach=False)
-        for k, values in self.state.inner.items():  # its state, copied: the committed one stays as it was
-            inner.state[logits[int(k)]] = {name: value.clone() for name, value in values.items()}
-        with torch.enable_grad():  # the authors' autograd.grad of z . delta through the softmax
-            chosen = torch.stack([logits[k] for k in tasks.tolist()]).requires_grad_()
-            (gradient,) = torch.autograd.grad(torch.softmax(chosen, dim=0) @ delta[tasks], chosen)
-        for k, value in zip(tasks.tolist(), gradient):
-            logits[k].grad = value  # an absent task's logit has none: Adam leaves it, its moments and step
+        check_positive((after - bounds)[present], present.nonzero().flatten(), "FAMO (famo)", TAKES)
+        delta = (torch.log(before - bounds + EPSILON) - torch.log(after - bounds + EPSILON)).masked_fill(~present, 0)
+        logits = self.logits.detach().cpu().clone()  # on the host: K numbers
+        z = torch.softmax(logits.masked_fill(~present, -math.inf), dim=0)  # the present tasks' softmax
+        logits.grad = z * (delta - z @ delta)  # d(z . delta)/dlogits, the authors' autograd.grad (0 if absent)
+        inner = torch.optim.Adam([logits], lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=self.gamma)
+        if self.state.inner:  # its state, copied: the committed one stays as it was
+            inner.state[logits] = {name: value.clone() for name, value in self.state.inner.items()}
+        kept = None if everyone else (logits.clone(), dict(inner.state[logits]))
         inner.step()
+        state = inner.state[logits]
+        if kept is not None:  # an absent task's logit and moments are left as they were
+            logits[~present] = kept[0][~present]
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in kept[1]:
+                    state[name][~present] = kept[1][name][~present]
+                else:
+                    state[name][~present] = 0
         with self.state.direct():
-            self.state.logits = torch.stack(logits)
-            self.state.inner = {k: inner.state[logit] for k, logit in enumerate(logits) if inner.state[logit]}
+            self.state.logits = logits.detach()
+            self.state.inner = state
             self.state.losses_before = None
 
     # ------------------------------------------------------------------ views and former checkpoints
-    def _inner_row(self, name: str) -> Tensor:
-        row = torch.zeros(self.num_tasks, dtype=self.logits.dtype)
-        for k, values in self.state.inner.items():
-            row[int(k)] = float(values[name])
-        return row
-
     @property
     def adam_exp_avg(self) -> Tensor:
-        """The inner Adam's first moment of each logit (0 before its first step)."""
-        return self._inner_row("exp_avg")
+        """The inner Adam's first moments of the logits (0 before its first step)."""
+        return self.state.inner.get("exp_avg", torch.zeros_like(self.logits, device="cpu"))
 
     @property
     def adam_exp_avg_sq(self) -> Tensor:
-        """The inner Adam's second moment of each logit."""
-        return self._inner_row("exp_avg_sq")
-
-    @property
-    def adam_steps(self) -> Tensor:
-        """The inner Adam's step count of each logit (an absent task's stays)."""
-        return self._inner_row("step")
+        """The inner Adam's second moments of the logits."""
+        return self.state.inner.get("exp_avg_sq", torch.zeros_like(self.logits, device="cpu"))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         former = _former_state(state_dict, prefix)
@@ -209,8 +202,7 @@ class FAMO(WidensState, LossWeighting):
             for name in (*_FORMER_ROWS, "losses_before"):
                 state_dict.pop(prefix + name, None)
             mean, square, steps = (torch.as_tensor(former[name], dtype=logits.dtype) for name in _FORMER_ROWS)
-            inner = {k: {"step": steps[k].clone(), "exp_avg": mean[k].clone(), "exp_avg_sq": square[k].clone()}
-                     for k in range(steps.shape[0]) if steps[k] > 0}
+            inner = {"step": steps.max().float(), "exp_avg": mean, "exp_avg_sq": square} if bool(steps.any()) else {}
             before = former.get("losses_before")
             extra = state_dict.get(prefix + "_extra_state", {})
             state_dict[prefix + "_extra_state"] = {**extra, "state": {

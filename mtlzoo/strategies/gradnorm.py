@@ -193,6 +193,8 @@ class GradNorm(WidensState, LossWeighting):
 
     def _stage_reference(self, losses: Tensor) -> None:
         """``L_k(0)``: a present task without a usable reference takes this loss (if finite and non-zero)."""
+        if self._all_referenced() and losses.dtype == self.initial_losses.dtype:
+            return  # every task has its reference (read once per change of the buffer, not per step)
         widen(self, self.widening, losses.dtype)
         reference = self.state.initial_losses
         reference = reference.to(torch.promote_types(reference.dtype, losses.dtype))
@@ -204,6 +206,14 @@ class GradNorm(WidensState, LossWeighting):
         else:
             self.state.initial_losses = reference.index_copy(0, tasks.to(reference.device),
                                                              torch.where(take, losses, mine))
+
+    def _all_referenced(self) -> bool:
+        reference = self.initial_losses
+        cached = self.__dict__.get("_referenced")  # (the tensor, its version, the answer)
+        if cached is None or cached[0] is not reference or cached[1] != reference._version:
+            cached = (reference, reference._version, bool((torch.isfinite(reference) & (reference != 0)).all()))
+            self.__dict__["_referenced"] = cached
+        return cached[2]
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None  # the weights learn from the gradient loss only, never from sum_k w_k L_k

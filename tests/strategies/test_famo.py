@@ -69,9 +69,9 @@ def test_the_logits_are_state_not_parameters() -> None:
     loaded.load_state_dict(state)
     for strategy in (famo, loaded):
         strategy.post_step(torch.tensor([0.5, 1.2, 2.0]))
-    for name in ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps"):  # bit for bit
+    for name in ("logits", "adam_exp_avg", "adam_exp_avg_sq"):  # bit for bit
         assert torch.equal(getattr(loaded, name), getattr(famo, name)), name
-    assert float(loaded.adam_steps[0]) == 3 and loaded.state.losses_before is None
+    assert float(loaded.state.inner["step"]) == 3 and loaded.state.losses_before is None
 
 
 def test_the_inner_optimizer_is_torch_adam() -> None:
@@ -92,6 +92,21 @@ def test_the_inner_optimizer_is_torch_adam() -> None:
         (torch.softmax(logits, 0) @ delta).backward()
         reference.step()
         torch.testing.assert_close(famo.logits, logits.detach())
+
+
+def test_a_checkpoint_with_the_state_as_buffers_still_loads() -> None:
+    """Checkpoints written while the state was buffers (logits, adam_*, losses_before) load into the declared state."""
+    famo = FAMO(2)
+    state = famo.state_dict()
+    state.update(logits=torch.tensor([0.5, -0.5]), adam_exp_avg=torch.tensor([0.1, -0.1]),
+                 adam_exp_avg_sq=torch.tensor([0.01, 0.02]), adam_steps=torch.tensor([4.0, 4.0]),
+                 losses_before=torch.tensor([float("nan"), float("nan")]))
+    loaded = FAMO(2)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.logits, torch.tensor([0.5, -0.5]))
+    torch.testing.assert_close(loaded.adam_exp_avg_sq, torch.tensor([0.01, 0.02]))
+    assert float(loaded.state.inner["step"]) == 4
+    torch.testing.assert_close(loaded.task_weights, torch.softmax(torch.tensor([0.5, -0.5]), 0))
 
 
 def test_without_post_step_losses_it_warns_once_and_keeps_equal_logits() -> None:
@@ -116,8 +131,8 @@ def test_the_step_loss_is_the_mean_of_its_micro_batches_and_an_absent_task_keeps
     torch.testing.assert_close(famo.state.losses_before, torch.tensor([3.0, math.nan, 6.0], dtype=torch.float64),
                                equal_nan=True)
     famo.post_step(torch.tensor([1.0, math.nan, 5.0]))
-    assert float(famo.logits[1]) == 0 and float(famo.adam_steps[1]) == 0
-    assert float(famo.logits[0]) != 0 and float(famo.adam_steps[0]) == 1
+    assert float(famo.logits[1]) == 0 and float(famo.adam_exp_avg[1]) == 0 and float(famo.adam_exp_avg_sq[1]) == 0
+    assert float(famo.logits[0]) != 0 and float(famo.adam_exp_avg[0]) != 0
 
 
 def test_on_the_regression_the_slowest_task_gets_the_largest_weight() -> None:
