@@ -26,6 +26,7 @@ EPSILON = 1e-8
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 TAKES = "takes the log of each loss minus its lower bound"
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 _FORMER_ROWS = ("adam_exp_avg", "adam_exp_avg_sq", "adam_steps")
 """The inner Adam's state as checkpoints before 0.x held it: K numbers each (extra state, or buffers)."""
 
@@ -95,8 +96,8 @@ class FAMO(WidensState, LossWeighting):
         self.lr = float(lr)
         self.gamma = float(gamma)
         self.register_buffer("min_losses", bounds)
-        # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq);
-        # losses_before: the last step's losses; step_losses: this step's sums and counts over its micro-batches
+        # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq as host floats);
+        # losses_before: the last step's K losses; step_losses: this step's sums and counts over its micro-batches
         self.declare_state(logits=torch.zeros(num_tasks), inner={}, losses_before=None)
         self.declare_state(per_step="every", step_losses=None)
 
@@ -125,18 +126,18 @@ class FAMO(WidensState, LossWeighting):
         return c.detach() * (z * shifted.log()).sum()
 
     def _stage_losses(self, losses: Tensor, tasks: Tensor | None) -> None:
-        """Add this micro-batch's losses to the step's sums and counts (rows 0 and 1), on the host in float64."""
-        staged = self.state.step_losses
-        staged = torch.zeros(2, self.num_tasks, dtype=torch.float64) if staged is None else staged.clone()
-        index = torch.arange(self.num_tasks) if tasks is None else tasks.cpu()
-        staged[0].index_add_(0, index, losses.cpu().double())
-        staged[1].index_add_(0, index, torch.ones(index.shape[0], dtype=torch.float64))
-        self.state.step_losses = staged
+        """Add this micro-batch's losses to the step's sums and counts (K host floats each)."""
+        sums, counts = self.state.step_losses or ([0.0] * self.num_tasks, [0.0] * self.num_tasks)
+        sums, counts = list(sums), list(counts)
+        for k, value in zip(range(self.num_tasks) if tasks is None else tasks.tolist(), losses.tolist()):
+            sums[k] += value
+            counts[k] += 1
+        self.state.step_losses = (sums, counts)
 
     def on_advance(self) -> None:
-        staged = self.state.step_losses
-        if staged is not None:  # a task absent from every micro-batch: NaN
-            self.state.losses_before = torch.where(staged[1] > 0, staged[0] / staged[1], math.nan)
+        if self.state.step_losses is not None:  # a task absent from every micro-batch: NaN
+            sums, counts = self.state.step_losses
+            self.state.losses_before = [total / count if count else math.nan for total, count in zip(sums, counts)]
             self.state.step_losses = None
 
     def post_step(self, losses: Tensor) -> None:
@@ -153,45 +154,50 @@ class FAMO(WidensState, LossWeighting):
             return
         widen(self, self.widening, losses.dtype)
         dtype = self.logits.dtype  # the losses' dtype, at least float32 (the authors': the model's)
-        before = torch.as_tensor(before, dtype=torch.float64).to(dtype)
-        after, bounds = losses.detach().cpu().to(dtype), self.min_losses.cpu().to(dtype)
-        present = torch.isfinite(before) & torch.isfinite(after)
-        everyone = bool(present.all())
-        if not everyone and not bool(present.any()):
+        after, bounds = losses.detach().tolist(), self.min_losses.tolist()  # K numbers: on the host
+        present = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
+        if not present:
             return
-        check_positive((after - bounds)[present], present.nonzero().flatten(), "FAMO (famo)", TAKES)
-        delta = (torch.log(before - bounds + EPSILON) - torch.log(after - bounds + EPSILON)).masked_fill(~present, 0)
-        logits = self.logits.detach().cpu().clone()  # on the host: K numbers
-        z = torch.softmax(logits.masked_fill(~present, -math.inf), dim=0)  # the present tasks' softmax
-        logits.grad = z * (delta - z @ delta)  # d(z . delta)/dlogits, the authors' autograd.grad (0 if absent)
+        if any(after[k] - bounds[k] <= 0 for k in present):
+            check_positive(torch.tensor([after[k] - bounds[k] for k in present]), torch.tensor(present),
+                           "FAMO (famo)", TAKES)
+        delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in present]
+        logits = self.logits.detach().cpu().clone()
+        z = torch.softmax(logits[present].double(), dim=0).tolist()  # the present tasks' softmax
+        mean = sum(zk * dk for zk, dk in zip(z, delta))
+        gradient = [0.0] * self.num_tasks  # d(z . delta)/dlogits = z (delta - z . delta), the authors' autograd.grad
+        for k, zk, dk in zip(present, z, delta):
+            gradient[k] = zk * (dk - mean)
+        logits.grad = torch.tensor(gradient, dtype=dtype)
+        everyone = len(present) == self.num_tasks
+        absent = None if everyone else torch.tensor([k not in present for k in range(self.num_tasks)])
         inner = torch.optim.Adam([logits], lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=self.gamma)
-        if self.state.inner:  # its state, copied: the committed one stays as it was
-            inner.state[logits] = {name: value.clone() for name, value in self.state.inner.items()}
-        kept = None if everyone else (logits.clone(), dict(inner.state[logits]))
+        if self.state.inner:  # its state, from the declared one (host floats)
+            saved = self.state.inner
+            inner.state[logits] = {"step": torch.tensor(float(saved["step"])),
+                                   **{name: torch.tensor(saved[name], dtype=dtype) for name in _MOMENTS}}
+        kept = None if everyone else (logits.clone(), {k: v.clone() for k, v in inner.state[logits].items()})
         inner.step()
         state = inner.state[logits]
         if kept is not None:  # an absent task's logit and moments are left as they were
-            logits[~present] = kept[0][~present]
-            for name in ("exp_avg", "exp_avg_sq"):
-                if name in kept[1]:
-                    state[name][~present] = kept[1][name][~present]
-                else:
-                    state[name][~present] = 0
+            logits[absent] = kept[0][absent]
+            for name in _MOMENTS:
+                state[name][absent] = kept[1][name][absent] if name in kept[1] else 0
         with self.state.direct():
             self.state.logits = logits.detach()
-            self.state.inner = state
+            self.state.inner = {"step": float(state["step"]), **{name: state[name].tolist() for name in _MOMENTS}}
             self.state.losses_before = None
 
     # ------------------------------------------------------------------ views and former checkpoints
     @property
     def adam_exp_avg(self) -> Tensor:
         """The inner Adam's first moments of the logits (0 before its first step)."""
-        return self.state.inner.get("exp_avg", torch.zeros_like(self.logits, device="cpu"))
+        return torch.tensor(self.state.inner.get("exp_avg", [0.0] * self.num_tasks), dtype=self.logits.dtype)
 
     @property
     def adam_exp_avg_sq(self) -> Tensor:
         """The inner Adam's second moments of the logits."""
-        return self.state.inner.get("exp_avg_sq", torch.zeros_like(self.logits, device="cpu"))
+        return torch.tensor(self.state.inner.get("exp_avg_sq", [0.0] * self.num_tasks), dtype=self.logits.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         former = _former_state(state_dict, prefix)
@@ -201,13 +207,13 @@ class FAMO(WidensState, LossWeighting):
             state_dict[prefix + "logits"] = logits
             for name in (*_FORMER_ROWS, "losses_before"):
                 state_dict.pop(prefix + name, None)
-            mean, square, steps = (torch.as_tensor(former[name], dtype=logits.dtype) for name in _FORMER_ROWS)
-            inner = {"step": steps.max().float(), "exp_avg": mean, "exp_avg_sq": square} if bool(steps.any()) else {}
+            mean, square, steps = (torch.as_tensor(former[name], dtype=torch.float64).tolist() for name in _FORMER_ROWS)
+            inner = {"step": max(steps), "exp_avg": mean, "exp_avg_sq": square} if max(steps) > 0 else {}
             before = former.get("losses_before")
             extra = state_dict.get(prefix + "_extra_state", {})
             state_dict[prefix + "_extra_state"] = {**extra, "state": {
                 **extra.get("state", {}), "inner": inner,
-                "losses_before": None if before is None else torch.as_tensor(before, dtype=torch.float64)}}
+                "losses_before": None if before is None else torch.as_tensor(before, dtype=torch.float64).tolist()}}
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

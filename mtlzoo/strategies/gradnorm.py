@@ -231,8 +231,9 @@ class GradNorm(WidensState, LossWeighting):
         weighted_norms = weighted_norms.to(dtype)
         reference = self.of_present(self.state.initial_losses, tasks).to(dtype)
         norms = weighted_norms / weights.detach().to(dtype).clamp_min(tiny(dtype))  # the engine's are of w_k L_k
-        return gradnorm_objective(weights.to(dtype), norms, loss_ratios(losses.to(dtype), reference),
-                                  weighted_norms.mean(), self.alpha)
+        losses = losses.to(dtype)
+        ratios = losses / reference if self._all_referenced() else loss_ratios(losses, reference)
+        return gradnorm_objective(weights.to(dtype), norms, ratios, weighted_norms.mean(), self.alpha)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``sum_k w_k g_k`` for K task gradients (K x ...), ``L_grad`` back-propagated into the weights.

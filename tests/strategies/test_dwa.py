@@ -76,17 +76,6 @@ def test_without_end_epoch_it_keeps_equal_weights_and_warns_once(monkeypatch: py
     assert len(caught) == 1
 
 
-def test_a_forgotten_end_epoch_is_said_after_a_plausible_epoch_length() -> None:
-    """Issue 19, item 18: DWA behaved like ls for 10,000 steps before saying anything; it warns after 1000 steps
-    (longer than an epoch of the standard benchmarks at their usual batch sizes), once."""
-    dwa = DynamicWeightAverage(2)
-    with pytest.warns(RuntimeWarning, match=r"1000 optimizer steps.*end_epoch\(\)") as caught:
-        for _ in range(1001):
-            dwa.weights(torch.tensor([1.0, 2.0]))
-            dwa.advance()
-    assert len(caught) == 1
-
-
 def test_float64_losses_keep_float64_sums_and_weights() -> None:
     """Issue 19, item 7: the epoch sums were float32 buffers, so float64 losses lost their precision (the rates
     differ by ~1e-9 here, below float32's resolution: the weights came out exactly 1). Reference: the paper's rule

@@ -102,6 +102,18 @@ def test_out_of_range_hyperparameters_are_refused_by_name(name: str, kwargs: dic
 LOG_TAKERS = ["si", "gls", "famo", "stch", "dwa"]
 
 
+@pytest.mark.parametrize("name", ["dwa", "stch"])
+def test_a_forgotten_end_epoch_is_said_after_a_plausible_epoch_length(name: str) -> None:
+    """Issue 19, item 18: DWA behaved like ls (STCH stayed in its warm-up) for 10,000 steps before saying anything;
+    they warn after 1000 steps (longer than an epoch of the standard benchmarks at their usual batch sizes), once."""
+    strategy = mtlzoo.create(name, num_tasks=2)
+    with pytest.warns(RuntimeWarning, match=r"1000 optimizer steps.*end_epoch\(\)") as caught:
+        for _ in range(1001):
+            strategy.weights(torch.tensor([1.0, 2.0]))
+            strategy.advance()
+    assert len(caught) == 1
+
+
 def test_float64_losses_give_float64_weights_without_float32_rounding() -> None:
     """Issue 19, item 7, on the strategies' side: given float64 losses (StepInputs of a float64 model), SI's, FAMO's
     and GradNorm's weights and state are float64, equal to the formulas written out in float64; the losses here

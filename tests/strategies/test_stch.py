@@ -87,16 +87,6 @@ def test_without_end_epoch_it_stays_in_its_warm_up_and_warns_once(monkeypatch: p
     assert len(caught) == 1
 
 
-def test_a_forgotten_end_epoch_is_said_after_a_plausible_epoch_length() -> None:
-    """Issue 19, item 18: STCH stayed in its warm-up for 10,000 steps before saying anything; now 1000, once."""
-    stch = SmoothTchebycheff(2)
-    with pytest.warns(RuntimeWarning, match=r"1000 optimizer steps.*end_epoch\(\)") as caught:
-        for _ in range(1001):
-            stch.weights(torch.tensor([1.0, 2.0]))
-            stch.advance()
-    assert len(caught) == 1
-
-
 def test_float64_losses_keep_a_float64_nadir_and_weights() -> None:
     """Issue 19, item 7: the nadir sums were float32 buffers (4e-6 off after 18 steps in the issue's run). Reference:
     w_k = K softmax(log(L / n) / mu)_k / L_k written out in float64, n the nadir epoch's float64 average."""
