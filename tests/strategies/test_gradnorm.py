@@ -426,3 +426,16 @@ def test_under_an_aggregator_on_the_representation() -> None:
     x, targets = batch()
     mtl.backward(mse_losses(mtl(x), targets))
     assert strategy.weighting.task_weights.grad is not None
+
+
+@pytest.mark.xfail(reason="compose() creates a weighting by name without options: GradNorm needs alpha (no default) "
+                          "and, next to an aggregator on all shared parameters, layer='all'; see the weighting "
+                          "branch's report for the change to mtlzoo/roles/composite.py", strict=False)
+def test_by_name_under_an_aggregator() -> None:
+    """The form issue 18 names: compose(weighting="gradnorm", aggregator="upgrad", num_tasks=K) trains."""
+    strategy = mtlzoo.compose(weighting="gradnorm", aggregator="upgrad", num_tasks=3)
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.weighting.task_weights.grad is not None
