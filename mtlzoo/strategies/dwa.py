@@ -90,11 +90,6 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
-    @property
-    def epoch(self) -> int:
-        """Epochs ended so far."""
-        return self.state.epoch
-
     def scalarize(self, losses: Tensor) -> Tensor:
         """``sum_k w_k(t) L_k`` with this epoch's weights (constants: they do not depend on this step's losses)."""
         tasks = self.present_tasks
