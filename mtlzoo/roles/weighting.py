@@ -2,74 +2,122 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 
 from mtlzoo.protocol import StepInputs
 from mtlzoo.strategy import Strategy
-from mtlzoo.structure import trainable_parameters
+
+
+def working_dtype(losses: Tensor) -> torch.dtype:
+    """The dtype a weighting computes in: the losses' own, at least float32 (float64 losses stay float64)."""
+    return torch.promote_types(losses.dtype, torch.float32)
 
 
 class LossWeighting(Strategy):
     r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
-    One definition of what the model learns, whichever path computes it: the model (backbone and
-    heads) receives ``sum_k w_k dL_k/dθ`` with ``w_k = d total / d L_k`` evaluated at this step and
-    held constant. For ``f = sum_k log L_k`` (SI) that is ``w_k = 1/L_k``. The strategy's own
-    parameters (UW's log-variances) learn from ``total`` itself, with the losses held constant.
+    A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the
+    base derives everything else from it, by autograd:
 
-    Subclasses implement :meth:`scalarize` (the method's definition) and, where it has a closed
-    form, :meth:`weights` (checked against autograd by the test suite); or only :meth:`weights`
-    when the weights do not depend on the losses' values through ``f``.
+    - the model (backbone and heads) learns from ``sum_k w_k L_k`` with ``w_k = d total / d L_k``
+      evaluated at this step and held constant (:meth:`weights`); for ``f = sum_k log L_k`` (SI)
+      that is ``w_k = 1/L_k``;
+    - the strategy's own parameters (UW's log-variances) learn from ``total`` itself, the losses held
+      constant (:meth:`loss_objective`).
+
+    A weighting whose weights are not a function of the losses through ``f`` (random draws, learned
+    or per-epoch weights) says so by returning the weighted sum with its weights detached:
+    ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`, ``losses`` holds the present tasks'
+    losses only; :meth:`present` picks the matching entries of a per-task tensor and
+    :attr:`present_tasks` gives their indices. Computations run in the losses' dtype (at least
+    float32), so float64 losses keep float64 weights.
     """
 
     role = "weighting"
+    _legacy_weights: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # the former surface: a subclass that writes only `weights(losses)` (its weights, detached)
+        defines = {name for klass in cls.__mro__ if klass is not LossWeighting and issubclass(klass, LossWeighting)
+                   for name in vars(klass)}
+        cls._legacy_weights = "weights" in defines and "scalarize" not in defines
+
+    # ------------------------------------------------------------------ the one method
     def scalarize(self, losses: Tensor) -> Tensor:
-        """The scalar ``f(L)`` this method minimises (differentiable in the losses and own parameters)."""
-        if type(self).weights is LossWeighting.weights:
-            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
-        return (self.weights(losses.detach()).detach() * losses).sum()
+        """The scalar ``f(L)`` this method minimises, differentiable in the losses and its own parameters."""
+        if self._legacy_weights:
+            return (self.weights(losses.detach()).detach().to(losses.dtype) * losses).sum()
+        raise NotImplementedError(f"{type(self).__name__} should implement `scalarize(losses)`.")
 
-    def weights(self, losses: Tensor) -> Tensor:
-        """``w_k = d f / d L_k`` at these losses, detached (by autograd unless a subclass has a closed form)."""
-        if type(self).scalarize is LossWeighting.scalarize:
-            raise NotImplementedError(f"{type(self).__name__} should implement `scalarize` or `weights`.")
-        with torch.enable_grad():
-            leaf = losses.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(self.scalarize(leaf), leaf)
-        return grad
+    # ------------------------------------------------------------------ which tasks
+    @contextmanager
+    def _presenting(self, tasks: Tensor | None) -> Iterator[None]:
+        previous = self.__dict__.get("_present")
+        self.__dict__["_present"] = tasks
+        try:
+            yield
+        finally:
+            self.__dict__["_present"] = previous
+
+    @property
+    def present_tasks(self) -> Tensor | None:
+        """The task indices of the losses being scalarised (``None``: all K, in order)."""
+        tasks = self.__dict__.get("_present")
+        return None if tasks is None or tasks.shape[0] == self.num_tasks else tasks
+
+    def present(self, values: Tensor) -> Tensor:
+        """``values[tasks]``: the entries of a per-task tensor (K, ...) for the tasks being scalarised."""
+        tasks = self.present_tasks
+        return values if tasks is None else values[tasks.to(values.device)]
+
+    def of_present(self, values: Tensor, tasks: Tensor) -> Tensor:
+        """``values[tasks]`` (``values`` itself when all tasks are present)."""
+        return values if tasks.shape[0] == self.num_tasks else values[tasks.to(values.device)]
+
+    # ------------------------------------------------------------------ derived from scalarize
+    def weights(self, losses: Tensor, tasks: Tensor | None = None) -> Tensor:
+        """``w_k = d f / d L_k`` at these losses (of tasks ``tasks``, default all), detached, in their dtype."""
+        losses = losses.detach().to(working_dtype(losses))
+        with torch.enable_grad(), self._presenting(tasks):
+            leaf = losses.requires_grad_()
+            total = self.scalarize(leaf)
+            (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
+        return torch.zeros_like(losses) if grad is None else grad
+
+    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        """The weights of the present tasks ``tasks`` (the former name of ``weights(losses, tasks)``)."""
+        return self._weights_of(losses, tasks)
+
+    def _weights_of(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        if self._legacy_weights:  # the former surface: weights(losses), all K or the present ones
+            weights = self.weights(losses.detach())
+            return weights[tasks] if weights.shape[0] == self.num_tasks != losses.shape[0] else weights
+        return self.weights(losses, tasks)
+
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        return self._weights_of(inputs.losses, inputs.tasks)
+
+    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """``f`` at the (detached) losses: what the strategy's own parameters learn from (``None`` without any)."""
+        if not any(parameter.requires_grad for parameter in self.parameters()):
+            return None
+        with torch.enable_grad(), self._presenting(tasks):
+            total = self.scalarize(losses.detach().to(working_dtype(losses)))
+        return total if total.requires_grad else None
 
     def combine(self, losses: Tensor) -> Tensor:
         """``sum_k w_k L_k`` with the weights held constant: the scalar whose backward trains the model."""
-        return (self.weights(losses.detach()).to(losses.dtype) * losses).sum()
-
-    def loss_weights(self, inputs: StepInputs) -> Tensor:
-        return self.task_weights_for(inputs.losses, inputs.tasks)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        """The weights of the present tasks ``tasks``, from their losses.
-
-        By default :meth:`weights` of the present losses, indexed by ``tasks`` when it returns all K
-        (a weighting whose weights are per-task state rather than a function of the losses).
-        """
-        weights = self.weights(losses)
-        if weights.shape[0] == self.num_tasks and losses.shape[0] != self.num_tasks:
-            return weights[tasks]
-        return weights
-
-    def of_present(self, values: Tensor, tasks: Tensor) -> Tensor:
-        """``values[tasks]``: the per-task ``values`` (K,) of the present tasks (``values`` itself when all are)."""
-        return values if tasks.shape[0] == self.num_tasks else values[tasks]
-
-    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
-        if not trainable_parameters(self):
-            return None
-        return self.scalarize(losses.detach())
+        return (self.weights(losses).to(losses.dtype) * losses).sum()
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``sum_k w_k g_k`` for K gradients (K x ...) and their losses."""
-        weights = self.weights(losses.detach()).to(grads.dtype)
+        weights = self.weights(losses).to(grads.dtype)
         return torch.tensordot(weights, grads, dims=1)
 
 

@@ -1,16 +1,20 @@
-"""What the loss-weighting strategies share: the domain check on the losses and the epoch hook's reminder."""
+"""What the loss-weighting strategies share: checks of their input and the epoch hook's reminder."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mtlzoo.errors import NonPositiveLossError
 
-EPOCH_REMINDER_STEPS = 10_000
-"""Optimizer steps without any ``end_epoch()`` after which a per-epoch method (DWA, STCH) warns, once."""
+EPOCH_REMINDER_STEPS = 1_000
+"""Optimizer steps without any ``end_epoch()`` after which a per-epoch method (DWA, STCH) warns, once: longer
+than most epochs of the standard benchmarks (NYUv2, Cityscapes, CelebA at their usual batch sizes: 100 to 800
+steps), short enough that a forgotten call shows early."""
 
 
 def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str) -> None:
@@ -26,7 +30,7 @@ def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str
         return
     bad = losses.detach() <= 0
     if bool(bad.any()):
-        tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks
+        tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks.to(losses.device)
         values = losses.detach()[bad].tolist()
         found = ", ".join(f"task {task}: {value:g}" for task, value in zip(tasks[bad].tolist(), values))
         raise NonPositiveLossError(
@@ -35,17 +39,60 @@ def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str
             "not take its log, ratio or product (ls, uw).")
 
 
+def per_task_numbers(value: Sequence[float] | Tensor, name: str, num_tasks: int, *, non_negative: bool) -> Tensor:
+    """``value`` as K finite numbers (a tensor of the default dtype), or a ``ValueError`` naming the parameter."""
+    what = "finite non-negative numbers" if non_negative else "finite numbers"
+    message = f"Parameter `{name}` should hold {num_tasks} {what}. Found `{name} = {value!r}`."
+    if isinstance(value, (str, bytes)):
+        raise ValueError(message)
+    try:
+        values = torch.as_tensor(value, dtype=torch.get_default_dtype())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(message) from error
+    if values.shape != (num_tasks,) or not bool(torch.isfinite(values).all()) \
+            or (non_negative and bool((values < 0).any())):
+        raise ValueError(message)
+    return values
+
+
 def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
     """``sum_k p_k g_k`` with ``g`` held constant: a scalar whose gradient w.r.t. ``parameters`` is ``g``.
 
-    For an objective whose gradient has a closed form over K numbers, computed on the host: two
-    operations in the step's graph instead of a dozen (its value is not the objective's).
+    For an objective whose gradient has a closed form over K numbers (RotoGradNorm's): two operations in the
+    step's graph (its value is not the objective's).
     """
     return (parameters * torch.tensor(gradient, dtype=parameters.dtype, device=parameters.device)).sum()
 
 
-def remind_end_epoch(method: str, steps: int, consequence: str) -> None:
+def remind_end_epoch(method: str, steps: int, consequence: str, owner: Any) -> None:
     """Warn once that ``mtl.end_epoch()`` seems never to be called (``steps`` steps without it)."""
     warnings.warn(f"{method} has taken {steps} optimizer steps and no epoch has ended: call mtl.end_epoch() at the "
                   f"end of every epoch. Until then it {consequence}, as its paper does before the first epoch ends. "
-                  "Said once.", RuntimeWarning, stacklevel=4)
+                  f"(If your epochs are longer than {steps} steps, set {type(owner).__name__}.reminder_steps to "
+                  "their length.) Said once.", RuntimeWarning, stacklevel=5)
+
+
+def widen(strategy: torch.nn.Module, names: Sequence[str], dtype: torch.dtype) -> None:
+    """Make the float buffers ``names`` of ``strategy`` at least ``dtype`` wide (exactly: a value-preserving cast).
+
+    Running state that sums or averages the losses (DWA, STCH, GradNorm) then keeps the losses' precision: float64
+    losses, float64 state, though the strategy was built in the default dtype.
+    """
+    for name in names:
+        buffer = getattr(strategy, name)
+        wider = torch.promote_types(buffer.dtype, dtype)
+        if wider != buffer.dtype:
+            setattr(strategy, name, buffer.to(wider))
+
+
+class WidensState:
+    """Mixin: the buffers in ``widening`` take a checkpoint's wider dtype when loaded (see :func:`widen`)."""
+
+    widening: ClassVar[tuple[str, ...]] = ()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.widening:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor):
+                widen(self, (name,), saved.dtype)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]

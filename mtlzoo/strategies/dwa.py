@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
@@ -29,7 +29,7 @@ def dwa_weights(newer: Tensor, older: Tensor, temperature: float) -> Tensor:
     return newer.shape[0] * torch.softmax(rates / temperature, dim=0)
 
 
-class DynamicWeightAverage(WeightingStrategy):
+class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     r"""Dynamic weight average (DWA): ``w_k(t) = K exp(r_k(t-1) / T) / sum_j exp(r_j(t-1) / T)``.
 
     Paper: Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019
@@ -42,9 +42,10 @@ class DynamicWeightAverage(WeightingStrategy):
     average is over the epoch's backward calls (micro-batches included), counted once each
     optimizer step is taken. A task absent from a whole epoch keeps its previous average (ratio 1
     next time). Without any ``end_epoch()``, DWA keeps equal weights and warns once after
-    ``mtlzoo.strategies._weighting.EPOCH_REMINDER_STEPS`` steps. An epoch average <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError` at ``end_epoch()``, naming the task, with the
-    state left as it was.
+    ``reminder_steps`` steps (1000 by default). A loss <= 0 raises
+    :class:`~mtlzoo.errors.NonPositiveLossError` in the backward that sees it, naming the task,
+    before anything is back-propagated or summed (so every epoch average is positive). The sums
+    and averages are kept in the losses' dtype (float64 losses: float64 state).
 
     Args:
         num_tasks: K.
@@ -70,6 +71,7 @@ class DynamicWeightAverage(WeightingStrategy):
         original_code="https://github.com/lorenmt/mtan",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
+    widening = ("loss_sums", "averages", "epoch_weights")
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
@@ -78,13 +80,9 @@ class DynamicWeightAverage(WeightingStrategy):
             raise ValueError(f"Parameter `temperature` should be a finite positive number. Found `temperature = "
                              f"{temperature!r}`.")
         self.temperature = float(temperature)
-        self.register_buffer("loss_sums", torch.zeros(num_tasks))
-        self.register_buffer("loss_counts", torch.zeros(num_tasks))
-        self.register_buffer("averages", torch.full((2, num_tasks), math.nan))
-        self.register_buffer("epoch_weights", torch.ones(num_tasks))
-        self.epoch = 0
-        self.steps_in_epoch = 0
-        self._staged: dict[str, Tensor | None] = {}
+        self.declare_state(per_step="every", loss_sums=torch.zeros(num_tasks), loss_counts=torch.zeros(num_tasks))
+        self.declare_state(averages=torch.full((2, num_tasks), math.nan), epoch_weights=torch.ones(num_tasks),
+                           epoch=0, steps_in_epoch=0)
 
     @property
     def properties(self) -> frozenset[str]:
@@ -92,27 +90,22 @@ class DynamicWeightAverage(WeightingStrategy):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
+    def scalarize(self, losses: Tensor) -> Tensor:
+        """``sum_k w_k(t) L_k`` with this epoch's weights (constants: they do not depend on this step's losses)."""
+        tasks = self.present_tasks
+        _weighting.check_positive(losses, tasks, "DWA (dwa)", TAKES)
+        tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks
+        values = losses.detach()
+        _weighting.widen(self, self.widening, values.dtype)
+        sums = self.state.loss_sums.to(torch.promote_types(self.loss_sums.dtype, values.dtype))
+        self.state.loss_sums = sums.index_add(0, tasks, values.to(sums.dtype))  # this step's losses so far
+        self.state.loss_counts = self.state.loss_counts.index_add(0, tasks, torch.ones_like(self.loss_counts[tasks]))
+        return (self.present(self.state.epoch_weights).to(losses.dtype) * losses).sum()
 
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        self._staged = _stage_losses(self._staged, losses.detach().to(self.loss_sums.dtype), tasks,
-                                               self.num_tasks)
-        return self.of_present(self.epoch_weights, tasks).to(losses.dtype)
-
-    def _commit(self) -> None:
-        if self._staged:
-            sums, counts = self._staged["sums"], self._staged["counts"]
-            assert sums is not None
-            self.loss_sums += sums
-            self.loss_counts += 1 if counts is None else counts
-        self._staged = {}
-        self.steps_in_epoch += 1
-        if self.epoch == 0 and self.steps_in_epoch == self.reminder_steps:
-            _weighting.remind_end_epoch("DWA (dwa)", self.steps_in_epoch, "keeps equal weights")
-
-    def _drop_staged(self) -> None:
-        self._staged = {}
+    def on_advance(self) -> None:
+        self.state.steps_in_epoch += 1
+        if self.state.epoch == 0 and self.state.steps_in_epoch == self.reminder_steps:
+            _weighting.remind_end_epoch("DWA (dwa)", self.state.steps_in_epoch, "keeps equal weights", self)
 
     def end_epoch(self) -> None:
         """Close the epoch: its average losses join the history, and the next epoch's weights are set."""
@@ -120,37 +113,10 @@ class DynamicWeightAverage(WeightingStrategy):
         if not bool(seen.any()):
             return
         average = torch.where(seen, self.loss_sums / self.loss_counts.clamp_min(1), self.averages[1])
-        tasks = torch.arange(self.num_tasks, device=average.device)[seen]
-        _weighting.check_positive(average[seen], tasks, "DWA (dwa)", TAKES)
-        self.averages = torch.stack([self.averages[1], average])
-        self.epoch_weights = dwa_weights(self.averages[1], self.averages[0], self.temperature)
-        self.loss_sums.zero_()
-        self.loss_counts.zero_()
-        self.epoch += 1
-        self.steps_in_epoch = 0
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.steps_in_epoch = int(state["steps_in_epoch"])
-        self._staged = {}
-
-
-def _stage_losses(staged: dict[str, Tensor | None], values: Tensor, tasks: Tensor, num_tasks: int
-                 ) -> dict[str, Tensor | None]:
-    """This optimizer step's losses so far, per task: ``{"sums": (K,), "counts": (K,) or None}``.
-
-    ``staged`` is what the step's earlier micro-batches staged (``{}`` at its first). A first
-    micro-batch of every task is kept as it is, ``counts`` ``None`` (one each): no copies.
-    """
-    if not staged and tasks.shape[0] == num_tasks:
-        return {"sums": values, "counts": None}
-    if staged:
-        sums, counts = staged["sums"], staged["counts"]
-        assert sums is not None
-        counts = torch.ones_like(sums) if counts is None else counts
-    else:
-        sums, counts = values.new_zeros(num_tasks), values.new_zeros(num_tasks)
-    return {"sums": sums.index_add(0, tasks, values), "counts": counts.index_add(0, tasks, torch.ones_like(values))}
+        with self.state.direct():
+            self.state.averages = torch.stack([self.averages[1], average])
+            self.state.epoch_weights = dwa_weights(average, self.averages[0], self.temperature)
+            self.state.loss_sums = torch.zeros_like(self.loss_sums)
+            self.state.loss_counts = torch.zeros_like(self.loss_counts)
+            self.state.epoch += 1
+            self.state.steps_in_epoch = 0

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from mtlzoo.errors import ShapeMismatchError
-from mtlzoo.roles.weighting import WeightingStrategy
-from mtlzoo.strategies._weighting import check_positive
+from mtlzoo.roles.weighting import LossWeighting
+from mtlzoo.strategies._weighting import WidensState, check_positive, per_task_numbers, widen
 from mtlzoo.strategy import Paper, StrategyInfo
 
 FAMO_PAPER = Paper(
@@ -26,57 +26,12 @@ EPSILON = 1e-8
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 TAKES = "takes the log of each loss minus its lower bound"
-_ADAM_STATE = ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps")
-_STATE_ROWS = (*_ADAM_STATE, "losses_before")
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+_FORMER_ROWS = ("adam_exp_avg", "adam_exp_avg_sq", "adam_steps")
+"""The inner Adam's state as checkpoints before 0.x held it: K numbers each (extra state, or buffers)."""
 
 
-def famo_weights(losses: list[float], logits: list[float], min_losses: list[float]) -> list[float]:
-    """``w_k = z_k / (c (L_k - b_k + eps))``, ``z = softmax(logits)``, ``c = sum_j z_j / (L_j - b_j + eps)``.
-
-    K numbers, on the host (Python floats): a dozen tensor operations of K entries cost more.
-    """
-    z = _softmax(logits)
-    shifted = [loss - bound + EPSILON for loss, bound in zip(losses, min_losses)]
-    total = sum(zk / gap for zk, gap in zip(z, shifted))
-    return [zk / (gap * total) for zk, gap in zip(z, shifted)]
-
-
-def logit_gradient(logits: list[float], delta: list[float]) -> list[float]:
-    """``J^T delta`` for ``z = softmax(logits)``: ``z * (delta - z . delta)`` (the authors' ``autograd.grad``)."""
-    z = _softmax(logits)
-    mean = sum(zk * dk for zk, dk in zip(z, delta))
-    return [zk * (dk - mean) for zk, dk in zip(z, delta)]
-
-
-def adam_step(tasks: list[int], state: list[list[float]], grad: list[float], lr: float, gamma: float) -> None:
-    """``torch.optim.Adam`` (L2 weight decay ``gamma``) on the logits of ``tasks`` only, in float64, in place.
-
-    ``state`` is ``[logits, exp_avg, exp_avg_sq, steps]`` (K each); ``grad`` holds the gradients of ``tasks``.
-    """
-    logits, exp_avg, exp_avg_sq, steps = state
-    beta1, beta2 = ADAM_BETAS
-    for k, g in zip(tasks, grad):
-        g = g + gamma * logits[k]
-        steps[k] += 1
-        exp_avg[k] += (g - exp_avg[k]) * (1 - beta1)
-        exp_avg_sq[k] = exp_avg_sq[k] * beta2 + (1 - beta2) * g * g
-        denom = math.sqrt(exp_avg_sq[k]) / math.sqrt(1 - beta2 ** steps[k]) + ADAM_EPS
-        logits[k] -= lr / (1 - beta1 ** steps[k]) * exp_avg[k] / denom
-
-
-def _softmax(logits: list[float]) -> list[float]:
-    top = max(logits)
-    exps = [math.exp(value - top) for value in logits]
-    total = sum(exps)
-    return [value / total for value in exps]
-
-
-def _state_view(name: str, doc: str) -> property:
-    """A read-only tensor copy of one row of FAMO's host state, in ``min_losses``' dtype and on its device."""
-    return property(lambda self: self._as_tensor(self._state[name]), doc=doc)
-
-
-class FAMO(WeightingStrategy):
+class FAMO(WidensState, LossWeighting):
     r"""FAMO: weights ``z = softmax(xi)`` on the log-losses, ``xi`` learned from how much each loss fell.
 
     Paper: Liu, Feng, Stone & Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023
@@ -91,14 +46,16 @@ class FAMO(WeightingStrategy):
     rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
     ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
-    The logits are the strategy's own state, stepped only by that inner Adam, whose moments and
-    step counts are state too: K numbers each, kept on the host in float64 and saved exactly in
-    ``state_dict()`` (its extra state); none is among ``strategy_parameters()``, so the user's
-    optimizer never steps them. ``L^before`` is the step's loss (averaged over its
-    micro-batches). Without the post-step losses (``post_step_losses`` not given, the wrapper warns
-    once) the logits stay at 0: plain ``sum_k log L_k`` with equal ``z``. An absent task keeps its
-    logit, moments and step count; the others' softmax is taken without it. A loss at or below its
-    lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
+    The logits (the buffer ``logits``) are the strategy's own state, stepped only by that inner
+    optimizer, a ``torch.optim.Adam`` over the K logits (on the host), whose state (moments and
+    step count) is declared state too, saved exactly in ``state_dict()``; none is among
+    ``strategy_parameters()``, so the user's optimizer never steps them. The logits are kept in
+    the losses' dtype (at least float32, as the authors' code keeps them in the model's).
+    ``L^before`` is the step's loss (averaged over its micro-batches). Without the post-step
+    losses (``post_step_losses`` not given, the wrapper warns once) the logits stay at 0: plain
+    ``sum_k log L_k`` with equal ``z``. An absent task keeps its logit and moments (the step
+    count is the optimizer's, shared); the others' softmax is taken without it. A loss at or below
+    its lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
     state left as it was.
 
     Args:
@@ -126,6 +83,7 @@ class FAMO(WeightingStrategy):
         original_code="https://github.com/Cranial-XIX/FAMO",
     )
     wants_post_step_losses = True
+    widening = ("logits",)
 
     def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | Tensor | None = None) -> None:
@@ -133,31 +91,20 @@ class FAMO(WeightingStrategy):
         for name, value in (("lr", lr), ("gamma", gamma)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"Parameter `{name}` should be a finite number >= 0. Found `{name} = {value!r}`.")
-        bounds = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses,
-                                                                                   dtype=torch.get_default_dtype())
-        if bounds.shape != (num_tasks,) or not bool(torch.isfinite(bounds).all()):
-            raise ValueError(f"Parameter `min_losses` should hold {num_tasks} finite numbers. Found `min_losses = "
-                             f"{min_losses!r}`.")
+        bounds = torch.zeros(num_tasks) if min_losses is None else per_task_numbers(min_losses, "min_losses", num_tasks,
+                                                                                    non_negative=False)
         self.lr = float(lr)
         self.gamma = float(gamma)
         self.register_buffer("min_losses", bounds)
-        # K numbers each, updated on the host in float64 and saved exactly by extra_state()
-        self._state: dict[str, list[float]] = _initial_state(num_tasks)
-        self._staged: dict[str, list[float]] = {}
-
-    logits = _state_view("logits", "``xi``, the K task logits.")
-    adam_exp_avg = _state_view("adam_exp_avg", "The inner Adam's first moments of the logits.")
-    adam_exp_avg_sq = _state_view("adam_exp_avg_sq", "The inner Adam's second moments of the logits.")
-    adam_steps = _state_view("adam_steps", "The inner Adam's step count of each logit (an absent task's stays).")
-    losses_before = _state_view("losses_before", "This step's losses (NaN once the post-step update used them).")
-
-    def _as_tensor(self, values: list[float]) -> Tensor:
-        return torch.tensor(values, dtype=self.min_losses.dtype, device=self.min_losses.device)
+        # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq as host floats);
+        # losses_before: the last step's K losses; step_losses: this step's sums and counts over its micro-batches
+        self.declare_state(logits=torch.zeros(num_tasks), inner={}, losses_before=None)
+        self.declare_state(per_step="every", step_losses=None)
 
     @property
     def properties(self) -> frozenset[str]:
-        logits, bounds = self._state["logits"], self.min_losses.tolist()
-        if all(value == logits[0] for value in logits) and all(value == bounds[0] for value in bounds):
+        logits, bounds = self.logits, self.min_losses
+        if bool((logits == logits[0]).all()) and bool((bounds == bounds[0]).all()):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
@@ -166,46 +113,35 @@ class FAMO(WeightingStrategy):
         """``z = softmax(xi)``, the K task weights on the log-losses."""
         return torch.softmax(self.logits, dim=0)
 
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        losses = losses.detach()
-        present, values = tasks.tolist(), losses.tolist()
-        weights = self._weights(losses, tasks, present, values)
-        staged = self._staged or {"sums": [0.0] * self.num_tasks, "counts": [0.0] * self.num_tasks}
-        for k, value in zip(present, values):  # this step's losses so far, on the host
-            staged["sums"][k] += value
-            staged["counts"][k] += 1
-        self._staged = staged
-        return weights
-
-    def _weights(self, losses: Tensor, tasks: Tensor, present: list[int], values: list[float]) -> Tensor:
-        bounds, logits = self.min_losses.tolist(), self._state["logits"]
-        if not all(value - bounds[k] > 0 for value, k in zip(values, present)):
-            check_positive(losses - self.of_present(self.min_losses, tasks).to(losses.dtype), tasks, "FAMO (famo)",
-                           TAKES)
-        weights = famo_weights(values, [logits[k] for k in present], [bounds[k] for k in present])
-        return torch.tensor(weights, dtype=losses.dtype, device=losses.device)
-
     def scalarize(self, losses: Tensor) -> Tensor:
-        tasks = torch.arange(losses.shape[0], device=losses.device)
-        weights = self._weights(losses.detach(), tasks, tasks.tolist(), losses.detach().tolist())
-        shifted = losses - self.min_losses.to(losses.dtype) + EPSILON
-        # c sum_k z_k log(L_k - b_k + eps): weights * shifted is c z, held constant
-        return (weights * shifted.detach() * shifted.log()).sum()
+        """``c sum_k z_k log(L_k - b_k + eps)``, ``c = ( sum_k z_k / (L_k - b_k + eps) )^-1`` held constant."""
+        tasks = self.present_tasks
+        gaps = losses - self.present(self.min_losses).to(losses.dtype)
+        check_positive(gaps, tasks, "FAMO (famo)", TAKES)
+        self._stage_losses(losses.detach(), tasks)
+        widen(self, self.widening, losses.dtype)
+        z = torch.softmax(self.present(self.logits).to(device=losses.device, dtype=losses.dtype), dim=0)
+        shifted = gaps + EPSILON
+        c = 1 / (z / shifted.detach()).sum()
+        return c.detach() * (z * shifted.log()).sum()
 
-    def _commit(self) -> None:
-        if self._staged:  # a task absent from every micro-batch: NaN
-            self._state["losses_before"] = [total / count if count else math.nan
-                                            for total, count in zip(self._staged["sums"], self._staged["counts"])]
-        self._staged = {}
+    def _stage_losses(self, losses: Tensor, tasks: Tensor | None) -> None:
+        """Add this micro-batch's losses to the step's sums and counts (K host floats each)."""
+        sums, counts = self.state.step_losses or ([0.0] * self.num_tasks, [0.0] * self.num_tasks)
+        sums, counts = list(sums), list(counts)
+        for k, value in zip(range(self.num_tasks) if tasks is None else tasks.tolist(), losses.tolist()):
+            sums[k] += value
+            counts[k] += 1
+        self.state.step_losses = (sums, counts)
 
-    def _drop_staged(self) -> None:
-        self._staged = {}
+    def on_advance(self) -> None:
+        if self.state.step_losses is not None:  # a task absent from every micro-batch: NaN
+            sums, counts = self.state.step_losses
+            self.state.losses_before = [total / count if count else math.nan for total, count in zip(sums, counts)]
+            self.state.step_losses = None
 
     def post_step(self, losses: Tensor) -> None:
-        """One Adam step on the logits from the step's losses re-evaluated after the optimizer step.
+        """One step of the inner Adam on the logits from the step's losses re-evaluated after the optimizer step.
 
         Args:
             losses: The K losses after the step (NaN for a task absent from it), as the wrapper passes them.
@@ -213,37 +149,82 @@ class FAMO(WeightingStrategy):
         if losses.shape != (self.num_tasks,):
             raise ShapeMismatchError(f"FAMO.post_step takes the {self.num_tasks} losses after the step (NaN for an "
                                      f"absent task). Found shape {tuple(losses.shape)}.")
-        after, before = losses.detach().tolist(), self._state["losses_before"]
-        tasks = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
-        if not tasks:
+        before = self.state.losses_before
+        if before is None:
             return
-        bounds = self.min_losses.tolist()
-        if any(after[k] - bounds[k] <= 0 for k in tasks):
-            index = torch.tensor(tasks)
-            check_positive(torch.tensor(after)[index] - torch.tensor(bounds)[index], index, "FAMO (famo)", TAKES)
-        delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in tasks]
-        state = [self._state[name] for name in _ADAM_STATE]
-        logits = state[0]
-        adam_step(tasks, state, logit_gradient([logits[k] for k in tasks], delta), self.lr, self.gamma)
-        self._state["losses_before"] = [math.nan] * self.num_tasks
+        widen(self, self.widening, losses.dtype)
+        dtype = self.logits.dtype  # the losses' dtype, at least float32 (the authors': the model's)
+        after, bounds = losses.detach().tolist(), self.min_losses.tolist()  # K numbers: on the host
+        present = [k for k in range(self.num_tasks) if math.isfinite(before[k]) and math.isfinite(after[k])]
+        if not present:
+            return
+        if any(after[k] - bounds[k] <= 0 for k in present):
+            check_positive(torch.tensor([after[k] - bounds[k] for k in present]), torch.tensor(present),
+                           "FAMO (famo)", TAKES)
+        delta = [math.log(before[k] - bounds[k] + EPSILON) - math.log(after[k] - bounds[k] + EPSILON) for k in present]
+        logits = self.logits.detach().cpu().clone()
+        z = torch.softmax(logits[present].double(), dim=0).tolist()  # the present tasks' softmax
+        mean = sum(zk * dk for zk, dk in zip(z, delta))
+        gradient = [0.0] * self.num_tasks  # d(z . delta)/dlogits = z (delta - z . delta), the authors' autograd.grad
+        for k, zk, dk in zip(present, z, delta):
+            gradient[k] = zk * (dk - mean)
+        logits.grad = torch.tensor(gradient, dtype=dtype)
+        everyone = len(present) == self.num_tasks
+        absent = None if everyone else torch.tensor([k not in present for k in range(self.num_tasks)])
+        inner = torch.optim.Adam([logits], lr=self.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=self.gamma)
+        if self.state.inner:  # its state, from the declared one (host floats)
+            saved = self.state.inner
+            inner.state[logits] = {"step": torch.tensor(float(saved["step"])),
+                                   **{name: torch.tensor(saved[name], dtype=dtype) for name in _MOMENTS}}
+        kept = None if everyone else (logits.clone(), {k: v.clone() for k, v in inner.state[logits].items()})
+        inner.step()
+        state = inner.state[logits]
+        if kept is not None:  # an absent task's logit and moments are left as they were
+            logits[absent] = kept[0][absent]
+            for name in _MOMENTS:
+                state[name][absent] = kept[1][name][absent] if name in kept[1] else 0
+        with self.state.direct():
+            self.state.logits = logits.detach()
+            self.state.inner = {"step": float(state["step"]), **{name: state[name].tolist() for name in _MOMENTS}}
+            self.state.losses_before = None
 
-    def extra_state(self) -> dict[str, Any]:
-        return {name: list(values) for name, values in self._state.items()}
+    # ------------------------------------------------------------------ views and former checkpoints
+    @property
+    def adam_exp_avg(self) -> Tensor:
+        """The inner Adam's first moments of the logits (0 before its first step)."""
+        return torch.tensor(self.state.inner.get("exp_avg", [0.0] * self.num_tasks), dtype=self.logits.dtype)
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._staged = {}
-        if _STATE_ROWS[0] in state:
-            self._state = {name: [float(value) for value in state[name]] for name in _STATE_ROWS}
+    @property
+    def adam_exp_avg_sq(self) -> Tensor:
+        """The inner Adam's second moments of the logits."""
+        return torch.tensor(self.state.inner.get("exp_avg_sq", [0.0] * self.num_tasks), dtype=self.logits.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # a checkpoint from before the state moved to the host holds it as buffers
-        saved = {name: state_dict.pop(prefix + name) for name in _STATE_ROWS if prefix + name in state_dict}
+        former = _former_state(state_dict, prefix)
+        if former is not None:  # a checkpoint from before the state was declared: rows of K numbers
+            logits = former["logits"]  # a buffer, or host floats (float64)
+            logits = logits if isinstance(logits, Tensor) else torch.tensor(logits, dtype=torch.float64)
+            state_dict[prefix + "logits"] = logits
+            for name in (*_FORMER_ROWS, "losses_before"):
+                state_dict.pop(prefix + name, None)
+            mean, square, steps = (torch.as_tensor(former[name], dtype=torch.float64).tolist() for name in _FORMER_ROWS)
+            inner = {"step": max(steps), "exp_avg": mean, "exp_avg_sq": square} if max(steps) > 0 else {}
+            before = former.get("losses_before")
+            extra = state_dict.get(prefix + "_extra_state", {})
+            state_dict[prefix + "_extra_state"] = {**extra, "state": {
+                **extra.get("state", {}), "inner": inner,
+                "losses_before": None if before is None else torch.as_tensor(before, dtype=torch.float64).tolist()}}
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if saved:
-            self._state = {name: saved[name].double().tolist() if name in saved else self._state[name]
-                           for name in _STATE_ROWS}
 
 
-def _initial_state(num_tasks: int) -> dict[str, list[float]]:
-    """Logits 0, Adam's moments and step counts 0, no step's losses yet."""
-    return {**{name: [0.0] * num_tasks for name in _ADAM_STATE}, "losses_before": [math.nan] * num_tasks}
+def _former_state(state_dict: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    """FAMO's state as a checkpoint of an earlier release holds it (buffers, or lists in the extra state), or None."""
+    if prefix + "adam_steps" in state_dict:
+        return {name: state_dict[prefix + name] for name in ("logits", *_FORMER_ROWS, "losses_before")
+                if prefix + name in state_dict}
+    extra = state_dict.get(prefix + "_extra_state")
+    if isinstance(extra, dict) and "adam_steps" in extra.get("state", {}):
+        state = dict(extra["state"])
+        state_dict[prefix + "_extra_state"] = {**extra, "state": {}}
+        return state
+    return None

@@ -49,13 +49,5 @@ class GeometricLossStrategy(LossWeighting):
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        check_positive(losses, None, "GLS (gls)", TAKES)
+        check_positive(losses, self.present_tasks, "GLS (gls)", TAKES)
         return losses.log().mean().exp()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, None)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        check_positive(losses, tasks, "GLS (gls)", TAKES)
-        losses = losses.detach()
-        return losses.log().mean().exp() / (losses.shape[0] * losses)

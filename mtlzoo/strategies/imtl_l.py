@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.roles.weighting import WeightingStrategy
-from mtlzoo.strategies._weighting import gradient_surrogate
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
 IMTL_PAPER = Paper(
@@ -26,7 +23,7 @@ def imtl_l_total(losses: Tensor, log_scales: Tensor) -> Tensor:
     return (torch.exp(log_scales) * losses - log_scales).sum()
 
 
-class IMTLL(WeightingStrategy):
+class IMTLL(LossWeighting):
     r"""IMTL-L: learned loss scales, ``total = sum_k ( exp(s_k) L_k - s_k )``.
 
     The loss-balancing half of Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021
@@ -74,19 +71,4 @@ class IMTLL(WeightingStrategy):
         return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        return imtl_l_total(losses, self.log_scales.to(losses.dtype))
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        values = self.log_scales.tolist()
-        return torch.tensor([math.exp(values[k]) for k in tasks.tolist()], dtype=losses.dtype, device=losses.device)
-
-    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
-        """The scales' objective ``sum_k (e^{s_k} L_k - s_k)``, as its gradient ``e^{s_k} L_k - 1``."""
-        if not self.log_scales.requires_grad:
-            return None
-        values, present = self.log_scales.tolist(), tasks.tolist()
-        gradient = [math.exp(values[k]) * loss - 1 for k, loss in zip(present, losses.tolist())]
-        return gradient_surrogate(self.of_present(self.log_scales, tasks), gradient)
+        return imtl_l_total(losses, self.present(self.log_scales).to(losses.dtype))

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 
 from mtlzoo.protocol import StepInputs
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
+from mtlzoo.strategies._weighting import per_task_numbers
 from mtlzoo.strategy import StrategyInfo
 
 
-class LinearScalarization(WeightingStrategy):
+class LinearScalarization(LossWeighting):
     r"""Linear scalarization (LS, also "equal weighting", EW): ``total = sum_k w_k L_k``.
 
     The baseline every multitask method is measured against: one ordinary backward of a fixed
@@ -43,10 +44,8 @@ class LinearScalarization(WeightingStrategy):
 
     def __init__(self, num_tasks: int, weights: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
-        values = torch.ones(num_tasks) if weights is None else torch.as_tensor(weights, dtype=torch.get_default_dtype())
-        if values.shape != (num_tasks,) or not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-            raise ValueError(f"Parameter `weights` should hold {num_tasks} finite non-negative numbers. "
-                             f"Found `weights = {weights!r}`.")
+        values = torch.ones(num_tasks) if weights is None else per_task_numbers(weights, "weights", num_tasks,
+                                                                                 non_negative=True)
         self.register_buffer("task_weights", values)
         self._unit_weights: tuple[int, int, bool] | None = None
 
@@ -57,18 +56,12 @@ class LinearScalarization(WeightingStrategy):
         return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        return (self.task_weights.to(losses.dtype) * losses).sum()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights.to(losses.dtype)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return self.task_weights[tasks].to(losses.dtype)
+        return (self.present(self.task_weights).to(losses.dtype) * losses).sum()
 
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
         if self._all_ones():
             return None  # the plain sum: no product in the graph
-        return self.task_weights_for(inputs.losses, inputs.tasks)
+        return super().loss_weights(inputs)
 
     def _all_ones(self) -> bool:
         """Whether every weight is 1, re-read only when the buffer is replaced or written to (a checkpoint)."""

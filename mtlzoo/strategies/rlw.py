@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
 RLW_PAPER = Paper(
@@ -19,7 +17,7 @@ RLW_PAPER = Paper(
 )
 
 
-class RandomLossWeighting(WeightingStrategy):
+class RandomLossWeighting(LossWeighting):
     r"""Random loss weighting (RLW): ``w = softmax(eps)``, ``eps ~ N(0, I_K)`` drawn anew every optimizer step.
 
     Paper: Lin, Ye, Zhang & Tsang, *Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -63,35 +61,21 @@ class RandomLossWeighting(WeightingStrategy):
             raise ValueError(f"Parameter `seed` should be a non-negative int or None. Found `seed = {seed!r}`.")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self._staged: dict[str, Tensor] = {}
+        self.declare_state(generator=_state_bytes(torch.Generator().manual_seed(seed)))
 
     def draw(self) -> Tensor:
-        """The K weights of the current step (drawn at its first call, the same until :meth:`advance`)."""
-        if "weights" not in self._staged:
-            self._staged["state"] = self.generator.get_state()
-            self._staged["weights"] = torch.softmax(torch.randn(self.num_tasks, generator=self.generator), dim=0)
-        return self._staged["weights"]
+        """The K weights of the current step: drawn from the committed generator state, the same until
+        :meth:`advance` (which commits the generator's state after the draw)."""
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(self.state.committed("generator")), dtype=torch.uint8))
+        weights = torch.softmax(torch.randn(self.num_tasks, generator=generator), dim=0)
+        self.state.generator = _state_bytes(generator)
+        return weights
 
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.draw().to(device=losses.device, dtype=losses.dtype)
+    def scalarize(self, losses: Tensor) -> Tensor:
+        return (self.present(self.draw()).to(device=losses.device, dtype=losses.dtype) * losses).sum()
 
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        return self.draw().to(device=losses.device, dtype=losses.dtype)[tasks]
 
-    def _commit(self) -> None:
-        self._staged = {}
-
-    def _drop_staged(self) -> None:
-        if "state" in self._staged:
-            self.generator.set_state(self._staged["state"])
-        self._staged = {}
-
-    def extra_state(self) -> dict[str, Any]:
-        state = self._staged.get("state", self.generator.get_state())  # at the step boundary
-        return {"generator": bytes(state.numpy().tobytes())}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self._staged = {}
-        self.generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+def _state_bytes(generator: torch.Generator) -> bytes:
+    """A generator's state as bytes (what the checkpoint holds, as before the state was declared)."""
+    return bytes(generator.get_state().numpy().tobytes())

@@ -48,12 +48,5 @@ class ScaleInvariant(LossWeighting):
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        check_positive(losses, None, "SI (si)", TAKES)
+        check_positive(losses, self.present_tasks, "SI (si)", TAKES)
         return losses.log().sum()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, None)
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor | None) -> Tensor:
-        check_positive(losses, tasks, "SI (si)", TAKES)
-        return 1 / losses.detach()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from mtlzoo.roles.weighting import WeightingStrategy
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
@@ -28,12 +28,7 @@ def stch_total(losses: Tensor, nadir: Tensor, mu: float) -> Tensor:
     return losses.shape[0] * mu * torch.logsumexp(normalised, dim=0)
 
 
-def stch_weights(losses: Tensor, nadir: Tensor, mu: float) -> Tensor:
-    """``d stch_total / d L_k = K softmax( log(L / n) / mu )_k / L_k``."""
-    return losses.shape[0] * torch.softmax(torch.log(losses / nadir) / mu, dim=0) / losses
-
-
-class SmoothTchebycheff(WeightingStrategy):
+class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
     r"""Smooth Tchebycheff scalarization (STCH) with its authors' multitask recipe.
 
     Paper: Lin, Zhang, Yang, Liu, Wang & Zhang, *Smooth Tchebycheff Scalarization for
@@ -50,12 +45,12 @@ class SmoothTchebycheff(WeightingStrategy):
        relative to it, gets the most weight; at equal relative losses the weights are the warm-up's.
 
     Epochs are told by the protocol's hook: call ``mtl.end_epoch()`` after each epoch. Without any,
-    STCH stays in its warm-up and warns once after
-    ``mtlzoo.strategies._weighting.EPOCH_REMINDER_STEPS`` steps. The nadir average is over the
-    nadir epoch's backward calls (micro-batches included), counted once each optimizer step is
-    taken; a task absent from that whole epoch is not normalised (``n_k = 1``). With absent tasks,
-    K is the number of present ones. A loss <= 0 raises :class:`~mtlzoo.errors.NonPositiveLossError`,
-    naming the task, with the state left as it was.
+    STCH stays in its warm-up and warns once after ``reminder_steps`` steps (1000 by default).
+    The nadir average is over the nadir epoch's backward calls (micro-batches included), counted
+    once each optimizer step is taken; a task absent from that whole epoch is not normalised
+    (``n_k = 1``). With absent tasks, K is the number of present ones. A loss <= 0 raises
+    :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
+    The nadir sums and vector are kept in the losses' dtype (float64 losses: float64 state).
 
     Args:
         num_tasks: K.
@@ -82,6 +77,7 @@ class SmoothTchebycheff(WeightingStrategy):
         original_code="https://github.com/Xi-L/STCH",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
+    widening = ("nadir", "nadir_sums")
 
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_epochs: int = 4) -> None:
         super().__init__(num_tasks)
@@ -92,17 +88,18 @@ class SmoothTchebycheff(WeightingStrategy):
                              f"{warmup_epochs!r}`.")
         self.mu = float(mu)
         self.warmup_epochs = warmup_epochs
-        self.register_buffer("nadir", torch.full((num_tasks,), math.nan))
-        self.register_buffer("nadir_sums", torch.zeros(num_tasks))
-        self.register_buffer("nadir_counts", torch.zeros(num_tasks))
-        self.epoch = 0
-        self.steps_in_epoch = 0
-        self._staged: dict[str, Tensor] = {}
+        self.declare_state(nadir=torch.full((num_tasks,), math.nan), epoch=0, steps_in_epoch=0)
+        self.declare_state(per_step="every", nadir_sums=torch.zeros(num_tasks), nadir_counts=torch.zeros(num_tasks))
 
     @property
     def warming_up(self) -> bool:
         """Whether the model still learns from ``sum_k log L_k`` (no nadir vector yet)."""
-        return self.epoch <= self.warmup_epochs or not bool(torch.isfinite(self.nadir).any())
+        return self.state.epoch <= self.warmup_epochs or not bool(torch.isfinite(self.nadir).any())
+
+    @property
+    def nadir_epoch(self) -> bool:
+        """Whether this epoch's losses are averaged into the nadir vector."""
+        return self.state.epoch >= self.warmup_epochs and not bool(torch.isfinite(self.nadir).any())
 
     @property
     def properties(self) -> frozenset[str]:
@@ -110,60 +107,35 @@ class SmoothTchebycheff(WeightingStrategy):
             return self.info.properties
         return self.info.properties - {"permutation_invariant"}
 
-    def _nadir(self, tasks: Tensor, dtype: torch.dtype) -> Tensor:
-        nadir = self.nadir[tasks].to(dtype)
-        return torch.where(torch.isfinite(nadir), nadir, torch.ones_like(nadir))
-
     def scalarize(self, losses: Tensor) -> Tensor:
-        tasks = torch.arange(losses.shape[0], device=losses.device)
+        tasks = self.present_tasks
         _weighting.check_positive(losses, tasks, "STCH (stch)", TAKES)
+        tasks = torch.arange(losses.shape[0], device=losses.device) if tasks is None else tasks
+        _weighting.widen(self, self.widening, losses.dtype)
+        if self.nadir_epoch:  # this step's losses so far
+            sums = self.state.nadir_sums.to(self.nadir_sums.dtype)
+            self.state.nadir_sums = sums.index_add(0, tasks, losses.detach().to(sums.dtype))
+            self.state.nadir_counts = self.state.nadir_counts.index_add(0, tasks,
+                                                                        torch.ones_like(self.nadir_counts[tasks]))
         if self.warming_up:
             return losses.log().sum()
-        return stch_total(losses, self._nadir(tasks, losses.dtype), self.mu)
+        nadir = self.present(self.nadir).to(losses.dtype)
+        return stch_total(losses, torch.where(torch.isfinite(nadir), nadir, torch.ones_like(nadir)), self.mu)
 
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        losses = losses.detach()
-        _weighting.check_positive(losses, tasks, "STCH (stch)", TAKES)
-        if self.epoch >= self.warmup_epochs and not bool(torch.isfinite(self.nadir).any()):
-            sums = self._staged.get("sums", torch.zeros_like(self.nadir_sums))
-            counts = self._staged.get("counts", torch.zeros_like(self.nadir_counts))
-            self._staged = {"sums": sums.index_add(0, tasks, losses.to(sums.dtype)),
-                            "counts": counts.index_add(0, tasks, torch.ones_like(losses, dtype=counts.dtype))}
-        if self.warming_up:
-            return 1 / losses
-        return stch_weights(losses, self._nadir(tasks, losses.dtype), self.mu)
-
-    def _commit(self) -> None:
-        if self._staged:
-            self.nadir_sums += self._staged["sums"]
-            self.nadir_counts += self._staged["counts"]
-        self._staged = {}
-        self.steps_in_epoch += 1
-        if self.epoch == 0 and self.steps_in_epoch == self.reminder_steps:
-            _weighting.remind_end_epoch("STCH (stch)", self.steps_in_epoch,
-                                        "keeps learning from its warm-up's sum of log-losses")
-
-    def _drop_staged(self) -> None:
-        self._staged = {}
+    def on_advance(self) -> None:
+        self.state.steps_in_epoch += 1
+        if self.state.epoch == 0 and self.state.steps_in_epoch == self.reminder_steps:
+            _weighting.remind_end_epoch("STCH (stch)", self.state.steps_in_epoch,
+                                        "keeps learning from its warm-up's sum of log-losses", self)
 
     def end_epoch(self) -> None:
         """Count the epoch; at the end of the nadir epoch, set the nadir vector from its average losses."""
         seen = self.nadir_counts > 0
-        if self.epoch >= self.warmup_epochs and not bool(torch.isfinite(self.nadir).any()):
-            if not bool(seen.any()):
-                return  # no step in the nadir epoch: it has not happened yet
-            self.nadir = torch.where(seen, self.nadir_sums / self.nadir_counts.clamp_min(1),
-                                     torch.full_like(self.nadir, math.nan))
-        self.epoch += 1
-        self.steps_in_epoch = 0
-
-    def extra_state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "steps_in_epoch": self.steps_in_epoch}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.epoch = int(state["epoch"])
-        self.steps_in_epoch = int(state["steps_in_epoch"])
-        self._staged = {}
+        with self.state.direct():
+            if self.nadir_epoch:
+                if not bool(seen.any()):
+                    return  # no step in the nadir epoch: it has not happened yet
+                self.state.nadir = torch.where(seen, self.nadir_sums / self.nadir_counts.clamp_min(1),
+                                               torch.full_like(self.nadir, math.nan))
+            self.state.epoch += 1
+            self.state.steps_in_epoch = 0

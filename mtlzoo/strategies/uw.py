@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.roles.weighting import WeightingStrategy
-from mtlzoo.strategies._weighting import gradient_surrogate
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
 UW_PAPER = Paper(
@@ -20,7 +17,7 @@ UW_PAPER = Paper(
 )
 
 
-class UncertaintyWeighting(WeightingStrategy):
+class UncertaintyWeighting(LossWeighting):
     r"""Uncertainty weighting (UW): ``total = sum_k ( exp(-s_k) L_k / 2 + s_k / 2 )``, ``s_k = log sigma_k^2``.
 
     Paper: Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
@@ -70,21 +67,5 @@ class UncertaintyWeighting(WeightingStrategy):
         return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
-        s = self.log_variances.to(losses.dtype)
+        s = self.present(self.log_variances).to(losses.dtype)
         return (0.5 * torch.exp(-s) * losses + 0.5 * s).sum()
-
-    def weights(self, losses: Tensor) -> Tensor:
-        return self.task_weights_for(losses, torch.arange(losses.shape[0], device=losses.device))
-
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        values = self.log_variances.tolist()
-        weights = [0.5 * math.exp(-values[k]) for k in tasks.tolist()]
-        return torch.tensor(weights, dtype=losses.dtype, device=losses.device)
-
-    def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
-        """``total`` for the log-variances, as its gradient ``d total / d s_k = (1 - exp(-s_k) L_k) / 2``."""
-        if not self.log_variances.requires_grad:
-            return None
-        values, present = self.log_variances.tolist(), tasks.tolist()
-        gradient = [0.5 - 0.5 * math.exp(-values[k]) * loss for k, loss in zip(present, losses.tolist())]
-        return gradient_surrogate(self.of_present(self.log_variances, tasks), gradient)

@@ -76,6 +76,25 @@ def test_without_end_epoch_it_keeps_equal_weights_and_warns_once(monkeypatch: py
     assert len(caught) == 1
 
 
+def test_float64_losses_keep_float64_sums_and_weights() -> None:
+    """Issue 19, item 7: the epoch sums were float32 buffers, so float64 losses lost their precision (the rates
+    differ by ~1e-9 here, below float32's resolution: the weights came out exactly 1). Reference: the paper's rule
+    in float64 on the epoch averages."""
+    dwa = DynamicWeightAverage(2, temperature=1e-6)
+    epochs = [torch.tensor([1.0, 1.0], dtype=torch.float64),
+              torch.tensor([1.0 + 1e-9, 1.0 - 1e-9], dtype=torch.float64)]
+    for losses in epochs:
+        dwa.weights(losses)
+        dwa.advance()
+        dwa.end_epoch()
+    rates = epochs[1] / epochs[0]
+    expected = 2 * torch.softmax(rates / 1e-6, dim=0)
+    weights = dwa.weights(torch.ones(2, dtype=torch.float64))
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=0)
+    assert float(weights[0] - weights[1]) > 1e-3
+
+
 def test_on_the_regression_the_slowest_falling_task_gets_the_most_weight() -> None:
     """The paper's rule, from the run's own record: in every epoch from the third on, the weights are
     3 softmax(r / 2) of the ratios of the two previous epochs' average batch losses (computed here from the losses

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -49,8 +50,8 @@ def test_same_weights_and_logits_as_torchjd_famo(gamma: float) -> None:
 
 
 def test_the_logits_are_state_not_parameters() -> None:
-    """The user's optimizer never sees them; the logits, the inner Adam's moments and step counts and the step's
-    losses are in state_dict() (its extra state), exactly: a FAMO loaded from it takes the same next step."""
+    """The user's optimizer never sees them; the logits, the inner torch.optim.Adam's state (moments and step count of
+    each logit) and the step's losses are in state_dict(), exactly: a FAMO loaded from it takes the same next step."""
     torch.manual_seed(0)
     mtl = mtlzoo.MTLWrapper(small_model(), "famo")
     assert mtl.strategy_parameters() == [] and list(mtl.strategy.parameters()) == []
@@ -62,20 +63,39 @@ def test_the_logits_are_state_not_parameters() -> None:
         famo.post_step(after)
     famo.weights(torch.tensor([0.6, 1.3, 2.2]))
     famo.advance()
-    state = famo.state_dict()
-    saved = state["_extra_state"]["state"]
-    assert set(saved) == {"logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps", "losses_before"}
+    state = copy.deepcopy(famo.state_dict())
+    assert set(state["_extra_state"]["state"]) == {"inner", "losses_before", "step_losses"}
     loaded = FAMO(3)
     loaded.load_state_dict(state)
     for strategy in (famo, loaded):
         strategy.post_step(torch.tensor([0.5, 1.2, 2.0]))
-    for name in ("logits", "adam_exp_avg", "adam_exp_avg_sq", "adam_steps"):  # the float64 values, bit for bit
-        assert loaded.extra_state()[name] == famo.extra_state()[name], name
-    assert float(loaded.adam_steps[0]) == 3 and bool(loaded.losses_before.isnan().all())
+    for name in ("logits", "adam_exp_avg", "adam_exp_avg_sq"):  # bit for bit
+        assert torch.equal(getattr(loaded, name), getattr(famo, name)), name
+    assert float(loaded.state.inner["step"]) == 3 and loaded.state.losses_before is None
+
+
+def test_the_inner_optimizer_is_torch_adam() -> None:
+    """The logits' steps are torch.optim.Adam's (weight decay gamma) on z . delta through the softmax, taken here
+    by hand with a torch.optim.Adam over the K-vector of logits (no task absent: one step count for all)."""
+    famo = FAMO(3, lr=0.1, gamma=0.01)
+    logits = torch.zeros(3, requires_grad=True)
+    reference = torch.optim.Adam([logits], lr=0.1, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        before = torch.rand(3, generator=generator) + 0.5
+        after = before * (0.5 + torch.rand(3, generator=generator))
+        famo.weights(before)
+        famo.advance()
+        famo.post_step(after)
+        delta = (before + 1e-8).log() - (after + 1e-8).log()
+        reference.zero_grad()
+        (torch.softmax(logits, 0) @ delta).backward()
+        reference.step()
+        torch.testing.assert_close(famo.logits, logits.detach())
 
 
 def test_a_checkpoint_with_the_state_as_buffers_still_loads() -> None:
-    """Checkpoints written while the state was buffers (logits, adam_*, losses_before) load into the host state."""
+    """Checkpoints written while the state was buffers (logits, adam_*, losses_before) load into the declared state."""
     famo = FAMO(2)
     state = famo.state_dict()
     state.update(logits=torch.tensor([0.5, -0.5]), adam_exp_avg=torch.tensor([0.1, -0.1]),
@@ -84,7 +104,8 @@ def test_a_checkpoint_with_the_state_as_buffers_still_loads() -> None:
     loaded = FAMO(2)
     loaded.load_state_dict(state)
     torch.testing.assert_close(loaded.logits, torch.tensor([0.5, -0.5]))
-    torch.testing.assert_close(loaded.adam_steps, torch.tensor([4.0, 4.0]))
+    torch.testing.assert_close(loaded.adam_exp_avg_sq, torch.tensor([0.01, 0.02]))
+    assert float(loaded.state.inner["step"]) == 4
     torch.testing.assert_close(loaded.task_weights, torch.softmax(torch.tensor([0.5, -0.5]), 0))
 
 
@@ -107,10 +128,24 @@ def test_the_step_loss_is_the_mean_of_its_micro_batches_and_an_absent_task_keeps
     famo.task_weights_for(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
     famo.task_weights_for(torch.tensor([4.0, 8.0]), torch.tensor([0, 2]))
     famo.advance()
-    torch.testing.assert_close(famo.losses_before, torch.tensor([3.0, math.nan, 6.0]), equal_nan=True)
+    torch.testing.assert_close(torch.tensor(famo.state.losses_before), torch.tensor([3.0, math.nan, 6.0]),
+                               equal_nan=True)
     famo.post_step(torch.tensor([1.0, math.nan, 5.0]))
-    assert float(famo.logits[1]) == 0 and float(famo.adam_steps[1]) == 0
-    assert float(famo.logits[0]) != 0 and float(famo.adam_steps[0]) == 1
+    famo.task_weights_for(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))  # a second step: task 2 now absent
+    famo.advance()
+    famo.post_step(torch.tensor([1.5, 2.5, math.nan]))
+    assert float(famo.logits[2]) != 0 and float(famo.adam_exp_avg[2]) != 0  # kept from the first step
+    kept = famo.logits[2].clone(), famo.adam_exp_avg[2].clone()
+    famo.task_weights_for(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))
+    famo.advance()
+    famo.post_step(torch.tensor([1.5, 2.5, math.nan]))
+    assert torch.equal(famo.logits[2], kept[0]) and torch.equal(famo.adam_exp_avg[2], kept[1])
+    famo = FAMO(3)
+    famo.task_weights_for(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
+    famo.advance()
+    famo.post_step(torch.tensor([1.0, math.nan, 5.0]))
+    assert float(famo.logits[1]) == 0 and float(famo.adam_exp_avg[1]) == 0 and float(famo.adam_exp_avg_sq[1]) == 0
+    assert float(famo.logits[0]) != 0 and float(famo.adam_exp_avg[0]) != 0
 
 
 def test_on_the_regression_the_slowest_task_gets_the_largest_weight() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 import mtlzoo
 from mtlzoo.engine import last_layer as engine
 from mtlzoo.protocol import StepInputs, Update
-from mtlzoo.strategies.gradnorm import GradNorm
+from mtlzoo.strategies.gradnorm import GradNorm, gradnorm_weight_gradient, loss_ratio_values
 from tests.helpers import batch, mse_losses, small_model
 from tests.strategies import _regression
 
@@ -316,11 +317,11 @@ def test_the_model_gets_the_weighted_gradients_through_the_last_layer_shortcut(c
 
 
 @pytest.mark.parametrize("case", ["referenced", "first_step", "absent_task", "negative_losses", "tie"])
-def test_the_closed_form_weight_gradient_equals_autograd_of_the_gradient_loss(case: str) -> None:
-    """A step hands GradNorm's weights dL_grad/dw in closed form (objective_surrogate). Reference: autograd of
-    L_grad = sum_k |w_k n_k - mean(G) r_k^alpha| (GradNorm.objective, the paper's Algorithm 1 with the targets
-    held constant), on the same inputs; negative losses (NaN targets) and a tie (|x| at 0) included."""
-    torch.manual_seed(0)
+def test_the_weight_gradient_is_the_papers_closed_form(case: str) -> None:
+    """GradNorm's weights get dL_grad/dw_k = sign(w_k n_k - target_k) n_k, target_k = mean(G) r_k^alpha (the
+    paper's Algorithm 1 with the targets held constant), written out by hand here on host floats; 0 at a tie
+    (|x| at 0) and where a negative ratio to a fractional alpha makes the target NaN. RotoGradNorm's host face
+    gradnorm_weight_gradient gives the same numbers."""
     gradnorm = GradNorm(3, alpha=1.5)
     with torch.no_grad():
         gradnorm.task_weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
@@ -329,7 +330,6 @@ def test_the_closed_form_weight_gradient_equals_autograd_of_the_gradient_loss(ca
     norms = torch.tensor([0.4, 2.5, 1.2])
     if case != "first_step":
         gradnorm.initial_losses = torch.tensor([1.0, 1.5, 0.6])
-        gradnorm.load_extra_state({})
     if case == "absent_task":
         tasks, losses, norms = torch.tensor([0, 2]), losses[[0, 2]], norms[[0, 2]]
     if case == "negative_losses":
@@ -337,8 +337,105 @@ def test_the_closed_form_weight_gradient_equals_autograd_of_the_gradient_loss(ca
     if case == "tie":
         norms = torch.tensor([1.0, 1.0, 1.0]) * gradnorm.task_weights.detach()
         losses = torch.tensor([1.0, 1.5, 0.6])
-    gradnorm.task_weights_for(losses, tasks)
-    expected = torch.autograd.grad(gradnorm.objective(norms, losses, tasks), gradnorm.task_weights)[0]
-    actual = torch.autograd.grad(gradnorm.objective_surrogate(norms, losses, tasks), gradnorm.task_weights)[0]
-    torch.testing.assert_close(actual, expected)
-    assert bool(expected.abs().sum() > 0)
+    gradnorm.weights(losses, tasks)  # stages L(0) at a first step
+    actual = torch.autograd.grad(gradnorm.objective(norms, losses, tasks), gradnorm.task_weights)[0][tasks]
+
+    present = tasks.tolist()
+    reference = gradnorm.state.initial_losses.tolist()
+    ratios = [loss / reference[k] for k, loss in zip(present, losses.tolist())]
+    mean_ratio = sum(ratios) / len(ratios)
+    weights = [gradnorm.task_weights.tolist()[k] for k in present]
+    target_norm = sum(norms.tolist()) / len(present)
+    unweighted = [n / w for n, w in zip(norms.tolist(), weights)]
+    expected = []
+    for w, n, r in zip(weights, unweighted, ratios):
+        target = target_norm * (r / mean_ratio) ** 1.5 if r / mean_ratio >= 0 else math.nan
+        difference = w * n - target
+        expected.append(0.0 if difference == 0 or math.isnan(difference) else math.copysign(n, difference))
+    torch.testing.assert_close(actual, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert sum(abs(value) for value in expected) > 0
+    face = gradnorm_weight_gradient(weights, unweighted, ratios, target_norm, 1.5, 1e-38)
+    torch.testing.assert_close(torch.tensor(face), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert loss_ratio_values(losses.tolist(), present, reference) == pytest.approx(ratios)
+
+
+def test_under_an_aggregator_its_weights_follow_its_rule_on_the_derived_norms() -> None:
+    """Issue 18: GradNorm's weights under an aggregator. With layer="all" it reads the norms on every shared
+    parameter, so compose() asks the engine for UPGrad's Gramian once and hands GradNorm sqrt(diag(G)). Reference:
+    the paper's dL_grad/dw_k = sign(w_k n_k - target) n_k at a first step (all ratios 1, target = mean_j w_j n_j),
+    n_k = ||dL_k/dθ|| by plain autograd over the backbone's parameters."""
+    torch.manual_seed(0)
+    model = small_model()
+    reference = copy.deepcopy(model)
+    gradnorm = GradNorm(3, alpha=1.5, layer="all")
+    strategy = mtlzoo.compose(weighting=gradnorm, aggregator="upgrad")
+    assert strategy.request.where == "parameters" and strategy.request.parameters is None
+    with torch.no_grad():
+        gradnorm.task_weights.copy_(WEIGHTS)
+    mtl = mtlzoo.MTLWrapper(model, strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+
+    shared = list(reference.backbone.parameters())
+    norms = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]).norm()
+                         for loss in mse_losses(reference(x), targets)])
+    weighted = WEIGHTS * norms
+    expected = torch.sign(weighted - weighted.mean()) * norms
+    torch.testing.assert_close(gradnorm.task_weights.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_under_an_aggregator_it_trains_and_renormalises() -> None:
+    """Through MTLWrapper with Adam on the model and the weights: every loss falls, the weights move and sum to K."""
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, layer="all"),
+                                                          aggregator="upgrad"))
+    x, targets = batch(3, seed=0)
+    before = torch.stack(mse_losses(mtl(x), targets)).detach()
+    optimizer = torch.optim.Adam([{"params": list(mtl.model_parameters())},
+                                  {"params": mtl.strategy_parameters(), "lr": 0.05}], lr=0.01)
+    for _ in range(60):
+        optimizer.zero_grad()
+        mtl.backward(mse_losses(mtl(x), targets))
+        mtl.step(optimizer)
+    after = torch.stack(mse_losses(mtl(x), targets)).detach()
+    assert bool((after < before).all()), (before, after)
+    weights = mtl.strategy.weighting.task_weights.detach()
+    torch.testing.assert_close(weights.sum(), torch.tensor(3.0))
+    assert float((weights - 1).abs().max()) > 0.05
+
+
+@pytest.mark.parametrize(("kwargs", "aggregator"), [({}, "upgrad"), ({"target": "representation"}, "upgrad"),
+                                                    ({"layer": "all"}, "mgda:target=representation")])
+def test_under_an_aggregator_reading_elsewhere_it_is_refused_clearly(kwargs: dict, aggregator: str) -> None:
+    """The default (the last shared layer, the paper's) or another target than the aggregator's: one step computes
+    one statistic on one target, so compose() refuses, naming both parts and where each reads."""
+    name, _, option = aggregator.partition(":")
+    options = dict([option.split("=")]) if option else {}
+    with pytest.raises(mtlzoo.errors.InvalidStrategyError, match=r"GradNorm reads .* reads"):
+        mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, **kwargs),
+                       aggregator=mtlzoo.create(name, num_tasks=3, **options))
+
+
+def test_under_an_aggregator_on_the_representation() -> None:
+    """target="representation" matches an aggregator built on z: the composite reads the gradients on z."""
+    strategy = mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, target="representation"),
+                              aggregator=mtlzoo.create("upgrad", num_tasks=3, target="representation"))
+    assert strategy.request.where == "representation"
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.weighting.task_weights.grad is not None
+
+
+@pytest.mark.xfail(reason="compose() creates a weighting by name without options: GradNorm needs alpha (no default) "
+                          "and, next to an aggregator on all shared parameters, layer='all'; see the weighting "
+                          "branch's report for the change to mtlzoo/roles/composite.py", strict=False)
+def test_by_name_under_an_aggregator() -> None:
+    """The form issue 18 names: compose(weighting="gradnorm", aggregator="upgrad", num_tasks=K) trains."""
+    strategy = mtlzoo.compose(weighting="gradnorm", aggregator="upgrad", num_tasks=3)
+    torch.manual_seed(0)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    x, targets = batch()
+    mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.weighting.task_weights.grad is not None

@@ -87,6 +87,21 @@ def test_without_end_epoch_it_stays_in_its_warm_up_and_warns_once(monkeypatch: p
     assert len(caught) == 1
 
 
+def test_float64_losses_keep_a_float64_nadir_and_weights() -> None:
+    """Issue 19, item 7: the nadir sums were float32 buffers (4e-6 off after 18 steps in the issue's run). Reference:
+    w_k = K softmax(log(L / n) / mu)_k / L_k written out in float64, n the nadir epoch's float64 average."""
+    stch = SmoothTchebycheff(2, mu=1e-3, warmup_epochs=0)
+    nadir = torch.tensor([1.0 + 3e-9, 2.0 - 5e-9], dtype=torch.float64)
+    stch.weights(nadir)
+    stch.advance()
+    stch.end_epoch()
+    assert stch.nadir.dtype == torch.float64 and torch.equal(stch.nadir, nadir)
+    stch.end_epoch()  # past the nadir epoch
+    losses = torch.tensor([1.0 + 4e-9, 2.0 - 2e-9], dtype=torch.float64)
+    expected = 2 * torch.softmax(torch.log(losses / nadir) / 1e-3, dim=0) / losses
+    torch.testing.assert_close(stch.weights(losses), expected, rtol=1e-9, atol=0)
+
+
 def test_on_the_regression_the_task_least_improved_since_the_nadir_gets_the_most_weight() -> None:
     """After the warm-up, w_k L_k = K softmax(log(L_k / n_k) / mu): task 1, whose loss plateaus near its nadir value
     while the others keep falling, gets the largest share, above the warm-up's 1."""
