@@ -54,6 +54,8 @@ class Request:
             by the engine from the graph of ``z`` (GradNorm's choice), so the strategy need not know
             the backbone's parameter names; ``None`` when ``parameters`` says.
         batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
+        representation: With ``where="representation"``, also hand the strategy the (detached)
+            representation ``z`` itself (``StepInputs.representation``: GradDrop's input sign).
     """
 
     where: Where = "losses"
@@ -61,6 +63,7 @@ class Request:
     parameters: tuple[str, ...] | None = None
     layer: Layer | None = None
     batches: int = 1
+    representation: bool = False
 
     def __post_init__(self) -> None:
         if self.where not in WHERES:
@@ -87,6 +90,10 @@ class Request:
                                  "empty tuple; for the last shared layer, give layer='last' instead.")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
+        if self.representation is not False and (self.representation is not True or self.where != "representation"):
+            raise ValueError("Parameter `representation` should be True or False, True only with "
+                             f"where='representation'. Found `representation = {self.representation!r}` with "
+                             f"`where = {self.where!r}`.")
 
     @property
     def needs_gradients(self) -> bool:
@@ -95,8 +102,9 @@ class Request:
 
     def __repr__(self) -> str:
         layer = "" if self.layer is None else f", layer={self.layer!r}"
+        representation = ", representation=True" if self.representation else ""
         return (f"Request(where={self.where!r}, statistic={self.statistic!r}, parameters={self.parameters!r}{layer}, "
-                f"batches={self.batches!r})")
+                f"batches={self.batches!r}{representation})")
 
     def __str__(self) -> str:
         if self.where == "losses":
@@ -126,6 +134,8 @@ class StepInputs:
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
         extra: Statistics of the additional independent batches (``Request.batches > 1``), one
             ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
+        representation: The representation ``z`` the gradients were taken at, detached, shaped like one
+            row of ``gradients`` (``Request(..., representation=True)``).
     """
 
     losses: Tensor
@@ -136,6 +146,7 @@ class StepInputs:
     gramian: Tensor | None = None
     norms: Tensor | None = None
     extra: list[StepInputs] = field(default_factory=list)
+    representation: Tensor | None = None
 
     @property
     def all_present(self) -> bool:

@@ -49,10 +49,12 @@ class RunningState:
 
     Reached as ``strategy.state``; attribute access reads and writes fields (see the module's
     docstring for the semantics). It holds no reference to tensors of its own beyond the staged
-    values: committed tensors are the owner's buffers.
+    values: committed tensors are the owner's buffers. :attr:`generation` counts the changes of the
+    committed state (commits, direct writes, loads): a method may cache what it derives from its
+    state (whether every reference loss is recorded) under that number.
     """
 
-    __slots__ = ("_committed", "_direct", "_fields", "_owner", "_staged")
+    __slots__ = ("_committed", "_direct", "_fields", "_owner", "_staged", "generation")
 
     def __init__(self, owner: nn.Module) -> None:
         object.__setattr__(self, "_owner", owner)
@@ -60,6 +62,7 @@ class RunningState:
         object.__setattr__(self, "_committed", {})
         object.__setattr__(self, "_staged", {})
         object.__setattr__(self, "_direct", 0)
+        object.__setattr__(self, "generation", 0)
 
     def __getstate__(self) -> dict[str, Any]:
         return {name: object.__getattribute__(self, name) for name in self.__slots__}
@@ -94,6 +97,8 @@ class RunningState:
         return dict(self._staged)
 
     def __getattr__(self, name: str) -> Any:
+        if name == "generation":  # an instance unpickled from before the counter existed
+            return 0
         fields = object.__getattribute__(self, "_fields")
         if name not in fields:
             raise AttributeError(f"{type(self._owner).__name__} declares no state field {name!r} "
@@ -119,7 +124,12 @@ class RunningState:
         elif field.per_step == "every" or self._owner.micro_batch == 0:
             self._staged[name] = value
 
+    def touch(self) -> None:
+        """Count a change of the committed state (a cache keyed on :attr:`generation` is then stale)."""
+        object.__setattr__(self, "generation", self.generation + 1)
+
     def _write(self, field: Field, value: Any) -> None:
+        self.touch()
         if field.is_tensor:
             current = getattr(self._owner, field.name)
             value = torch.as_tensor(value)
@@ -151,6 +161,7 @@ class RunningState:
         return dict(self._committed)
 
     def load_plain_values(self, values: dict[str, Any]) -> None:
+        self.touch()
         for name in self._committed:
             if name in values:
                 self._committed[name] = values[name]

@@ -347,7 +347,6 @@ class Strategy(nn.Module):
         """
         self.micro_batch = 0
         self.state.commit()
-        self._commit()
         with self.state.direct():
             self.on_advance()
 
@@ -358,7 +357,6 @@ class Strategy(nn.Module):
         """Drop what the current step staged (a step that the ``GradScaler`` skipped)."""
         self.micro_batch = 0
         self.state.drop()
-        self._drop_staged()
 
     def end_epoch(self) -> None:
         """Called once at the end of every epoch (``mtl.end_epoch()``); DWA and STCH use it."""
@@ -372,12 +370,6 @@ class Strategy(nn.Module):
 
     wants_post_step_losses: ClassVar[bool] = False
 
-    def _commit(self) -> None:
-        """Deprecated: hand-rolled staging; declare the state instead (:meth:`declare_state`)."""
-
-    def _drop_staged(self) -> None:
-        """Deprecated: hand-rolled staging; declare the state instead (:meth:`declare_state`)."""
-
     def check_ready(self) -> None:
         """Raise :class:`~mtlzoo.errors.NotMaterializedError` if parameters are still to be created.
 
@@ -386,25 +378,16 @@ class Strategy(nn.Module):
         """
 
     # ------------------------------------------------------------ state
-    def extra_state(self) -> dict[str, Any]:
-        """Running state that is neither declared nor a tensor (subclasses extend it); saved in ``state_dict()``."""
-        return {}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`extra_state` returned."""
-
     def get_extra_state(self) -> dict[str, Any]:
         saved: dict[str, Any] = {"settings": _comparable(self.hparams),
-                                 "state": {**self.state.plain_values(), **self.extra_state()}}
+                                 "state": self.state.plain_values()}
         if self.micro_batch or self.state.staged:  # saved between the micro-batches of a step
             saved["staged"] = self.state.staged
             saved["micro_batch"] = self.micro_batch
         return saved
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        with self.state.direct():
-            self.state.load_plain_values(state["state"])
-            self.load_extra_state(state["state"])
+        self.state.load_plain_values(state["state"])
         self.state.load_staged(state.get("staged", {}))
         self.micro_batch = int(state.get("micro_batch", 0))
 
@@ -428,6 +411,10 @@ class Strategy(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         self.check_settings(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.state.touch()  # buffers are loaded in place
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in {"num_tasks": self.num_tasks, **self.hparams}.items())

@@ -131,10 +131,11 @@ class Recorder(WeightingStrategy):
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(losses)
 
-    def _commit(self) -> None:
+    def on_advance(self) -> None:
         self.calls.append("advance")
 
-    def _drop_staged(self) -> None:
+    def discard(self) -> None:
+        super().discard()
         self.calls.append("discard")
 
     def end_epoch(self) -> None:

@@ -162,7 +162,7 @@ def test_parts_are_registered_and_in_state_dict() -> None:
     mtl = mtlzoo.MTLWrapper(PlainListModel(), "rotograd", rotation_shape=4)
     keys = set(mtl.state_dict())
     assert {"backbone.weight", "heads.0.weight", "heads.1.bias"} <= keys
-    assert any(key.startswith("strategy.bank.") for key in keys)
+    assert any(key.startswith("strategy.adapter.bank.") for key in keys)
     assert "strategy._extra_state" in keys
     assert len(list(mtl.model_parameters())) == 6
 

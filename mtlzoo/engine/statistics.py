@@ -65,6 +65,9 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         inputs.norms = norms
         return Statistics(rep, last_layer=last)
     if request.where != "parameters":
+        if request.representation:
+            zs = [record.z.detach().to(dtype) for record in heads.records]
+            inputs.representation = zs[0] if len(zs) == 1 else torch.cat(zs)
         if request.statistic == "gradients":
             inputs.gradients = rep
         elif request.statistic == "gramian":

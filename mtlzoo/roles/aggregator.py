@@ -194,13 +194,16 @@ class DirectionAggregator(Aggregator):
             return Update(direction=torch.full_like(grads[0], math.nan))
         return Update(direction=self.combine(grads, inputs))
 
-    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Standalone: the combined gradient of a (K, ...) matrix of task gradients and their K losses."""
+    def aggregate(self, grads: Tensor, losses: Tensor, representation: Tensor | None = None) -> Tensor:
+        """Standalone: the combined gradient of a (K, ...) matrix of task gradients and their K losses.
+
+        ``representation``: the ``z`` the gradients were taken at, for a method whose request reads it.
+        """
         check_gradients(grads, losses, self)
         wide = grads.to(compute_dtype(grads.dtype))
         tasks = torch.arange(grads.shape[0], device=grads.device)
         inputs = StepInputs(losses.detach().to(wide.dtype), tasks, grads.shape[0], micro_batch=self.micro_batch,
-                            gradients=wide)
+                            gradients=wide, representation=representation)
         direction = self.combine(wide, inputs)
         self.micro_batch += 1
         return direction.to(grads.dtype)

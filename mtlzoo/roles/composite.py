@@ -45,9 +45,10 @@ def _part(value: Strategy | str | None, role: str, num_tasks: int | None, **opti
     if isinstance(value, str):
         if num_tasks is None:
             raise TypeError(f"compose() creates {role}={value!r} by name: give num_tasks=K too.")
-        from mtlzoo.registry import create  # the registry imports the strategies, which import this module
+        from mtlzoo.registry import create, get_strategy  # the registry imports the strategies, which import this
 
-        value = create(value, num_tasks=num_tasks, **options)
+        suggested = dict(get_strategy(value).info.suggested)  # as the harness builds a strategy by name alone
+        value = create(value, num_tasks=num_tasks, **{**suggested, **options})
     if isinstance(value, Composite) and value.present_roles() == (role,):
         value = getattr(value, role)
     if not isinstance(value, Strategy):
@@ -119,13 +120,14 @@ class Composite(WithParts):
         if not requests:
             return Request()
         wheres = {request.where for request in requests}
-        layers = {request.parameters for request in requests}
+        layers = {(request.parameters, request.layer) for request in requests}
         if len(wheres) > 1 or len(layers) > 1:
             said = "; ".join(f"{type(part).__name__} reads {part.request}" for part in self.parts()
                              if part.request.needs_gradients)
             raise InvalidStrategyError(f"compose(): the parts read gradients in different places ({said}); a step "
                                        "computes one statistic on one target. Build them on the same target (e.g. "
-                                       "target='representation').")
+                                       "target='representation'; GradNorm reads all shared parameters with "
+                                       "layer='all').")
         richest = max((request.statistic for request in requests), key=_RICHNESS.__getitem__)
         return dataclasses.replace(requests[0], statistic=richest)
 

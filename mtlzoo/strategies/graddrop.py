@@ -2,11 +2,13 @@ r"""GradDrop (Chen et al., NeurIPS 2020): keep, element by element, the gradient
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.protocol import Request, StepInputs
 from mtlzoo.roles import DirectionAggregator
 from mtlzoo.strategies.pcgrad import drawing, initial_stream
@@ -117,30 +119,23 @@ class GradDrop(DirectionAggregator):
         self.marginalize_batch = marginalize_batch
         self.input_sign = input_sign
         self.rescale_norm = rescale_norm
-        self._sign: Tensor | None = None
         self.declare_state(per_step="every", generator=initial_stream(seed))
 
-    def adapt(self, z: Tensor, task: int) -> Tensor:
-        """Identity; a training forward's ``sgn(z)`` is kept for the backward that follows (``input_sign``)."""
-        if (self.input_sign and self.target == "representation" and self.training and torch.is_grad_enabled()
-                and task == 0):
-            self._sign = z.detach().sign()
-        return z
-
-    def aggregate(self, grads: Tensor, losses: Tensor, representation: Tensor | None = None) -> Tensor:
-        """Standalone: the update for ``(K, B, ...)`` gradients on a representation (``representation``: that
-        ``z``, whose sign ``input_sign`` reads; ``None``: a positive one), or for ``(K, n)`` gradients on the
-        parameters."""
-        self._sign = None if representation is None else representation.detach().sign()
-        return super().aggregate(grads, losses)
+    @property
+    def request(self) -> Request:
+        reads_z = self.input_sign and self.target == "representation"
+        return dataclasses.replace(super().request, representation=reads_z)
 
     def combine(self, gradients: Tensor, inputs: StepInputs) -> Tensor:
         leaks = self.leaks.to(gradients.device)[inputs.tasks.to(gradients.device)].to(gradients.dtype)
         signal = gradients
         per_sample = self.target == "representation"  # gradients (K, B, ...): the batch first
-        sign = self._sign
-        if per_sample and self.input_sign and sign is not None and sign.shape == gradients.shape[1:]:
-            signal = gradients * sign.to(gradients.dtype)
+        z = inputs.representation  # None standalone without one: taken as positive
+        if per_sample and self.input_sign and z is not None:
+            if z.shape != gradients.shape[1:]:
+                raise ShapeMismatchError(f"GradDrop reads the sign of the representation: z has shape "
+                                         f"{tuple(z.shape)}, the task gradients {tuple(gradients.shape[1:])}.")
+            signal = gradients * z.detach().sign().to(gradients.dtype)
         if per_sample and self.marginalize_batch:
             signal = signal.sum(1, keepdim=True)
         total, magnitude = signal.sum(0), signal.abs().sum(0)

@@ -210,9 +210,10 @@ class GradNorm(WidensState, LossWeighting):
 
     def _all_referenced(self) -> bool:
         reference = self.initial_losses
-        cached = self.__dict__.get("_referenced")  # (the tensor, its version, the answer)
-        if cached is None or cached[0] is not reference or cached[1] != reference._version:
-            cached = (reference, reference._version, bool((torch.isfinite(reference) & (reference != 0)).all()))
+        cached = self.__dict__.get("_referenced")  # (the tensor, the state's generation, the answer)
+        generation = self.state.generation
+        if cached is None or cached[0] is not reference or cached[1] != generation:
+            cached = (reference, generation, bool((torch.isfinite(reference) & (reference != 0)).all()))
             self.__dict__["_referenced"] = cached
         return cached[2]
 

@@ -64,9 +64,9 @@ class LinearScalarization(LossWeighting):
         return super().loss_weights(inputs)
 
     def _all_ones(self) -> bool:
-        """Whether every weight is 1, re-read only when the buffer is replaced or written to (a checkpoint)."""
+        """Whether every weight is 1, re-read only when the buffer is replaced or loaded (a checkpoint)."""
         weights = self.task_weights
-        key = (id(weights), weights._version)
+        key = (id(weights), self.state.generation)
         if self._unit_weights is None or self._unit_weights[:2] != key:
             self._unit_weights = (*key, bool((weights == 1).all()))
         return self._unit_weights[2]

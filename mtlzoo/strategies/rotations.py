@@ -102,9 +102,9 @@ class ReferenceSteps:
         return step == 0 or step == self.burn_in_period
 
     def _is_complete(self, reference: Tensor) -> bool:
-        """Whether every entry of a reference is usable (finite, non-zero); remembered per tensor version, so
+        """Whether every entry of a reference is usable (finite, non-zero); remembered per state generation, so
         that a step whose references are all recorded costs no host synchronisation."""
-        version = reference._version
+        version = self.state.generation
         if any(reference is seen and number == version for seen, number in self._complete):
             return True
         if not bool((torch.isfinite(reference) & (reference != 0)).all()):

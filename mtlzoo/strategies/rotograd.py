@@ -386,6 +386,7 @@ class RotoGradNorm(RotateOnly):
         default_comparison=True,
         cost="representation",
         original_code=ROTOGRAD_CODE,
+        suggested={"alpha": 1.5},  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
     )
     composes = ("aggregator", "adapter")
 

@@ -52,9 +52,6 @@ INTERNALS = {
     "autograd's engine": r"_execution_engine",
     "torch.utils.weak": r"torch\.utils\.weak",
 }
-ELSEWHERE_FOR_NOW = {("strategies/rotograd.py", "a version counter"), ("strategies/ls.py", "a version counter")}
-"""Reads in the strategies, which are being rewritten apart from the engine (they can use
-``mtlzoo.engine.internals.version_of``)."""
 
 
 def test_no_other_module_reads_torch_internals() -> None:
@@ -62,7 +59,7 @@ def test_no_other_module_reads_torch_internals() -> None:
     found = {(str(path.relative_to(PACKAGE)), what) for path in sorted(PACKAGE.rglob("*.py"))
              if path.name != "internals.py" for what, pattern in INTERNALS.items()
              if re.search(pattern, path.read_text())}
-    assert found - ELSEWHERE_FOR_NOW == set()
+    assert found == set()
     assert re.search(INTERNALS["a node's class name"], "name == 'AddmmBackward0'")  # the patterns do match
 
 

@@ -55,8 +55,8 @@ def test_a_gramian_surgery_reports_the_coefficients_the_shared_part_received() -
 
 
 def test_a_direction_has_no_coefficients() -> None:
-    """RotoGrad's update is a combined gradient on z (its rotated sum), not coefficients."""
-    mtl = mtlzoo.MTLWrapper(small_model(), "rotograd", rotation_shape=4)
+    """GradDrop's update is a combined gradient built from masks, not coefficients of the task gradients."""
+    mtl = mtlzoo.MTLWrapper(small_model(), "graddrop")
     x, targets = batch()
     mtl.backward(mse_losses(mtl(x), targets))
     assert mtl.last_step is not None and mtl.last_step.coefficients is None

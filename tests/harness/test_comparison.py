@@ -177,13 +177,13 @@ class Exploding(mtlzoo.WeightingStrategy):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
-        self.steps = 0
+        self.declare_state(steps=0)
 
     def weights(self, losses: Tensor) -> Tensor:
-        return torch.full_like(losses, math.nan if self.steps >= 4 else 1.0)
+        return torch.full_like(losses, math.nan if self.state.steps >= 4 else 1.0)
 
-    def _commit(self) -> None:
-        self.steps += 1
+    def on_advance(self) -> None:
+        self.state.steps += 1
 
 
 class Raising(mtlzoo.WeightingStrategy):

@@ -50,7 +50,12 @@ def test_a_checkpoint_of_the_single_module_layout_loads_and_resumes_exactly(case
     grads = {name: p.grad for name, p in mtl.named_parameters() if p.grad is not None}
     assert len(grads) == len(saved["grads"])
     for name, theirs in saved["grads"].items():
-        torch.testing.assert_close(grads[new_name(name)], theirs, rtol=0, atol=0, msg=name)
+        # IMTL-L's scales learn from autograd through its scalarization now, 0.1.0 from a closed form: the same
+        # exp(s) L - 1, whose O(1) terms round differently in float32 (a few units of the last place)
+        exact = "loss_scales" not in name
+        eps = torch.finfo(theirs.dtype).eps
+        torch.testing.assert_close(grads[new_name(name)], theirs, rtol=0 if exact else 4 * eps,
+                                   atol=0 if exact else 4 * eps * float(theirs.abs().max() + 1), msg=name)
     if saved["name"] != "imtl":
         assert mtl.strategy.step == 3
         torch.testing.assert_close(mtl.strategy.initial_losses, saved["state_dict"]["strategy.initial_losses"])

@@ -428,12 +428,12 @@ def test_under_an_aggregator_on_the_representation() -> None:
     assert strategy.weighting.task_weights.grad is not None
 
 
-@pytest.mark.xfail(reason="compose() creates a weighting by name without options: GradNorm needs alpha (no default) "
-                          "and, next to an aggregator on all shared parameters, layer='all'; see the weighting "
-                          "branch's report for the change to mtlzoo/roles/composite.py", strict=False)
-def test_by_name_under_an_aggregator() -> None:
-    """The form issue 18 names: compose(weighting="gradnorm", aggregator="upgrad", num_tasks=K) trains."""
-    strategy = mtlzoo.compose(weighting="gradnorm", aggregator="upgrad", num_tasks=3)
+def test_by_name_under_an_aggregator_it_takes_its_suggestions_and_says_how_to_match() -> None:
+    """compose(weighting="gradnorm", aggregator="upgrad", num_tasks=K): by name GradNorm is built as the harness
+    builds it (its suggested alpha), on its default last shared layer; the error says how to match the aggregator."""
+    with pytest.raises(mtlzoo.errors.InvalidStrategyError, match=r"GradNorm reads .*layer='all'"):
+        mtlzoo.compose(weighting="gradnorm", aggregator="upgrad", num_tasks=3)
+    strategy = mtlzoo.compose(weighting=GradNorm(3, alpha=1.5, layer="all"), aggregator="upgrad", num_tasks=3)
     torch.manual_seed(0)
     mtl = mtlzoo.MTLWrapper(small_model(), strategy)
     x, targets = batch()

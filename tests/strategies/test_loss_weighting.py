@@ -146,10 +146,6 @@ def test_float64_losses_give_float64_weights_without_float32_rounding() -> None:
     torch.testing.assert_close(famo.weights(losses), c * torch.softmax(famo.logits, 0) / shifted, rtol=1e-12, atol=0)
 
 
-@pytest.mark.xfail(reason="the wrapper casts StepInputs.losses to float32 (.float()); the one-line change: "
-                          "`step_losses.values.detach().to(torch.promote_types(step_losses.values.dtype, "
-                          "torch.float32))` in MTLWrapper.backward (and likewise for FAMO's post-step losses)",
-                   strict=False)
 def test_a_float64_model_gives_si_float64_weights_through_the_wrapper() -> None:
     """Issue 19, item 7, end to end: in a float64 model, SI's weights are 1 / L in float64."""
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from torch import nn
 
 import mtlzoo
 from mtlzoo.errors import NonFiniteGradientError, SolverWarning
-from mtlzoo.roles import GramianWeightedSurgery
+from mtlzoo.roles import GramianAggregator
 from tests.helpers import batch, mse_losses, optimizer_for, small_model
 
 SURGERY = ["mgda", "mgda_ub", "pcgrad", "graddrop", "gradvac", "cagrad", "imtl_g", "imtl", "nash_mtl", "aligned_mtl",
@@ -86,10 +86,12 @@ def test_the_representation_target_moves_the_backbone(name: str) -> None:
 
 
 def test_the_surgery_weightings_use_the_gramian_route() -> None:
-    """Every method whose update is a weighting is a GramianWeightedSurgery and asks the engine for the Gramian."""
+    """Every method whose update is a weighting is a GramianAggregator (IMTL: its aggregator part) and asks the engine
+    for the Gramian."""
     for name in WEIGHTINGS:
         strategy = mtlzoo.create(name, num_tasks=3)
-        assert isinstance(strategy, GramianWeightedSurgery) and strategy.request.statistic == "gramian", name
+        aggregator = getattr(strategy, "aggregator", strategy)
+        assert isinstance(aggregator, GramianAggregator) and strategy.request.statistic == "gramian", name
     assert mtlzoo.create("graddrop", num_tasks=3).request.statistic == "gradients"
 
 
