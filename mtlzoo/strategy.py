@@ -310,6 +310,17 @@ class Strategy(nn.Module):
         """A scalar of the (detached) losses whose backward trains the strategy's own parameters."""
         return None
 
+    def scalarization(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        """For a strategy that reads the losses only: the scalar ``f(L)`` whose one backward trains the model
+        (with ``w_k = d f / d L_k``) and the strategy's own parameters at once; ``None`` (the default): the engine
+        back-propagates ``sum_k w_k L_k`` (:meth:`loss_weights`) and :meth:`loss_objective` instead.
+
+        Args:
+            losses: The present tasks' losses, attached to the model's graph, in at least float32.
+            tasks: Their task indices.
+        """
+        return None
+
     def backbone_loss_weight(self, backbone_loss: Tensor) -> Tensor | None:
         """Weight of the backbone's own loss (``None``: 1). RotoGrad normalises it like the task losses."""
         return None

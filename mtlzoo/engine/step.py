@@ -56,14 +56,17 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         What the step used: the loss weights and the coefficients of the task gradients.
     """
     request = strategy.request
-    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
-    scaled = scaler_of(scale)
     if not request.needs_gradients:
         consumed_marks = marked_forwards(pending, losses)
-        used = losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
+        used = scalarized(strategy, losses, inputs, backbone_loss, scale, retain_graph)
+        if used is None:
+            weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
+            used = losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
         if not retain_graph:
             pending.remove(consumed_marks)
         return used
+    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
+    scaled = scaler_of(scale)
 
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
@@ -135,6 +138,31 @@ def loss_weights(strategy: Strategy, losses: StepLosses, inputs: StepInputs, bac
         if backbone_weight is not None:
             backbone_loss = backbone_loss * backbone_weight
     return weights, backbone_loss, strategy.loss_objective(inputs.losses, inputs.tasks)
+
+
+def scalarized(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backbone_loss: Tensor | None,
+               scale: Tensor | None, retain_graph: bool) -> StepWeights | None:
+    """The step of a loss weighting: one backward of its scalarization ``f(L)`` itself (``None`` if it has none).
+
+    ``d f / d θ = sum_k (d f / d L_k) d L_k / d θ`` is the gradient of ``sum_k w_k L_k`` with
+    ``w_k = d f / d L_k`` held constant, and ``f``'s own parameters get ``d f / d s`` at these losses:
+    what the weights and the objective would give, from one graph of K scalars and no second
+    backward. The weights are read on the way, from the gradient that reaches the losses.
+    """
+    values = widened(losses.values)
+    if not values.requires_grad:
+        return None
+    total = strategy.scalarization(values, inputs.tasks)
+    if total is None:
+        return None
+    reached: list[Tensor] = []
+    values.register_hook(reached.append)
+    if backbone_loss is not None:
+        weight = strategy.backbone_loss_weight(backbone_loss)
+        total = total + (backbone_loss if weight is None else backbone_loss * weight)
+    accumulate([scaler_of(scale)(total)], [None], retain_graph=retain_graph)
+    weights = reached[0] if scale is None else reached[0] / scale.to(reached[0].dtype)
+    return StepWeights(weights, None, losses.tasks, inputs.num_tasks)
 
 
 def losses_only(losses: StepLosses, inputs: StepInputs, weights: Tensor | None, objective: Tensor | None,

@@ -154,6 +154,11 @@ class Composite(WithParts):
             return weights
         return scales if weights is None else weights * scales.to(weights.dtype)
 
+    def scalarization(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
+        if self.weighting is None or self.adapter is not None or self.aggregator is not None:
+            return None
+        return self.weighting.scalarization(losses, tasks)
+
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None if self.weighting is None else self.weighting.loss_objective(losses, tasks)
 

@@ -111,6 +111,11 @@ class LossWeighting(Strategy):
             total = self.scalarize(losses.detach().to(working_dtype(losses)))
         return total if total.requires_grad else None
 
+    def scalarization(self, losses: Tensor, tasks: Tensor) -> Tensor:
+        """``f`` at the step's live losses: the engine back-propagates it once (see :meth:`Strategy.scalarization`)."""
+        with self._presenting(tasks):
+            return self.scalarize(losses)
+
     def combine(self, losses: Tensor) -> Tensor:
         """``sum_k w_k L_k`` with the weights held constant: the scalar whose backward trains the model."""
         return (self.weights(losses).to(losses.dtype) * losses).sum()

@@ -83,25 +83,18 @@ def train(strategy: str | mtlzoo.Strategy, *, epochs: int = 40, batches: int = 4
         groups.append({"params": own, "lr": strategy_lr})
     optimizer = torch.optim.Adam(groups, lr=lr)
     run = Run(mtl, full_losses(mtl, x, targets), torch.empty(0))
-    record = mtl.strategy.loss_weights
-
-    def recording(inputs: Any) -> Tensor | None:
-        weights = record(inputs)
-        run.losses.append(inputs.losses.clone())
-        run.weights.append(torch.ones_like(inputs.losses) if weights is None else weights.detach().clone())
-        return weights
-
-    mtl.strategy.loss_weights = recording  # type: ignore[method-assign]
     chunks = list(zip(x.chunk(batches), targets.chunk(batches, dim=1)))
     for _ in range(epochs):
         for xb, yb in chunks:
             optimizer.zero_grad()
-            mtl.backward(mse(mtl(xb), yb))
+            losses = mse(mtl(xb), yb)
+            mtl.backward(losses)
+            run.losses.append(torch.stack([loss.detach() for loss in losses]))
+            run.weights.append(mtl.last_step.loss_weights.clone())  # what the step used, as a user logs it
             mtl.step(optimizer, post_step_losses=lambda xb=xb, yb=yb: mse(mtl(xb), yb))
         mtl.end_epoch()
         if on_epoch is not None:
             on_epoch(mtl)
-    del mtl.strategy.loss_weights
     run.after = full_losses(mtl, x, targets)
     return run
 
