@@ -415,7 +415,7 @@ def memory_entries(s: Setting, chunk: int) -> list[tuple[str, str, str, Callable
         (PLAIN, "plain", "-", lambda: plain_step(s)),
         ("ls", "plain", "mtlzoo", lambda: mtlzoo_step(s, "ls")),
         ("Jacobian, all K at once", "jacobian", "mtlzoo",
-         lambda: mtlzoo_step(s, JacobianProbe(s.tasks))),
+         lambda: mtlzoo_step(s, JacobianProbe(s.tasks), chunk=s.tasks)),
         (f"Jacobian, jacobian_chunk_size={chunk}", "jacobian", "mtlzoo",
          lambda: mtlzoo_step(s, JacobianProbe(s.tasks), chunk=chunk)),
         ("Jacobian, jacobian_chunk_size=1", "jacobian", "mtlzoo",

@@ -112,7 +112,9 @@ class MTLWrapper(nn.Module):
         strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
             or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
         jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
-            shared parameters: ``None`` (the default) batches all K at once, ``1`` loops over tasks.
+            shared parameters: ``1`` loops over tasks; ``None`` (the default) loops on the CPU, where
+            the loop was measured faster than the batched backward (docs/performance.md), and
+            batches all K at once on an accelerator.
             A chunk bounds the batched backward's working memory (one copy of the backbone's
             activation gradients per task of the chunk), not the K x n Jacobian, which is formed
             whatever the chunk, with one chunk of rows held beside it while it fills: the peak

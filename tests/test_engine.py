@@ -125,15 +125,15 @@ def test_vmap_failure_falls_back_to_the_loop_with_one_warning() -> None:
     z = backbone(torch.randn(5, 4))
     route = JacobianRoute()
     with pytest.warns(RuntimeWarning, match="batched .vmapped. Jacobian failed.*Said once per wrapper"):
-        first = parameter_jacobian(z, grads, params, route=route)
+        first = parameter_jacobian(z, grads, params, route=route, chunk_size=3)
     torch.testing.assert_close(first, looped_reference(z, grads, params))
     assert route.vmap_failed is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=route)
+        second = parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=route, chunk_size=3)
     assert second.shape == first.shape
     with pytest.warns(RuntimeWarning, match="Jacobian failed"):  # another route (wrapper) learns it afresh
-        parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=JacobianRoute())
+        parameter_jacobian(backbone(torch.randn(5, 4)), grads, params, route=JacobianRoute(), chunk_size=3)
 
 
 def test_the_vmap_fallback_is_scoped_to_the_wrapper() -> None:
@@ -141,7 +141,7 @@ def test_the_vmap_fallback_is_scoped_to_the_wrapper() -> None:
     torch.manual_seed(0)
     backbone = Unbatchable()
     wrappers = [MTLWrapper(HardSharing(backbone, [nn.Linear(3, 1), nn.Linear(3, 1)]), "upgrad",
-                           target="parameters") for _ in range(2)]
+                           target="parameters", jacobian_chunk_size=2) for _ in range(2)]
     x = torch.randn(5, 4)
     for mtl in wrappers:
         with pytest.warns(RuntimeWarning, match="Jacobian failed"):

@@ -49,7 +49,8 @@ def parameter_jacobian(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | 
         params: The shared parameters θ.
         batched: ``False`` is ``chunk_size=1``: one backward per task.
         retain_graph: Keep the backbone's graph (the step's final backward still needs it).
-        chunk_size: Tasks per vmapped backward: ``None`` batches all K at once, ``1`` is the loop.
+        chunk_size: Tasks per vmapped backward: ``1`` is the loop; ``None`` is the loop on the CPU (measured
+            faster there than the batched backward) and all K at once on an accelerator.
         route: Where a vmap failure is remembered (one per wrapper); ``None`` remembers nothing.
     """
     blocks, matrix = jacobian_blocks(zs, grads, params, batched=batched, chunk_size=chunk_size, route=route)
@@ -81,7 +82,9 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
     chunk = chunk_size
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"Parameter `chunk_size` should be a positive int or None. Found `chunk_size = {chunk!r}`.")
-    chunk = num_tasks if chunk is None else min(chunk, num_tasks)
+    if chunk is None:  # on the CPU the loop beat the batched backward (docs/performance.md), elsewhere batch all
+        chunk = 1 if grads[0].device.type == "cpu" else num_tasks
+    chunk = min(chunk, num_tasks)
     if not batched or (route is not None and route.vmap_failed is not None):
         chunk = 1
     sizes = [p.numel() for p in params]

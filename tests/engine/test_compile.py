@@ -82,7 +82,7 @@ def test_a_graph_with_donated_buffers_gets_a_clear_error(monkeypatch: pytest.Mon
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     eager, _ = models()
-    mtl = mtlzoo.MTLWrapper(eager, "upgrad")
+    mtl = mtlzoo.MTLWrapper(eager, "upgrad", jacobian_chunk_size=3)  # the batched backward (the CPU default loops)
     predictions = mtl(torch.randn(16, 5))
     monkeypatch.setattr(torch.autograd, "grad", refuse)
     with pytest.raises(CompiledGraphError, match=r"donated_buffer = False.*target='representation'"):

@@ -146,7 +146,7 @@ def test_chunked_jacobian_peak_is_below_all_at_once() -> None:
     Jacobian itself, so chunking them shows; the Jacobian route's peak stays above a plain step's. (At
     d=512, K=40 the K x n Jacobian and its copies dominate: ``mtlzoo bench --vs-reference`` reports it.)"""
     setting = ref.Setting.make(16, 16)
-    whole = ref.peak_bytes(ref.mtlzoo_step(setting, ref.JacobianProbe(16)))
+    whole = ref.peak_bytes(ref.mtlzoo_step(setting, ref.JacobianProbe(16), chunk=16))
     chunked = ref.peak_bytes(ref.mtlzoo_step(setting, ref.JacobianProbe(16), chunk=2))
     plain = ref.peak_bytes(ref.plain_step(setting))
     assert plain < chunked < whole
