@@ -54,10 +54,14 @@ def _detach_tensors(value: Any, roots: list[Tensor], leaves: list[Tensor]) -> An
 def _as_heads(heads: Any) -> nn.ModuleList | nn.ModuleDict:
     if isinstance(heads, (nn.ModuleList, nn.ModuleDict)):
         return heads
-    if isinstance(heads, Mapping):
-        return nn.ModuleDict(heads)
-    if isinstance(heads, Sequence) and not isinstance(heads, str):
-        return nn.ModuleList(heads)
+    items = list(heads.items()) if isinstance(heads, Mapping) else list(enumerate(heads)) \
+        if isinstance(heads, Sequence) and not isinstance(heads, str) else None
+    if items is not None:
+        bad = [f"{key} ({type(head).__name__})" for key, head in items if not isinstance(head, nn.Module)]
+        if bad:
+            raise InvalidModelError(f"Every head should be an nn.Module (wrap a function in a module); heads "
+                                    f"{', '.join(bad)} are not.")
+        return nn.ModuleDict(heads) if isinstance(heads, Mapping) else nn.ModuleList(heads)
     raise InvalidModelError(f"The model should have `heads`: a sequence or mapping of nn.Modules, one per "
                             f"task. Found {type(heads).__name__}.")
 

@@ -11,6 +11,7 @@ from torch import Tensor
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
+from mtlzoo.strategies._weighting import per_task_numbers
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 JD_PAPER = Paper(
@@ -26,11 +27,7 @@ def preference(values: Sequence[float] | Tensor | None, num_tasks: int) -> Tenso
     """A checked preference vector (K non-negative finite numbers), or ``None`` for the mean."""
     if values is None:
         return None
-    vector = torch.as_tensor(values, dtype=torch.float64).detach().clone()
-    if vector.shape != (num_tasks,) or not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
-        raise ValueError(f"Parameter `pref_vector` should hold {num_tasks} finite non-negative numbers. Found "
-                         f"`pref_vector = {values!r}`.")
-    return vector
+    return per_task_numbers(values, "pref_vector", num_tasks, non_negative=True).to(torch.float64).detach().clone()
 
 
 def check_eps(reg_eps: float) -> float:
