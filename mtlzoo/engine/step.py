@@ -153,7 +153,7 @@ def scalarized(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backb
     if not values.requires_grad:
         return None
     total = strategy.scalarization(values, inputs.tasks)
-    if total is None:
+    if total is None or not total.requires_grad:
         return None
     reached: list[Tensor] = []
     values.register_hook(reached.append)
@@ -161,6 +161,8 @@ def scalarized(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backb
         weight = strategy.backbone_loss_weight(backbone_loss)
         total = total + (backbone_loss if weight is None else backbone_loss * weight)
     accumulate([scaler_of(scale)(total)], [None], retain_graph=retain_graph)
+    if not reached:  # f does not depend on the losses
+        return StepWeights(torch.zeros_like(values), None, losses.tasks, inputs.num_tasks)
     weights = reached[0] if scale is None else reached[0] / scale.to(reached[0].dtype)
     return StepWeights(weights, None, losses.tasks, inputs.num_tasks)
 
