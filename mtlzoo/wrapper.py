@@ -18,9 +18,9 @@ from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards
 from mtlzoo.engine.internals import compiled_original, without_donated_buffers
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
-from mtlzoo.engine.step import backpropagate
+from mtlzoo.engine.step import backpropagate, transaction
 from mtlzoo.errors import BackwardOrderError, InvalidModelError
-from mtlzoo.linalg import autocast_off, widened
+from mtlzoo.linalg import widened
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
@@ -360,23 +360,13 @@ class MTLWrapper(nn.Module):
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
         if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
             self._commit_step()
-        scale = None
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.scale(torch.ones((), device=step_losses.values.device))
-        strategy = self.strategy
-        inputs = StepInputs(widened(step_losses.values.detach()), step_losses.tasks, len(self),
-                            micro_batch=strategy.micro_batch)
-        try:  # the strategy's maths in full precision, whatever the autocast context
-            with parametrize.cached(), autocast_off(step_losses.values.device.type):
-                used = backpropagate(strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
+        def body(inputs: StepInputs, scale: Tensor | None) -> StepWeights:
+            with parametrize.cached():
+                return backpropagate(self.strategy, self._pending, self.heads, self.backbone, step_losses, inputs,
                                      backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
                                      retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
-        except BaseException:
-            if strategy.micro_batch == 0:
-                strategy.discard()
-            raise
-        strategy.micro_batch += 1
-        self.last_step = used
+
+        self.last_step = transaction(self.strategy, step_losses, scaler, body)
         self._tracker.backward_done()
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:

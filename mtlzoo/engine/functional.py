@@ -23,9 +23,9 @@ from mtlzoo.engine.internals import leaves_reached
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.last_layer import last_layer_weights
 from mtlzoo.engine.statistics import statistics
-from mtlzoo.engine.step import apply_update, loss_weights, losses_only, scaler_of, shared_parameters
+from mtlzoo.engine.step import apply_update, loss_weights, losses_step, scaler_of, shared_parameters, transaction
 from mtlzoo.errors import InvalidModelError
-from mtlzoo.linalg import all_finite, autocast_off, widened
+from mtlzoo.linalg import all_finite
 from mtlzoo.losses import Losses, StepLosses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.strategy import Strategy
@@ -95,30 +95,17 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     if backbone_loss is not None:
         check_backbone_loss(backbone_loss)
     features = [features] if isinstance(features, Tensor) else list(features)
-    scale = None
-    if scaler is not None and scaler.is_enabled():  # type: ignore[attr-defined]
-        scale = scaler.scale(torch.ones((), device=step_losses.values.device))  # type: ignore[attr-defined]
-    inputs = StepInputs(widened(step_losses.values.detach()), step_losses.tasks, strategy.num_tasks,
-                        micro_batch=strategy.micro_batch)
-    try:
-        with autocast_off(step_losses.values.device.type):
-            used = _backward(strategy, step_losses, inputs, features, shared, backbone_loss, scale, retain_graph,
-                             chunk_size)
-    except BaseException:
-        if strategy.micro_batch == 0:
-            strategy.discard()
-        raise
-    strategy.micro_batch += 1
-    return used
+    return transaction(strategy, step_losses, scaler, lambda inputs, scale: _backward(
+        strategy, step_losses, inputs, features, shared, backbone_loss, scale, retain_graph, chunk_size))
 
 
 def _backward(strategy: Strategy, losses: StepLosses, inputs: StepInputs, features: list[Tensor],
               shared: Sequence[Tensor] | nn.Module | None, backbone_loss: Tensor | None, scale: Tensor | None,
               retain_graph: bool, chunk_size: int | None) -> StepWeights:
     request = strategy.request
-    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
     if not request.needs_gradients:
-        return losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
+        return losses_step(strategy, losses, inputs, backbone_loss, scale, retain_graph)
+    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
     weighted = losses.values if weights is None else losses.values * weights
     if isinstance(shared, nn.Module):
         module = shared

@@ -10,6 +10,7 @@ leaves no trace.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from mtlzoo.engine.leading_linear import leading_linear
 from mtlzoo.engine.statistics import Statistics, statistics
 from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
-from mtlzoo.linalg import all_finite, widened
+from mtlzoo.linalg import all_finite, autocast_off, widened
 from mtlzoo.losses import StepLosses
 from mtlzoo.protocol import StepInputs, StepWeights, Update
 from mtlzoo.strategy import Strategy
@@ -58,10 +59,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     request = strategy.request
     if not request.needs_gradients:
         consumed_marks = marked_forwards(pending, losses)
-        used = scalarized(strategy, losses, inputs, backbone_loss, scale, retain_graph)
-        if used is None:
-            weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
-            used = losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
+        used = losses_step(strategy, losses, inputs, backbone_loss, scale, retain_graph)
         if not retain_graph:
             pending.remove(consumed_marks)
         return used
@@ -119,6 +117,44 @@ def weigh_heads(passed: HeadPass, coefficients: Tensor, tasks: Tensor, owners: d
     values = coefficients.tolist()
     return [grad * values[row_of[owners[id(param)]]] if id(param) in owners else grad
             for param, grad in zip(passed.head_params, passed.head_grads)]
+
+
+def transaction(strategy: Strategy, losses: StepLosses, scaler: Any | None,
+                body: Callable[[StepInputs, Tensor | None], StepWeights]) -> StepWeights:
+    """One backward as a transaction: ``body(inputs, scale)`` runs with autocast off (the strategy's maths in
+    full precision); if it raises, the step's first backward drops what it staged; else the micro-batch counts.
+
+    Args:
+        strategy: The strategy of the step.
+        losses: The checked losses.
+        scaler: A ``GradScaler`` (its scale multiplies what reaches ``.grad``), or ``None``.
+        body: The backward itself, given what the strategy reads and the scale.
+    """
+    scale = None
+    if scaler is not None and scaler.is_enabled():
+        scale = scaler.scale(torch.ones((), device=losses.values.device))
+    inputs = StepInputs(widened(losses.values.detach()), losses.tasks, strategy.num_tasks,
+                        micro_batch=strategy.micro_batch)
+    try:
+        with autocast_off(losses.values.device.type):
+            used = body(inputs, scale)
+    except BaseException:
+        if strategy.micro_batch == 0:
+            strategy.discard()
+        raise
+    strategy.micro_batch += 1
+    return used
+
+
+def losses_step(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backbone_loss: Tensor | None,
+                scale: Tensor | None, retain_graph: bool) -> StepWeights:
+    """The step of a strategy that reads the losses only: its scalarization, or ``sum_k w_k L_k`` and its
+    objective where it has none."""
+    used = scalarized(strategy, losses, inputs, backbone_loss, scale, retain_graph)
+    if used is not None:
+        return used
+    weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
+    return losses_only(losses, inputs, weights, objective, backbone_loss, scale, retain_graph)
 
 
 def scaler_of(scale: Tensor | None) -> Callable[[Tensor], Tensor]:
