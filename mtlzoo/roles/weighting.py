@@ -90,10 +90,6 @@ class LossWeighting(Strategy):
             (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
         return torch.zeros_like(losses) if grad is None else grad
 
-    def task_weights_for(self, losses: Tensor, tasks: Tensor) -> Tensor:
-        """The weights of the present tasks ``tasks`` (the former name of ``weights(losses, tasks)``)."""
-        return self._weights_of(losses, tasks)
-
     def _weights_of(self, losses: Tensor, tasks: Tensor) -> Tensor:
         if self._legacy_weights:  # the former surface: weights(losses), all K or the present ones
             weights = self.weights(losses.detach())

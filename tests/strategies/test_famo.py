@@ -125,23 +125,23 @@ def test_without_post_step_losses_it_warns_once_and_keeps_equal_logits() -> None
 
 def test_the_step_loss_is_the_mean_of_its_micro_batches_and_an_absent_task_keeps_its_state() -> None:
     famo = FAMO(3)
-    famo.task_weights_for(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
-    famo.task_weights_for(torch.tensor([4.0, 8.0]), torch.tensor([0, 2]))
+    famo.weights(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
+    famo.weights(torch.tensor([4.0, 8.0]), torch.tensor([0, 2]))
     famo.advance()
     torch.testing.assert_close(torch.tensor(famo.state.losses_before), torch.tensor([3.0, math.nan, 6.0]),
                                equal_nan=True)
     famo.post_step(torch.tensor([1.0, math.nan, 5.0]))
-    famo.task_weights_for(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))  # a second step: task 2 now absent
+    famo.weights(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))  # a second step: task 2 now absent
     famo.advance()
     famo.post_step(torch.tensor([1.5, 2.5, math.nan]))
     assert float(famo.logits[2]) != 0 and float(famo.adam_exp_avg[2]) != 0  # kept from the first step
     kept = famo.logits[2].clone(), famo.adam_exp_avg[2].clone()
-    famo.task_weights_for(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))
+    famo.weights(torch.tensor([2.0, 3.0]), torch.tensor([0, 1]))
     famo.advance()
     famo.post_step(torch.tensor([1.5, 2.5, math.nan]))
     assert torch.equal(famo.logits[2], kept[0]) and torch.equal(famo.adam_exp_avg[2], kept[1])
     famo = FAMO(3)
-    famo.task_weights_for(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
+    famo.weights(torch.tensor([2.0, 4.0]), torch.tensor([0, 2]))
     famo.advance()
     famo.post_step(torch.tensor([1.0, math.nan, 5.0]))
     assert float(famo.logits[1]) == 0 and float(famo.adam_exp_avg[1]) == 0 and float(famo.adam_exp_avg_sq[1]) == 0

@@ -45,7 +45,7 @@ def test_the_distribution_is_the_papers() -> None:
 def test_one_draw_per_step_a_skipped_step_draws_again_and_a_checkpoint_resumes_the_sequence() -> None:
     rlw = RandomLossWeighting(3, seed=7)
     first = rlw.weights(torch.ones(3))
-    torch.testing.assert_close(rlw.task_weights_for(torch.ones(2), torch.tensor([0, 2])), first[[0, 2]])  # same step
+    torch.testing.assert_close(rlw.weights(torch.ones(2), torch.tensor([0, 2])), first[[0, 2]])  # same step
     rlw.discard()
     torch.testing.assert_close(rlw.weights(torch.ones(3)), first)  # the skipped step's draw comes again
     rlw.advance()
