@@ -79,12 +79,15 @@ def _compare_epilog() -> str:
     """The help's account of the default comparison, from the built-in problems' own scales."""
     from mtlzoo.harness.problems import BUILTIN_PROBLEMS
 
+    default = [cls for cls in BUILTIN_PROBLEMS if cls.in_default]
     scales = "; ".join(f"{cls.name}: {cls.default_steps:,} steps x {cls.default_seeds} seeds (full: "
                        f"{cls.full_steps:,} x {cls.full_seeds})" for cls in BUILTIN_PROBLEMS)
-    extras = ", ".join(f"{cls.name} with the {cls.extra!r} extra" for cls in BUILTIN_PROBLEMS if cls.extra)
+    extras = ", ".join(f"{cls.name} with the {cls.extra!r} extra" for cls in default if cls.extra)
+    others = ", ".join(cls.name for cls in BUILTIN_PROBLEMS if not cls.in_default)
     paragraphs = (
         "With no options: ls, the RotoGrad family and every registered strategy marked default_comparison in its "
-        "metadata, on the built-in problems (" + extras + " only when installed), at a scale that ends in about 3 "
+        "metadata, on the built-in problems " + ", ".join(cls.name for cls in default) + " (" + extras +
+        " only when installed; " + (others or "none") + " by --problem only), at a scale that ends in about 3 "
         "minutes on 2 CPU cores. The default cuts the number of steps and seeds, not the problems; the full "
         "scale is that of each problem's source, given by --steps and --seeds: " + scales + ". `mtlzoo compare "
         "--problem NAME --help-problem` describes a problem.",

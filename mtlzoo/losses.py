@@ -26,6 +26,7 @@ class StepLosses:
         labels: Every task's label (its name, or its index as a string), for messages.
         present: The present tasks' indices as a list (``tasks`` on the host).
         scalars: The present tasks' losses as given (before stacking), for the engine's checks.
+        host: ``values`` on the host, as read once by the checks.
     """
 
     values: Tensor
@@ -34,6 +35,7 @@ class StepLosses:
     labels: list[str]
     present: list[int]
     scalars: list[Tensor] = field(default_factory=list)
+    host: list[float] = field(default_factory=list)
 
 
 def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int, *,
@@ -98,7 +100,8 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
                         "an empty mask (no labels for the task in this batch) is NaN: give None as that task's loss "
                         "to leave it out of the step. Otherwise check the predictions and targets of those tasks "
                         "(or lower the learning rate).")
-    return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present, scalars)
+    return StepLosses(vector, task_indices(tuple(present), vector.device), requires_grad, labels, present, scalars,
+                      values)
 
 
 @lru_cache(maxsize=64)

@@ -136,6 +136,8 @@ class StepInputs:
             ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
         representation: The representation ``z`` the gradients were taken at, detached, shaped like one
             row of ``gradients`` (``Request(..., representation=True)``).
+        host_losses: ``losses`` on the host, where the engine already read them (else ``None``).
+        present: ``tasks`` on the host, likewise.
     """
 
     losses: Tensor
@@ -147,6 +149,8 @@ class StepInputs:
     norms: Tensor | None = None
     extra: list[StepInputs] = field(default_factory=list)
     representation: Tensor | None = None
+    host_losses: list[float] | None = None
+    present: list[int] | None = None
 
     @property
     def all_present(self) -> bool:

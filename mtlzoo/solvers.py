@@ -187,6 +187,9 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
         return weights
     diagonal = np.diag(matrix)
     scales = np.sqrt(np.clip(diagonal, 0.0, None))
+    interior = _definite_affine_minimiser(matrix, scales)
+    if interior is not None:
+        return interior
     start = int(diagonal.argmin())
     corral = [start]
     weights[start] = 1.0
@@ -236,6 +239,26 @@ def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> 
         if len(corral) == 1:
             weights[corral] = 1.0
             return True
+
+
+def _definite_affine_minimiser(matrix: np.ndarray, scales: np.ndarray) -> np.ndarray | None:
+    """Wolfe's answer when every row ends in the corral, found at once: where the rows are linearly independent
+    (a Cholesky factor of ``C = D^-1 G D^-1`` with a pivot above ``K eps``) and the affine minimiser
+    ``w ∝ G^-1 1`` has every weight above rounding, it is the unique minimum-norm point of the simplex (its
+    products ``G w`` are all equal to ``w^T G w``); else ``None``, and Wolfe's algorithm runs."""
+    if not (scales > 0).all():
+        return None
+    inverse = 1.0 / scales
+    factor, info = lapack.dpotrf(matrix * np.outer(inverse, inverse), lower=1)
+    if info != 0 or float(np.diag(factor).min()) ** 2 <= matrix.shape[0] * _EPS:
+        return None
+    solution, info = lapack.dpotrs(factor, inverse, lower=1)
+    weights = solution * inverse
+    total = float(weights.sum())
+    if info != 0 or not total > 0:
+        return None
+    weights = weights / total
+    return weights if float(weights.min()) > _EPS else None
 
 
 def _affine_minimiser(block: np.ndarray) -> np.ndarray:

@@ -25,6 +25,7 @@ from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
+from mtlzoo.structure import trainable_parameters
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
@@ -440,8 +441,10 @@ class MTLWrapper(nn.Module):
         self._tracker.close()
 
     def _watched_parameters(self) -> list[Tensor]:
-        """What an optimizer step writes: every parameter of the wrapper (model and strategy)."""
-        return list(self.parameters())
+        """Parameters an optimizer step writes after every backward: the heads' (each present task's head gets a
+        gradient), or every parameter of the wrapper where no head trains. Listing the heads alone keeps the
+        check cheap on a deep backbone."""
+        return trainable_parameters(self.heads) or list(self.parameters())
 
     def end_epoch(self) -> None:
         """Mark the end of an epoch, for strategies that work per epoch (DWA, STCH)."""

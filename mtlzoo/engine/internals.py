@@ -90,10 +90,10 @@ def marked_leaves_reached(root: Tensor, marked: set[int]) -> set[int]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        children = inputs_of(node)
-        hits = {id(leaf) for leaf in map(leaf_of, children) if leaf is not None and id(leaf) in marked}
+        children = [edge[0] for edge in node.next_functions if edge[0] is not None]
+        hits = [key for child in children if (key := id(getattr(child, "variable", None))) in marked]
         if hits:
-            found |= hits
+            found.update(hits)
         else:
             stack += children
     return found

@@ -83,7 +83,8 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     overflow = scale is not None and not all_finite(stats.rep)
     consumed = list(passed.records)
     for more in extra_losses:
-        extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
+        extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch,
+                           host_losses=more.host, present=more.present)
         extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
                                  head_params, labels=more.labels)
         extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep
@@ -134,7 +135,7 @@ def transaction(strategy: Strategy, losses: StepLosses, scaler: Any | None,
     if scaler is not None and scaler.is_enabled():
         scale = scaler.scale(torch.ones((), device=losses.values.device))
     inputs = StepInputs(widened(losses.values.detach()), losses.tasks, strategy.num_tasks,
-                        micro_batch=strategy.micro_batch)
+                        micro_batch=strategy.micro_batch, host_losses=losses.host, present=losses.present)
     try:
         with autocast_off(losses.values.device.type):
             used = body(inputs, scale)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from mtlzoo.harness.problems.base import Metric, Problem, check_metrics
 from mtlzoo.harness.problems.builtin import BUILTIN_PROBLEMS
 from mtlzoo.harness.problems.gradnorm_synthetic import GradNormSynthetic
+from mtlzoo.harness.problems.mixedscale import MixedScale
 from mtlzoo.harness.problems.multidigits import MultiDigits
 from mtlzoo.harness.problems.registry import (
     PROBLEMS,
@@ -28,6 +29,7 @@ __all__ = [
     "PROBLEMS",
     "GradNormSynthetic",
     "Metric",
+    "MixedScale",
     "MultiDigits",
     "Problem",
     "ProblemEntry",

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mtlzoo.harness.problems.gradnorm_synthetic import GradNormSynthetic
+from mtlzoo.harness.problems.mixedscale import MixedScale
 from mtlzoo.harness.problems.multidigits import MultiDigits
 from mtlzoo.harness.problems.toy2d import Toy2D
 from mtlzoo.hookspecs import hookimpl
 
-BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits)
+BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits, MixedScale)
 
 
 @hookimpl

@@ -34,9 +34,9 @@ class Shifted(Toy2D):
 
 def test_builtins_are_listed_with_their_origin() -> None:
     entries = list_problems()
-    assert [e.name for e in entries][:3] == ["toy2d", "gradnorm_synthetic", "multidigits"]
-    assert [e.cls for e in entries[:3]] == list(BUILTIN_PROBLEMS)
-    assert all(str(e.origin) == "built-in" for e in entries[:3])
+    assert [e.name for e in entries][:4] == ["toy2d", "gradnorm_synthetic", "multidigits", "mixedscale"]
+    assert [e.cls for e in entries[:4]] == list(BUILTIN_PROBLEMS)
+    assert all(str(e.origin) == "built-in" for e in entries[:4])
     record = get_problem("gradnorm-synthetic").to_record()  # '-' equals '_', case-insensitive
     assert record["delta_m"] and record["metrics"][0] == {"name": "mse", "higher_is_better": False}
 
@@ -138,5 +138,5 @@ def test_entry_point_problems_load_through_the_one_loader_each_on_its_own(monkey
     messages = [str(w.message) for w in caught]
     assert any("'mtlzoo-failing'" in m and "boom" in m for m in messages)
     assert any("'toy2d'" in m and "mtlzoo-clash 1.2" in m and "Toy2D (from built-in)" in m for m in messages)
-    assert names == ["toy2d", "gradnorm_synthetic", "multidigits", "toy2d_shifted"]
+    assert names == [cls.name for cls in BUILTIN_PROBLEMS] + ["toy2d_shifted"]
     assert problems.get("toy2d").cls is Toy2D and str(problems.get("toy2d_shifted").origin) == "mtlzoo-clash 1.2"
