@@ -211,7 +211,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from mtlzoo.harness.comparison import compare, iter_problems
     from mtlzoo.harness.config import RUNS_DIR
     from mtlzoo.harness.plan import plan_all
-    from mtlzoo.harness.store import save
+    from mtlzoo.harness.store import save, single_task_reference
 
     if args.help_problem:
         print(_help_problems(_problem_texts(args)))

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtlzoo.errors import ComparisonError
 from mtlzoo.harness.config import RunConfig
 from mtlzoo.harness.plan import Plan, plan_all
-from mtlzoo.errors import ComparisonError
 from mtlzoo.harness.problems import Problem, create_problem, default_problems, get_problem
 from mtlzoo.harness.results import ComparisonResults, RunResult
 from mtlzoo.harness.spec import StrategySpec, parse_spec

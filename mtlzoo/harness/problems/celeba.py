@@ -149,7 +149,7 @@ class CelebA(LocalBenchmark):
     @cached_property
     def table(self) -> dict[str, Any]:
         """``names`` (the image files), ``labels`` (n, 40) uint8 in {0, 1}, and per split its row indices."""
-        images, attributes, partition = self.files
+        _, attributes, partition = self.files
         lines = attributes.read_text().split("\n")
         header = tuple(lines[1].split()) if len(lines) > 1 else ()
         if header != ATTRIBUTES:

@@ -202,7 +202,7 @@ def stack_batch(folder: Path, modalities: Sequence[str], indices: Sequence[int])
     """The batch as (B, C, H, W) float tensors: image, labels (B, H, W) long, then depth and normals."""
     samples = [load_sample(folder, modalities, i) for i in indices]
     out = []
-    for m, modality in enumerate(modalities):
+    for m in range(len(modalities)):
         array = np.stack([sample[m] for sample in samples])
         tensor = torch.from_numpy(array)
         if m == 1:
@@ -240,7 +240,8 @@ def scale_crop_flip(image: Tensor, labels: Tensor, depth: Tensor, normal: Tensor
     cols = left[:, None] + torch.div(torch.arange(width)[None] * crop_w[:, None], width, rounding_mode="floor")
     b = torch.arange(batch)[:, None, None]
     labels = labels[b, rows[:, :, None], cols[:, None, :]]
-    depth = depth[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2) / scale.view(-1, 1, 1, 1).to(depth.dtype)
+    zoom = scale.view(-1, 1, 1, 1).to(depth.dtype)
+    depth = depth[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2) / zoom
     image = bilinear(image)
     if normal is not None:
         normal = bilinear(normal)

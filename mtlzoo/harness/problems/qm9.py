@@ -194,7 +194,8 @@ class QM9(LocalBenchmark):
         return HardSharing(MessagePassing(), [nn.Linear(64, 1) for _ in TASKS])
 
     def _fetch(self, split: str, positions: list[int]) -> tuple[Any, Tensor]:
-        from torch_geometric.data import Batch as Graphs, Data
+        from torch_geometric.data import Batch as Graphs
+        from torch_geometric.data import Data
 
         rows = self.split[split][positions]
         molecules = [self.dataset[int(row)] for row in rows]
