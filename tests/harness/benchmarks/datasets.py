@@ -79,7 +79,8 @@ def write_qm9(root: Path, *, molecules: int = 24, seed: int = 0) -> Path:
         data.append({"x": torch.rand(n, 11, generator=generator), "edge_index": edge_index,
                      "edge_attr": torch.nn.functional.one_hot(bond, 4).float(),
                      "y": torch.randn(1, 19, generator=generator) * torch.logspace(-1, 2, 19).view(1, -1),
-                     "pos": torch.randn(n, 3, generator=generator), "z": torch.randint(1, 10, (n,), generator=generator),
+                     "pos": torch.randn(n, 3, generator=generator),
+                     "z": torch.randint(1, 10, (n,), generator=generator),
                      "name": f"gdb_{i + 1}", "idx": torch.tensor([i])})
     (root / "raw").mkdir(parents=True)
     torch.save(data, root / "raw" / "qm9_v3.pt")

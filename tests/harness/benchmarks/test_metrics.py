@@ -110,8 +110,10 @@ def test_scale_crop_matches_interpolate_on_each_sample() -> None:
     assert set(scale.tolist()) == set(dense.SCALES) and flip.any() and not flip.all()  # the draws exercise both paths
     for b in range(8):
         window = (slice(None), slice(int(top[b]), int(top[b] + h[b])), slice(int(left[b]), int(left[b] + w[b])))
-        crop = lambda x, mode: F.interpolate(x[b][window][None], size=(32, 64), mode=mode,  # noqa: E731
-                                             **({"align_corners": True} if mode == "bilinear" else {}))[0]
+        def crop(x: torch.Tensor, mode: str, b: int = b, window: tuple = window) -> torch.Tensor:
+            corners = {"align_corners": True} if mode == "bilinear" else {}
+            return F.interpolate(x[b][window][None], size=(32, 64), mode=mode, **corners)[0]
+
         expected = [crop(image, "bilinear"), crop(labels[:, None].float(), "nearest")[0].long(),
                     crop(depth, "nearest") / float(scale[b]), crop(normal, "bilinear")]
         if flip[b]:
@@ -160,7 +162,7 @@ def test_qm9_mae_is_in_the_targets_units_after_undoing_the_standardisation(tmp_p
     problem = QM9(data=str(write_qm9(tmp_path / "qm9")), workers=0, test_size=6, val_size=6, batch_size=4)
 
     class Zero(torch.nn.Module):
-        def forward(self, graphs):  # noqa: ANN001, ANN202
+        def forward(self, graphs):
             return [torch.zeros(graphs.num_graphs, 1) for _ in TASKS]
 
     raw = torch.stack([problem.dataset[i].y[0] for i in range(len(problem.dataset))]).double()[:, list(TARGETS)]
