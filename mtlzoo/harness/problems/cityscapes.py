@@ -42,7 +42,7 @@ class Cityscapes(SceneBenchmark):
     summary: ClassVar[str] = "Cityscapes: 7-class segmentation and depth (MTAN's arrays; SegNet, Nash-MTL's recipe)"
     source: ClassVar[str] = "Liu et al., FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023 " \
                             "(https://arxiv.org/abs/2306.03792), after Navon et al., ICML 2022"
-    literature: ClassVar[str] = ("Nash-MTL (Table 2) and FAMO report Δm% against single-task networks over the four "
+    literature: ClassVar[str] = ("Nash-MTL and FAMO report Δm% against single-task networks over the four "
                                  "metrics, with the MTAN network (the comparison guide's Cityscapes page)")
     metrics: ClassVar[tuple[Metric, ...]] = (*dense.SEGMENTATION, *dense.DEPTH)
     classes: ClassVar[int] = 7

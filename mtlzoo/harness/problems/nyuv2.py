@@ -160,7 +160,7 @@ class NYUv2(SceneBenchmark):
 
     name: ClassVar[str] = "nyuv2"
     summary: ClassVar[str] = "NYUv2: 13-class segmentation, depth, normals (MTAN's arrays; SegNet, Nash-MTL's recipe)"
-    literature: ClassVar[str] = ("Nash-MTL (Table 2) and FAMO report Δm% against single-task networks over the nine "
+    literature: ClassVar[str] = ("Nash-MTL and FAMO report Δm% against single-task networks over the nine "
                                  "metrics, with the MTAN network: equal weighting worse than single-task training, "
                                  "Nash-MTL and FAMO better (the comparison guide's NYUv2 page)")
     metrics: ClassVar[tuple[Metric, ...]] = (*dense.SEGMENTATION, *dense.DEPTH, *dense.NORMAL)

@@ -125,7 +125,7 @@ class QM9(LocalBenchmark):
     name: ClassVar[str] = "qm9"
     summary: ClassVar[str] = "QM9: 11 molecular properties (torch_geometric; Nash-MTL's message-passing net and recipe)"
     source: ClassVar[str] = NASH_MTL
-    literature: ClassVar[str] = ("Nash-MTL (Table 3) and FAMO report Δm% of the 11 MAEs against single-task networks; "
+    literature: ClassVar[str] = ("Nash-MTL and FAMO report Δm% of the 11 MAEs against single-task networks; "
                                  "the targets' scales differ by orders of magnitude, and equal weighting is far "
                                  "behind single-task training (the comparison guide's QM9 page)")
     metrics: ClassVar[tuple[Metric, ...]] = (Metric("mae", False, "test mean absolute error (meV for energies)"),)
