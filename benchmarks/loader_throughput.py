@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtlzoo.harness.problems.celeba import CelebA  # noqa: E402
-from mtlzoo.harness.problems.nyuv2 import NYUv2  # noqa: E402
-from mtlzoo.harness.problems.qm9 import QM9  # noqa: E402
-from tests.harness.benchmarks import datasets  # noqa: E402
+from mtlzoo.harness.problems.celeba import CelebA
+from mtlzoo.harness.problems.nyuv2 import NYUv2
+from mtlzoo.harness.problems.qm9 import QM9
+from tests.harness.benchmarks import datasets
 
 
-def samples_per_second(problem, batches: int) -> float:  # noqa: ANN001
+def samples_per_second(problem, batches: int) -> float:
     loader = problem.epoch(torch.Generator().manual_seed(0))
     next(loader)  # the workers' start-up is not counted
     seen, start = 0, time.perf_counter()

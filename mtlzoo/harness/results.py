@@ -202,6 +202,10 @@ class ComparisonResults:
         """Every (task, metric) pair the runs report, task by task, each task's primary metric first."""
         return [(task, self.metric(name)) for task in self.task_names for name in self.task_metrics[task]]
 
+    def shared_metrics(self) -> list[str]:
+        """The metrics every task reports (their mean over tasks is a column: CelebA's mean F1 and accuracy)."""
+        return [m["name"] for m in self.metrics if all(m["name"] in names for names in self.task_metrics.values())]
+
     def runs_of(self, label: str) -> list[RunResult]:
         return [r for r in self.runs if r.label == label and r.role == "strategy"]
 
@@ -296,7 +300,8 @@ class ComparisonResults:
         """One row per strategy: means and standard deviations over its finished seeds.
 
         Keys: ``strategy``, ``ok`` / ``runs``, ``error`` (the first failure's), for each task and each
-        of its metrics ``<task>/<metric>`` and ``<task>/<metric>_std``, ``worst`` (worst task's primary
+        of its metrics ``<task>/<metric>`` and ``<task>/<metric>_std``, for each metric every task reports
+        its mean over the tasks ``mean/<metric>`` (and ``_std`` over seeds), ``worst`` (worst task's primary
         metric), ``delta_m``, ``rank``, ``seconds_per_step``, ``time_ratio``, ``conflict_share``,
         ``mean_cosine`` (each with ``_std``).
         """
@@ -310,6 +315,9 @@ class ComparisonResults:
             for task, metric in self.columns():
                 key = f"{task}/{metric['name']}"
                 row[key], row[key + "_std"] = mean_std([r.metrics[task][metric["name"]] for r in finished])
+            for name in self.shared_metrics():
+                row[f"mean/{name}"], row[f"mean/{name}_std"] = mean_std(
+                    [statistics.fmean(r.metrics[task][name] for task in self.task_names) for r in finished])
             columns: dict[str, list[float | None]] = {
                 "worst": [self.worst_of(r) for r in finished],
                 "delta_m": [self.delta_m_of(r) for r in finished],
