@@ -128,7 +128,14 @@ def _add_compare(commands: Any) -> None:
     compare.add_argument("--format", choices=["table", "json"], default="table",
                          help="table (default) or the summaries as JSON on stdout")
     compare.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG plots")
-    compare.add_argument("--help-problem", action="store_true", help="describe the chosen problems and exit")
+    compare.add_argument("--data", metavar="PATH",
+                         help="the folder of a benchmark's data set (nyuv2, cityscapes, celeba, qm9); nothing is "
+                              "downloaded")
+    compare.add_argument("--reference-from", metavar="DIR",
+                         help="measure Δm%% against the single-task runs of an earlier comparison in DIR (made with "
+                              "--reference single_task --out DIR) instead of training them")
+    compare.add_argument("--help-problem", action="store_true",
+                         help="describe the chosen problems (without --problem: list every registered one) and exit")
     compare.set_defaults(run=_compare)
 
 
@@ -198,6 +205,7 @@ def _config(args: argparse.Namespace, named: bool) -> Any:
     from mtlzoo.harness.config import RunConfig
 
     return RunConfig(seeds=_seeds(args.seeds), steps=args.steps, reference=args.reference,
+                     reference_from=args.reference_from,
                      conflict_every=args.conflict_every, device=args.device, out=args.out, resume=args.resume,
                      strict=named, threads=args.threads)
 
@@ -206,17 +214,20 @@ def _run_compare(args: argparse.Namespace) -> int:
     from mtlzoo.harness.comparison import compare, iter_problems
     from mtlzoo.harness.config import RUNS_DIR
     from mtlzoo.harness.plan import plan_all
-    from mtlzoo.harness.store import save
+    from mtlzoo.harness.store import save, single_task_reference
 
-    problems = list(iter_problems(_problem_texts(args)))
     if args.help_problem:
-        for problem in problems:
-            print(_describe(problem))
+        print(_help_problems(_problem_texts(args)))
         return 0
+    problems = list(iter_problems(_problem_texts(args), data=args.data))
     specs, named = _strategy_specs(args)
     config = _config(args, named)
     config.check_out(problem.name for problem in problems)
-    plans = {problem.name: plan_all(problem, specs, reference=config.reference, strict=named, device=config.device)
+    if config.reference_from is not None:
+        for problem in problems:
+            single_task_reference(config.reference_from, problem)
+    plans = {problem.name: plan_all(problem, specs, reference=config.trained_reference, strict=named,
+                                    device=config.device)
              for problem in problems}  # every check before any training
     stdout, stderr = _console(), _console(stderr=True)
     results = []
@@ -321,11 +332,33 @@ class _Progress:
             self.done_in_run = 0
 
 
-def _describe(problem: Any) -> str:
-    cls = type(problem)
-    doc = (cls.__doc__ or "").strip()
-    return (f"{cls.name}: {cls.summary}\nsettings: {problem.settings}\ndefault scale: {cls.default_steps} steps x "
-            f"{cls.default_seeds} seeds; full: {cls.full_steps} steps x {cls.full_seeds} seeds\n\n{doc}\n")
+def _help_problems(texts: list[str] | None) -> str:
+    """Each named problem described (its settings as given, else its defaults); without names, every registered one
+    in a line. Reads no data set: a benchmark is described without its folder."""
+    from mtlzoo.harness.problems import get_problem, list_problems
+    from mtlzoo.harness.spec import parse_spec
+
+    if texts is None:
+        lines = ["The registered problems (`mtlzoo compare --problem NAME --help-problem` describes one):"]
+        for entry in list_problems():
+            needs = [*(["--data PATH"] if "data" in entry.settings else []),
+                     *([f"the {entry.cls.extra!r} extra"] if entry.cls.extra and not entry.available() else [])]
+            lines.append(f"  {entry.name:<20} {entry.cls.summary}" + (f" [needs {', '.join(needs)}]" if needs else ""))
+        return "\n".join(lines)
+    out = []
+    for text in texts:
+        name, settings = parse_spec(text)
+        entry = get_problem(name)
+        out.append(_describe(entry.cls, {**entry.settings, **settings}))
+    return "\n".join(out)
+
+
+def _describe(cls: Any, settings: dict[str, Any]) -> str:
+    doc = textwrap.dedent((cls.__doc__ or "").strip())
+    layout = getattr(cls, "layout", "")
+    return (f"{cls.name}: {cls.summary}\nsettings: {settings}\ndefault scale: {cls.default_steps} steps x "
+            f"{cls.default_seeds} seeds; full: {cls.full_steps} steps x {cls.full_seeds} seeds\n\n{doc}\n"
+            + (f"\nThe data folder (--data PATH) should hold:\n{layout}\n" if layout else ""))
 
 
 # -------------------------------------------------------------------------- bench

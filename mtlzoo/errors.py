@@ -93,6 +93,11 @@ class ComparisonError(MTLZooError, ValueError):
     before any training."""
 
 
+class DataError(ComparisonError, FileNotFoundError):
+    """A data directory that lacks a file a problem reads, or holds one in another format (the message names
+    the file and the layout the problem expects)."""
+
+
 class SolverError(MTLZooError, RuntimeError):
     """An optimisation problem of a strategy that its solver could not solve (the message says which and why)."""
 

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtlzoo.errors import ComparisonError
 from mtlzoo.harness.config import RunConfig
 from mtlzoo.harness.plan import Plan, plan_all
-from mtlzoo.harness.problems import Problem, create_problem, default_problems
+from mtlzoo.harness.problems import Problem, create_problem, default_problems, get_problem
 from mtlzoo.harness.results import ComparisonResults, RunResult
 from mtlzoo.harness.spec import StrategySpec, parse_spec
-from mtlzoo.harness.store import fingerprint, load_run, run_path, write_json
+from mtlzoo.harness.store import fingerprint, load_run, run_path, single_task_reference, write_json
 from mtlzoo.harness.training import ProgressCallback, ProgressEvent, run
 
 
@@ -57,9 +58,10 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
             and all(isinstance(p, Plan) for p in strategies):
         plans: list[Plan] = list(strategies)  # type: ignore[arg-type]  # already checked by plan_all
     else:
-        plans = plan_all(problem, strategies, reference=config.reference, strict=config.strict,  # type: ignore[arg-type]
+        plans = plan_all(problem, strategies, reference=config.trained_reference, strict=config.strict,  # type: ignore[arg-type]
                          device=config.device)
     config.check_out([problem.name])
+    external = None if config.reference_from is None else single_task_reference(config.reference_from, problem)
     seeds, steps = config.seeds_for(problem), config.steps_for(problem)
     if progress is not None:
         progress(ProgressEvent("start", problem.name, total_runs=len(plans) * len(seeds), steps=steps))
@@ -86,11 +88,22 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
                 progress(ProgressEvent("run_end", problem.name, plan_.label, seed, steps, steps, result=done,
                                        skipped=skipped))
     return ComparisonResults(problem, runs, [p.label for p in plans if p.role == "strategy"], config.reference,
-                             steps=steps, seeds=seeds)
+                             steps=steps, seeds=seeds, external_reference=external)
 
 
-def iter_problems(names: Iterable[str] | None) -> Iterator[Problem]:
-    """Problems from ``"name"`` / ``"name:key=value"`` texts (default: the default problems)."""
-    for text in (default_problems() if names is None else names):
-        name, settings = parse_spec(text)
+def iter_problems(names: Iterable[str] | None, *, data: str | None = None) -> Iterator[Problem]:
+    """Problems from ``"name"`` / ``"name:key=value"`` texts (default: the default problems); ``data`` is the
+    ``data`` setting (``--data PATH``) of those that read a data set from disk.
+
+    Raises:
+        ComparisonError: ``data`` given, and no problem named reads a data set from disk.
+    """
+    texts = [parse_spec(text) for text in (default_problems() if names is None else names)]
+    takes_data = [name for name, _ in texts if "data" in get_problem(name).settings]
+    if data is not None and not takes_data:
+        raise ComparisonError(f"--data: none of the problems {[name for name, _ in texts]} reads a data set from "
+                              "disk (nyuv2, cityscapes, celeba and qm9 do).")
+    for name, settings in texts:
+        if data is not None and name in takes_data:
+            settings = {"data": data, **settings}
         yield create_problem(name, **settings)

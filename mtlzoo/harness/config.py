@@ -54,9 +54,12 @@ class RunConfig:
     """The settings of a comparison that are the same for every strategy (checked on construction).
 
     Attributes:
-        seeds: A number of seeds (``0 .. n-1``) or the seeds themselves (``None``: the problem's ``default_seeds``).
-        steps: Optimizer steps per run (``None``: the problem's ``default_steps``).
+        seeds: A number of seeds (``0 .. n-1``) or the seeds themselves (``None``: the problem's ``run_seeds``).
+        steps: Optimizer steps per run (``None``: the problem's ``run_steps``).
         reference: What Δm% is measured against: ``"ls"``, or ``"single_task"`` (K more runs per seed).
+        reference_from: A folder holding an earlier comparison's single-task runs on the same problem
+            (``--reference single_task --out DIR``): Δm% is measured against their mean over seeds, and
+            none is trained (``reference`` is then ``"single_task"``).
         conflict_every: Steps between two gradient-conflict measurements (0 disables them).
         device: Where to train.
         out: A folder: each finished run is written there as it ends (``runs/<problem>/...json``).
@@ -73,6 +76,7 @@ class RunConfig:
     seeds: int | tuple[int, ...] | None = None
     steps: int | None = None
     reference: Reference = "ls"
+    reference_from: Path | None = None
     conflict_every: int = 10
     device: str = "cpu"
     out: Path | None = None
@@ -97,6 +101,9 @@ class RunConfig:
                                   f"`conflict_every = {self.conflict_every!r}`.")
         if self.reference not in REFERENCES:
             raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {self.reference!r}.")
+        if self.reference_from is not None:
+            object.__setattr__(self, "reference_from", Path(self.reference_from))
+            object.__setattr__(self, "reference", "single_task")
         object.__setattr__(self, "device", str(check_device(self.device)))
         if self.out is not None:
             object.__setattr__(self, "out", Path(self.out))
@@ -105,14 +112,19 @@ class RunConfig:
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
 
+    @property
+    def trained_reference(self) -> Reference:
+        """The reference the comparison trains itself: ``"ls"`` when the single-task runs are read from disk."""
+        return "ls" if self.reference_from is not None else self.reference
+
     def seeds_for(self, problem: Problem) -> list[int]:
         """The seeds of the runs on ``problem``."""
-        seeds = problem.default_seeds if self.seeds is None else self.seeds
+        seeds = problem.run_seeds if self.seeds is None else self.seeds
         return list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
     def steps_for(self, problem: Problem) -> int:
         """The optimizer steps of each run on ``problem``."""
-        return problem.default_steps if self.steps is None else self.steps
+        return problem.run_steps if self.steps is None else self.steps
 
     def runs_folder(self, problem: str) -> Path | None:
         """Where the finished runs on the problem named ``problem`` are written (``None`` without ``out``)."""

@@ -7,9 +7,12 @@ r"""What runs produce (:class:`RunResult`) and what a comparison's runs say (:cl
 with ``M_k`` task k's primary metric (the first of its metrics, :attr:`Problem.task_metrics
 <mtlzoo.harness.problems.Problem.task_metrics>`), ``h_k`` that metric's direction, and ``M_ref`` the
 metrics of ``ls`` on the same seed (or, with ``reference="single_task"``, of K single-task runs: ``ls``
-weighted by the k-th unit vector, from the same initialisation), for problems whose metrics are
-bounded away from zero. Tasks may report different metrics (accuracy for a classifier, RMSE for a
-regression): each term takes its own task's metric and direction.
+weighted by the k-th unit vector, from the same initialisation, or their mean over the seeds of an
+earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero. Tasks
+may report different metrics (accuracy for a classifier, RMSE for a regression): each term takes its
+own task's metric and direction. Where a problem's papers average over every metric of every task
+(NYUv2's nine), the sum runs over the problem's :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms`
+and K is their number.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ class RunResult:
             ``seconds_mean`` the mean, ``wall_seconds`` the whole run.
         conflicts: ``{"steps": [...], "cosines": [[cos of each task pair i < j], ...]}``.
         trace: What the problem records per step for plots (toy2d: each task's output point).
+        evaluations: Each test evaluation that ``metrics`` summarises (after the last epochs, or at each
+            improvement of the validation score): ``{"step", "epoch", "validation", "metrics"}``.
         warnings: The distinct warnings the run raised.
         fingerprint: The run's settings, hashed (a resumed comparison reuses a run with the same one).
     """
@@ -86,6 +91,7 @@ class RunResult:
     wall_seconds: float | None = None
     conflicts: dict[str, list[Any]] = field(default_factory=lambda: {"steps": [], "cosines": []})
     trace: list[Any] | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     fingerprint: str = ""
 
@@ -130,7 +136,8 @@ def describe_problem(problem: Problem) -> dict[str, Any]:
             "delta_m": problem.delta_m,
             "metrics": [{"name": m.name, "higher_is_better": m.higher_is_better, "description": m.description}
                         for m in problem.metrics],
-            "task_metrics": {task: list(names) for task, names in problem.task_metrics.items()}}
+            "task_metrics": {task: list(names) for task, names in problem.task_metrics.items()},
+            "delta_m_terms": [list(term) for term in problem.delta_m_terms]}
 
 
 class ComparisonResults:
@@ -143,13 +150,16 @@ class ComparisonResults:
         runs: Every :class:`RunResult` (strategies and reference runs).
         labels: The strategies, in order (``ls`` first).
         reference: ``"ls"`` or ``"single_task"``.
+        external_reference: With ``reference_from``, the single-task metrics read from an earlier
+            comparison (``{task: {metric: mean over its seeds}}``); ``None`` otherwise.
 
     :meth:`summary` has one row per strategy (means and standard deviations over seeds);
     :meth:`to_records` one flat row per run (``pandas.DataFrame(results.to_records())``).
     """
 
     def __init__(self, problem: Problem | Mapping[str, Any], runs: list[RunResult], labels: list[str],
-                 reference: Reference = "ls", *, steps: int = 0, seeds: Sequence[int] = ()) -> None:
+                 reference: Reference = "ls", *, steps: int = 0, seeds: Sequence[int] = (),
+                 external_reference: Mapping[str, Mapping[str, float]] | None = None) -> None:
         described = problem if isinstance(problem, Mapping) else describe_problem(problem)
         self.problem: str = described["name"]
         self.settings: dict[str, Any] = dict(described["settings"])
@@ -159,6 +169,10 @@ class ComparisonResults:
         every = [m["name"] for m in self.metrics]
         task_metrics = described.get("task_metrics") or {task: every for task in self.task_names}
         self.task_metrics: dict[str, list[str]] = {task: list(task_metrics[task]) for task in self.task_names}
+        terms = described.get("delta_m_terms") or [(task, self.task_metrics[task][0]) for task in self.task_names]
+        self.delta_m_terms: list[tuple[str, str]] = [(str(task), str(name)) for task, name in terms]
+        self.external_reference = None if external_reference is None else {
+            task: dict(values) for task, values in external_reference.items()}
         self.runs = runs
         self.labels = labels
         self.reference = reference
@@ -188,6 +202,10 @@ class ComparisonResults:
         """Every (task, metric) pair the runs report, task by task, each task's primary metric first."""
         return [(task, self.metric(name)) for task in self.task_names for name in self.task_metrics[task]]
 
+    def shared_metrics(self) -> list[str]:
+        """The metrics every task reports (their mean over tasks is a column: CelebA's mean F1 and accuracy)."""
+        return [m["name"] for m in self.metrics if all(m["name"] in names for names in self.task_metrics.values())]
+
     def runs_of(self, label: str) -> list[RunResult]:
         return [r for r in self.runs if r.label == label and r.role == "strategy"]
 
@@ -205,19 +223,22 @@ class ComparisonResults:
         return result.metrics[task][self.task_metrics[task][0]]
 
     # ------------------------------------------------------------ derived values
-    def _reference_metrics(self, seed: int) -> dict[str, float] | None:
+    def _reference_metrics(self, seed: int) -> dict[str, dict[str, float]] | None:
+        """Per task, the reference's metrics for seed ``seed`` (``None`` when it did not finish)."""
+        if self.external_reference is not None:
+            return self.external_reference
         if self.reference == "single_task":
             values = {}
             for task in self.task_names:
                 ref = self.run(f"single_task[{task}]", seed)
                 if ref is None or not ref.ok:
                     return None
-                values[task] = self._primary_value(ref, task)
+                values[task] = ref.metrics[task]
             return values
         ref = self.run(BASELINE, seed)
         if ref is None or not ref.ok:
             return None
-        return {task: self._primary_value(ref, task) for task in self.task_names}
+        return ref.metrics
 
     def delta_m_of(self, result: RunResult) -> float | None:
         """Δm% of a run against the reference of its seed (``None`` where it does not apply)."""
@@ -227,11 +248,12 @@ class ComparisonResults:
         if reference is None:
             return None
         terms = []
-        for task in self.task_names:
-            if reference[task] == 0:
+        for task, name in self.delta_m_terms:
+            base = reference.get(task, {}).get(name)
+            if base is None or base == 0:
                 return None
-            sign = -1.0 if self.primary_of(task)["higher_is_better"] else 1.0
-            terms.append(sign * (self._primary_value(result, task) - reference[task]) / reference[task])
+            sign = -1.0 if self.metric(name)["higher_is_better"] else 1.0
+            terms.append(sign * (result.metrics[task][name] - base) / base)
         return 100.0 * sum(terms) / len(terms)
 
     def mean_ranks(self, seed: int) -> dict[str, float]:
@@ -278,7 +300,8 @@ class ComparisonResults:
         """One row per strategy: means and standard deviations over its finished seeds.
 
         Keys: ``strategy``, ``ok`` / ``runs``, ``error`` (the first failure's), for each task and each
-        of its metrics ``<task>/<metric>`` and ``<task>/<metric>_std``, ``worst`` (worst task's primary
+        of its metrics ``<task>/<metric>`` and ``<task>/<metric>_std``, for each metric every task reports
+        its mean over the tasks ``mean/<metric>`` (and ``_std`` over seeds), ``worst`` (worst task's primary
         metric), ``delta_m``, ``rank``, ``seconds_per_step``, ``time_ratio``, ``conflict_share``,
         ``mean_cosine`` (each with ``_std``).
         """
@@ -292,6 +315,9 @@ class ComparisonResults:
             for task, metric in self.columns():
                 key = f"{task}/{metric['name']}"
                 row[key], row[key + "_std"] = mean_std([r.metrics[task][metric["name"]] for r in finished])
+            for name in self.shared_metrics():
+                row[f"mean/{name}"], row[f"mean/{name}_std"] = mean_std(
+                    [statistics.fmean(r.metrics[task][name] for task in self.task_names) for r in finished])
             columns: dict[str, list[float | None]] = {
                 "worst": [self.worst_of(r) for r in finished],
                 "delta_m": [self.delta_m_of(r) for r in finished],
@@ -336,7 +362,8 @@ class ComparisonResults:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "problem": self.problem, "settings": self.settings,
                 "task_names": self.task_names, "delta_m": self.delta_m, "metrics": self.metrics,
-                "task_metrics": self.task_metrics, "labels": self.labels, "reference": self.reference,
+                "task_metrics": self.task_metrics, "delta_m_terms": [list(t) for t in self.delta_m_terms],
+                "external_reference": self.external_reference, "labels": self.labels, "reference": self.reference,
                 "steps": self.steps, "seeds": self.seeds, "summary": self.summary(),
                 "runs": [r.to_dict() for r in self.runs]}
 
@@ -344,6 +371,8 @@ class ComparisonResults:
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonResults:
         """Read back :meth:`to_dict` (also of files written before tasks could report different metrics)."""
         problem = {"name": data["problem"], "settings": data["settings"], "task_names": data["task_names"],
-                   "delta_m": data["delta_m"], "metrics": data["metrics"], "task_metrics": data.get("task_metrics")}
+                   "delta_m": data["delta_m"], "metrics": data["metrics"], "task_metrics": data.get("task_metrics"),
+                   "delta_m_terms": data.get("delta_m_terms")}
         return cls(problem, [RunResult.from_dict(r) for r in data["runs"]], list(data["labels"]),
-                   data.get("reference", "ls"), steps=data.get("steps", 0), seeds=data.get("seeds", ()))
+                   data.get("reference", "ls"), steps=data.get("steps", 0), seeds=data.get("seeds", ()),
+                   external_reference=data.get("external_reference"))

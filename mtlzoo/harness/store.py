@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mtlzoo.errors import ComparisonError
 from mtlzoo.harness.config import RUNS_DIR, RunConfig, slug
 from mtlzoo.harness.results import FORMAT_VERSION, ComparisonResults, RunResult, jsonable
 
@@ -68,6 +69,38 @@ def load_run(path: Path, expected: str) -> RunResult | None:
     if data.get("fingerprint") != expected:
         return None
     return RunResult.from_dict(data)
+
+
+def single_task_reference(out: str | Path, problem: Problem) -> dict[str, dict[str, float]]:
+    """The single-task metrics of an earlier comparison in ``out`` on ``problem``: per task, each metric's mean
+    over the seeds of its finished single-task run (``runs/<problem>/single_task_<task>__seed<n>.json``).
+
+    Raises:
+        ComparisonError: A task without a finished single-task run there, or runs made with other settings
+            (the message says which and how to make them).
+    """
+    folder = Path(out) / RUNS_DIR / slug(problem.name)
+    found: dict[str, list[RunResult]] = {task: [] for task in problem.task_names}
+    for path in sorted(folder.glob("single_task*__seed*.json")):
+        try:
+            run = RunResult.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if run.role == "reference" and run.ok and run.task in found:
+            found[run.task].append(run)
+    missing = [task for task, runs in found.items() if not runs]
+    if missing:
+        raise ComparisonError(
+            f"{folder} holds no finished single-task run of {problem.name!r} for the tasks {missing}: make them with "
+            f"`mtlzoo compare --problem {problem.name} --reference single_task --out {out}`.")
+    settings = jsonable(problem.settings)
+    differing = sorted({key for runs in found.values() for run in runs for key, value in run.settings.items()
+                        if key not in ("data", "workers") and settings.get(key) != value})
+    if differing:
+        raise ComparisonError(f"The single-task runs in {folder} were made with other settings of "
+                              f"{problem.name!r} ({', '.join(differing)}): make them with this comparison's settings.")
+    return {task: {name: math.fsum(run.metrics[task][name] for run in runs) / len(runs)
+                   for name in runs[0].metrics[task]} for task, runs in found.items()}
 
 
 def save(results: Sequence[ComparisonResults], out: str | Path) -> list[Path]:

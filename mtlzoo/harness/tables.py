@@ -12,6 +12,9 @@ from typing import Any
 
 from mtlzoo.harness.results import ComparisonResults
 
+MANY_TASKS = 12
+"""Above this many tasks (CelebA's 40), the table shows each metric's mean over the tasks; the files keep each task."""
+
 
 def plain_table(header: list[str], rows: list[list[str]], *, right: Sequence[int] = ()) -> str:
     """``rows`` under ``header`` in aligned plain-text columns, a rule under the header; the columns whose
@@ -41,10 +44,15 @@ def result_columns(results: ComparisonResults) -> list[tuple[str, list[str]]]:
     """The columns after ``strategy``: (header, one cell per strategy of :meth:`ComparisonResults.summary`)."""
     rows = results.summary()
     columns: list[tuple[str, list[str]]] = []
-    for task, metric in results.columns():
+    many = len(results.task_names) > MANY_TASKS and results.shared_metrics()
+    for task, metric in [] if many else results.columns():
         key = f"{task}/{metric['name']}"
         cells = [fmt(row[key], row[key + "_std"]) for row in rows]
         columns.append((f"{task} {metric['name']} {_arrow(metric)}", cells))
+    for name in many or []:
+        key = f"mean/{name}"
+        columns.append((f"mean {name} ({len(results.task_names)} tasks) {_arrow(results.metric(name))}",
+                        [fmt(row[key], row[key + "_std"]) for row in rows]))
     if results.shared_primary:
         columns.append((f"worst {_arrow(results.primary)}", [fmt(row["worst"], row["worst_std"]) for row in rows]))
     if results.delta_m:

@@ -198,10 +198,12 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
                for i in range(mtl.strategy.request.batches - 1)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    scheduler = problem.lr_scheduler(optimizers[0])
+    evaluator = _Evaluator(problem, mtl, device, steps, result)
     losses_log: list[Tensor] = []
     times: list[float] = []
     trace: list[Any] = []
-    step = 0
+    step = epoch = 0
     try:
         while step < steps:
             before = step
@@ -239,6 +241,8 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
                 if step == before:
                     raise ComparisonError(f"Problem {problem.name!r} yielded an epoch without batches.")
                 mtl.end_epoch()
+                epoch += 1
+                evaluator.point(step, epoch, scheduler)
                 continue
             break
     finally:  # a failed run keeps its curves up to the failure
@@ -246,14 +250,72 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
         result.trace = trace or None
         result.seconds_per_step = statistics.median(times) if times else None
         result.seconds_mean = statistics.fmean(times) if times else None
-    mtl.eval()
-    with torch.no_grad():
-        metrics = problem.evaluate(mtl, device)
-    result.metrics = {task: {name: float(value) for name, value in values.items()} for task, values in metrics.items()}
+    result.metrics = evaluator.finish(step, epoch)
     bad = [f"{task}/{name}" for task, values in result.metrics.items() for name, value in values.items()
            if not math.isfinite(value)]
     if bad:
         raise FloatingPointError(f"diverged: non-finite test metrics {bad}")
+
+
+class _Evaluator:
+    """When a run evaluates, and what it reports (:attr:`Problem.average_last`, :attr:`Problem.select_by_validation`).
+
+    After training only, by default. With ``average_last = n``, after each of the last n epochs (the end
+    of the run counting as one when it stops inside an epoch), reporting the mean. With
+    ``select_by_validation``, the validation score after every epoch and at the end; the test metrics
+    each time it is the best so far (ties: the later, as Nash-MTL's ``<=``), reporting those of the
+    best. A plateau schedule steps on the validation score.
+    """
+
+    def __init__(self, problem: Problem, mtl: MTLWrapper, device: torch.device, steps: int,
+                 result: RunResult) -> None:
+        self.problem, self.mtl, self.device, self.result = problem, mtl, device, result
+        per_epoch = max(problem.steps_per_epoch, 1)
+        slots = problem.average_last - (1 if steps % per_epoch else 0)
+        self.window_start = steps - steps % per_epoch - slots * per_epoch
+        """Epoch ends after this step are among the last ``average_last`` evaluations."""
+        self.best: float | None = None
+        self.evaluated_at: int | None = None
+
+    def _eval(self, method: Callable[..., Any]) -> Any:
+        self.mtl.eval()
+        try:
+            with torch.no_grad():
+                return method(self.mtl, self.device)
+        finally:
+            self.mtl.train()
+
+    def _record(self, step: int, epoch: int, validation: float | None) -> None:
+        metrics = self._eval(self.problem.evaluate)
+        self.result.evaluations.append({"step": step, "epoch": epoch, "validation": validation, "metrics": {
+            task: {name: float(value) for name, value in values.items()} for task, values in metrics.items()}})
+
+    def point(self, step: int, epoch: int, scheduler: Any = None, *, final: bool = False) -> None:
+        """An epoch ended at ``step`` (or, ``final``, the run stopped inside one)."""
+        problem = self.problem
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        validation = float(self._eval(problem.validation_score)) \
+            if problem.select_by_validation or plateau else None
+        if scheduler is not None:
+            scheduler.step(validation) if plateau else scheduler.step()
+        if problem.select_by_validation:
+            if self.best is None or validation <= self.best:  # type: ignore[operator]
+                self.best = validation
+                self._record(step, epoch, validation)
+        elif final or step > self.window_start:
+            self._record(step, epoch, validation)
+        self.evaluated_at = step
+
+    def finish(self, step: int, epoch: int) -> dict[str, dict[str, float]]:
+        """The reported metrics, after a last evaluation when the run stopped inside an epoch."""
+        if self.evaluated_at != step:
+            self.point(step, epoch, final=True)
+        evaluations = self.result.evaluations
+        if self.problem.select_by_validation:
+            return evaluations[-1]["metrics"]
+        chosen = [e["metrics"] for e in evaluations]
+        return {task: {name: math.fsum(m[task][name] for m in chosen) / len(chosen) for name in values}
+                for task, values in chosen[-1].items()}
 
 
 def _endless(problem: Problem, generator: torch.Generator) -> Iterator[Any]:

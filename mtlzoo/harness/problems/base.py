@@ -75,6 +75,10 @@ class Problem:
         default_steps, default_seeds: The scale of the default comparison (about 3 minutes in all).
         full_steps, full_seeds: The scale of the source's own runs, for ``--steps``/``--seeds``.
         model_optimizer, model_lr: The optimizer (a ``torch.optim`` class name) and learning rate of the model.
+        average_last: The reported test metrics are the mean of the evaluations after each of the last
+            ``average_last`` epochs (as MTAN's and Nash-MTL's tables are); 1: after training only.
+        select_by_validation: The reported test metrics are those after the epoch with the lowest
+            :meth:`validation_score` (as Nash-MTL's QM9 and FAMO's CelebA runs select them).
     """
 
     name: ClassVar[str]
@@ -92,6 +96,8 @@ class Problem:
     full_seeds: ClassVar[int]
     model_optimizer: ClassVar[str] = "adam"
     model_lr: ClassVar[float] = 1e-3
+    average_last: ClassVar[int] = 1
+    select_by_validation: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ metadata
     @classmethod
@@ -136,6 +142,23 @@ class Problem:
         """How many optimizer steps one epoch of :meth:`epoch` yields."""
         raise NotImplementedError
 
+    @property
+    def run_steps(self) -> int:
+        """The steps of a run when ``--steps`` is not given: ``default_steps``, unless the problem's
+        epochs depend on its data (the benchmarks read from disk: their epochs times their epoch length)."""
+        return self.default_steps
+
+    @property
+    def run_seeds(self) -> int:
+        """The seeds of a comparison when ``--seeds`` is not given: ``default_seeds``, unless set by the problem."""
+        return self.default_seeds
+
+    @property
+    def delta_m_terms(self) -> list[tuple[str, str]]:
+        """The (task, metric) pairs that Δm% averages: by default each task's primary metric; the
+        benchmarks' papers average over every metric of every task (NYUv2: 9 terms for 3 tasks)."""
+        return [(task, names[0]) for task, names in self.task_metrics.items()]
+
     # ----------------------------------------------------------------- the runs
     def build_model(self) -> nn.Module:
         """A freshly initialised model with ``backbone`` and ``heads`` (drawn from torch's global RNG)."""
@@ -152,6 +175,16 @@ class Problem:
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         """Test metrics, ``{task_name: {metric_name: value}}``; called in eval mode under ``torch.no_grad()``."""
         raise NotImplementedError
+
+    def validation_score(self, mtl: MTLWrapper, device: torch.device) -> float:
+        """A score on held-out training data, lower is better, for :attr:`select_by_validation` and a
+        plateau schedule; called in eval mode under ``torch.no_grad()``."""
+        raise NotImplementedError(f"Problem {self.name!r} has no validation set.")
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The model optimizer's learning-rate schedule, stepped after every epoch (a
+        ``ReduceLROnPlateau`` with :meth:`validation_score`); ``None``: a constant rate."""
+        return None
 
     def trace(self, predictions: Any) -> list[list[float]] | None:
         """What to record of one training step's predictions for plots (toy2d: each task's point)."""
@@ -215,13 +248,16 @@ def _plain(value: Any) -> Any:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor moved to ``device`` (nested tuples, lists and dicts)."""
+    """``value`` with every tensor moved to ``device`` (nested tuples, lists and dicts, and objects with a
+    ``to(device)`` method such as a torch_geometric batch); a copy from pinned memory does not block."""
     if isinstance(value, Tensor):
-        return value.to(device)
+        return value.to(device, non_blocking=device.type == "cuda" and value.is_pinned())
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
+    if callable(getattr(value, "to", None)) and not isinstance(value, (str, bytes, type)):
+        return value.to(device)
     return value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mtlzoo.harness.problems.benchmarks import BENCHMARK_PROBLEMS
 from mtlzoo.harness.problems.gradnorm_synthetic import GradNormSynthetic
 from mtlzoo.harness.problems.mixedscale import MixedScale
 from mtlzoo.harness.problems.multidigits import MultiDigits
@@ -16,4 +17,6 @@ BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits, MixedScale)
 @hookimpl
 def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
     for cls in BUILTIN_PROBLEMS:
+        register(cls)
+    for cls in BENCHMARK_PROBLEMS:
         register(cls)

@@ -138,5 +138,7 @@ def test_entry_point_problems_load_through_the_one_loader_each_on_its_own(monkey
     messages = [str(w.message) for w in caught]
     assert any("'mtlzoo-failing'" in m and "boom" in m for m in messages)
     assert any("'toy2d'" in m and "mtlzoo-clash 1.2" in m and "Toy2D (from built-in)" in m for m in messages)
-    assert names == [cls.name for cls in BUILTIN_PROBLEMS] + ["toy2d_shifted"]
+    from mtlzoo.harness.problems.benchmarks import BENCHMARK_PROBLEMS
+
+    assert names == [cls.name for cls in (*BUILTIN_PROBLEMS, *BENCHMARK_PROBLEMS)] + ["toy2d_shifted"]
     assert problems.get("toy2d").cls is Toy2D and str(problems.get("toy2d_shifted").origin) == "mtlzoo-clash 1.2"

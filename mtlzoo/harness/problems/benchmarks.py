@@ -1,0 +1,14 @@
+"""The standard benchmarks of the literature, read from a local folder (``--data PATH``): registered as built-ins.
+
+They are listed by ``mtlzoo list-problems``-style help (``mtlzoo compare --help-problem``) but join
+no default comparison: each needs its data set, and hours of a GPU at full scale.
+"""
+
+from __future__ import annotations
+
+from mtlzoo.harness.problems.celeba import CelebA
+from mtlzoo.harness.problems.cityscapes import Cityscapes
+from mtlzoo.harness.problems.nyuv2 import NYUv2
+from mtlzoo.harness.problems.qm9 import QM9
+
+BENCHMARK_PROBLEMS = (NYUv2, Cityscapes, CelebA, QM9)
