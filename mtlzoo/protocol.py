@@ -9,12 +9,17 @@ engine without any strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from mtlzoo.errors import ReusedBatchWarning
 
 Where = Literal["losses", "representation", "parameters"]
 Statistic = Literal["gradients", "gramian", "norms"]
@@ -53,7 +58,9 @@ class Request:
         layer: With ``where="parameters"``, ``"last"`` for the weights of the last shared layer, found
             by the engine from the graph of ``z`` (GradNorm's choice), so the strategy need not know
             the backbone's parameter names; ``None`` when ``parameters`` says.
-        batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
+        batches: From how many independent batches of the same step (SDMGrad reads 3, MoDo 2): the model
+            learns from the first (``mtl.backward(losses, more_batches=[...])`` passes the others); given
+            fewer, the given ones stand in for the missing (:func:`reuse_batches`).
         representation: With ``where="representation"``, also hand the strategy the (detached)
             representation ``z`` itself (``StepInputs.representation``: GradDrop's input sign).
     """
@@ -134,6 +141,7 @@ class StepInputs:
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
         extra: Statistics of the additional independent batches (``Request.batches > 1``), one
             ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
+            Always ``batches - 1`` of them inside a step (:func:`reuse_batches`).
         representation: The representation ``z`` the gradients were taken at, detached, shaped like one
             row of ``gradients`` (``Request(..., representation=True)``).
     """
@@ -151,6 +159,30 @@ class StepInputs:
     @property
     def all_present(self) -> bool:
         return self.losses.shape[0] == self.num_tasks
+
+
+_REUSE_WARNED: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
+    """Fill ``inputs.extra`` up to ``batches - 1`` batches, the given batches standing in for the missing in turn.
+
+    A strategy that reads several independent batches per step (``Request.batches``) given fewer
+    reuses what it has: the first batch (and the extra ones given) in place of the missing, so its
+    products of independent estimates become products of one estimate with itself (the bias its
+    paper avoids). ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
+    """
+    given = [inputs, *inputs.extra]
+    if len(given) >= batches:
+        return
+    if owner not in _REUSE_WARNED:
+        _REUSE_WARNED.add(owner)
+        warnings.warn(f"{type(owner).__name__} reads {batches} independent batches per backward, {len(given)} "
+                      f"given: the given batches stand in for the missing ones (its estimate is then biased). Pass "
+                      f"the others with mtl.backward(losses, more_batches=[...]), each from a forward of its own. "
+                      "Said once.", ReusedBatchWarning, stacklevel=3)
+    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[])
+                     for index in range(len(given), batches)]
 
 
 @dataclass

@@ -26,7 +26,7 @@ from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
 from mtlzoo.linalg import all_finite, autocast_off, widened
 from mtlzoo.losses import StepLosses
-from mtlzoo.protocol import StepInputs, StepWeights, Update
+from mtlzoo.protocol import StepInputs, StepWeights, Update, reuse_batches
 from mtlzoo.strategy import Strategy
 from mtlzoo.structure import trainable_parameters
 
@@ -239,6 +239,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     request = strategy.request
     scaled = scaler_of(scale)
     rep, blocks = stats.rep, stats.blocks
+    reuse_batches(inputs, request.batches, strategy)  # fewer batches given than the request reads
     update = Update() if overflow else strategy.compute(inputs)
     covered = blocks is not None and request.parameters is None and request.layer is None and \
         covers_representation([record.z for record in passed.records], shared)
