@@ -30,7 +30,8 @@ class MoCo(ProjectedWeights):
 
     ``Π_Δ`` the Euclidean projection onto the simplex. MGDA's weights from one batch's gradients are a
     biased estimate of the full gradients' (the minimum-norm point is not linear in them); tracking
-    the gradients across steps removes that bias without larger batches.
+    the gradients across steps removes that bias without larger batches. ``Y_0 = 0`` as in the authors'
+    code, so the first updates are short (``Y_1 = β J``): the bias MoCo corrects is that of MGDA's weights.
 
     As the authors' code (``Trade-Off-MOL``, ``LibMTL/weighting/MoCo.py`` by the first author; its defaults
     ``β = γ = ρ = 0.1`` and no gradient normalisation): constant step sizes (the analysis takes decaying
