@@ -140,7 +140,8 @@ class StepInputs:
         gramian: ``(K', K')`` Gramian of the gradients (``statistic="gramian"``).
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
         extra: Statistics of the additional independent batches (``Request.batches > 1``), one
-            ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
+            ``StepInputs`` each, of their losses weighted by the step's loss weights ``w`` (1 for a task
+            absent from this batch); the update applies to this batch.
             Always ``batches - 1`` of them inside a step (:func:`reuse_batches`).
         representation: The representation ``z`` the gradients were taken at, detached, shaped like one
             row of ``gradients`` (``Request(..., representation=True)``).

@@ -82,9 +82,12 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
                        route=route)
     overflow = scale is not None and not all_finite(stats.rep)
     consumed = list(passed.records)
-    for more in extra_losses:
+    every = None if weights is None or not extra_losses else torch.ones(
+        inputs.num_tasks, dtype=weights.dtype, device=weights.device).index_copy(0, inputs.tasks, weights)
+    for more in extra_losses:  # the step's loss weights w hold for its other batches too
         extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch)
-        extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
+        values = more.values if every is None else more.values * every[more.tasks]
+        extra_passed = head_pass(pending.records, scaled(values), more.tasks, more.requires_grad,
                                  head_params, labels=more.labels)
         extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep
         overflow = overflow or (scale is not None and not all_finite(extra_rep))

@@ -242,3 +242,25 @@ def test_state_is_declared_and_a_skipped_step_keeps_it(name: str) -> None:
         strategy.advance()
     assert not torch.equal(strategy.weights, torch.full((3,), 1 / 3, dtype=torch.float64))
     torch.testing.assert_close(strategy.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_the_other_batches_are_weighted_by_the_steps_loss_weights() -> None:
+    """compose(ls with weights (1, 2, 3), MoDo): the step's w holds for every batch, so the same batch given twice
+    (two forwards) and given once (reused) give the same update; the formula on the rows of w_k L_k."""
+    torch.manual_seed(0)
+    model = small_model()
+    x, targets = batch(seed=4)
+    grads = []
+    for twice in (False, True):
+        strategy = mtlzoo.compose(weighting=mtlzoo.create("ls", num_tasks=3, weights=[1.0, 2.0, 3.0]),
+                                  aggregator="modo")
+        twin = mtlzoo.MTLWrapper(copy.deepcopy(model), strategy)
+        first = mse_losses(twin(x), targets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReusedBatchWarning)
+            twin.backward(first, more_batches=[mse_losses(twin(x), targets)] if twice else [])
+        grads.append(torch.cat([p.grad.flatten() for p in twin.backbone.parameters()]).double())
+    torch.testing.assert_close(grads[1], grads[0])
+    weighted = torch.tensor([[1.0], [2.0], [3.0]]) * jacobian(model, x, targets)
+    expected = by_hand("modo", [weighted, weighted])
+    torch.testing.assert_close(grads[1], expected, rtol=1e-4, atol=1e-6 * float(expected.norm()))
