@@ -97,6 +97,9 @@ class Request:
                                  "empty tuple; for the last shared layer, give layer='last' instead.")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
+        if self.batches > 1 and self.where == "losses":
+            raise ValueError("Parameter `batches` should be 1 with where='losses' (several batches are read for their "
+                             f"gradients). Found `batches = {self.batches!r}`.")
         if self.representation is not False and (self.representation is not True or self.where != "representation"):
             raise ValueError("Parameter `representation` should be True or False, True only with "
                              f"where='representation'. Found `representation = {self.representation!r}` with "

@@ -264,3 +264,10 @@ def test_the_other_batches_are_weighted_by_the_steps_loss_weights() -> None:
     weighted = torch.tensor([[1.0], [2.0], [3.0]]) * jacobian(model, x, targets)
     expected = by_hand("modo", [weighted, weighted])
     torch.testing.assert_close(grads[1], expected, rtol=1e-4, atol=1e-6 * float(expected.norm()))
+
+
+def test_a_request_reads_several_batches_only_for_their_gradients() -> None:
+    """A losses-only step back-propagates the first batch's losses alone: other batches there would go unread."""
+    assert str(mtlzoo.Request("parameters", "gradients", batches=3)) == "gradients on parameters x3 batches"
+    with pytest.raises(ValueError, match="`batches` should be 1 with where='losses'"):
+        mtlzoo.Request(batches=2)
