@@ -68,6 +68,11 @@ class PluginWarning(UserWarning):
     """A third-party plugin that could not be loaded, or a strategy of it that was refused."""
 
 
+class ReusedBatchWarning(UserWarning):
+    """A strategy that reads several independent batches per step was given fewer: the given batches' statistics
+    stand in for the missing ones (said once per strategy)."""
+
+
 class NonFiniteGradientError(MTLZooError, FloatingPointError):
     """Finite losses whose gradients, or a strategy's update from them, are not finite (nothing was applied)."""
 

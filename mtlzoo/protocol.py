@@ -9,12 +9,17 @@ engine without any strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from mtlzoo.errors import ReusedBatchWarning
 
 Where = Literal["losses", "representation", "parameters"]
 Statistic = Literal["gradients", "gramian", "norms"]
@@ -53,7 +58,9 @@ class Request:
         layer: With ``where="parameters"``, ``"last"`` for the weights of the last shared layer, found
             by the engine from the graph of ``z`` (GradNorm's choice), so the strategy need not know
             the backbone's parameter names; ``None`` when ``parameters`` says.
-        batches: From how many independent batches of the same step (SDMGrad, MoDo need 2 or 3).
+        batches: From how many independent batches of the same step (SDMGrad reads 3, MoDo 2): the model
+            learns from the first (``mtl.backward(losses, more_batches=[...])`` passes the others); given
+            fewer, the given ones stand in for the missing (:func:`reuse_batches`).
         representation: With ``where="representation"``, also hand the strategy the (detached)
             representation ``z`` itself (``StepInputs.representation``: GradDrop's input sign).
     """
@@ -90,6 +97,9 @@ class Request:
                                  "empty tuple; for the last shared layer, give layer='last' instead.")
         if isinstance(self.batches, bool) or not isinstance(self.batches, int) or self.batches < 1:
             raise ValueError(f"Parameter `batches` should be a positive int. Found `batches = {self.batches!r}`.")
+        if self.batches > 1 and self.where == "losses":
+            raise ValueError("Parameter `batches` should be 1 with where='losses' (several batches are read for their "
+                             f"gradients). Found `batches = {self.batches!r}`.")
         if self.representation is not False and (self.representation is not True or self.where != "representation"):
             raise ValueError("Parameter `representation` should be True or False, True only with "
                              f"where='representation'. Found `representation = {self.representation!r}` with "
@@ -133,7 +143,9 @@ class StepInputs:
         gramian: ``(K', K')`` Gramian of the gradients (``statistic="gramian"``).
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
         extra: Statistics of the additional independent batches (``Request.batches > 1``), one
-            ``StepInputs`` each, of their raw (unweighted) losses; the update applies to this batch.
+            ``StepInputs`` each, of their losses weighted by the step's loss weights ``w`` (1 for a task
+            absent from this batch); the update applies to this batch.
+            Always ``batches - 1`` of them inside a step (:func:`reuse_batches`).
         representation: The representation ``z`` the gradients were taken at, detached, shaped like one
             row of ``gradients`` (``Request(..., representation=True)``).
         host_losses: ``losses`` on the host, where the engine already read them (else ``None``).
@@ -155,6 +167,30 @@ class StepInputs:
     @property
     def all_present(self) -> bool:
         return self.losses.shape[0] == self.num_tasks
+
+
+_REUSE_WARNED: weakref.WeakSet[object] = weakref.WeakSet()
+
+
+def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
+    """Fill ``inputs.extra`` up to ``batches - 1`` batches, the given batches standing in for the missing in turn.
+
+    A strategy that reads several independent batches per step (``Request.batches``) given fewer
+    reuses what it has: the first batch (and the extra ones given) in place of the missing, so its
+    products of independent estimates become products of one estimate with itself (the bias its
+    paper avoids). ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
+    """
+    given = [inputs, *inputs.extra]
+    if len(given) >= batches:
+        return
+    if owner not in _REUSE_WARNED:
+        _REUSE_WARNED.add(owner)
+        warnings.warn(f"{type(owner).__name__} reads {batches} independent batches per backward, {len(given)} "
+                      f"given: the given batches stand in for the missing ones (its estimate is then biased). Pass "
+                      f"the others with mtl.backward(losses, more_batches=[...]), each from a forward of its own. "
+                      "Said once.", ReusedBatchWarning, stacklevel=3)
+    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[])
+                     for index in range(len(given), batches)]
 
 
 @dataclass

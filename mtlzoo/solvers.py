@@ -22,6 +22,8 @@ costs 0.9 to 1.2 times what they did, so no separate small-K path is kept.
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
 - :func:`project_to_dual_cone`: the projection of ``J^T u`` onto the dual cone
   ``{d : J d >= 0}``, through its dual ``min_{v >= u} v^T G v`` (UPGrad, DualProj).
+- :func:`project_to_simplex`: the Euclidean projection of K weights onto the simplex (the projected
+  weight steps of MoDo, MoCo and SDMGrad).
 """
 
 from __future__ import annotations
@@ -330,6 +332,19 @@ def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarra
             if not passive.any():
                 break
     raise SolverError(f"The non-negative quadratic problem of size {size} did not converge.")
+
+
+def project_to_simplex(values: np.ndarray) -> np.ndarray:
+    """The point of the simplex ``{w >= 0, sum_k w_k = 1}`` nearest to ``values`` (float64, host).
+
+    Exact, by sorting (Held, Wolfe & Crowder 1974; Duchi et al. 2008): ``w = max(v - θ, 0)`` with the one
+    ``θ`` that makes the entries sum to 1.
+    """
+    ordered = np.sort(values)[::-1]
+    sums = np.cumsum(ordered) - 1.0
+    count = np.arange(1, values.size + 1)
+    last = int(np.flatnonzero(ordered - sums / count > 0)[-1])
+    return np.maximum(values - sums[last] / (last + 1), 0.0)
 
 
 def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:

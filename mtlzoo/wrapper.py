@@ -335,7 +335,8 @@ class MTLWrapper(nn.Module):
             more_batches: For a strategy whose request reads ``batches > 1`` independent batches
                 (SDMGrad, MoDo): the losses of the other ``batches - 1`` batches, each from forwards
                 of its own. The strategy reads their statistics (``inputs.extra``); the model learns
-                from ``losses``, the first batch, alone.
+                from ``losses``, the first batch, alone. Given fewer, the given batches stand in for
+                the missing ones, with a :class:`~mtlzoo.errors.ReusedBatchWarning` (once).
             scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: the losses are checked and
                 the strategy computes unscaled, and what reaches ``.grad`` is scaled, as
                 ``scaler.scale(loss).backward()`` would leave it. Pass the same scaler to :meth:`step`.
@@ -352,10 +353,10 @@ class MTLWrapper(nn.Module):
         step_losses = loss_vector(losses, self.task_names, len(self))
         extra_losses = [loss_vector(more, self.task_names, len(self)) for more in more_batches]
         wanted = self.strategy.request.batches - 1
-        if len(extra_losses) != wanted:
+        if len(extra_losses) > wanted:
             raise BackwardOrderError(f"{type(self.strategy).__name__} reads {wanted + 1} independent batch(es) per "
-                                     f"backward, but {len(extra_losses) + 1} were given: pass the losses of the "
-                                     f"other {wanted} as more_batches=[...], each from a forward of its own.")
+                                     f"backward, but {len(extra_losses) + 1} were given: pass at most {wanted} as "
+                                     "more_batches=[...], each from a forward of its own.")
         if backbone_loss is not None:
             check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)

@@ -42,6 +42,19 @@ def mse_losses(predictions: Any, targets: torch.Tensor) -> list[torch.Tensor]:
     return [((p - t) ** 2).mean() for p, t in zip(predictions, targets)]
 
 
+def more_batches(mtl: mtlzoo.MTLWrapper, seed: int, size: int = 16, absent: int | None = None) -> list[list[Any]]:
+    """The losses of the other independent batches of a step that the strategy's request reads (none for most),
+    each from a forward of its own on data of its own seed; task ``absent`` left out as in the first batch."""
+    found = []
+    for index in range(1, mtl.strategy.request.batches):
+        x, targets = batch(len(mtl), size=size, seed=1000 * index + seed)
+        losses: list[Any] = mse_losses(mtl(x), targets)
+        if absent is not None:
+            losses[absent] = None
+        found.append(losses)
+    return found
+
+
 def optimizer_for(mtl: mtlzoo.MTLWrapper) -> torch.optim.Optimizer:
     groups: list[dict[str, Any]] = [{"params": list(mtl.model_parameters())}]
     if strategy_parameters := mtl.strategy_parameters():
@@ -57,7 +70,8 @@ def train_steps(mtl: mtlzoo.MTLWrapper, optimizer: torch.optim.Optimizer, steps:
         optimizer.zero_grad()
         with mtlzoo.cached():
             extra = 1e-3 * sum(p.pow(2).sum() for p in mtl.backbone.parameters()) if backbone_loss else None
-            mtl.backward(mse_losses(mtl(x), targets), backbone_loss=extra)
+            losses = mse_losses(mtl(x), targets)
+            mtl.backward(losses, backbone_loss=extra, more_batches=more_batches(mtl, first_seed + step))
         mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets: mse_losses(mtl(x), targets))
         if epoch_every and (step + 1) % epoch_every == 0:
             mtl.end_epoch()

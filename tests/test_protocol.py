@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -254,26 +255,36 @@ class TwoBatchGramian(mtlzoo.GradientSurgery):
 
 
 def test_a_strategy_reads_independent_batches() -> None:
-    """Issue 6: a request names how many independent batches it reads (SDMGrad, MoDo)."""
+    """Issue 6: a request names how many independent batches it reads (SDMGrad, MoDo). Issue 21: given fewer, the
+    given batch stands in for the missing one, said once in a ReusedBatchWarning; given more, a clear error."""
     torch.manual_seed(0)
     model = small_model()
     mtl = mtlzoo.MTLWrapper(model, TwoBatchGramian(3, target="parameters"))
     (xa, ta), (xb, tb) = batch(seed=1), batch(seed=2)
-    losses_a = mse_losses(mtl(xa), ta)
-    with pytest.raises(mtlzoo.errors.BackwardOrderError, match="2 independent batch"):
-        mtl.backward(losses_a)
-    losses_b = mse_losses(mtl(xb), tb)
-    mtl.backward(losses_a, more_batches=[losses_b])
-    assert len(mtl._pending) == 0
     shared = list(model.backbone.parameters())
 
     def rows(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = [((head(model.backbone(x)) - t) ** 2).mean() for head, t in zip(model.heads, targets)]
         return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared)]) for loss in losses])
 
+    def grad() -> torch.Tensor:
+        return torch.cat([p.grad.flatten() for p in shared])
+
+    with pytest.warns(mtlzoo.errors.ReusedBatchWarning, match="2 independent batches per backward, 1 given"):
+        mtl.backward(mse_losses(mtl(xa), ta))
+    torch.testing.assert_close(grad(), rows(xa, ta).norm(dim=1).reciprocal() @ rows(xa, ta))
+    mtl.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        mtl.backward(mse_losses(mtl(xa), ta))
+    mtl.zero_grad()
+    losses_a, losses_b = mse_losses(mtl(xa), ta), mse_losses(mtl(xb), tb)
+    with pytest.raises(mtlzoo.errors.BackwardOrderError, match="at most 1"):
+        mtl.backward(losses_a, more_batches=[losses_b, losses_b])
+    mtl.backward(losses_a, more_batches=[losses_b])
+    assert len(mtl._pending) == 0
     weights = rows(xb, tb).norm(dim=1).reciprocal()
-    expected = weights @ rows(xa, ta)
-    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in shared]), expected)
+    torch.testing.assert_close(grad(), weights @ rows(xa, ta))
 
 
 def test_plain_bookkeeping_attributes_bypass_only_plain_attributes() -> None:

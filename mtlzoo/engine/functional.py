@@ -44,7 +44,9 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     does it for the wrapper); micro-batches accumulate as with the wrapper. The task-specific
     parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
     Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they
-    learn from ``sum_k w_k L_k`` whatever the strategy.
+    learn from ``sum_k w_k L_k`` whatever the strategy. A strategy that reads several independent batches per
+    step (SDMGrad, MoDo) gets this one in place of all, with a :class:`~mtlzoo.errors.ReusedBatchWarning`
+    (``MTLWrapper.backward`` takes the others as ``more_batches``).
 
     Args:
         strategy: The strategy, built for K tasks (``mtlzoo.create(name, num_tasks=K)``). Strategies
@@ -89,9 +91,6 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
         raise InvalidModelError(f"{type(strategy).__name__} adapts the representation per task inside the model's "
                                 "forward, which the functional face does not run: train it through MTLWrapper.")
     step_losses = loss_vector(losses, task_names, strategy.num_tasks)
-    if strategy.request.batches > 1:
-        raise InvalidModelError(f"{type(strategy).__name__} reads {strategy.request.batches} independent batches per "
-                                "backward: train it through MTLWrapper (more_batches=...).")
     if backbone_loss is not None:
         check_backbone_loss(backbone_loss)
     features = [features] if isinstance(features, Tensor) else list(features)

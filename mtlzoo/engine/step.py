@@ -26,7 +26,7 @@ from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, InvalidModelError, NonFiniteGradientError
 from mtlzoo.linalg import all_finite, autocast_off, widened
 from mtlzoo.losses import StepLosses
-from mtlzoo.protocol import StepInputs, StepWeights, Update
+from mtlzoo.protocol import StepInputs, StepWeights, Update, reuse_batches
 from mtlzoo.strategy import Strategy
 from mtlzoo.structure import trainable_parameters
 
@@ -82,10 +82,13 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
                        route=route)
     overflow = scale is not None and not all_finite(stats.rep)
     consumed = list(passed.records)
-    for more in extra_losses:
+    every = None if weights is None or not extra_losses else torch.ones(
+        inputs.num_tasks, dtype=weights.dtype, device=weights.device).index_copy(0, inputs.tasks, weights)
+    for more in extra_losses:  # the step's loss weights w hold for its other batches too
         extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch,
                            host_losses=more.host, present=more.present)
-        extra_passed = head_pass(pending.records, scaled(more.values), more.tasks, more.requires_grad,
+        values = more.values if every is None else more.values * every[more.tasks]
+        extra_passed = head_pass(pending.records, scaled(values), more.tasks, more.requires_grad,
                                  head_params, labels=more.labels)
         extra_rep = statistics(request, extra_passed, shared, extra, scale, chunk_size=chunk_size, route=route).rep
         overflow = overflow or (scale is not None and not all_finite(extra_rep))
@@ -240,6 +243,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     request = strategy.request
     scaled = scaler_of(scale)
     rep, blocks = stats.rep, stats.blocks
+    reuse_batches(inputs, request.batches, strategy)  # fewer batches given than the request reads
     update = Update() if overflow else strategy.compute(inputs)
     covered = blocks is not None and request.parameters is None and request.layer is None and \
         covers_representation([record.z for record in passed.records], shared)

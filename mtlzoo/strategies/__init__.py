@@ -23,10 +23,13 @@ from mtlzoo.strategies.imtl_g import IMTLG
 from mtlzoo.strategies.imtl_l import IMTLL
 from mtlzoo.strategies.ls import LinearScalarization
 from mtlzoo.strategies.mgda import MGDA, MGDAUB
+from mtlzoo.strategies.moco import MoCo
+from mtlzoo.strategies.modo import MoDo
 from mtlzoo.strategies.nash_mtl import NashMTL
 from mtlzoo.strategies.pcgrad import PCGrad
 from mtlzoo.strategies.rlw import RandomLossWeighting
 from mtlzoo.strategies.rotograd import RotateOnly, RotoGrad, RotoGradNorm
+from mtlzoo.strategies.sdmgrad import SDMGrad
 from mtlzoo.strategies.si import ScaleInvariant
 from mtlzoo.strategies.stch import SmoothTchebycheff
 from mtlzoo.strategies.upgrad import UPGrad
@@ -36,12 +39,13 @@ BUILTIN_STRATEGIES = (LinearScalarization, RotateOnly, RotoGrad, RotoGradNorm,
                       ScaleInvariant, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
                       GeometricLossStrategy, GradNorm, IMTLL, FAMO, SmoothTchebycheff,
                       MGDA, MGDAUB, PCGrad, GradDrop, GradVac, CAGrad, IMTLG, IMTL, NashMTL, AlignedMTL, UPGrad,
-                      DualProj)
+                      DualProj, MoCo, SDMGrad, MoDo)
 
 __all__ = ["BUILTIN_STRATEGIES", "FAMO", "IMTL", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "AlignedMTL", "CAGrad", "DualProj",
            "DynamicWeightAverage", "GeometricLossStrategy", "GradDrop", "GradNorm", "GradVac", "LinearScalarization",
            "NashMTL", "PCGrad", "RandomLossWeighting", "RotateOnly", "RotoGrad", "RotoGradNorm", "ScaleInvariant",
            "SmoothTchebycheff", "UPGrad", "UncertaintyWeighting"]
+__all__ += ["MoCo", "MoDo", "SDMGrad"]
 
 
 @hookimpl

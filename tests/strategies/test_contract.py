@@ -1,4 +1,7 @@
-"""The contract every registered strategy meets, plugins included (parametrized over the registry)."""
+"""The contract every registered strategy meets, plugins included (parametrized over the registry).
+
+A strategy whose request reads several independent batches per step (SDMGrad, MoDo) gets them at every backward
+(``tests.helpers.more_batches``: each from a forward of its own, a task absent from the first absent from all)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from mtlzoo.strategy import KINDS
 from tests.helpers import (
     assert_same_state,
     batch,
+    more_batches,
     mse_losses,
     optimizer_for,
     required_kwargs,
@@ -104,7 +108,8 @@ def test_gradient_accumulation_trains_and_advances_once_per_step(name: str, use_
         optimizer.zero_grad()
         for half in (slice(0, 16), slice(16, 32)):
             with mtlzoo.cached() if use_cache else contextlib.nullcontext():
-                mtl.backward(mse_losses(mtl(x[half]), targets[:, half]))
+                losses = mse_losses(mtl(x[half]), targets[:, half])
+                mtl.backward(losses, more_batches=more_batches(mtl, step))
         assert mtl.strategy.micro_batch == 2
         mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets: mse_losses(mtl(x), targets))
         assert mtl.strategy.micro_batch == 0
@@ -129,12 +134,14 @@ def test_an_overflowing_scaled_step_changes_nothing_and_the_next_one_trains(name
 
     optimizer.zero_grad()
     decay = 100 * sum(p.pow(2).sum() for p in mtl.backbone.parameters())  # its gradient times 2^127 overflows
-    mtl.backward(mse_losses(mtl(x), targets), backbone_loss=decay, scaler=scaler)
+    losses = mse_losses(mtl(x), targets)
+    mtl.backward(losses, backbone_loss=decay, scaler=scaler, more_batches=more_batches(mtl, 50))
     assert not mtl.step(optimizer, scaler=scaler, post_step_losses=after)
     assert_same_state(state, mtl.state_dict())
     assert str(optimizer_state) == str(optimizer.state_dict())
     optimizer.zero_grad()
-    mtl.backward(mse_losses(mtl(x), targets), scaler=scaler)
+    losses = mse_losses(mtl(x), targets)
+    mtl.backward(losses, scaler=scaler, more_batches=more_batches(mtl, 50))
     assert mtl.step(optimizer, scaler=scaler, post_step_losses=after)
     changed = [key for key, value in mtl.state_dict().items()
                if isinstance(value, torch.Tensor) and not torch.equal(value, state[key])]
@@ -149,7 +156,7 @@ def test_absent_tasks_are_left_out_and_their_heads_untouched(name: str) -> None:
         optimizer.zero_grad()
         losses: list = mse_losses(mtl(x), targets)
         losses[step % 3] = None
-        mtl.backward(losses)
+        mtl.backward(losses, more_batches=more_batches(mtl, step, absent=step % 3))
         absent = list(mtl.heads[step % 3].parameters())
         assert all(p.grad is None for p in absent)
         assert all(torch.isfinite(p.grad).all() for p in mtl.backbone.parameters())

@@ -15,6 +15,9 @@ from tests.helpers import required_kwargs
 from tests.strategies._asserts import PROPERTY_ASSERTS, Aggregate, assert_finite
 from tests.strategies._inputs import NUM_TASKS, gradient_matrices, losses
 
+pytestmark = pytest.mark.filterwarnings("ignore::mtlzoo.errors.ReusedBatchWarning")
+"""``aggregate(grads, losses)``: a strategy that reads several batches reuses this one (test_multibatch.py)."""
+
 VARIANTS: dict[str, list[dict]] = {"ls": [{"weights": [1.0, 2.0, 3.0]}, {"weights": [2.0, 2.0, 2.0]}]}
 """Non-default hyperparameters under which a strategy's claims are checked too (issue 7, item 24)."""
 
