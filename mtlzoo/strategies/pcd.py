@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import SolverError, SolverWarning
+from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
-from mtlzoo.solvers import _nonnegative_quadratic
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 _INFEASIBLE = ("PCD: the secondary tasks' constraints cannot all hold (their gradients pull against each other: a "
@@ -28,25 +27,51 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray | None
 
         \min_d \tfrac12 \|d - g_1\|^2 \ \text{ s.t. }\ g_j \cdot d \ge τ_j \|g_j\|^2 \quad (j \ge 2),
 
-    on the Gramian of ``g_1, ..., g_K`` (primary first). By its KKT conditions ``d = g_1 +
-    sum_j μ_j g_j``, ``μ`` the solution of the dual ``min_{μ >= 0} μ^T G_s μ / 2 - b^T μ`` with
-    ``G_s`` the secondaries' Gramian and ``b_j = τ_j ||g_j||^2 - g_j . g_1``, solved exactly by
-    the active-set method the dual-cone projection uses (:mod:`mtlzoo.solvers`). When no ``d``
-    satisfies every constraint the dual is unbounded: the solver fails, or its point leaves a
-    constraint violated beyond rounding (``1e-9`` of the largest ``||g_j||^2`` times ``1 + sum μ``).
+    on the Gramian of ``g_1, ..., g_K`` (primary first), by Goldfarb and Idnani's dual method
+    ("A numerically stable dual method for solving strictly convex quadratic programs", Math.
+    Programming 1983) with the identity as the primal Hessian: from ``d = g_1``, the most violated
+    constraint joins the active set, its multiplier growing along the part of its gradient
+    orthogonal to the active ones (``d = g_1 + sum_j μ_j g_j`` throughout, so every product is read
+    from the Gramian); an active multiplier that would turn negative leaves the set first. A
+    constraint counts as met within ``1e-9`` of the largest ``||g_i||^2``; a gradient whose part
+    orthogonal to the active ones is below ``1e-9`` of its squared norm counts as dependent on them.
+    Infeasible when a violated constraint's gradient depends on the active ones and no multiplier
+    can give way.
     """
-    secondaries = gramian[1:, 1:]
-    linear = taus * np.diag(secondaries) - gramian[1:, 0]
-    try:
-        with np.errstate(all="ignore"):
-            mu = _nonnegative_quadratic(secondaries, linear)
-    except (SolverError, np.linalg.LinAlgError):
-        return None
-    slack = secondaries @ mu - linear
-    tolerance = 1e-9 * max(float(np.diag(gramian).max()), 1e-300) * (1.0 + float(mu.sum()))
-    if not (np.isfinite(mu).all() and float(slack.min(initial=0.0)) >= -tolerance):
-        return None
-    return np.concatenate([[1.0], mu])
+    secondary = gramian[1:, 1:]
+    bounds = taus * np.diag(secondary) - gramian[1:, 0]  # constraint j holds when (G_s μ)_j >= bounds_j
+    mu = np.zeros(secondary.shape[0])
+    active: list[int] = []
+    tolerance = 1e-9 * max(float(np.diag(gramian).max()), np.finfo(np.float64).tiny)
+    for _ in range(10 * gramian.shape[0] + 10):
+        slack = secondary @ mu - bounds
+        slack[active] = 0.0
+        if not slack.size or float(slack.min()) >= -tolerance:
+            return np.concatenate([[1.0], mu])
+        joining = int(slack.argmin())
+        violation = float(slack[joining])
+        for _ in range(len(active) + 1):
+            ratios, direction, orthogonal = np.full(0, np.inf), np.zeros(0), float(secondary[joining, joining])
+            if active:
+                direction = np.linalg.solve(secondary[np.ix_(active, active)], secondary[active, joining])
+                orthogonal -= float(secondary[joining, active] @ direction)
+                ratios = np.where(direction > 0, mu[active] / np.where(direction > 0, direction, 1.0), np.inf)
+            full = -violation / orthogonal if orthogonal > 1e-9 * secondary[joining, joining] else np.inf
+            partial = float(ratios.min(initial=np.inf))
+            step = min(full, partial)
+            if step == np.inf:
+                return None
+            mu[active] -= step * direction
+            mu[joining] += step
+            if full <= partial:
+                active.append(joining)
+                break
+            leaving = active.pop(int(ratios.argmin()))
+            mu[leaving] = 0.0
+            violation = float(secondary[joining] @ mu - bounds[joining])
+    warnings.warn("PCD: the dual active-set method did not converge (rounding); its last iterate is used.",
+                  SolverWarning, stacklevel=6)
+    return np.concatenate([[1.0], np.clip(mu, 0.0, None)])
 
 
 class PCD(GramianAggregator):
@@ -67,9 +92,9 @@ class PCD(GramianAggregator):
     ``||g_i||^2`` over the optimizer steps (the paper's Def. 4.5, Adam's second moment per task).
     Each secondary task gets at least a fraction ``τ`` of the first-order progress a step along its
     own normalised gradient would give; within that, the update follows the primary gradient.
-    The quadratic program is solved exactly on the Gramian (:func:`priority_weights`), as the
-    authors' (``pcd/qp.py``, an enumeration of working sets) and torchjd 0.18's ``PCD`` (a dual
-    active-set method) do; a weighting of the rows.
+    The quadratic program is solved exactly on the Gramian (:func:`priority_weights`, Goldfarb and
+    Idnani's dual method, as torchjd 0.18's ``PCD``; the authors' ``pcd/qp.py`` enumerates the
+    working sets, exponential in K, with the same minimiser); a weighting of the rows.
 
     As the authors' code: a zero primary gradient gives the update 0; constraints that cannot all
     hold (a non-negative combination of the secondaries is zero, which needs K >= 3) are dropped
