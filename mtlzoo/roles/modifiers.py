@@ -19,7 +19,8 @@ import torch
 from mtlzoo.errors import InvalidStrategyError
 from mtlzoo.protocol import Request
 from mtlzoo.roles._parts import WithParts
-from mtlzoo.roles.aggregator import GramianAggregator, HostStep
+from mtlzoo.roles.aggregator import Aggregator, DirectionAggregator, GramianAggregator, HostStep
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategy import Paper, StrategyInfo
 
 NORMALIZERS: tuple[str, ...] = ("l2", "loss", "loss+")
@@ -186,11 +187,7 @@ CRMOGM_PAPER = Paper(
 
 def _not_a_weighting(inner: object) -> str:
     """Why ``inner`` has no weights of the task gradients read from their Gramian, for EMA's refusal."""
-    from mtlzoo.roles.aggregator import Aggregator, DirectionAggregator
-    from mtlzoo.roles.composite import Composite
-    from mtlzoo.roles.weighting import LossWeighting
-
-    if isinstance(inner, Composite):
+    if isinstance(inner, WithParts):  # a composite (a modifier is a GramianAggregator)
         return ("it is a composition of roles; smooth its aggregator part instead, e.g. "
                 "compose(weighting=..., aggregator=EMA(create('upgrad', num_tasks=K)))")
     if isinstance(inner, LossWeighting):

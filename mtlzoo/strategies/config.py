@@ -54,9 +54,9 @@ class ConFIG(GramianAggregator):
     theirs) solve on the unit rows. They agree except where the rows are dependent to within
     ``sqrt(K eps)`` of their size, which here count as dependent (the Gramian holds them to that
     precision only; there theirs turns the direction along the residue: a row 1e-10 off a
-    combination of two others shrinks their update from 17 to 6e-9). A zero gradient is left out (its unit row is 0, as their ``nan_to_num``).
-    Their weight and length models other than the defaults (equal weights, projection length)
-    and the momentum variant (M-ConFIG) are not offered.
+    combination of two others shrinks their update from 17 to 6e-9). A zero gradient is left out
+    (its unit row is 0, as their ``nan_to_num``). Their weight and length models other than the
+    defaults (equal weights, projection length) and the momentum variant (M-ConFIG) are not offered.
 
     Args:
         num_tasks: K.
