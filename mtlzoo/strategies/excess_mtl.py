@@ -42,8 +42,9 @@ class ExcessMTL(Aggregator):
     The exponentiated step is taken in log space (``K softmax(log λ + η E/E^0)``, the same
     weights without overflow, as torchjd). A task whose first excess risk is 0 (a zero gradient)
     records its baseline at its first non-zero one, its weight unchanged until then (theirs
-    divides by 0). torchjd 0.18's ``ExcessMTL`` starts at ``1/K``, adds 1e-7 to ``E^0`` and may
-    average ``E^0`` over warm-up steps (not offered here).
+    divides by 0). torchjd 0.18's ``ExcessMTL`` starts at ``1/K``, already steps at its first call
+    (with the raw ``E^0``), adds 1e-7 to ``E^0`` and may average ``E^0`` over warm-up steps (not
+    offered here).
 
     The weights read the gradients' entries, not only their Gramian: the engine hands the
     gradients (on the parameters, the K x n Jacobian). Running state: ``S`` (``squares``,

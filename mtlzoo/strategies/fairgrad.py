@@ -186,7 +186,7 @@ class FairGrad(ClipNorm):
     )
     """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices, where
     FairGrad warns. Where its equations have a solution it conflicts with no task and is permutation invariant
-    (tests/strategies/test_newer_surgery.py)."""
+    (tests/strategies/test_fairgrad.py)."""
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, alpha: float = 1.0, max_norm: float = 1.0,
                  max_iterations: int = 200) -> None:
