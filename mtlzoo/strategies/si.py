@@ -59,5 +59,5 @@ class ScaleInvariant(LossWeighting):
 
     def scalarize(self, losses: Tensor) -> Tensor:
         shifted = losses + self.eps if self.eps else losses
-        check_positive(shifted, self.present_tasks, "SI (si)", TAKES)
+        check_positive(shifted, self.present_tasks, f"SI (si, eps={self.eps:g})" if self.eps else "SI (si)", TAKES)
         return shifted.log().sum()
