@@ -22,15 +22,33 @@ def _row(entry: StrategyEntry) -> list[str]:
             info.paper.citation() if info.paper else "-", str(entry.origin)]
 
 
+def _modifier_rows(pattern: str) -> list[list[str]]:
+    """The modifiers whose name matches ``pattern``: name, hyperparameters and defaults, summary."""
+    import fnmatch
+
+    from mtlzoo.names import normalize_pattern
+    from mtlzoo.roles.modifiers import MODIFIERS
+    from mtlzoo.strategy import hyperparameters
+
+    return [[name, ", ".join(f"{key}={value!r}" for key, value in hyperparameters(cls).items() if key != "inner"),
+             cls.info.summary] for name, cls in sorted(MODIFIERS.items())
+            if fnmatch.fnmatchcase(name, normalize_pattern(pattern))]
+
+
 def _list(args: argparse.Namespace) -> int:
     entries = list_strategies(args.pattern or "*", kind=args.kind, where=args.where)
+    modifiers = [] if args.kind or args.where else _modifier_rows(args.pattern or "*")
     if args.format == "json":
         print(json.dumps([entry.to_record() for entry in entries], indent=2, ensure_ascii=False))
-    elif entries:
+    elif entries or modifiers:
         from mtlzoo.harness.tables import plain_table
 
         header = ["name", "aliases", "kind", "needs", "paper", "origin"]
-        print(plain_table(header, [_row(entry) for entry in entries]))
+        if entries:
+            print(plain_table(header, [_row(entry) for entry in entries]))
+        if modifiers:
+            print(("\n" if entries else "") + 'Modifiers: each wraps a Gramian aggregator by name, as "ema(mgda)".')
+            print(plain_table(["modifier", "hyperparameters", "what it does"], modifiers))
     else:
         print("No strategy matches.", file=sys.stderr)
     return 0

@@ -18,10 +18,27 @@ def test_list_prints_a_table_of_every_strategy(capsys: pytest.CaptureFixture[str
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "aliases", "kind", "needs", "paper", "origin"]
-    rows = {line.split()[0]: line for line in lines[2:]}
+    rows = {line.split()[0]: line for line in lines[2:lines.index("")]}
     assert set(rows) == {entry.name for entry in mtlzoo.list_strategies()}
     assert "Javaloy & Valera, ICLR 2022" in rows["rotograd"] and "built-in" in rows["rotograd"]
     assert "rotateonly" in rows["rotate_only"]
+
+
+def test_list_shows_the_modifiers_after_the_strategies(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 21: the modifiers (ema among them) are listed, with their hyperparameters; a pattern selects them too, and
+    a filter on kind or place (which only strategies have) leaves them out."""
+    from mtlzoo.roles.modifiers import MODIFIERS
+
+    assert main(["list"]) == 0
+    text = capsys.readouterr().out
+    listed = text[text.index("Modifiers:"):].splitlines()[3:]
+    assert [line.split()[0] for line in listed] == sorted(MODIFIERS)
+    assert any(line.split()[:2] == ["ema", "beta=0.9"] for line in listed)
+    main(["list", "em*"])
+    text = capsys.readouterr().out
+    assert "\nema " in text and "clip_norm" not in text
+    main(["list", "--kind", "weighting"])
+    assert "Modifiers:" not in capsys.readouterr().out
 
 
 def test_list_json_has_one_record_per_strategy(capsys: pytest.CaptureFixture[str]) -> None:

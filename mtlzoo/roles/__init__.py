@@ -6,7 +6,7 @@
 - :class:`Adapter` (``adapt``): each task's view of the shared representation.
 
 :func:`compose` makes one strategy of at most one of each; :mod:`mtlzoo.roles.modifiers` wrap an
-aggregator (clipping, acting every n steps).
+aggregator (clipping, acting every n steps, smoothing its weights across steps).
 """
 
 from mtlzoo.roles.adapter import Adapter
@@ -19,9 +19,9 @@ from mtlzoo.roles.aggregator import (
     HostStep,
 )
 from mtlzoo.roles.composite import Composite, compose
-from mtlzoo.roles.modifiers import ClipNorm, EveryNSteps, Modifier, Normalize, modify
+from mtlzoo.roles.modifiers import EMA, ClipNorm, EveryNSteps, Modifier, Normalize, modify
 from mtlzoo.roles.weighting import LossWeighting, WeightingStrategy
 
-__all__ = ["Adapter", "Aggregator", "ClipNorm", "Composite", "DirectionAggregator", "EveryNSteps", "GradientSurgery",
-           "GramianAggregator", "GramianWeightedSurgery", "HostStep", "LossWeighting", "Modifier", "Normalize",
-           "WeightingStrategy", "compose", "modify"]
+__all__ = ["EMA", "Adapter", "Aggregator", "ClipNorm", "Composite", "DirectionAggregator", "EveryNSteps",
+           "GradientSurgery", "GramianAggregator", "GramianWeightedSurgery", "HostStep", "LossWeighting", "Modifier",
+           "Normalize", "WeightingStrategy", "compose", "modify"]

@@ -2,7 +2,9 @@
 
 A modifier is itself a :class:`~mtlzoo.roles.GramianAggregator` that holds the aggregator it wraps
 (``inner``) and transforms the weights ``c = inner.weigh(G, step)``; it composes, checkpoints and
-resumes like any aggregator, and any Gramian aggregator (a plugin's too) can take it. Adding one is
+resumes like any aggregator, and any Gramian aggregator (a plugin's too) can take it: clipping
+(:class:`ClipNorm`), acting every n steps (:class:`EveryNSteps`), normalised gradients
+(:class:`Normalize`), exponential smoothing across steps (:class:`EMA`). Adding one is
 a one-file matter: subclass :class:`Modifier`, declare its state, write :meth:`Modifier.modify`.
 """
 
@@ -17,8 +19,9 @@ import torch
 from mtlzoo.errors import InvalidStrategyError
 from mtlzoo.protocol import Request
 from mtlzoo.roles._parts import WithParts
-from mtlzoo.roles.aggregator import GramianAggregator, HostStep
-from mtlzoo.strategy import StrategyInfo
+from mtlzoo.roles.aggregator import Aggregator, DirectionAggregator, GramianAggregator, HostStep
+from mtlzoo.roles.weighting import LossWeighting
+from mtlzoo.strategy import Paper, StrategyInfo
 
 NORMALIZERS: tuple[str, ...] = ("l2", "loss", "loss+")
 
@@ -172,12 +175,105 @@ class Normalize(Modifier):
         return self.inner.weigh(normalized(gramian, step.losses, self.by), step)
 
 
-MODIFIERS: dict[str, type[Modifier]] = {cls.name: cls for cls in (ClipNorm, EveryNSteps, Normalize)}
+CRMOGM_PAPER = Paper(
+    authors=("Shiji Zhou", "Wenpeng Zhang", "Jiyan Jiang", "Wenliang Zhong", "Jinjie Gu", "Wenwu Zhu"),
+    title="On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
+    venue="NeurIPS",
+    year=2022,
+    url="https://proceedings.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-"
+        "Conference.html",
+)
+
+
+def _not_a_weighting(inner: object) -> str:
+    """Why ``inner`` has no weights of the task gradients read from their Gramian, for EMA's refusal."""
+    if isinstance(inner, WithParts):  # a composite (a modifier is a GramianAggregator)
+        return ("it is a composition of roles; smooth its aggregator part instead, e.g. "
+                "compose(weighting=..., aggregator=EMA(create('upgrad', num_tasks=K)))")
+    if isinstance(inner, LossWeighting):
+        return "it is a loss weighting: its weights scale the losses, there are no weights of the gradients"
+    if isinstance(inner, DirectionAggregator):
+        return "its update is built from the gradients themselves (a direction), not as a weighting of them"
+    if isinstance(inner, Aggregator):
+        return "its weights are not read from the Gramian (it reads the gradients' entries)"
+    return "it is not an aggregator"
+
+
+class EMA(Modifier):
+    r"""Smooth the wrapped aggregator's weights across optimizer steps: ``c_t = β c_{t-1} + (1 - β) ĉ_t``.
+
+    The weight averaging of Zhou et al., *On the Convergence of Stochastic Multi-Objective
+    Gradient Manipulation and Beyond*, NeurIPS 2022 (CR-MOGM; torchjd's ``CRMOGMWeighting``),
+    which makes stochastic gradient manipulation converge: ``ĉ_t = inner.weigh(G_t)`` the weights
+    the wrapped aggregator reads from this step's Gramian, the update ``J^T c_t``. With ``β = 0``
+    it is the wrapped aggregator itself. The first weights of each task are taken as they come
+    (``c_1 = ĉ_1``, torchjd's default); a task absent from a step keeps its smoothed weight. The
+    paper also schedules ``β`` towards 1 as the learning rate decays: set ``ema.beta`` between steps.
+
+    Only an aggregator whose update is a weighting ``J^T c`` read from the Gramian (a
+    :class:`~mtlzoo.roles.GramianAggregator`: MGDA, UPGrad, Nash-MTL, a plugin's) has weights to
+    smooth; any other is refused with an :class:`~mtlzoo.errors.InvalidStrategyError` that says why.
+
+    Running state: the smoothed weights ``weights`` and which tasks have had one (``seen``),
+    updated once per optimizer step from its first micro-batch (every micro-batch smooths its own
+    weights against those the step started with).
+
+    Args:
+        inner: The Gramian aggregator.
+        beta: ``β`` in [0, 1] (1 keeps the first weights for ever); 0.9 as torchjd's default.
+
+    Example:
+        >>> import torch, mtlzoo
+        >>> ema = mtlzoo.create("ema(mgda)", num_tasks=2, beta=0.5)
+        >>> ema.aggregate(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(2)); ema.advance()
+        tensor([0.5000, 0.5000])
+        >>> ema.aggregate(torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.ones(2))  # MGDA's own weights: 0.9, 0.1
+        tensor([0.7000, 0.9000])
+    """
+
+    info = StrategyInfo(name="ema", summary="The wrapped aggregator's weights, smoothed across optimizer steps.",
+                        request=Request("parameters", "gramian"), paper=CRMOGM_PAPER)
+    name = "ema"
+
+    def __init__(self, inner: GramianAggregator, beta: float = 0.9) -> None:
+        if not isinstance(inner, GramianAggregator):
+            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
+            raise InvalidStrategyError(
+                f"ema smooths the weights c of an aggregator whose update is J^T c, read from the Gramian (a "
+                f"GramianAggregator such as mgda, upgrad, nash_mtl); {type(inner).__name__} ({name}) is not one: "
+                f"{_not_a_weighting(inner)}.")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
+        super().__init__(inner)
+        self.beta = float(beta)
+        self.declare_state(weights=torch.zeros(inner.num_tasks, dtype=torch.float64),
+                           seen=torch.zeros(inner.num_tasks, dtype=torch.bool))
+
+    @property
+    def properties(self) -> frozenset[str]:
+        if self.beta == 0:
+            return self.inner.properties
+        return self.inner.properties - {"non_conflicting", "stationary", "linear_under_scaling"}
+
+    def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
+        fresh = self.inner.weigh(gramian, step)
+        index = torch.from_numpy(step.tasks)
+        weights = self.state.committed("weights").detach().cpu().clone()
+        seen = self.state.committed("seen").detach().cpu().clone()
+        previous = weights[index].numpy()
+        smoothed = np.where(seen[index].numpy(), self.beta * previous + (1 - self.beta) * fresh, fresh)
+        weights[index] = torch.from_numpy(smoothed)
+        seen[index] = True
+        self.state.weights, self.state.seen = weights, seen
+        return smoothed
+
+
+MODIFIERS: dict[str, type[Modifier]] = {cls.name: cls for cls in (ClipNorm, EveryNSteps, Normalize, EMA)}
 
 
 def modify(name: str, inner: GramianAggregator, **options: Any) -> Modifier:
-    """Wrap ``inner`` in the modifier called ``name`` (``"clip_norm"``, ``"every"``, ``"normalize"``) with
-    ``options``."""
+    """Wrap ``inner`` in the modifier called ``name`` (``"clip_norm"``, ``"every"``, ``"normalize"``, ``"ema"``)
+    with ``options``."""
     try:
         cls = MODIFIERS[name]
     except KeyError:

@@ -11,8 +11,12 @@ from collections.abc import Callable
 from mtlzoo.hookspecs import hookimpl
 from mtlzoo.strategies.aligned_mtl import AlignedMTL
 from mtlzoo.strategies.cagrad import CAGrad
+from mtlzoo.strategies.config import ConFIG
+from mtlzoo.strategies.db_mtl import DBMTL
 from mtlzoo.strategies.dualproj import DualProj
 from mtlzoo.strategies.dwa import DynamicWeightAverage
+from mtlzoo.strategies.excess_mtl import ExcessMTL
+from mtlzoo.strategies.fairgrad import FairGrad
 from mtlzoo.strategies.famo import FAMO
 from mtlzoo.strategies.gls import GeometricLossStrategy
 from mtlzoo.strategies.graddrop import GradDrop
@@ -26,6 +30,7 @@ from mtlzoo.strategies.mgda import MGDA, MGDAUB
 from mtlzoo.strategies.moco import MoCo
 from mtlzoo.strategies.modo import MoDo
 from mtlzoo.strategies.nash_mtl import NashMTL
+from mtlzoo.strategies.pcd import PCD
 from mtlzoo.strategies.pcgrad import PCGrad
 from mtlzoo.strategies.rlw import RandomLossWeighting
 from mtlzoo.strategies.rotograd import RotateOnly, RotoGrad, RotoGradNorm
@@ -39,13 +44,13 @@ BUILTIN_STRATEGIES = (LinearScalarization, RotateOnly, RotoGrad, RotoGradNorm,
                       ScaleInvariant, UncertaintyWeighting, DynamicWeightAverage, RandomLossWeighting,
                       GeometricLossStrategy, GradNorm, IMTLL, FAMO, SmoothTchebycheff,
                       MGDA, MGDAUB, PCGrad, GradDrop, GradVac, CAGrad, IMTLG, IMTL, NashMTL, AlignedMTL, UPGrad,
-                      DualProj, MoCo, SDMGrad, MoDo)
+                      DualProj, ConFIG, FairGrad, PCD, ExcessMTL, DBMTL, MoCo, SDMGrad, MoDo)
 
-__all__ = ["BUILTIN_STRATEGIES", "FAMO", "IMTL", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "AlignedMTL", "CAGrad", "DualProj",
-           "DynamicWeightAverage", "GeometricLossStrategy", "GradDrop", "GradNorm", "GradVac", "LinearScalarization",
-           "NashMTL", "PCGrad", "RandomLossWeighting", "RotateOnly", "RotoGrad", "RotoGradNorm", "ScaleInvariant",
+__all__ = ["BUILTIN_STRATEGIES", "DBMTL", "FAMO", "IMTL", "IMTLG", "IMTLL", "MGDA", "MGDAUB", "PCD", "AlignedMTL",
+           "CAGrad", "ConFIG", "DualProj", "DynamicWeightAverage", "ExcessMTL", "FairGrad", "GeometricLossStrategy",
+           "GradDrop", "GradNorm", "GradVac", "LinearScalarization", "MoCo", "MoDo", "NashMTL", "PCGrad",
+           "RandomLossWeighting", "RotateOnly", "RotoGrad", "RotoGradNorm", "SDMGrad", "ScaleInvariant",
            "SmoothTchebycheff", "UPGrad", "UncertaintyWeighting"]
-__all__ += ["MoCo", "MoDo", "SDMGrad"]
 
 
 @hookimpl

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
@@ -20,15 +22,17 @@ TAKES = "takes the log of each loss"
 
 
 class ScaleInvariant(LossWeighting):
-    r"""Scale-invariant loss (SI): ``total = sum_k log L_k``, so ``w_k = 1 / L_k``.
+    r"""Scale-invariant loss (SI): ``total = sum_k log(L_k + eps)``, so ``w_k = 1 / (L_k + eps)``.
 
     The baseline of Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
     (https://arxiv.org/abs/2202.01017): each task's gradient is divided by its loss, so scaling a
-    loss by a constant changes nothing. No hyperparameters, no state. Every present loss must be
-    > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
+    loss by a constant changes nothing (``eps = 0``, the default). No state. Every present
+    ``L_k + eps`` must be > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the
+    task). DB-MTL's authors take ``log(L_k + 1e-8)`` (``eps=1e-8``).
 
     Args:
         num_tasks: K.
+        eps: A non-negative constant added to each loss before its log (0: the paper's SI).
 
     Example:
         >>> import torch, mtlzoo
@@ -47,6 +51,13 @@ class ScaleInvariant(LossWeighting):
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
 
+    def __init__(self, num_tasks: int, eps: float = 0.0) -> None:
+        super().__init__(num_tasks)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"Parameter `eps` should be a non-negative number. Found `eps = {eps!r}`.")
+        self.eps = float(eps)
+
     def scalarize(self, losses: Tensor) -> Tensor:
-        check_positive(losses, self.present_tasks, "SI (si)", TAKES)
-        return losses.log().sum()
+        shifted = losses + self.eps if self.eps else losses
+        check_positive(shifted, self.present_tasks, f"SI (si, eps={self.eps:g})" if self.eps else "SI (si)", TAKES)
+        return shifted.log().sum()
