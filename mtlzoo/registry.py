@@ -357,6 +357,16 @@ class StrategyRegistry:
                 if (kind is None or entry.info.kind == kind) and (where is None or entry.info.request.where == where)]
 
 
+def split_modifiers(name: str) -> tuple[list[str], str]:
+    """The modifiers of a name, outermost first, and the strategy they wrap: ``"ema(every(mgda))"`` gives
+    ``(["ema", "every"], "mgda")``; a plain name gives ``([], name)``."""
+    modifiers: list[str] = []
+    while (modified := _modified_name(name)) is not None:
+        modifiers.append(modified[0])
+        name = modified[1]
+    return modifiers, name.strip()
+
+
 def _modified_name(name: str) -> tuple[str, str] | None:
     """``("every", "mgda")`` for ``"every(mgda)"``; ``None`` for a plain name."""
     text = name.strip()

@@ -17,8 +17,9 @@ from mtlzoo.errors import ComparisonError, MissingHyperparameterError
 from mtlzoo.harness.config import Reference, check_device
 from mtlzoo.harness.problems.base import Problem, check_metrics, to_device
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, split_top_level
-from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies
-from mtlzoo.strategy import REQUIRED
+from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies, split_modifiers
+from mtlzoo.roles.modifiers import MODIFIERS
+from mtlzoo.strategy import REQUIRED, hyperparameters
 from mtlzoo.wrapper import MTLWrapper
 
 
@@ -36,13 +37,36 @@ class Plan:
     """Set when the strategy cannot run on the problem (``strict=False`` records it as failed)."""
 
     @property
+    def name(self) -> str:
+        """The name the strategy is created by: the entry's name, inside the spec's modifiers if any."""
+        return strategy_entry(self.spec.name)[1]
+
+    @property
     def task(self) -> str | None:
         """The task of a single-task reference run (``"single_task[<task>]"``), else ``None``."""
         return self.label.split("[", 1)[1].rstrip("]") if self.role == "reference" else None
 
 
-def _label(spec: StrategySpec, entry: StrategyEntry) -> str:
-    return spec.label or StrategySpec(entry.name, spec.options, spec.optimizer, spec.lr).display()
+def _label(spec: StrategySpec, name: str) -> str:
+    return spec.label or StrategySpec(name, spec.options, spec.optimizer, spec.lr).display()
+
+
+def strategy_entry(name: str) -> tuple[StrategyEntry, str, set[str]]:
+    """The registry entry behind a (possibly modified) name, the name spelt with the entry's own name
+    (``"ema(MGDA)"`` gives ``"ema(mgda)"``), and the hyperparameters its modifiers take.
+
+    Raises:
+        UnknownStrategyError: An unknown strategy or modifier.
+    """
+    modifiers, base = split_modifiers(name)
+    entry = get_strategy(base)
+    spelt, own = entry.name, set()
+    for modifier in reversed(modifiers):
+        if modifier not in MODIFIERS:
+            REGISTRY.create(f"{modifier}({entry.name})", num_tasks=2)  # raises, suggesting a close modifier
+        spelt = f"{modifier}({spelt})"
+        own |= set(hyperparameters(MODIFIERS[modifier])) - {"inner"}
+    return entry, spelt, own
 
 
 def _optimizer_recipe(problem: Problem, spec: StrategySpec, entry: StrategyEntry) -> tuple[str | None, float | None]:
@@ -71,18 +95,19 @@ def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.devi
             the message names the strategy.
     """
     spec = StrategySpec.parse(spec) if isinstance(spec, str) else spec
-    entry = get_strategy(spec.name)
+    entry, name, modifier_options = strategy_entry(spec.name)
     options = {**problem.strategy_options(entry), **dict(spec.options)}
-    label = _label(spec, entry)
+    label = _label(spec, name)
     where = f"Strategy {label!r} cannot run on problem {problem.name!r}"
-    unknown = {key: value for key, value in spec.options.items() if key not in entry.hyperparameters}
+    unknown = {key: value for key, value in spec.options.items()
+               if key not in entry.hyperparameters and key not in modifier_options}
     if unknown:
         REGISTRY.create(entry.name, num_tasks=problem.num_tasks, **unknown)  # raises, suggesting close names
     kind, lr = _optimizer_recipe(problem, spec, entry)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            strategy = REGISTRY.create(entry.name, num_tasks=problem.num_tasks, **options)
+            strategy = REGISTRY.create(name, num_tasks=problem.num_tasks, **options)
         except MissingHyperparameterError as error:
             missing = [p for p, d in entry.hyperparameters.items() if d is REQUIRED and p not in options] or ["..."]
             raise ComparisonError(f"{where}: {error} Give it in the spec, e.g. '{entry.name}:{missing[0]}=...', or "
@@ -163,10 +188,11 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
     strict = named if strict is None else strict
     if reference not in ("ls", "single_task"):
         raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {reference!r}.")
-    entries = [get_strategy(spec.name) for spec in specs]  # unknown names fail first, before any building
+    entries = [strategy_entry(spec.name)[0] for spec in specs]  # unknown names fail first, before any building
     check_problem(problem, device)
-    if not any(entry.name == BASELINE and not spec.options and spec.optimizer is None and spec.lr is None
-               and spec.label in (None, BASELINE) for spec, entry in zip(specs, entries)):
+    if not any(entry.name == BASELINE and not split_modifiers(spec.name)[0] and not spec.options
+               and spec.optimizer is None and spec.lr is None and spec.label in (None, BASELINE)
+               for spec, entry in zip(specs, entries)):
         specs, entries = [StrategySpec(BASELINE), *specs], [get_strategy(BASELINE), *entries]
     plans: list[Plan] = []
     for spec, entry in zip(specs, entries):
@@ -175,7 +201,8 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
         except ComparisonError as error:
             if strict:
                 raise
-            plans.append(Plan(spec, entry, _label(spec, entry), dict(spec.options), None, error=str(error)))
+            plans.append(Plan(spec, entry, _label(spec, strategy_entry(spec.name)[1]), dict(spec.options), None,
+                              error=str(error)))
     labels = [p.label for p in plans]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:

@@ -30,7 +30,7 @@ def fingerprint(problem: Problem, plan: Plan, seed: int, steps: int, config: Run
     """A hash of everything that makes a run what it is (a resumed comparison reuses a run only if it matches)."""
     identity = {"format": FORMAT_VERSION, "problem": problem.name, "settings": jsonable(problem.settings),
                 "model": [problem.model_optimizer, problem.model_lr], "label": plan.label,
-                "strategy": plan.entry.name, "options": jsonable(plan.options), "optimizer": plan.optimizer,
+                "strategy": plan.name, "options": jsonable(plan.options), "optimizer": plan.optimizer,
                 "role": plan.role, "seed": seed, "steps": steps, "conflict_every": config.conflict_every,
                 "device": config.torch_device.type}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -139,7 +139,7 @@ def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: Ru
     device = config.torch_device
     plan_ = spec if isinstance(spec, Plan) else plan(problem, spec, device=device)
     steps = config.steps_for(problem)
-    result = RunResult(problem.name, jsonable(problem.settings), plan_.label, plan_.entry.name,
+    result = RunResult(problem.name, jsonable(problem.settings), plan_.label, plan_.name,
                        jsonable(plan_.options), None if plan_.optimizer is None else list(plan_.optimizer), seed,
                        steps, role=plan_.role, task=plan_.task,
                        fingerprint=fingerprint(problem, plan_, seed, steps, config))
@@ -184,7 +184,7 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     torch.manual_seed(seed)
     model = copy.deepcopy(initial_model) if initial_model is not None else problem.build_model()
     torch.manual_seed(seed)  # the strategy's own draws do not depend on how the model came to be
-    strategy = REGISTRY.create(plan_.entry.name, num_tasks=problem.num_tasks, **plan_.options)
+    strategy = REGISTRY.create(plan_.name, num_tasks=problem.num_tasks, **plan_.options)
     mtl = MTLWrapper(model, strategy).to(device)
     mtl.train()
     order = torch.Generator().manual_seed(seed)

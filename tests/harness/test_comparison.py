@@ -245,6 +245,22 @@ def test_unknown_names_and_options_fail_before_training_with_close_names() -> No
         compare(Toy2D(), ["rotograd:normalise_losses=True"])
 
 
+def test_a_modified_strategy_runs_by_name_with_its_modifiers_options() -> None:
+    """``ema(mgda)`` (issue 21's modifier by name) trains like the object the registry builds for that name:
+    with ``beta=0`` it is MGDA itself (the same curves), with ``beta=0.9`` it is not."""
+    results = compare(Toy2D(), ["mgda", "ema(MGDA):beta=0.0", "ema(mgda):beta=0.9"], seeds=[0], steps=15,
+                      conflict_every=0)
+    runs = {run.label: run for run in results.runs}
+    assert set(runs) == {"ls", "mgda", "ema(mgda):beta=0.0", "ema(mgda):beta=0.9"}
+    assert runs["ema(mgda):beta=0.9"].strategy == "ema(mgda)"
+    assert torch.equal(_curves(runs["mgda"]), _curves(runs["ema(mgda):beta=0.0"]))
+    assert not torch.equal(_curves(runs["mgda"]), _curves(runs["ema(mgda):beta=0.9"]))
+    with pytest.raises(UnknownStrategyError, match="Did you mean 'ema'"):
+        compare(Toy2D(), ["emma(mgda)"])
+    with pytest.raises(UnknownHyperparameterError):
+        compare(Toy2D(), ["ema(mgda):bta=0.5"])
+
+
 class Learnable(mtlzoo.WeightingStrategy):
     """Test strategy (no paper): one learnable weight per task and no optimizer recipe in its metadata."""
 
