@@ -24,7 +24,6 @@ _SAFE_NORMS = (1e-15, 3e18)
 is between 1e-30 and 9e36 < float32's max (an entry's square is below that too), and entries under
 1e-19.5, whose squares flush to 0, add under 1e-39 each to a sum of at least 1e-30."""
 
-
 _SMALL = 4096
 """Below this many entries the float64 sum costs less than checking the float32 one."""
 
@@ -79,32 +78,6 @@ def flat_rows(matrix: Tensor) -> Tensor:
 def gramian_norms(gramian: Tensor) -> Tensor:
     """The row norms ``||g_k|| = sqrt(G_kk)`` read from a Gramian (negative rounding clamped to 0)."""
     return gramian.diagonal().clamp_min(0).sqrt()
-
-
-def normalize_gramian(gramian: Tensor, norm: str = "trace") -> Tensor:
-    """The Gramian of the rows scaled to unit size, so that weights read from it do not depend on scale.
-
-    ``norm="trace"`` divides by ``tr(G) = ||J||_F^2`` (the Gramian of the Frobenius-normalised
-    matrix); ``norm="frobenius"`` divides by ``||G||_F`` (Nash-MTL's normalisation). A Gramian of
-    size 0 (all rows zero) is returned as zeros, without dividing by 0 and without a threshold that
-    would treat small gradients as zero. No host synchronisation.
-    """
-    if norm == "trace":
-        size = gramian.diagonal().sum()
-    elif norm == "frobenius":
-        size = torch.linalg.matrix_norm(gramian)
-    else:
-        raise ValueError(f"Parameter `norm` should be 'trace' or 'frobenius'. Found `norm = {norm!r}`.")
-    positive = size > 0
-    return torch.where(positive, gramian / torch.where(positive, size, torch.ones_like(size)),
-                       torch.zeros_like(gramian))
-
-
-def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
-    """``G + eps I``: positive definite for ``eps > 0`` whatever the rounding in ``G`` (apply after normalising)."""
-    if eps == 0:
-        return gramian
-    return gramian + eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
 
 
 def all_finite(*tensors: Tensor) -> bool:
