@@ -12,7 +12,7 @@ from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, lstsq
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_number
 
 RESCALES = (0, 1, 2)
 SMOOTHING = 1e-8
@@ -179,11 +179,9 @@ class CAGrad(GramianAggregator):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, c: float = 0.4, rescale: int = 1) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (c >= 0 and math.isfinite(c)):
-            raise ValueError(f"Parameter `c` should be a non-negative number. Found `c = {c!r}`.")
         if rescale not in RESCALES or isinstance(rescale, bool):
             raise ValueError(f"Parameter `rescale` should be one of {RESCALES}. Found `rescale = {rescale!r}`.")
-        self.c = float(c)
+        self.c = check_number("c", c)
         self.rescale = rescale
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 DWA_PAPER = Paper(
     authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"),
@@ -75,11 +75,7 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-                or math.isinf(temperature):
-            raise ValueError(f"Parameter `temperature` should be a finite positive number. Found `temperature = "
-                             f"{temperature!r}`.")
-        self.temperature = float(temperature)
+        self.temperature = check_number("temperature", temperature, positive=True)
         self.declare_state(per_step="every", loss_sums=torch.zeros(num_tasks), loss_counts=torch.zeros(num_tasks))
         self.declare_state(averages=torch.full((2, num_tasks), math.nan), epoch_weights=torch.ones(num_tasks),
                            epoch=0, steps_in_epoch=0)

@@ -12,7 +12,7 @@ from torch import Tensor
 from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import WidensState, check_positive, per_task_numbers, widen
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 FAMO_PAPER = Paper(
     authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"),
@@ -88,13 +88,10 @@ class FAMO(WidensState, LossWeighting):
     def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
-        for name, value in (("lr", lr), ("gamma", gamma)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"Parameter `{name}` should be a finite number >= 0. Found `{name} = {value!r}`.")
         bounds = torch.zeros(num_tasks) if min_losses is None else per_task_numbers(min_losses, "min_losses", num_tasks,
                                                                                     non_negative=False)
-        self.lr = float(lr)
-        self.gamma = float(gamma)
+        self.lr = check_number("lr", lr)
+        self.gamma = check_number("gamma", gamma)
         self.register_buffer("min_losses", bounds)
         # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq as host floats);
         # losses_before: the last step's K losses; step_losses: this step's sums and counts over its micro-batches

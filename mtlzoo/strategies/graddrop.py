@@ -12,7 +12,7 @@ from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.protocol import Request, StepInputs
 from mtlzoo.roles import DirectionAggregator
 from mtlzoo.strategies.pcgrad import drawing, initial_stream
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 
 class GradDrop(DirectionAggregator):
@@ -111,14 +111,10 @@ class GradDrop(DirectionAggregator):
         if values.shape != (num_tasks,) or not bool(((values >= 0) & (values <= 1)).all()):
             raise ValueError(f"Parameter `leak` should be a number or {num_tasks} numbers in [0, 1]. Found "
                              f"`leak = {leak!r}`.")
-        for name, flag in (("marginalize_batch", marginalize_batch), ("input_sign", input_sign),
-                           ("rescale_norm", rescale_norm)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"Parameter `{name}` should be True or False. Found `{name} = {flag!r}`.")
         self.leaks = values
-        self.marginalize_batch = marginalize_batch
-        self.input_sign = input_sign
-        self.rescale_norm = rescale_norm
+        self.marginalize_batch = check_flag("marginalize_batch", marginalize_batch)
+        self.input_sign = check_flag("input_sign", input_sign)
+        self.rescale_norm = check_flag("rescale_norm", rescale_norm)
         self.declare_state(per_step="every", generator=initial_stream(seed))
 
     @property

@@ -18,7 +18,7 @@ from mtlzoo.linalg import row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
 from mtlzoo.roles.weighting import LossWeighting, working_dtype
 from mtlzoo.strategies._weighting import WidensState, widen
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 GRADNORM_PAPER = Paper(
     authors=("Zhao Chen", "Vijay Badrinarayanan", "Chen-Yu Lee", "Andrew Rabinovich"),
@@ -158,8 +158,7 @@ class GradNorm(WidensState, LossWeighting):
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,
                  target: Target = "parameters") -> None:
         super().__init__(num_tasks)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
-            raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found `alpha = {alpha!r}`.")
+        self.alpha = check_number("alpha", alpha)
         if target not in ("parameters", "representation"):
             raise ValueError(f"Parameter `target` should be 'parameters' or 'representation'. Found `target = "
                              f"{target!r}`.")
@@ -167,7 +166,6 @@ class GradNorm(WidensState, LossWeighting):
         if layer is not None and target == "representation":
             raise ValueError("Parameter `layer` names parameters, so it needs target='parameters'. Found "
                              f"`layer = {layer!r}` with `target = 'representation'`.")
-        self.alpha = float(alpha)
         self.layer = names
         self.target: Target = target
         self._request = Request("representation", "norms") if target == "representation" else Request(

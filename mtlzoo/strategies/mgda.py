@@ -10,7 +10,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.roles.modifiers import normalized
 from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 MGDA_PAPER = Paper(
     authors=("Ozan Sener", "Vladlen Koltun"),
@@ -91,10 +91,7 @@ class MGDA(GramianAggregator):
     def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none",
                  weighted_heads: bool = True) -> None:
         super().__init__(num_tasks, target=target)
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
-        self.weighted_heads = weighted_heads
+        self.weighted_heads = check_flag("weighted_heads", weighted_heads)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"Parameter `normalization` should be one of {NORMALIZATIONS}. Found "
                              f"`normalization = {normalization!r}`.")

@@ -17,7 +17,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, EveryNSteps, GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategies.si import NASH_MTL_PAPER
-from mtlzoo.strategy import StrategyInfo, Target
+from mtlzoo.strategy import StrategyInfo, Target, check_flag, check_int
 
 _EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
@@ -118,10 +118,7 @@ class NashBargaining(GramianAggregator):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_iterations: int = 200) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ValueError(f"Parameter `max_iterations` should be a positive int. Found `max_iterations = "
-                             f"{max_iterations!r}`.")
-        self.max_iterations = max_iterations
+        self.max_iterations = check_int("max_iterations", max_iterations)
         self.declare_state(previous_weights=torch.ones(num_tasks))
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
@@ -214,14 +211,9 @@ class NashMTL(ClipNorm):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
                  update_weights_every: int = 1, max_iterations: int = 200, weighted_heads: bool = True) -> None:
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
-            raise ValueError(f"Parameter `update_weights_every` should be a positive int. Found "
-                             f"`update_weights_every = {update_weights_every!r}`.")
+        check_int("update_weights_every", update_weights_every)
         core = NashBargaining(num_tasks, target=target, max_iterations=max_iterations)
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
+        check_flag("weighted_heads", weighted_heads)
         super().__init__(EveryNSteps(core, update_weights_every), max_norm=max_norm)
         self.weighted_heads = weighted_heads
         self.register_load_state_dict_pre_hook(_from_flat_checkpoint)

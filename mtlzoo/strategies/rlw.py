@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_int
 
 RLW_PAPER = Paper(
     authors=("Baijiong Lin", "Feiyang Ye", "Yu Zhang", "Ivor W. Tsang"),
@@ -57,10 +57,9 @@ class RandomLossWeighting(LossWeighting):
 
     def __init__(self, num_tasks: int, seed: int | None = None) -> None:
         super().__init__(num_tasks)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Parameter `seed` should be a non-negative int or None. Found `seed = {seed!r}`.")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        check_int("seed", seed, 0)
         self.declare_state(generator=_state_bytes(torch.Generator().manual_seed(seed)))
 
     def draw(self) -> Tensor:

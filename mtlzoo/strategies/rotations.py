@@ -50,7 +50,7 @@ from mtlzoo.strategies._rotation_bank import (
     as_shape,
     rotate,
 )
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_flag, check_int
 
 ROTOGRAD_PAPER = Paper(
     authors=("Adrián Javaloy", "Isabel Valera"),
@@ -68,13 +68,6 @@ LARGE_ROTATION = 1024
 def _full_precision(device: Any) -> Any:
     """Autocast off: rotations are computed in their own (float32) precision whatever the context."""
     return torch.autocast(torch.device(device or "cpu").type, enabled=False)
-
-
-def check_burn_in(burn_in_period: Any) -> int:
-    if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
-        raise ValueError(f"Parameter `burn_in_period` should be a non-negative int. Found `burn_in_period = "
-                         f"{burn_in_period!r}`.")
-    return burn_in_period
 
 
 class ReferenceSteps:
@@ -235,24 +228,21 @@ class Rotations(ReferenceSteps, Adapter):
         fold_linear_heads: bool = True,
     ) -> None:
         super().__init__(num_tasks)
-        for name, value in (("normalize_losses", normalize_losses), ("fold_linear_heads", fold_linear_heads)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Parameter `{name}` should be a bool. Found `{name} = {value!r}`.")
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"Parameter `orthogonal_map` should be one of {ORTHOGONAL_MAPS}. Found "
                              f"`orthogonal_map = {orthogonal_map!r}`.")
         if rotation_init not in ROTATION_INITS:
             raise ValueError(f"Parameter `rotation_init` should be one of {ROTATION_INITS}. Found "
                              f"`rotation_init = {rotation_init!r}`.")
-        self.burn_in_period = check_burn_in(burn_in_period)
+        self.burn_in_period = check_int("burn_in_period", burn_in_period, 0)
         # state, not only a setting: inferred at the first forward where not given, and saved
         self.declare_state(rotation_shape=None if rotation_shape is None else as_shape(
             rotation_shape, "rotation_shape", allow_empty=False))
         self.post_shape = as_shape(post_shape, "post_shape", allow_empty=True)
-        self.normalize_losses = normalize_losses
+        self.normalize_losses = check_flag("normalize_losses", normalize_losses)
         self.orthogonal_map = orthogonal_map
         self.rotation_init = rotation_init
-        self.fold_linear_heads = fold_linear_heads
+        self.fold_linear_heads = check_flag("fold_linear_heads", fold_linear_heads)
         self.declare_references("initial_losses")
         self.declare_state(per_step="every", initial_backbone_loss=torch.tensor(math.nan))
         self._seen_layout: tuple[torch.Size, RotationBank | None, tuple[int, int]] | None = None

@@ -44,7 +44,6 @@ Checkpoints of mtlzoo 0.1.0, where each of these was one module (``initial_losse
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -63,9 +62,8 @@ from mtlzoo.strategies.rotations import (
     ROTOGRAD_PAPER,
     ReferenceSteps,
     Rotations,
-    check_burn_in,
 )
-from mtlzoo.strategy import StrategyInfo, Target
+from mtlzoo.strategy import StrategyInfo, Target, check_int, check_number
 
 __all__ = [
     "ROTOGRAD_PAPER",
@@ -82,7 +80,7 @@ class _RepresentationAggregator(ReferenceSteps, Aggregator):
 
     def __init__(self, num_tasks: int, *, burn_in_period: int = 20, target: Target | None = None) -> None:
         super().__init__(num_tasks, target=target)
-        self.burn_in_period = check_burn_in(burn_in_period)
+        self.burn_in_period = check_int("burn_in_period", burn_in_period, 0)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: the update for K task gradients (K x ...) and their losses (own objective back-propagated)."""
@@ -183,10 +181,9 @@ class GradNormWeights(_RepresentationAggregator):
 
     def __init__(self, num_tasks: int, *, alpha: float, burn_in_period: int = 20,
                  target: Target | None = None) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
-            raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found `alpha = {alpha!r}`.")
+        alpha = check_number("alpha", alpha)
         super().__init__(num_tasks, burn_in_period=burn_in_period, target=target)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.weight_logits = nn.Parameter(torch.zeros(num_tasks))
         self.declare_references("initial_losses")
 

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_int, check_number
 
 STCH_PAPER = Paper(
     authors=("Xi Lin", "Xiaoyuan Zhang", "Zhiyuan Yang", "Fei Liu", "Zhenkun Wang", "Qingfu Zhang"),
@@ -81,13 +81,8 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
 
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_epochs: int = 4) -> None:
         super().__init__(num_tasks)
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu > 0 or math.isinf(mu):
-            raise ValueError(f"Parameter `mu` should be a finite positive number. Found `mu = {mu!r}`.")
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"Parameter `warmup_epochs` should be a non-negative int. Found `warmup_epochs = "
-                             f"{warmup_epochs!r}`.")
-        self.mu = float(mu)
-        self.warmup_epochs = warmup_epochs
+        self.mu = check_number("mu", mu, positive=True)
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, 0)
         self.declare_state(nadir=torch.full((num_tasks,), math.nan), epoch=0, steps_in_epoch=0)
         self.declare_state(per_step="every", nadir_sums=torch.zeros(num_tasks), nadir_counts=torch.zeros(num_tasks))
 

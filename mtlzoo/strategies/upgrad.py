@@ -12,7 +12,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
 from mtlzoo.strategies._weighting import per_task_numbers
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_number
 
 JD_PAPER = Paper(
     authors=("Pierre Quinton", "Valérian Rey"),
@@ -30,12 +30,6 @@ def preference(values: Sequence[float] | Tensor | None, num_tasks: int) -> Tenso
     return per_task_numbers(values, "pref_vector", num_tasks, non_negative=True).to(torch.float64).detach().clone()
 
 
-def check_eps(reg_eps: float) -> float:
-    if isinstance(reg_eps, bool) or not isinstance(reg_eps, (int, float)) or not reg_eps >= 0:
-        raise ValueError(f"Parameter `reg_eps` should be a non-negative number. Found `reg_eps = {reg_eps!r}`.")
-    return float(reg_eps)
-
-
 class DualConeSurgery(GramianAggregator):
     """What UPGrad and DualProj share: an optional preference vector over the tasks and a Gramian
     regularisation ``reg_eps``, and the properties those settings break."""
@@ -47,7 +41,7 @@ class DualConeSurgery(GramianAggregator):
                  pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
         super().__init__(num_tasks, target=target)
         self.pref_vector = preference(pref_vector, num_tasks)
-        self.reg_eps = check_eps(reg_eps)
+        self.reg_eps = check_number("reg_eps", reg_eps)
 
     def problem(self, gramian: np.ndarray, step: HostStep) -> tuple[np.ndarray, np.ndarray]:
         """The Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive semi-definite on
