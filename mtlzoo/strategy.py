@@ -233,6 +233,8 @@ class Strategy(nn.Module):
     hparams: dict[str, Any]
     micro_batch: int
     state: RunningState
+    per_task: ClassVar[tuple[str, ...]] = ()
+    """Per-task tensors (attribute names, ``None`` allowed) whose unequal entries break ``permutation_invariant``."""
     weighted_heads: bool = False
     """Whether head k learns from ``c_k w_k L_k`` (``c`` the aggregator's weights: MGDA's and Nash-MTL's authors
     back-propagate ``sum_k c_k L_k``) rather than from ``w_k L_k`` (the default)."""
@@ -280,7 +282,11 @@ class Strategy(nn.Module):
 
     @property
     def properties(self) -> frozenset[str]:
-        """The properties this instance has (the class's ``info.properties`` unless settings break some)."""
+        """The properties this instance has: the class's ``info.properties``, less ``permutation_invariant``
+        where a tensor of :attr:`per_task` holds unequal entries."""
+        for values in (getattr(self, name) for name in self.per_task):
+            if values is not None and bool((values != values.reshape(-1)[0]).any()):
+                return self.info.properties - {"permutation_invariant"}
         return self.info.properties
 
     def adapt(self, z: Tensor, task: int) -> Tensor:

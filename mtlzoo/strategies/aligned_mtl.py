@@ -96,6 +96,7 @@ class AlignedMTL(GramianAggregator):
         cost="parameters",
         original_code="https://github.com/SamsungLabs/MTL",
     )
+    per_task = ("pref_vector",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None,
                  pref_vector: Sequence[float] | Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
@@ -105,12 +106,6 @@ class AlignedMTL(GramianAggregator):
                              f"`scale_mode = {scale_mode!r}`.")
         self.pref_vector = preference(pref_vector, num_tasks)
         self.scale_mode = scale_mode
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            return self.info.properties - {"permutation_invariant"}
-        return self.info.properties
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         balance = balance_host(gramian, self.scale_mode)

@@ -72,6 +72,7 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
     widening = ("loss_sums", "averages", "epoch_weights")
+    per_task = ("epoch_weights",)
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
@@ -79,12 +80,6 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
         self.declare_state(per_step="every", loss_sums=torch.zeros(num_tasks), loss_counts=torch.zeros(num_tasks))
         self.declare_state(averages=torch.full((2, num_tasks), math.nan), epoch_weights=torch.ones(num_tasks),
                            epoch=0, steps_in_epoch=0)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if bool((self.epoch_weights == self.epoch_weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         """``sum_k w_k(t) L_k`` with this epoch's weights (constants: they do not depend on this step's losses)."""

@@ -84,6 +84,7 @@ class FAMO(WidensState, LossWeighting):
     )
     wants_post_step_losses = True
     widening = ("logits",)
+    per_task = ("logits", "min_losses")
 
     def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | Tensor | None = None) -> None:
@@ -97,13 +98,6 @@ class FAMO(WidensState, LossWeighting):
         # losses_before: the last step's K losses; step_losses: this step's sums and counts over its micro-batches
         self.declare_state(logits=torch.zeros(num_tasks), inner={}, losses_before=None)
         self.declare_state(per_step="every", step_losses=None)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        logits, bounds = self.logits, self.min_losses
-        if bool((logits == logits[0]).all()) and bool((bounds == bounds[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     @property
     def task_weights(self) -> Tensor:

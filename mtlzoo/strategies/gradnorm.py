@@ -154,6 +154,7 @@ class GradNorm(WidensState, LossWeighting):
     )
 
     widening = ("initial_losses",)
+    per_task = ("task_weights",)
 
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,
                  target: Target = "parameters") -> None:
@@ -176,13 +177,6 @@ class GradNorm(WidensState, LossWeighting):
     @property
     def request(self) -> Request:
         return self._request
-
-    @property
-    def properties(self) -> frozenset[str]:
-        weights = self.task_weights.detach()
-        if bool((weights == weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     # ------------------------------------------------------------------ the weights
     def scalarize(self, losses: Tensor) -> Tensor:

@@ -58,17 +58,12 @@ class IMTLL(LossWeighting):
         cost="backward",
         original_code="",
     )
+    per_task = ("log_scales",)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_scales = nn.Parameter(torch.zeros(num_tasks))
 
-    @property
-    def properties(self) -> frozenset[str]:
-        values = self.log_scales.detach()
-        if bool((values == values[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         return imtl_l_total(losses, self.present(self.log_scales).to(losses.dtype))

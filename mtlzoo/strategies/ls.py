@@ -40,7 +40,7 @@ class LinearScalarization(LossWeighting):
         cost="backward",
         original_code="",
     )
-    """Permutation invariance holds for equal weights only; :attr:`properties` says so per instance."""
+    per_task = ("task_weights",)
 
     def __init__(self, num_tasks: int, weights: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
@@ -48,12 +48,6 @@ class LinearScalarization(LossWeighting):
                                                                                  non_negative=True)
         self.register_buffer("task_weights", values)
         self._unit_weights: tuple[int, int, bool] | None = None
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if bool((self.task_weights == self.task_weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         if self._all_ones():

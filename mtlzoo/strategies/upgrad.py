@@ -34,6 +34,7 @@ class DualConeSurgery(GramianAggregator):
     """What UPGrad and DualProj share: an optional preference vector over the tasks and a Gramian
     regularisation ``reg_eps``, and the properties those settings break."""
 
+    per_task = ("pref_vector",)
     regularization_breaks: frozenset[str] = frozenset()
     """The claims a ``reg_eps > 0`` gives up."""
 
@@ -56,12 +57,7 @@ class DualConeSurgery(GramianAggregator):
 
     @property
     def properties(self) -> frozenset[str]:
-        claims = self.info.properties
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            claims = claims - {"permutation_invariant"}
-        if self.reg_eps > 0:
-            claims = claims - self.regularization_breaks
-        return claims
+        return super().properties - (self.regularization_breaks if self.reg_eps > 0 else frozenset())
 
 
 class UPGrad(DualConeSurgery):

@@ -54,17 +54,12 @@ class UncertaintyWeighting(LossWeighting):
         cost="backward",
         original_code="",
     )
+    per_task = ("log_variances",)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_variances = nn.Parameter(torch.zeros(num_tasks))
 
-    @property
-    def properties(self) -> frozenset[str]:
-        values = self.log_variances.detach()
-        if bool((values == values[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         s = self.present(self.log_variances).to(losses.dtype)
