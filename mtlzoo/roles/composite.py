@@ -183,30 +183,9 @@ class Composite(WithParts):
         return Update(weights=combined.weights, direction=combined.direction, objective=objective)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Standalone: the shared update for K task gradients (K x ...) of the losses ``losses``.
-
-        As in a step: the rows are scaled by the loss weights ``w`` (where the composite has any), the
-        parts read them, the objectives of their own parameters are back-propagated (their ``.grad``),
-        and the update is the aggregator's (the plain sum without one). Computed in at least float32,
-        returned in ``grads``' dtype; state staged here is committed by :meth:`advance`.
-        """
-        check_gradients(grads, losses, self)
-        wide = grads.to(compute_dtype(grads.dtype))
-        tasks = torch.arange(grads.shape[0], device=grads.device)
-        inputs = StepInputs(losses.detach().to(wide.dtype), tasks, self.num_tasks, micro_batch=self.micro_batch)
-        weights = self.loss_weights(inputs)
-        if weights is not None:
-            wide = wide * weights.to(wide.dtype).view(-1, *[1] * (wide.dim() - 1))
-        inputs.gradients = wide
-        update = self.compute(inputs)
-        if update.objective is not None and update.objective.requires_grad:
-            update.objective.backward()
-        self.micro_batch += 1
-        if update.direction is not None:
-            return update.direction.to(grads.dtype)
-        if update.weights is None:
-            return wide.sum(0).to(grads.dtype)
-        return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
+        """Standalone: the shared update for K task gradients (K x ...) of the losses ``losses`` (see
+        :func:`standalone`); state staged here is committed by :meth:`advance`."""
+        return standalone(self, grads, losses)
 
     def extra_repr(self) -> str:
         if type(self).__init__ is not Composite.__init__:  # a built-in composite: its own hyperparameters
@@ -282,6 +261,33 @@ def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
         assert inputs.gradients is not None
         return dataclasses.replace(inputs, norms=row_norms(inputs.gradients))
     raise InvalidStrategyError(f"A part asks for {statistic!r}, which cannot be formed from what the step computed.")
+
+
+def standalone(strategy: Strategy, grads: Tensor, losses: Tensor) -> Tensor:
+    """A step of ``strategy`` on K given task gradients (K x ...) of the losses ``losses``.
+
+    As in a step: the rows are scaled by the loss weights ``w`` (where the strategy has any), the
+    strategy reads them, the objective of its own parameters is back-propagated (their ``.grad``),
+    and the update is its direction, or its weights' combination (the plain sum without either).
+    Computed in at least float32, returned in ``grads``' dtype.
+    """
+    check_gradients(grads, losses, strategy)
+    wide = grads.to(compute_dtype(grads.dtype))
+    tasks = torch.arange(grads.shape[0], device=grads.device)
+    inputs = StepInputs(losses.detach().to(wide.dtype), tasks, strategy.num_tasks, micro_batch=strategy.micro_batch)
+    weights = strategy.loss_weights(inputs)
+    if weights is not None:
+        wide = wide * weights.to(wide.dtype).view(-1, *[1] * (wide.dim() - 1))
+    inputs.gradients = wide
+    update = strategy.compute(inputs)
+    if update.objective is not None and update.objective.requires_grad:
+        update.objective.backward()
+    strategy.micro_batch += 1
+    if update.direction is not None:
+        return update.direction.to(grads.dtype)
+    if update.weights is None:
+        return wide.sum(0).to(grads.dtype)
+    return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
 
 
 def compose(weighting: Strategy | str | None = None, aggregator: Strategy | str | None = None,
