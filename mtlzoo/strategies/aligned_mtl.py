@@ -87,13 +87,9 @@ class AlignedMTL(GramianAggregator):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Dmitry Senushkin", "Nikolay Patakin", "Arseny Kuznetsov", "Anton Konushin"),
-            title="Independent Component Alignment for Multi-Task Learning",
-            venue="CVPR",
-            year=2023,
-            url="https://arxiv.org/abs/2305.19000",
-        ),
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="parameters",
+            title="Independent Component Alignment for Multi-Task Learning", venue="CVPR", year=2023,
+            url="https://arxiv.org/abs/2305.19000"),
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="parameters",
         original_code="https://github.com/SamsungLabs/MTL",
     )
     per_task = ("pref_vector",)

@@ -167,13 +167,9 @@ class CAGrad(GramianAggregator):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Bo Liu", "Xingchao Liu", "Xiaojie Jin", "Peter Stone", "Qiang Liu"),
-            title="Conflict-Averse Gradient Descent for Multi-task Learning",
-            venue="NeurIPS",
-            year=2021,
-            url="https://arxiv.org/abs/2110.14048",
-        ),
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="parameters",
+            title="Conflict-Averse Gradient Descent for Multi-task Learning", venue="NeurIPS", year=2021,
+            url="https://arxiv.org/abs/2110.14048"),
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="parameters",
         original_code="https://github.com/Cranial-XIX/CAGrad",
     )
 

@@ -51,14 +51,10 @@ class DualProj(DualConeSurgery):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("David Lopez-Paz", "Marc'Aurelio Ranzato"),
-            title="Gradient Episodic Memory for Continual Learning",
-            venue="NeurIPS",
-            year=2017,
-            url="https://arxiv.org/abs/1706.08840",
-        ),
+            title="Gradient Episodic Memory for Continual Learning", venue="NeurIPS", year=2017,
+            url="https://arxiv.org/abs/1706.08840"),
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="parameters",
-        original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
+        cost="parameters", original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
     )
 
     regularization_breaks = frozenset({"non_conflicting"})

@@ -13,11 +13,8 @@ from mtlzoo.strategies import _weighting
 from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 DWA_PAPER = Paper(
-    authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"),
-    title="End-to-End Multi-Task Learning with Attention",
-    venue="CVPR",
-    year=2019,
-    url="https://arxiv.org/abs/1803.10704",
+    authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"), title="End-to-End Multi-Task Learning with Attention",
+    venue="CVPR", year=2019, url="https://arxiv.org/abs/1803.10704",
 )
 TAKES = "divides each task's average loss over an epoch by the one of the epoch before"
 
@@ -61,13 +58,9 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="dwa",
-        aliases=("dynamic_weight_average",),
-        kind="weighting",
+        name="dwa", aliases=("dynamic_weight_average",),
         summary="Weights from the ratio of each task's last two epoch-averaged losses (temperature T).",
-        paper=DWA_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=DWA_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/lorenmt/mtan",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS

@@ -15,11 +15,8 @@ from mtlzoo.strategies._weighting import WidensState, check_positive, per_task_n
 from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 FAMO_PAPER = Paper(
-    authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"),
-    title="FAMO: Fast Adaptive Multitask Optimization",
-    venue="NeurIPS",
-    year=2023,
-    url="https://arxiv.org/abs/2306.03792",
+    authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"), title="FAMO: Fast Adaptive Multitask Optimization",
+    venue="NeurIPS", year=2023, url="https://arxiv.org/abs/2306.03792",
 )
 EPSILON = 1e-8
 """Added to ``L_k - b_k`` before its log, as the authors' code."""
@@ -75,11 +72,8 @@ class FAMO(WidensState, LossWeighting):
 
     info = StrategyInfo(
         name="famo",
-        kind="weighting",
         summary="Weights on the log-losses from task logits learned by the losses' decrease over each step.",
-        paper=FAMO_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=FAMO_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/Cranial-XIX/FAMO",
     )
     wants_post_step_losses = True

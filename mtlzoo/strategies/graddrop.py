@@ -87,15 +87,11 @@ class GradDrop(DirectionAggregator):
         summary="Per feature, keeps the positive or the negative task gradients at random, by sign purity.",
         request=Request("representation", "gradients"),
         paper=Paper(
-            authors=("Zhao Chen", "Jiquan Ngiam", "Yanping Huang", "Thang Luong", "Henrik Kretzschmar",
-                     "Yuning Chai", "Dragomir Anguelov"),
-            title="Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
-            venue="NeurIPS",
-            year=2020,
-            url="https://arxiv.org/abs/2010.06808",
-        ),
-        stochastic=True,
-        cost="representation",
+            authors=("Zhao Chen", "Jiquan Ngiam", "Yanping Huang", "Thang Luong", "Henrik Kretzschmar", "Yuning Chai",
+                     "Dragomir Anguelov"),
+            title="Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", venue="NeurIPS",
+            year=2020, url="https://arxiv.org/abs/2010.06808"),
+        stochastic=True, cost="representation",
         original_code="https://github.com/tensorflow/lingvo/blob/master/lingvo/core/graddrop.py",
     )
     unchecked_settings = ("seed",)

@@ -22,10 +22,8 @@ from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 GRADNORM_PAPER = Paper(
     authors=("Zhao Chen", "Vijay Badrinarayanan", "Chen-Yu Lee", "Andrew Rabinovich"),
-    title="GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks",
-    venue="ICML",
-    year=2018,
-    url="https://arxiv.org/abs/1711.02257",
+    title="GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks", venue="ICML",
+    year=2018, url="https://arxiv.org/abs/1711.02257",
 )
 Target = Literal["parameters", "representation"]
 ALL_SHARED = "all"
@@ -139,17 +137,10 @@ class GradNorm(WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="gradnorm",
-        kind="weighting",
-        request=Request("parameters", "norms", parameters=LAST_LAYER),
+        name="gradnorm", request=Request("parameters", "norms", parameters=LAST_LAYER),
         summary="Learns loss weights so that the task gradient norms on the last shared layer train at equal rates.",
-        paper=GRADNORM_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="layer",
-        original_code="",
+        paper=GRADNORM_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True,
+        optimizer="adam", lr=1e-2, cost="layer", original_code="",
         suggested={"alpha": 1.5},  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
     )
 

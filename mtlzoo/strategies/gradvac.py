@@ -106,13 +106,8 @@ class GradVac(GramianAggregator):
             authors=("Zirui Wang", "Yulia Tsvetkov", "Orhan Firat", "Yuan Cao"),
             title="Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively "
                   "Multilingual Models",
-            venue="ICLR",
-            year=2021,
-            url="https://arxiv.org/abs/2010.05874",
-        ),
-        stochastic=True,
-        cost="parameters",
-        original_code="",
+            venue="ICLR", year=2021, url="https://arxiv.org/abs/2010.05874"),
+        stochastic=True, cost="parameters", original_code="",
     )
     unchecked_settings = ("seed",)
     """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""

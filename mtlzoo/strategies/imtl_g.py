@@ -9,16 +9,8 @@ from torch import Tensor
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import from_host, lstsq, to_host
-from mtlzoo.strategy import Paper, StrategyInfo, Target
-
-IMTL_PAPER = Paper(
-    authors=("Liyang Liu", "Yi Li", "Zhanghui Kuang", "Jing-Hao Xue", "Yimin Chen", "Wenming Yang", "Qingmin Liao",
-             "Wayne Zhang"),
-    title="Towards Impartial Multi-task Learning",
-    venue="ICLR",
-    year=2021,
-    url="https://openreview.net/forum?id=IMPnRXEWpvr",
-)
+from mtlzoo.strategies.imtl_l import IMTL_PAPER
+from mtlzoo.strategy import StrategyInfo, Target
 
 
 def equal_projection_weights(gramian: Tensor) -> Tensor:
@@ -102,11 +94,8 @@ class IMTLG(GramianAggregator):
     info = StrategyInfo(
         name="imtl_g",
         summary="Weights summing to one whose combined gradient projects equally on every task's direction.",
-        request=Request("representation", "gramian"),
-        paper=IMTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="representation",
-        original_code="",
+        request=Request("representation", "gramian"), paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="representation", original_code="",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:

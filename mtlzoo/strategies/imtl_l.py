@@ -10,10 +10,7 @@ from mtlzoo.strategy import Paper, StrategyInfo
 
 IMTL_PAPER = Paper(
     authors=("Liyang Liu", "Yi Li", "Zhanghui Kuang", "Jing-Hao Xue", "Yimin Chen", "Wenming Yang", "Qingmin Liao",
-             "Wayne Zhang"),
-    title="Towards Impartial Multi-task Learning",
-    venue="ICLR",
-    year=2021,
+             "Wayne Zhang"), title="Towards Impartial Multi-task Learning", venue="ICLR", year=2021,
     url="https://openreview.net/forum?id=IMPnRXEWpvr",
 )
 
@@ -46,24 +43,16 @@ class IMTLL(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="imtl_l",
-        aliases=("imtll",),
-        kind="weighting",
-        summary="Learned loss scales exp(s_k) that drive every scaled loss towards 1.",
-        paper=IMTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="backward",
-        original_code="",
+        name="imtl_l", aliases=("imtll",),
+        summary="Learned loss scales exp(s_k) that drive every scaled loss towards 1.", paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True, optimizer="adam", lr=1e-2,
+        cost="backward", original_code="",
     )
     per_task = ("log_scales",)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_scales = nn.Parameter(torch.zeros(num_tasks))
-
 
     def scalarize(self, losses: Tensor) -> Tensor:
         return imtl_l_total(losses, self.present(self.log_scales).to(losses.dtype))

@@ -31,13 +31,9 @@ class LinearScalarization(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="ls",
-        aliases=("ew", "linear_scalarization"),
-        kind="weighting",
+        name="ls", aliases=("ew", "linear_scalarization"),
         summary="Fixed weighted sum of the task losses (all ones by default).",
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        default_comparison=True,
-        cost="backward",
+        properties=frozenset({"permutation_invariant", "scale_linear"}), default_comparison=True, cost="backward",
         original_code="",
     )
     per_task = ("task_weights",)

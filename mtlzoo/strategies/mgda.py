@@ -13,11 +13,8 @@ from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 MGDA_PAPER = Paper(
-    authors=("Ozan Sener", "Vladlen Koltun"),
-    title="Multi-Task Learning as Multi-Objective Optimization",
-    venue="NeurIPS",
-    year=2018,
-    url="https://arxiv.org/abs/1810.04650",
+    authors=("Ozan Sener", "Vladlen Koltun"), title="Multi-Task Learning as Multi-Objective Optimization",
+    venue="NeurIPS", year=2018, url="https://arxiv.org/abs/1810.04650",
 )
 Normalization = Literal["none", "l2", "loss", "loss+"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("none", "l2", "loss", "loss+")
@@ -79,13 +76,10 @@ class MGDA(GramianAggregator):
     """
 
     info = StrategyInfo(
-        name="mgda",
-        summary="Minimum-norm point of the convex hull of the task gradients (multiple-gradient descent).",
-        request=Request("parameters", "gramian"),
-        paper=MGDA_PAPER,
+        name="mgda", summary="Minimum-norm point of the convex hull of the task gradients (multiple-gradient descent).",
+        request=Request("parameters", "gramian"), paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="parameters",
-        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
+        cost="parameters", original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none",
@@ -132,10 +126,8 @@ class MGDAUB(MGDA):
     info = StrategyInfo(
         name="mgda_ub",
         summary="MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's upper bound).",
-        request=Request("representation", "gramian"),
-        paper=MGDA_PAPER,
+        request=Request("representation", "gramian"), paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="representation",
-        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
+        cost="representation", original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
     supported_targets: tuple[Target, ...] = ("representation",)

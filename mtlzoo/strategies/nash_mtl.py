@@ -51,24 +51,6 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
     return alpha, False
 
 
-def _zero_rows_message(rows: list[int]) -> str:
-    return (f"Nash-MTL: the gradients of tasks (rows) {rows} are zero, so the bargaining problem has no solution; "
-            "they get weight 0 and the other tasks bargain among themselves.")
-
-
-_STATIONARY_MESSAGE = ("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary point), so "
-                       "no update improves every task and the bargaining problem has no solution; the update is 0.")
-
-
-def _not_converged_message(max_iterations: int) -> str:
-    return (f"Nash-MTL: Newton's method did not converge in {max_iterations} steps (the gradients are close to "
-            "Pareto-stationary); its last iterate is used.")
-
-
-NASH_PAPER = NASH_MTL_PAPER
-"""The paper (SI, the scale-invariant loss weighting, comes from it too)."""
-
-
 class NashBargaining(GramianAggregator):
     r"""The Nash bargaining weights among the tasks, unclipped and recomputed every step (Nash-MTL's core).
 
@@ -110,9 +92,7 @@ class NashBargaining(GramianAggregator):
     info = StrategyInfo(
         name="nash_bargaining",
         summary="Nash bargaining weights among the tasks: alpha_k (G alpha)_k = 1 (Nash-MTL unclipped).",
-        request=Request("parameters", "gramian"),
-        paper=NASH_PAPER,
-        cost="parameters",
+        request=Request("parameters", "gramian"), paper=NASH_MTL_PAPER, cost="parameters",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
 
@@ -135,7 +115,9 @@ class NashBargaining(GramianAggregator):
         present = np.diag(matrix) > 0
         alpha = np.zeros(matrix.shape[0])
         if not present.all():
-            warnings.warn(_zero_rows_message(np.flatnonzero(~present).tolist()), SolverWarning, stacklevel=5)
+            warnings.warn(f"Nash-MTL: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
+                          "the bargaining problem has no solution; they get weight 0 and the other tasks bargain "
+                          "among themselves.", SolverWarning, stacklevel=5)
         if present.any():
             sub = matrix if present.all() else matrix[np.ix_(present, present)]
             start = previous[present] * math.sqrt(size)
@@ -152,10 +134,14 @@ class NashBargaining(GramianAggregator):
             if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))):
                 hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
                 if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-                    warnings.warn(_STATIONARY_MESSAGE, SolverWarning, stacklevel=5)
+                    warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
+                                  "point), so no update improves every task and the bargaining problem has no "
+                                  "solution; the update is 0.", SolverWarning, stacklevel=5)
                     return alpha
             if not converged:
-                warnings.warn(_not_converged_message(self.max_iterations), SolverWarning, stacklevel=5)
+                warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
+                              "gradients are close to Pareto-stationary); its last iterate is used.", SolverWarning,
+                              stacklevel=5)
             alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 
@@ -197,12 +183,8 @@ class NashMTL(ClipNorm):
     """
 
     info = StrategyInfo(
-        name="nash_mtl",
-        summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
-        request=Request("parameters", "gramian"),
-        paper=NASH_PAPER,
-        properties=frozenset(),
-        cost="parameters",
+        name="nash_mtl", summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
+        request=Request("parameters", "gramian"), paper=NASH_MTL_PAPER, properties=frozenset(), cost="parameters",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
     """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices,

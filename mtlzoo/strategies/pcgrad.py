@@ -111,16 +111,10 @@ class PCGrad(GramianAggregator):
         summary="Projects each task gradient off the gradients it conflicts with, in random order, then sums.",
         request=Request("parameters", "gramian"),
         paper=Paper(
-            authors=("Tianhe Yu", "Saurabh Kumar", "Abhishek Gupta", "Sergey Levine", "Karol Hausman",
-                     "Chelsea Finn"),
-            title="Gradient Surgery for Multi-Task Learning",
-            venue="NeurIPS",
-            year=2020,
-            url="https://arxiv.org/abs/2001.06782",
-        ),
-        stochastic=True,
-        cost="parameters",
-        original_code="https://github.com/tianheyu927/PCGrad",
+            authors=("Tianhe Yu", "Saurabh Kumar", "Abhishek Gupta", "Sergey Levine", "Karol Hausman", "Chelsea Finn"),
+            title="Gradient Surgery for Multi-Task Learning", venue="NeurIPS", year=2020,
+            url="https://arxiv.org/abs/2001.06782"),
+        stochastic=True, cost="parameters", original_code="https://github.com/tianheyu927/PCGrad",
     )
     unchecked_settings = ("seed",)
     """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""

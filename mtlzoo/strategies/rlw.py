@@ -10,10 +10,8 @@ from mtlzoo.strategy import Paper, StrategyInfo, check_int
 
 RLW_PAPER = Paper(
     authors=("Baijiong Lin", "Feiyang Ye", "Yu Zhang", "Ivor W. Tsang"),
-    title="Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning",
-    venue="TMLR",
-    year=2022,
-    url="https://arxiv.org/abs/2111.10603",
+    title="Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning", venue="TMLR",
+    year=2022, url="https://arxiv.org/abs/2111.10603",
 )
 
 
@@ -43,14 +41,9 @@ class RandomLossWeighting(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="rlw",
-        aliases=("random", "random_loss_weighting"),
-        kind="weighting",
-        summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.",
-        paper=RLW_PAPER,
-        stochastic=True,
-        cost="backward",
-        original_code="https://github.com/median-research-group/LibMTL",
+        name="rlw", aliases=("random", "random_loss_weighting"),
+        summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.", paper=RLW_PAPER, stochastic=True,
+        cost="backward", original_code="https://github.com/median-research-group/LibMTL",
     )
     unchecked_settings = ("seed",)
     """The generator's state in a checkpoint replaces whatever ``seed`` started it."""

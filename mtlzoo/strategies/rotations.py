@@ -40,11 +40,8 @@ from mtlzoo.strategies._rotation_bank import (
 from mtlzoo.strategy import Paper, StrategyInfo, check_flag, check_int
 
 ROTOGRAD_PAPER = Paper(
-    authors=("Adrián Javaloy", "Isabel Valera"),
-    title="RotoGrad: Gradient Homogenization in Multitask Learning",
-    venue="ICLR",
-    year=2022,
-    url="https://arxiv.org/abs/2103.02631",
+    authors=("Adrián Javaloy", "Isabel Valera"), title="RotoGrad: Gradient Homogenization in Multitask Learning",
+    venue="ICLR", year=2022, url="https://arxiv.org/abs/2103.02631",
 )
 ROTOGRAD_CODE = "https://github.com/adrianjav/rotograd"
 

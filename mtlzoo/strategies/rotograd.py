@@ -81,11 +81,8 @@ class MagnitudeScaling(_RepresentationAggregator):
     """
 
     info = StrategyInfo(
-        name="rotograd_scaling",
-        summary="RotoGrad's scaling: every task gradient rescaled to one common magnitude.",
-        request=Request("representation", "norms"),
-        paper=ROTOGRAD_PAPER,
-        cost="representation",
+        name="rotograd_scaling", summary="RotoGrad's scaling: every task gradient rescaled to one common magnitude.",
+        request=Request("representation", "norms"), paper=ROTOGRAD_PAPER, cost="representation",
         original_code=ROTOGRAD_CODE,
     )
     statistic = "norms"
@@ -120,15 +117,9 @@ class GradNormWeights(_RepresentationAggregator):
     """
 
     info = StrategyInfo(
-        name="gradnorm_weights",
-        summary="GradNorm's learned task weights applied to the task gradients.",
-        request=Request("representation"),
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        optimizer="adam",
-        lr=1e-4,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
+        name="gradnorm_weights", summary="GradNorm's learned task weights applied to the task gradients.",
+        request=Request("representation"), paper=ROTOGRAD_PAPER, learnable=True, optimizer="adam", lr=1e-4,
+        cost="representation", original_code=ROTOGRAD_CODE,
     )
     statistic = "gradients"
 

@@ -10,10 +10,7 @@ from mtlzoo.strategy import Paper, StrategyInfo
 
 NASH_MTL_PAPER = Paper(
     authors=("Aviv Navon", "Aviv Shamsian", "Idan Achituve", "Haggai Maron", "Kenji Kawaguchi", "Gal Chechik",
-             "Ethan Fetaya"),
-    title="Multi-Task Learning as a Bargaining Game",
-    venue="ICML",
-    year=2022,
+             "Ethan Fetaya"), title="Multi-Task Learning as a Bargaining Game", venue="ICML", year=2022,
     url="https://arxiv.org/abs/2202.01017",
 )
 TAKES = "takes the log of each loss"
@@ -37,13 +34,9 @@ class ScaleInvariant(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="si",
-        aliases=("scale_invariant",),
-        kind="weighting",
-        summary="Sum of the log-losses: each task's gradient divided by its loss.",
-        paper=NASH_MTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        name="si", aliases=("scale_invariant",),
+        summary="Sum of the log-losses: each task's gradient divided by its loss.", paper=NASH_MTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
 

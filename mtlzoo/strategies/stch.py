@@ -14,9 +14,7 @@ from mtlzoo.strategy import Paper, StrategyInfo, check_int, check_number
 
 STCH_PAPER = Paper(
     authors=("Xi Lin", "Xiaoyuan Zhang", "Zhiyuan Yang", "Fei Liu", "Zhenkun Wang", "Qingfu Zhang"),
-    title="Smooth Tchebycheff Scalarization for Multi-Objective Optimization",
-    venue="ICML",
-    year=2024,
+    title="Smooth Tchebycheff Scalarization for Multi-Objective Optimization", venue="ICML", year=2024,
     url="https://arxiv.org/abs/2402.19078",
 )
 TAKES = "takes the log of each loss"
@@ -67,13 +65,9 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="stch",
-        aliases=("smooth_tchebycheff",),
-        kind="weighting",
+        name="stch", aliases=("smooth_tchebycheff",),
         summary="Smooth maximum of the log-losses relative to a nadir vector, after a warm-up on their sum.",
-        paper=STCH_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=STCH_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/Xi-L/STCH",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS

@@ -15,11 +15,8 @@ from mtlzoo.strategies._weighting import per_task_numbers
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_number
 
 JD_PAPER = Paper(
-    authors=("Pierre Quinton", "Valérian Rey"),
-    title="Jacobian descent for multi-objective optimization",
-    venue="arXiv",
-    year=2024,
-    url="https://arxiv.org/abs/2406.16232",
+    authors=("Pierre Quinton", "Valérian Rey"), title="Jacobian descent for multi-objective optimization",
+    venue="arXiv", year=2024, url="https://arxiv.org/abs/2406.16232",
 )
 
 
@@ -102,12 +99,10 @@ class UPGrad(DualConeSurgery):
     info = StrategyInfo(
         name="upgrad",
         summary="Mean of the task gradients, each projected onto the dual cone of all of them (Jacobian descent).",
-        request=Request("parameters", "gramian"),
-        paper=JD_PAPER,
-        properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary",
-                              "linear_under_scaling"}),
-        cost="parameters",
-        original_code="https://github.com/TorchJD/torchjd",
+        request=Request("parameters", "gramian"), paper=JD_PAPER,
+        properties=frozenset(
+            {"non_conflicting", "permutation_invariant", "scale_linear", "stationary", "linear_under_scaling"}),
+        cost="parameters", original_code="https://github.com/TorchJD/torchjd",
     )
 
     regularization_breaks = frozenset({"non_conflicting", "linear_under_scaling"})
