@@ -382,7 +382,7 @@ class Strategy(nn.Module):
         without ``rotation_shape`` creates them at the first forward: an optimizer built before would miss them)."""
 
     def get_extra_state(self) -> dict[str, Any]:
-        saved: dict[str, Any] = {"settings": _comparable(self.hparams),
+        saved: dict[str, Any] = {"settings": plain(self.hparams),
                                  "state": self.state.plain_values()}
         if self.micro_batch or self.state.staged:  # saved between the micro-batches of a step
             saved["staged"] = self.state.staged
@@ -399,7 +399,7 @@ class Strategy(nn.Module):
         strategy's (``unchecked_settings`` aside, such as an inferred shape), its parts' included."""
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, dict) and "settings" in saved:
-            mine = _comparable(self.hparams)
+            mine = plain(self.hparams)
             differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
                       for name in mine if name in saved["settings"] and name not in self.unchecked_settings
                       and saved["settings"][name] != mine[name]]
@@ -423,18 +423,17 @@ class Strategy(nn.Module):
         return ", ".join(f"{name}={value!r}" for name, value in {"num_tasks": self.num_tasks, **self.hparams}.items())
 
 
-def _comparable(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as plain Python values (tensors and tuples as lists), for saving and comparing."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.tolist()
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, Strategy):
-            return {"strategy": value.info.name, **_comparable(value.hparams)}
-        return repr(value)
-
-    return {name: plain(value) for name, value in hparams.items()}
+def plain(value: Any) -> Any:
+    """``value`` as plain, JSON-ready Python values (tensors and tuples as lists, a strategy as its name and
+    settings, anything else as its ``repr``), for saving, comparing and listing."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Strategy):
+        return {"strategy": value.info.name, **plain(value.hparams)}
+    return repr(value)
