@@ -58,11 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; its exit status (2 for a usage error or a comparison that cannot run).
-
-    A reader that stops early (``mtlzoo list | head``) ends the command quietly, with status 1 as
-    Python's documentation recommends for a closed pipe, not with a traceback.
-    """
+    """Run the command; its exit status (2 for a usage error or a comparison that cannot run; 1, quietly, for
+    a reader that stops early, ``mtlzoo list | head``, as Python's documentation recommends)."""
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
@@ -191,17 +188,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
 
 
-def _config(args: argparse.Namespace, named: bool) -> Any:
-    from mtlzoo.harness.config import RunConfig
-
-    return RunConfig(seeds=_seeds(args.seeds), steps=args.steps, reference=args.reference,
-                     conflict_every=args.conflict_every, device=args.device, out=args.out, resume=args.resume,
-                     strict=named, threads=args.threads)
-
-
 def _run_compare(args: argparse.Namespace) -> int:
     from mtlzoo.harness.comparison import compare, iter_problems
-    from mtlzoo.harness.config import RUNS_DIR
+    from mtlzoo.harness.config import RUNS_DIR, RunConfig
     from mtlzoo.harness.plan import plan_all
     from mtlzoo.harness.store import save
 
@@ -211,18 +200,21 @@ def _run_compare(args: argparse.Namespace) -> int:
             print(_describe(problem))
         return 0
     specs, named = _strategy_specs(args)
-    config = _config(args, named)
+    config = RunConfig(seeds=_seeds(args.seeds), steps=args.steps, reference=args.reference,
+                       conflict_every=args.conflict_every, device=args.device, out=args.out, resume=args.resume,
+                       strict=named, threads=args.threads)
     config.check_out(problem.name for problem in problems)
     plans = {problem.name: plan_all(problem, specs, reference=config.reference, strict=named, device=config.device)
              for problem in problems}  # every check before any training
     stdout, stderr = _console(), _console(stderr=True)
     results = []
-    with _Progress(stderr, problems, plans, config) as progress:
+    progress = _Progress(stderr, problems, plans, config)
+    with progress.bar:
         try:
             for problem in problems:
                 results.append(compare(problem, plans[problem.name], config, progress=progress))
         except KeyboardInterrupt:
-            progress.stop()
+            progress.bar.stop()
             kept = f"; the finished runs are in {config.out / RUNS_DIR}: run the same command with --resume to go on" \
                 if config.out is not None else " (use --out DIR to keep finished runs across an interruption)"
             stderr.print(f"Interrupted{kept}.")
@@ -289,22 +281,12 @@ class _Progress:
     def __init__(self, console: Any, problems: list[Any], plans: dict[str, list[Any]], config: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.total = sum(len(plans[problem.name]) * len(config.seeds_for(problem)) * config.steps_for(problem)
-                         for problem in problems)
+        total = sum(len(plans[problem.name]) * len(config.seeds_for(problem)) * config.steps_for(problem)
+                    for problem in problems)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                             TimeElapsedColumn(), console=console, transient=False)
-        self.task = self.bar.add_task("compare", total=self.total)
+        self.task = self.bar.add_task("compare", total=total)
         self.done_in_run = 0
-
-    def __enter__(self) -> _Progress:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.bar.stop()
 
     def __call__(self, event: Any) -> None:
         if event.kind == "run_start":
@@ -326,10 +308,6 @@ def _describe(problem: Any) -> str:
 
 
 # -------------------------------------------------------------------------- bench
-MOVED = ("--vs-reference and --growth moved out of the installed package: run `python benchmarks/vs_reference.py` "
-         "(add --growth for the growth with K and d) from a clone of the repository.")
-
-
 def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
         "bench", help="time a training step of strategies, as a ratio to ls",
@@ -352,7 +330,6 @@ def _add_bench(commands: Any) -> None:
                        help="a readable table (default) or the report as JSON")
     bench.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
     bench.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
-    bench.add_argument("--vs-reference", "--growth", dest="moved", action="store_true", help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
 
 
@@ -363,9 +340,6 @@ def _bench(args: argparse.Namespace) -> int:
 
     from mtlzoo.errors import MTLZooError
 
-    if args.moved:
-        print(f"mtlzoo bench: {MOVED}", file=sys.stderr)
-        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
