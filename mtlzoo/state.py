@@ -45,13 +45,10 @@ class Field:
 
 
 class RunningState:
-    """The running state of one strategy: declared fields, their committed and staged values.
+    """The running state of one strategy, ``strategy.state``: attribute access reads and writes its fields.
 
-    Reached as ``strategy.state``; attribute access reads and writes fields (see the module's
-    docstring for the semantics). It holds no reference to tensors of its own beyond the staged
-    values: committed tensors are the owner's buffers. :attr:`generation` counts the changes of the
-    committed state (commits, direct writes, loads): a method may cache what it derives from its
-    state (whether every reference loss is recorded) under that number.
+    Committed tensors are the owner's buffers. :attr:`generation` counts the changes of the committed
+    state (commits, direct writes, loads): a method may cache what it derives from its state under it.
     """
 
     __slots__ = ("_committed", "_direct", "_fields", "_owner", "_staged", "generation")
@@ -71,7 +68,6 @@ class RunningState:
         for name, value in saved.items():
             object.__setattr__(self, name, value)
 
-    # ---------------------------------------------------------------- fields
     def declare(self, name: str, initial: Any, per_step: PerStep = "first") -> None:
         if per_step not in PER_STEP:
             raise ValueError(f"Parameter `per_step` should be one of {PER_STEP}. Found `per_step = {per_step!r}`.")
@@ -87,18 +83,11 @@ class RunningState:
             self._committed[name] = initial
 
     @property
-    def fields(self) -> dict[str, Field]:
-        """The declared fields by name."""
-        return dict(self._fields)
-
-    @property
     def staged(self) -> dict[str, Any]:
         """What the current step has staged so far (empty between steps)."""
         return dict(self._staged)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "generation":  # an instance unpickled from before the counter existed
-            return 0
         fields = object.__getattribute__(self, "_fields")
         if name not in fields:
             raise AttributeError(f"{type(self._owner).__name__} declares no state field {name!r} "
@@ -139,7 +128,6 @@ class RunningState:
         else:
             self._committed[field.name] = value
 
-    # ------------------------------------------------------------- lifecycle
     def commit(self) -> None:
         """Make the staged values the committed ones."""
         staged = self._staged
@@ -155,7 +143,6 @@ class RunningState:
         """A context in which writes go to the committed values (``on_advance``, loading)."""
         return _Direct(self)
 
-    # ------------------------------------------------------------ saving
     def plain_values(self) -> dict[str, Any]:
         """The committed values of the fields that are not tensors (saved in the extra state)."""
         return dict(self._committed)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
-from mtlzoo.linalg import compute_dtype, flat_rows, row_norms
+from mtlzoo.linalg import compute_dtype, gramian, gramian_norms, row_norms
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles._parts import WithParts
 from mtlzoo.roles.aggregator import check_gradients
@@ -166,20 +166,13 @@ class Composite(WithParts):
         return None if self.adapter is None else self.adapter.backbone_loss_weight(backbone_loss)
 
     def compute(self, inputs: StepInputs) -> Update:
-        objectives: list[Tensor] = []
-        combined = Update()
         readers = [part for part in self.parts() if part.request.needs_gradients]
         for part in readers:  # every statistic a part reads, formed once (the rotations reuse the norms)
             inputs = _derived(inputs, part.request.statistic)
-        for part in readers:
-            update = part.compute(inputs)
-            if update.objective is not None:
-                objectives.append(update.objective)
-            if part is self.aggregator:
-                combined = update
-        objective = None
-        for value in objectives:
-            objective = value if objective is None else objective + value
+        updates = {part: part.compute(inputs) for part in readers}
+        combined = updates.get(self.aggregator, Update())
+        objectives = [update.objective for update in updates.values() if update.objective is not None]
+        objective = sum(objectives[1:], objectives[0]) if objectives else None
         return Update(weights=combined.weights, direction=combined.direction, objective=objective)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
@@ -252,14 +245,10 @@ def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
     if getattr(inputs, statistic) is not None:
         return inputs
     if statistic == "gramian":
-        assert inputs.gradients is not None
-        flat = flat_rows(inputs.gradients)
-        return dataclasses.replace(inputs, gramian=flat @ flat.T)
+        return dataclasses.replace(inputs, gramian=gramian(inputs.gradients))  # type: ignore[arg-type]
     if statistic == "norms":
-        if inputs.gramian is not None:
-            return dataclasses.replace(inputs, norms=torch.diagonal(inputs.gramian).clamp_min(0).sqrt())
-        assert inputs.gradients is not None
-        return dataclasses.replace(inputs, norms=row_norms(inputs.gradients))
+        norms = gramian_norms(inputs.gramian) if inputs.gramian is not None else row_norms(inputs.gradients)
+        return dataclasses.replace(inputs, norms=norms)  # type: ignore[arg-type]
     raise InvalidStrategyError(f"A part asks for {statistic!r}, which cannot be formed from what the step computed.")
 
 
