@@ -69,7 +69,6 @@ class AlignedMTL(GramianAggregator):
     one) use float32's ``eps`` also in float64.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"`` (the paper's Aligned-MTL-UB).
         pref_vector: K non-negative task weights ``w``; ``None`` for all ones.
         scale_mode: ``"min"``, ``"median"`` or ``"rmse"``.

@@ -35,17 +35,14 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     more weight; the weights sum to K and stay fixed within an epoch. For the first two epochs
     (no two averages yet) every weight is 1, as the paper.
 
-    Epochs are told by the protocol's hook: call ``mtl.end_epoch()`` after each epoch. The epoch
-    average is over the epoch's backward calls (micro-batches included), counted once each
-    optimizer step is taken. A task absent from a whole epoch keeps its previous average (ratio 1
-    next time). Without any ``end_epoch()``, DWA keeps equal weights and warns once after
-    ``reminder_steps`` steps (1000 by default). A loss <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError` in the backward that sees it, naming the task,
-    before anything is back-propagated or summed (so every epoch average is positive). The sums
-    and averages are kept in the losses' dtype (float64 losses: float64 state).
+    Call ``mtl.end_epoch()`` after each epoch; without any, DWA keeps equal weights and warns once
+    after ``reminder_steps`` steps (1000 by default). The epoch average is over the epoch's backward
+    calls, counted once each optimizer step is taken. A task absent from a whole epoch keeps its
+    previous average (ratio 1 next time). A loss <= 0 raises
+    :class:`~mtlzoo.errors.NonPositiveLossError` before anything is back-propagated or summed,
+    naming the task. The averages are kept in the losses' dtype.
 
     Args:
-        num_tasks: K.
         temperature: ``T > 0``; a larger one makes the weights more uniform. The paper uses 2.
 
     Example:

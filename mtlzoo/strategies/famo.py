@@ -43,20 +43,15 @@ class FAMO(WidensState, LossWeighting):
     rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
     ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
-    The logits (the buffer ``logits``) are the strategy's own state, stepped only by that inner
-    optimizer, a ``torch.optim.Adam`` over the K logits (on the host), whose state (moments and
-    step count) is declared state too, saved exactly in ``state_dict()``; none is among
-    ``strategy_parameters()``, so the user's optimizer never steps them. The logits are kept in
-    the losses' dtype (at least float32, as the authors' code keeps them in the model's).
-    ``L^before`` is the step's loss (averaged over its micro-batches). Without the post-step
-    losses (``post_step_losses`` not given, the wrapper warns once) the logits stay at 0: plain
-    ``sum_k log L_k`` with equal ``z``. An absent task keeps its logit and moments (the step
-    count is the optimizer's, shared); the others' softmax is taken without it. A loss at or below
-    its lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
-    state left as it was.
+    The logits (the buffer ``logits``, in the losses' dtype, at least float32) are stepped only by
+    that inner ``torch.optim.Adam`` (on the host), whose state is declared state too, saved in
+    ``state_dict()``; the user's optimizer never steps them. ``L^before`` is the step's loss
+    (averaged over its micro-batches). Without the post-step losses (the wrapper warns once) the
+    logits stay at 0: plain ``sum_k log L_k``. An absent task keeps its logit and moments; the
+    others' softmax is taken without it. A loss at or below its lower bound raises
+    :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
 
     Args:
-        num_tasks: K.
         lr: The inner Adam's learning rate, ``>= 0``. The paper uses 0.025.
         gamma: The weight decay on the logits, ``>= 0``. 1e-3, as the paper's Algorithm 2 (and LibMTL); the
             authors' code defaults to 1e-5 in its experiments' weighting class (0.01 in its stand-alone

@@ -26,9 +26,6 @@ class GeometricLossStrategy(LossWeighting):
     times a common factor. With absent tasks, K is the number of present ones. Every present loss
     must be > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> mtlzoo.create("gls", num_tasks=2).weights(torch.tensor([1.0, 4.0]))

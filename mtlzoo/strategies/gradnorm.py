@@ -1,8 +1,6 @@
 r"""GradNorm: loss weights learned so that the tasks' gradient norms train at balanced rates.
 
-The machinery here (the reference losses ``L_k(0)`` and ratios, the relative inverse training
-rates, the L1 objective with constant targets) is written as small functions so that RotoGradNorm,
-which keeps the original ``rotograd`` package's variant, can share it where the two coincide.
+Its pieces are small functions that RotoGradNorm (the ``rotograd`` package's variant) shares.
 """
 
 from __future__ import annotations
@@ -49,9 +47,7 @@ def inverse_training_rates(ratios: Tensor, alpha: float, floor: float | None = N
 
 def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_norm: Tensor | float,
                        alpha: float, floor: float | None = None) -> Tensor:
-    """``L_grad = sum_k | w_k n_k - target_norm r_k^alpha |``, differentiable in ``weights`` only.
-
-    GradNorm's gradient loss (Algorithm 1) with the targets held constant.
+    """GradNorm's gradient loss (Algorithm 1) ``sum_k | w_k n_k - target_norm r_k^alpha |``, targets constant.
 
     Args:
         weights: The present tasks' weights ``w_k`` (requiring grad).
@@ -66,18 +62,15 @@ def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_no
 
 
 def loss_ratio_values(losses: list[float], tasks: list[int], reference: list[float]) -> list[float]:
-    """:func:`loss_ratios` on host floats: ``L_k / L_k(t_0)`` of tasks ``tasks`` (RotoGradNorm's face)."""
+    """:func:`loss_ratios` on host floats, of tasks ``tasks`` (RotoGradNorm's face)."""
     chosen = torch.tensor(reference, dtype=torch.float64)[torch.tensor(tasks, dtype=torch.long)]
     return loss_ratios(torch.tensor(losses, dtype=torch.float64), chosen).tolist()
 
 
 def gradnorm_weight_gradient(weights: list[float], norms: list[float], ratios: list[float], target_norm: float,
                              alpha: float, floor: float) -> list[float]:
-    """``dL_grad/dw_k = sign(w_k n_k - target_k) n_k`` on host floats: autograd of :func:`gradnorm_objective`.
-
-    0 where the difference is 0 or not a number (autograd's ``|x|``). ``floor`` bounds the mean ratio from below
-    (RotoGradNorm's face: it passes the smallest normal number of its dtype).
-    """
+    """``dL_grad/dw_k = sign(w_k n_k - target_k) n_k`` on host floats (RotoGradNorm's face): autograd of
+    :func:`gradnorm_objective`, so 0 where the difference is 0 or not a number."""
     with torch.enable_grad():
         leaf = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
         objective = gradnorm_objective(leaf, torch.tensor(norms, dtype=torch.float64),
@@ -99,15 +92,13 @@ class GradNorm(WidensState, LossWeighting):
 
     with the targets ``mean_j(G_j) r_k^alpha`` held constant (Algorithm 1), and after every
     optimizer step they are renormalised to ``sum_k w_k = K``. ``W`` is the last shared layer's
-    weights, the paper's choice; the norms come without a Jacobian (see :func:`mtlzoo.autograd.layer_norms`:
-    for a last layer ``z = h W^T + b``, ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's
-    loss at its first step (from that step's first micro-batch). An absent task is left out of the
-    means and its weight gets no gradient (the renormalisation still rescales it with the others).
-    The ratios and targets are computed in the losses' dtype (float64 losses: float64 throughout).
+    weights, the paper's choice (the norms come without a Jacobian: for ``z = h W^T + b``,
+    ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's loss at its first step. An absent task
+    is left out of the means and its weight gets no gradient. Computed in the losses' dtype.
 
     Under an aggregator: with ``layer="all"`` GradNorm reads the norms on every shared parameter
-    (with ``target="representation"``, on ``z``), the statistic an aggregator on that target reads,
-    so the two compose (the aggregator combines the gradients of the weighted losses ``w_k L_k``)::
+    (with ``target="representation"``, on ``z``), what an aggregator on that target reads, so the
+    two compose (the aggregator combines the gradients of the weighted losses ``w_k L_k``)::
 
         mtlzoo.compose(weighting=GradNorm(K, alpha=1.5, layer="all"), aggregator="upgrad")
 
@@ -117,7 +108,6 @@ class GradNorm(WidensState, LossWeighting):
     variant instead (targets from the norm of the weighted mean gradient, weights ``K softmax(θ)``).
 
     Args:
-        num_tasks: K.
         alpha: The asymmetry ``alpha >= 0`` (required): how strongly tasks that train slower are
             pulled up. The paper tunes it per problem (0.12 on its synthetic regression, 1.5 on
             NYUv2); 0 equalises the gradient norms.

@@ -34,7 +34,6 @@ class IMTL(Composite):
     load.
 
     Args:
-        num_tasks: K.
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
 
     Example:

@@ -32,9 +32,6 @@ class IMTLL(LossWeighting):
     the paper. The combined ``imtl`` method (IMTL-L with IMTL-G's gradient balancing) builds on
     this class and :func:`imtl_l_total`. An absent task's ``s_k`` gets no gradient.
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> imtl = mtlzoo.create("imtl_l", num_tasks=2)

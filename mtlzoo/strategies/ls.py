@@ -20,7 +20,6 @@ class LinearScalarization(LossWeighting):
     weighted sum, ``w_k = 1`` unless given. No paper of its own.
 
     Args:
-        num_tasks: K.
         weights: K fixed non-negative weights; ``None`` for all ones.
 
     Example:

@@ -79,12 +79,10 @@ class NashBargaining(GramianAggregator):
     - Newton's method not converged in ``max_iterations`` steps (near-stationary gradients): its
       last iterate is used, with a :class:`~mtlzoo.errors.SolverWarning`.
 
-    Running state: the last weights (``previous_weights``, a ``(K,)`` buffer, ones at first as the
-    authors' code), the warm start, staged by the step's first micro-batch; a task absent from a
-    step keeps its previous weight.
+    Running state: the last weights (``previous_weights``, ones at first as the authors' code), the
+    warm start; a task absent from a step keeps its previous weight.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"``.
         max_iterations: Newton steps before giving up (with a warning).
     """
@@ -163,12 +161,10 @@ class NashMTL(ClipNorm):
     ``step`` at the top) loads into this layout.
 
     The heads: the authors (nash-mtl's ``methods/weight_methods.py``, and LibMTL) back-propagate
-    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (with the clipped ``α``); that is the
-    default here (``weighted_heads=True``). With ``weighted_heads=False`` every head learns from its
-    own loss unweighted, as under the other aggregators.
+    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (the clipped ``α``; ``weighted_heads=True``,
+    the default); with ``False`` every head learns from its own loss, as under the other aggregators.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"``.
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.

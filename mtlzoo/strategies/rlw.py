@@ -29,7 +29,6 @@ class RandomLossWeighting(LossWeighting):
     by default, from torch's global generator at construction (deterministic given the torch seed).
 
     Args:
-        num_tasks: K.
         seed: Seed of the strategy's generator; ``None`` draws one from torch's global generator.
 
     Example:

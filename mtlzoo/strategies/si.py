@@ -24,9 +24,6 @@ class ScaleInvariant(LossWeighting):
     loss by a constant changes nothing. No hyperparameters, no state. Every present loss must be
     > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> mtlzoo.create("si", num_tasks=2).weights(torch.tensor([0.5, 4.0]))

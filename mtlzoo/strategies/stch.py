@@ -42,16 +42,14 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
        ``w_k = K softmax( log(L / n) / mu )_k / L_k``: the task furthest above its nadir value,
        relative to it, gets the most weight; at equal relative losses the weights are the warm-up's.
 
-    Epochs are told by the protocol's hook: call ``mtl.end_epoch()`` after each epoch. Without any,
-    STCH stays in its warm-up and warns once after ``reminder_steps`` steps (1000 by default).
-    The nadir average is over the nadir epoch's backward calls (micro-batches included), counted
-    once each optimizer step is taken; a task absent from that whole epoch is not normalised
-    (``n_k = 1``). With absent tasks, K is the number of present ones. A loss <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
-    The nadir sums and vector are kept in the losses' dtype (float64 losses: float64 state).
+    Call ``mtl.end_epoch()`` after each epoch; without any, STCH stays in its warm-up and warns once
+    after ``reminder_steps`` steps (1000 by default). The nadir average is over the nadir epoch's
+    backward calls, counted once each optimizer step is taken; a task absent from that whole epoch
+    is not normalised (``n_k = 1``). With absent tasks, K is the number of present ones. A loss
+    <= 0 raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left
+    as it was. The nadir is kept in the losses' dtype.
 
     Args:
-        num_tasks: K.
         mu: The smoothing ``mu > 0``. 1.0 as the authors' multitask code; the paper evaluates
             0.01, 0.1, 0.5 and 1 and reports no single best value.
         warmup_epochs: Epochs of ``sum_k log L_k`` before the nadir epoch (>= 0); 4 as the authors' code.

@@ -29,9 +29,6 @@ class UncertaintyWeighting(LossWeighting):
     The log-variances start at 0 (``sigma^2 = 1``, equal weights 1/2), the paper's reported-robust
     choice (LibMTL starts them at -0.5). An absent task's ``s_k`` gets no gradient.
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> uw = mtlzoo.create("uw", num_tasks=2)
