@@ -302,10 +302,8 @@ class Strategy(nn.Module):
         return nn.Identity()
 
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
-        """Weights ``w`` of the present tasks' losses: the model learns from ``sum_k w_k L_k``.
-
-        Returns ``None`` for all ones. Read from the losses alone, before any gradient exists.
-        """
+        """Weights ``w`` of the present tasks' losses, read from the losses alone (``None``: all ones): the model
+        learns from ``sum_k w_k L_k``."""
         return None
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
@@ -342,11 +340,6 @@ class Strategy(nn.Module):
         for name, initial in fields.items():
             self.state.declare(name, initial, per_step)
 
-    @property
-    def first_micro_batch(self) -> bool:
-        """Whether the current backward is the first of its optimizer step."""
-        return self.micro_batch == 0
-
     def advance(self) -> None:
         """Commit what this optimizer step staged and advance the running state, once per step taken.
 
@@ -369,11 +362,8 @@ class Strategy(nn.Module):
         """Called once at the end of every epoch (``mtl.end_epoch()``); DWA and STCH use it."""
 
     def post_step(self, losses: Tensor) -> None:
-        """Receive the K losses of the step's batch re-evaluated after the optimizer step (FAMO).
-
-        A task absent from the batch has NaN there. Called once per optimizer step that was taken,
-        after :meth:`advance`, when the class sets ``wants_post_step_losses``.
-        """
+        """Receive the K losses of the step's batch re-evaluated after the optimizer step (NaN for an absent
+        task), after :meth:`advance`, when the class sets ``wants_post_step_losses`` (FAMO)."""
 
     wants_post_step_losses: ClassVar[bool] = False
 
@@ -382,8 +372,7 @@ class Strategy(nn.Module):
         without ``rotation_shape`` creates them at the first forward: an optimizer built before would miss them)."""
 
     def get_extra_state(self) -> dict[str, Any]:
-        saved: dict[str, Any] = {"settings": plain(self.hparams),
-                                 "state": self.state.plain_values()}
+        saved: dict[str, Any] = {"settings": plain(self.hparams), "state": self.state.plain_values()}
         if self.micro_batch or self.state.staged:  # saved between the micro-batches of a step
             saved["staged"] = self.state.staged
             saved["micro_batch"] = self.micro_batch

@@ -70,7 +70,7 @@ class ReferenceSteps:
     burn_in_period: int
     num_tasks: int
     state: RunningState
-    first_micro_batch: bool
+    micro_batch: int
 
     def declare_references(self, *names: str) -> None:
         self.declare_state(step=0)  # type: ignore[attr-defined]
@@ -97,7 +97,7 @@ class ReferenceSteps:
         any task without a usable reference yet (finite and non-zero *in the reference's dtype*); return the
         references this step uses."""
         current: Tensor = getattr(self.state, name)
-        renew = self.first_micro_batch and self.is_reference_step()
+        renew = self.micro_batch == 0 and self.is_reference_step()
         if not renew and self._is_complete(current):
             return current  # every task has its reference: nothing to record
         values = values.detach().to(current.dtype)
@@ -181,18 +181,10 @@ class Rotations(ReferenceSteps, Adapter):
                        "task gradients.")
     unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
 
-    def __init__(
-        self,
-        num_tasks: int,
-        rotation_shape: int | Sequence[int] | None = None,
-        *,
-        post_shape: int | Sequence[int] = (),
-        normalize_losses: bool = False,
-        burn_in_period: int = 20,
-        orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-        rotation_init: RotationInit = "random",
-        fold_linear_heads: bool = True,
-    ) -> None:
+    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *,
+                 post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
+                 orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP, rotation_init: RotationInit = "random",
+                 fold_linear_heads: bool = True) -> None:
         super().__init__(num_tasks)
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"Parameter `orthogonal_map` should be one of {ORTHOGONAL_MAPS}. Found "

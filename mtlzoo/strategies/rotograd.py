@@ -190,18 +190,10 @@ class RotateOnly(Composite):
     unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
     adapter: Rotations
 
-    def __init__(
-        self,
-        num_tasks: int,
-        rotation_shape: int | Sequence[int] | None = None,
-        *,
-        post_shape: int | Sequence[int] = (),
-        normalize_losses: bool = False,
-        burn_in_period: int = 20,
-        orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-        rotation_init: RotationInit = "random",
-        fold_linear_heads: bool = True,
-    ) -> None:
+    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *,
+                 post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
+                 orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP, rotation_init: RotationInit = "random",
+                 fold_linear_heads: bool = True) -> None:
         rotations = Rotations(num_tasks, rotation_shape, post_shape=post_shape, normalize_losses=normalize_losses,
                               burn_in_period=burn_in_period, orthogonal_map=orthogonal_map,
                               rotation_init=rotation_init, fold_linear_heads=fold_linear_heads)
