@@ -8,6 +8,7 @@ refused the same way whatever the order.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -59,32 +60,20 @@ class StrategyEntry:
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready description (``mtlzoo list --format json``)."""
-        info = self.info
-        paper = info.paper
+        info, request, defaults = self.info, self.info.request, self.hyperparameters
         return {
-            "name": info.name,
-            "aliases": list(info.aliases),
-            "kind": info.kind,
-            "needs": info.needs,
-            "request": {"where": info.request.where, "statistic": info.request.statistic,
-                        "parameters": None if info.request.parameters is None else list(info.request.parameters),
-                        "batches": info.request.batches},
+            "name": info.name, "aliases": list(info.aliases), "kind": info.kind, "needs": info.needs,
+            "request": {"where": request.where, "statistic": request.statistic,
+                        "parameters": plain(request.parameters), "batches": request.batches},
             "summary": info.summary,
-            "paper": None if paper is None else {
-                "authors": list(paper.authors), "title": paper.title, "venue": paper.venue,
-                "year": paper.year, "url": paper.url, "citation": paper.citation(),
-            },
-            "hyperparameters": {name: None if default is REQUIRED else plain(default)
-                                for name, default in self.hyperparameters.items()},
-            "required": [name for name, default in self.hyperparameters.items() if default is REQUIRED],
-            "properties": sorted(info.properties),
-            "suggested": plain(dict(info.suggested)),
-            "stochastic": info.stochastic,
-            "learnable": info.learnable,
+            "paper": None if info.paper is None else {**plain(dataclasses.asdict(info.paper)),
+                                                      "citation": info.paper.citation()},
+            "hyperparameters": {name: None if value is REQUIRED else plain(value) for name, value in defaults.items()},
+            "required": [name for name, value in defaults.items() if value is REQUIRED],
+            "properties": sorted(info.properties), "suggested": plain(dict(info.suggested)),
+            "stochastic": info.stochastic, "learnable": info.learnable,
             "adapts_representation": info.adapts_representation,
-            "origin": str(self.origin),
-            "distribution": self.origin.distribution,
-            "version": self.origin.version,
+            "origin": str(self.origin), "distribution": self.origin.distribution, "version": self.origin.version,
         }
 
 
