@@ -9,13 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtlzoo.linalg import widened
 from mtlzoo.protocol import StepInputs
 from mtlzoo.strategy import Strategy
-
-
-def working_dtype(losses: Tensor) -> torch.dtype:
-    """The dtype a weighting computes in: the losses' own, at least float32 (float64 losses stay float64)."""
-    return torch.promote_types(losses.dtype, torch.float32)
 
 
 class LossWeighting(Strategy):
@@ -48,14 +44,12 @@ class LossWeighting(Strategy):
                    for name in vars(klass)}
         cls._legacy_weights = "weights" in defines and "scalarize" not in defines
 
-    # ------------------------------------------------------------------ the one method
     def scalarize(self, losses: Tensor) -> Tensor:
         """The scalar ``f(L)`` this method minimises, differentiable in the losses and its own parameters."""
         if self._legacy_weights:
             return (self.weights(losses.detach()).detach().to(losses.dtype) * losses).sum()
         raise NotImplementedError(f"{type(self).__name__} should implement `scalarize(losses)`.")
 
-    # ------------------------------------------------------------------ which tasks
     @contextmanager
     def _presenting(self, tasks: Tensor | None) -> Iterator[None]:
         previous = self.__dict__.get("_present")
@@ -80,10 +74,9 @@ class LossWeighting(Strategy):
         """``values[tasks]`` (``values`` itself when all tasks are present)."""
         return values if tasks.shape[0] == self.num_tasks else values[tasks.to(values.device)]
 
-    # ------------------------------------------------------------------ derived from scalarize
     def weights(self, losses: Tensor, tasks: Tensor | None = None) -> Tensor:
         """``w_k = d f / d L_k`` at these losses (of tasks ``tasks``, default all), detached, in their dtype."""
-        losses = losses.detach().to(working_dtype(losses))
+        losses = widened(losses.detach())
         with torch.enable_grad(), self._presenting(tasks):
             leaf = losses.requires_grad_()
             total = self.scalarize(leaf)
@@ -104,7 +97,7 @@ class LossWeighting(Strategy):
         if not any(parameter.requires_grad for parameter in self.parameters()):
             return None
         with torch.enable_grad(), self._presenting(tasks):
-            total = self.scalarize(losses.detach().to(working_dtype(losses)))
+            total = self.scalarize(widened(losses.detach()))
         return total if total.requires_grad else None
 
     def scalarization(self, losses: Tensor, tasks: Tensor) -> Tensor:

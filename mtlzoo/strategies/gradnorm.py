@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.linalg import row_norms, tiny
+from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
-from mtlzoo.roles.weighting import LossWeighting, working_dtype
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import WidensState, widen
 from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
@@ -202,7 +202,7 @@ class GradNorm(WidensState, LossWeighting):
         weights = self.of_present(self.task_weights, tasks)
         if not weights.requires_grad:
             return None
-        dtype = torch.promote_types(weighted_norms.dtype, working_dtype(losses))
+        dtype = torch.promote_types(weighted_norms.dtype, compute_dtype(losses.dtype))
         weighted_norms = weighted_norms.to(dtype)
         reference = self.of_present(self.state.initial_losses, tasks).to(dtype)
         norms = weighted_norms / weights.detach().to(dtype).clamp_min(tiny(dtype))  # the engine's are of w_k L_k
