@@ -102,7 +102,6 @@ class Composite(WithParts):
         else:
             super().__setattr__(name, value)
 
-    # ------------------------------------------------------------- metadata
     def present_roles(self) -> tuple[str, ...]:
         """The roles this instance holds."""
         return tuple(role for role in ROLE_NAMES if getattr(self, role) is not None)
@@ -137,7 +136,6 @@ class Composite(WithParts):
             return self.aggregator.properties
         return self.info.properties
 
-    # --------------------------------------------------------------- a step
     def adapt(self, z: Tensor, task: int) -> Tensor:
         return z if self.adapter is None else self.adapter.adapt(z, task)
 
@@ -185,7 +183,6 @@ class Composite(WithParts):
             return super().extra_repr()
         return f"num_tasks={self.num_tasks}"  # the parts are shown as submodules
 
-    # ------------------------------------------------------------ checkpoints
     def check_settings(self, state_dict: Any, prefix: str = "") -> None:
         self._single_module_layout(state_dict, prefix)  # refuses a tensor no part holds, before any loading
         super().check_settings(state_dict, prefix)

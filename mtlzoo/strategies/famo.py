@@ -168,7 +168,6 @@ class FAMO(WidensState, LossWeighting):
             self.state.inner = {"step": float(state["step"]), **{name: state[name].tolist() for name in _MOMENTS}}
             self.state.losses_before = None
 
-    # ------------------------------------------------------------------ views and former checkpoints
     @property
     def adam_exp_avg(self) -> Tensor:
         """The inner Adam's first moments of the logits (0 before its first step)."""

@@ -159,7 +159,6 @@ class GradNorm(WidensState, LossWeighting):
     def request(self) -> Request:
         return self._request
 
-    # ------------------------------------------------------------------ the weights
     def scalarize(self, losses: Tensor) -> Tensor:
         """``sum_k w_k L_k`` with the learned weights held constant (they learn from ``L_grad`` only)."""
         self._stage_reference(losses.detach())
@@ -222,7 +221,6 @@ class GradNorm(WidensState, LossWeighting):
             objective.backward()
         return torch.tensordot(weights, grads, dims=1)
 
-    # ------------------------------------------------------------------ lifecycle
     def on_advance(self) -> None:
         """The renormalisation ``sum_k w_k = K`` (after the floor), once per optimizer step."""
         with torch.no_grad():
