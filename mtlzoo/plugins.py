@@ -154,8 +154,7 @@ class PluginLoader:
 
     def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
         dist = getattr(entry_point, "dist", None)
-        distribution = dist.name if dist is not None else None
-        version = dist.version if dist is not None else None
+        distribution, version = (dist.name, dist.version) if dist is not None else (None, None)
         where = f"entry point {entry_point.name!r} ({entry_point.value})" + (
             f" of distribution {distribution!r} {version}" if distribution else "")
         if self.pm.has_plugin(entry_point.name):
@@ -163,29 +162,20 @@ class PluginLoader:
                           f"(from {self._origins.get(entry_point.name, 'this process')}).", PluginWarning, stacklevel=4)
             return
         origin = Origin(entry_point.name, distribution, version)
-        before = set(self._origins)
+        before, doing = set(self._origins), "import"
         try:
             self.loading = origin  # what register_strategy runs at import is credited to this entry point
             try:
                 plugin = entry_point.load()
             finally:
                 self.loading = None
-        except Exception as error:  # a broken plugin must not take the others down
-            self._drop_since(before)
-            warnings.warn(f"mtlzoo could not import plugin {where}: {type(error).__name__}: {error}", PluginWarning,
-                          stacklevel=4)
-            return
-        try:
+            doing = "load"
             self._add_plugin(plugin, entry_point.name, origin, strict=False)
-        except Exception as error:
-            self._drop_since(before)
-            warnings.warn(f"mtlzoo could not load plugin {where}: {type(error).__name__}: {error}", PluginWarning,
+        except Exception as error:  # a broken plugin must not take the others down
+            for name in set(self._origins) - before:  # with what it registered in-process at import
+                self._drop(name)
+            warnings.warn(f"mtlzoo could not {doing} plugin {where}: {type(error).__name__}: {error}", PluginWarning,
                           stacklevel=4)
-
-    def _drop_since(self, before: set[str]) -> None:
-        """Drop the plugins registered since ``before`` (an entry point's in-process registrations at import)."""
-        for name in set(self._origins) - before:
-            self._drop(name)
 
     def _add_plugin(self, plugin: object, name: str, origin: Origin, *, strict: bool) -> None:
         """Register ``plugin`` with pluggy and call its hooks for every table, undoing it all on failure."""
