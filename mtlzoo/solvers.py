@@ -1,14 +1,11 @@
 r"""The small optimisation problems that two or more strategies share, solved exactly.
 
-Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients (the rows of
-``J``), never on the gradients themselves, so they cost ``O(K^3)`` whatever the number of
-parameters. They run on the host, in float64, with numpy and LAPACK called directly (an active-set
-method each: exact up to rounding, no iteration count to tune, no tolerance that depends on the
-gradients' scale); the answer comes back as a tensor of the Gramian's dtype and device. Each has a
-host face (:func:`min_norm_weights`, :func:`dual_cone_weights`) for the strategies that do a step's
-K x K work on the host. Tolerances are relative to each row's own scale (``sqrt(G_kk)``), so the
-answers keep their properties (no conflict with any task) when the tasks' gradients differ in size by
-many orders of magnitude, whatever the order of the tasks.
+Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients, so they cost
+``O(K^3)`` whatever the number of parameters, and solved on the host in float64 by an active-set
+method (exact up to rounding, with numpy and LAPACK called directly); each has a host face
+(:func:`min_norm_weights`, :func:`dual_cone_weights`). Tolerances are relative to each row's own
+scale (``sqrt(G_kk)``), so the answers keep their properties (no conflict with any task) when the
+gradients differ in size by many orders of magnitude, whatever the order of the tasks.
 
 - :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
@@ -33,7 +30,7 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def to_host(tensor: Tensor) -> np.ndarray:
-    """A (small) tensor as a float64 numpy array on the host: a copy, one transfer, one synchronisation."""
+    """A (small) tensor as a float64 numpy array on the host (a copy)."""
     tensor = tensor.detach()
     if tensor.dtype not in _NUMPY_DTYPES:
         tensor = tensor.to(torch.float64)
@@ -69,12 +66,10 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
 def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
     """A finite float64 Gramian scaled to unit trace and made positive semi-definite, on the rows' own scales.
 
-    With ``D = diag(sqrt(G_kk))``, the correlation matrix ``C = D^-1 G D^-1`` (each row's rounding is relative to
-    its own size, whatever the others') has its eigenvalues within ``K eps λ_max(C)`` of 0 (``eps`` the rounding
-    unit of the dtype ``G`` was computed in; negative ones included) set to 0, so that rows linearly dependent up
-    to rounding count as such; the result is ``D C D`` divided by its trace. Zero rows stay zero, as does a zero
-    Gramian. Cutting on ``C`` rather than on ``G`` keeps a task whose gradient is 1e-6 of another's (its
-    eigenvalues are 1e-12 of ``G``'s largest, below float32's rounding there, not on its own scale).
+    The correlation matrix ``C = D^-1 G D^-1`` (``D = diag(sqrt(G_kk))``) has its eigenvalues below
+    ``K eps λ_max(C)`` (``eps`` the rounding unit of the dtype ``G`` was computed in) set to 0, so that rows
+    dependent up to rounding count as such; the result is ``D C D`` over its trace. Cutting on ``C``, not
+    ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows stay zero.
     """
     if array.size == 0:
         return array
@@ -106,8 +101,7 @@ def unit_trace(array: np.ndarray, ridge: float = 0.0) -> np.ndarray:
 
 
 def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix: LAPACK's syevd, as ``numpy.linalg.eigh``
-    (called directly: a fraction of numpy's per-call overhead on a K x K matrix)."""
+    """``numpy.linalg.eigh`` (eigenvalues ascending), LAPACK's syevd called directly."""
     values, vectors, info = lapack.dsyevd(matrix, compute_v=1, lower=1)
     if info != 0:
         return np.linalg.eigh(matrix)  # raises numpy's LinAlgError
@@ -123,10 +117,8 @@ def _gelsd_workspace(rows: int, columns: int) -> tuple[int, int]:
 
 
 def lstsq(matrix: np.ndarray, rhs: np.ndarray, cutoff: float | None = None) -> np.ndarray:
-    """The minimum-norm least-squares solution of a small square system: LAPACK's gelsd (SVD), singular values
-    at or below ``cutoff s_max`` counting as 0 (default ``eps K``, numpy's ``rcond=None``). It is
-    ``numpy.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]`` (and ``torch.linalg.pinv(matrix, rtol=cutoff) @ rhs``),
-    called directly: a fraction of numpy's per-call overhead."""
+    """``numpy.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]`` for a small square system (default ``cutoff``:
+    ``eps K``), LAPACK's gelsd called directly: a fraction of numpy's per-call overhead."""
     size = matrix.shape[0]
     if size == 0:
         return np.zeros(0)
@@ -224,10 +216,9 @@ def _minor_cycle(matrix: np.ndarray, weights: np.ndarray, corral: list[int]) -> 
 
 
 def _affine_minimiser(block: np.ndarray) -> np.ndarray:
-    """``w`` minimising ``w^T G_S w`` subject to ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
-    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved on the rows' own scales (``w = D^-1 u`` with
-    ``D = diag(sqrt(G_kk))``: ``[[C, v], [v^T, 0]] [u; λ] = [0; 1]``, ``C = D^-1 G_S D^-1`` of unit diagonal,
-    ``v = D^-1 1`` divided by its largest entry), so that rows of very different sizes keep their digits."""
+    """``argmin w^T G_S w`` s.t. ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
+    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved in ``u = D w`` (``D = diag(sqrt(G_kk))``, the border
+    scaled to a largest entry of 1), so that rows of very different sizes keep their digits."""
     count = block.shape[0]
     scales = np.sqrt(np.clip(np.diag(block), 0.0, None))
     safe = np.where(scales > 0, scales, 1.0)
