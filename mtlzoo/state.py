@@ -1,25 +1,20 @@
 """Declared running state: what a strategy carries from one optimizer step to the next.
 
 A strategy declares each field once, with its initial value (:meth:`mtlzoo.Strategy.declare_state`);
-the base class does the bookkeeping every stateful method needs under gradient accumulation and
-mixed precision, so that a method keeps only its maths:
+the base class does the bookkeeping under gradient accumulation and mixed precision:
 
 - inside a step, ``self.state.name = value`` *stages* the value; reading ``self.state.name`` gives
   the staged value if the step staged one, else the committed one;
 - a field declared ``per_step="first"`` (the default) takes its value from the step's first
-  micro-batch: later micro-batches of the same step read it and their writes are ignored, so a
-  step's state does not depend on how its batch was split; ``per_step="every"`` lets every
-  micro-batch write (a sum over the step's micro-batches: read, add, write);
+  micro-batch (later writes are ignored), so a step's state does not depend on how its batch was
+  split; ``per_step="every"`` lets every micro-batch write (a sum: read, add, write);
 - when an optimizer step is taken the staged values are committed (``Strategy.advance``); when a
   ``GradScaler`` skips it they are dropped (``Strategy.discard``);
-- ``state_dict()`` saves the committed values: tensors as buffers (under the field's name), other
-  values (ints, floats, lists, bytes) in the module's extra state. A checkpoint taken between the
-  micro-batches of a step also holds what that step staged so far and its micro-batch count, so
-  loading it continues the step where it was.
+- ``state_dict()`` saves the committed values: tensors as buffers, other values (ints, floats,
+  lists, bytes) in the extra state; between the micro-batches of a step, also what the step staged
+  so far and its micro-batch count, so loading continues the step where it was.
 
-Writes are staged wherever they come from (a step's backward, or a standalone ``aggregate``, which
-is committed by calling ``advance()`` as after an optimizer step); those made in
-``Strategy.on_advance`` (counters, a retraction, a renormalisation) or inside
+Writes made in ``Strategy.on_advance`` (counters, a retraction) or inside
 ``with strategy.state.direct():`` (a user's assignment, loading) go straight to the committed value.
 """
 
