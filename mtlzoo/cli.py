@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from mtlzoo.registry import StrategyEntry, list_strategies
+from mtlzoo.errors import ComparisonError, MTLZooError
+from mtlzoo.registry import StrategyEntry, get_strategy, list_strategies
 
 
 def _row(entry: StrategyEntry) -> list[str]:
@@ -139,10 +141,7 @@ def _problem_texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def _strategy_specs(args: argparse.Namespace) -> Any:
-    from mtlzoo.errors import ComparisonError
     from mtlzoo.harness.plan import resolve_specs
-    from mtlzoo.harness.spec import StrategySpec
-    from mtlzoo.registry import get_strategy
 
     specs, named = resolve_specs(args.strategies)
     for item in args.strategy_optimizer:
@@ -159,28 +158,21 @@ def _strategy_specs(args: argparse.Namespace) -> Any:
         if not matched:
             raise ComparisonError(f"--strategy-optimizer {item!r}: {target!r} is not among the strategies compared.")
         for i in matched:
-            spec = specs[i]
-            specs[i] = StrategySpec(spec.name, spec.options, kind, rate, spec.label)
+            specs[i] = dataclasses.replace(specs[i], optimizer=kind, lr=rate)
     return specs, named
 
 
 def _seeds(text: str | None) -> Any:
-    from mtlzoo.errors import ComparisonError
-
     if text is None:
         return None
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ComparisonError(f"--seeds {text!r}: give a number of seeds or a comma-separated list.") from None
-    if len(values) == 1 and "," not in text:
-        return values[0]
-    return values
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mtlzoo.errors import MTLZooError
-
     try:
         return _run_compare(args)
     except (MTLZooError, ImportError) as error:
@@ -308,6 +300,10 @@ def _describe(problem: Any) -> str:
 
 
 # -------------------------------------------------------------------------- bench
+MOVED = ("--vs-reference and --growth moved out of the installed package: run `python benchmarks/vs_reference.py` "
+         "(add --growth for the growth with K and d) from a clone of the repository.")
+
+
 def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
         "bench", help="time a training step of strategies, as a ratio to ls",
@@ -330,6 +326,7 @@ def _add_bench(commands: Any) -> None:
                        help="a readable table (default) or the report as JSON")
     bench.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
     bench.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    bench.add_argument("--vs-reference", "--growth", dest="moved", action="store_true", help=argparse.SUPPRESS)
     bench.set_defaults(run=_bench)
 
 
@@ -338,8 +335,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mtlzoo.errors import MTLZooError
-
+    if args.moved:
+        print(f"mtlzoo bench: {MOVED}", file=sys.stderr)
+        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -226,9 +226,7 @@ class Rotations(ReferenceSteps, Adapter):
             raise NotMaterializedError(
                 f"{type(self).__name__} creates its rotations at the first forward because `rotation_shape` was "
                 "not given, so they cannot go into an optimizer yet. Either pass `rotation_shape` (the shape of "
-                "the backbone output without its batch dimension), or run one forward, mtl(x), before building "
-                "the optimizer."
-            )
+                "the backbone output without its batch dimension), or run one forward, mtl(x), first.")
 
     @property
     def rotations(self) -> Tensor:
@@ -274,7 +272,11 @@ class Rotations(ReferenceSteps, Adapter):
             shape = tuple(z.shape[1:ndim - post_dims])
             if self.bank is None:
                 self._materialize(math.prod(shape), init=self.rotation_init, device=z.device, dtype=z.dtype)
-                self._warn_if_large(math.prod(shape), z)
+                if self.bank.size > LARGE_ROTATION:  # type: ignore[union-attr]
+                    warnings.warn(f"{type(self).__name__} inferred rotations of size n = {math.prod(shape)} from a "
+                                  f"representation of shape {tuple(z.shape)}: K n^2 numbers in rotation matrices, "
+                                  "and an n x n product per task and step. For a (batch, channels, h, w) map, pass "
+                                  "post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
             with self.state.direct():
                 self.state.rotation_shape = shape
         shape = self.rotation_shape
@@ -290,14 +292,6 @@ class Rotations(ReferenceSteps, Adapter):
                                      f"{shape} followed by {post_dims} post_shape dimensions (rotations of size "
                                      f"{self.bank.size}).")
         return self.bank.size, math.prod(z.shape[ndim - post_dims:])
-
-    def _warn_if_large(self, size: int, z: Tensor) -> None:
-        if size > LARGE_ROTATION:
-            warnings.warn(f"{type(self).__name__} inferred rotations of size n = {size} from a representation of "
-                          f"shape {tuple(z.shape)}: {self.num_tasks} x {size}^2 = {self.num_tasks * size ** 2:,} "
-                          "numbers in rotation matrices, and an n x n product per task and step. For a (batch, "
-                          "channels, h, w) map, pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning,
-                          stacklevel=6)
 
     def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
         """``head(R_task z)``, or ``z`` read through ``W R_task`` (see ``fold_linear_heads``)."""
