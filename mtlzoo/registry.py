@@ -114,14 +114,11 @@ def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others:
     if unknown:
         sentences = []
         for key in unknown:
-            sentence = f"Strategy {name!r} has no hyperparameter {key!r}."
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            if close:
-                sentence += f" Did you mean {close[0]!r}?"
-            owners = sorted(entry.name for entry in others if key in entry.hyperparameters)
-            if owners:
-                sentence += f" ({key!r} is a hyperparameter of {', '.join(map(repr, owners))}.)"
-            sentences.append(sentence)
+            owners = ", ".join(sorted(repr(entry.name) for entry in others if key in entry.hyperparameters))
+            sentences.append(f"Strategy {name!r} has no hyperparameter {key!r}."
+                             + (f" Did you mean {close[0]!r}?" if close else "")
+                             + (f" ({key!r} is a hyperparameter of {owners}.)" if owners else ""))
         raise UnknownHyperparameterError(" ".join(sentences) + f" Its hyperparameters: {listing}.")
     missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
     if missing:

@@ -20,6 +20,8 @@ Writes made in ``Strategy.on_advance`` (counters, a retraction) or inside
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,9 +136,14 @@ class RunningState:
         """Forget the staged values."""
         object.__setattr__(self, "_staged", {})
 
-    def direct(self) -> _Direct:
+    @contextmanager
+    def direct(self) -> Iterator[RunningState]:
         """A context in which writes go to the committed values (``on_advance``, loading)."""
-        return _Direct(self)
+        object.__setattr__(self, "_direct", self._direct + 1)
+        try:
+            yield self
+        finally:
+            object.__setattr__(self, "_direct", self._direct - 1)
 
     def plain_values(self) -> dict[str, Any]:
         """The committed values of the fields that are not tensors (saved in the extra state)."""
@@ -156,14 +163,3 @@ class RunningState:
                            "declare.")
         object.__setattr__(self, "_staged", dict(staged))
 
-
-class _Direct:
-    def __init__(self, state: RunningState) -> None:
-        self.state = state
-
-    def __enter__(self) -> RunningState:
-        object.__setattr__(self.state, "_direct", self.state._direct + 1)
-        return self.state
-
-    def __exit__(self, *exc: object) -> None:
-        object.__setattr__(self.state, "_direct", self.state._direct - 1)

@@ -134,7 +134,6 @@ class CAGrad(GramianAggregator):
     ``||g_w|| < 1e-4`` on its normalised Gramian or when the Gramian's trace is below 1e-4.
 
     Args:
-        target: ``"parameters"`` (default) or ``"representation"``.
         c: Radius of the ball, as a fraction of ``||g_0||`` (the paper's ``c``; its experiments use
             0.4 on NYUv2 and CityScapes, the default here, and 0.9 in multi-task RL).
         rescale: 0, 1 or 2 (see above): the authors' constant factor of their update, tied to ``c``.

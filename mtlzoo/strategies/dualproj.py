@@ -32,7 +32,6 @@ class DualProj(DualConeSurgery):
     1e-4) and ``reg_eps`` defaults to 0 (torchjd adds 1e-4 I); with ``reg_eps=1e-4`` they agree.
 
     Args:
-        target: ``"parameters"`` (default) or ``"representation"``.
         pref_vector: K non-negative weights of the combination to project; ``None`` for ``1/K'``
             each over the K' tasks present.
         reg_eps: ``eps`` of ``G / tr(G) + eps I`` (0: the exact projection).

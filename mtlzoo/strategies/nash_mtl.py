@@ -83,7 +83,6 @@ class NashBargaining(GramianAggregator):
     warm start; a task absent from a step keeps its previous weight.
 
     Args:
-        target: ``"parameters"`` (default) or ``"representation"``.
         max_iterations: Newton steps before giving up (with a warning).
     """
 
@@ -165,7 +164,6 @@ class NashMTL(ClipNorm):
     the default); with ``False`` every head learns from its own loss, as under the other aggregators.
 
     Args:
-        target: ``"parameters"`` (default) or ``"representation"``.
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).

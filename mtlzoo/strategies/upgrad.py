@@ -83,7 +83,6 @@ class UPGrad(DualConeSurgery):
     on ill-conditioned or rank-deficient Jacobians.
 
     Args:
-        target: ``"parameters"`` (default) or ``"representation"``.
         pref_vector: K non-negative weights of the projected gradients; ``None`` for ``1/K'``
             each over the K' tasks present in the step.
         reg_eps: ``eps`` of ``G / tr(G) + eps I`` (0: exact projections).
