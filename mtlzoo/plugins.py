@@ -63,14 +63,13 @@ class Origin:
 
 
 class HookTable(Protocol):
-    """A registry as the loader feeds it: one hook, one ``register`` callback per plugin, and forgetting."""
+    """A registry as the loader feeds it: the name of its hook (a spec of :mod:`mtlzoo.hookspecs`), one
+    ``register`` callback per plugin, and forgetting a plugin's entries."""
 
     hook: str
-    """The name of the hook (a spec of :mod:`mtlzoo.hookspecs`) whose implementations register into it."""
 
     def register_callback(self, origin: Origin, *, strict: bool) -> Callable[[type], None]:
-        """The ``register`` the hook hands to the plugin of ``origin``; ``strict``: raise for a taken name
-        (else warn and skip it)."""
+        """The ``register`` the hook hands to the plugin of ``origin``; ``strict``: raise for a taken name."""
         ...
 
     def drop_plugin(self, plugin: str) -> None:

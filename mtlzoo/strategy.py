@@ -36,11 +36,8 @@ Target = Literal["representation", "parameters"]
 
 KINDS: tuple[Kind, ...] = ("weighting", "surgery")
 TARGETS: tuple[Target, ...] = ("representation", "parameters")
-LEGACY_NEEDS: dict[str, Request] = {
-    "losses": Request(),
-    "representation_grads": Request("representation"),
-    "parameter_jacobian": Request("parameters"),
-}
+LEGACY_NEEDS: dict[str, Request] = {"losses": Request(), "representation_grads": Request("representation"),
+                                    "parameter_jacobian": Request("parameters")}
 """Shorthands accepted by ``StrategyInfo(needs=...)``."""
 
 PROPERTIES: dict[str, str] = {

@@ -5,14 +5,12 @@ through ``MTLWrapper``, checkpoints (each part under its role's name) and lists 
 
 - the model learns from ``sum_k w_k L_k`` with the weighting's ``w`` (all ones without one), times
   the adapter's own loss scales if it has any (RotoGrad's ``normalize_losses``);
-- the adapter transforms ``z`` per task in the forward and learns from the task gradients on ``z``
-  (the gradients as they reach ``z``, through the adapter: ``g_k = dL_k/dz``);
+- the adapter transforms ``z`` per task and learns from the task gradients as they reach ``z``;
 - the aggregator combines the task gradients (of the weighted losses) into the shared update (the
   plain sum without one).
 
-The engine computes one statistic per step: the composite asks for the richest one its parts need
-on one target (gradients, else the Gramian, else the norms) and derives the others from it
-(``G = J J^T``, ``||g_k|| = sqrt(G_kk)``).
+The engine computes one statistic per step, the richest one the parts need (gradients, else the
+Gramian, else the norms); the others are derived from it (``G = J J^T``, ``||g_k|| = sqrt(G_kk)``).
 """
 
 from __future__ import annotations
@@ -35,11 +33,8 @@ _RICHNESS = {"norms": 0, "gramian": 1, "gradients": 2}
 
 
 def _part(value: Strategy | str | None, role: str, num_tasks: int | None, **options: Any) -> Strategy | None:
-    """The part for ``role``: an instance as given (checked), or created by name from the registry.
-
-    A composite that holds that role alone stands for its part: ``adapter="rotate_only"`` is RotoGrad's
-    rotations (``rotate_only`` is the rotations adapter with the plain sum).
-    """
+    """The part for ``role``: an instance as given (checked), or created by name from the registry; a composite
+    that holds that role alone stands for its part (``adapter="rotate_only"`` is RotoGrad's rotations)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -207,14 +202,11 @@ class Composite(WithParts):
         return {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
 
     def _single_module_layout(self, state_dict: Any, prefix: str) -> dict[str, list[str]]:
-        """Where the tensors of a checkpoint of mtlzoo 0.1.0 go, where the built-in composites were single modules.
+        """Where the tensors of a checkpoint of mtlzoo 0.1.0 (the built-in composites as single modules) go.
 
-        There each tensor sat at the top (``initial_losses``, ``bank.*``, ``weight_logits``) or under a
-        former name (``renamed``); each goes to the part that holds a tensor or module of that name (to
-        all of them: RotoGradNorm's rotations and weights both record the reference losses), and the
-        saved running state (a step counter) to every part that declares that field. Empty for a
-        checkpoint in the parts' layout; a tensor no part holds raises
-        :class:`~mtlzoo.errors.CheckpointMismatchError`.
+        Each tensor at the top (``initial_losses``, ``bank.*``) or under a former name (``renamed``) goes
+        to every part that holds a tensor or module of that name. Empty for a checkpoint in the parts'
+        layout; a tensor no part holds raises :class:`~mtlzoo.errors.CheckpointMismatchError`.
         """
         parts = self._strategy_parts()
         moves: dict[str, list[str]] = {}
