@@ -49,11 +49,8 @@ ROTATION_INITS: tuple[RotationInit, ...] = ("random", "identity")
 
 def haar_rotations(count: int, size: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """``count`` independent rotations drawn from the Haar (uniform) measure on SO(size).
-
-    QR of a Gaussian matrix with the signs of R's diagonal moved into Q is Haar on O(n)
-    (Mezzadri, 2007); flipping one column where the determinant is -1 maps it onto SO(n).
-    """
+    """``count`` independent rotations drawn from the Haar (uniform) measure on SO(size): QR of a Gaussian matrix,
+    the signs of R's diagonal moved into Q (Haar on O(n), Mezzadri 2007), one column flipped where det = -1."""
     gaussian = torch.randn(count, size, size, dtype=dtype, device=device, generator=generator)
     q, r = torch.linalg.qr(gaussian)
     q = q * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -74,10 +71,8 @@ class _Rotation(nn.Module):
 
 @lru_cache(maxsize=32)
 def lower_indices(size: int, device: torch.device) -> Tensor:
-    """The flat indices ``i * n + j`` (``i > j``) of the entries below the diagonal of an n x n matrix, row by row.
-
-    Made once per size and device, outside inference mode (the engine never writes to it).
-    """
+    """The flat indices ``i * n + j`` (``i > j``) of the entries below the diagonal of an n x n matrix, row by row
+    (made once per size and device, outside inference mode)."""
     with torch.inference_mode(False):
         rows, cols = torch.tril_indices(size, size, -1, device=device)
         return rows * size + cols
@@ -259,15 +254,8 @@ def check_orthogonal(rotations: Tensor, tolerance: float = 1e-4) -> None:
 
 
 def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
-    """``R z`` on the rotated dimensions of ``z``, viewed as (..., n, P); P trailing entries stay apart.
-
-    Args:
-        z: A tensor whose trailing dimensions hold n * P entries: the rotated block, then the
-            ``post_shape`` block of P entries.
-        rotation: (n, n), or (K, n, n) to rotate a leading K dimension of ``z`` task by task.
-        size: n.
-        post_numel: P.
-    """
+    """``R z`` on the rotated dimensions of ``z``: its trailing ``size * post_numel`` entries viewed as (n, P), the
+    ``post_shape`` block of P entries apart; ``rotation`` is (n, n), or (K, n, n) for a leading K dimension of ``z``."""
     rotation = rotation.to(z.dtype)
     if post_numel == 1:  # flat: one (batch, n) x (n, n) product per matrix, with a plain matmul backward
         rows = z.reshape(-1, size) if rotation.dim() == 2 else z.reshape(rotation.shape[0], -1, size)
