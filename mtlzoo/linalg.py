@@ -29,14 +29,12 @@ _SMALL = 4096
 
 
 def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
-    """The Euclidean norm of each row (each index of ``dim``) of a tensor, without overflow or underflow.
+    """The Euclidean norm of each row (each index of ``dim``) of a tensor, exact for rows of size 1e30 or 1e-30.
 
-    Rows of size 1e30 (whose squares overflow float32) or 1e-30 (whose squares underflow) get
-    their exact norms. On the CPU the squares are summed in the input's precision (at least
-    float32) and the norms read once on the host: a norm outside :data:`_SAFE_NORMS` (or of a zero
-    row) is summed again in float64, whose range holds the square of any float32. Elsewhere the float64
-    sum is the only one (no host synchronisation); a float64 row is divided by its largest
-    magnitude before squaring.
+    On the CPU the squares are summed in the input's precision (at least float32) and a norm outside
+    :data:`_SAFE_NORMS` (or of a zero row) is summed again in float64, whose range holds the square of any
+    float32; elsewhere the float64 sum is the only one (no host synchronisation). A float64 row is divided
+    by its largest magnitude before squaring.
     """
     if dim != 0:
         matrix = matrix.movedim(dim, 0)
@@ -81,12 +79,8 @@ def gramian_norms(gramian: Tensor) -> Tensor:
 
 
 def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite (one host synchronisation).
-
-    A sum is finite when every entry is (inf and NaN propagate), and summing is cheaper than
-    ``isfinite`` (no boolean tensor, one reduction); only a non-finite sum (a NaN, an inf, or finite
-    entries whose sum overflows) takes the exact element-wise check.
-    """
+    """Whether every entry of every tensor is finite (one host synchronisation): a sum, cheaper than ``isfinite``,
+    then the exact element-wise check only where the sum is not finite (a NaN, an inf, or an overflow)."""
     if not tensors:
         return True
     total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
