@@ -38,10 +38,9 @@ class FAMO(WidensState, LossWeighting):
     ``c = ( sum_k z_k / (L_k - b_k + eps) )^-1`` (held constant),
 
     which moves every ``log L_k`` at the same rate when the logits are right. After the optimizer
-    step, the same batch's losses are evaluated again (``mtl.step(opt, post_step_losses=lambda:
-    losses(mtl(x), y))``, under ``torch.no_grad()``), and the logits take one Adam step (learning
-    rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
-    ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
+    step the same batch's losses are evaluated again (``mtl.step(opt, post_step_losses=lambda:
+    losses(mtl(x), y))``) and the logits take one Adam step (``lr``, weight decay ``gamma``) along
+    ``J_softmax^T delta``, ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
     The logits (the buffer ``logits``, in the losses' dtype, at least float32) are stepped only by
     that inner ``torch.optim.Adam`` (on the host), whose state is declared state too, saved in
@@ -54,8 +53,7 @@ class FAMO(WidensState, LossWeighting):
     Args:
         lr: The inner Adam's learning rate, ``>= 0``. The paper uses 0.025.
         gamma: The weight decay on the logits, ``>= 0``. 1e-3, as the paper's Algorithm 2 (and LibMTL); the
-            authors' code defaults to 1e-5 in its experiments' weighting class (0.01 in its stand-alone
-            ``famo.py``, 1e-3 in its QM9 script).
+            authors' code uses 1e-5 in its experiments (0.01 in its stand-alone ``famo.py``, 1e-3 for QM9).
         min_losses: The lower bounds ``b_k`` of the losses (K numbers, default zeros).
 
     Example:

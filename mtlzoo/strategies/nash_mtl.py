@@ -27,11 +27,10 @@ STATIONARY = 1e-14
 def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: int = 200) -> tuple[np.ndarray, bool]:
     r"""The positive solution of ``α_k (G α)_k = 1`` for all k, and whether Newton's method converged.
 
-    It is the minimiser of the strictly convex ``f(α) = α^T G α / 2 - sum_k log α_k`` (whose
-    gradient ``G α - 1/α`` vanishes exactly there), a self-concordant function: damped Newton
-    steps ``Δ / (1 + λ)`` stay positive and converge from any positive start, quadratically at
-    the end (``λ`` is the Newton decrement). ``start`` is first rescaled to the best point on its
-    ray. It exists when no convex combination of the rows is zero (checked by the caller).
+    It minimises the strictly convex, self-concordant ``f(α) = α^T G α / 2 - sum_k log α_k`` (gradient
+    ``G α - 1/α``): damped Newton steps ``Δ / (1 + λ)`` (``λ`` the Newton decrement) stay positive and
+    converge from any positive start (``start``, first rescaled to the best point on its ray). It exists
+    when no convex combination of the rows is zero (checked by the caller).
     """
     alpha = np.where(start > 0, start, 1.0).astype(np.float64)
     curvature = float(alpha @ gramian @ alpha)
@@ -62,22 +61,16 @@ class NashBargaining(GramianAggregator):
 
         α_k (G α)_k = 1 \quad \text{for every } k \qquad (G = J J^\top),
 
-    so ``||d||^2 = α^T G α = K`` whatever the gradients' (or the losses') scale. The authors
-    approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS, on ``G`` divided
-    by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is computed
-    to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised ``Ĝ`` by
-    damped Newton steps (:func:`bargaining_weights`, LAPACK), warm-started at the previous
-    step's ``α``, and scaled back.
+    so ``||d||^2 = α^T G α = K`` whatever the gradients' scale. The authors approximate ``α`` by 20
+    rounds of a convex-concave procedure with cvxpy/ECOS on ``G`` divided by its Frobenius norm; here
+    ``α`` is computed to rounding on that ``Ĝ`` by damped Newton steps (:func:`bargaining_weights`),
+    warm-started at the previous step's ``α``, and scaled back. Where the problem has no solution,
+    with a :class:`~mtlzoo.errors.SolverWarning`:
 
-    When the bargaining problem has no solution:
-
-    - a task whose gradient is zero (``α_k (G α)_k = 1`` cannot hold): it has nothing to bargain
-      with; it gets weight 0 and the others bargain among themselves, with a
-      :class:`~mtlzoo.errors.SolverWarning` (torchjd 0.18 silently keeps its previous weights);
-    - a convex combination of the (non-zero) gradients is zero (a Pareto-stationary point: no
-      update improves every task): the update is 0, with a :class:`~mtlzoo.errors.SolverWarning`;
-    - Newton's method not converged in ``max_iterations`` steps (near-stationary gradients): its
-      last iterate is used, with a :class:`~mtlzoo.errors.SolverWarning`.
+    - a task whose gradient is zero gets weight 0 and the others bargain among themselves (torchjd
+      0.18 silently keeps its previous weights);
+    - a convex combination of the gradients is zero (Pareto-stationary): the update is 0;
+    - Newton's method not converged in ``max_iterations`` steps: its last iterate is used.
 
     Running state: the last weights (``previous_weights``, ones at first as the authors' code), the
     warm start; a task absent from a step keeps its previous weight.
