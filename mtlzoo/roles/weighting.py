@@ -18,20 +18,15 @@ class LossWeighting(Strategy):
     r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
     A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the
-    base derives everything else from it, by autograd:
+    base derives everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with
+    ``w_k = d total / d L_k`` at this step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's
+    ``f = sum_k log L_k``), and the strategy's own parameters (UW's log-variances) from ``total``
+    itself, the losses held constant (:meth:`loss_objective`).
 
-    - the model (backbone and heads) learns from ``sum_k w_k L_k`` with ``w_k = d total / d L_k``
-      evaluated at this step and held constant (:meth:`weights`); for ``f = sum_k log L_k`` (SI)
-      that is ``w_k = 1/L_k``;
-    - the strategy's own parameters (UW's log-variances) learn from ``total`` itself, the losses held
-      constant (:meth:`loss_objective`).
-
-    A weighting whose weights are not a function of the losses through ``f`` (random draws, learned
-    or per-epoch weights) says so by returning the weighted sum with its weights detached:
-    ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`, ``losses`` holds the present tasks'
-    losses only; :meth:`present` picks the matching entries of a per-task tensor and
-    :attr:`present_tasks` gives their indices. Computations run in the losses' dtype (at least
-    float32), so float64 losses keep float64 weights.
+    Weights that are not a function of the losses through ``f`` (random draws, learned or per-epoch
+    weights) are written detached: ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`,
+    ``losses`` holds the present tasks' losses only (:meth:`present` picks the matching entries of a
+    per-task tensor, :attr:`present_tasks` gives their indices), in their dtype, at least float32.
     """
 
     role = "weighting"
