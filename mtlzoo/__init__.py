@@ -20,28 +20,7 @@ from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adapter",
-    "Aggregator",
-    "DirectionAggregator",
-    "GradientSurgery",
-    "GramianAggregator",
-    "GramianWeightedSurgery",
-    "HardSharing",
-    "LossWeighting",
-    "MTLWrapper",
-    "Paper",
-    "Request",
-    "StepInputs",
-    "Strategy",
-    "StrategyInfo",
-    "Update",
-    "WeightingStrategy",
-    "cached",
-    "compose",
-    "create",
-    "get_strategy",
-    "hookimpl",
-    "list_strategies",
-    "register_strategy",
-]
+__all__ = ["Adapter", "Aggregator", "DirectionAggregator", "GradientSurgery", "GramianAggregator",
+           "GramianWeightedSurgery", "HardSharing", "LossWeighting", "MTLWrapper", "Paper", "Request", "StepInputs",
+           "Strategy", "StrategyInfo", "Update", "WeightingStrategy", "cached", "compose", "create", "get_strategy",
+           "hookimpl", "list_strategies", "register_strategy"]

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,7 +14,8 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from mtlzoo.registry import StrategyEntry, list_strategies
+from mtlzoo.errors import ComparisonError, MTLZooError
+from mtlzoo.registry import StrategyEntry, get_strategy, list_strategies
 
 
 def _row(entry: StrategyEntry) -> list[str]:
@@ -76,11 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command; its exit status (2 for a usage error or a comparison that cannot run).
-
-    A reader that stops early (``mtlzoo list | head``) ends the command quietly, with status 1 as
-    Python's documentation recommends for a closed pipe, not with a traceback.
-    """
+    """Run the command; its exit status (2 for a usage error or a comparison that cannot run; 1, quietly, for
+    a reader that stops early, ``mtlzoo list | head``, as Python's documentation recommends)."""
     args = build_parser().parse_args(argv)
     try:
         status = args.run(args)
@@ -170,10 +169,7 @@ def _problem_texts(args: argparse.Namespace) -> list[str] | None:
 
 
 def _strategy_specs(args: argparse.Namespace) -> Any:
-    from mtlzoo.errors import ComparisonError
     from mtlzoo.harness.plan import resolve_specs
-    from mtlzoo.harness.spec import StrategySpec
-    from mtlzoo.registry import get_strategy
 
     specs, named = resolve_specs(args.strategies)
     for item in args.strategy_optimizer:
@@ -190,28 +186,21 @@ def _strategy_specs(args: argparse.Namespace) -> Any:
         if not matched:
             raise ComparisonError(f"--strategy-optimizer {item!r}: {target!r} is not among the strategies compared.")
         for i in matched:
-            spec = specs[i]
-            specs[i] = StrategySpec(spec.name, spec.options, kind, rate, spec.label)
+            specs[i] = dataclasses.replace(specs[i], optimizer=kind, lr=rate)
     return specs, named
 
 
 def _seeds(text: str | None) -> Any:
-    from mtlzoo.errors import ComparisonError
-
     if text is None:
         return None
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ComparisonError(f"--seeds {text!r}: give a number of seeds or a comma-separated list.") from None
-    if len(values) == 1 and "," not in text:
-        return values[0]
-    return values
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mtlzoo.errors import MTLZooError
-
     try:
         return _run_compare(args)
     except (MTLZooError, ImportError) as error:
@@ -219,18 +208,9 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
 
 
-def _config(args: argparse.Namespace, named: bool) -> Any:
-    from mtlzoo.harness.config import RunConfig
-
-    return RunConfig(seeds=_seeds(args.seeds), steps=args.steps, reference=args.reference,
-                     reference_from=args.reference_from,
-                     conflict_every=args.conflict_every, device=args.device, out=args.out, resume=args.resume,
-                     strict=named, threads=args.threads)
-
-
 def _run_compare(args: argparse.Namespace) -> int:
     from mtlzoo.harness.comparison import compare, iter_problems
-    from mtlzoo.harness.config import RUNS_DIR
+    from mtlzoo.harness.config import RUNS_DIR, RunConfig
     from mtlzoo.harness.plan import plan_all
     from mtlzoo.harness.store import save, single_task_reference
 
@@ -239,7 +219,9 @@ def _run_compare(args: argparse.Namespace) -> int:
         return 0
     problems = list(iter_problems(_problem_texts(args), data=args.data))
     specs, named = _strategy_specs(args)
-    config = _config(args, named)
+    config = RunConfig(seeds=_seeds(args.seeds), steps=args.steps, reference=args.reference,
+                       reference_from=args.reference_from, conflict_every=args.conflict_every, device=args.device,
+                       out=args.out, resume=args.resume, strict=named, threads=args.threads)
     config.check_out(problem.name for problem in problems)
     if config.reference_from is not None:
         for problem in problems:
@@ -249,12 +231,13 @@ def _run_compare(args: argparse.Namespace) -> int:
              for problem in problems}  # every check before any training
     stdout, stderr = _console(), _console(stderr=True)
     results = []
-    with _Progress(stderr, problems, plans, config) as progress:
+    progress = _Progress(stderr, problems, plans, config)
+    with progress.bar:
         try:
             for problem in problems:
                 results.append(compare(problem, plans[problem.name], config, progress=progress))
         except KeyboardInterrupt:
-            progress.stop()
+            progress.bar.stop()
             kept = f"; the finished runs are in {config.out / RUNS_DIR}: run the same command with --resume to go on" \
                 if config.out is not None else " (use --out DIR to keep finished runs across an interruption)"
             stderr.print(f"Interrupted{kept}.")
@@ -321,22 +304,12 @@ class _Progress:
     def __init__(self, console: Any, problems: list[Any], plans: dict[str, list[Any]], config: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.total = sum(len(plans[problem.name]) * len(config.seeds_for(problem)) * config.steps_for(problem)
-                         for problem in problems)
+        total = sum(len(plans[problem.name]) * len(config.seeds_for(problem)) * config.steps_for(problem)
+                    for problem in problems)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                             TimeElapsedColumn(), console=console, transient=False)
-        self.task = self.bar.add_task("compare", total=self.total)
+        self.task = self.bar.add_task("compare", total=total)
         self.done_in_run = 0
-
-    def __enter__(self) -> _Progress:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.bar.stop()
 
     def __call__(self, event: Any) -> None:
         if event.kind == "run_start":
@@ -414,8 +387,6 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import torch
-
-    from mtlzoo.errors import MTLZooError
 
     if args.moved:
         print(f"mtlzoo bench: {MOVED}", file=sys.stderr)

@@ -12,11 +12,13 @@ class MTLZooError(Exception):
     """Base class of every error mtlzoo raises."""
 
 
-class UnknownStrategyError(MTLZooError, KeyError):
-    """A strategy name that no registered strategy has (the message lists close matches)."""
-
+class _Unquoted(KeyError):
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class UnknownStrategyError(MTLZooError, _Unquoted):
+    """A strategy name that no registered strategy has (the message lists close matches)."""
 
 
 class DuplicateNameError(MTLZooError, ValueError):
@@ -24,8 +26,7 @@ class DuplicateNameError(MTLZooError, ValueError):
 
 
 class DuplicateStrategyError(DuplicateNameError):
-    """A strategy name or alias that is already taken (the message names both origins); a
-    :class:`DuplicateNameError`, kept under this name for compatibility."""
+    """A strategy name or alias that is already taken (the message names both origins)."""
 
 
 class InvalidStrategyError(MTLZooError, TypeError):
@@ -86,16 +87,12 @@ class CheckpointMismatchError(MTLZooError, ValueError):
     """A checkpoint saved with other strategy settings than the strategy it is loaded into (nothing is loaded)."""
 
 
-class UnknownProblemError(MTLZooError, KeyError):
+class UnknownProblemError(MTLZooError, _Unquoted):
     """A comparison problem name that no registered problem has (the message lists close matches)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class ComparisonError(MTLZooError, ValueError):
-    """A comparison that cannot run as asked (the message names the strategy or problem and why); raised
-    before any training."""
+    """A comparison that cannot run as asked (the message says which and why), raised before any training."""
 
 
 class DataError(ComparisonError, FileNotFoundError):

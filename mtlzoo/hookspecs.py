@@ -6,12 +6,9 @@ expose theirs through the ``mtlzoo`` entry-point group::
     [project.entry-points.mtlzoo]
     my_plugin = "my_package.mtl_plugin"
 
-The built-in strategies are registered by the internal plugin :mod:`mtlzoo.strategies` through this
-very hook, and the built-in comparison problems by :mod:`mtlzoo.harness.problems.builtin` through
-``mtlzoo_register_problems``; :mod:`mtlzoo.plugins` calls each plugin's hooks through pluggy.
-Implement a hook as a plain function: a hook wrapper
-(``@mtlzoo.hookimpl(wrapper=True)`` or ``hookwrapper=True``) is refused (an error in-process, a
-:class:`mtlzoo.errors.PluginWarning` for an entry point), since it would register nothing.
+The built-ins are registered through these very hooks (:mod:`mtlzoo.strategies`,
+:mod:`mtlzoo.harness.problems.builtin`). Implement a hook as a plain function: a hook wrapper
+(``wrapper=True`` or ``hookwrapper=True``) would register nothing and is refused.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ def mtlzoo_register_strategies(register: Callable[[type], None]) -> None:
 
     Args:
         register: Callback taking a :class:`mtlzoo.strategy.Strategy` subclass with an ``info``
-            attribute (:class:`mtlzoo.strategy.StrategyInfo`). It raises
-            :class:`mtlzoo.errors.InvalidStrategyError` for a class that is not one (or whose
-            ``aliases`` is a str rather than a tuple of names), and refuses a name or alias that is
-            already taken.
+            (:class:`mtlzoo.strategy.StrategyInfo`); it raises :class:`mtlzoo.errors.InvalidStrategyError`
+            for anything else, and refuses a name or alias that is already taken.
 
     Example:
         ```python
@@ -53,9 +48,8 @@ def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
 
     Args:
         register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass
-            of its settings, with a ``name``); ``mtlzoo compare --problem NAME`` then runs it. A
-            name that is already taken is refused (:class:`mtlzoo.errors.DuplicateNameError`), naming both
-            origins.
+            of its settings, with a ``name``) for ``mtlzoo compare --problem NAME``; it refuses a name
+            that is already taken.
 
     Example:
         ```python

@@ -24,20 +24,17 @@ _SAFE_NORMS = (1e-15, 3e18)
 is between 1e-30 and 9e36 < float32's max (an entry's square is below that too), and entries under
 1e-19.5, whose squares flush to 0, add under 1e-39 each to a sum of at least 1e-30."""
 
-
 _SMALL = 4096
 """Below this many entries the float64 sum costs less than checking the float32 one."""
 
 
 def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
-    """The Euclidean norm of each row (each index of ``dim``) of a tensor, without overflow or underflow.
+    """The Euclidean norm of each row (each index of ``dim``) of a tensor, exact for rows of size 1e30 or 1e-30.
 
-    Rows of size 1e30 (whose squares overflow float32) or 1e-30 (whose squares underflow) get
-    their exact norms. On the CPU the squares are summed in the input's precision (at least
-    float32) and the norms read once on the host: a norm outside :data:`_SAFE_NORMS` (or of a zero
-    row) is summed again in float64, whose range holds the square of any float32. Elsewhere the float64
-    sum is the only one (no host synchronisation); a float64 row is divided by its largest
-    magnitude before squaring.
+    On the CPU the squares are summed in the input's precision (at least float32) and a norm outside
+    :data:`_SAFE_NORMS` (or of a zero row) is summed again in float64, whose range holds the square of any
+    float32; elsewhere the float64 sum is the only one (no host synchronisation). A float64 row is divided
+    by its largest magnitude before squaring.
     """
     if dim != 0:
         matrix = matrix.movedim(dim, 0)
@@ -81,39 +78,9 @@ def gramian_norms(gramian: Tensor) -> Tensor:
     return gramian.diagonal().clamp_min(0).sqrt()
 
 
-def normalize_gramian(gramian: Tensor, norm: str = "trace") -> Tensor:
-    """The Gramian of the rows scaled to unit size, so that weights read from it do not depend on scale.
-
-    ``norm="trace"`` divides by ``tr(G) = ||J||_F^2`` (the Gramian of the Frobenius-normalised
-    matrix); ``norm="frobenius"`` divides by ``||G||_F`` (Nash-MTL's normalisation). A Gramian of
-    size 0 (all rows zero) is returned as zeros, without dividing by 0 and without a threshold that
-    would treat small gradients as zero. No host synchronisation.
-    """
-    if norm == "trace":
-        size = gramian.diagonal().sum()
-    elif norm == "frobenius":
-        size = torch.linalg.matrix_norm(gramian)
-    else:
-        raise ValueError(f"Parameter `norm` should be 'trace' or 'frobenius'. Found `norm = {norm!r}`.")
-    positive = size > 0
-    return torch.where(positive, gramian / torch.where(positive, size, torch.ones_like(size)),
-                       torch.zeros_like(gramian))
-
-
-def regularize_gramian(gramian: Tensor, eps: float) -> Tensor:
-    """``G + eps I``: positive definite for ``eps > 0`` whatever the rounding in ``G`` (apply after normalising)."""
-    if eps == 0:
-        return gramian
-    return gramian + eps * torch.eye(gramian.shape[0], dtype=gramian.dtype, device=gramian.device)
-
-
 def all_finite(*tensors: Tensor) -> bool:
-    """Whether every entry of every tensor is finite (one host synchronisation).
-
-    A sum is finite when every entry is (inf and NaN propagate), and summing is cheaper than
-    ``isfinite`` (no boolean tensor, one reduction); only a non-finite sum (a NaN, an inf, or finite
-    entries whose sum overflows) takes the exact element-wise check.
-    """
+    """Whether every entry of every tensor is finite (one host synchronisation): a sum, cheaper than ``isfinite``,
+    then the exact element-wise check only where the sum is not finite (a NaN, an inf, or an overflow)."""
     if not tensors:
         return True
     total = tensors[0].sum() if len(tensors) == 1 else torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()

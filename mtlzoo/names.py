@@ -2,9 +2,8 @@
 
 Names are case-insensitive and ``-`` equals ``_`` (:func:`normalize_name`); an entry may answer to
 aliases; listing takes fnmatch patterns (:func:`normalize_pattern`); an unknown name raises the
-registry's error (a ``KeyError``) with ``difflib``'s close matches; a name or alias already held
-is refused with a :class:`~mtlzoo.errors.DuplicateNameError` naming both origins. Entries come
-and go by plugin (:meth:`NameRegistry.drop_plugin`), as :mod:`mtlzoo.plugins` loads and unloads them.
+registry's ``KeyError`` with ``difflib``'s close matches; a taken name is refused with a
+:class:`~mtlzoo.errors.DuplicateNameError` naming both origins. Entries come and go by plugin.
 """
 
 from __future__ import annotations
@@ -98,11 +97,8 @@ class NameRegistry(Generic[Entry]):
         return None if canonical is None else self._entries[canonical]
 
     def check_free(self, entry: Entry, names: Sequence[str]) -> None:
-        """Raise if another entry holds one of ``names``.
-
-        Raises:
-            DuplicateNameError: The registry's subclass; the message names both classes and origins.
-        """
+        """Raise the registry's :class:`~mtlzoo.errors.DuplicateNameError` (naming both classes and origins) if
+        another entry holds one of ``names``."""
         for name in names:
             other = self.holder(name)
             if other is not None:
@@ -126,12 +122,8 @@ class NameRegistry(Generic[Entry]):
         self._keys = {key: c for key, c in self._keys.items() if c in self._entries}
 
     def get(self, name: str) -> Entry:
-        """The entry called ``name`` (or one of its aliases).
-
-        Raises:
-            TypeError: ``name`` is not a str.
-            KeyError: The registry's ``unknown_error``; the message lists close matches.
-        """
+        """The entry called ``name`` (or one of its aliases); else the registry's ``unknown_error`` listing close
+        matches (a ``TypeError`` if ``name`` is not a str)."""
         if not isinstance(name, str):
             raise TypeError(f"A {self.noun} name is a str. Found {name!r}.")
         entry = self.holder(name)

@@ -1,28 +1,21 @@
 """The one plugin loader behind every registry: a pluggy ``PluginManager`` named ``mtlzoo``.
 
-A registry (strategies: :mod:`mtlzoo.registry`; comparison problems: the harness's) plugs in as a
-:class:`HookTable`: the name of the hook it reads, the callback it hands to that hook, and its
-built-in plugin. The loader loads the built-in plugins first (always, and strictly: an error in
-one is a bug), then the ``mtlzoo`` entry points, lazily (on the first lookup or listing, never on
-``import mtlzoo``), unless ``MTLZOO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
+A registry (strategies, the harness's comparison problems) plugs in as a :class:`HookTable`. The
+loader loads the built-in plugins first (always, and strictly: an error in one is a bug), then the
+``mtlzoo`` entry points, lazily (on the first lookup or listing, never on ``import mtlzoo``), unless
+``MTLZOO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
 
 **Isolation.** Entry points are loaded one at a time: one that fails to import, implements a hook
-that has no spec, implements one as a wrapper, or raises in its hook is dropped whole (from every
-registry) with a :class:`~mtlzoo.errors.PluginWarning` that names the entry point and its
-distribution, and the others still load. A name it registers that is already taken is refused
-with a warning naming both origins; its other names still load. A plugin registered in this
-process (:meth:`PluginLoader.register_plugin`) is refused with an error instead.
+that has no spec or as a wrapper, or raises in its hook is dropped whole (from every registry) with
+a :class:`~mtlzoo.errors.PluginWarning` naming the entry point and its distribution. A name it
+registers that is already taken is refused with a warning naming both origins. A plugin registered
+in this process (:meth:`PluginLoader.register_plugin`) is refused with an error instead.
 
-**Hooks through pluggy, plugin by plugin.** Every hook is called through pluggy, as
-``pm.hook.<hook>(register=...)``, not by reading the implementations and calling them by hand. It
-is called once per plugin rather than once for all, so that each registered class keeps its origin
-(the plugin, its distribution and version: ``mtlzoo list`` shows them, a duplicate's message names
-both), and so that a plugin that fails is dropped alone. For that, each plugin is also registered
-alone in a plugin manager of its own, whose ``pm.hook`` calls only it. (pluggy's
-``subset_hook_caller`` would restrict the shared manager's hook to one plugin, but it keeps the
-plugins to leave out in a set, and a plugin object need not be hashable: a ``SimpleNamespace``
-is not.) The shared manager holds every plugin too: it checks their hooks against the specs
-(``check_pending``) and knows them by name.
+**Hooks through pluggy, plugin by plugin**, so that each registered class keeps its origin (plugin,
+distribution, version) and a plugin that fails is dropped alone: each plugin is also registered in a
+plugin manager of its own, whose ``pm.hook`` calls only it (pluggy's ``subset_hook_caller`` keeps
+the plugins to leave out in a set, and a plugin object need not be hashable). The shared manager
+checks every plugin's hooks against the specs (``check_pending``) and knows them by name.
 """
 
 from __future__ import annotations
@@ -50,9 +43,8 @@ class Origin:
 
     Attributes:
         plugin: The plugin's name in the plugin manager.
-        distribution: The installed distribution that provides it (``None`` for built-ins and
-            in-process registrations; a registration made while an entry point is imported gets
-            that entry point's distribution).
+        distribution: The installed distribution that provides it (``None`` for built-ins and in-process
+            registrations, unless made while an entry point is imported).
         version: That distribution's version.
         builtin: Whether it ships with mtlzoo.
     """
@@ -71,14 +63,13 @@ class Origin:
 
 
 class HookTable(Protocol):
-    """A registry as the loader feeds it: one hook, one ``register`` callback per plugin, and forgetting."""
+    """A registry as the loader feeds it: the name of its hook (a spec of :mod:`mtlzoo.hookspecs`), one
+    ``register`` callback per plugin, and forgetting a plugin's entries."""
 
     hook: str
-    """The name of the hook (a spec of :mod:`mtlzoo.hookspecs`) whose implementations register into it."""
 
     def register_callback(self, origin: Origin, *, strict: bool) -> Callable[[type], None]:
-        """The ``register`` the hook hands to the plugin of ``origin``; ``strict``: raise for a taken name
-        (else warn and skip it)."""
+        """The ``register`` the hook hands to the plugin of ``origin``; ``strict``: raise for a taken name."""
         ...
 
     def drop_plugin(self, plugin: str) -> None:
@@ -113,7 +104,6 @@ class PluginLoader:
         """The entry point being imported, if any: what registers in-process meanwhile is credited to it."""
         self.lock = threading.RLock()
 
-    # ------------------------------------------------------------------ tables
     def add_table(self, table: HookTable, builtin: str, load_builtin: Callable[[], object]) -> None:
         """Feed ``table`` from every plugin, its built-in plugin (the module named ``builtin``) first.
 
@@ -146,7 +136,6 @@ class PluginLoader:
                     f"drop wrapper=True/hookwrapper=True from its @mtlzoo.hookimpl and call register(cls) directly.")
         caller(register=table.register_callback(origin, strict=strict))
 
-    # ----------------------------------------------------------------- loading
     def load(self) -> None:
         """Load the built-ins and, unless disabled, every ``mtlzoo`` entry point (idempotent)."""
         with self.lock:
@@ -164,8 +153,7 @@ class PluginLoader:
 
     def _load_entry_point(self, entry_point: importlib.metadata.EntryPoint) -> None:
         dist = getattr(entry_point, "dist", None)
-        distribution = dist.name if dist is not None else None
-        version = dist.version if dist is not None else None
+        distribution, version = (dist.name, dist.version) if dist is not None else (None, None)
         where = f"entry point {entry_point.name!r} ({entry_point.value})" + (
             f" of distribution {distribution!r} {version}" if distribution else "")
         if self.pm.has_plugin(entry_point.name):
@@ -173,29 +161,20 @@ class PluginLoader:
                           f"(from {self._origins.get(entry_point.name, 'this process')}).", PluginWarning, stacklevel=4)
             return
         origin = Origin(entry_point.name, distribution, version)
-        before = set(self._origins)
+        before, doing = set(self._origins), "import"
         try:
             self.loading = origin  # what register_strategy runs at import is credited to this entry point
             try:
                 plugin = entry_point.load()
             finally:
                 self.loading = None
-        except Exception as error:  # a broken plugin must not take the others down
-            self._drop_since(before)
-            warnings.warn(f"mtlzoo could not import plugin {where}: {type(error).__name__}: {error}", PluginWarning,
-                          stacklevel=4)
-            return
-        try:
+            doing = "load"
             self._add_plugin(plugin, entry_point.name, origin, strict=False)
-        except Exception as error:
-            self._drop_since(before)
-            warnings.warn(f"mtlzoo could not load plugin {where}: {type(error).__name__}: {error}", PluginWarning,
+        except Exception as error:  # a broken plugin must not take the others down
+            for name in set(self._origins) - before:  # with what it registered in-process at import
+                self._drop(name)
+            warnings.warn(f"mtlzoo could not {doing} plugin {where}: {type(error).__name__}: {error}", PluginWarning,
                           stacklevel=4)
-
-    def _drop_since(self, before: set[str]) -> None:
-        """Drop the plugins registered since ``before`` (an entry point's in-process registrations at import)."""
-        for name in set(self._origins) - before:
-            self._drop(name)
 
     def _add_plugin(self, plugin: object, name: str, origin: Origin, *, strict: bool) -> None:
         """Register ``plugin`` with pluggy and call its hooks for every table, undoing it all on failure."""
@@ -220,19 +199,16 @@ class PluginLoader:
         for table in self._tables:
             table.drop_plugin(name)
 
-    # ------------------------------------------------------------ in-process
     def in_process_origin(self, name: str) -> Origin:
         """The origin of a plugin registered now: in-process, or the entry point being imported."""
         loading = self.loading
         return Origin(name) if loading is None else Origin(name, loading.distribution, loading.version)
 
     def register_plugin(self, plugin: object, name: str | None = None, origin: Origin | None = None) -> str:
-        """Register a plugin object in this process (after loading the entry points); its names are available
-        at once. Returns its name.
+        """Register a plugin object in this process (after loading the entry points); return its name.
 
         Raises:
-            DuplicateNameError: A plugin of that name, or a name the plugin registers, is already taken
-                (nothing of the plugin is kept).
+            DuplicateNameError: A plugin of that name, or a name the plugin registers, is taken (nothing is kept).
             InvalidPluginError: The plugin implements a hook as a wrapper.
         """
         with self.lock:

@@ -1,19 +1,14 @@
-"""The strategy registry: strategies by name, fed by the plugin loader (:mod:`mtlzoo.plugins`).
+"""The strategy registry: strategies by name (:class:`mtlzoo.names.NameRegistry`), fed by the plugin loader.
 
 Built-in strategies come from the internal plugin :mod:`mtlzoo.strategies`; third-party ones from
-the ``mtlzoo`` entry-point group, loaded on the first lookup or listing (never on ``import
-mtlzoo``), one entry point at a time so that a broken plugin is reported and the rest still load.
-Set ``MTLZOO_DISABLE_PLUGIN_AUTOLOAD`` to a non-empty value to skip entry points.
-
-Names are case-insensitive and ``-`` equals ``_``, aliases allowed, unknown names answered with
-close matches, taken names refused naming both origins (:class:`mtlzoo.names.NameRegistry`, which
-the comparison problems' registry uses too). In-process registrations (:func:`register_strategy`,
-:meth:`StrategyRegistry.register_plugin`) load the entry points first, so a name clash with an
-installed plugin is refused the same way whatever the order.
+the ``mtlzoo`` entry-point group, loaded on the first lookup or listing (:mod:`mtlzoo.plugins`).
+In-process registrations load the entry points first, so a name clash with an installed plugin is
+refused the same way whatever the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import importlib.metadata
@@ -34,7 +29,7 @@ from mtlzoo.errors import (
 from mtlzoo.names import NameRegistry, normalize_name, normalize_pattern
 from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Origin, PluginLoader, skip_duplicate
 from mtlzoo.roles.modifiers import MODIFIERS
-from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters
+from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters, plain
 
 BUILTIN_PLUGIN = "mtlzoo.strategies"
 HOOK = "mtlzoo_register_strategies"
@@ -65,45 +60,21 @@ class StrategyEntry:
 
     def to_record(self) -> dict[str, Any]:
         """A JSON-ready description (``mtlzoo list --format json``)."""
-        info = self.info
-        paper = info.paper
+        info, request, defaults = self.info, self.info.request, self.hyperparameters
         return {
-            "name": info.name,
-            "aliases": list(info.aliases),
-            "kind": info.kind,
-            "needs": info.needs,
-            "request": {"where": info.request.where, "statistic": info.request.statistic,
-                        "parameters": None if info.request.parameters is None else list(info.request.parameters),
-                        "batches": info.request.batches},
+            "name": info.name, "aliases": list(info.aliases), "kind": info.kind, "needs": info.needs,
+            "request": {"where": request.where, "statistic": request.statistic,
+                        "parameters": plain(request.parameters), "batches": request.batches},
             "summary": info.summary,
-            "paper": None if paper is None else {
-                "authors": list(paper.authors), "title": paper.title, "venue": paper.venue,
-                "year": paper.year, "url": paper.url, "citation": paper.citation(),
-            },
-            "hyperparameters": {
-                name: None if default is REQUIRED else _jsonable(default)
-                for name, default in self.hyperparameters.items()
-            },
-            "required": [name for name, default in self.hyperparameters.items() if default is REQUIRED],
-            "properties": sorted(info.properties),
-            "suggested": _jsonable(dict(info.suggested)),
-            "stochastic": info.stochastic,
-            "learnable": info.learnable,
+            "paper": None if info.paper is None else {**plain(dataclasses.asdict(info.paper)),
+                                                      "citation": info.paper.citation()},
+            "hyperparameters": {name: None if value is REQUIRED else plain(value) for name, value in defaults.items()},
+            "required": [name for name, value in defaults.items() if value is REQUIRED],
+            "properties": sorted(info.properties), "suggested": plain(dict(info.suggested)),
+            "stochastic": info.stochastic, "learnable": info.learnable,
             "adapts_representation": info.adapts_representation,
-            "origin": str(self.origin),
-            "distribution": self.origin.distribution,
-            "version": self.origin.version,
+            "origin": str(self.origin), "distribution": self.origin.distribution, "version": self.origin.version,
         }
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return repr(value)
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -122,11 +93,8 @@ class _DecoratedStrategy:
 
 
 def _same_definition(a: type, b: type) -> bool:
-    """Whether ``b`` is ``a`` or a re-definition of it (a re-run notebook cell, a reloaded module).
-
-    A re-definition comes from the same module under the same qualified name and keeps the strategy
-    name; classes of one factory share a qualified name but not a strategy name.
-    """
+    """Whether ``b`` is ``a`` or a re-definition of it (a re-run notebook cell, a reloaded module): the same
+    module, qualified name and strategy name (classes of one factory share a qualified name, not a name)."""
     def identity(cls: type) -> tuple[str, str, str]:
         return cls.__module__, cls.__qualname__, normalize_name(cls.info.name)
 
@@ -134,12 +102,8 @@ def _same_definition(a: type, b: type) -> bool:
 
 
 def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others: Iterable[StrategyEntry]) -> None:
-    """Refuse keyword arguments that ``cls`` does not take, and required ones that are missing.
-
-    Raises:
-        UnknownHyperparameterError: An argument the constructor does not take (unless it has ``**kwargs``).
-        MissingHyperparameterError: A required constructor argument that is not given.
-    """
+    """Refuse keyword arguments that ``cls`` does not take (:class:`~mtlzoo.errors.UnknownHyperparameterError`),
+    and required ones that are missing (:class:`~mtlzoo.errors.MissingHyperparameterError`)."""
     parameters = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     named = [p for p in parameters if p.kind in by_name]
@@ -150,14 +114,11 @@ def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others:
     if unknown:
         sentences = []
         for key in unknown:
-            sentence = f"Strategy {name!r} has no hyperparameter {key!r}."
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            if close:
-                sentence += f" Did you mean {close[0]!r}?"
-            owners = sorted(entry.name for entry in others if key in entry.hyperparameters)
-            if owners:
-                sentence += f" ({key!r} is a hyperparameter of {', '.join(map(repr, owners))}.)"
-            sentences.append(sentence)
+            owners = ", ".join(sorted(repr(entry.name) for entry in others if key in entry.hyperparameters))
+            sentences.append(f"Strategy {name!r} has no hyperparameter {key!r}."
+                             + (f" Did you mean {close[0]!r}?" if close else "")
+                             + (f" ({key!r} is a hyperparameter of {owners}.)" if owners else ""))
         raise UnknownHyperparameterError(" ".join(sentences) + f" Its hyperparameters: {listing}.")
     missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
     if missing:
@@ -169,11 +130,7 @@ def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others:
 
 
 def _names_of(cls: Any, origin: Origin) -> list[str]:
-    """The name and aliases of a strategy class, after checking that it is one.
-
-    Raises:
-        InvalidStrategyError: Not a ``Strategy`` subclass with a valid ``info`` (the message says what is wrong).
-    """
+    """The name and aliases of a strategy class, after checking that it is one (else ``InvalidStrategyError``)."""
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise InvalidStrategyError(f"register() takes a subclass of mtlzoo.Strategy; plugin {origin} passed {cls!r}.")
     info = getattr(cls, "info", None)
@@ -196,8 +153,8 @@ def _names_of(cls: Any, origin: Origin) -> list[str]:
 
 
 class StrategyRegistry:
-    """Strategies by name, fed by pluggy plugins through its own :class:`~mtlzoo.plugins.PluginLoader` (which
-    other registries, the comparison problems', join). The module-level functions use one instance."""
+    """Strategies by name, fed through its own :class:`~mtlzoo.plugins.PluginLoader` (which the comparison
+    problems' registry joins). The module-level functions use one instance, :data:`REGISTRY`."""
 
     hook = HOOK
 
@@ -208,7 +165,6 @@ class StrategyRegistry:
         self.loader = PluginLoader(lambda: _entry_points())  # looked up at each load: tests fake it
         self.loader.add_table(self, BUILTIN_PLUGIN, lambda: importlib.import_module(BUILTIN_PLUGIN))
 
-    # ------------------------------------------------------------ the hook table
     def register_callback(self, origin: Origin, *, strict: bool) -> Callable[[type], None]:
         """The ``register`` that ``mtlzoo_register_strategies`` hands to the plugin of ``origin``."""
         def register(cls: type) -> None:
@@ -225,7 +181,6 @@ class StrategyRegistry:
     def drop_plugin(self, plugin: str) -> None:
         self.names.drop_plugin(plugin)
 
-    # ----------------------------------------------------------------- loading
     def load(self) -> None:
         """Load the built-ins and, unless disabled, every ``mtlzoo`` entry point (idempotent)."""
         self.loader.load()
@@ -233,31 +188,18 @@ class StrategyRegistry:
     def register_plugin(self, plugin: object, name: str | None = None) -> str:
         """Register a plugin object in this process; its strategies (and problems) are available at once.
 
-        The entry points are loaded first, so a strategy name an installed plugin already has is
-        refused whether or not anything was looked up before.
-
         Raises:
-            DuplicateStrategyError: A strategy of the plugin takes a name already registered
-                (nothing of the plugin is kept).
-            DuplicateNameError: A problem of the plugin takes a problem name already registered, or the
-                plugin's name is taken.
+            DuplicateStrategyError: A strategy of the plugin takes a name already registered (nothing of
+                the plugin is kept).
+            DuplicateNameError: A problem of the plugin takes a taken problem name, or the plugin's name is taken.
             InvalidPluginError: The plugin's hook is a wrapper.
         """
         return self.loader.register_plugin(plugin, name)
 
     def register_class(self, cls: type[Strategy]) -> str:
-        """Register one strategy class in this process (what :func:`register_strategy` does).
+        """Register one strategy class in this process; return the name of the plugin that holds it.
 
-        Registering the same class again changes nothing; a re-definition of a class registered
-        this way (same module, qualified name and strategy name: a re-run notebook cell, a reloaded
-        module) replaces it and keeps its origin. The plugin is named ``"module:QualName[name]"``.
-
-        Returns:
-            The name of the plugin that holds the class.
-
-        Raises:
-            DuplicateStrategyError: Another class has the name or an alias (nothing changes).
-            InvalidStrategyError: ``cls`` is not a usable strategy class.
+        What :func:`register_strategy` does (see there); raises as it does.
         """
         loader = self.loader
         with loader.lock:
@@ -293,7 +235,6 @@ class StrategyRegistry:
         """The loaded plugins and their origins, by plugin name."""
         return self.loader.plugins()
 
-    # ------------------------------------------------------------------ lookup
     def get(self, name: str) -> StrategyEntry:
         """The registered strategy called ``name`` (or one of its aliases).
 
@@ -304,17 +245,11 @@ class StrategyRegistry:
         return self.names.get(name)
 
     def create(self, name: str, /, **kwargs: Any) -> Strategy:
-        """Instantiate the strategy called ``name`` with ``kwargs``, after checking their names.
+        """Instantiate the strategy called ``name`` with ``kwargs``, after checking their names (see :func:`create`).
 
         A name ``"modifier(name)"`` wraps the strategy ``name`` in a modifier of
         :mod:`mtlzoo.roles.modifiers` (``"every(mgda)"``, ``"clip_norm(every(upgrad))"``): the
-        modifier takes the keyword arguments among its own hyperparameters, the wrapped strategy
-        the others.
-
-        Raises:
-            UnknownStrategyError: No strategy (or modifier) has that name.
-            UnknownHyperparameterError: An argument the strategy does not take (with a suggestion).
-            MissingHyperparameterError: A required hyperparameter is not given.
+        modifier takes the keyword arguments among its own hyperparameters, the wrapped strategy the others.
         """
         modified = _modified_name(name)
         if modified is not None:
@@ -335,22 +270,11 @@ class StrategyRegistry:
         _check_hyperparameters(outer, modifier, {"inner": wrapped, **own}, [])
         return modifier(wrapped, **own)
 
-    def list(
-        self,
-        pattern: str | Iterable[str] = "*",
-        *,
-        kind: Kind | None = None,
-        where: str | None = None,
-        exclude: str | Iterable[str] = (),
-    ) -> list[StrategyEntry]:
-        """Registered strategies whose name or an alias matches ``pattern`` (fnmatch), sorted naturally.
-
-        ``kind`` and ``where`` (``"losses"``, ``"representation"``, ``"parameters"``: where the
-        strategy reads gradients by default) filter on the metadata.
-
-        Patterns are case-insensitive and ``-`` matches ``_`` (outside ``[...]`` classes, see
-        :func:`~mtlzoo.names.normalize_pattern`).
-        """
+    def list(self, pattern: str | Iterable[str] = "*", *, kind: Kind | None = None, where: str | None = None,
+             exclude: str | Iterable[str] = ()) -> list[StrategyEntry]:
+        """Registered strategies whose name or an alias matches ``pattern`` (fnmatch, case-insensitive, ``-``
+        matching ``_``) and none of ``exclude``, sorted naturally; ``kind`` and ``where`` (``"losses"``,
+        ``"representation"``, ``"parameters"``: where the strategy reads gradients) filter on the metadata."""
         self.load()
         return [entry for entry in self.names.list(pattern, exclude=exclude, aliases=lambda e: e.info.aliases,
                                                    sort=True)
@@ -381,7 +305,7 @@ REGISTRY = StrategyRegistry()
 
 
 def create(name: str, /, **kwargs: Any) -> Strategy:
-    """Create a registered strategy by name.
+    """Create a registered strategy by name, with ``kwargs`` its hyperparameters.
 
     Example:
         >>> import mtlzoo
@@ -401,14 +325,9 @@ def get_strategy(name: str) -> StrategyEntry:
     return REGISTRY.get(name)
 
 
-def list_strategies(
-    pattern: str | Iterable[str] = "*",
-    *,
-    kind: Kind | None = None,
-    where: str | None = None,
-    exclude: str | Iterable[str] = (),
-) -> list[StrategyEntry]:
-    """List registered strategies, filtered by fnmatch name patterns and metadata.
+def list_strategies(pattern: str | Iterable[str] = "*", *, kind: Kind | None = None, where: str | None = None,
+                    exclude: str | Iterable[str] = ()) -> list[StrategyEntry]:
+    """List registered strategies, filtered by fnmatch name patterns and metadata (see :meth:`StrategyRegistry.list`).
 
     Example:
         >>> import mtlzoo
@@ -422,13 +341,11 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator registering a strategy in this process, through a small plugin object.
 
     The entry points are loaded first, so a clash with an installed plugin is always refused.
-    Applying it again to the same class, or to a re-definition of it from the same module under
-    the same qualified name (a re-run notebook cell, a reloaded module), replaces the earlier
-    registration. Run while an entry point is imported, it attributes the strategy to that entry
-    point's distribution. ``mtlzoo list`` runs in a process of its own and does not show
-    strategies registered this way; call :func:`list_strategies` in this process instead.
-
-    The plugin is named ``"module:QualName[name]"``; remove it with
+    Applying it again to the same class, or to a re-definition of it (same module, qualified name and
+    strategy name: a re-run notebook cell, a reloaded module), replaces the earlier registration, its
+    origin kept. Run while an entry point is imported, it attributes the strategy to that entry point's
+    distribution. ``mtlzoo list`` runs in a process of its own and does not show such strategies. The
+    plugin is named ``"module:QualName[name]"``; remove it with
     ``REGISTRY.unregister_plugin(get_strategy(name).origin.plugin)``.
 
     Example:

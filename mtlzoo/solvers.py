@@ -1,22 +1,11 @@
 r"""The small optimisation problems that two or more strategies share, solved exactly.
 
-Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients (the rows of
-``J``), never on the gradients themselves, so they cost ``O(K^3)`` whatever the number of
-parameters. They run on the host, in float64, with numpy and LAPACK called directly (an active-set
-method each: exact up to rounding, no iteration count to tune, no tolerance that depends on the
-gradients' scale); the answer comes back as a tensor of the Gramian's dtype and device. Each has a
-host face (:func:`min_norm_weights`, :func:`dual_cone_weights`) for the strategies that do all of a
-step's K x K work on the host after one transfer (:func:`to_host`, :func:`from_host`). A one-off
-problem of a single strategy stays in that strategy's module.
-
-Tolerances are relative to each row's own scale (``sqrt(G_kk)``), never to the largest row's: the
-answers keep their properties (no conflict with any task) when the tasks' gradients differ in size by
-many orders of magnitude, and they are invariant to the order of the tasks.
-
-There is one implementation of each problem. The Python-float copies that mtlzoo 0.1 ran up to 8 tasks
-(Cholesky factorisations beside LAPACK's, against numpy's per-call overhead) are gone: measured on a
-step's whole weighting (``compute`` then ``advance``, K = 3 and 8, one thread), the numpy / LAPACK path
-costs 0.9 to 1.2 times what they did, so no separate small-K path is kept.
+Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients, so they cost
+``O(K^3)`` whatever the number of parameters, and solved on the host in float64 by an active-set
+method (exact up to rounding, with numpy and LAPACK called directly); each has a host face
+(:func:`min_norm_weights`, :func:`dual_cone_weights`). Tolerances are relative to each row's own
+scale (``sqrt(G_kk)``), so the answers keep their properties (no conflict with any task) when the
+gradients differ in size by many orders of magnitude, whatever the order of the tasks.
 
 - :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
   ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
@@ -39,12 +28,11 @@ from torch import Tensor
 from mtlzoo.errors import NonFiniteGradientError, SolverError
 
 _EPS = float(np.finfo(np.float64).eps)
-_NORMAL = float(np.finfo(np.float64).tiny) / _EPS  # below it, products of entries lose digits to underflow
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def to_host(tensor: Tensor) -> np.ndarray:
-    """A (small) tensor as a float64 numpy array on the host: a copy, one transfer, one synchronisation."""
+    """A (small) tensor as a float64 numpy array on the host (a copy)."""
     tensor = tensor.detach()
     if tensor.dtype not in _NUMPY_DTYPES:
         tensor = tensor.to(torch.float64)
@@ -61,12 +49,6 @@ def from_host(array: np.ndarray | Sequence[float], like: Tensor) -> Tensor:
     return tensor if like.device.type == "cpu" else tensor.to(like.device)
 
 
-def check_square(gramian: Tensor) -> None:
-    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
-        raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
-                         f"{tuple(gramian.shape)}`.")
-
-
 def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
     """The Gramian as a float64 numpy array on the host, checked square and finite, scaled to unit trace,
     and made positive semi-definite (:func:`clean_gramian` with the input dtype's rounding unit).
@@ -74,7 +56,9 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
     Raises:
         NonFiniteGradientError: The Gramian is not finite (``what`` names the caller in the message).
     """
-    check_square(gramian)
+    if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"Parameter `gramian` should be a square matrix. Found `gramian.shape = "
+                         f"{tuple(gramian.shape)}`.")
     array = to_host(gramian)
     if not np.isfinite(array).all():
         raise NonFiniteGradientError(f"{what}: the Gramian of the task gradients has non-finite entries.")
@@ -84,12 +68,10 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
 def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
     """A finite float64 Gramian scaled to unit trace and made positive semi-definite, on the rows' own scales.
 
-    With ``D = diag(sqrt(G_kk))``, the correlation matrix ``C = D^-1 G D^-1`` (each row's rounding is relative to
-    its own size, whatever the others') has its eigenvalues within ``K eps λ_max(C)`` of 0 (``eps`` the rounding
-    unit of the dtype ``G`` was computed in; negative ones included) set to 0, so that rows linearly dependent up
-    to rounding count as such; the result is ``D C D`` divided by its trace. Zero rows stay zero, as does a zero
-    Gramian. Cutting on ``C`` rather than on ``G`` keeps a task whose gradient is 1e-6 of another's (its
-    eigenvalues are 1e-12 of ``G``'s largest, below float32's rounding there, not on its own scale).
+    The correlation matrix ``C = D^-1 G D^-1`` (``D = diag(sqrt(G_kk))``) has its eigenvalues below
+    ``K eps λ_max(C)`` (``eps`` the rounding unit of the dtype ``G`` was computed in) set to 0, so that rows
+    dependent up to rounding count as such; the result is ``D C D`` over its trace. Cutting on ``C``, not
+    ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows stay zero.
     """
     if array.size == 0:
         return array
@@ -112,8 +94,7 @@ def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
 
 
 def unit_trace(array: np.ndarray, ridge: float = 0.0) -> np.ndarray:
-    """A host Gramian divided by its trace (zeros where the trace is not positive), plus ``ridge I``: on the host,
-    :func:`mtlzoo.linalg.normalize_gramian` then :func:`mtlzoo.linalg.regularize_gramian`."""
+    """A host Gramian divided by its trace (zeros where the trace is not positive), plus ``ridge I``."""
     trace = float(np.trace(array))
     unit = array / trace if trace > 0 else np.zeros_like(array)
     if ridge:
@@ -122,8 +103,7 @@ def unit_trace(array: np.ndarray, ridge: float = 0.0) -> np.ndarray:
 
 
 def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix: LAPACK's syevd, as ``numpy.linalg.eigh``
-    (called directly: a fraction of numpy's per-call overhead on a K x K matrix)."""
+    """``numpy.linalg.eigh`` (eigenvalues ascending), LAPACK's syevd called directly."""
     values, vectors, info = lapack.dsyevd(matrix, compute_v=1, lower=1)
     if info != 0:
         return np.linalg.eigh(matrix)  # raises numpy's LinAlgError
@@ -139,10 +119,8 @@ def _gelsd_workspace(rows: int, columns: int) -> tuple[int, int]:
 
 
 def lstsq(matrix: np.ndarray, rhs: np.ndarray, cutoff: float | None = None) -> np.ndarray:
-    """The minimum-norm least-squares solution of a small square system: LAPACK's gelsd (SVD), singular values
-    at or below ``cutoff s_max`` counting as 0 (default ``eps K``, numpy's ``rcond=None``). It is
-    ``numpy.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]`` (and ``torch.linalg.pinv(matrix, rtol=cutoff) @ rhs``),
-    called directly: a fraction of numpy's per-call overhead."""
+    """``numpy.linalg.lstsq(matrix, rhs, rcond=cutoff)[0]`` for a small square system (default ``cutoff``:
+    ``eps K``), LAPACK's gelsd called directly: a fraction of numpy's per-call overhead."""
     size = matrix.shape[0]
     if size == 0:
         return np.zeros(0)
@@ -158,11 +136,10 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
     r"""Weights ``w`` of the minimum-norm point of the convex hull of the rows: ``min_{w >= 0, 1^T w = 1} w^T G w``.
 
     Wolfe's algorithm ("Finding the nearest point in a polytope", Math. Programming 1976) on the
-    Gramian: a corral of affinely independent rows grows by the row that most decreases the
-    norm and shrinks along the segment to its affine minimiser until that minimiser lies in
-    the hull. It stops when no row ``p_j`` satisfies ``x . p_j < ||x||^2`` (up to rounding), which
-    is the optimality condition, so the point ``x = J^T w`` is exact. It is unique; ``w`` is
-    unique when the rows are affinely independent, and otherwise one of the optimal weightings.
+    Gramian: a corral of affinely independent rows grows by the row that most decreases the norm
+    and shrinks towards its affine minimiser until that lies in the hull. It stops when no row
+    ``p_j`` has ``x . p_j < ||x||^2`` (up to rounding), the optimality condition, so ``x = J^T w``
+    is exact and unique; ``w`` is unique when the rows are affinely independent.
 
     Args:
         gramian: ``G = J J^T``, K x K, symmetric positive semi-definite.
@@ -179,10 +156,10 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
 
 
 def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
-    """:func:`min_norm_simplex` on a host Gramian already made by :func:`host_gramian` (or :func:`clean_gramian`):
-    Wolfe's algorithm. A row enters the corral when ``x . p_j < ||x||^2`` by more than the rounding of those
-    products, ``1e-12 sqrt(G_jj) s`` with ``s = sum_k w_k sqrt(G_kk)`` (a bound of ``||x||``): relative to row
-    ``j``'s own size, so that a task whose gradient is tiny beside another's is still kept free of conflict."""
+    """:func:`min_norm_simplex` on a host Gramian made by :func:`clean_gramian`. A row enters the corral when
+    ``x . p_j < ||x||^2`` by more than ``1e-12 sqrt(G_jj) s``, ``s = sum_k w_k sqrt(G_kk)`` (a bound of ``||x||``):
+    relative to row ``j``'s own size, so that a task whose gradient is tiny beside another's stays free of
+    conflict."""
     size = matrix.shape[0]
     weights = np.zeros(size)
     if size == 0:
@@ -264,10 +241,9 @@ def _definite_affine_minimiser(matrix: np.ndarray, scales: np.ndarray) -> np.nda
 
 
 def _affine_minimiser(block: np.ndarray) -> np.ndarray:
-    """``w`` minimising ``w^T G_S w`` subject to ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
-    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved on the rows' own scales (``w = D^-1 u`` with
-    ``D = diag(sqrt(G_kk))``: ``[[C, v], [v^T, 0]] [u; λ] = [0; 1]``, ``C = D^-1 G_S D^-1`` of unit diagonal,
-    ``v = D^-1 1`` divided by its largest entry), so that rows of very different sizes keep their digits."""
+    """``argmin w^T G_S w`` s.t. ``1^T w = 1`` (``G_S`` the corral's block): the bordered system
+    ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved in ``u = D w`` (``D = diag(sqrt(G_kk))``, the border
+    scaled to a largest entry of 1), so that rows of very different sizes keep their digits."""
     count = block.shape[0]
     scales = np.sqrt(np.clip(np.diag(block), 0.0, None))
     safe = np.where(scales > 0, scales, 1.0)
@@ -286,13 +262,10 @@ def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarra
     r"""``argmin_{x >= 0} 1/2 x^T H x - f^T x`` for a positive semi-definite H, by Lawson and Hanson's
     active-set method on the normal equations (``H = A^T A``, ``f = A^T b``: non-negative least squares).
 
-    Each inner step moves from the current point by the minimum-norm step to the minimiser on
-    the passive set, so a newly freed coordinate always grows, also when H is singular.
-
-    It is solved in the variables ``y = D x`` with ``D = diag(sqrt(H_kk))`` (the same problem, ``y >= 0`` exactly
-    when ``x >= 0``, on ``D^-1 H D^-1``, whose diagonal is 1), so that its tolerances and its least-squares
-    cut-offs are relative to each row's own size: rows of very different sizes (a task's gradient 1e6 times
-    another's) are solved as accurately as rows of one size, and the order of the rows plays no part.
+    Each inner step moves by the minimum-norm step to the minimiser on the passive set, so a newly
+    freed coordinate always grows, also when H is singular. Solved in ``y = D x``, ``D = diag(sqrt(H_kk))``
+    (on ``D^-1 H D^-1``, of unit diagonal), so that tolerances and cut-offs are relative to each row's own
+    size: rows 1e6 times apart are solved as accurately as rows of one size, in any order.
     """
     size = hessian.shape[0]
     scales = np.sqrt(np.clip(np.diag(hessian), 0.0, None))
@@ -367,19 +340,17 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
         NonFiniteGradientError: The Gramian is not finite.
         SolverError: The active-set method did not converge (not observed; rounding only).
     """
-    check_square(gramian)
+    matrix = host_gramian(gramian, "project_to_dual_cone")
     if weights.shape[-1:] != gramian.shape[:1]:
         raise ValueError(f"Parameter `weights` should end with the Gramian's size {gramian.shape[0]}. Found "
                          f"`weights.shape = {tuple(weights.shape)}`.")
-    matrix = host_gramian(gramian, "project_to_dual_cone")
     solutions = dual_cone_weights(to_host(weights).reshape(-1, matrix.shape[0]), matrix)
     return from_host(solutions.reshape(weights.shape), gramian)
 
 
 def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """:func:`project_to_dual_cone` on the host: one solution per row of ``targets`` (N x K), for a Gramian made by
-    :func:`host_gramian` (or :func:`clean_gramian`), by :func:`_nonnegative_quadratic`. The solutions do not
-    depend on the Gramian's scale, so the unit-trace one is solved on."""
+    :func:`clean_gramian` (the solutions do not depend on its scale)."""
     solutions = targets.copy()
     if not targets.shape[0]:
         return solutions

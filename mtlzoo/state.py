@@ -1,30 +1,27 @@
 """Declared running state: what a strategy carries from one optimizer step to the next.
 
 A strategy declares each field once, with its initial value (:meth:`mtlzoo.Strategy.declare_state`);
-the base class does the bookkeeping every stateful method needs under gradient accumulation and
-mixed precision, so that a method keeps only its maths:
+the base class does the bookkeeping under gradient accumulation and mixed precision:
 
 - inside a step, ``self.state.name = value`` *stages* the value; reading ``self.state.name`` gives
   the staged value if the step staged one, else the committed one;
 - a field declared ``per_step="first"`` (the default) takes its value from the step's first
-  micro-batch: later micro-batches of the same step read it and their writes are ignored, so a
-  step's state does not depend on how its batch was split; ``per_step="every"`` lets every
-  micro-batch write (a sum over the step's micro-batches: read, add, write);
+  micro-batch (later writes are ignored), so a step's state does not depend on how its batch was
+  split; ``per_step="every"`` lets every micro-batch write (a sum: read, add, write);
 - when an optimizer step is taken the staged values are committed (``Strategy.advance``); when a
   ``GradScaler`` skips it they are dropped (``Strategy.discard``);
-- ``state_dict()`` saves the committed values: tensors as buffers (under the field's name), other
-  values (ints, floats, lists, bytes) in the module's extra state. A checkpoint taken between the
-  micro-batches of a step also holds what that step staged so far and its micro-batch count, so
-  loading it continues the step where it was.
+- ``state_dict()`` saves the committed values: tensors as buffers, other values (ints, floats,
+  lists, bytes) in the extra state; between the micro-batches of a step, also what the step staged
+  so far and its micro-batch count, so loading continues the step where it was.
 
-Writes are staged wherever they come from (a step's backward, or a standalone ``aggregate``, which
-is committed by calling ``advance()`` as after an optimizer step); those made in
-``Strategy.on_advance`` (counters, a retraction, a renormalisation) or inside
+Writes made in ``Strategy.on_advance`` (counters, a retraction) or inside
 ``with strategy.state.direct():`` (a user's assignment, loading) go straight to the committed value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,13 +42,10 @@ class Field:
 
 
 class RunningState:
-    """The running state of one strategy: declared fields, their committed and staged values.
+    """The running state of one strategy, ``strategy.state``: attribute access reads and writes its fields.
 
-    Reached as ``strategy.state``; attribute access reads and writes fields (see the module's
-    docstring for the semantics). It holds no reference to tensors of its own beyond the staged
-    values: committed tensors are the owner's buffers. :attr:`generation` counts the changes of the
-    committed state (commits, direct writes, loads): a method may cache what it derives from its
-    state (whether every reference loss is recorded) under that number.
+    Committed tensors are the owner's buffers. :attr:`generation` counts the changes of the committed
+    state (commits, direct writes, loads): a method may cache what it derives from its state under it.
     """
 
     __slots__ = ("_committed", "_direct", "_fields", "_owner", "_staged", "generation")
@@ -71,7 +65,6 @@ class RunningState:
         for name, value in saved.items():
             object.__setattr__(self, name, value)
 
-    # ---------------------------------------------------------------- fields
     def declare(self, name: str, initial: Any, per_step: PerStep = "first") -> None:
         if per_step not in PER_STEP:
             raise ValueError(f"Parameter `per_step` should be one of {PER_STEP}. Found `per_step = {per_step!r}`.")
@@ -87,18 +80,11 @@ class RunningState:
             self._committed[name] = initial
 
     @property
-    def fields(self) -> dict[str, Field]:
-        """The declared fields by name."""
-        return dict(self._fields)
-
-    @property
     def staged(self) -> dict[str, Any]:
         """What the current step has staged so far (empty between steps)."""
         return dict(self._staged)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "generation":  # an instance unpickled from before the counter existed
-            return 0
         fields = object.__getattribute__(self, "_fields")
         if name not in fields:
             raise AttributeError(f"{type(self._owner).__name__} declares no state field {name!r} "
@@ -139,7 +125,6 @@ class RunningState:
         else:
             self._committed[field.name] = value
 
-    # ------------------------------------------------------------- lifecycle
     def commit(self) -> None:
         """Make the staged values the committed ones."""
         staged = self._staged
@@ -151,11 +136,15 @@ class RunningState:
         """Forget the staged values."""
         object.__setattr__(self, "_staged", {})
 
-    def direct(self) -> _Direct:
+    @contextmanager
+    def direct(self) -> Iterator[RunningState]:
         """A context in which writes go to the committed values (``on_advance``, loading)."""
-        return _Direct(self)
+        object.__setattr__(self, "_direct", self._direct + 1)
+        try:
+            yield self
+        finally:
+            object.__setattr__(self, "_direct", self._direct - 1)
 
-    # ------------------------------------------------------------ saving
     def plain_values(self) -> dict[str, Any]:
         """The committed values of the fields that are not tensors (saved in the extra state)."""
         return dict(self._committed)
@@ -174,14 +163,3 @@ class RunningState:
                            "declare.")
         object.__setattr__(self, "_staged", dict(staged))
 
-
-class _Direct:
-    def __init__(self, state: RunningState) -> None:
-        self.state = state
-
-    def __enter__(self) -> RunningState:
-        object.__setattr__(self.state, "_direct", self.state._direct + 1)
-        return self.state
-
-    def __exit__(self, *exc: object) -> None:
-        object.__setattr__(self.state, "_direct", self.state._direct - 1)

@@ -9,26 +9,21 @@ drive it through one training step::
     backward:  w = strategy.loss_weights(inputs)          the model learns from sum_k w_k L_k
                inputs.<statistic> = engine(request)        per-task gradients of w_k L_k, if requested
                update = strategy.compute(inputs)           weights c or a direction; an own objective
-    step:      strategy.advance()                          once per successful optimizer step
+    step:      strategy.advance()                          once per optimizer step taken
 
-Running state (counters, reference values, moving averages) is declared once
-(:meth:`Strategy.declare_state`, :mod:`mtlzoo.state`): a backward *stages* values (read by the later
-micro-batches of the same step) that :meth:`Strategy.advance` commits, once per optimizer step that
-was taken, and :meth:`Strategy.discard` drops. Used standalone, on a matrix, a strategy is advanced
-by calling ``advance()`` after each step.
-
-A strategy plays one or more *roles* (:mod:`mtlzoo.roles`): a loss weighting, an aggregator of the
-task gradients, an adapter of the shared representation; its ``kind`` is derived from them.
+Running state is declared once (:meth:`Strategy.declare_state`, :mod:`mtlzoo.state`). A strategy
+plays one or more *roles* (:mod:`mtlzoo.roles`); its ``kind`` is derived from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from torch import Tensor, nn
 
@@ -41,11 +36,8 @@ Target = Literal["representation", "parameters"]
 
 KINDS: tuple[Kind, ...] = ("weighting", "surgery")
 TARGETS: tuple[Target, ...] = ("representation", "parameters")
-LEGACY_NEEDS: dict[str, Request] = {
-    "losses": Request(),
-    "representation_grads": Request("representation"),
-    "parameter_jacobian": Request("parameters"),
-}
+LEGACY_NEEDS: dict[str, Request] = {"losses": Request(), "representation_grads": Request("representation"),
+                                    "parameter_jacobian": Request("parameters")}
 """Shorthands accepted by ``StrategyInfo(needs=...)``."""
 
 PROPERTIES: dict[str, str] = {
@@ -74,6 +66,32 @@ REQUIRED = inspect.Parameter.empty
 """Marks a hyperparameter without a default in :func:`hyperparameters`."""
 
 
+def _refuse(name: str, should: str, value: Any) -> NoReturn:
+    raise ValueError(f"Parameter `{name}` should be {should}. Found `{name} = {value!r}`.")
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int ``>= minimum`` (0 or 1), else a ``ValueError`` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _refuse(name, "a positive int" if minimum == 1 else "a non-negative int", value)
+    return value
+
+
+def check_number(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite number ``>= 0`` (``> 0`` if ``positive``), else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (value > 0 if positive else value >= 0):
+        _refuse(name, "a finite positive number" if positive else "a finite number >= 0", value)
+    return float(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming the parameter."""
+    if not isinstance(value, bool):
+        _refuse(name, "True or False", value)
+    return value
+
+
 @dataclass(frozen=True)
 class Paper:
     """The publication a strategy comes from."""
@@ -96,15 +114,13 @@ class StrategyInfo:
     """What a strategy is, as the registry, ``mtlzoo list``, the docs and the harness read it.
 
     These are the class's defaults; an instance whose needs or properties depend on its
-    hyperparameters reports its own through :attr:`Strategy.request` and :attr:`Strategy.properties`.
+    hyperparameters reports its own (:attr:`Strategy.request`, :attr:`Strategy.properties`).
 
     Attributes:
         name: Canonical name, lower case with underscores (``"rotograd_norm"``).
-        kind: Derived from the roles the class plays (leave it out): ``"weighting"`` for a loss
-            weighting alone, ``"surgery"`` where an aggregator or an adapter of the representation
-            is present. A class that states it must state the derived value.
-        roles: Derived too: the roles the class plays, among ``"weighting"``, ``"aggregator"``,
-            ``"adapter"`` (empty for a class that plays none of the public roles).
+        kind: Derived (leave it out): ``"weighting"`` for a loss weighting alone, ``"surgery"`` where
+            an aggregator or an adapter is present. A class that states it must state the derived value.
+        roles: Derived too: the roles the class plays, among ``"weighting"``, ``"aggregator"``, ``"adapter"``.
         summary: One line saying what the method does.
         request: What one step asks of the engine by default (:class:`~mtlzoo.protocol.Request`).
             ``needs`` is accepted as a shorthand: ``"losses"``, ``"representation_grads"`` or
@@ -115,23 +131,16 @@ class StrategyInfo:
         stochastic: Whether a step draws random numbers (it is still deterministic given the seed).
         learnable: Whether the strategy owns parameters that belong in an optimizer.
         adapts_representation: Whether ``adapt`` transforms ``z`` per task (the RotoGrad family).
-        optimizer: The ``torch.optim`` class name (``"adam"``, ``"sgd"``, case-insensitive) that trains the
-            strategy's own parameters by default in ``mtlzoo compare`` (a problem or a run may override it);
-            ``None`` when it has none to train.
+        optimizer: The ``torch.optim`` class name (``"adam"``, case-insensitive) that trains the strategy's
+            own parameters in ``mtlzoo compare`` by default; ``None`` when it has none to train.
         lr: The learning rate of that optimizer.
         default_comparison: Whether ``mtlzoo compare`` runs the strategy when no strategies are named.
-        cost: The cost class of one step with the default request, a key of :data:`COSTS`:
-            ``"backward"`` (losses only), ``"representation"`` (gradients on ``z``), ``"layer"``
-            (gradients on named shared parameters), ``"parameters"`` (gradients on all shared
-            parameters). ``None`` when not stated: the docs then derive it from ``request`` and mark it
-            as derived. State it in the ``info = StrategyInfo(...)`` block (``cost="parameters"``).
-        original_code: URL of the authors' own implementation (a repository); ``""`` when there is
-            none (a baseline, or no code was published); ``None`` when not stated. The docs'
-            comparison guide shows it. State it in the ``info = StrategyInfo(...)`` block
-            (``original_code="https://github.com/..."``).
-        suggested: Suggested values of hyperparameters for the harness (``mtlzoo compare``, ``mtlzoo bench``), so
-            that every registered strategy constructs by name alone: at least one for each hyperparameter
-            without a default (GradNorm's ``alpha``); a problem or a run may override them. Frozen read-only.
+        cost: The cost class of one step with the default request, a key of :data:`COSTS`; ``None`` when
+            not stated (the docs then derive it from ``request`` and mark it so).
+        original_code: URL of the authors' own implementation; ``""`` when there is none; ``None`` when
+            not stated.
+        suggested: Hyperparameter values for the harness, so that every registered strategy constructs by
+            name alone: at least one for each hyperparameter without a default (GradNorm's ``alpha``).
     """
 
     name: str
@@ -157,38 +166,31 @@ class StrategyInfo:
         if not self.summary:
             raise ValueError(f"Parameter `summary` should be one line saying what {self.name!r} does.")
         if self.kind is not None and self.kind not in KINDS:
-            raise ValueError(f"Parameter `kind` should be one of {KINDS}. Found `kind = {self.kind!r}`.")
+            _refuse("kind", f"one of {KINDS}", self.kind)
         request = self.request
         if self.needs is not None:
             if request is not None or self.needs not in LEGACY_NEEDS:
-                raise ValueError(f"Parameter `needs` should be one of {tuple(LEGACY_NEEDS)}, given without "
-                                 f"`request`. Found `needs = {self.needs!r}`.")
+                _refuse("needs", f"one of {tuple(LEGACY_NEEDS)}, given without `request`", self.needs)
             request = LEGACY_NEEDS[self.needs]
-        if request is None:
-            request = Request()
+        request = Request() if request is None else request
         if not isinstance(request, Request):
             raise ValueError(f"Parameter `request` should be a mtlzoo.Request. Found {request!r}.")
-        object.__setattr__(self, "request", request)
-        object.__setattr__(self, "needs", str(request))
         unknown = sorted(set(self.properties) - set(PROPERTIES))
         if unknown:
             raise ValueError(f"Parameter `properties` should hold names from {sorted(PROPERTIES)}. Found {unknown}.")
-        object.__setattr__(self, "properties", frozenset(self.properties))
         if self.cost is not None and self.cost not in COSTS:
-            raise ValueError(f"Parameter `cost` should be one of {tuple(COSTS)}. Found `cost = {self.cost!r}`.")
+            _refuse("cost", f"one of {tuple(COSTS)}", self.cost)
         if self.original_code is not None and not isinstance(self.original_code, str):
-            raise ValueError(f"Parameter `original_code` should be a URL, or '' for none. Found "
-                             f"`original_code = {self.original_code!r}`.")
+            _refuse("original_code", "a URL, or '' for none", self.original_code)
         if self.optimizer is not None and not (isinstance(self.optimizer, str) and self.optimizer.strip()):
-            raise ValueError(f"Parameter `optimizer` should be a torch.optim class name. Found `optimizer = "
-                             f"{self.optimizer!r}`.")
-        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
-                                    or not 0 <= self.lr < float("inf")):
-            raise ValueError(f"Parameter `lr` should be a finite number >= 0. Found `lr = {self.lr!r}`.")
+            _refuse("optimizer", "a torch.optim class name", self.optimizer)
+        if self.lr is not None:
+            check_number("lr", self.lr)
         if not isinstance(self.suggested, Mapping) or not all(isinstance(key, str) for key in self.suggested):
-            raise ValueError(f"Parameter `suggested` should map hyperparameter names to values. Found "
-                             f"`suggested = {self.suggested!r}`.")
-        object.__setattr__(self, "suggested", MappingProxyType(dict(self.suggested)))
+            _refuse("suggested", "a mapping of hyperparameter names to values", self.suggested)
+        for name, value in (("request", request), ("needs", str(request)), ("properties", frozenset(self.properties)),
+                            ("suggested", MappingProxyType(dict(self.suggested)))):
+            object.__setattr__(self, name, value)
 
 
 def hyperparameters(cls: type[Strategy]) -> dict[str, Any]:
@@ -211,10 +213,9 @@ class Strategy(nn.Module):
     Subclasses set the class attribute ``info`` and derive from the role they play
     (:class:`~mtlzoo.roles.LossWeighting`, :class:`~mtlzoo.roles.GramianAggregator`,
     :class:`~mtlzoo.roles.DirectionAggregator`, :class:`~mtlzoo.roles.Adapter`), or compose roles
-    (:func:`mtlzoo.compose`). The constructor's arguments are kept in :attr:`hparams` (a home that
-    cannot collide with methods), shown by ``repr``, saved in ``state_dict()`` and checked when a
-    checkpoint is loaded. Running state is declared with :meth:`declare_state` and read and written
-    through :attr:`state`, so ``state_dict()`` resumes a run exactly.
+    (:func:`mtlzoo.compose`). The constructor's arguments are kept in :attr:`hparams`, shown by
+    ``repr``, saved in ``state_dict()`` and checked when a checkpoint is loaded. Running state is
+    declared with :meth:`declare_state` and read and written through :attr:`state`.
 
     Args:
         num_tasks: K, the number of tasks (heads); the wrapper passes it.
@@ -229,6 +230,8 @@ class Strategy(nn.Module):
     hparams: dict[str, Any]
     micro_batch: int
     state: RunningState
+    per_task: ClassVar[tuple[str, ...]] = ()
+    """Per-task tensors (attribute names, ``None`` allowed) whose unequal entries break ``permutation_invariant``."""
     weighted_heads: bool = False
     """Whether head k learns from ``c_k w_k L_k`` (``c`` the aggregator's weights: MGDA's and Nash-MTL's authors
     back-propagate ``sum_k c_k L_k``) rather than from ``w_k L_k`` (the default)."""
@@ -265,13 +268,10 @@ class Strategy(nn.Module):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"Parameter `num_tasks` should be a positive int. Found `num_tasks = {num_tasks!r}`.")
-        self.num_tasks = num_tasks
+        self.num_tasks = check_int("num_tasks", num_tasks)
         self.micro_batch = 0
         self.state = RunningState(self)
 
-    # ------------------------------------------------------------- metadata
     @property
     def request(self) -> Request:
         """What this instance reads from a step (the class's ``info.request`` unless it depends on settings)."""
@@ -279,20 +279,19 @@ class Strategy(nn.Module):
 
     @property
     def properties(self) -> frozenset[str]:
-        """The properties this instance has (the class's ``info.properties`` unless settings break some)."""
+        """The properties this instance has: the class's ``info.properties``, less ``permutation_invariant``
+        where a tensor of :attr:`per_task` holds unequal entries."""
+        for values in (getattr(self, name) for name in self.per_task):
+            if values is not None and bool((values != values.reshape(-1)[0]).any()):
+                return self.info.properties - {"permutation_invariant"}
         return self.info.properties
 
-    # --------------------------------------------------------------- a step
     def adapt(self, z: Tensor, task: int) -> Tensor:
         """Transform the shared representation for task ``task`` in the forward pass (identity)."""
         return z
 
     def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
-        """Task ``task``'s prediction from the shared representation: ``head(adapt(z, task))``.
-
-        A strategy may compute the same function another way (RotoGrad folds its rotation into a head
-        that starts with a linear layer); the gradient that reaches ``z`` is the same.
-        """
+        """Task ``task``'s prediction, ``head(adapt(z, task))`` (or the same function computed another way)."""
         return head(self.adapt(z, task))
 
     def task_transform(self, task: int) -> nn.Module:
@@ -300,10 +299,8 @@ class Strategy(nn.Module):
         return nn.Identity()
 
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
-        """Weights ``w`` of the present tasks' losses: the model learns from ``sum_k w_k L_k``.
-
-        Returns ``None`` for all ones. Read from the losses alone, before any gradient exists.
-        """
+        """Weights ``w`` of the present tasks' losses, read from the losses alone (``None``: all ones): the model
+        learns from ``sum_k w_k L_k``."""
         return None
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
@@ -314,11 +311,7 @@ class Strategy(nn.Module):
         """For a strategy that reads the losses only: the scalar ``f(L)`` whose one backward trains the model
         (with ``w_k = d f / d L_k``) and the strategy's own parameters at once; ``None`` (the default): the engine
         back-propagates ``sum_k w_k L_k`` (:meth:`loss_weights`) and :meth:`loss_objective` instead.
-
-        Args:
-            losses: The present tasks' losses, attached to the model's graph, in at least float32.
-            tasks: Their task indices.
-        """
+        ``losses`` are the present tasks' (of indices ``tasks``), attached to the graph, in at least float32."""
         return None
 
     def backbone_loss_weight(self, backbone_loss: Tensor) -> Tensor | None:
@@ -329,13 +322,12 @@ class Strategy(nn.Module):
         """Turn the statistics the engine gathered into an :class:`~mtlzoo.protocol.Update`."""
         return Update()
 
-    # ------------------------------------------------------------ lifecycle
     def declare_state(self, per_step: PerStep = "first", **fields: Any) -> None:
         """Declare running state fields and their initial values (see :mod:`mtlzoo.state`).
 
-        Tensors become buffers of that name (moved by ``.to()``, saved in ``state_dict()``); other
-        values (ints, floats, lists, bytes) are saved in the extra state. Read and write them as
-        ``self.state.name``: inside a step a write is staged, and committed by :meth:`advance`.
+        Tensors become buffers of that name; other values (ints, floats, lists, bytes) are saved in
+        the extra state. Read and write them as ``self.state.name``: inside a step a write is staged,
+        and committed by :meth:`advance`.
 
         Args:
             per_step: ``"first"``: the step's first micro-batch sets the value, later ones read it
@@ -345,16 +337,10 @@ class Strategy(nn.Module):
         for name, initial in fields.items():
             self.state.declare(name, initial, per_step)
 
-    @property
-    def first_micro_batch(self) -> bool:
-        """Whether the current backward is the first of its optimizer step."""
-        return self.micro_batch == 0
-
     def advance(self) -> None:
-        """Commit what this optimizer step staged and advance the running state, once per step.
+        """Commit what this optimizer step staged and advance the running state, once per step taken.
 
-        The wrapper calls it after each optimizer step that was taken (``mtl.step(optimizer)``);
-        call it yourself when you drive the strategy standalone.
+        ``mtl.step(optimizer)`` calls it; call it yourself when you drive the strategy standalone.
         """
         self.micro_batch = 0
         self.state.commit()
@@ -373,25 +359,17 @@ class Strategy(nn.Module):
         """Called once at the end of every epoch (``mtl.end_epoch()``); DWA and STCH use it."""
 
     def post_step(self, losses: Tensor) -> None:
-        """Receive the K losses of the step's batch re-evaluated after the optimizer step (FAMO).
-
-        A task absent from the batch has NaN there. Called once per optimizer step that was taken,
-        after :meth:`advance`, when the class sets ``wants_post_step_losses``.
-        """
+        """Receive the K losses of the step's batch re-evaluated after the optimizer step (NaN for an absent
+        task), after :meth:`advance`, when the class sets ``wants_post_step_losses`` (FAMO)."""
 
     wants_post_step_losses: ClassVar[bool] = False
 
     def check_ready(self) -> None:
-        """Raise :class:`~mtlzoo.errors.NotMaterializedError` if parameters are still to be created.
+        """Raise :class:`~mtlzoo.errors.NotMaterializedError` if parameters are still to be created (RotoGrad
+        without ``rotation_shape`` creates them at the first forward: an optimizer built before would miss them)."""
 
-        Lazily shaped strategies (RotoGrad without ``rotation_shape``) create their parameters at
-        the first forward; an optimizer built before that would silently miss them.
-        """
-
-    # ------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        saved: dict[str, Any] = {"settings": _comparable(self.hparams),
-                                 "state": self.state.plain_values()}
+        saved: dict[str, Any] = {"settings": plain(self.hparams), "state": self.state.plain_values()}
         if self.micro_batch or self.state.staged:  # saved between the micro-batches of a step
             saved["staged"] = self.state.staged
             saved["micro_batch"] = self.micro_batch
@@ -407,7 +385,7 @@ class Strategy(nn.Module):
         strategy's (``unchecked_settings`` aside, such as an inferred shape), its parts' included."""
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, dict) and "settings" in saved:
-            mine = _comparable(self.hparams)
+            mine = plain(self.hparams)
             differ = [f"{name}: checkpoint {saved['settings'][name]!r}, this strategy {mine[name]!r}"
                       for name in mine if name in saved["settings"] and name not in self.unchecked_settings
                       and saved["settings"][name] != mine[name]]
@@ -431,18 +409,17 @@ class Strategy(nn.Module):
         return ", ".join(f"{name}={value!r}" for name, value in {"num_tasks": self.num_tasks, **self.hparams}.items())
 
 
-def _comparable(hparams: dict[str, Any]) -> dict[str, Any]:
-    """Hyperparameters as plain Python values (tensors and tuples as lists), for saving and comparing."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return value.tolist()
-        if isinstance(value, (tuple, list)):
-            return [plain(v) for v in value]
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, Strategy):
-            return {"strategy": value.info.name, **_comparable(value.hparams)}
-        return repr(value)
-
-    return {name: plain(value) for name, value in hparams.items()}
+def plain(value: Any) -> Any:
+    """``value`` as plain, JSON-ready Python values (tensors and tuples as lists, a strategy as its name and
+    settings, anything else as its ``repr``), for saving, comparing and listing."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Strategy):
+        return {"strategy": value.info.name, **plain(value.hparams)}
+    return repr(value)

@@ -1,12 +1,9 @@
 """The three roles a strategy plays, and their composition.
 
-- :class:`LossWeighting`: K losses to the weights the model learns from (``scalarize``).
-- :class:`GramianAggregator` (``weigh``: K x K Gramian to K weights) and :class:`DirectionAggregator`
-  (``combine``: the gradients to the update): how the shared part's update is formed.
-- :class:`Adapter` (``adapt``): each task's view of the shared representation.
-
-:func:`compose` makes one strategy of at most one of each; :mod:`mtlzoo.roles.modifiers` wrap an
-aggregator (clipping, acting every n steps, smoothing its weights across steps).
+:class:`LossWeighting` (``scalarize``), :class:`GramianAggregator` (``weigh``) or
+:class:`DirectionAggregator` (``combine``), :class:`Adapter` (``adapt``); :func:`compose` makes one
+strategy of at most one of each; :mod:`mtlzoo.roles.modifiers` wrap an aggregator (clipping,
+acting every n steps, smoothing its weights across steps).
 """
 
 from mtlzoo.roles.adapter import Adapter

@@ -5,14 +5,12 @@ through ``MTLWrapper``, checkpoints (each part under its role's name) and lists 
 
 - the model learns from ``sum_k w_k L_k`` with the weighting's ``w`` (all ones without one), times
   the adapter's own loss scales if it has any (RotoGrad's ``normalize_losses``);
-- the adapter transforms ``z`` per task in the forward and learns from the task gradients on ``z``
-  (the gradients as they reach ``z``, through the adapter: ``g_k = dL_k/dz``);
+- the adapter transforms ``z`` per task and learns from the task gradients as they reach ``z``;
 - the aggregator combines the task gradients (of the weighted losses) into the shared update (the
   plain sum without one).
 
-The engine computes one statistic per step: the composite asks for the richest one its parts need
-on one target (gradients, else the Gramian, else the norms) and derives the others from it
-(``G = J J^T``, ``||g_k|| = sqrt(G_kk)``).
+The engine computes one statistic per step, the richest one the parts need (gradients, else the
+Gramian, else the norms); the others are derived from it (``G = J J^T``, ``||g_k|| = sqrt(G_kk)``).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
-from mtlzoo.linalg import compute_dtype, flat_rows, row_norms
+from mtlzoo.linalg import compute_dtype, gramian, gramian_norms, row_norms
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles._parts import WithParts
 from mtlzoo.roles.aggregator import check_gradients
@@ -35,11 +33,8 @@ _RICHNESS = {"norms": 0, "gramian": 1, "gradients": 2}
 
 
 def _part(value: Strategy | str | None, role: str, num_tasks: int | None, **options: Any) -> Strategy | None:
-    """The part for ``role``: an instance as given (checked), or created by name from the registry.
-
-    A composite that holds that role alone stands for its part: ``adapter="rotate_only"`` is RotoGrad's
-    rotations (``rotate_only`` is the rotations adapter with the plain sum).
-    """
+    """The part for ``role``: an instance as given (checked), or created by name from the registry; a composite
+    that holds that role alone stands for its part (``adapter="rotate_only"`` is RotoGrad's rotations)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -102,7 +97,6 @@ class Composite(WithParts):
         else:
             super().__setattr__(name, value)
 
-    # ------------------------------------------------------------- metadata
     def present_roles(self) -> tuple[str, ...]:
         """The roles this instance holds."""
         return tuple(role for role in ROLE_NAMES if getattr(self, role) is not None)
@@ -137,7 +131,6 @@ class Composite(WithParts):
             return self.aggregator.properties
         return self.info.properties
 
-    # --------------------------------------------------------------- a step
     def adapt(self, z: Tensor, task: int) -> Tensor:
         return z if self.adapter is None else self.adapter.adapt(z, task)
 
@@ -166,54 +159,25 @@ class Composite(WithParts):
         return None if self.adapter is None else self.adapter.backbone_loss_weight(backbone_loss)
 
     def compute(self, inputs: StepInputs) -> Update:
-        objectives: list[Tensor] = []
-        combined = Update()
         readers = [part for part in self.parts() if part.request.needs_gradients]
         for part in readers:  # every statistic a part reads, formed once (the rotations reuse the norms)
             inputs = _derived(inputs, part.request.statistic)
-        for part in readers:
-            update = part.compute(inputs)
-            if update.objective is not None:
-                objectives.append(update.objective)
-            if part is self.aggregator:
-                combined = update
-        objective = None
-        for value in objectives:
-            objective = value if objective is None else objective + value
+        updates = {part: part.compute(inputs) for part in readers}
+        combined = updates.get(self.aggregator, Update())
+        objectives = [update.objective for update in updates.values() if update.objective is not None]
+        objective = sum(objectives[1:], objectives[0]) if objectives else None
         return Update(weights=combined.weights, direction=combined.direction, objective=objective)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
-        """Standalone: the shared update for K task gradients (K x ...) of the losses ``losses``.
-
-        As in a step: the rows are scaled by the loss weights ``w`` (where the composite has any), the
-        parts read them, the objectives of their own parameters are back-propagated (their ``.grad``),
-        and the update is the aggregator's (the plain sum without one). Computed in at least float32,
-        returned in ``grads``' dtype; state staged here is committed by :meth:`advance`.
-        """
-        check_gradients(grads, losses, self)
-        wide = grads.to(compute_dtype(grads.dtype))
-        tasks = torch.arange(grads.shape[0], device=grads.device)
-        inputs = StepInputs(losses.detach().to(wide.dtype), tasks, self.num_tasks, micro_batch=self.micro_batch)
-        weights = self.loss_weights(inputs)
-        if weights is not None:
-            wide = wide * weights.to(wide.dtype).view(-1, *[1] * (wide.dim() - 1))
-        inputs.gradients = wide
-        update = self.compute(inputs)
-        if update.objective is not None and update.objective.requires_grad:
-            update.objective.backward()
-        self.micro_batch += 1
-        if update.direction is not None:
-            return update.direction.to(grads.dtype)
-        if update.weights is None:
-            return wide.sum(0).to(grads.dtype)
-        return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
+        """Standalone: the shared update for K task gradients (K x ...) of the losses ``losses`` (see
+        :func:`standalone`); state staged here is committed by :meth:`advance`."""
+        return standalone(self, grads, losses)
 
     def extra_repr(self) -> str:
         if type(self).__init__ is not Composite.__init__:  # a built-in composite: its own hyperparameters
             return super().extra_repr()
         return f"num_tasks={self.num_tasks}"  # the parts are shown as submodules
 
-    # ------------------------------------------------------------ checkpoints
     def check_settings(self, state_dict: Any, prefix: str = "") -> None:
         self._single_module_layout(state_dict, prefix)  # refuses a tensor no part holds, before any loading
         super().check_settings(state_dict, prefix)
@@ -238,14 +202,11 @@ class Composite(WithParts):
         return {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
 
     def _single_module_layout(self, state_dict: Any, prefix: str) -> dict[str, list[str]]:
-        """Where the tensors of a checkpoint of mtlzoo 0.1.0 go, where the built-in composites were single modules.
+        """Where the tensors of a checkpoint of mtlzoo 0.1.0 (the built-in composites as single modules) go.
 
-        There each tensor sat at the top (``initial_losses``, ``bank.*``, ``weight_logits``) or under a
-        former name (``renamed``); each goes to the part that holds a tensor or module of that name (to
-        all of them: RotoGradNorm's rotations and weights both record the reference losses), and the
-        saved running state (a step counter) to every part that declares that field. Empty for a
-        checkpoint in the parts' layout; a tensor no part holds raises
-        :class:`~mtlzoo.errors.CheckpointMismatchError`.
+        Each tensor at the top (``initial_losses``, ``bank.*``) or under a former name (``renamed``) goes
+        to every part that holds a tensor or module of that name. Empty for a checkpoint in the parts'
+        layout; a tensor no part holds raises :class:`~mtlzoo.errors.CheckpointMismatchError`.
         """
         parts = self._strategy_parts()
         moves: dict[str, list[str]] = {}
@@ -273,15 +234,38 @@ def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
     if getattr(inputs, statistic) is not None:
         return inputs
     if statistic == "gramian":
-        assert inputs.gradients is not None
-        flat = flat_rows(inputs.gradients)
-        return dataclasses.replace(inputs, gramian=flat @ flat.T)
+        return dataclasses.replace(inputs, gramian=gramian(inputs.gradients))  # type: ignore[arg-type]
     if statistic == "norms":
-        if inputs.gramian is not None:
-            return dataclasses.replace(inputs, norms=torch.diagonal(inputs.gramian).clamp_min(0).sqrt())
-        assert inputs.gradients is not None
-        return dataclasses.replace(inputs, norms=row_norms(inputs.gradients))
+        norms = gramian_norms(inputs.gramian) if inputs.gramian is not None else row_norms(inputs.gradients)
+        return dataclasses.replace(inputs, norms=norms)  # type: ignore[arg-type]
     raise InvalidStrategyError(f"A part asks for {statistic!r}, which cannot be formed from what the step computed.")
+
+
+def standalone(strategy: Strategy, grads: Tensor, losses: Tensor) -> Tensor:
+    """A step of ``strategy`` on K given task gradients (K x ...) of the losses ``losses``.
+
+    As in a step: the rows are scaled by the loss weights ``w`` (where the strategy has any), the
+    strategy reads them, the objective of its own parameters is back-propagated (their ``.grad``),
+    and the update is its direction, or its weights' combination (the plain sum without either).
+    Computed in at least float32, returned in ``grads``' dtype.
+    """
+    check_gradients(grads, losses, strategy)
+    wide = grads.to(compute_dtype(grads.dtype))
+    tasks = torch.arange(grads.shape[0], device=grads.device)
+    inputs = StepInputs(losses.detach().to(wide.dtype), tasks, strategy.num_tasks, micro_batch=strategy.micro_batch)
+    weights = strategy.loss_weights(inputs)
+    if weights is not None:
+        wide = wide * weights.to(wide.dtype).view(-1, *[1] * (wide.dim() - 1))
+    inputs.gradients = wide
+    update = strategy.compute(inputs)
+    if update.objective is not None and update.objective.requires_grad:
+        update.objective.backward()
+    strategy.micro_batch += 1
+    if update.direction is not None:
+        return update.direction.to(grads.dtype)
+    if update.weights is None:
+        return wide.sum(0).to(grads.dtype)
+    return torch.tensordot(update.weights.to(wide.dtype), wide, dims=1).to(grads.dtype)
 
 
 def compose(weighting: Strategy | str | None = None, aggregator: Strategy | str | None = None,

@@ -9,33 +9,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from mtlzoo.linalg import widened
 from mtlzoo.protocol import StepInputs
 from mtlzoo.strategy import Strategy
-
-
-def working_dtype(losses: Tensor) -> torch.dtype:
-    """The dtype a weighting computes in: the losses' own, at least float32 (float64 losses stay float64)."""
-    return torch.promote_types(losses.dtype, torch.float32)
 
 
 class LossWeighting(Strategy):
     r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
     A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the
-    base derives everything else from it, by autograd:
+    base derives everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with
+    ``w_k = d total / d L_k`` at this step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's
+    ``f = sum_k log L_k``), and the strategy's own parameters (UW's log-variances) from ``total``
+    itself, the losses held constant (:meth:`loss_objective`).
 
-    - the model (backbone and heads) learns from ``sum_k w_k L_k`` with ``w_k = d total / d L_k``
-      evaluated at this step and held constant (:meth:`weights`); for ``f = sum_k log L_k`` (SI)
-      that is ``w_k = 1/L_k``;
-    - the strategy's own parameters (UW's log-variances) learn from ``total`` itself, the losses held
-      constant (:meth:`loss_objective`).
-
-    A weighting whose weights are not a function of the losses through ``f`` (random draws, learned
-    or per-epoch weights) says so by returning the weighted sum with its weights detached:
-    ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`, ``losses`` holds the present tasks'
-    losses only; :meth:`present` picks the matching entries of a per-task tensor and
-    :attr:`present_tasks` gives their indices. Computations run in the losses' dtype (at least
-    float32), so float64 losses keep float64 weights.
+    Weights that are not a function of the losses through ``f`` (random draws, learned or per-epoch
+    weights) are written detached: ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`,
+    ``losses`` holds the present tasks' losses only (:meth:`present` picks the matching entries of a
+    per-task tensor, :attr:`present_tasks` gives their indices), in their dtype, at least float32.
     """
 
     role = "weighting"
@@ -48,14 +39,12 @@ class LossWeighting(Strategy):
                    for name in vars(klass)}
         cls._legacy_weights = "weights" in defines and "scalarize" not in defines
 
-    # ------------------------------------------------------------------ the one method
     def scalarize(self, losses: Tensor) -> Tensor:
         """The scalar ``f(L)`` this method minimises, differentiable in the losses and its own parameters."""
         if self._legacy_weights:
             return (self.weights(losses.detach()).detach().to(losses.dtype) * losses).sum()
         raise NotImplementedError(f"{type(self).__name__} should implement `scalarize(losses)`.")
 
-    # ------------------------------------------------------------------ which tasks
     @contextmanager
     def _presenting(self, tasks: Tensor | None) -> Iterator[None]:
         previous = self.__dict__.get("_present")
@@ -80,10 +69,9 @@ class LossWeighting(Strategy):
         """``values[tasks]`` (``values`` itself when all tasks are present)."""
         return values if tasks.shape[0] == self.num_tasks else values[tasks.to(values.device)]
 
-    # ------------------------------------------------------------------ derived from scalarize
     def weights(self, losses: Tensor, tasks: Tensor | None = None) -> Tensor:
         """``w_k = d f / d L_k`` at these losses (of tasks ``tasks``, default all), detached, in their dtype."""
-        losses = losses.detach().to(working_dtype(losses))
+        losses = widened(losses.detach())
         with torch.enable_grad(), self._presenting(tasks):
             leaf = losses.requires_grad_()
             total = self.scalarize(leaf)
@@ -104,7 +92,7 @@ class LossWeighting(Strategy):
         if not any(parameter.requires_grad for parameter in self.parameters()):
             return None
         with torch.enable_grad(), self._presenting(tasks):
-            total = self.scalarize(losses.detach().to(working_dtype(losses)))
+            total = self.scalarize(widened(losses.detach()))
         return total if total.requires_grad else None
 
     def scalarization(self, losses: Tensor, tasks: Tensor) -> Tensor:

@@ -1,8 +1,4 @@
-"""The built-in strategies, and the internal plugin that registers them.
-
-This module is registered with the plugin manager like any third-party plugin: its hook
-implementation hands every built-in class to the registry through ``register``.
-"""
+"""The built-in strategies, and the internal plugin that registers them like any third-party plugin."""
 
 from __future__ import annotations
 

@@ -6,25 +6,20 @@ each matrix lives under ``torch.nn.utils.parametrizations.orthogonal`` with the 
 unconstrained parameter an optimizer updates; ``R_k`` is computed once per step under
 ``torch.nn.utils.parametrize.cached()``, an O(n^3) map and its backward every step.
 
-With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward (one
-plain product per task), and the parameter is a tangent step ``X_k`` in the same coordinates as
-torch's trivialization (``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric), but at the current
-rotation: ``R_k (I + A_k)`` to first order. Only the ``n (n - 1) / 2`` entries below the diagonal of
-``X_k`` move ``A_k``, so the parameter holds just those, row by row (:func:`lower_indices`): an
-optimizer steps half the numbers of a full ``n x n`` matrix. ``X_k`` is zero at every forward, so
-its gradient is the Riemannian gradient in closed form (``tril(S - S^T)`` with
-``S = R_k^T dL/dR_k``), and after each
-optimizer step that was taken :meth:`RotationBank.retract` moves ``R_k <- R_k (I + A + A^2 / 2)``
-(exp to second order: orthogonal up to ``A^4 / 4``) and sets ``X_k`` back to zero, its optimizer
-state (Adam's moments) kept: a dynamic trivialization (Lezcano-Casado, "Trivializations for
-gradient-based optimization on manifolds", NeurIPS 2019) whose chart is re-centred at every step.
-Rounding drift is removed every ``CHECK_EVERY`` steps (and at once after a large step) by a
-Newton-Schulz polar projection (:func:`polar_project`). Cost per step: two batched n x n products,
-where torch's maps run an O(n^3) factorisation or series and its backward at every step.
-
-The rotation objective, with its gradient in closed form, is here too: :class:`RotationObjective`
-(in the rotations, for torch's maps) and :class:`TangentObjective` (in the tangent steps, for the
-retraction).
+With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward, and
+the parameter is a tangent step ``X_k`` in the coordinates of torch's trivialization
+(``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric) at the current rotation: ``R_k (I + A_k)`` to
+first order. Only the ``n (n - 1) / 2`` entries below the diagonal of ``X_k`` move ``A_k``, so the
+parameter holds just those, row by row (:func:`lower_indices`). ``X_k`` is zero at every forward, so
+its gradient is the Riemannian gradient in closed form (``tril(S - S^T)``, ``S = R_k^T dL/dR_k``), and
+after each optimizer step taken :meth:`RotationBank.retract` moves ``R_k <- R_k (I + A + A^2 / 2)``
+(exp to second order) and sets ``X_k`` back to zero, its optimizer state kept: a dynamic
+trivialization (Lezcano-Casado, "Trivializations for gradient-based optimization on manifolds",
+NeurIPS 2019) whose chart is re-centred at every step. Rounding drift is removed every
+``CHECK_EVERY`` steps (and at once after a large step) by a Newton-Schulz polar projection
+(:func:`polar_project`). Cost per step: two batched n x n products. The rotation objective's
+gradient is in closed form: :class:`RotationObjective` (torch's maps), :class:`TangentObjective`
+(the retraction).
 """
 
 from __future__ import annotations
@@ -54,11 +49,8 @@ ROTATION_INITS: tuple[RotationInit, ...] = ("random", "identity")
 
 def haar_rotations(count: int, size: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """``count`` independent rotations drawn from the Haar (uniform) measure on SO(size).
-
-    QR of a Gaussian matrix with the signs of R's diagonal moved into Q is Haar on O(n)
-    (Mezzadri, 2007); flipping one column where the determinant is -1 maps it onto SO(n).
-    """
+    """``count`` independent rotations drawn from the Haar (uniform) measure on SO(size): QR of a Gaussian matrix,
+    the signs of R's diagonal moved into Q (Haar on O(n), Mezzadri 2007), one column flipped where det = -1."""
     gaussian = torch.randn(count, size, size, dtype=dtype, device=device, generator=generator)
     q, r = torch.linalg.qr(gaussian)
     q = q * torch.sign(r.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2)
@@ -79,10 +71,8 @@ class _Rotation(nn.Module):
 
 @lru_cache(maxsize=32)
 def lower_indices(size: int, device: torch.device) -> Tensor:
-    """The flat indices ``i * n + j`` (``i > j``) of the entries below the diagonal of an n x n matrix, row by row.
-
-    Made once per size and device, outside inference mode (the engine never writes to it).
-    """
+    """The flat indices ``i * n + j`` (``i > j``) of the entries below the diagonal of an n x n matrix, row by row
+    (made once per size and device, outside inference mode)."""
     with torch.inference_mode(False):
         rows, cols = torch.tril_indices(size, size, -1, device=device)
         return rows * size + cols
@@ -124,9 +114,8 @@ class _Retracted(nn.Module):
 class RotationBank(nn.Module):
     """K orthogonal n x n matrices, each under torch's orthogonal parametrization or a plain retracted one.
 
-    One module per task rather than one over a (K, n, n) batch: a batched ``matrix_exp`` runs
-    every matrix at the degree its largest norm needs, and ``mtl[k]`` owns task k's module
-    (``pytest -m bench`` measures the maps). The retraction's products are batched over the K.
+    One module per task (``mtl[k]`` owns task k's; a batched ``matrix_exp`` would run every matrix at
+    the degree its largest norm needs); the retraction's products are batched over the K.
     """
 
     def __init__(self, count: int, size: int, *, orthogonal_map: OrthogonalMap, init: RotationInit,
@@ -181,14 +170,12 @@ class RotationBank(nn.Module):
     def retract(self, check: bool) -> None:
         """After an optimizer step: ``R <- R (I + A + A^2 / 2)``, tangents back to zero (torch's maps: no-op).
 
-        ``R^T R - I`` is measured, and the rotations projected where it exceeds the tolerance, when
-        ``check`` is set or when the step was large: the truncation leaves ``M^T M - I = A^4 / 4`` for
-        ``M = I + A + A^2 / 2`` (A skew-symmetric; the odd terms cancel), whose 2-norm is at most
+        The rotations are projected (:func:`polar_project`) when ``check`` is set or the step was
+        large: the truncation leaves ``M^T M - I = A^4 / 4`` (A skew-symmetric), of 2-norm at most
         ``||A^2||_F^2 / 4``, read from the ``A^2`` the step forms anyway; above
-        ``POLAR_TOLERANCE / CHECK_EVERY`` the rotations are projected at once, so that the errors of
-        the steps between two checks stay within the tolerance. (The bound ``||A||_F^4 / 4`` is about
-        n / 4 times looser for an Adam step, whose entries are all of the same size: it would project
-        after every step at n = 512.)
+        ``POLAR_TOLERANCE / CHECK_EVERY`` they are projected at once, so that the errors of the steps
+        between two checks stay within the tolerance. (``||A||_F^4 / 4``, about n / 4 times looser for
+        an Adam step, would project after every step at n = 512.)
         """
         if not self.retracted:
             return
@@ -219,15 +206,13 @@ class RotationBank(nn.Module):
 def polar_project(matrices: Tensor, tolerance: float = POLAR_TOLERANCE) -> Tensor:
     """The orthogonal polar factors of nearly orthogonal matrices (..., n, n), batched.
 
-    Newton-Schulz: ``X <- X (3I - G) / 2`` with ``G = X^T X``, so that with ``E = G - I`` every
-    eigenvalue ``e`` of ``E`` becomes ``e^2 (3 - e) / 4``: quadratic convergence, two matrix products
-    per iteration, singular vectors kept (the limit is the polar factor, the nearest orthogonal
-    matrix, with the sign of the determinant kept). ``||E||_2`` is bounded by the infinity norm of
-    the symmetric ``E`` (one host synchronisation per iteration); an iteration stops the loop when
-    the bound it guarantees afterwards, ``b^2 (3 + b) / 4``, is below ``tolerance``, so after a
-    small optimizer step (the usual case) one iteration, two products, is all. Where the bound
-    exceeds ``POLAR_FALLBACK`` (a huge step) the polar factor comes from an SVD, flipped to
-    determinant +1 if the step crossed into the reflections. Computed in float32 at least.
+    Newton-Schulz: ``X <- X (3I - G) / 2`` with ``G = X^T X``, so every eigenvalue ``e`` of
+    ``E = G - I`` becomes ``e^2 (3 - e) / 4``: quadratic convergence, two products per iteration,
+    singular vectors and the determinant's sign kept. ``||E||_2`` is bounded by the infinity norm of
+    ``E``; the loop stops once the bound guaranteed afterwards, ``b^2 (3 + b) / 4``, is below
+    ``tolerance`` (after a small optimizer step: one iteration). Above ``POLAR_FALLBACK`` (a huge
+    step) the polar factor comes from an SVD, flipped to determinant +1 if the step crossed into the
+    reflections. Computed in float32 at least.
     """
     dtype = matrices.dtype
     x = matrices.to(torch.promote_types(dtype, torch.float32))
@@ -269,15 +254,8 @@ def check_orthogonal(rotations: Tensor, tolerance: float = 1e-4) -> None:
 
 
 def rotate(z: Tensor, rotation: Tensor, size: int, post_numel: int) -> Tensor:
-    """``R z`` on the rotated dimensions of ``z``, viewed as (..., n, P); P trailing entries stay apart.
-
-    Args:
-        z: A tensor whose trailing dimensions hold n * P entries: the rotated block, then the
-            ``post_shape`` block of P entries.
-        rotation: (n, n), or (K, n, n) to rotate a leading K dimension of ``z`` task by task.
-        size: n.
-        post_numel: P.
-    """
+    """``R z`` on the rotated dimensions of ``z``: its trailing ``size * post_numel`` entries viewed as (n, P), the
+    ``post_shape`` block of P entries apart; ``rotation`` is (n, n), or (K, n, n) for a leading K dimension of ``z``."""
     rotation = rotation.to(z.dtype)
     if post_numel == 1:  # flat: one (batch, n) x (n, n) product per matrix, with a plain matmul backward
         rows = z.reshape(-1, size) if rotation.dim() == 2 else z.reshape(rotation.shape[0], -1, size)
@@ -295,8 +273,7 @@ class RotationObjective(torch.autograd.Function):
     r"""``sum_k reduce_b || R_k v_b - R_k^{sg} g_{k,b} ||^2`` with its gradient in closed form.
 
     The residual ``r_k = R_k (v - g_k)`` is one product per task, and the gradient is
-    ``d/dR_k = 2 reduce_b r_{k,b} v_b^T`` (``R^{sg}`` stops gradients): two ``B n^2`` products per
-    task where autograd through ``R_k v - R_k^{sg} g_k`` takes three.
+    ``d/dR_k = 2 reduce_b r_{k,b} v_b^T`` (``R^{sg}`` stops gradients): two ``B n^2`` products per task.
     """
 
     @staticmethod
@@ -325,14 +302,12 @@ class RotationObjective(torch.autograd.Function):
 class TangentObjective(torch.autograd.Function):
     r"""The rotation objective as a function of the tangent parameters ``X_k`` (``orthogonal_map="retraction"``).
 
-    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and, with
-    ``A_k = tril(X_k) - tril(X_k)^T``, ``dL/dA_k = R_k^T dL/dR_k = 2 M_k`` where
-    ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k`` at all. The gradient is
-    ``tril(2 M_k - 2 M_k^T)``, as torch's trivialization reads ``X`` (the diagonal is 0), and as
-    ``v v^T`` is symmetric it is ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``:
-    one ``B n^2`` product per task and no (K, B, n) difference, packed to the entries below the
-    diagonal (the parameter's layout). The value is
-    ``sum_k ||v - g_k||^2 = K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
+    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and
+    ``dL/dA_k = R_k^T dL/dR_k = 2 M_k``, ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with
+    ``R_k``. The gradient ``tril(2 M_k - 2 M_k^T)`` is, as ``v v^T`` is symmetric,
+    ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``: one ``B n^2`` product per task,
+    packed to the entries below the diagonal. The value is
+    ``K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
     """
 
     @staticmethod

@@ -12,20 +12,13 @@ from torch import Tensor
 from mtlzoo.errors import NonPositiveLossError
 
 EPOCH_REMINDER_STEPS = 1_000
-"""Optimizer steps without any ``end_epoch()`` after which a per-epoch method (DWA, STCH) warns, once: longer
-than most epochs of the standard benchmarks (NYUv2, Cityscapes, CelebA at their usual batch sizes: 100 to 800
-steps), short enough that a forgotten call shows early."""
+"""Optimizer steps without any ``end_epoch()`` after which DWA and STCH warn, once: longer than most epochs of
+the standard benchmarks (100 to 800 steps), short enough that a forgotten call shows early."""
 
 
 def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str) -> None:
-    """Raise :class:`~mtlzoo.errors.NonPositiveLossError` if a loss is <= 0 (one host synchronisation).
-
-    Args:
-        losses: The present tasks' losses.
-        tasks: Their task indices (``None``: 0 to K-1).
-        method: The method's name, for the message (``"SI (si)"``).
-        takes: What the method does with the losses, for the message (``"takes the log of each loss"``).
-    """
+    """Raise :class:`~mtlzoo.errors.NonPositiveLossError` if a loss of tasks ``tasks`` (``None``: 0 to K-1) is <= 0,
+    naming ``method`` (``"SI (si)"``) and what it ``takes`` (``"takes the log of each loss"``)."""
     if losses.numel() == 0 or float(losses.detach().min()) > 0:
         return
     bad = losses.detach() <= 0
@@ -56,11 +49,8 @@ def per_task_numbers(value: Sequence[float] | Tensor, name: str, num_tasks: int,
 
 
 def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
-    """``sum_k p_k g_k`` with ``g`` held constant: a scalar whose gradient w.r.t. ``parameters`` is ``g``.
-
-    For an objective whose gradient has a closed form over K numbers (RotoGradNorm's): two operations in the
-    step's graph (its value is not the objective's).
-    """
+    """``sum_k p_k g_k``, ``g`` constant: a scalar whose gradient w.r.t. ``parameters`` is ``g`` (not the
+    objective's value), for an objective whose gradient has a closed form (RotoGradNorm's)."""
     return (parameters * torch.tensor(gradient, dtype=parameters.dtype, device=parameters.device)).sum()
 
 
@@ -73,11 +63,8 @@ def remind_end_epoch(method: str, steps: int, consequence: str, owner: Any) -> N
 
 
 def widen(strategy: torch.nn.Module, names: Sequence[str], dtype: torch.dtype) -> None:
-    """Make the float buffers ``names`` of ``strategy`` at least ``dtype`` wide (exactly: a value-preserving cast).
-
-    Running state that sums or averages the losses (DWA, STCH, GradNorm) then keeps the losses' precision: float64
-    losses, float64 state, though the strategy was built in the default dtype.
-    """
+    """Make the float buffers ``names`` of ``strategy`` at least ``dtype`` wide, so that state that sums or
+    averages float64 losses (DWA, STCH, GradNorm) is float64 though the strategy was built in float32."""
     for name in names:
         buffer = getattr(strategy, name)
         wider = torch.promote_types(buffer.dtype, dtype)

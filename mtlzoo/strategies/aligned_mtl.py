@@ -69,7 +69,6 @@ class AlignedMTL(GramianAggregator):
     one) use float32's ``eps`` also in float64.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default) or ``"representation"`` (the paper's Aligned-MTL-UB).
         pref_vector: K non-negative task weights ``w``; ``None`` for all ones.
         scale_mode: ``"min"``, ``"median"`` or ``"rmse"``.
@@ -87,15 +86,12 @@ class AlignedMTL(GramianAggregator):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Dmitry Senushkin", "Nikolay Patakin", "Arseny Kuznetsov", "Anton Konushin"),
-            title="Independent Component Alignment for Multi-Task Learning",
-            venue="CVPR",
-            year=2023,
-            url="https://arxiv.org/abs/2305.19000",
-        ),
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="parameters",
+            title="Independent Component Alignment for Multi-Task Learning", venue="CVPR", year=2023,
+            url="https://arxiv.org/abs/2305.19000"),
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="parameters",
         original_code="https://github.com/SamsungLabs/MTL",
     )
+    per_task = ("pref_vector",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None,
                  pref_vector: Sequence[float] | Tensor | None = None, scale_mode: ScaleMode = "min") -> None:
@@ -105,12 +101,6 @@ class AlignedMTL(GramianAggregator):
                              f"`scale_mode = {scale_mode!r}`.")
         self.pref_vector = preference(pref_vector, num_tasks)
         self.scale_mode = scale_mode
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            return self.info.properties - {"permutation_invariant"}
-        return self.info.properties
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         balance = balance_host(gramian, self.scale_mode)

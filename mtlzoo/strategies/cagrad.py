@@ -12,7 +12,7 @@ from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, lstsq
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_number
 
 RESCALES = (0, 1, 2)
 SMOOTHING = 1e-8
@@ -23,15 +23,11 @@ smooth at ``g_w = 0`` and the update continuous there."""
 def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
     r"""``w = argmin_{w in simplex} g_w . g_0 + c ||g_0|| ||g_w||`` on a unit-trace float64 Gramian.
 
-    The official code's problem, solved as it does by SLSQP (scipy), here with the exact
-    gradient and tight tolerances (``ftol=1e-12``), then polished by Newton steps on its active face;
-    ``||g_w||`` is smoothed by :data:`SMOOTHING`. Raises nothing: a solver that stops early gives a
-    :class:`~mtlzoo.errors.SolverWarning` and its last iterate, put back on the simplex.
-
-    First, the same Newton steps from the centre of the simplex on its whole face: where they reach a
-    point with every weight positive and equal partial derivatives (the problem's optimality
-    conditions there: the function is convex), that point is the minimiser SLSQP and the polishing
-    would reach (:func:`_interior_optimum`), and SLSQP is not run.
+    The official code's problem, solved as it does by SLSQP (scipy), here with the exact gradient
+    and ``ftol=1e-12``, then polished by Newton steps on its active face (:func:`_polish`), unless
+    Newton steps from the simplex's centre already reach the (convex) problem's interior minimiser
+    (:func:`_interior_optimum`). ``||g_w||`` is smoothed by :data:`SMOOTHING`. A solver that stops
+    early gives a :class:`~mtlzoo.errors.SolverWarning` and its last iterate, put back on the simplex.
     """
     size = gramian.shape[0]
     mean_products = gramian.mean(axis=1)  # g_k . g_0
@@ -59,9 +55,8 @@ def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
 
 
 def _interior_optimum(gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray | None:
-    """The minimiser when it lies inside the simplex (every weight positive), found by :func:`_polish`'s Newton
-    steps from the centre; ``None`` where they do not end at a point that satisfies the optimality conditions
-    (all weights above 1e-9, partial derivatives equal to 1e-10 of their size)."""
+    """The minimiser when it lies inside the simplex, by :func:`_polish` from the centre; ``None`` where that ends
+    off the optimality conditions (all weights above 1e-9, partial derivatives equal to 1e-10 of their size)."""
     size = gramian.shape[0]
     if size < 2:
         return None
@@ -75,12 +70,9 @@ def _interior_optimum(gramian: np.ndarray, linear: np.ndarray, radius: float) ->
 
 
 def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray:
-    """Newton steps on SLSQP's active face (its zero weights held at 0, the sum at 1), to rounding.
-
-    SLSQP stops at ``ftol`` on the objective, which leaves the weights right to about its square root;
-    these steps solve the face's optimality conditions exactly. A step that would leave the simplex or
-    raise the objective ends the polishing (SLSQP's point is then kept as far as polished).
-    """
+    """Newton steps on SLSQP's active face (zero weights held at 0, the sum at 1), to rounding: SLSQP's ``ftol``
+    leaves the weights right to about its square root. A step that would leave the simplex or raise the objective
+    ends the polishing."""
     support = np.flatnonzero(weights > 1e-9)
 
     def value(w: np.ndarray) -> float:
@@ -126,33 +118,25 @@ class CAGrad(GramianAggregator):
 
     As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
     the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
-    keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is the plain
-    sum of the task gradients (``ls``). The inner problem is solved on the unit-trace Gramian,
-    as the authors do, by SLSQP (here with the exact gradient and ``ftol=1e-12``, then Newton steps
-    on its active face to rounding; if SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning`
-    says so and its last iterate is used), skipped where Newton steps from the simplex's centre
-    already satisfy the optimality conditions (an interior optimum, the common case).
-    ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of ``||J||_F^2``) in the
-    problem, as the authors' objective (theirs adds 1e-8 in raw units), and in ``d``, where the
-    authors divide by ``||g_w|| + 1e-8`` instead (also raw units): the two agree unless
+    keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is ``ls``.
+    The inner problem is solved on the unit-trace Gramian, as the authors do, by SLSQP (here with
+    the exact gradient and ``ftol=1e-12``, then Newton steps on its active face to rounding; if
+    SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is
+    used), skipped where Newton steps from the simplex's centre already satisfy the optimality
+    conditions (an interior optimum). ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` =
+    1e-8 of ``||J||_F^2``) in the problem, as the authors' objective (theirs adds 1e-8 in raw units),
+    and in ``d``, where the authors divide by ``||g_w|| + 1e-8`` (raw units): the two agree unless
     ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``, and there this update stays
-    continuous and independent of the gradients' scale, tending to ``g_0`` where ``g_w`` vanishes
-    (0 is in the gradients' hull and no update within the ball improves every task).
+    continuous and independent of the gradients' scale, tending to ``g_0`` where ``g_w`` vanishes.
 
-    ``rescale`` stays a hyperparameter (not a modifier): it is the authors' constant factor of
-    their own update, tied to ``c``.
-
-    Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (no rescaling, no
-    factor K: its update is this one times ``(1 + c^2) / K``), solves the inner problem with
-    Clarabel, and returns zero when ``||g_w|| < 1e-4`` on its normalised Gramian or when the
-    Gramian's trace is below 1e-4.
+    Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (its update is this
+    one times ``(1 + c^2) / K``), solves the inner problem with Clarabel, and returns zero when
+    ``||g_w|| < 1e-4`` on its normalised Gramian or when the Gramian's trace is below 1e-4.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         c: Radius of the ball, as a fraction of ``||g_0||`` (the paper's ``c``; its experiments use
             0.4 on NYUv2 and CityScapes, the default here, and 0.9 in multi-task RL).
-        rescale: 0, 1 or 2 (see above).
+        rescale: 0, 1 or 2 (see above): the authors' constant factor of their update, tied to ``c``.
 
     Example:
         >>> import torch, mtlzoo
@@ -167,23 +151,17 @@ class CAGrad(GramianAggregator):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Bo Liu", "Xingchao Liu", "Xiaojie Jin", "Peter Stone", "Qiang Liu"),
-            title="Conflict-Averse Gradient Descent for Multi-task Learning",
-            venue="NeurIPS",
-            year=2021,
-            url="https://arxiv.org/abs/2110.14048",
-        ),
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="parameters",
+            title="Conflict-Averse Gradient Descent for Multi-task Learning", venue="NeurIPS", year=2021,
+            url="https://arxiv.org/abs/2110.14048"),
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="parameters",
         original_code="https://github.com/Cranial-XIX/CAGrad",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, c: float = 0.4, rescale: int = 1) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not (c >= 0 and math.isfinite(c)):
-            raise ValueError(f"Parameter `c` should be a non-negative number. Found `c = {c!r}`.")
         if rescale not in RESCALES or isinstance(rescale, bool):
             raise ValueError(f"Parameter `rescale` should be one of {RESCALES}. Found `rescale = {rescale!r}`.")
-        self.c = float(c)
+        self.c = check_number("c", c)
         self.rescale = rescale
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:

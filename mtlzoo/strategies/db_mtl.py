@@ -98,7 +98,7 @@ class DualBalance(DirectionAggregator):
         rows = gradients.reshape(gradients.shape[0], -1)
         committed = self._averages(rows)
         rate = self.beta / (self.state.steps + 1) ** self.beta_sigma
-        if self.first_micro_batch:
+        if self.micro_batch == 0:
             averages, seen, before = committed.clone(), torch.zeros_like(self.state.seen), None
         else:  # the step so far: its averages, and the update its earlier micro-batches gave
             averages, seen = self.state.averages.clone(), self.state.seen.clone()

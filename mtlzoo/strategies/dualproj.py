@@ -32,8 +32,6 @@ class DualProj(DualConeSurgery):
     1e-4) and ``reg_eps`` defaults to 0 (torchjd adds 1e-4 I); with ``reg_eps=1e-4`` they agree.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         pref_vector: K non-negative weights of the combination to project; ``None`` for ``1/K'``
             each over the K' tasks present.
         reg_eps: ``eps`` of ``G / tr(G) + eps I`` (0: the exact projection).
@@ -51,14 +49,10 @@ class DualProj(DualConeSurgery):
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("David Lopez-Paz", "Marc'Aurelio Ranzato"),
-            title="Gradient Episodic Memory for Continual Learning",
-            venue="NeurIPS",
-            year=2017,
-            url="https://arxiv.org/abs/1706.08840",
-        ),
+            title="Gradient Episodic Memory for Continual Learning", venue="NeurIPS", year=2017,
+            url="https://arxiv.org/abs/1706.08840"),
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="parameters",
-        original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
+        cost="parameters", original_code="https://github.com/facebookresearch/GradientEpisodicMemory",
     )
 
     regularization_breaks = frozenset({"non_conflicting"})

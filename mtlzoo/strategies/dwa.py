@@ -10,14 +10,11 @@ from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 DWA_PAPER = Paper(
-    authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"),
-    title="End-to-End Multi-Task Learning with Attention",
-    venue="CVPR",
-    year=2019,
-    url="https://arxiv.org/abs/1803.10704",
+    authors=("Shikun Liu", "Edward Johns", "Andrew J. Davison"), title="End-to-End Multi-Task Learning with Attention",
+    venue="CVPR", year=2019, url="https://arxiv.org/abs/1803.10704",
 )
 TAKES = "divides each task's average loss over an epoch by the one of the epoch before"
 
@@ -38,17 +35,14 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     more weight; the weights sum to K and stay fixed within an epoch. For the first two epochs
     (no two averages yet) every weight is 1, as the paper.
 
-    Epochs are told by the protocol's hook: call ``mtl.end_epoch()`` after each epoch. The epoch
-    average is over the epoch's backward calls (micro-batches included), counted once each
-    optimizer step is taken. A task absent from a whole epoch keeps its previous average (ratio 1
-    next time). Without any ``end_epoch()``, DWA keeps equal weights and warns once after
-    ``reminder_steps`` steps (1000 by default). A loss <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError` in the backward that sees it, naming the task,
-    before anything is back-propagated or summed (so every epoch average is positive). The sums
-    and averages are kept in the losses' dtype (float64 losses: float64 state).
+    Call ``mtl.end_epoch()`` after each epoch; without any, DWA keeps equal weights and warns once
+    after ``reminder_steps`` steps (1000 by default). The epoch average is over the epoch's backward
+    calls, counted once each optimizer step is taken. A task absent from a whole epoch keeps its
+    previous average (ratio 1 next time). A loss <= 0 raises
+    :class:`~mtlzoo.errors.NonPositiveLossError` before anything is back-propagated or summed,
+    naming the task. The averages are kept in the losses' dtype.
 
     Args:
-        num_tasks: K.
         temperature: ``T > 0``; a larger one makes the weights more uniform. The paper uses 2.
 
     Example:
@@ -61,34 +55,21 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="dwa",
-        aliases=("dynamic_weight_average",),
-        kind="weighting",
+        name="dwa", aliases=("dynamic_weight_average",),
         summary="Weights from the ratio of each task's last two epoch-averaged losses (temperature T).",
-        paper=DWA_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=DWA_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/lorenmt/mtan",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
     widening = ("loss_sums", "averages", "epoch_weights")
+    per_task = ("epoch_weights",)
 
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-                or math.isinf(temperature):
-            raise ValueError(f"Parameter `temperature` should be a finite positive number. Found `temperature = "
-                             f"{temperature!r}`.")
-        self.temperature = float(temperature)
+        self.temperature = check_number("temperature", temperature, positive=True)
         self.declare_state(per_step="every", loss_sums=torch.zeros(num_tasks), loss_counts=torch.zeros(num_tasks))
         self.declare_state(averages=torch.full((2, num_tasks), math.nan), epoch_weights=torch.ones(num_tasks),
                            epoch=0, steps_in_epoch=0)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if bool((self.epoch_weights == self.epoch_weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         """``sum_k w_k(t) L_k`` with this epoch's weights (constants: they do not depend on this step's losses)."""

@@ -105,7 +105,7 @@ class ExcessMTL(Aggregator):
 
     def task_weights(self, gradients: Tensor, tasks: Tensor) -> Tensor:
         """``λ`` of the present tasks (float64) for their finite gradients ``(K', ...)``, staging the new state."""
-        if not self.first_micro_batch:  # the step's weights, set by its first micro-batch
+        if self.micro_batch != 0:  # the step's weights, set by its first micro-batch
             return self.state.weights.detach().cpu()[tasks.cpu()]
         rows = gradients.sum(1) if self.target == "representation" else gradients  # summed over the batch
         rows = rows.reshape(rows.shape[0], -1).detach()

@@ -12,14 +12,11 @@ from torch import Tensor
 from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import WidensState, check_positive, per_task_numbers, widen
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 FAMO_PAPER = Paper(
-    authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"),
-    title="FAMO: Fast Adaptive Multitask Optimization",
-    venue="NeurIPS",
-    year=2023,
-    url="https://arxiv.org/abs/2306.03792",
+    authors=("Bo Liu", "Yihao Feng", "Peter Stone", "Qiang Liu"), title="FAMO: Fast Adaptive Multitask Optimization",
+    venue="NeurIPS", year=2023, url="https://arxiv.org/abs/2306.03792",
 )
 EPSILON = 1e-8
 """Added to ``L_k - b_k`` before its log, as the authors' code."""
@@ -41,29 +38,22 @@ class FAMO(WidensState, LossWeighting):
     ``c = ( sum_k z_k / (L_k - b_k + eps) )^-1`` (held constant),
 
     which moves every ``log L_k`` at the same rate when the logits are right. After the optimizer
-    step, the same batch's losses are evaluated again (``mtl.step(opt, post_step_losses=lambda:
-    losses(mtl(x), y))``, under ``torch.no_grad()``), and the logits take one Adam step (learning
-    rate ``lr``, weight decay ``gamma``) along ``J_softmax^T delta`` with
-    ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
+    step the same batch's losses are evaluated again (``mtl.step(opt, post_step_losses=lambda:
+    losses(mtl(x), y))``) and the logits take one Adam step (``lr``, weight decay ``gamma``) along
+    ``J_softmax^T delta``, ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
-    The logits (the buffer ``logits``) are the strategy's own state, stepped only by that inner
-    optimizer, a ``torch.optim.Adam`` over the K logits (on the host), whose state (moments and
-    step count) is declared state too, saved exactly in ``state_dict()``; none is among
-    ``strategy_parameters()``, so the user's optimizer never steps them. The logits are kept in
-    the losses' dtype (at least float32, as the authors' code keeps them in the model's).
-    ``L^before`` is the step's loss (averaged over its micro-batches). Without the post-step
-    losses (``post_step_losses`` not given, the wrapper warns once) the logits stay at 0: plain
-    ``sum_k log L_k`` with equal ``z``. An absent task keeps its logit and moments (the step
-    count is the optimizer's, shared); the others' softmax is taken without it. A loss at or below
-    its lower bound raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the
-    state left as it was.
+    The logits (the buffer ``logits``, in the losses' dtype, at least float32) are stepped only by
+    that inner ``torch.optim.Adam`` (on the host), whose state is declared state too, saved in
+    ``state_dict()``; the user's optimizer never steps them. ``L^before`` is the step's loss
+    (averaged over its micro-batches). Without the post-step losses (the wrapper warns once) the
+    logits stay at 0: plain ``sum_k log L_k``. An absent task keeps its logit and moments; the
+    others' softmax is taken without it. A loss at or below its lower bound raises
+    :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
 
     Args:
-        num_tasks: K.
         lr: The inner Adam's learning rate, ``>= 0``. The paper uses 0.025.
         gamma: The weight decay on the logits, ``>= 0``. 1e-3, as the paper's Algorithm 2 (and LibMTL); the
-            authors' code defaults to 1e-5 in its experiments' weighting class (0.01 in its stand-alone
-            ``famo.py``, 1e-3 in its QM9 script).
+            authors' code uses 1e-5 in its experiments (0.01 in its stand-alone ``famo.py``, 1e-3 for QM9).
         min_losses: The lower bounds ``b_k`` of the losses (K numbers, default zeros).
 
     Example:
@@ -75,38 +65,26 @@ class FAMO(WidensState, LossWeighting):
 
     info = StrategyInfo(
         name="famo",
-        kind="weighting",
         summary="Weights on the log-losses from task logits learned by the losses' decrease over each step.",
-        paper=FAMO_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=FAMO_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/Cranial-XIX/FAMO",
     )
     wants_post_step_losses = True
     widening = ("logits",)
+    per_task = ("logits", "min_losses")
 
     def __init__(self, num_tasks: int, lr: float = 0.025, gamma: float = 1e-3,
                  min_losses: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
-        for name, value in (("lr", lr), ("gamma", gamma)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"Parameter `{name}` should be a finite number >= 0. Found `{name} = {value!r}`.")
         bounds = torch.zeros(num_tasks) if min_losses is None else per_task_numbers(min_losses, "min_losses", num_tasks,
                                                                                     non_negative=False)
-        self.lr = float(lr)
-        self.gamma = float(gamma)
+        self.lr = check_number("lr", lr)
+        self.gamma = check_number("gamma", gamma)
         self.register_buffer("min_losses", bounds)
         # logits: the inner Adam's parameter; inner: its state (step, exp_avg, exp_avg_sq as host floats);
         # losses_before: the last step's K losses; step_losses: this step's sums and counts over its micro-batches
         self.declare_state(logits=torch.zeros(num_tasks), inner={}, losses_before=None)
         self.declare_state(per_step="every", step_losses=None)
-
-    @property
-    def properties(self) -> frozenset[str]:
-        logits, bounds = self.logits, self.min_losses
-        if bool((logits == logits[0]).all()) and bool((bounds == bounds[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     @property
     def task_weights(self) -> Tensor:
@@ -188,7 +166,6 @@ class FAMO(WidensState, LossWeighting):
             self.state.inner = {"step": float(state["step"]), **{name: state[name].tolist() for name in _MOMENTS}}
             self.state.losses_before = None
 
-    # ------------------------------------------------------------------ views and former checkpoints
     @property
     def adam_exp_avg(self) -> Tensor:
         """The inner Adam's first moments of the logits (0 before its first step)."""

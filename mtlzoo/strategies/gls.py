@@ -11,9 +11,7 @@ from mtlzoo.strategy import Paper, StrategyInfo
 GLS_PAPER = Paper(
     authors=("Sumanth Chennupati", "Ganesh Sistu", "Senthil Yogamani", "Samir A. Rawashdeh"),
     title="MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss Strategy for Multi-Task Learning",
-    venue="CVPR-W",
-    year=2019,
-    url="https://arxiv.org/abs/1904.08492",
+    venue="CVPR-W", year=2019, url="https://arxiv.org/abs/1904.08492",
 )
 TAKES = "takes the product (the geometric mean) of the losses"
 
@@ -28,9 +26,6 @@ class GeometricLossStrategy(LossWeighting):
     times a common factor. With absent tasks, K is the number of present ones. Every present loss
     must be > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> mtlzoo.create("gls", num_tasks=2).weights(torch.tensor([1.0, 4.0]))
@@ -38,14 +33,9 @@ class GeometricLossStrategy(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="gls",
-        aliases=("geometric_mean", "geometric_loss_strategy"),
-        kind="weighting",
-        summary="Geometric mean of the losses: weights proportional to 1 / L_k.",
-        paper=GLS_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
-        original_code="",
+        name="gls", aliases=("geometric_mean", "geometric_loss_strategy"),
+        summary="Geometric mean of the losses: weights proportional to 1 / L_k.", paper=GLS_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward", original_code="",
     )
 
     def scalarize(self, losses: Tensor) -> Tensor:

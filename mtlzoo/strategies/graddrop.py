@@ -12,7 +12,7 @@ from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.protocol import Request, StepInputs
 from mtlzoo.roles import DirectionAggregator
 from mtlzoo.strategies.pcgrad import drawing, initial_stream
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 
 class GradDrop(DirectionAggregator):
@@ -35,44 +35,28 @@ class GradDrop(DirectionAggregator):
     ``keep_gradnorm_constant``: ``d = t ||t|| / ||o||`` with ``o = sum_k g_k`` the gradient the
     plain sum of the losses would give (norms over the whole batch).
 
-    The three choices are options (all on by default, as the authors'):
-
-    - ``marginalize_batch`` (lingvo's ``marginalize_batch_dim``): one purity and one ``U`` per
-      feature from the batch-summed signal; off, one per (sample, feature) from each sample's
-      gradients (mtlzoo 0.1.0's only variant, and torchjd 0.18's on its matrix);
-    - ``input_sign`` (lingvo's ``use_input_sign_only``): the signal is the gradient times
-      ``sgn(z)``, the sign of the representation of the training forward this backward follows
-      (the paper's line 4); off, the gradient itself (LibMTL multiplies by ``sgn(z)`` too; torchjd
-      has no ``z``);
-    - ``rescale_norm`` (lingvo's ``keep_gradnorm_constant``): the rescaling above, which is what
-      lingvo's formula computes (its parameter's description speaks of keeping the norm constant,
-      which that formula does not do: mtlzoo follows the code the paper's results came from);
-      off, ``d = t`` (LibMTL).
-
     On ``target="parameters"`` there is neither batch nor input: the gradients are one row per
-    task, ``s_k = g_k`` and ``U`` is drawn per element (the first two options do not apply). With
-    a zero signal (``s_k = 0``) a task's gradient is kept, as lingvo's mask does; where every task's
-    signal is 0 the purity is taken as 1/2. Lingvo's ``epsilon = 1e-7`` (in the purity's and the
-    rescaling's divisors, an absolute constant that makes the update depend on the gradients'
-    scale) is left out: divisions are exact, ``0 / 0`` giving ``d = 0``.
-
-    Worked example (issue 19): K = 2, a batch of 2, one feature, ``z = +1``, ``g_1 = (1, -3)``,
-    ``g_2 = (1, 0)``: ``s = (-2, 1)``, ``P = 1/3``; with probability 1/3 the positive task is kept,
-    ``t = (1, 0)``, else ``t = (1, -3)`` (lingvo's and LibMTL's answers; ``rescale_norm`` then
-    multiplies by ``||t|| / ||(2, -3)||``).
-
-    ``U`` comes from the strategy's own random stream (seeded from torch's at construction or by
-    ``seed``, saved in ``state_dict()``); for a fixed draw the update is permutation invariant
-    and scales with the gradients.
+    task, ``s_k = g_k`` and ``U`` is drawn per element. A task with a zero signal is kept, as
+    lingvo's mask does; where every signal is 0 the purity is 1/2. Lingvo's ``epsilon = 1e-7`` (an
+    absolute constant in the purity's and the rescaling's divisors, which makes the update depend
+    on the gradients' scale) is left out: divisions are exact, ``0 / 0`` giving ``d = 0``. Worked
+    example (issue 19): K = 2, a batch of 2, one feature, ``z = +1``, ``g_1 = (1, -3)``,
+    ``g_2 = (1, 0)``: ``s = (-2, 1)``, ``P = 1/3``; with probability 1/3 ``t = (1, 0)``, else
+    ``t = (1, -3)`` (lingvo's and LibMTL's answers). ``U`` comes from the strategy's own random
+    stream (seeded from torch's or by ``seed``, saved in ``state_dict()``); for a fixed draw the
+    update is permutation invariant and scales with the gradients.
 
     Args:
-        num_tasks: K.
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
         leak: ``l``: one number for every task, or K numbers in [0, 1] (1 lets a task's gradient
             through untouched; the paper's transfer-learning setting leaks the main task).
-        marginalize_batch: Sum the signal over the batch (see above).
-        input_sign: Multiply the signal by ``sgn(z)`` (see above).
-        rescale_norm: lingvo's rescaling ``t ||t|| / ||o||`` (see above).
+        marginalize_batch: lingvo's ``marginalize_batch_dim``: one purity and one ``U`` per feature
+            from the batch-summed signal; ``False``, one per (sample, feature) (torchjd 0.18's variant).
+        input_sign: lingvo's ``use_input_sign_only``: the signal is the gradient times ``sgn(z)`` of
+            the training forward (the paper's line 4, LibMTL too); ``False``, the gradient itself.
+        rescale_norm: lingvo's ``keep_gradnorm_constant``: the rescaling ``t ||t|| / ||o||`` its code
+            computes (which does not keep the norm constant, as its description says); ``False``,
+            ``d = t`` (LibMTL).
         seed: Seed of ``U``; ``None`` draws one from torch's generator.
 
     Example:
@@ -87,15 +71,11 @@ class GradDrop(DirectionAggregator):
         summary="Per feature, keeps the positive or the negative task gradients at random, by sign purity.",
         request=Request("representation", "gradients"),
         paper=Paper(
-            authors=("Zhao Chen", "Jiquan Ngiam", "Yanping Huang", "Thang Luong", "Henrik Kretzschmar",
-                     "Yuning Chai", "Dragomir Anguelov"),
-            title="Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
-            venue="NeurIPS",
-            year=2020,
-            url="https://arxiv.org/abs/2010.06808",
-        ),
-        stochastic=True,
-        cost="representation",
+            authors=("Zhao Chen", "Jiquan Ngiam", "Yanping Huang", "Thang Luong", "Henrik Kretzschmar", "Yuning Chai",
+                     "Dragomir Anguelov"),
+            title="Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout", venue="NeurIPS",
+            year=2020, url="https://arxiv.org/abs/2010.06808"),
+        stochastic=True, cost="representation",
         original_code="https://github.com/tensorflow/lingvo/blob/master/lingvo/core/graddrop.py",
     )
     unchecked_settings = ("seed",)
@@ -111,14 +91,10 @@ class GradDrop(DirectionAggregator):
         if values.shape != (num_tasks,) or not bool(((values >= 0) & (values <= 1)).all()):
             raise ValueError(f"Parameter `leak` should be a number or {num_tasks} numbers in [0, 1]. Found "
                              f"`leak = {leak!r}`.")
-        for name, flag in (("marginalize_batch", marginalize_batch), ("input_sign", input_sign),
-                           ("rescale_norm", rescale_norm)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"Parameter `{name}` should be True or False. Found `{name} = {flag!r}`.")
         self.leaks = values
-        self.marginalize_batch = marginalize_batch
-        self.input_sign = input_sign
-        self.rescale_norm = rescale_norm
+        self.marginalize_batch = check_flag("marginalize_batch", marginalize_batch)
+        self.input_sign = check_flag("input_sign", input_sign)
+        self.rescale_norm = check_flag("rescale_norm", rescale_norm)
         self.declare_state(per_step="every", generator=initial_stream(seed))
 
     @property

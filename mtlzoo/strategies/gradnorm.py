@@ -1,8 +1,6 @@
 r"""GradNorm: loss weights learned so that the tasks' gradient norms train at balanced rates.
 
-The machinery here (the reference losses ``L_k(0)`` and ratios, the relative inverse training
-rates, the L1 objective with constant targets) is written as small functions so that RotoGradNorm,
-which keeps the original ``rotograd`` package's variant, can share it where the two coincide.
+Its pieces are small functions that RotoGradNorm (the ``rotograd`` package's variant) shares.
 """
 
 from __future__ import annotations
@@ -14,18 +12,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.linalg import row_norms, tiny
+from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
-from mtlzoo.roles.weighting import LossWeighting, working_dtype
+from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies._weighting import WidensState, widen
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 GRADNORM_PAPER = Paper(
     authors=("Zhao Chen", "Vijay Badrinarayanan", "Chen-Yu Lee", "Andrew Rabinovich"),
-    title="GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks",
-    venue="ICML",
-    year=2018,
-    url="https://arxiv.org/abs/1711.02257",
+    title="GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks", venue="ICML",
+    year=2018, url="https://arxiv.org/abs/1711.02257",
 )
 Target = Literal["parameters", "representation"]
 ALL_SHARED = "all"
@@ -51,9 +47,7 @@ def inverse_training_rates(ratios: Tensor, alpha: float, floor: float | None = N
 
 def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_norm: Tensor | float,
                        alpha: float, floor: float | None = None) -> Tensor:
-    """``L_grad = sum_k | w_k n_k - target_norm r_k^alpha |``, differentiable in ``weights`` only.
-
-    GradNorm's gradient loss (Algorithm 1) with the targets held constant.
+    """GradNorm's gradient loss (Algorithm 1) ``sum_k | w_k n_k - target_norm r_k^alpha |``, targets constant.
 
     Args:
         weights: The present tasks' weights ``w_k`` (requiring grad).
@@ -68,18 +62,15 @@ def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_no
 
 
 def loss_ratio_values(losses: list[float], tasks: list[int], reference: list[float]) -> list[float]:
-    """:func:`loss_ratios` on host floats: ``L_k / L_k(t_0)`` of tasks ``tasks`` (RotoGradNorm's face)."""
+    """:func:`loss_ratios` on host floats, of tasks ``tasks`` (RotoGradNorm's face)."""
     chosen = torch.tensor(reference, dtype=torch.float64)[torch.tensor(tasks, dtype=torch.long)]
     return loss_ratios(torch.tensor(losses, dtype=torch.float64), chosen).tolist()
 
 
 def gradnorm_weight_gradient(weights: list[float], norms: list[float], ratios: list[float], target_norm: float,
                              alpha: float, floor: float) -> list[float]:
-    """``dL_grad/dw_k = sign(w_k n_k - target_k) n_k`` on host floats: autograd of :func:`gradnorm_objective`.
-
-    0 where the difference is 0 or not a number (autograd's ``|x|``). ``floor`` bounds the mean ratio from below
-    (RotoGradNorm's face: it passes the smallest normal number of its dtype).
-    """
+    """``dL_grad/dw_k = sign(w_k n_k - target_k) n_k`` on host floats (RotoGradNorm's face): autograd of
+    :func:`gradnorm_objective`, so 0 where the difference is 0 or not a number."""
     with torch.enable_grad():
         leaf = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
         objective = gradnorm_objective(leaf, torch.tensor(norms, dtype=torch.float64),
@@ -101,15 +92,13 @@ class GradNorm(WidensState, LossWeighting):
 
     with the targets ``mean_j(G_j) r_k^alpha`` held constant (Algorithm 1), and after every
     optimizer step they are renormalised to ``sum_k w_k = K``. ``W`` is the last shared layer's
-    weights, the paper's choice; the norms come without a Jacobian (see :func:`mtlzoo.autograd.layer_norms`:
-    for a last layer ``z = h W^T + b``, ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's
-    loss at its first step (from that step's first micro-batch). An absent task is left out of the
-    means and its weight gets no gradient (the renormalisation still rescales it with the others).
-    The ratios and targets are computed in the losses' dtype (float64 losses: float64 throughout).
+    weights, the paper's choice (the norms come without a Jacobian: for ``z = h W^T + b``,
+    ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's loss at its first step. An absent task
+    is left out of the means and its weight gets no gradient. Computed in the losses' dtype.
 
     Under an aggregator: with ``layer="all"`` GradNorm reads the norms on every shared parameter
-    (with ``target="representation"``, on ``z``), the statistic an aggregator on that target reads,
-    so the two compose (the aggregator combines the gradients of the weighted losses ``w_k L_k``)::
+    (with ``target="representation"``, on ``z``), what an aggregator on that target reads, so the
+    two compose (the aggregator combines the gradients of the weighted losses ``w_k L_k``)::
 
         mtlzoo.compose(weighting=GradNorm(K, alpha=1.5, layer="all"), aggregator="upgrad")
 
@@ -119,7 +108,6 @@ class GradNorm(WidensState, LossWeighting):
     variant instead (targets from the norm of the weighted mean gradient, weights ``K softmax(θ)``).
 
     Args:
-        num_tasks: K.
         alpha: The asymmetry ``alpha >= 0`` (required): how strongly tasks that train slower are
             pulled up. The paper tunes it per problem (0.12 on its synthetic regression, 1.5 on
             NYUv2); 0 equalises the gradient norms.
@@ -139,27 +127,20 @@ class GradNorm(WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="gradnorm",
-        kind="weighting",
-        request=Request("parameters", "norms", parameters=LAST_LAYER),
+        name="gradnorm", request=Request("parameters", "norms", parameters=LAST_LAYER),
         summary="Learns loss weights so that the task gradient norms on the last shared layer train at equal rates.",
-        paper=GRADNORM_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="layer",
-        original_code="",
+        paper=GRADNORM_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True,
+        optimizer="adam", lr=1e-2, cost="layer", original_code="",
         suggested={"alpha": 1.5},  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
     )
 
     widening = ("initial_losses",)
+    per_task = ("task_weights",)
 
     def __init__(self, num_tasks: int, *, alpha: float, layer: str | Sequence[str] | None = None,
                  target: Target = "parameters") -> None:
         super().__init__(num_tasks)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
-            raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found `alpha = {alpha!r}`.")
+        self.alpha = check_number("alpha", alpha)
         if target not in ("parameters", "representation"):
             raise ValueError(f"Parameter `target` should be 'parameters' or 'representation'. Found `target = "
                              f"{target!r}`.")
@@ -167,7 +148,6 @@ class GradNorm(WidensState, LossWeighting):
         if layer is not None and target == "representation":
             raise ValueError("Parameter `layer` names parameters, so it needs target='parameters'. Found "
                              f"`layer = {layer!r}` with `target = 'representation'`.")
-        self.alpha = float(alpha)
         self.layer = names
         self.target: Target = target
         self._request = Request("representation", "norms") if target == "representation" else Request(
@@ -179,14 +159,6 @@ class GradNorm(WidensState, LossWeighting):
     def request(self) -> Request:
         return self._request
 
-    @property
-    def properties(self) -> frozenset[str]:
-        weights = self.task_weights.detach()
-        if bool((weights == weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
-
-    # ------------------------------------------------------------------ the weights
     def scalarize(self, losses: Tensor) -> Tensor:
         """``sum_k w_k L_k`` with the learned weights held constant (they learn from ``L_grad`` only)."""
         self._stage_reference(losses.detach())
@@ -229,7 +201,7 @@ class GradNorm(WidensState, LossWeighting):
         weights = self.of_present(self.task_weights, tasks)
         if not weights.requires_grad:
             return None
-        dtype = torch.promote_types(weighted_norms.dtype, working_dtype(losses))
+        dtype = torch.promote_types(weighted_norms.dtype, compute_dtype(losses.dtype))
         weighted_norms = weighted_norms.to(dtype)
         reference = self.of_present(self.state.initial_losses, tasks).to(dtype)
         norms = weighted_norms / weights.detach().to(dtype).clamp_min(tiny(dtype))  # the engine's are of w_k L_k
@@ -249,7 +221,6 @@ class GradNorm(WidensState, LossWeighting):
             objective.backward()
         return torch.tensordot(weights, grads, dims=1)
 
-    # ------------------------------------------------------------------ lifecycle
     def on_advance(self) -> None:
         """The renormalisation ``sum_k w_k = K`` (after the floor), once per optimizer step."""
         with torch.no_grad():

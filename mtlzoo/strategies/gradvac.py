@@ -18,10 +18,9 @@ def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
                     orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r"""GradVac's weights ``c = C^T 1`` on a float64 host Gramian, and the updated targets.
 
-    Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]`` (t = 0, 1, ...), as in
-    :class:`GradVac`'s formula; ``P = C G`` (the products ``g_i^{PC} . g_j``) is kept up to date with
-    each correction and ``||g_i^{PC}||^2 = (C P^T)_ii`` read afresh at every visit. The rows are
-    independent, so step t is taken for all of them at once.
+    Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]``, as in :class:`GradVac`'s formula;
+    ``P = C G`` is kept up to date and ``||g_i^{PC}||^2 = (C P^T)_ii`` read at every visit; step t is taken
+    for all rows at once.
     """
     size = matrix.shape[0]
     rows = np.arange(size)
@@ -65,25 +64,20 @@ class GradVac(GramianAggregator):
         \qquad \hat φ_{ij} \leftarrow (1 - β) \hat φ_{ij} + β φ_{ij},
 
     and ``d = sum_i g_i^{PC}``: the correction makes the pair's cosine exactly ``φ̂_ij``. The
-    targets start at 0, where GradVac is PCGrad. Computed on the Gramian (a weighting of the
-    rows), on the whole gradient (the paper also applies it per layer). A zero gradient takes
-    part in no correction and leaves its targets as they are; ``|φ̂|`` is capped at ``1 - 1e-6``
-    in the correction's divisor (the formula's step is infinite at 1).
+    targets start at 0, where GradVac is PCGrad. Computed on the Gramian, on the whole gradient
+    (the paper also applies it per layer). A zero gradient takes part in no correction and keeps
+    its targets; ``|φ̂|`` is capped at ``1 - 1e-6`` in the divisor (the step is infinite at 1).
 
-    Running state: the K x K targets ``φ̂`` (a buffer), updated at ``advance()`` from the step's
-    first micro-batch (later micro-batches of the step read the same targets); a task absent
-    from a step keeps its targets. The task orders come from the strategy's own generator
-    (seeded from torch's at construction, or by ``seed``; saved in ``state_dict()``). With two
-    tasks the order does not matter and GradVac is deterministic.
+    Running state: the K x K targets ``φ̂``, updated at ``advance()`` from the step's first
+    micro-batch; a task absent from a step keeps its targets. The task orders come from the
+    strategy's own generator (seeded from torch's, or by ``seed``; saved in ``state_dict()``).
 
     Differences from torchjd 0.18's ``GradVac``: torchjd adds ``eps = 1e-8`` to the divisors
     (an absolute constant, so the result depends on the gradients' scale), updates its targets at
     every call rather than once per optimizer step, and draws the orders from torch's global
-    generator; here divisors are exact, with zero gradients and targets of ``|φ̂| = 1`` handled
-    as above.
+    generator.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         beta: EMA rate ``β`` of the targets, in [0, 1]; 0.5 as LibMTL and torchjd.
         seed: Seed of the task orders; ``None`` draws one from torch's generator.
@@ -106,13 +100,8 @@ class GradVac(GramianAggregator):
             authors=("Zirui Wang", "Yulia Tsvetkov", "Orhan Firat", "Yuan Cao"),
             title="Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively "
                   "Multilingual Models",
-            venue="ICLR",
-            year=2021,
-            url="https://arxiv.org/abs/2010.05874",
-        ),
-        stochastic=True,
-        cost="parameters",
-        original_code="",
+            venue="ICLR", year=2021, url="https://arxiv.org/abs/2010.05874"),
+        stochastic=True, cost="parameters", original_code="",
     )
     unchecked_settings = ("seed",)
     """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""

@@ -6,8 +6,8 @@ from typing import ClassVar
 
 from mtlzoo.protocol import Request
 from mtlzoo.roles.composite import Composite
-from mtlzoo.strategies.imtl_g import IMTL_PAPER, IMTLG
-from mtlzoo.strategies.imtl_l import IMTLL
+from mtlzoo.strategies.imtl_g import IMTLG
+from mtlzoo.strategies.imtl_l import IMTL_PAPER, IMTLL
 from mtlzoo.strategy import StrategyInfo, Target
 
 
@@ -34,7 +34,6 @@ class IMTL(Composite):
     load.
 
     Args:
-        num_tasks: K.
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
 
     Example:
@@ -47,14 +46,9 @@ class IMTL(Composite):
     info = StrategyInfo(
         name="imtl",
         summary="IMTL-L's learned loss scales with IMTL-G's equal-projection gradient weights (hybrid balance).",
-        request=Request("representation", "gramian"),
-        paper=IMTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="representation",
-        original_code="",
+        request=Request("representation", "gramian"), paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True, optimizer="adam", lr=1e-2,
+        cost="representation", original_code="",
     )
     composes = ("weighting", "aggregator")
     renamed: ClassVar[dict[str, str]] = {"loss_scales": "weighting"}

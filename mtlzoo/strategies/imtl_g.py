@@ -9,30 +9,18 @@ from torch import Tensor
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import from_host, lstsq, to_host
-from mtlzoo.strategy import Paper, StrategyInfo, Target
-
-IMTL_PAPER = Paper(
-    authors=("Liyang Liu", "Yi Li", "Zhanghui Kuang", "Jing-Hao Xue", "Yimin Chen", "Wenming Yang", "Qingmin Liao",
-             "Wayne Zhang"),
-    title="Towards Impartial Multi-task Learning",
-    venue="ICLR",
-    year=2021,
-    url="https://openreview.net/forum?id=IMPnRXEWpvr",
-)
+from mtlzoo.strategies.imtl_l import IMTL_PAPER
+from mtlzoo.strategy import StrategyInfo, Target
 
 
 def equal_projection_weights(gramian: Tensor) -> Tensor:
     r"""IMTL-G's weights ``a`` for a Gramian: ``sum_k a_k = 1`` and ``d = J^T a`` with ``d . u_k`` equal for all k.
 
-    With ``u_k = g_k / ||g_k||`` the conditions read ``G a = t n`` (``n_k = ||g_k||``) and ``1^T a = 1``. In
-    the variables ``b = n * a`` (``a_k = b_k / n_k``) they are ``C b = t 1`` on the correlation matrix
-    ``C = D^-1 G D^-1`` (``D = diag(n)``: the cosines of the task gradients, each known to the rounding of
-    the dtype the Gramian was computed in, whatever the gradients' sizes), with ``sum_k b_k / n_k = 1``: a
-    (K+1) x (K+1) bordered system, solved in float64 by the pseudo-inverse with the cut-off ``(K + 1) eps``
-    of that dtype. Its solution is the paper's wherever the Gramian determines it (singular values above
-    the Gramian's rounding), and the minimum-norm least-squares solution of the same conditions where rows
-    are linearly dependent up to rounding. Tasks whose gradient is zero have no direction to be impartial
-    to: they take weight 0 and the others share the sum of 1.
+    With ``u_k = g_k / ||g_k||`` the conditions read ``G a = t n`` (``n_k = ||g_k||``) and ``1^T a = 1``; in
+    ``b = n * a`` they are ``C b = t 1`` on the cosines ``C = D^-1 G D^-1`` (``D = diag(n)``, each known to the
+    rounding of the Gramian's dtype whatever the gradients' sizes), with ``sum_k b_k / n_k = 1``: a bordered
+    system solved in float64 by the pseudo-inverse with the cut-off ``(K + 1) eps`` of that dtype. Tasks whose
+    gradient is zero take weight 0 and the others share the sum of 1.
     """
     return from_host(equal_projection_host(to_host(gramian), float(torch.finfo(gramian.dtype).eps)), gramian)
 
@@ -70,17 +58,11 @@ class IMTLG(GramianAggregator):
 
     whose closed form is the paper's ``a_{2:K} = g_1 U^\top (D U^\top)^{-1}`` (``D``, ``U`` the
     differences ``g_1 - g_k``, ``u_1 - u_k``), ``a_1 = 1 - \sum_{k>1} a_k``. Here the same
-    conditions are solved on the Gramian as one linear system (``G a = t ||g||``, ``1^T a = 1``, on
-    the cosines of the gradients, see :func:`equal_projection_weights`), which gives the paper's
-    weights whenever the Gramian determines them (in a float32 step too: the cut-off is the
-    rounding of the float32 cosines, not a multiple of it that would drop components the Gramian
-    still resolves), and otherwise the minimum-norm least-squares solution of the same conditions: with
-    linearly dependent rows the only update with equal projections is often ``d = 0``, which is
-    what it then returns (two opposite gradients give 0, whatever their sizes). The weights do
-    not depend on the gradients' scale.
-
-    The paper computes the task gradients on the shared representation ``z`` (Algorithm 1: "the
-    gradient of shared feature"), so ``target="representation"`` is the default here.
+    conditions are solved on the Gramian as one linear system (:func:`equal_projection_weights`),
+    which gives the paper's weights whenever the Gramian determines them (in float32 too), and
+    otherwise the minimum-norm least-squares solution: with linearly dependent rows the only update
+    with equal projections is often ``d = 0`` (two opposite gradients give 0, whatever their sizes).
+    The weights do not depend on the gradients' scale.
 
     Differences from torchjd 0.18's ``IMTLG``, which takes ``a = G^+ n / 1^T G^+ n``: identical
     weights when the Gramian is invertible; with linearly dependent rows torchjd's update can
@@ -89,8 +71,8 @@ class IMTLG(GramianAggregator):
     ``1^T G^+ n < 1e-12`` in absolute value; here no absolute threshold applies.
 
     Args:
-        num_tasks: K.
-        target: ``"representation"`` (default, as the paper) or ``"parameters"``.
+        target: ``"representation"`` (default, as the paper's Algorithm 1: "the gradient of shared
+            feature") or ``"parameters"``.
 
     Example:
         >>> import torch, mtlzoo
@@ -102,11 +84,8 @@ class IMTLG(GramianAggregator):
     info = StrategyInfo(
         name="imtl_g",
         summary="Weights summing to one whose combined gradient projects equally on every task's direction.",
-        request=Request("representation", "gramian"),
-        paper=IMTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="representation",
-        original_code="",
+        request=Request("representation", "gramian"), paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="representation", original_code="",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None) -> None:

@@ -10,10 +10,7 @@ from mtlzoo.strategy import Paper, StrategyInfo
 
 IMTL_PAPER = Paper(
     authors=("Liyang Liu", "Yi Li", "Zhanghui Kuang", "Jing-Hao Xue", "Yimin Chen", "Wenming Yang", "Qingmin Liao",
-             "Wayne Zhang"),
-    title="Towards Impartial Multi-task Learning",
-    venue="ICLR",
-    year=2021,
+             "Wayne Zhang"), title="Towards Impartial Multi-task Learning", venue="ICLR", year=2021,
     url="https://openreview.net/forum?id=IMPnRXEWpvr",
 )
 
@@ -35,9 +32,6 @@ class IMTLL(LossWeighting):
     the paper. The combined ``imtl`` method (IMTL-L with IMTL-G's gradient balancing) builds on
     this class and :func:`imtl_l_total`. An absent task's ``s_k`` gets no gradient.
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> imtl = mtlzoo.create("imtl_l", num_tasks=2)
@@ -46,29 +40,16 @@ class IMTLL(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="imtl_l",
-        aliases=("imtll",),
-        kind="weighting",
-        summary="Learned loss scales exp(s_k) that drive every scaled loss towards 1.",
-        paper=IMTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="backward",
-        original_code="",
+        name="imtl_l", aliases=("imtll",),
+        summary="Learned loss scales exp(s_k) that drive every scaled loss towards 1.", paper=IMTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True, optimizer="adam", lr=1e-2,
+        cost="backward", original_code="",
     )
+    per_task = ("log_scales",)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_scales = nn.Parameter(torch.zeros(num_tasks))
-
-    @property
-    def properties(self) -> frozenset[str]:
-        values = self.log_scales.detach()
-        if bool((values == values[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         return imtl_l_total(losses, self.present(self.log_scales).to(losses.dtype))

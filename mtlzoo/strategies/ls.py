@@ -20,7 +20,6 @@ class LinearScalarization(LossWeighting):
     weighted sum, ``w_k = 1`` unless given. No paper of its own.
 
     Args:
-        num_tasks: K.
         weights: K fixed non-negative weights; ``None`` for all ones.
 
     Example:
@@ -31,16 +30,12 @@ class LinearScalarization(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="ls",
-        aliases=("ew", "linear_scalarization"),
-        kind="weighting",
+        name="ls", aliases=("ew", "linear_scalarization"),
         summary="Fixed weighted sum of the task losses (all ones by default).",
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        default_comparison=True,
-        cost="backward",
+        properties=frozenset({"permutation_invariant", "scale_linear"}), default_comparison=True, cost="backward",
         original_code="",
     )
-    """Permutation invariance holds for equal weights only; :attr:`properties` says so per instance."""
+    per_task = ("task_weights",)
 
     def __init__(self, num_tasks: int, weights: Sequence[float] | Tensor | None = None) -> None:
         super().__init__(num_tasks)
@@ -48,12 +43,6 @@ class LinearScalarization(LossWeighting):
                                                                                  non_negative=True)
         self.register_buffer("task_weights", values)
         self._unit_weights: tuple[int, int, bool] | None = None
-
-    @property
-    def properties(self) -> frozenset[str]:
-        if bool((self.task_weights == self.task_weights[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         if self._all_ones():

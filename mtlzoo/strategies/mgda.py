@@ -10,14 +10,11 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.roles.modifiers import normalized
 from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 MGDA_PAPER = Paper(
-    authors=("Ozan Sener", "Vladlen Koltun"),
-    title="Multi-Task Learning as Multi-Objective Optimization",
-    venue="NeurIPS",
-    year=2018,
-    url="https://arxiv.org/abs/1810.04650",
+    authors=("Ozan Sener", "Vladlen Koltun"), title="Multi-Task Learning as Multi-Objective Optimization",
+    venue="NeurIPS", year=2018, url="https://arxiv.org/abs/1810.04650",
 )
 Normalization = Literal["none", "l2", "loss", "loss+"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("none", "l2", "loss", "loss+")
@@ -36,38 +33,28 @@ class MGDA(GramianAggregator):
 
     ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is
     zero exactly when a convex combination of the gradients is zero (a Pareto-stationary point):
-    where ``||d||^2`` is within the rounding of ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), the
-    weights are all 0 and ``d = 0`` exactly.
-    The problem is solved exactly on the Gramian (:func:`mtlzoo.solvers.min_norm_simplex`, Wolfe's
-    algorithm, its tolerances relative to each task's own gradient size, so that ``d`` conflicts
-    with no task also when one gradient is 1e6 times another) rather than by the paper's
-    Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver`` as shipped
-    (``find_min_norm_element``, at most 250 iterations, stopping when a step changes the point by
-    less than 1e-3) can end far from the minimum: up to 0.49 of its norm relative on the inputs
-    checked (issue 19), not "1e-3"; torchjd 0.18's ``MGDA`` runs the same Frank-Wolfe iterations
-    (``epsilon=1e-3``), so its update differs from this one by up to about 1% of its norm on
-    generic inputs.
+    where ``||d||^2`` is within the rounding of ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), ``d = 0``
+    exactly. The problem is solved exactly on the Gramian (:func:`mtlzoo.solvers.min_norm_simplex`,
+    Wolfe's algorithm, with tolerances relative to each task's own gradient size) rather than by
+    the paper's Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver``
+    as shipped (``find_min_norm_element``: at most 250 iterations, stopping when a step moves the
+    point by less than 1e-3) can end up to 0.49 of the minimum's norm away (issue 19); torchjd
+    0.18's ``MGDA`` runs the same iterations (``epsilon=1e-3``), so its update differs from this one
+    by up to about 1% of its norm on generic inputs.
 
     ``normalization`` follows the authors' code (``gradient_normalizers``): the weights are
     computed on ``g_k / n_k`` and applied to the raw gradients, with ``n_k`` = 1 (``"none"``, the
-    paper's algorithm and the default), ``||g_k||`` (``"l2"``), ``L_k`` (``"loss"``) or
-    ``L_k ||g_k||`` (``"loss+"``, their choice for MultiMNIST). As theirs, ``L_k`` is the signed
-    loss: a negative loss (a log-likelihood, say) flips that task's normalised gradient. With a
-    normalization the update is no longer the minimum-norm point, nor free of conflict. A zero
-    normaliser counts as 1. It stays a hyperparameter of MGDA (the authors' method, and checkpoints keep
-    their layout); the same normalisation is the modifier :class:`~mtlzoo.roles.modifiers.Normalize`
-    for any other Gramian aggregator (one function, :func:`~mtlzoo.roles.modifiers.normalized`).
+    paper's algorithm), ``||g_k||`` (``"l2"``), ``L_k`` (``"loss"``) or ``L_k ||g_k||`` (``"loss+"``,
+    their choice for MultiMNIST); ``L_k`` is the signed loss, as theirs, and a zero normaliser counts
+    as 1. The update is then no longer the minimum-norm point, nor free of conflict. For any other
+    Gramian aggregator the same normalisation is the modifier :class:`~mtlzoo.roles.modifiers.Normalize`.
 
-    On ``target="representation"`` this is the paper's MGDA-UB (registered as ``mgda_ub``).
-
-    The heads: the authors back-propagate ``sum_k c_k L_k`` once the weights are known (their
-    ``multi_task/train_multi_task.py``), so head k learns from ``c_k L_k``; that is the default
-    here (``weighted_heads=True``). With ``weighted_heads=False`` every head learns from its own
-    loss unweighted, as under the other aggregators (torchjd's ``mtl_backward`` does so).
+    The heads: the authors back-propagate ``sum_k c_k L_k`` (``multi_task/train_multi_task.py``), so
+    head k learns from ``c_k L_k`` (``weighted_heads=True``, the default); with ``False`` every head
+    learns from its own loss, as under the other aggregators (and torchjd's ``mtl_backward``).
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
+        target: ``"parameters"`` (default) or ``"representation"`` (the paper's MGDA-UB, ``mgda_ub``).
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
         weighted_heads: Whether head k learns from ``c_k L_k`` (the authors' choice) or from ``L_k``.
 
@@ -79,22 +66,16 @@ class MGDA(GramianAggregator):
     """
 
     info = StrategyInfo(
-        name="mgda",
-        summary="Minimum-norm point of the convex hull of the task gradients (multiple-gradient descent).",
-        request=Request("parameters", "gramian"),
-        paper=MGDA_PAPER,
+        name="mgda", summary="Minimum-norm point of the convex hull of the task gradients (multiple-gradient descent).",
+        request=Request("parameters", "gramian"), paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="parameters",
-        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
+        cost="parameters", original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, normalization: Normalization = "none",
                  weighted_heads: bool = True) -> None:
         super().__init__(num_tasks, target=target)
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
-        self.weighted_heads = weighted_heads
+        self.weighted_heads = check_flag("weighted_heads", weighted_heads)
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"Parameter `normalization` should be one of {NORMALIZATIONS}. Found "
                              f"`normalization = {normalization!r}`.")
@@ -121,10 +102,8 @@ class MGDAUB(MGDA):
 
     Paper: Sener & Koltun, *Multi-Task Learning as Multi-Objective Optimization*, NeurIPS 2018
     (https://arxiv.org/abs/1810.04650), Section 3.3: the minimum-norm weights of the gradients
-    ``dL_k/dz`` on the backbone output ``z`` (one backward through the heads per task, none
-    through the backbone) minimise an upper bound of MGDA's objective; the backbone then
-    receives ``sum_k c_k dL_k/dz``. The same solver and arguments as :class:`MGDA`, on
-    ``target="representation"`` only.
+    ``dL_k/dz`` on the backbone output ``z`` minimise an upper bound of MGDA's objective; the
+    backbone receives ``sum_k c_k dL_k/dz``. :class:`MGDA` on ``target="representation"`` only.
 
     Example:
         >>> import mtlzoo
@@ -135,10 +114,8 @@ class MGDAUB(MGDA):
     info = StrategyInfo(
         name="mgda_ub",
         summary="MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's upper bound).",
-        request=Request("representation", "gramian"),
-        paper=MGDA_PAPER,
+        request=Request("representation", "gramian"), paper=MGDA_PAPER,
         properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary"}),
-        cost="representation",
-        original_code="https://github.com/isl-org/MultiObjectiveOptimization",
+        cost="representation", original_code="https://github.com/isl-org/MultiObjectiveOptimization",
     )
     supported_targets: tuple[Target, ...] = ("representation",)

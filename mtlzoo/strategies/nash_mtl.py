@@ -17,7 +17,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, EveryNSteps, GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategies.si import NASH_MTL_PAPER
-from mtlzoo.strategy import StrategyInfo, Target
+from mtlzoo.strategy import StrategyInfo, Target, check_flag, check_int
 
 _EPS = float(np.finfo(np.float64).eps)
 STATIONARY = 1e-14
@@ -27,11 +27,10 @@ STATIONARY = 1e-14
 def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: int = 200) -> tuple[np.ndarray, bool]:
     r"""The positive solution of ``α_k (G α)_k = 1`` for all k, and whether Newton's method converged.
 
-    It is the minimiser of the strictly convex ``f(α) = α^T G α / 2 - sum_k log α_k`` (whose
-    gradient ``G α - 1/α`` vanishes exactly there), a self-concordant function: damped Newton
-    steps ``Δ / (1 + λ)`` stay positive and converge from any positive start, quadratically at
-    the end (``λ`` is the Newton decrement). ``start`` is first rescaled to the best point on its
-    ray. It exists when no convex combination of the rows is zero (checked by the caller).
+    It minimises the strictly convex, self-concordant ``f(α) = α^T G α / 2 - sum_k log α_k`` (gradient
+    ``G α - 1/α``): damped Newton steps ``Δ / (1 + λ)`` (``λ`` the Newton decrement) stay positive and
+    converge from any positive start (``start``, first rescaled to the best point on its ray). It exists
+    when no convex combination of the rows is zero (checked by the caller).
     """
     alpha = np.where(start > 0, start, 1.0).astype(np.float64)
     curvature = float(alpha @ gramian @ alpha)
@@ -51,24 +50,6 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
     return alpha, False
 
 
-def _zero_rows_message(rows: list[int]) -> str:
-    return (f"Nash-MTL: the gradients of tasks (rows) {rows} are zero, so the bargaining problem has no solution; "
-            "they get weight 0 and the other tasks bargain among themselves.")
-
-
-_STATIONARY_MESSAGE = ("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary point), so "
-                       "no update improves every task and the bargaining problem has no solution; the update is 0.")
-
-
-def _not_converged_message(max_iterations: int) -> str:
-    return (f"Nash-MTL: Newton's method did not converge in {max_iterations} steps (the gradients are close to "
-            "Pareto-stationary); its last iterate is used.")
-
-
-NASH_PAPER = NASH_MTL_PAPER
-"""The paper (SI, the scale-invariant loss weighting, comes from it too)."""
-
-
 class NashBargaining(GramianAggregator):
     r"""The Nash bargaining weights among the tasks, unclipped and recomputed every step (Nash-MTL's core).
 
@@ -80,48 +61,34 @@ class NashBargaining(GramianAggregator):
 
         α_k (G α)_k = 1 \quad \text{for every } k \qquad (G = J J^\top),
 
-    so ``||d||^2 = α^T G α = K`` whatever the gradients' (or the losses') scale. The authors
-    approximate ``α`` by 20 rounds of a convex-concave procedure with cvxpy/ECOS, on ``G`` divided
-    by its Frobenius norm with the constraint scaled back (the same ``α``); here ``α`` is computed
-    to rounding as the minimiser of ``α^T Ĝ α / 2 - sum_k log α_k`` on that normalised ``Ĝ`` by
-    damped Newton steps (:func:`bargaining_weights`, LAPACK), warm-started at the previous
-    step's ``α``, and scaled back.
+    so ``||d||^2 = α^T G α = K`` whatever the gradients' scale. The authors approximate ``α`` by 20
+    rounds of a convex-concave procedure with cvxpy/ECOS on ``G`` divided by its Frobenius norm; here
+    ``α`` is computed to rounding on that ``Ĝ`` by damped Newton steps (:func:`bargaining_weights`),
+    warm-started at the previous step's ``α``, and scaled back. Where the problem has no solution,
+    with a :class:`~mtlzoo.errors.SolverWarning`:
 
-    When the bargaining problem has no solution:
+    - a task whose gradient is zero gets weight 0 and the others bargain among themselves (torchjd
+      0.18 silently keeps its previous weights);
+    - a convex combination of the gradients is zero (Pareto-stationary): the update is 0;
+    - Newton's method not converged in ``max_iterations`` steps: its last iterate is used.
 
-    - a task whose gradient is zero (``α_k (G α)_k = 1`` cannot hold): it has nothing to bargain
-      with; it gets weight 0 and the others bargain among themselves, with a
-      :class:`~mtlzoo.errors.SolverWarning` (torchjd 0.18 silently keeps its previous weights);
-    - a convex combination of the (non-zero) gradients is zero (a Pareto-stationary point: no
-      update improves every task): the update is 0, with a :class:`~mtlzoo.errors.SolverWarning`;
-    - Newton's method not converged in ``max_iterations`` steps (near-stationary gradients): its
-      last iterate is used, with a :class:`~mtlzoo.errors.SolverWarning`.
-
-    Running state: the last weights (``previous_weights``, a ``(K,)`` buffer, ones at first as the
-    authors' code), the warm start, staged by the step's first micro-batch; a task absent from a
-    step keeps its previous weight.
+    Running state: the last weights (``previous_weights``, ones at first as the authors' code), the
+    warm start; a task absent from a step keeps its previous weight.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         max_iterations: Newton steps before giving up (with a warning).
     """
 
     info = StrategyInfo(
         name="nash_bargaining",
         summary="Nash bargaining weights among the tasks: alpha_k (G alpha)_k = 1 (Nash-MTL unclipped).",
-        request=Request("parameters", "gramian"),
-        paper=NASH_PAPER,
-        cost="parameters",
+        request=Request("parameters", "gramian"), paper=NASH_MTL_PAPER, cost="parameters",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_iterations: int = 200) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ValueError(f"Parameter `max_iterations` should be a positive int. Found `max_iterations = "
-                             f"{max_iterations!r}`.")
-        self.max_iterations = max_iterations
+        self.max_iterations = check_int("max_iterations", max_iterations)
         self.declare_state(previous_weights=torch.ones(num_tasks))
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
@@ -138,7 +105,9 @@ class NashBargaining(GramianAggregator):
         present = np.diag(matrix) > 0
         alpha = np.zeros(matrix.shape[0])
         if not present.all():
-            warnings.warn(_zero_rows_message(np.flatnonzero(~present).tolist()), SolverWarning, stacklevel=5)
+            warnings.warn(f"Nash-MTL: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
+                          "the bargaining problem has no solution; they get weight 0 and the other tasks bargain "
+                          "among themselves.", SolverWarning, stacklevel=5)
         if present.any():
             sub = matrix if present.all() else matrix[np.ix_(present, present)]
             start = previous[present] * math.sqrt(size)
@@ -155,10 +124,14 @@ class NashBargaining(GramianAggregator):
             if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))):
                 hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
                 if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-                    warnings.warn(_STATIONARY_MESSAGE, SolverWarning, stacklevel=5)
+                    warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
+                                  "point), so no update improves every task and the bargaining problem has no "
+                                  "solution; the update is 0.", SolverWarning, stacklevel=5)
                     return alpha
             if not converged:
-                warnings.warn(_not_converged_message(self.max_iterations), SolverWarning, stacklevel=5)
+                warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
+                              "gradients are close to Pareto-stationary); its last iterate is used.", SolverWarning,
+                              stacklevel=5)
             alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 
@@ -180,13 +153,10 @@ class NashMTL(ClipNorm):
     ``step`` at the top) loads into this layout.
 
     The heads: the authors (nash-mtl's ``methods/weight_methods.py``, and LibMTL) back-propagate
-    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (with the clipped ``α``); that is the
-    default here (``weighted_heads=True``). With ``weighted_heads=False`` every head learns from its
-    own loss unweighted, as under the other aggregators.
+    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (the clipped ``α``; ``weighted_heads=True``,
+    the default); with ``False`` every head learns from its own loss, as under the other aggregators.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).
@@ -200,12 +170,8 @@ class NashMTL(ClipNorm):
     """
 
     info = StrategyInfo(
-        name="nash_mtl",
-        summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
-        request=Request("parameters", "gramian"),
-        paper=NASH_PAPER,
-        properties=frozenset(),
-        cost="parameters",
+        name="nash_mtl", summary="Nash bargaining solution among the tasks: alpha_k (G alpha)_k = 1.",
+        request=Request("parameters", "gramian"), paper=NASH_MTL_PAPER, properties=frozenset(), cost="parameters",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
     """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices,
@@ -214,14 +180,9 @@ class NashMTL(ClipNorm):
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, max_norm: float = 1.0,
                  update_weights_every: int = 1, max_iterations: int = 200, weighted_heads: bool = True) -> None:
-        if isinstance(update_weights_every, bool) or not isinstance(update_weights_every, int) \
-                or update_weights_every < 1:
-            raise ValueError(f"Parameter `update_weights_every` should be a positive int. Found "
-                             f"`update_weights_every = {update_weights_every!r}`.")
+        check_int("update_weights_every", update_weights_every)
         core = NashBargaining(num_tasks, target=target, max_iterations=max_iterations)
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
+        check_flag("weighted_heads", weighted_heads)
         super().__init__(EveryNSteps(core, update_weights_every), max_norm=max_norm)
         self.weighted_heads = weighted_heads
         self.register_load_state_dict_pre_hook(_from_flat_checkpoint)

@@ -15,13 +15,9 @@ from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 
 def initial_stream(seed: int | None) -> bytes:
-    """The initial state of a stochastic aggregator's random stream (a CPU ``torch.Generator``'s, as bytes).
-
-    Seeded by ``seed``, or by a number drawn from torch's global generator (so that a run is deterministic given
-    ``torch.manual_seed``). Declared as the running-state field ``generator`` (``per_step="every"``: each
-    micro-batch draws on from where the previous one stopped), so that the base class stages what a step draws,
-    commits it when the optimizer step is taken, rewinds it when the step is skipped, and saves it in
-    ``state_dict()``: a resumed run draws what the uninterrupted one would.
+    """The initial state of a stochastic aggregator's random stream (a CPU ``torch.Generator``'s, as bytes), seeded
+    by ``seed`` or from torch's global generator. Declared as the field ``generator`` (``per_step="every"``), it is
+    staged, committed, rewound and saved like any running state: a resumed run draws what the uninterrupted would.
     """
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -46,10 +42,9 @@ def task_orders(size: int, generator: torch.Generator) -> np.ndarray:
 def projected_weights(matrix: np.ndarray, orders: np.ndarray) -> np.ndarray:
     r"""PCGrad's weights ``c = C^T 1`` on a float64 host Gramian, with ``g_i^{PC} = sum_k C_ik g_k``.
 
-    Row i of ``C`` starts at ``e_i`` and visits the tasks ``j = orders[i, t]`` (t = 0, 1, ...): if
-    ``g_i^{PC} . g_j < 0`` (and ``j != i``, ``g_j != 0``), ``C_ij -= g_i^{PC} . g_j / ||g_j||^2``. The
-    products ``P = C G`` (``P_ij = g_i^{PC} . g_j``) are kept up to date with each step; the rows are
-    independent, so step t is taken for all of them at once.
+    Row i of ``C`` starts at ``e_i`` and visits the tasks ``j = orders[i, t]``: if ``g_i^{PC} . g_j < 0`` (and
+    ``j != i``, ``g_j != 0``), ``C_ij -= g_i^{PC} . g_j / ||g_j||^2``, with ``P = C G`` kept up to date; step t is
+    taken for all rows at once.
     """
     size = matrix.shape[0]
     rows = np.arange(size)
@@ -80,22 +75,16 @@ class PCGrad(GramianAggregator):
         g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j,
         \qquad d = \sum_i g_i^{PC}
 
-    (projections against the original ``g_j``, as the authors' code). Task i skips itself (``j != i``):
-    the authors' code (``pc_grad_update``) and its ports (LibMTL, torchjd's ``PCGrad``) visit ``j = i`` too,
-    where ``g_i^{PC} . g_i`` is negative only after earlier projections have turned ``g_i^{PC}`` against
-    ``g_i``; that visit then removes the component along ``g_i`` itself. Skipping it follows the paper's
-    Algorithm 1 ("for each g_j, j != i"); the two differ only on such rows. Tasks that conflict with
-    no other are left as they are, so without any conflict ``d`` is the plain sum. Computed on
-    the Gramian (``g_i^{PC} = sum_k C_ik g_k``), so the update is a weighting ``J^T C^T 1``. A
-    zero gradient projects nothing.
-
-    The orders are drawn from the strategy's own generator, seeded from torch's global one at
-    construction (or by ``seed``) and saved in ``state_dict()``: a run is deterministic given
-    ``torch.manual_seed`` and resumes exactly. The update's expectation over the orders is
-    permutation invariant, and for a fixed draw it scales with the gradients.
+    (projections against the original ``g_j``, as the authors' code). Task i skips itself, as the
+    paper's Algorithm 1 ("for each g_j, j != i"): the authors' code (``pc_grad_update``) and its ports
+    (LibMTL, torchjd's ``PCGrad``) visit ``j = i`` too, which matters only once earlier projections
+    have turned ``g_i^{PC}`` against ``g_i`` (that visit removes the component along ``g_i``). Without
+    any conflict ``d`` is the plain sum. Computed on the Gramian (``g_i^{PC} = sum_k C_ik g_k``): the
+    update is ``J^T C^T 1``. A zero gradient projects nothing. The orders come from the strategy's
+    own generator (seeded from torch's, or by ``seed``; saved in ``state_dict()``); the update's
+    expectation over them is permutation invariant, and for a fixed draw it scales with the gradients.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         seed: Seed of the task orders; ``None`` draws one from torch's generator.
 
@@ -111,16 +100,10 @@ class PCGrad(GramianAggregator):
         summary="Projects each task gradient off the gradients it conflicts with, in random order, then sums.",
         request=Request("parameters", "gramian"),
         paper=Paper(
-            authors=("Tianhe Yu", "Saurabh Kumar", "Abhishek Gupta", "Sergey Levine", "Karol Hausman",
-                     "Chelsea Finn"),
-            title="Gradient Surgery for Multi-Task Learning",
-            venue="NeurIPS",
-            year=2020,
-            url="https://arxiv.org/abs/2001.06782",
-        ),
-        stochastic=True,
-        cost="parameters",
-        original_code="https://github.com/tianheyu927/PCGrad",
+            authors=("Tianhe Yu", "Saurabh Kumar", "Abhishek Gupta", "Sergey Levine", "Karol Hausman", "Chelsea Finn"),
+            title="Gradient Surgery for Multi-Task Learning", venue="NeurIPS", year=2020,
+            url="https://arxiv.org/abs/2001.06782"),
+        stochastic=True, cost="parameters", original_code="https://github.com/tianheyu927/PCGrad",
     )
     unchecked_settings = ("seed",)
     """A checkpoint carries the generator's state, which replaces the one ``seed`` started."""

@@ -6,14 +6,12 @@ import torch
 from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_int
 
 RLW_PAPER = Paper(
     authors=("Baijiong Lin", "Feiyang Ye", "Yu Zhang", "Ivor W. Tsang"),
-    title="Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning",
-    venue="TMLR",
-    year=2022,
-    url="https://arxiv.org/abs/2111.10603",
+    title="Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning", venue="TMLR",
+    year=2022, url="https://arxiv.org/abs/2111.10603",
 )
 
 
@@ -31,7 +29,6 @@ class RandomLossWeighting(LossWeighting):
     by default, from torch's global generator at construction (deterministic given the torch seed).
 
     Args:
-        num_tasks: K.
         seed: Seed of the strategy's generator; ``None`` draws one from torch's global generator.
 
     Example:
@@ -43,24 +40,18 @@ class RandomLossWeighting(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="rlw",
-        aliases=("random", "random_loss_weighting"),
-        kind="weighting",
-        summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.",
-        paper=RLW_PAPER,
-        stochastic=True,
-        cost="backward",
-        original_code="https://github.com/median-research-group/LibMTL",
+        name="rlw", aliases=("random", "random_loss_weighting"),
+        summary="Random weights softmax(N(0, I)) drawn anew at every optimizer step.", paper=RLW_PAPER, stochastic=True,
+        cost="backward", original_code="https://github.com/median-research-group/LibMTL",
     )
     unchecked_settings = ("seed",)
     """The generator's state in a checkpoint replaces whatever ``seed`` started it."""
 
     def __init__(self, num_tasks: int, seed: int | None = None) -> None:
         super().__init__(num_tasks)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"Parameter `seed` should be a non-negative int or None. Found `seed = {seed!r}`.")
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
+        check_int("seed", seed, 0)
         self.declare_state(generator=_state_bytes(torch.Generator().manual_seed(seed)))
 
     def draw(self) -> Tensor:

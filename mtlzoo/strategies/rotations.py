@@ -1,25 +1,12 @@
 r"""RotoGrad's rotations as an adapter of the representation (Javaloy & Valera, ICLR 2022).
 
-Each task k sees the shared representation through its own rotation, ``z_k = R_k z``, and the
-rotations are learned so that the task gradients point the same way. With ``g_k = dL_k/dz`` (the
-gradient at the unrotated ``z``, what the backbone receives from task k):
-
-- reference direction: ``v = mean_k( g_k ||mean_j g_j|| / ||g_k|| )``;
-- rotation objective (the gradient of ``R_k`` comes only from here):
-  ``sum_k reduce_batch || R_k v - R_k^{sg} g_k ||^2``, where ``R_k^{sg} g_k = dL_k/dz_k`` is the
-  gradient at the rotated representation and ``sg`` stops gradients.
-
-:class:`Rotations` is that adapter; what the backbone receives is the business of the aggregator it
-is composed with (:mod:`mtlzoo.strategies.rotograd`: the plain sum for ``rotate_only``, RotoGrad's
-magnitude scaling, GradNorm's weights; or any aggregator through :func:`mtlzoo.compose`).
-
 Reference values (:class:`ReferenceSteps`): at step 0 and again at step ``burn_in_period``
 (optimizer steps, however many micro-batches each accumulates) each task's value is recorded as
-its reference (``L_k(t_0)``), from the step's first micro-batch (later micro-batches of that step
-use it too). A task absent from the reference step, or whose value is 0 there (a masked loss),
-takes its reference at its next step with a non-zero value. With ``normalize_losses=True``,
-``L_k / L_k(t_0)`` is back-propagated everywhere (the heads too); a task without a usable reference
-is not normalised until it has one (with a warning): dividing by 0 would back-propagate inf.
+its reference (``L_k(t_0)``), from the step's first micro-batch. A task absent from the reference
+step, or whose value is 0 there (a masked loss), takes its reference at its next step with a
+non-zero value. With ``normalize_losses=True``, ``L_k / L_k(t_0)`` is back-propagated everywhere
+(the heads too); a task without a usable reference is not normalised until it has one (with a
+warning): dividing by 0 would back-propagate inf.
 """
 
 from __future__ import annotations
@@ -50,16 +37,21 @@ from mtlzoo.strategies._rotation_bank import (
     as_shape,
     rotate,
 )
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_flag, check_int
 
 ROTOGRAD_PAPER = Paper(
-    authors=("Adrián Javaloy", "Isabel Valera"),
-    title="RotoGrad: Gradient Homogenization in Multitask Learning",
-    venue="ICLR",
-    year=2022,
-    url="https://arxiv.org/abs/2103.02631",
+    authors=("Adrián Javaloy", "Isabel Valera"), title="RotoGrad: Gradient Homogenization in Multitask Learning",
+    venue="ICLR", year=2022, url="https://arxiv.org/abs/2103.02631",
 )
 ROTOGRAD_CODE = "https://github.com/adrianjav/rotograd"
+
+
+def family_info(name: str, summary: str, **more: Any) -> StrategyInfo:
+    """The metadata of the RotoGrad family's strategies: rotations of the representation, trained by Adam."""
+    return StrategyInfo(name=name, summary=summary, request=Request("representation"), paper=ROTOGRAD_PAPER,
+                        learnable=True, adapts_representation=True, optimizer="adam", lr=1e-4,
+                        cost="representation", original_code=ROTOGRAD_CODE, **more)
+
 DEFAULT_ORTHOGONAL_MAP: OrthogonalMap = "retraction"
 LARGE_ROTATION = 1024
 """A lazily inferred rotation size above which a warning suggests ``post_shape``."""
@@ -70,26 +62,15 @@ def _full_precision(device: Any) -> Any:
     return torch.autocast(torch.device(device or "cpu").type, enabled=False)
 
 
-def check_burn_in(burn_in_period: Any) -> int:
-    if isinstance(burn_in_period, bool) or not isinstance(burn_in_period, int) or burn_in_period < 0:
-        raise ValueError(f"Parameter `burn_in_period` should be a non-negative int. Found `burn_in_period = "
-                         f"{burn_in_period!r}`.")
-    return burn_in_period
-
-
 class ReferenceSteps:
-    """Per-task reference values recorded at step 0 and at step ``burn_in_period`` (see the module docstring).
-
-    A mixin of the RotoGrad family's parts: :meth:`declare_references` declares the step counter
-    ``step`` and one (K,) field per reference (NaN until recorded, written by every micro-batch so
-    that a task first present in a later one takes its reference there); :meth:`record_reference`
-    stages this step's values; :meth:`on_advance` counts the optimizer steps.
-    """
+    """Mixin of the RotoGrad family's parts: per-task reference values recorded at step 0 and at step
+    ``burn_in_period`` (see the module docstring), in (K,) fields that are NaN until recorded and written by
+    every micro-batch (a task first present in a later one takes its reference there); a step counter."""
 
     burn_in_period: int
     num_tasks: int
     state: RunningState
-    first_micro_batch: bool
+    micro_batch: int
 
     def declare_references(self, *names: str) -> None:
         self.declare_state(step=0)  # type: ignore[attr-defined]
@@ -102,8 +83,7 @@ class ReferenceSteps:
         return step == 0 or step == self.burn_in_period
 
     def _is_complete(self, reference: Tensor) -> bool:
-        """Whether every entry of a reference is usable (finite, non-zero); remembered per state generation, so
-        that a step whose references are all recorded costs no host synchronisation."""
+        """Whether every entry is usable (finite, non-zero); remembered per state generation (no host sync)."""
         version = self.state.generation
         if any(reference is seen and number == version for seen, number in self._complete):
             return True
@@ -113,15 +93,11 @@ class ReferenceSteps:
         return True
 
     def record_reference(self, name: str, values: Tensor, tasks: Tensor) -> Tensor:
-        """Stage ``values`` as the reference of ``tasks`` (indices into the flattened field) on the first
-        micro-batch of a reference step, and for any task without a usable reference yet; return the
-        references this step uses.
-
-        A value is usable if it is finite and non-zero *in the reference's dtype* (a float64 norm below
-        float32's range is 0 in a float32 reference, and no divisor).
-        """
+        """Stage ``values`` as the reference of ``tasks`` on the first micro-batch of a reference step, and for
+        any task without a usable reference yet (finite and non-zero *in the reference's dtype*); return the
+        references this step uses."""
         current: Tensor = getattr(self.state, name)
-        renew = self.first_micro_batch and self.is_reference_step()
+        renew = self.micro_batch == 0 and self.is_reference_step()
         if not renew and self._is_complete(current):
             return current  # every task has its reference: nothing to record
         values = values.detach().to(current.dtype)
@@ -158,20 +134,19 @@ class Rotations(ReferenceSteps, Adapter):
     r"""RotoGrad's rotations: ``z_k = R_k z``, learned so that the task gradients on ``z`` align.
 
     Paper: Javaloy & Valera, *RotoGrad: Gradient Homogenization in Multitask Learning*, ICLR 2022
-    (https://arxiv.org/abs/2103.02631). The rotations minimise
-    ``sum_k reduce_batch || R_k v - dL_k/dz_k ||^2`` towards the reference
-    ``v = mean_k g_k ||mean_j g_j|| / ||g_k||`` (see the module docstring), as their objective
-    (``Update(objective=...)``); the backbone's update is the aggregator's (the plain sum alone: the
-    ``rotate_only`` strategy). Running state: the step counter, the reference losses (and that of a
-    backbone loss), the rotations; after each optimizer step taken, :meth:`on_advance` retracts them.
+    (https://arxiv.org/abs/2103.02631). With ``g_k = dL_k/dz`` (at the unrotated ``z``) the rotations
+    minimise, as their objective (``Update(objective=...)``),
 
-    ``reduce_batch`` is a sum over the batch when ``post_shape`` is empty and a mean otherwise: the
-    original package reduces that way (its flattening folds the batch into the summed dimensions
-    unless a ``post_shape`` is given), and with Adam, the optimizer it recommends for rotations, the
-    scale of this objective does not change the update.
+    ``sum_k reduce_batch || R_k v - R_k^{sg} g_k ||^2``,  ``v = mean_k( g_k ||mean_j g_j|| / ||g_k|| )``,
+
+    where ``R_k^{sg} g_k = dL_k/dz_k`` (``sg`` stops gradients). The backbone's update is the
+    aggregator's (the plain sum alone: the ``rotate_only`` strategy, which
+    ``mtlzoo.compose(adapter="rotate_only")`` stands for). ``reduce_batch`` is a sum over the batch
+    when ``post_shape`` is empty and a mean otherwise, as the original package reduces (with Adam,
+    which it recommends for rotations, the scale does not change the update). Running state: the
+    step counter, the reference losses, the rotations; :meth:`on_advance` retracts them.
 
     Args:
-        num_tasks: K.
         rotation_shape: Shape of the rotated part of ``z`` (without the batch dimension), an int
             for a flat representation. ``None`` infers it at the first forward as every dimension
             between the batch dimension and ``post_shape``; until then ``check_ready`` raises.
@@ -182,22 +157,16 @@ class Rotations(ReferenceSteps, Adapter):
         burn_in_period: Optimizer step at which the reference values ``L_k(t_0)`` are recorded
             again, after being recorded at step 0.
         orthogonal_map: How the rotations are kept orthogonal: ``"retraction"`` (the default, the
-            fast one: the rotations are used as they are and moved, after each optimizer step that
-            was taken, along the step by two matrix products; see
+            fast one: moved after each optimizer step by two matrix products, see
             :mod:`mtlzoo.strategies._rotation_bank`), or a map of torch's orthogonal
-            parametrization: ``"matrix_exp"`` (the original's ``expm``: use it to reproduce a
-            rotograd run number for number), ``"cayley"`` or ``"householder"``. ``pytest -m bench``
-            measures their costs (tests/bench/test_rotograd_cost.py). The Cayley map cannot reach a
-            rotation by exactly pi from its base.
+            parametrization: ``"matrix_exp"`` (the original's ``expm``: a rotograd run number for
+            number), ``"cayley"`` (which cannot reach a rotation by pi from its base) or ``"householder"``.
         rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
             or ``"identity"``.
         fold_linear_heads: Where a head starts with a plain ``nn.Linear`` ``W`` on a flat
             representation (and has fewer outputs than the batch has rows), compute ``W (R_k z)`` as
             ``(W R_k) z``: the same function and gradients up to rounding, without rotating the batch
             (see :mod:`mtlzoo.engine.leading_linear`). ``False`` rotates ``z`` as the original does.
-
-    The adapter is not registered by name of its own: alone it is the ``rotate_only`` strategy, and
-    ``mtlzoo.compose(adapter="rotate_only", ...)`` takes these rotations with their defaults.
 
     Example:
         >>> import torch, mtlzoo
@@ -208,51 +177,30 @@ class Rotations(ReferenceSteps, Adapter):
         (torch.Size([2, 3, 3]), 'surgery')
     """
 
-    info = StrategyInfo(
-        name="rotations",
-        request=Request("representation"),
-        summary="One learned rotation of the shared representation per task, aligning the task gradients.",
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        adapts_representation=True,
-        optimizer="adam",
-        lr=1e-4,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
-    )
+    info = family_info("rotations", "One learned rotation of the shared representation per task, aligning the "
+                       "task gradients.")
     unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
 
-    def __init__(
-        self,
-        num_tasks: int,
-        rotation_shape: int | Sequence[int] | None = None,
-        *,
-        post_shape: int | Sequence[int] = (),
-        normalize_losses: bool = False,
-        burn_in_period: int = 20,
-        orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-        rotation_init: RotationInit = "random",
-        fold_linear_heads: bool = True,
-    ) -> None:
+    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *,
+                 post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
+                 orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP, rotation_init: RotationInit = "random",
+                 fold_linear_heads: bool = True) -> None:
         super().__init__(num_tasks)
-        for name, value in (("normalize_losses", normalize_losses), ("fold_linear_heads", fold_linear_heads)):
-            if not isinstance(value, bool):
-                raise ValueError(f"Parameter `{name}` should be a bool. Found `{name} = {value!r}`.")
         if orthogonal_map not in ORTHOGONAL_MAPS:
             raise ValueError(f"Parameter `orthogonal_map` should be one of {ORTHOGONAL_MAPS}. Found "
                              f"`orthogonal_map = {orthogonal_map!r}`.")
         if rotation_init not in ROTATION_INITS:
             raise ValueError(f"Parameter `rotation_init` should be one of {ROTATION_INITS}. Found "
                              f"`rotation_init = {rotation_init!r}`.")
-        self.burn_in_period = check_burn_in(burn_in_period)
+        self.burn_in_period = check_int("burn_in_period", burn_in_period, 0)
         # state, not only a setting: inferred at the first forward where not given, and saved
         self.declare_state(rotation_shape=None if rotation_shape is None else as_shape(
             rotation_shape, "rotation_shape", allow_empty=False))
         self.post_shape = as_shape(post_shape, "post_shape", allow_empty=True)
-        self.normalize_losses = normalize_losses
+        self.normalize_losses = check_flag("normalize_losses", normalize_losses)
         self.orthogonal_map = orthogonal_map
         self.rotation_init = rotation_init
-        self.fold_linear_heads = fold_linear_heads
+        self.fold_linear_heads = check_flag("fold_linear_heads", fold_linear_heads)
         self.declare_references("initial_losses")
         self.declare_state(per_step="every", initial_backbone_loss=torch.tensor(math.nan))
         self._seen_layout: tuple[torch.Size, RotationBank | None, tuple[int, int]] | None = None
@@ -261,7 +209,6 @@ class Rotations(ReferenceSteps, Adapter):
         if self.rotation_shape is not None:
             self._materialize(math.prod(self.rotation_shape), init=rotation_init)
 
-    # -------------------------------------------------------------- rotations
     @property
     def rotation_shape(self) -> tuple[int, ...] | None:
         """The shape of the rotated part of ``z`` (``None`` until inferred at the first forward)."""
@@ -279,14 +226,11 @@ class Rotations(ReferenceSteps, Adapter):
             raise NotMaterializedError(
                 f"{type(self).__name__} creates its rotations at the first forward because `rotation_shape` was "
                 "not given, so they cannot go into an optimizer yet. Either pass `rotation_shape` (the shape of "
-                "the backbone output without its batch dimension), or run one forward, mtl(x), before building "
-                "the optimizer."
-            )
+                "the backbone output without its batch dimension), or run one forward, mtl(x), first.")
 
     @property
     def rotations(self) -> Tensor:
-        """The K current rotation matrices, shape (K, n, n). Through torch's parametrization they carry a
-        graph (``detach()`` to inspect); with ``orthogonal_map="retraction"`` they are buffers."""
+        """The K current rotation matrices, (K, n, n): buffers, or through torch's parametrization with a graph."""
         self.check_ready()
         assert self.bank is not None
         return self.bank.weight
@@ -328,7 +272,11 @@ class Rotations(ReferenceSteps, Adapter):
             shape = tuple(z.shape[1:ndim - post_dims])
             if self.bank is None:
                 self._materialize(math.prod(shape), init=self.rotation_init, device=z.device, dtype=z.dtype)
-                self._warn_if_large(math.prod(shape), z)
+                if self.bank.size > LARGE_ROTATION:  # type: ignore[union-attr]
+                    warnings.warn(f"{type(self).__name__} inferred rotations of size n = {math.prod(shape)} from a "
+                                  f"representation of shape {tuple(z.shape)}: K n^2 numbers in rotation matrices, "
+                                  "and an n x n product per task and step. For a (batch, channels, h, w) map, pass "
+                                  "post_shape=(h, w) to rotate the channels only.", RuntimeWarning, stacklevel=5)
             with self.state.direct():
                 self.state.rotation_shape = shape
         shape = self.rotation_shape
@@ -345,18 +293,8 @@ class Rotations(ReferenceSteps, Adapter):
                                      f"{self.bank.size}).")
         return self.bank.size, math.prod(z.shape[ndim - post_dims:])
 
-    def _warn_if_large(self, size: int, z: Tensor) -> None:
-        if size > LARGE_ROTATION:
-            warnings.warn(f"{type(self).__name__} inferred rotations of size n = {size} from a representation of "
-                          f"shape {tuple(z.shape)}: {self.num_tasks} x {size}^2 = {self.num_tasks * size ** 2:,} "
-                          "numbers in rotation matrices, and an n x n product per task and step. For a (batch, "
-                          "channels, h, w) map, pass post_shape=(h, w) to rotate the channels only.", RuntimeWarning,
-                          stacklevel=6)
-
     def predict(self, head: nn.Module, z: Tensor, task: int) -> Any:
-        """``head(R_task z)``; with ``fold_linear_heads``, a head that starts with a linear layer ``W`` of fewer
-        outputs than ``z`` has rows reads ``z`` through ``W R_task``, formed once (see
-        :mod:`mtlzoo.engine.leading_linear`)."""
+        """``head(R_task z)``, or ``z`` read through ``W R_task`` (see ``fold_linear_heads``)."""
         size, post_numel = self._layout(z)
         folded = leading_linear(head) \
             if self.fold_linear_heads and post_numel == 1 and len(self.rotation_shape or ()) == 1 else None
@@ -382,7 +320,6 @@ class Rotations(ReferenceSteps, Adapter):
         size, post_numel = self._layout(z)
         return rotate(z, self._rotation(task, z.device), size, post_numel)
 
-    # ------------------------------------------------------------------ step
     def loss_weights(self, inputs: StepInputs) -> Tensor | None:
         """Records the reference losses; with ``normalize_losses``, ``1 / L_k(t_0)``."""
         losses, tasks = inputs.losses, inputs.tasks
@@ -436,7 +373,6 @@ class Rotations(ReferenceSteps, Adapter):
         reference = torch.tensordot(scale / count, blocks, dims=1).detach()
         return RotationObjective.apply(rotations.to(blocks.dtype), reference, blocks.detach(), batch_mean)
 
-    # ------------------------------------------------------------ lifecycle
     def on_advance(self) -> None:
         """Count the step; ``orthogonal_map="retraction"``: the step that was taken moves the rotations."""
         super().on_advance()

@@ -2,58 +2,36 @@ r"""RotateOnly, RotoGrad and RotoGradNorm (Javaloy & Valera, ICLR 2022), as comp
 
 Each is RotoGrad's rotations (the adapter :class:`~mtlzoo.strategies.rotations.Rotations`: each
 task sees ``z_k = R_k z``, the rotations learned so that the task gradients align) composed with
-a rule for the backbone's update ``dz`` from the task gradients ``g_k = dL_k/dz`` on the
-representation (:func:`mtlzoo.compose` puts the rotations under any other aggregator):
+a rule for the backbone's update from the task gradients ``g_k = dL_k/dz`` on the representation
+(:func:`mtlzoo.compose` puts the rotations under any other aggregator): RotateOnly, the plain sum;
+RotoGrad, :class:`MagnitudeScaling`; RotoGradNorm, :class:`GradNormWeights`. Reference values
+(``L_k(t_0)``, ``||g_k(t_0)||``) are recorded at step 0 and at step ``burn_in_period`` (optimizer
+steps), each part its own. Maths run in float32 at least; gradients so large that the rotation
+objective's gradient overflows float32 make the step fail with
+:class:`~mtlzoo.errors.NonFiniteGradientError`.
 
-- RotateOnly: the adapter alone, ``dz = sum_k g_k``;
-- RotoGrad: :class:`MagnitudeScaling` rescales every ``g_k`` to a common magnitude
-  ``C = sum_k a_k ||g_k||`` with ``a_k = r_k / sum_j r_j`` and ``r_k = ||g_k|| / ||g_k(t_0)||``;
-- RotoGradNorm: :class:`GradNormWeights` weighs ``sum_k w_k g_k`` with GradNorm's weights.
-
-Reference values ``L_k(t_0)``, ``||g_k(t_0)||`` are recorded at step 0 and again at step
-``burn_in_period`` (optimizer steps), each part its own (see :mod:`mtlzoo.strategies.rotations`).
-
-Maths run in float32 at least (the rotations stay float32 under autocast), and norms are taken
-without overflow. Gradients so large that the rotation objective's gradient overflows float32
-(losses scaled by 1e30) make the step fail with :class:`~mtlzoo.errors.NonFiniteGradientError`.
-
-Differences from the ``rotograd`` package 0.1.6.0, which this module otherwise reproduces:
-
-- the caller's heads are not wrapped in place, and everything is a registered submodule;
-- step counters, initial losses and initial gradient norms are in ``state_dict()``, so a run resumes;
-- ``mtl[k]`` owns task k's rotation, so its own ``state_dict()`` keeps its outputs;
-- RotoGradNorm no longer computes RotoGrad's magnitude scaling only to discard it;
-- extra positional arguments raise instead of being ignored;
-- ``burn_in_period`` is documented as what it does (see above).
-
-``orthogonal_map="matrix_exp"`` reproduces a rotograd run (its ``expm`` trivialization);
-``"cayley"`` follows the same method through another chart of the rotations, so training differs
-from the original's by rounding-level amounts that grow with the steps. The default
-``"retraction"`` takes the same first step as both (the same gradient in the same coordinates) but
-re-centres the chart at the current rotation after every optimizer step (a dynamic trivialization,
-see :mod:`mtlzoo.strategies._rotation_bank`): no matrix function in the forward or backward, the
-rotation objective's gradient in closed form, two batched n x n products per step, so its training
-differs from the trivializations' by amounts of second order in the steps (on toy2d it follows
-``matrix_exp`` seed by seed; ``tests/bench/test_rotograd_equivalence.py``). Its parameters are
-tangent steps (the entries below the diagonal of ``X``, packed), zero between optimizer steps; Adam's
-moments refer to them, in the frame of the current rotation, as in any dynamic trivialization.
-
-Checkpoints of mtlzoo 0.1.0, where each of these was one module (``initial_losses``, ``bank.*``,
-``weight_logits`` at the top), load: :class:`~mtlzoo.roles.Composite` moves each tensor to its part.
+Differences from the ``rotograd`` package 0.1.6.0, which this module otherwise reproduces
+(``orthogonal_map="matrix_exp"``: a rotograd run number for number): the caller's heads are not
+wrapped in place; step counters and reference values are in ``state_dict()``, so a run resumes;
+``mtl[k]`` owns task k's rotation; RotoGradNorm no longer computes RotoGrad's scaling only to
+discard it; extra positional arguments raise; the default ``orthogonal_map="retraction"`` re-centres
+the chart at the current rotation after every optimizer step (see
+:mod:`mtlzoo.strategies._rotation_bank`), so its training differs from the trivializations' by
+amounts of second order in the steps. Checkpoints of mtlzoo 0.1.0, where each of these was one
+module, load: :class:`~mtlzoo.roles.Composite` moves each tensor to its part.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.linalg import compute_dtype, row_norms, tiny
+from mtlzoo.linalg import row_norms, tiny
 from mtlzoo.protocol import Request, StepInputs, Update
-from mtlzoo.roles.aggregator import Aggregator, check_gradients
-from mtlzoo.roles.composite import Composite
+from mtlzoo.roles.aggregator import Aggregator
+from mtlzoo.roles.composite import Composite, standalone
 from mtlzoo.strategies._rotation_bank import OrthogonalMap, RotationBank, RotationInit
 from mtlzoo.strategies._weighting import gradient_surrogate
 from mtlzoo.strategies.gradnorm import gradnorm_weight_gradient, loss_ratio_values
@@ -63,9 +41,9 @@ from mtlzoo.strategies.rotations import (
     ROTOGRAD_PAPER,
     ReferenceSteps,
     Rotations,
-    check_burn_in,
+    family_info,
 )
-from mtlzoo.strategy import StrategyInfo, Target
+from mtlzoo.strategy import StrategyInfo, Target, check_int, check_number
 
 __all__ = [
     "ROTOGRAD_PAPER",
@@ -77,54 +55,34 @@ __all__ = [
     "RotoGradNorm",
 ]
 
+
 class _RepresentationAggregator(ReferenceSteps, Aggregator):
     """Base of the family's aggregators: reference values (:class:`ReferenceSteps`) and the standalone form."""
 
     def __init__(self, num_tasks: int, *, burn_in_period: int = 20, target: Target | None = None) -> None:
         super().__init__(num_tasks, target=target)
-        self.burn_in_period = check_burn_in(burn_in_period)
+        self.burn_in_period = check_int("burn_in_period", burn_in_period, 0)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: the update for K task gradients (K x ...) and their losses (own objective back-propagated)."""
-        check_gradients(grads, losses, self)
-        wide = grads.to(compute_dtype(grads.dtype))
-        tasks = torch.arange(grads.shape[0], device=grads.device)
-        update = self.compute(StepInputs(losses.detach().to(wide.dtype), tasks, self.num_tasks,
-                                         micro_batch=self.micro_batch, gradients=wide))
-        if update.objective is not None:
-            update.objective.backward()
-        self.micro_batch += 1
-        direction = update.direction if update.direction is not None else \
-            torch.tensordot(update.weights.to(wide.dtype), wide, dims=1)  # type: ignore[union-attr]
-        return direction.to(grads.dtype)
+        return standalone(self, grads, losses)
 
 
 class MagnitudeScaling(_RepresentationAggregator):
-    r"""RotoGrad's gradient-magnitude homogenisation: every task gradient rescaled to one common magnitude.
+    r"""RotoGrad's gradient-magnitude homogenisation: ``sum_k (C / ||g_k||) g_k`` (see :class:`RotoGrad`).
 
-    Paper: Javaloy & Valera, *RotoGrad: Gradient Homogenization in Multitask Learning*, ICLR 2022
-    (https://arxiv.org/abs/2103.02631), Section 4. The update is ``sum_k c_k g_k`` with
-
-    ``c_k = C / ||g_k||``,  ``C = sum_k a_k ||g_k||``,  ``a_k = r_k / sum_j r_j``,
-    ``r_k = ||g_k|| / ||g_k(t_0)||``,
-
-    so every task pushes with the same magnitude, the one of the task that converges slowest
-    weighing most; ``t_0`` is step 0, then ``burn_in_period``. It reads the norms alone. An absent
-    task is left out of the sums. Norms are floored at the smallest normal number of the reference's
-    dtype (a zero gradient has ``r_k = 1`` and takes no part in the update).
+    Paper: Javaloy & Valera, ICLR 2022 (https://arxiv.org/abs/2103.02631), Section 4. It reads the
+    norms alone; an absent task is left out of the sums. Norms are floored at the smallest normal
+    number of the reference's dtype (a zero gradient has ``r_k = 1`` and takes no part in the update).
 
     Args:
-        num_tasks: K.
         burn_in_period: The second step at which ``||g_k(t_0)||`` is recorded.
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
     """
 
     info = StrategyInfo(
-        name="rotograd_scaling",
-        summary="RotoGrad's scaling: every task gradient rescaled to one common magnitude.",
-        request=Request("representation", "norms"),
-        paper=ROTOGRAD_PAPER,
-        cost="representation",
+        name="rotograd_scaling", summary="RotoGrad's scaling: every task gradient rescaled to one common magnitude.",
+        request=Request("representation", "norms"), paper=ROTOGRAD_PAPER, cost="representation",
         original_code=ROTOGRAD_CODE,
     )
     statistic = "norms"
@@ -145,48 +103,31 @@ class MagnitudeScaling(_RepresentationAggregator):
 
 
 class GradNormWeights(_RepresentationAggregator):
-    r"""GradNorm's task weights on the representation, as RotoGradNorm learns them.
+    r"""GradNorm's task weights ``w = K softmax(θ)`` on the task gradients, as RotoGradNorm learns them.
 
     Papers: Javaloy & Valera, ICLR 2022 (https://arxiv.org/abs/2103.02631), with GradNorm, Chen et
-    al., ICML 2018 (https://arxiv.org/abs/1711.02257). Task weights ``w = K softmax(θ)`` (learnable
-    ``θ``, so ``sum_k w_k = K``) give the update ``sum_k w_k g_k``, and ``θ`` minimises GradNorm's
-    objective on the representation:
-
-    ``sum_k | w_k ||g_k|| - ||(1/K) sum_j w_j g_j|| (r_k / mean_j r_j)^alpha |``,
-    ``r_k = L_k / L_k(t_0)``,
-
-    with the target term held constant (:func:`~mtlzoo.strategies.gradnorm.gradnorm_weight_gradient`,
-    the ``gradnorm`` strategy's formula). This is the original package's variant of GradNorm (the
-    target from the norm of the weighted mean gradient); an absent task is left out of the sums and
-    the mean.
+    al., ICML 2018 (https://arxiv.org/abs/1711.02257). The update is ``sum_k w_k g_k`` and ``θ``
+    minimises GradNorm's objective in the original package's variant (see :class:`RotoGradNorm`),
+    by the ``gradnorm`` strategy's formula (:func:`~mtlzoo.strategies.gradnorm.gradnorm_weight_gradient`).
 
     Args:
-        num_tasks: K.
-        alpha: GradNorm's asymmetry ``alpha >= 0`` (required, as in the original): how strongly
-            tasks that train slower are pulled up.
+        alpha: GradNorm's asymmetry ``alpha >= 0`` (required, as in the original).
         burn_in_period: The second step at which ``L_k(t_0)`` is recorded.
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
     """
 
     info = StrategyInfo(
-        name="gradnorm_weights",
-        summary="GradNorm's learned task weights applied to the task gradients.",
-        request=Request("representation"),
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        optimizer="adam",
-        lr=1e-4,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
+        name="gradnorm_weights", summary="GradNorm's learned task weights applied to the task gradients.",
+        request=Request("representation"), paper=ROTOGRAD_PAPER, learnable=True, optimizer="adam", lr=1e-4,
+        cost="representation", original_code=ROTOGRAD_CODE,
     )
     statistic = "gradients"
 
     def __init__(self, num_tasks: int, *, alpha: float, burn_in_period: int = 20,
                  target: Target | None = None) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or math.isinf(alpha):
-            raise ValueError(f"Parameter `alpha` should be a finite number >= 0. Found `alpha = {alpha!r}`.")
+        alpha = check_number("alpha", alpha)
         super().__init__(num_tasks, burn_in_period=burn_in_period, target=target)
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.weight_logits = nn.Parameter(torch.zeros(num_tasks))
         self.declare_references("initial_losses")
 
@@ -219,10 +160,9 @@ class RotateOnly(Composite):
     (https://arxiv.org/abs/2103.02631). The composition of the rotations adapter
     (:class:`~mtlzoo.strategies.rotations.Rotations`, held as ``adapter``) with the plain sum; the
     rotations minimise ``sum_k reduce_batch || R_k v - dL_k/dz_k ||^2`` towards the reference
-    ``v = mean_k g_k ||mean_j g_j|| / ||g_k||`` (see :mod:`mtlzoo.strategies.rotations`).
+    ``v = mean_k g_k ||mean_j g_j|| / ||g_k||``.
 
     Args:
-        num_tasks: K.
         rotation_shape: Shape of the rotated part of ``z`` (without the batch dimension); ``None``
             infers it at the first forward.
         post_shape: Trailing dimensions of ``z`` left unrotated (``(h, w)``: rotate the channels).
@@ -232,9 +172,8 @@ class RotateOnly(Composite):
         orthogonal_map: ``"retraction"`` (default, the fast one), or torch's ``"matrix_exp"`` (the
             original's chart: a rotograd run number for number), ``"cayley"``, ``"householder"``.
         rotation_init: ``"random"`` (Haar on SO(n), as the original) or ``"identity"``.
-        fold_linear_heads: Read ``z`` through ``W R_k`` where a head starts with a plain linear ``W``.
-
-    See :class:`~mtlzoo.strategies.rotations.Rotations` for each setting in full.
+        fold_linear_heads: Read ``z`` through ``W R_k`` where a head starts with a plain linear ``W``
+            (each setting in full: :class:`~mtlzoo.strategies.rotations.Rotations`).
 
     Example:
         >>> import torch, mtlzoo
@@ -244,37 +183,17 @@ class RotateOnly(Composite):
         torch.Size([2, 3, 3])
     """
 
-    info = StrategyInfo(
-        name="rotate_only",
-        aliases=("rotateonly",),
-        request=Request("representation"),
-        summary="Learns one rotation of the shared representation per task to align task gradients.",
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        adapts_representation=True,
-        optimizer="adam",
-        lr=1e-4,
-        default_comparison=True,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
-    )
+    info = family_info("rotate_only", "Learns one rotation of the shared representation per task to align task "
+                       "gradients.", aliases=("rotateonly",), default_comparison=True)
     composes = ("adapter",)
     supported_targets = ("representation",)
     unchecked_settings = ("rotation_shape", "rotation_init", "fold_linear_heads")
     adapter: Rotations
 
-    def __init__(
-        self,
-        num_tasks: int,
-        rotation_shape: int | Sequence[int] | None = None,
-        *,
-        post_shape: int | Sequence[int] = (),
-        normalize_losses: bool = False,
-        burn_in_period: int = 20,
-        orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP,
-        rotation_init: RotationInit = "random",
-        fold_linear_heads: bool = True,
-    ) -> None:
+    def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *,
+                 post_shape: int | Sequence[int] = (), normalize_losses: bool = False, burn_in_period: int = 20,
+                 orthogonal_map: OrthogonalMap = DEFAULT_ORTHOGONAL_MAP, rotation_init: RotationInit = "random",
+                 fold_linear_heads: bool = True) -> None:
         rotations = Rotations(num_tasks, rotation_shape, post_shape=post_shape, normalize_losses=normalize_losses,
                               burn_in_period=burn_in_period, orthogonal_map=orthogonal_map,
                               rotation_init=rotation_init, fold_linear_heads=fold_linear_heads)
@@ -284,8 +203,7 @@ class RotateOnly(Composite):
         """The aggregator this member of the family composes with the rotations (none: the plain sum)."""
         return None
 
-    # The rotations' attributes, as the single-module strategy of mtlzoo 0.1.0 had them.
-    @property
+    @property  # the rotations' attributes, as the single-module strategy of mtlzoo 0.1.0 had them
     def rotations(self) -> Tensor:
         """The K rotation matrices, (K, n, n) (``adapter.rotations``); assigning sets them."""
         return self.adapter.rotations
@@ -328,19 +246,8 @@ class RotoGrad(RotateOnly):
     sums. Arguments as :class:`RotateOnly`.
     """
 
-    info = StrategyInfo(
-        name="rotograd",
-        request=Request("representation"),
-        summary="Rotations that align task gradients plus scaling that equalises their magnitudes.",
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        adapts_representation=True,
-        optimizer="adam",
-        lr=1e-4,
-        default_comparison=True,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
-    )
+    info = family_info("rotograd", "Rotations that align task gradients plus scaling that equalises their "
+                       "magnitudes.", default_comparison=True)
     composes = ("aggregator", "adapter")
 
     def shared_update(self, num_tasks: int) -> Aggregator:
@@ -373,21 +280,9 @@ class RotoGradNorm(RotateOnly):
             tasks that train slower are pulled up.
     """
 
-    info = StrategyInfo(
-        name="rotograd_norm",
-        aliases=("rotogradnorm",),
-        request=Request("representation"),
-        summary="RotateOnly's rotations combined with GradNorm's learned task weights.",
-        paper=ROTOGRAD_PAPER,
-        learnable=True,
-        adapts_representation=True,
-        optimizer="adam",
-        lr=1e-4,
-        default_comparison=True,
-        cost="representation",
-        original_code=ROTOGRAD_CODE,
-        suggested={"alpha": 1.5},  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
-    )
+    info = family_info("rotograd_norm", "RotateOnly's rotations combined with GradNorm's learned task weights.",
+                       aliases=("rotogradnorm",), default_comparison=True,
+                       suggested={"alpha": 1.5})  # Chen et al. (ICML 2018) recommend 1.5 where a problem gives none
     composes = ("aggregator", "adapter")
 
     def __init__(self, num_tasks: int, rotation_shape: int | Sequence[int] | None = None, *, alpha: float,

@@ -12,10 +12,7 @@ from mtlzoo.strategy import Paper, StrategyInfo
 
 NASH_MTL_PAPER = Paper(
     authors=("Aviv Navon", "Aviv Shamsian", "Idan Achituve", "Haggai Maron", "Kenji Kawaguchi", "Gal Chechik",
-             "Ethan Fetaya"),
-    title="Multi-Task Learning as a Bargaining Game",
-    venue="ICML",
-    year=2022,
+             "Ethan Fetaya"), title="Multi-Task Learning as a Bargaining Game", venue="ICML", year=2022,
     url="https://arxiv.org/abs/2202.01017",
 )
 TAKES = "takes the log of each loss"
@@ -31,7 +28,6 @@ class ScaleInvariant(LossWeighting):
     task). DB-MTL's authors take ``log(L_k + 1e-8)`` (``eps=1e-8``).
 
     Args:
-        num_tasks: K.
         eps: A non-negative constant added to each loss before its log (0: the paper's SI).
 
     Example:
@@ -41,13 +37,9 @@ class ScaleInvariant(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="si",
-        aliases=("scale_invariant",),
-        kind="weighting",
-        summary="Sum of the log-losses: each task's gradient divided by its loss.",
-        paper=NASH_MTL_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        name="si", aliases=("scale_invariant",),
+        summary="Sum of the log-losses: each task's gradient divided by its loss.", paper=NASH_MTL_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/AvivNavon/nash-mtl",
     )
 

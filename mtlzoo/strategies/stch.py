@@ -10,13 +10,11 @@ from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
 from mtlzoo.strategies import _weighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_int, check_number
 
 STCH_PAPER = Paper(
     authors=("Xi Lin", "Xiaoyuan Zhang", "Zhiyuan Yang", "Fei Liu", "Zhenkun Wang", "Qingfu Zhang"),
-    title="Smooth Tchebycheff Scalarization for Multi-Objective Optimization",
-    venue="ICML",
-    year=2024,
+    title="Smooth Tchebycheff Scalarization for Multi-Objective Optimization", venue="ICML", year=2024,
     url="https://arxiv.org/abs/2402.19078",
 )
 TAKES = "takes the log of each loss"
@@ -44,16 +42,14 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
        ``w_k = K softmax( log(L / n) / mu )_k / L_k``: the task furthest above its nadir value,
        relative to it, gets the most weight; at equal relative losses the weights are the warm-up's.
 
-    Epochs are told by the protocol's hook: call ``mtl.end_epoch()`` after each epoch. Without any,
-    STCH stays in its warm-up and warns once after ``reminder_steps`` steps (1000 by default).
-    The nadir average is over the nadir epoch's backward calls (micro-batches included), counted
-    once each optimizer step is taken; a task absent from that whole epoch is not normalised
-    (``n_k = 1``). With absent tasks, K is the number of present ones. A loss <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
-    The nadir sums and vector are kept in the losses' dtype (float64 losses: float64 state).
+    Call ``mtl.end_epoch()`` after each epoch; without any, STCH stays in its warm-up and warns once
+    after ``reminder_steps`` steps (1000 by default). The nadir average is over the nadir epoch's
+    backward calls, counted once each optimizer step is taken; a task absent from that whole epoch
+    is not normalised (``n_k = 1``). With absent tasks, K is the number of present ones. A loss
+    <= 0 raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left
+    as it was. The nadir is kept in the losses' dtype.
 
     Args:
-        num_tasks: K.
         mu: The smoothing ``mu > 0``. 1.0 as the authors' multitask code; the paper evaluates
             0.01, 0.1, 0.5 and 1 and reports no single best value.
         warmup_epochs: Epochs of ``sum_k log L_k`` before the nadir epoch (>= 0); 4 as the authors' code.
@@ -67,13 +63,9 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
     """
 
     info = StrategyInfo(
-        name="stch",
-        aliases=("smooth_tchebycheff",),
-        kind="weighting",
+        name="stch", aliases=("smooth_tchebycheff",),
         summary="Smooth maximum of the log-losses relative to a nadir vector, after a warm-up on their sum.",
-        paper=STCH_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="backward",
+        paper=STCH_PAPER, properties=frozenset({"permutation_invariant", "scale_linear"}), cost="backward",
         original_code="https://github.com/Xi-L/STCH",
     )
     reminder_steps: ClassVar[int] = _weighting.EPOCH_REMINDER_STEPS
@@ -81,13 +73,8 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
 
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_epochs: int = 4) -> None:
         super().__init__(num_tasks)
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu > 0 or math.isinf(mu):
-            raise ValueError(f"Parameter `mu` should be a finite positive number. Found `mu = {mu!r}`.")
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"Parameter `warmup_epochs` should be a non-negative int. Found `warmup_epochs = "
-                             f"{warmup_epochs!r}`.")
-        self.mu = float(mu)
-        self.warmup_epochs = warmup_epochs
+        self.mu = check_number("mu", mu, positive=True)
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, 0)
         self.declare_state(nadir=torch.full((num_tasks,), math.nan), epoch=0, steps_in_epoch=0)
         self.declare_state(per_step="every", nadir_sums=torch.zeros(num_tasks), nadir_counts=torch.zeros(num_tasks))
 

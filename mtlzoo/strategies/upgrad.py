@@ -12,14 +12,11 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, dual_cone_weights, unit_trace
 from mtlzoo.strategies._weighting import per_task_numbers
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_number
 
 JD_PAPER = Paper(
-    authors=("Pierre Quinton", "Valérian Rey"),
-    title="Jacobian descent for multi-objective optimization",
-    venue="arXiv",
-    year=2024,
-    url="https://arxiv.org/abs/2406.16232",
+    authors=("Pierre Quinton", "Valérian Rey"), title="Jacobian descent for multi-objective optimization",
+    venue="arXiv", year=2024, url="https://arxiv.org/abs/2406.16232",
 )
 
 
@@ -30,16 +27,11 @@ def preference(values: Sequence[float] | Tensor | None, num_tasks: int) -> Tenso
     return per_task_numbers(values, "pref_vector", num_tasks, non_negative=True).to(torch.float64).detach().clone()
 
 
-def check_eps(reg_eps: float) -> float:
-    if isinstance(reg_eps, bool) or not isinstance(reg_eps, (int, float)) or not reg_eps >= 0:
-        raise ValueError(f"Parameter `reg_eps` should be a non-negative number. Found `reg_eps = {reg_eps!r}`.")
-    return float(reg_eps)
-
-
 class DualConeSurgery(GramianAggregator):
     """What UPGrad and DualProj share: an optional preference vector over the tasks and a Gramian
     regularisation ``reg_eps``, and the properties those settings break."""
 
+    per_task = ("pref_vector",)
     regularization_breaks: frozenset[str] = frozenset()
     """The claims a ``reg_eps > 0`` gives up."""
 
@@ -47,7 +39,7 @@ class DualConeSurgery(GramianAggregator):
                  pref_vector: Sequence[float] | Tensor | None = None, reg_eps: float = 0.0) -> None:
         super().__init__(num_tasks, target=target)
         self.pref_vector = preference(pref_vector, num_tasks)
-        self.reg_eps = check_eps(reg_eps)
+        self.reg_eps = check_number("reg_eps", reg_eps)
 
     def problem(self, gramian: np.ndarray, step: HostStep) -> tuple[np.ndarray, np.ndarray]:
         """The Gramian the projections are solved on (``G / tr(G) + reg_eps I``, made positive semi-definite on
@@ -62,12 +54,7 @@ class DualConeSurgery(GramianAggregator):
 
     @property
     def properties(self) -> frozenset[str]:
-        claims = self.info.properties
-        if self.pref_vector is not None and not bool((self.pref_vector == self.pref_vector[0]).all()):
-            claims = claims - {"permutation_invariant"}
-        if self.reg_eps > 0:
-            claims = claims - self.regularization_breaks
-        return claims
+        return super().properties - (self.regularization_breaks if self.reg_eps > 0 else frozenset())
 
 
 class UPGrad(DualConeSurgery):
@@ -96,8 +83,6 @@ class UPGrad(DualConeSurgery):
     on ill-conditioned or rank-deficient Jacobians.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         pref_vector: K non-negative weights of the projected gradients; ``None`` for ``1/K'``
             each over the K' tasks present in the step.
         reg_eps: ``eps`` of ``G / tr(G) + eps I`` (0: exact projections).
@@ -112,12 +97,10 @@ class UPGrad(DualConeSurgery):
     info = StrategyInfo(
         name="upgrad",
         summary="Mean of the task gradients, each projected onto the dual cone of all of them (Jacobian descent).",
-        request=Request("parameters", "gramian"),
-        paper=JD_PAPER,
-        properties=frozenset({"non_conflicting", "permutation_invariant", "scale_linear", "stationary",
-                              "linear_under_scaling"}),
-        cost="parameters",
-        original_code="https://github.com/TorchJD/torchjd",
+        request=Request("parameters", "gramian"), paper=JD_PAPER,
+        properties=frozenset(
+            {"non_conflicting", "permutation_invariant", "scale_linear", "stationary", "linear_under_scaling"}),
+        cost="parameters", original_code="https://github.com/TorchJD/torchjd",
     )
 
     regularization_breaks = frozenset({"non_conflicting", "linear_under_scaling"})

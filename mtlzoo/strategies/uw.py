@@ -10,10 +10,8 @@ from mtlzoo.strategy import Paper, StrategyInfo
 
 UW_PAPER = Paper(
     authors=("Alex Kendall", "Yarin Gal", "Roberto Cipolla"),
-    title="Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics",
-    venue="CVPR",
-    year=2018,
-    url="https://arxiv.org/abs/1705.07115",
+    title="Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics", venue="CVPR",
+    year=2018, url="https://arxiv.org/abs/1705.07115",
 )
 
 
@@ -31,9 +29,6 @@ class UncertaintyWeighting(LossWeighting):
     The log-variances start at 0 (``sigma^2 = 1``, equal weights 1/2), the paper's reported-robust
     choice (LibMTL starts them at -0.5). An absent task's ``s_k`` gets no gradient.
 
-    Args:
-        num_tasks: K.
-
     Example:
         >>> import torch, mtlzoo
         >>> uw = mtlzoo.create("uw", num_tasks=2)
@@ -42,29 +37,16 @@ class UncertaintyWeighting(LossWeighting):
     """
 
     info = StrategyInfo(
-        name="uw",
-        aliases=("uncertainty", "uncertainty_weighting"),
-        kind="weighting",
-        summary="Learned per-task log-variances s_k: weights exp(-s_k)/2, a regulariser s_k/2.",
-        paper=UW_PAPER,
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        learnable=True,
-        optimizer="adam",
-        lr=1e-2,
-        cost="backward",
-        original_code="",
+        name="uw", aliases=("uncertainty", "uncertainty_weighting"),
+        summary="Learned per-task log-variances s_k: weights exp(-s_k)/2, a regulariser s_k/2.", paper=UW_PAPER,
+        properties=frozenset({"permutation_invariant", "scale_linear"}), learnable=True, optimizer="adam", lr=1e-2,
+        cost="backward", original_code="",
     )
+    per_task = ("log_variances",)
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__(num_tasks)
         self.log_variances = nn.Parameter(torch.zeros(num_tasks))
-
-    @property
-    def properties(self) -> frozenset[str]:
-        values = self.log_variances.detach()
-        if bool((values == values[0]).all()):
-            return self.info.properties
-        return self.info.properties - {"permutation_invariant"}
 
     def scalarize(self, losses: Tensor) -> Tensor:
         s = self.present(self.log_variances).to(losses.dtype)
