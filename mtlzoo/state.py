@@ -80,6 +80,11 @@ class RunningState:
             self._committed[name] = initial
 
     @property
+    def fields(self) -> list[str]:
+        """The declared fields' names, in declaration order."""
+        return list(self._fields)
+
+    @property
     def staged(self) -> dict[str, Any]:
         """What the current step has staged so far (empty between steps)."""
         return dict(self._staged)
