@@ -360,6 +360,6 @@ class ComparisonResults:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonResults:
         """Read back :meth:`to_dict` (also of files written before tasks could report different metrics)."""
-        return cls({**data, "name": data["problem"]}, [RunResult.from_dict(r) for r in data["runs"]], list(data["labels"]),
-                   data.get("reference", "ls"), steps=data.get("steps", 0), seeds=data.get("seeds", ()),
-                   external_reference=data.get("external_reference"))
+        return cls({**data, "name": data["problem"]}, [RunResult.from_dict(r) for r in data["runs"]],
+                   list(data["labels"]), data.get("reference", "ls"), steps=data.get("steps", 0),
+                   seeds=data.get("seeds", ()), external_reference=data.get("external_reference"))
