@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 SIDE = 8
@@ -41,9 +42,8 @@ class MultiDigits(Problem):
     Model: a small CNN (two 3x3 convolutions, 16 and 32 channels, max pooling, a linear layer to a
     64-dimensional representation) and a linear classifier per digit; Adam at 1e-3, batches of 128.
 
-    Metrics per task: test ``accuracy`` (Δm% against ``ls`` reads it, higher is better).
-
-    An epoch: one pass over the training pairs (``train_size / batch_size`` steps).
+    Metrics per task: test ``accuracy`` (Δm% against ``ls`` reads it). An epoch: one pass over the
+    training pairs.
 
     Args:
         shift: Columns by which the right digit is shifted (8 puts the digits apart, 4 overlaps them by half).
@@ -81,9 +81,7 @@ class MultiDigits(Problem):
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= SIDE:
             raise ValueError(f"Parameter `shift` should be an int in [0, {SIDE}]. Found `shift = {self.shift!r}`.")
         for field in ("train_size", "test_size", "batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+            check_int(field, getattr(self, field))
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = "
                              f"{self.test_fraction!r}`.")
