@@ -1,12 +1,4 @@
-r"""``gradnorm_synthetic``: the synthetic regression of the GradNorm paper (Chen et al., ICML 2018, section 4).
-
-T regression tasks share an input ``x`` (dimension 250) and learn, with squared loss,
-``f_i(x) = sigma_i tanh((B + eps_i) x)`` (outputs of dimension 100, tanh element-wise), with ``B``
-shared by every task and ``eps_i`` of task i constant 100 x 250 matrices, entries drawn i.i.d. from
-N(0, 10) and N(0, 3.5) (read as standard deviations, as public re-implementations do). The tasks
-differ only in their scales ``sigma_i``: a larger one gives larger losses and gradients, so with
-equal weights it dominates training.
-"""
+"""``gradnorm_synthetic``: the synthetic regression of the GradNorm paper (Chen et al., ICML 2018, section 4)."""
 
 from __future__ import annotations
 
@@ -42,9 +34,11 @@ class GradNormSynthetic(Problem):
     r"""GradNorm's synthetic regression: T tasks alike but for their output scales ``sigma_i``.
 
     Source: Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive
-    Loss Balancing in Deep Multitask Networks*, ICML 2018, section 4 ("A Toy Example"), with the
-    module's ``f_i``; a 4-layer fully connected ReLU trunk of 100 units per layer and one affine layer
-    per task; T = 2 with
+    Loss Balancing in Deep Multitask Networks*, ICML 2018, section 4 ("A Toy Example"): T tasks learn
+    ``f_i(x) = sigma_i tanh((B + eps_i) x)`` with squared loss (inputs of dimension 250, outputs of
+    dimension 100), ``B`` shared and ``eps_i`` of task i constant matrices with entries i.i.d. from
+    N(0, 10) and N(0, 3.5) (standard deviations, as public re-implementations read them); a 4-layer
+    fully connected ReLU trunk of 100 units per layer and one affine layer per task; T = 2 with
     ``(sigma_0, sigma_1) = (1, 100)``, and T = 10; GradNorm's asymmetry ``alpha = 0.12`` (the tasks
     have the same functional form). The paper does not give the input distribution, the data set
     sizes or the optimizer: here ``x`` is uniform on [-1, 1]^250 scaled to unit norm (as public

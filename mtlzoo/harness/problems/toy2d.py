@@ -1,14 +1,4 @@
-r"""``toy2d``: the 2-D toy problem of the RotoGrad paper (Javaloy & Valera, ICLR 2022, Figure 1).
-
-Two tasks read the same 2-D representation ``z`` through identity heads. Task k's loss is
-
-``f(z; s) = -(sin(3u)/u + sin(3v)/v) + |u| + |v|``,  ``u = z_1 + 1.5 s``,  ``v = z_2 + 1.5 s``,
-
-averaged over the batch, with ``s = -1`` for the first task (optimum at (1.5, 1.5)) and
-``s = +1`` for the second (optimum at (-1.5, -1.5)); both optima have the value -6. The backbone
-(Linear(2, 10), ReLU, Linear(10, 2)) sees a constant all-zero batch, so it can only move one point
-``z``: a single shared point cannot serve both optima, but a rotation per task can.
-"""
+"""``toy2d``: the 2-D toy problem of the RotoGrad paper (Javaloy & Valera, ICLR 2022, Figure 1)."""
 
 from __future__ import annotations
 
@@ -46,6 +36,12 @@ def toy_loss(z: Tensor, sign: float) -> Tensor:
 @dataclass(frozen=True)
 class Toy2D(Problem):
     """The RotoGrad paper's 2-D toy: two tasks whose optima a single shared point cannot both reach.
+
+    Two tasks read the same 2-D representation ``z`` through identity heads; task k's loss is
+    ``f(z; s) = -(sin(3u)/u + sin(3v)/v) + |u| + |v|``, ``u = z_1 + 1.5 s``, ``v = z_2 + 1.5 s``,
+    averaged over the batch, with ``s = -1`` (optimum at (1.5, 1.5)) and ``s = +1`` (at (-1.5, -1.5));
+    both optima have the value -6. The backbone (Linear(2, 10), ReLU, Linear(10, 2)) sees a constant
+    all-zero batch, so it moves one point ``z``, which cannot serve both optima; a rotation per task can.
 
     Source: Javaloy & Valera, *RotoGrad: Gradient Homogenization in Multitask Learning*, ICLR 2022,
     Figure 1, and the authors' ``example/`` folder (``toy.yml``: batch 256 of zeros, 400 steps,
