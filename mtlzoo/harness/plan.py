@@ -1,8 +1,5 @@
-"""A comparison checked before any training: each strategy against the problem (:class:`Plan`).
-
-:func:`plan_all` checks the problem's metrics and every strategy, so that a comparison that cannot
-run fails at once, not after hours of training.
-"""
+"""A comparison checked before any training (:func:`plan_all`): the problem's metrics, and each strategy
+against the problem (:class:`Plan`), so that a comparison that cannot run fails at once."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 import torch
 
 from mtlzoo.errors import ComparisonError, MissingHyperparameterError
-from mtlzoo.harness.config import Reference, check_device
+from mtlzoo.harness.config import REFERENCES, Reference, check_device
 from mtlzoo.harness.problems.base import Problem, check_metrics, to_device
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, split_top_level
 from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies, split_modifiers
@@ -186,7 +183,7 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
     check_device(device)
     specs, named = resolve_specs(strategies)
     strict = named if strict is None else strict
-    if reference not in ("ls", "single_task"):
+    if reference not in REFERENCES:
         raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {reference!r}.")
     entries = [strategy_entry(spec.name)[0] for spec in specs]  # unknown names fail first, before any building
     check_problem(problem, device)

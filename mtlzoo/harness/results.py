@@ -4,15 +4,13 @@ r"""What runs produce (:class:`RunResult`) and what a comparison's runs say (:cl
 
     Δm% = (100 / K) sum_k (-1)^{h_k} (M_k - M_ref,k) / M_ref,k,     h_k = 1 when higher M_k is better
 
-with ``M_k`` task k's primary metric (the first of its metrics, :attr:`Problem.task_metrics
+with ``M_k`` task k's primary metric (the first of its :attr:`Problem.task_metrics
 <mtlzoo.harness.problems.Problem.task_metrics>`), ``h_k`` that metric's direction, and ``M_ref`` the
-metrics of ``ls`` on the same seed (or, with ``reference="single_task"``, of K single-task runs: ``ls``
-weighted by the k-th unit vector, from the same initialisation, or their mean over the seeds of an
-earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero. Tasks
-may report different metrics (accuracy for a classifier, RMSE for a regression): each term takes its
-own task's metric and direction. Where a problem's papers average over every metric of every task
-(NYUv2's nine), the sum runs over the problem's :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms`
-and K is their number.
+metrics of ``ls`` on the same seed (with ``reference="single_task"``: of K single-task runs, ``ls``
+weighted by the k-th unit vector from the same initialisation, or their mean over the seeds of an
+earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero.
+Where a problem's papers average over every metric of every task (NYUv2's nine), the sum runs over
+its :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms` and K is their number.
 """
 
 from __future__ import annotations

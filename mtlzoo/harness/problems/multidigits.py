@@ -1,10 +1,4 @@
-"""``multidigits``: a MultiMNIST-style problem built from the 8x8 digits that scikit-learn ships.
-
-Two digits are drawn side by side on an 8 x 12 canvas, the right one shifted by ``shift`` columns
-so that they overlap (pixel-wise maximum where they do), and each task classifies one of them.
-The digits come with scikit-learn (``sklearn.datasets.load_digits``: 1,797 images, no download);
-install it with ``python -m pip install "mtlzoo[digits]"``.
-"""
+"""``multidigits``: a MultiMNIST-style problem built from the 8x8 digits that scikit-learn ships (``digits`` extra)."""
 
 from __future__ import annotations
 
@@ -26,13 +20,14 @@ TASKS = ("left", "right")
 
 @dataclass(frozen=True)
 class MultiDigits(Problem):
-    """Two overlapping 8x8 digits side by side; one classification task per digit.
+    """Two overlapping 8x8 digits side by side (the right one shifted by ``shift`` columns, the pixel-wise
+    maximum where they overlap); one classification task per digit.
 
     Source: the MultiMNIST construction of Sabour, Frosst & Hinton (*Dynamic Routing Between
     Capsules*, NeurIPS 2017), as Sener & Koltun (*Multi-Task Learning as Multi-Objective
     Optimization*, NeurIPS 2018) use it for multitask learning (a left and a right digit, one
-    task each), rebuilt from scikit-learn's 8x8 digits (Alpaydin & Kaynak's UCI optical digits)
-    so that it needs no download. The images of the test pairs are held out from training.
+    task each), rebuilt from scikit-learn's 8x8 digits (Alpaydin & Kaynak's UCI optical digits,
+    ``sklearn.datasets.load_digits``) so that it needs no download. Test pairs use held-out images.
 
     What the literature says: on MultiMNIST the two tasks are of equal difficulty and mostly
     cooperate; methods differ by a point or two of accuracy, equal weighting is a strong baseline
