@@ -79,10 +79,9 @@ def _optimizer_recipe(problem: Problem, spec: StrategySpec, entry: StrategyEntry
 def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.device = "cpu") -> Plan:
     """Check that ``spec`` can run on ``problem`` and fix what a run builds: options and optimizer.
 
-    The options are the metadata's suggestions (``StrategyInfo.suggested``), then the problem's
-    (:meth:`~mtlzoo.harness.problems.Problem.strategy_options`), then the spec's. Builds the
-    strategy on the problem's model once (and one forward, which materialises lazily shaped
-    strategies), without touching the global RNG.
+    The options: the problem's (:meth:`~mtlzoo.harness.problems.Problem.strategy_options`, by default
+    the metadata's suggestions), then the spec's. Builds the strategy on the problem's model once,
+    with one forward (which materialises lazily shaped strategies), leaving the global RNG as it was.
 
     Raises:
         UnknownStrategyError: An unknown name (the message lists close names).
@@ -175,10 +174,9 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
              device: str | torch.device = "cpu") -> list[Plan]:
     """Check the problem's metrics and every strategy against ``problem`` before any training (see :func:`plan`).
 
-    ``ls`` is always run (Δm% and time ratios are measured against it). With ``strict`` (the
-    default when strategies are named), a strategy that cannot run raises
-    :class:`~mtlzoo.errors.ComparisonError`; otherwise (the default set, ``"all"``) it is recorded
-    as failed with the reason. Unknown names and options always raise.
+    ``ls`` is always run. With ``strict`` (the default when strategies are named) a strategy that cannot
+    run raises :class:`~mtlzoo.errors.ComparisonError`, otherwise it is recorded as failed with the
+    reason. Unknown names and options always raise.
     """
     check_device(device)
     specs, named = resolve_specs(strategies)

@@ -74,7 +74,7 @@ class Aggregator(Strategy):
     """A strategy that combines the K per-task gradients into one update of the shared part.
 
     Subclasses take one of the two forms (:class:`GramianAggregator`, :class:`DirectionAggregator`),
-    or override :meth:`compute` for more.
+    or override :meth:`compute`.
 
     Args:
         num_tasks: K.

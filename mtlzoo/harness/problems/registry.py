@@ -102,11 +102,7 @@ class ProblemRegistry:
         self.names.drop_plugin(plugin)
 
     def get(self, name: str) -> ProblemEntry:
-        """The problem called ``name``.
-
-        Raises:
-            UnknownProblemError: No problem has that name; the message lists close matches.
-        """
+        """The problem called ``name`` (else :class:`~mtlzoo.errors.UnknownProblemError`, listing close matches)."""
         self.loader.load()
         return self.names.get(name)
 
