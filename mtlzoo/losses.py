@@ -20,13 +20,10 @@ class StepLosses:
     """The losses of one backward, checked: the present tasks' losses in task order.
 
     Attributes:
-        values: ``(K',)`` the present tasks' losses (differentiable where they depend on the model).
-        tasks: ``(K',)`` long tensor of their task indices.
-        requires_grad: Per present task, whether its loss depends on anything that requires grad.
+        values: ``(K',)`` the present tasks' losses; ``host`` the same read once on the host, ``scalars``
+            as given (before stacking), ``requires_grad`` whether each depends on anything that does.
+        tasks: ``(K',)`` long tensor of their task indices; ``present`` the same as a list.
         labels: Every task's label (its name, or its index as a string), for messages.
-        present: The present tasks' indices as a list (``tasks`` on the host).
-        scalars: The present tasks' losses as given (before stacking), for the engine's checks.
-        host: ``values`` on the host, as read once by the checks.
     """
 
     values: Tensor
@@ -44,12 +41,10 @@ def loss_vector(losses: Losses, task_names: Sequence[str] | None, num_tasks: int
 
     Args:
         losses: A list or tuple of K scalars, a dict keyed by task name (named heads only), or a
-            1-D tensor of K elements. ``None`` marks a task absent from the step (no labels for it
-            in this batch).
+            1-D tensor of K elements; ``None`` marks a task absent from the step.
         task_names: The task names when the heads are named, else ``None``.
         num_tasks: K.
-        require_grad: Refuse losses of which none requires grad (``False`` for losses evaluated
-            without gradients, after the optimizer step).
+        require_grad: Refuse losses of which none requires grad (``False`` after the optimizer step).
     """
     if type(losses) is list or type(losses) is tuple:
         items = list(losses)
@@ -112,11 +107,8 @@ def task_labels(task_names: tuple[str, ...] | None, num_tasks: int) -> list[str]
 
 @lru_cache(maxsize=256)
 def task_indices(present: tuple[int, ...], device: torch.device) -> Tensor:
-    """The long tensor of ``present``, made once per pattern and device (the engine never writes to it).
-
-    Made outside inference mode, so that a pattern first seen under ``torch.inference_mode`` can
-    still index tensors that autograd records later.
-    """
+    """The long tensor of ``present``, made once per pattern and device (the engine never writes to it), outside
+    inference mode so that a pattern first seen under ``torch.inference_mode`` can index recorded tensors later."""
     with torch.inference_mode(False):
         return torch.tensor(present, device=device)
 

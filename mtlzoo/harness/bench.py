@@ -9,15 +9,11 @@ Two reference models, with K linear (MLP) or 1x1-convolution (CNN) heads:
   family) get ``post_shape=(8, 8)``: they rotate the channels.
 
 Each step is the harness's training step (zero_grad, forward, ``mtl.backward``, ``mtl.step``) on a
-fixed random batch, with Adam for the model (and the strategy's own optimizer, from its metadata).
-After ``warmup`` steps, ``steps`` steps are timed in ``rounds`` interleaved rounds (every strategy
-takes a turn each round, so that a slow spell of the machine hits all of them) and the median is
-reported, with its ratio to ``ls``'s median on the same model. Every strategy gets the
-hyperparameters its metadata suggests (``StrategyInfo.suggested``). :func:`report_table` renders a
-report as the readable table ``mtlzoo bench`` prints (``--json`` prints the report itself).
-
-:func:`peak_bytes` measures the memory a step allocates; the benchmark against the reference
-implementations (``benchmarks/vs_reference.py`` in the repository, not installed) uses both.
+fixed random batch, with Adam for the model (the strategy's own optimizer from its metadata) and the
+hyperparameters the metadata suggests. After ``warmup`` steps, ``steps`` steps are timed in ``rounds``
+interleaved rounds (every strategy takes a turn each round, so that a slow spell of the machine hits
+all of them); the median is reported with its ratio to ``ls``'s on the same model. :func:`peak_bytes`
+measures the memory a step allocates (``benchmarks/vs_reference.py`` in the repository uses both).
 """
 
 from __future__ import annotations
@@ -33,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.caching import cached
-from mtlzoo.harness.spec import BASELINE, optimizer_class, parse_spec, split_top_level
+from mtlzoo.harness.spec import BASELINE, default_strategies, optimizer_class, parse_spec, split_top_level
 from mtlzoo.harness.tables import plain_table
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 MODELS = ("mlp", "cnn")
@@ -57,8 +54,8 @@ def reference_model(kind: str, num_tasks: int, dim: int) -> HardSharing:
 
 def reference_batch(kind: str, num_tasks: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     if kind == "mlp":
-        return torch.randn(batch_size, 64, generator=generator), torch.randn(num_tasks, batch_size, 1,
-                                                                             generator=generator)
+        return (torch.randn(batch_size, 64, generator=generator),
+                torch.randn(num_tasks, batch_size, 1, generator=generator))
     return (torch.randn(batch_size, 3, 2 * MAP_SIDE, 2 * MAP_SIDE, generator=generator),
             torch.randn(num_tasks, batch_size, 1, MAP_SIDE, MAP_SIDE, generator=generator))
 
@@ -112,7 +109,7 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
     """
     device = torch.device(device)
     if strategies is None:
-        names = [e.name for e in list_strategies() if e.info.default_comparison]
+        names = [spec.name for spec in default_strategies()]
     elif strategies == "all":
         names = [e.name for e in list_strategies()]
     else:
@@ -123,8 +120,7 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
         if kind not in MODELS:
             raise ValueError(f"Parameter `models` should hold names from {MODELS}. Found {kind!r}.")
     for name, value in (("tasks", tasks), ("dim", dim), ("steps", steps), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
+        check_int(name, value)
     results: list[dict[str, Any]] = []
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
             warnings.catch_warnings():

@@ -1,8 +1,5 @@
-"""How a comparison runs (:class:`RunConfig`): seeds, steps, reference, device, output folder.
-
-One object, passed whole from the command line to every run, and checked in one place (its
-constructor and :meth:`RunConfig.check_out`) before any training.
-"""
+"""How a comparison runs (:class:`RunConfig`): one object, passed whole from the command line to every run,
+checked in one place (its constructor and :meth:`RunConfig.check_out`) before any training."""
 
 from __future__ import annotations
 
@@ -44,9 +41,10 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ComparisonError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
+def _check_int(name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        should = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ComparisonError(f"Parameter `{name}` should be {should}. Found `{name} = {value!r}`.")
 
 
 @dataclass(frozen=True)
@@ -90,15 +88,11 @@ class RunConfig:
             if not self.seeds:
                 raise ComparisonError("Parameter `seeds` should name at least one seed. Found none.")
         elif self.seeds is not None:
-            _positive("seeds", self.seeds)
-        if self.steps is not None:
-            _positive("steps", self.steps)
-        if self.threads is not None:
-            _positive("threads", self.threads)
-        if isinstance(self.conflict_every, bool) or not isinstance(self.conflict_every, int) \
-                or self.conflict_every < 0:
-            raise ComparisonError(f"Parameter `conflict_every` should be an int >= 0. Found "
-                                  f"`conflict_every = {self.conflict_every!r}`.")
+            _check_int("seeds", self.seeds)
+        for name in ("steps", "threads"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        _check_int("conflict_every", self.conflict_every, minimum=0)
         if self.reference not in REFERENCES:
             raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {self.reference!r}.")
         if self.reference_from is not None:

@@ -1,8 +1,5 @@
-"""A comparison checked before any training: each strategy against the problem (:class:`Plan`).
-
-:func:`plan_all` checks the problem's metrics and every strategy, so that a comparison that cannot
-run fails at once, not after hours of training.
-"""
+"""A comparison checked before any training (:func:`plan_all`): the problem's metrics, and each strategy
+against the problem (:class:`Plan`), so that a comparison that cannot run fails at once."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ from typing import Any
 import torch
 
 from mtlzoo.errors import ComparisonError, MissingHyperparameterError
-from mtlzoo.harness.config import Reference, check_device
+from mtlzoo.harness.config import REFERENCES, Reference, check_device
 from mtlzoo.harness.problems.base import Problem, check_metrics, to_device
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, split_top_level
 from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies, split_modifiers
@@ -82,10 +79,9 @@ def _optimizer_recipe(problem: Problem, spec: StrategySpec, entry: StrategyEntry
 def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.device = "cpu") -> Plan:
     """Check that ``spec`` can run on ``problem`` and fix what a run builds: options and optimizer.
 
-    The options are the metadata's suggestions (``StrategyInfo.suggested``), then the problem's
-    (:meth:`~mtlzoo.harness.problems.Problem.strategy_options`), then the spec's. Builds the
-    strategy on the problem's model once (and one forward, which materialises lazily shaped
-    strategies), without touching the global RNG.
+    The options: the problem's (:meth:`~mtlzoo.harness.problems.Problem.strategy_options`, by default
+    the metadata's suggestions), then the spec's. Builds the strategy on the problem's model once,
+    with one forward (which materialises lazily shaped strategies), leaving the global RNG as it was.
 
     Raises:
         UnknownStrategyError: An unknown name (the message lists close names).
@@ -178,15 +174,14 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
              device: str | torch.device = "cpu") -> list[Plan]:
     """Check the problem's metrics and every strategy against ``problem`` before any training (see :func:`plan`).
 
-    ``ls`` is always run (Δm% and time ratios are measured against it). With ``strict`` (the
-    default when strategies are named), a strategy that cannot run raises
-    :class:`~mtlzoo.errors.ComparisonError`; otherwise (the default set, ``"all"``) it is recorded
-    as failed with the reason. Unknown names and options always raise.
+    ``ls`` is always run. With ``strict`` (the default when strategies are named) a strategy that cannot
+    run raises :class:`~mtlzoo.errors.ComparisonError`, otherwise it is recorded as failed with the
+    reason. Unknown names and options always raise.
     """
     check_device(device)
     specs, named = resolve_specs(strategies)
     strict = named if strict is None else strict
-    if reference not in ("ls", "single_task"):
+    if reference not in REFERENCES:
         raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {reference!r}.")
     entries = [strategy_entry(spec.name)[0] for spec in specs]  # unknown names fail first, before any building
     check_problem(problem, device)

@@ -1,16 +1,14 @@
 """Figures of a comparison (matplotlib, the ``plot`` extra): loss curves, Pareto scatter, toy2d trajectories.
 
 Each function takes a :class:`~mtlzoo.harness.results.ComparisonResults` and returns a matplotlib
-``Figure`` with one series per strategy (labelled with the strategy); :func:`save_plots` writes
-them as PNG files. Every strategy has its own colour and marker, however many are compared
-(:func:`styles`). Failed runs cannot be drawn, and the legend says so: a strategy with failed
-seeds is labelled ``"name (2/3 seeds)"``, one without a finished run ``"name (failed, not shown)"``.
+``Figure``, one series per strategy, each strategy with its own colour and marker (:func:`styles`);
+:func:`save_plots` writes them as PNG files. The legend names failed seeds (:func:`legend_label`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,14 +84,10 @@ def _legend(fig: Any, ax: Any, results: ComparisonResults | None = None) -> None
 
     handles, labels = ax.get_legend_handles_labels()
     if results is not None:
-        shown = dict(zip(labels, handles))
-        drawn = styles(results.labels)
-        handles, labels = [], []
-        for label in results.labels:
-            style = drawn[label]
-            handle = shown.get(label) or Line2D([], [], color=style.color, marker="x", linestyle="none")
-            handles.append(handle)
-            labels.append(legend_label(results, label))
+        shown, drawn = dict(zip(labels, handles)), styles(results.labels)
+        handles = [shown.get(label) or Line2D([], [], color=drawn[label].color, marker="x", linestyle="none")
+                   for label in results.labels]
+        labels = [legend_label(results, label) for label in results.labels]
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
 
@@ -115,10 +109,9 @@ def loss_curves(results: ComparisonResults) -> Figure:
     """Training loss per task against the step: the mean over seeds (smoothed), a band of ± one std."""
     Figure = _matplotlib()
     tasks = results.task_names
-    fig = Figure(figsize=(4.5 * len(tasks) if len(tasks) <= 4 else 18, 3.6 if len(tasks) <= 4 else 2.6 * math.ceil(
-        len(tasks) / 4)), layout="constrained")
-    columns = min(len(tasks), 4)
-    axes = fig.subplots(math.ceil(len(tasks) / columns), columns, squeeze=False).ravel()
+    columns, rows = min(len(tasks), 4), math.ceil(len(tasks) / 4)
+    fig = Figure(figsize=(4.5 * columns, 3.6 if rows == 1 else 2.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
     finished = _finished(results)
     drawn = styles(results.labels)
     for k, (ax, task) in enumerate(zip(axes, tasks)):
@@ -236,27 +229,23 @@ def figures(results: ComparisonResults) -> dict[str, Figure]:
     return made
 
 
-def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int = 110) -> list[Path]:
-    """Write every figure of every problem as ``out/<problem>_<kind>.png``; returns the paths."""
+def _save(figures: Iterable[tuple[str, Figure]], out: str | Path, dpi: int) -> list[Path]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for result in results:
-        for stem, fig in figures(result).items():
-            path = folder / f"{stem}.png"
-            fig.savefig(path, dpi=dpi)
-            paths.append(path)
+    for stem, fig in figures:
+        paths.append(folder / f"{stem}.png")
+        fig.savefig(paths[-1], dpi=dpi)
     return paths
+
+
+def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int = 110) -> list[Path]:
+    """Write every figure of every problem as ``out/<problem>_<kind>.png``; returns the paths."""
+    return _save(((stem, fig) for result in results for stem, fig in figures(result).items()), out, dpi)
 
 
 # ============================================================================ growth of the step time
 GROWTH_AXES = {"tasks": ("K, the number of tasks", "d"), "dim": ("d, the width of the representation", "K")}
-
-
-def matplotlib_ticker() -> Any:
-    import matplotlib.ticker
-
-    return matplotlib.ticker
 
 
 def growth_figure(report: dict[str, Any], axis: str) -> Figure:
@@ -269,6 +258,8 @@ def growth_figure(report: dict[str, Any], axis: str) -> Figure:
     if axis not in GROWTH_AXES:
         raise ValueError(f"Parameter `axis` should be one of {tuple(GROWTH_AXES)}. Found {axis!r}.")
     figure_class = _matplotlib()
+    from matplotlib.ticker import NullLocator
+
     records = [r for r in report["results"] if r["axis"] == axis and r.get("status") == "ok" and "ratio" in r]
     labels = list(dict.fromkeys(r["label"] for r in records))
     drawn = styles(labels)
@@ -287,7 +278,7 @@ def growth_figure(report: dict[str, Any], axis: str) -> Figure:
     ax.set_xscale("log", base=2)
     ticks = sorted({r[axis] for r in records})
     ax.set_xticks(ticks, [str(v) for v in ticks])
-    ax.xaxis.set_minor_locator(matplotlib_ticker().NullLocator())
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_yscale("log")
     ax.set_xlabel(title)
     ax.set_ylabel("step time / plain step time")
@@ -299,12 +290,5 @@ def growth_figure(report: dict[str, Any], axis: str) -> Figure:
 
 def save_growth_plots(report: dict[str, Any], out: str | Path, dpi: int = 110) -> list[Path]:
     """Write ``out/growth_tasks.png`` and ``out/growth_dim.png`` from a growth report; returns the paths."""
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for axis in GROWTH_AXES:
-        if any(r["axis"] == axis for r in report["results"]):
-            path = folder / f"growth_{axis}.png"
-            growth_figure(report, axis).savefig(path, dpi=dpi)
-            paths.append(path)
-    return paths
+    axes = [axis for axis in GROWTH_AXES if any(r["axis"] == axis for r in report["results"])]
+    return _save(((f"growth_{axis}", growth_figure(report, axis)) for axis in axes), out, dpi)

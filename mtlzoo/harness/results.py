@@ -4,15 +4,13 @@ r"""What runs produce (:class:`RunResult`) and what a comparison's runs say (:cl
 
     Δm% = (100 / K) sum_k (-1)^{h_k} (M_k - M_ref,k) / M_ref,k,     h_k = 1 when higher M_k is better
 
-with ``M_k`` task k's primary metric (the first of its metrics, :attr:`Problem.task_metrics
+with ``M_k`` task k's primary metric (the first of its :attr:`Problem.task_metrics
 <mtlzoo.harness.problems.Problem.task_metrics>`), ``h_k`` that metric's direction, and ``M_ref`` the
-metrics of ``ls`` on the same seed (or, with ``reference="single_task"``, of K single-task runs: ``ls``
-weighted by the k-th unit vector, from the same initialisation, or their mean over the seeds of an
-earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero. Tasks
-may report different metrics (accuracy for a classifier, RMSE for a regression): each term takes its
-own task's metric and direction. Where a problem's papers average over every metric of every task
-(NYUv2's nine), the sum runs over the problem's :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms`
-and K is their number.
+metrics of ``ls`` on the same seed (with ``reference="single_task"``: of K single-task runs, ``ls``
+weighted by the k-th unit vector from the same initialisation, or their mean over the seeds of an
+earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero.
+Where a problem's papers average over every metric of every task (NYUv2's nine), the sum runs over
+its :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms` and K is their number.
 """
 
 from __future__ import annotations
@@ -33,6 +31,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 """The version of ``results.json`` and of the run files (files without per-task metrics load as before)."""
+DERIVED = ("worst", "delta_m", "rank", "seconds_per_step", "time_ratio", "conflict_share", "mean_cosine")
+"""The values derived from each run, averaged over seeds in :meth:`ComparisonResults.summary`."""
 
 
 def jsonable(value: Any) -> Any:
@@ -117,16 +117,12 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 
 def ranks(values: Mapping[str, float], higher_is_better: bool) -> dict[str, float]:
     """Rank 1 for the best; ties share the mean of their ranks."""
-    ordered = sorted(values, key=lambda k: -values[k] if higher_is_better else values[k])
-    result: dict[str, float] = {}
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and values[ordered[j + 1]] == values[ordered[i]]:
-            j += 1
-        for k in ordered[i:j + 1]:
-            result[k] = (i + j) / 2 + 1
-        i = j + 1
+    sign = -1 if higher_is_better else 1
+    result = {}
+    for key, value in values.items():
+        better = sum(sign * other < sign * value for other in values.values())
+        tied = sum(other == value for other in values.values())  # itself included
+        result[key] = better + (tied + 1) / 2
     return result
 
 
@@ -179,7 +175,6 @@ class ComparisonResults:
         self.steps = steps
         self.seeds = list(seeds)
 
-    # ------------------------------------------------------------------ access
     @property
     def primary(self) -> dict[str, Any]:
         """The first task's primary metric (every task's, unless tasks report different metrics)."""
@@ -222,7 +217,6 @@ class ComparisonResults:
     def _primary_value(self, result: RunResult, task: str) -> float:
         return result.metrics[task][self.task_metrics[task][0]]
 
-    # ------------------------------------------------------------ derived values
     def _reference_metrics(self, seed: int) -> dict[str, dict[str, float]] | None:
         """Per task, the reference's metrics for seed ``seed`` (``None`` when it did not finish)."""
         if self.external_reference is not None:
@@ -295,7 +289,15 @@ class ComparisonResults:
         values = [c for pairs in (result.conflicts.get("cosines") or []) for c in pairs]
         return statistics.fmean(values) if values else None
 
-    # ------------------------------------------------------------------ tables
+    def _seed_ranks(self) -> dict[int, dict[str, float]]:
+        return {seed: self.mean_ranks(seed) for seed in sorted({r.seed for r in self.runs})}
+
+    def _derived(self, r: RunResult, seed_ranks: dict[int, dict[str, float]]) -> dict[str, float | None]:
+        return {"worst": self.worst_of(r), "delta_m": self.delta_m_of(r),
+                "rank": seed_ranks.get(r.seed, {}).get(r.label) if r.role == "strategy" else None,
+                "seconds_per_step": r.seconds_per_step, "time_ratio": self.time_ratio_of(r),
+                "conflict_share": self.conflict_share(r), "mean_cosine": self.mean_cosine(r)}
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per strategy: means and standard deviations over its finished seeds.
 
@@ -305,7 +307,7 @@ class ComparisonResults:
         metric), ``delta_m``, ``rank``, ``seconds_per_step``, ``time_ratio``, ``conflict_share``,
         ``mean_cosine`` (each with ``_std``).
         """
-        rank_of = {seed: self.mean_ranks(seed) for seed in self.seeds or sorted({r.seed for r in self.runs})}
+        seed_ranks = self._seed_ranks()
         rows = []
         for label in self.labels:
             runs = self.runs_of(label)
@@ -318,23 +320,15 @@ class ComparisonResults:
             for name in self.shared_metrics():
                 row[f"mean/{name}"], row[f"mean/{name}_std"] = mean_std(
                     [statistics.fmean(r.metrics[task][name] for task in self.task_names) for r in finished])
-            columns: dict[str, list[float | None]] = {
-                "worst": [self.worst_of(r) for r in finished],
-                "delta_m": [self.delta_m_of(r) for r in finished],
-                "rank": [rank_of.get(r.seed, {}).get(label) for r in finished],
-                "seconds_per_step": [r.seconds_per_step for r in finished],
-                "time_ratio": [self.time_ratio_of(r) for r in finished],
-                "conflict_share": [self.conflict_share(r) for r in finished],
-                "mean_cosine": [self.mean_cosine(r) for r in finished],
-            }
-            for key, values in columns.items():
-                row[key], row[key + "_std"] = mean_std(values)
+            derived = [self._derived(r, seed_ranks) for r in finished]
+            for key in DERIVED:
+                row[key], row[key + "_std"] = mean_std([values[key] for values in derived])
             rows.append(row)
         return rows
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat row per run (pandas-friendly): ids, status, each ``<task>/<metric>``, derived values."""
-        rank_of = {seed: self.mean_ranks(seed) for seed in sorted({r.seed for r in self.runs})}
+        seed_ranks = self._seed_ranks()
         records = []
         for r in self.runs:
             record: dict[str, Any] = {"problem": self.problem, "strategy": r.label, "name": r.strategy,
@@ -342,13 +336,8 @@ class ComparisonResults:
                                       "steps": r.steps, "steps_done": r.steps_done}
             for task, metric in self.columns():
                 record[f"{task}/{metric['name']}"] = r.metrics.get(task, {}).get(metric["name"])
-            record.update({
-                "worst": self.worst_of(r), "delta_m": self.delta_m_of(r),
-                "rank": rank_of.get(r.seed, {}).get(r.label) if r.role == "strategy" else None,
-                "seconds_per_step": r.seconds_per_step, "time_ratio": self.time_ratio_of(r),
-                "conflict_share": self.conflict_share(r), "mean_cosine": self.mean_cosine(r),
-                "final_train_losses": r.train_losses[-1] if r.train_losses else None,
-            })
+            record.update(self._derived(r, seed_ranks),
+                          final_train_losses=r.train_losses[-1] if r.train_losses else None)
             records.append(record)
         return records
 
@@ -358,7 +347,6 @@ class ComparisonResults:
 
         return pandas.DataFrame(self.to_records())
 
-    # ------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "problem": self.problem, "settings": self.settings,
                 "task_names": self.task_names, "delta_m": self.delta_m, "metrics": self.metrics,
@@ -370,9 +358,6 @@ class ComparisonResults:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ComparisonResults:
         """Read back :meth:`to_dict` (also of files written before tasks could report different metrics)."""
-        problem = {"name": data["problem"], "settings": data["settings"], "task_names": data["task_names"],
-                   "delta_m": data["delta_m"], "metrics": data["metrics"], "task_metrics": data.get("task_metrics"),
-                   "delta_m_terms": data.get("delta_m_terms")}
-        return cls(problem, [RunResult.from_dict(r) for r in data["runs"]], list(data["labels"]),
-                   data.get("reference", "ls"), steps=data.get("steps", 0), seeds=data.get("seeds", ()),
-                   external_reference=data.get("external_reference"))
+        return cls({**data, "name": data["problem"]}, [RunResult.from_dict(r) for r in data["runs"]],
+                   list(data["labels"]), data.get("reference", "ls"), steps=data.get("steps", 0),
+                   seeds=data.get("seeds", ()), external_reference=data.get("external_reference"))

@@ -1,9 +1,5 @@
-"""What a comparison runs: a strategy named with its options (:class:`StrategySpec`), parsed from text.
-
-``"name"`` or ``"name:key=value:key=value"`` names a registered strategy and its hyperparameters
-(values are Python literals, else strings); a comma-separated list names several. ``ls`` (the
-:data:`BASELINE`) is what Δm% and time ratios are measured against.
-"""
+"""What a comparison runs: a strategy named with its options (:class:`StrategySpec`), parsed from
+``"name:key=value:key=value"`` (values are Python literals, else strings; a comma-separated list names several)."""
 
 from __future__ import annotations
 
@@ -42,9 +38,8 @@ class StrategySpec:
 
     @classmethod
     def parse(cls, text: str) -> StrategySpec:
-        """``"name"`` or ``"name:key=value:key=value"`` (values are Python literals, else strings)."""
-        name, options = parse_spec(text)
-        return cls(name, options)
+        """``"name"`` or ``"name:key=value:key=value"`` (see :func:`parse_spec`)."""
+        return cls(*parse_spec(text))
 
     def display(self) -> str:
         """The label of the runs: ``label``, else the name, its options and its optimizer."""

@@ -1,8 +1,7 @@
 """A comparison on disk: one JSON file per finished run (for ``resume``), and ``results.json`` / ``results.csv``.
 
-Files are written atomically (a crash leaves the previous file or none, never half of one), as
-strict JSON (NaN and infinities as ``null``). :func:`load` reads every ``results.json`` this
-package has written, including those from before tasks could report different metrics.
+Files are written atomically (a crash leaves the previous file or none), as strict JSON (NaN and
+infinities as ``null``). :func:`load` reads every ``results.json`` this package has written.
 """
 
 from __future__ import annotations

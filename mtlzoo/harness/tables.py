@@ -43,20 +43,21 @@ def _arrow(metric: dict[str, Any]) -> str:
 def result_columns(results: ComparisonResults) -> list[tuple[str, list[str]]]:
     """The columns after ``strategy``: (header, one cell per strategy of :meth:`ComparisonResults.summary`)."""
     rows = results.summary()
+
+    def cells(key: str) -> list[str]:
+        return [fmt(row[key], row[key + "_std"]) for row in rows]
+
     columns: list[tuple[str, list[str]]] = []
     many = len(results.task_names) > MANY_TASKS and results.shared_metrics()
     for task, metric in [] if many else results.columns():
-        key = f"{task}/{metric['name']}"
-        cells = [fmt(row[key], row[key + "_std"]) for row in rows]
-        columns.append((f"{task} {metric['name']} {_arrow(metric)}", cells))
+        columns.append((f"{task} {metric['name']} {_arrow(metric)}", cells(f"{task}/{metric['name']}")))
     for name in many or []:
-        key = f"mean/{name}"
         columns.append((f"mean {name} ({len(results.task_names)} tasks) {_arrow(results.metric(name))}",
-                        [fmt(row[key], row[key + "_std"]) for row in rows]))
+                        cells(f"mean/{name}")))
     if results.shared_primary:
-        columns.append((f"worst {_arrow(results.primary)}", [fmt(row["worst"], row["worst_std"]) for row in rows]))
+        columns.append((f"worst {_arrow(results.primary)}", cells("worst")))
     if results.delta_m:
-        columns.append((f"Δm% vs {results.reference} ↓", [fmt(row["delta_m"], row["delta_m_std"]) for row in rows]))
+        columns.append((f"Δm% vs {results.reference} ↓", cells("delta_m")))
     columns.append(("rank ↓", [fmt(row["rank"], None, 2) for row in rows]))
     columns.append(("ms/step", [fmt(None if row["seconds_per_step"] is None else 1000 * row["seconds_per_step"])
                                 for row in rows]))

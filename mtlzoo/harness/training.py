@@ -1,36 +1,26 @@
 """One strategy trained on one problem from one seed (:func:`run`), under the harness's conditions.
 
-- the same initial weights: one initialisation per seed (the problem's model built under
-  ``torch.manual_seed(seed)``), copied for every strategy;
-- the same data order: the batches of every epoch drawn from a ``torch.Generator`` seeded with the
-  seed, so every strategy sees the same batches in the same order;
-- the same model optimizer and learning rate (the problem's recipe);
-- the strategy's own parameters (rotations, task weights) trained by their own optimizer (see
-  :func:`~mtlzoo.harness.plan.plan`);
-
-and the training loop of the step protocol::
+Every strategy of a seed starts from the same weights (the problem's model built under
+``torch.manual_seed(seed)``, copied), sees the same batches in the same order (drawn from a
+``torch.Generator`` seeded with the seed) and trains the model with the problem's optimizer and
+learning rate; its own parameters (rotations, task weights) get their own optimizer
+(:func:`~mtlzoo.harness.plan.plan`). The loop is the step protocol's::
 
     optimizer.zero_grad()
     with mtlzoo.cached():
         losses = problem.losses(mtl(x), y)
         mtl.backward(losses)
     mtl.step(*optimizers, post_step_losses=...)      # only for strategies that read them (FAMO)
-    ...
     mtl.end_epoch()                                   # after each of the problem's epochs
 
-**Gradient conflict.** Every ``conflict_every`` steps, in a measurement pass outside the timed
-step, the harness computes each task's gradient of its raw loss with respect to the shared
-representation ``z = backbone(x)``: before any strategy combines them (through the strategy's
-per-task transform of ``z``, RotoGrad's rotation, when it has one). It records the pairwise
-cosine similarities, and the share of measurements in which some pair conflicts (cosine < 0).
+**Gradient conflict.** Every ``conflict_every`` steps, outside the timed step, the pairwise cosines
+of the tasks' raw-loss gradients on the shared representation ``z = backbone(x)``, taken through the
+strategy's per-task transform of ``z`` (RotoGrad's rotation) before any strategy combines them.
 
-A strategy whose request reads several independent batches per step (SDMGrad, MoDo) gets the
-additional ones from data streams of their own, seeded from the seed, and passes their losses as
-``mtl.backward(losses, more_batches=[...])``: the batches the model learns from stay those of every
-other strategy.
-
-A strategy that raises, or whose losses or metrics stop being finite, is recorded as failed with
-its error. Warnings raised during a run are recorded with it. Nothing here prints.
+A request that reads several independent batches per step (SDMGrad, MoDo) gets the extra ones from
+data streams of their own, seeded from the seed: the batches the model learns from stay those of
+every other strategy. A strategy that raises, or whose losses or metrics stop being finite, is
+recorded as failed with its error; its warnings are recorded with it. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -101,9 +91,8 @@ def _as_list(losses: Any) -> list[Tensor]:
 def measure_conflicts(mtl: MTLWrapper, problem: Problem, x: Any, y: Any) -> Tensor:
     """The K x K cosine similarities of the task gradients ``dL_k/dz`` on the shared representation.
 
-    Each ``L_k`` is the raw task loss, computed through the strategy's transform of ``z`` for task k
-    (the identity but for the RotoGrad family) and task k's head; ``z`` is detached, so no parameter
-    receives a gradient, and the global RNG is left as it was (dropout draws nothing visible).
+    ``L_k`` is task k's raw loss through the strategy's transform of ``z`` (the identity but for the
+    RotoGrad family) and its head. No parameter receives a gradient; the global RNG is left as it was.
     """
     with torch.random.fork_rng(devices=[]), torch.enable_grad(), cached():
         z = _first(mtl.backbone(x)).detach().requires_grad_()
@@ -128,8 +117,7 @@ def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: Ru
             :class:`~mtlzoo.harness.plan.Plan` from :func:`~mtlzoo.harness.plan.plan`).
         seed: Seeds the initialisation (unless ``initial_model`` is given), the data order and the
             strategy's own random draws.
-        config: Steps, conflict measurements, device and threads (:class:`~mtlzoo.harness.config.RunConfig`;
-            its seeds, output folder and reference do not concern one run).
+        config: Steps, conflict measurements, device and threads (:class:`~mtlzoo.harness.config.RunConfig`).
         initial_model: The initial model to copy (the same for every strategy of a seed).
         progress: Called with ``"step"`` events every few steps.
 
@@ -168,13 +156,11 @@ def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: Ru
 
 
 def _optimizers(mtl: MTLWrapper, problem: Problem, plan_: Plan) -> list[torch.optim.Optimizer]:
-    optimizers: list[torch.optim.Optimizer] = [
-        optimizer_class(problem.model_optimizer)(mtl.model_parameters(), lr=problem.model_lr)]
+    optimizers = [optimizer_class(problem.model_optimizer)(mtl.model_parameters(), lr=problem.model_lr)]
     own = [p for p in mtl.strategy_parameters() if p.requires_grad]
     if own:
         assert plan_.optimizer is not None, "plan() gives every strategy with parameters an optimizer"
-        kind, lr = plan_.optimizer
-        optimizers.append(optimizer_class(kind)(own, lr=lr))
+        optimizers.append(optimizer_class(plan_.optimizer[0])(own, lr=plan_.optimizer[1]))
     return optimizers
 
 
@@ -193,8 +179,6 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
         mtl(to_device(sample, device))  # materialises lazily shaped strategies before the optimizers exist
     optimizers = _optimizers(mtl, problem, plan_)
     post_step = mtl.strategy.wants_post_step_losses
-    # a strategy reading several independent batches per step gets them from streams of their own, so that
-    # the main batches, what the model learns from, are those of every other strategy
     streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
                for i in range(mtl.strategy.request.batches - 1)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -260,11 +244,10 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
 class _Evaluator:
     """When a run evaluates, and what it reports (:attr:`Problem.average_last`, :attr:`Problem.select_by_validation`).
 
-    After training only, by default. With ``average_last = n``, after each of the last n epochs (the end
-    of the run counting as one when it stops inside an epoch), reporting the mean. With
-    ``select_by_validation``, the validation score after every epoch and at the end; the test metrics
-    each time it is the best so far (ties: the later, as Nash-MTL's ``<=``), reporting those of the
-    best. A plateau schedule steps on the validation score.
+    By default after training only; with ``average_last = n`` after each of the last n epochs (a run
+    stopping inside an epoch counts its end as one), reporting the mean; with ``select_by_validation``
+    the test metrics at each best validation score so far (ties: the later, as Nash-MTL's ``<=``),
+    reporting the best's. A plateau schedule steps on the validation score.
     """
 
     def __init__(self, problem: Problem, mtl: MTLWrapper, device: torch.device, steps: int,
@@ -272,8 +255,7 @@ class _Evaluator:
         self.problem, self.mtl, self.device, self.result = problem, mtl, device, result
         per_epoch = max(problem.steps_per_epoch, 1)
         slots = problem.average_last - (1 if steps % per_epoch else 0)
-        self.window_start = steps - steps % per_epoch - slots * per_epoch
-        """Epoch ends after this step are among the last ``average_last`` evaluations."""
+        self.window_start = steps - steps % per_epoch - slots * per_epoch  # later epoch ends are averaged
         self.best: float | None = None
         self.evaluated_at: int | None = None
 
@@ -325,9 +307,7 @@ def _endless(problem: Problem, generator: torch.Generator) -> Iterator[Any]:
 
 def train_and_evaluate(problem: Problem, strategy: str, seed: int = 0, *, steps: int | None = None,
                        **options: Any) -> list[float]:
-    """Train one strategy from seed ``seed`` (the harness's loop) and return each task's primary metric.
-
-    A convenience over :func:`run` (no conflict measurements); the global RNG state is left as it was.
+    """Train one strategy from seed ``seed`` with :func:`run` (no conflict measurements); each task's primary metric.
 
     Raises:
         ComparisonError: The run failed (the message gives its error).

@@ -1,17 +1,11 @@
 """The aggregator role: K task gradients (or their K x K Gramian) to the one update of the shared part.
 
-Two forms, each one method:
-
-- :class:`GramianAggregator`: ``weigh(G, step) -> c``, the K weights of the task gradients read from
-  their Gramian ``G = J J^T``; the update is ``J^T c``. MGDA, UPGrad, CAGrad, IMTL-G, Nash-MTL,
-  PCGrad are of this form. The engine then needs only the Gramian (never the K x n Jacobian on the
-  parameter target), and the maths runs on the host in float64 numpy.
-- :class:`DirectionAggregator`: ``combine(gradients, inputs) -> d``, the update built from the
-  gradients themselves (GradDrop's element-wise masks).
-
-Both bases guard against non-finite statistics: inside a step they answer with a non-finite update
-(so that the engine raises :class:`~mtlzoo.errors.NonFiniteGradientError`, or a ``GradScaler``
-skips the step), and standalone (:meth:`Aggregator.aggregate`) they raise that error.
+Two forms, each one method: :class:`GramianAggregator` (``weigh(G, step) -> c``, the update ``J^T c``:
+MGDA, UPGrad, CAGrad, IMTL-G, Nash-MTL, PCGrad) and :class:`DirectionAggregator`
+(``combine(gradients, inputs) -> d``, built from the gradients themselves: GradDrop). On non-finite
+statistics both answer a step with a non-finite update (the engine raises
+:class:`~mtlzoo.errors.NonFiniteGradientError`, or a ``GradScaler`` skips the step) and raise that
+error standalone (:meth:`Aggregator.aggregate`).
 """
 
 from __future__ import annotations
@@ -80,7 +74,7 @@ class Aggregator(Strategy):
     """A strategy that combines the K per-task gradients into one update of the shared part.
 
     Subclasses take one of the two forms (:class:`GramianAggregator`, :class:`DirectionAggregator`),
-    or override :meth:`compute` for more.
+    or override :meth:`compute`.
 
     Args:
         num_tasks: K.
@@ -125,10 +119,9 @@ class Aggregator(Strategy):
 class GramianAggregator(Aggregator):
     r"""An aggregator whose update is ``J^T c``, with the K weights ``c`` read from the Gramian ``G = J J^T``.
 
-    Subclasses implement :meth:`weigh`, on the host in float64 numpy. Inside a step the engine
-    hands the Gramian of the present tasks (summed per parameter on the parameter target: the
-    K x n Jacobian is never concatenated) and applies the weights as ``J_p^T c`` on each shared
-    parameter; standalone, :meth:`aggregate` forms the Gramian of a K x n matrix in float64.
+    Subclasses implement :meth:`weigh`, on the host in float64 numpy. Inside a step the engine hands
+    the present tasks' Gramian (summed per parameter: the K x n Jacobian is never concatenated) and
+    applies ``J_p^T c`` on each shared parameter.
     """
 
     statistic = "gramian"
@@ -167,9 +160,8 @@ class GramianAggregator(Aggregator):
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``J^T c`` for a (K, ...) matrix of task gradients and their K losses.
 
-        The Gramian and the combination are computed in float64 (weights can be large where rows
-        cancel), the result returned in ``grads``' dtype. State that a stateful method stages here
-        is committed by :meth:`advance` (call it after each optimizer step).
+        Computed in float64 (weights can be large where rows cancel), returned in ``grads``' dtype.
+        State staged here is committed by :meth:`advance` (call it after each optimizer step).
         """
         check_gradients(grads, losses, self)
         wide = grads.to(torch.float64)
@@ -180,10 +172,7 @@ class GramianAggregator(Aggregator):
 
 
 class DirectionAggregator(Aggregator):
-    """An aggregator that builds the update from the gradients themselves (not a weighting of them).
-
-    Subclasses implement :meth:`combine`.
-    """
+    """An aggregator that builds the update from the gradients themselves (not a weighting of them): :meth:`combine`."""
 
     statistic = "gradients"
 

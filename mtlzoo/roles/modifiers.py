@@ -1,11 +1,9 @@
 """Modifiers: a Gramian aggregator wrapped to change how its weights are used, as optax's wrappers do.
 
-A modifier is itself a :class:`~mtlzoo.roles.GramianAggregator` that holds the aggregator it wraps
-(``inner``) and transforms the weights ``c = inner.weigh(G, step)``; it composes, checkpoints and
-resumes like any aggregator, and any Gramian aggregator (a plugin's too) can take it: clipping
-(:class:`ClipNorm`), acting every n steps (:class:`EveryNSteps`), normalised gradients
-(:class:`Normalize`), exponential smoothing across steps (:class:`EMA`). Adding one is
-a one-file matter: subclass :class:`Modifier`, declare its state, write :meth:`Modifier.modify`.
+A modifier is itself a :class:`~mtlzoo.roles.GramianAggregator` that wraps any other (``inner``,
+a plugin's too) and transforms its weights ``c = inner.weigh(G, step)``: :class:`ClipNorm`,
+:class:`EveryNSteps`, :class:`Normalize`, :class:`EMA`. A new one subclasses :class:`Modifier`,
+declares its state and writes :meth:`Modifier.modify`.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles._parts import WithParts
 from mtlzoo.roles.aggregator import Aggregator, DirectionAggregator, GramianAggregator, HostStep
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategy import Paper, StrategyInfo
+from mtlzoo.strategy import Paper, StrategyInfo, check_int, check_number
 
 NORMALIZERS: tuple[str, ...] = ("l2", "loss", "loss+")
 
@@ -100,11 +98,8 @@ class ClipNorm(Modifier):
     name = "clip_norm"
 
     def __init__(self, inner: GramianAggregator, max_norm: float = 1.0) -> None:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not (
-                max_norm >= 0 and math.isfinite(max_norm)):
-            raise ValueError(f"Parameter `max_norm` should be a non-negative number. Found `max_norm = {max_norm!r}`.")
         super().__init__(inner)
-        self.max_norm = float(max_norm)
+        self.max_norm = check_number("max_norm", max_norm)
 
     def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         return clipped(self.inner.weigh(gramian, step), gramian, self.max_norm)
@@ -126,10 +121,8 @@ class EveryNSteps(Modifier):
     name = "every"
 
     def __init__(self, inner: GramianAggregator, n: int = 1) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"Parameter `n` should be a positive int. Found `n = {n!r}`.")
         super().__init__(inner)
-        self.n = n
+        self.n = check_int("n", n)
         self.declare_state(steps=0, weights=torch.ones(inner.num_tasks, dtype=torch.float64))
 
     def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
@@ -204,19 +197,14 @@ class EMA(Modifier):
 
     The weight averaging of Zhou et al., *On the Convergence of Stochastic Multi-Objective
     Gradient Manipulation and Beyond*, NeurIPS 2022 (CR-MOGM; torchjd's ``CRMOGMWeighting``),
-    which makes stochastic gradient manipulation converge: ``ĉ_t = inner.weigh(G_t)`` the weights
-    the wrapped aggregator reads from this step's Gramian, the update ``J^T c_t``. With ``β = 0``
-    it is the wrapped aggregator itself. The first weights of each task are taken as they come
-    (``c_1 = ĉ_1``, torchjd's default); a task absent from a step keeps its smoothed weight. The
-    paper also schedules ``β`` towards 1 as the learning rate decays: set ``ema.beta`` between steps.
+    which makes stochastic gradient manipulation converge: ``ĉ_t = inner.weigh(G_t)``, the update
+    ``J^T c_t``; ``β = 0`` is the wrapped aggregator itself. Each task's first weight is taken as it
+    comes (``c_1 = ĉ_1``, torchjd's default); a task absent from a step keeps its smoothed weight. The
+    paper schedules ``β`` towards 1 as the learning rate decays: set ``ema.beta`` between steps. Only a
+    :class:`~mtlzoo.roles.GramianAggregator` has such weights; any other ``inner`` is refused, saying why.
 
-    Only an aggregator whose update is a weighting ``J^T c`` read from the Gramian (a
-    :class:`~mtlzoo.roles.GramianAggregator`: MGDA, UPGrad, Nash-MTL, a plugin's) has weights to
-    smooth; any other is refused with an :class:`~mtlzoo.errors.InvalidStrategyError` that says why.
-
-    Running state: the smoothed weights ``weights`` and which tasks have had one (``seen``),
-    updated once per optimizer step from its first micro-batch (every micro-batch smooths its own
-    weights against those the step started with).
+    Running state: the smoothed ``weights`` and which tasks have had one (``seen``); every
+    micro-batch of a step smooths against the weights the step started with.
 
     Args:
         inner: The Gramian aggregator.

@@ -24,22 +24,6 @@ from mtlzoo.harness.problems.registry import (
 )
 from mtlzoo.harness.problems.toy2d import RotoGradToy, Toy2D
 
-__all__ = [
-    "BUILTIN_PROBLEMS",
-    "PROBLEMS",
-    "GradNormSynthetic",
-    "Metric",
-    "MixedScale",
-    "MultiDigits",
-    "Problem",
-    "ProblemEntry",
-    "RotoGradToy",
-    "Toy2D",
-    "check_metrics",
-    "create_problem",
-    "default_problems",
-    "get_problem",
-    "list_problems",
-    "register_problem",
-]
-
+__all__ = ["BUILTIN_PROBLEMS", "PROBLEMS", "GradNormSynthetic", "Metric", "MixedScale", "MultiDigits", "Problem",
+           "ProblemEntry", "RotoGradToy", "Toy2D", "check_metrics", "create_problem", "default_problems", "get_problem",
+           "list_problems", "register_problem"]

@@ -1,15 +1,4 @@
-r"""``gradnorm_synthetic``: the synthetic regression of the GradNorm paper (Chen et al., ICML 2018, section 4).
-
-T regression tasks share an input ``x`` (dimension 250) and learn, with squared loss,
-
-``f_i(x) = sigma_i tanh((B + eps_i) x)``     (outputs of dimension 100, tanh element-wise),
-
-where ``B`` (100 x 250) is a constant matrix shared by every task and ``eps_i`` (100 x 250) a
-constant matrix of task i, their entries drawn i.i.d. from N(0, 10) and N(0, 3.5) (read as
-standard deviations, as public re-implementations do). The tasks are statistically alike except
-for their scales ``sigma_i``, which differ by orders of magnitude: a larger ``sigma_i`` gives a
-larger loss and larger gradients, so with equal weights it dominates training.
-"""
+"""``gradnorm_synthetic``: the synthetic regression of the GradNorm paper (Chen et al., ICML 2018, section 4)."""
 
 from __future__ import annotations
 
@@ -24,6 +13,7 @@ from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
 from mtlzoo.registry import StrategyEntry
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 INPUT_DIM = 250
@@ -44,10 +34,11 @@ class GradNormSynthetic(Problem):
     r"""GradNorm's synthetic regression: T tasks alike but for their output scales ``sigma_i``.
 
     Source: Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive
-    Loss Balancing in Deep Multitask Networks*, ICML 2018, section 4 ("A Toy Example"):
-    ``f_i(x) = sigma_i tanh((B + eps_i) x)``, inputs of dimension 250, outputs of dimension 100,
-    ``B`` and ``eps_i`` with entries from N(0, 10) and N(0, 3.5); a 4-layer fully connected ReLU
-    trunk of 100 units per layer and one affine layer per task; T = 2 with
+    Loss Balancing in Deep Multitask Networks*, ICML 2018, section 4 ("A Toy Example"): T tasks learn
+    ``f_i(x) = sigma_i tanh((B + eps_i) x)`` with squared loss (inputs of dimension 250, outputs of
+    dimension 100), ``B`` shared and ``eps_i`` of task i constant matrices with entries i.i.d. from
+    N(0, 10) and N(0, 3.5) (standard deviations, as public re-implementations read them); a 4-layer
+    fully connected ReLU trunk of 100 units per layer and one affine layer per task; T = 2 with
     ``(sigma_0, sigma_1) = (1, 100)``, and T = 10; GradNorm's asymmetry ``alpha = 0.12`` (the tasks
     have the same functional form). The paper does not give the input distribution, the data set
     sizes or the optimizer: here ``x`` is uniform on [-1, 1]^250 scaled to unit norm (as public
@@ -59,9 +50,8 @@ class GradNormSynthetic(Problem):
     better than equal weights and uncertainty weighting, most clearly for T = 10.
 
     Metrics per task: test ``mse``, and ``nmse`` = mse / sigma_i^2 (comparable across tasks).
-    Δm% against ``ls`` reads the mse (bounded away from zero on this problem).
-
-    An epoch: one pass over the training set (``train_size / batch_size`` steps).
+    Δm% against ``ls`` reads the mse (bounded away from zero on this problem). An epoch: one pass
+    over the training set.
 
     Args:
         num_tasks: T (2 or 10 take the paper's ``sigma``; other values need ``sigmas``).
@@ -100,9 +90,7 @@ class GradNormSynthetic(Problem):
 
     def __post_init__(self) -> None:
         for field in ("num_tasks", "train_size", "test_size", "batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+            check_int(field, getattr(self, field))
         if self.batch_size > self.train_size:
             raise ValueError(f"Parameter `batch_size` should be at most `train_size = {self.train_size}`. "
                              f"Found `batch_size = {self.batch_size}`.")
@@ -162,12 +150,8 @@ class GradNormSynthetic(Problem):
 
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         x, y = self.data["x_test"].to(device), self.data["y_test"].to(device)
-        predictions = mtl(x)
-        results = {}
-        for name, p, t, sigma in zip(self.task_names, predictions, y, self.scales):
-            mse = float(nn.functional.mse_loss(p, t))
-            results[name] = {"mse": mse, "nmse": mse / sigma ** 2}
-        return results
+        mses = [float(nn.functional.mse_loss(p, t)) for p, t in zip(mtl(x), y)]
+        return {task: {"mse": mse, "nmse": mse / s**2} for task, mse, s in zip(self.task_names, mses, self.scales)}
 
     def strategy_options(self, entry: StrategyEntry) -> dict[str, Any]:
         """The metadata's suggestions, with the paper's asymmetry ``alpha = 0.12`` on this problem for every

@@ -1,10 +1,4 @@
-"""``multidigits``: a MultiMNIST-style problem built from the 8x8 digits that scikit-learn ships.
-
-Two digits are drawn side by side on an 8 x 12 canvas, the right one shifted by ``shift`` columns
-so that they overlap (pixel-wise maximum where they do), and each task classifies one of them.
-The digits come with scikit-learn (``sklearn.datasets.load_digits``: 1,797 images, no download);
-install it with ``python -m pip install "mtlzoo[digits]"``.
-"""
+"""``multidigits``: a MultiMNIST-style problem built from the 8x8 digits that scikit-learn ships (``digits`` extra)."""
 
 from __future__ import annotations
 
@@ -17,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 SIDE = 8
@@ -25,13 +20,14 @@ TASKS = ("left", "right")
 
 @dataclass(frozen=True)
 class MultiDigits(Problem):
-    """Two overlapping 8x8 digits side by side; one classification task per digit.
+    """Two overlapping 8x8 digits side by side (the right one shifted by ``shift`` columns, the pixel-wise
+    maximum where they overlap); one classification task per digit.
 
     Source: the MultiMNIST construction of Sabour, Frosst & Hinton (*Dynamic Routing Between
     Capsules*, NeurIPS 2017), as Sener & Koltun (*Multi-Task Learning as Multi-Objective
     Optimization*, NeurIPS 2018) use it for multitask learning (a left and a right digit, one
-    task each), rebuilt from scikit-learn's 8x8 digits (Alpaydin & Kaynak's UCI optical digits)
-    so that it needs no download. The images of the test pairs are held out from training.
+    task each), rebuilt from scikit-learn's 8x8 digits (Alpaydin & Kaynak's UCI optical digits,
+    ``sklearn.datasets.load_digits``) so that it needs no download. Test pairs use held-out images.
 
     What the literature says: on MultiMNIST the two tasks are of equal difficulty and mostly
     cooperate; methods differ by a point or two of accuracy, equal weighting is a strong baseline
@@ -41,9 +37,8 @@ class MultiDigits(Problem):
     Model: a small CNN (two 3x3 convolutions, 16 and 32 channels, max pooling, a linear layer to a
     64-dimensional representation) and a linear classifier per digit; Adam at 1e-3, batches of 128.
 
-    Metrics per task: test ``accuracy`` (Δm% against ``ls`` reads it, higher is better).
-
-    An epoch: one pass over the training pairs (``train_size / batch_size`` steps).
+    Metrics per task: test ``accuracy`` (Δm% against ``ls`` reads it). An epoch: one pass over the
+    training pairs.
 
     Args:
         shift: Columns by which the right digit is shifted (8 puts the digits apart, 4 overlaps them by half).
@@ -81,9 +76,7 @@ class MultiDigits(Problem):
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= SIDE:
             raise ValueError(f"Parameter `shift` should be an int in [0, {SIDE}]. Found `shift = {self.shift!r}`.")
         for field in ("train_size", "test_size", "batch_size"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+            check_int(field, getattr(self, field))
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = "
                              f"{self.test_fraction!r}`.")

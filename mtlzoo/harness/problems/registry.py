@@ -1,16 +1,11 @@
 """The comparison problems by name: a :class:`~mtlzoo.names.NameRegistry` fed by the strategies' plugins.
 
-A plugin adds problems by implementing ``mtlzoo_register_problems(register)`` (see
-:mod:`mtlzoo.hookspecs`) beside, or instead of, ``mtlzoo_register_strategies``. The problems' table
-joins the plugin loader of the strategy registry (:data:`mtlzoo.registry.REGISTRY`) when the
-harness is imported (the library never imports the harness): the same built-ins-first order, the
-same entry points, the same isolation of a broken plugin. The built-in problems come from the
-internal plugin :mod:`mtlzoo.harness.problems.builtin`.
-
-Names are case-insensitive and ``-`` equals ``_``; an unknown name raises
-:class:`~mtlzoo.errors.UnknownProblemError` listing close matches; a taken name is refused with a
-:class:`~mtlzoo.errors.DuplicateNameError` naming both origins (a warning for an entry point,
-whose other problems still load).
+A plugin adds problems through the hook ``mtlzoo_register_problems(register)`` (see
+:mod:`mtlzoo.hookspecs`); the problems' table joins the plugin loader of :data:`mtlzoo.registry.REGISTRY`
+when the harness is imported: the same built-ins-first order (the built-ins from the internal plugin
+:mod:`mtlzoo.harness.problems.builtin`), entry points and isolation of a broken plugin. Names, unknown
+and taken ones behave as strategy names do (:class:`~mtlzoo.errors.UnknownProblemError`,
+:class:`~mtlzoo.errors.DuplicateNameError`).
 """
 
 from __future__ import annotations
@@ -107,11 +102,7 @@ class ProblemRegistry:
         self.names.drop_plugin(plugin)
 
     def get(self, name: str) -> ProblemEntry:
-        """The problem called ``name``.
-
-        Raises:
-            UnknownProblemError: No problem has that name; the message lists close matches.
-        """
+        """The problem called ``name`` (else :class:`~mtlzoo.errors.UnknownProblemError`, listing close matches)."""
         self.loader.load()
         return self.names.get(name)
 

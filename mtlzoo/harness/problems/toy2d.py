@@ -1,16 +1,4 @@
-r"""``toy2d``: the 2-D toy problem of the RotoGrad paper (Javaloy & Valera, ICLR 2022, Figure 1).
-
-Two tasks read the same 2-D representation ``z`` through identity heads. Task k's loss is
-
-``f(z; s) = -(sin(3u)/u + sin(3v)/v) + |u| + |v|``,  ``u = z_1 + 1.5 s``,  ``v = z_2 + 1.5 s``,
-
-averaged over the batch, with ``s = -1`` for the first task (optimum at (1.5, 1.5)) and
-``s = +1`` for the second (optimum at (-1.5, -1.5)); both optima have the value -6. The backbone
-(Linear(2, 10), ReLU, Linear(10, 2)) sees a constant all-zero batch of 256, so it can only move
-one point ``z``: a single shared point cannot serve both optima, but a rotation per task can.
-Training, as in the authors' ``example/toy.yml``: 400 steps of SGD at 1e-3 for the model, Adam at
-0.05 for the strategy's parameters, and ``normalize_losses=True`` for strategies that have it.
-"""
+"""``toy2d``: the 2-D toy problem of the RotoGrad paper (Javaloy & Valera, ICLR 2022, Figure 1)."""
 
 from __future__ import annotations
 
@@ -24,6 +12,7 @@ from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem
 from mtlzoo.registry import StrategyEntry
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 SIGNS = (-1.0, 1.0)
@@ -48,6 +37,12 @@ def toy_loss(z: Tensor, sign: float) -> Tensor:
 class Toy2D(Problem):
     """The RotoGrad paper's 2-D toy: two tasks whose optima a single shared point cannot both reach.
 
+    Two tasks read the same 2-D representation ``z`` through identity heads; task k's loss is
+    ``f(z; s) = -(sin(3u)/u + sin(3v)/v) + |u| + |v|``, ``u = z_1 + 1.5 s``, ``v = z_2 + 1.5 s``,
+    averaged over the batch, with ``s = -1`` (optimum at (1.5, 1.5)) and ``s = +1`` (at (-1.5, -1.5));
+    both optima have the value -6. The backbone (Linear(2, 10), ReLU, Linear(10, 2)) sees a constant
+    all-zero batch, so it moves one point ``z``, which cannot serve both optima; a rotation per task can.
+
     Source: Javaloy & Valera, *RotoGrad: Gradient Homogenization in Multitask Learning*, ICLR 2022,
     Figure 1, and the authors' ``example/`` folder (``toy.yml``: batch 256 of zeros, 400 steps,
     SGD at 1e-3 for the model, Adam at 0.05 for the rotations, ``normalize_losses: true``).
@@ -60,10 +55,8 @@ class Toy2D(Problem):
     optima), and seldom once the rotations have aligned them (RotoGrad's "gradient homogenization").
 
     Metrics per task: the final ``loss`` and the ``distance`` of the task's output to its optimum.
-    No Δm%: the dominant task's distance is near zero, so ratios against ``ls`` blow up.
-
-    An epoch: the single fixed batch is the whole data set, so an epoch is ``epoch_steps`` steps
-    (10 by default: 40 epochs in the 400 steps, for the per-epoch methods such as DWA).
+    No Δm%: the dominant task's distance is near zero, so ratios against ``ls`` blow up. An epoch
+    (for per-epoch methods such as DWA) is ``epoch_steps`` steps on the one fixed batch.
 
     Args:
         batch_size: Rows of the all-zero input batch.
@@ -92,9 +85,7 @@ class Toy2D(Problem):
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "epoch_steps"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+            check_int(field, getattr(self, field))
 
     @property
     def num_tasks(self) -> int:
