@@ -31,6 +31,7 @@ import contextvars
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,8 @@ class Local:
 
 
 LOCAL = Local()
+_SHARED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""The strategies whose state was made rank 0's (:meth:`Sync.share_state_once`)."""
 _CURRENT: contextvars.ContextVar[Local] = contextvars.ContextVar("mtlzoo_sync", default=LOCAL)
 
 
@@ -157,6 +160,8 @@ class Sync(Local):
         self.counts: list[int] | None = None
         self.idle: list[Tensor] = []
         self.absent: list[Tensor] = []
+        self.everywhere = True
+        """After :meth:`share`: whether every task present on a rank is present on every rank."""
 
     def _reduce(self, tensor: Tensor, op: Any = None) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
@@ -214,6 +219,7 @@ class Sync(Local):
         if found[-2] > 0:
             like = backbone_loss if backbone_loss is not None else losses.values
             shared[0].backbone = torch.tensor(found[-3] / self.size, dtype=like.dtype, device=like.device)
+        self.everywhere = all(found[num_tasks + task] == self.size for task in shared[0].present)
         mine, anywhere = set(losses.present), set(shared[0].present)
         for task in range(num_tasks):
             if task not in mine:
@@ -307,6 +313,12 @@ class Sync(Local):
         dist.broadcast_object_list(payload, src=source, group=self.group)
         if self.rank != 0:
             strategy.load_state_dict(payload[0])
+
+    def share_state_once(self, strategy: nn.Module) -> None:
+        """:meth:`broadcast_state` at a strategy's first distributed step (the functional face's)."""
+        if strategy not in _SHARED:
+            self.broadcast_state(strategy)
+            _SHARED.add(strategy)
 
     def check_agreement(self, module: nn.Module) -> None:
         """Raise :class:`DistributedError` unless every parameter of ``module`` is the same on every rank."""

@@ -175,6 +175,49 @@ def nested(rank: int, out: Path, cases: Sequence[Case]) -> None:
         record(out / f"nested-{name}-{target}-{rank}.pt", run)
 
 
+class Attention(nn.Module):
+    """Not a backbone plus heads: per-task attention over a shared trunk (the functional face's example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.gates = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features = self.trunk(x)
+        return features, [head(features * torch.sigmoid(gate(features))) for gate, head in zip(self.gates, self.heads)]
+
+
+def functional_run(name: str, target: str | None, rank: int | None, seed: int) -> dict:
+    """:func:`mtlzoo.engine.backward` on :class:`Attention`, under DDP on rank ``rank`` (``None``: one process)."""
+    from mtlzoo.engine import backward
+
+    torch.manual_seed(seed)
+    model = Attention()
+    strategy = mtlzoo.create(name, num_tasks=3, **required_kwargs(name), **({} if target is None else
+                                                                             {"target": target}))
+    optimizer = torch.optim.SGD([*model.parameters(), *strategy.parameters()], lr=0.1, momentum=0.5)
+    forward = model if rank is None else nn.parallel.DistributedDataParallel(model)
+    rows = slice(None) if rank is None else rows_of(rank, EVEN)
+    for step in range(STEPS):
+        x, targets = batch(seed=step, size=sum(EVEN))
+        optimizer.zero_grad()
+        features, predictions = forward(x[rows])
+        losses = losses_of(predictions, targets[:, rows], step, rank, everywhere, EVEN)
+        backward(strategy, losses, features, model.trunk, distributed=None if rank is not None else False)
+        optimizer.step()
+        strategy.advance()
+    return {**model.state_dict(), **{f"strategy.{key}": value for key, value in strategy.state_dict().items()}}
+
+
+def functional(rank: int, out: Path, cases: Sequence[Case]) -> None:
+    """The functional face, each rank built from another seed."""
+    for name, target in cases:
+        record(out / f"functional-{name}-{target}-{rank}.pt",
+               lambda name=name, target=target: functional_run(name, target, rank, seed=100 + rank))
+
+
 def resume(rank: int, out: Path, cases: Sequence[Case]) -> None:
     """Rank 0 saves a checkpoint after 3 steps; 3 more steps, continued, or resumed from it on every rank."""
     for name, target in cases:
@@ -233,8 +276,8 @@ def refusals(rank: int, out: Path, cases: Sequence[Case]) -> None:
         record(out / f"refusals-{run.__name__}-{rank}.pt", run)
 
 
-SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "nested": nested, "resume": resume,
-             "refusals": refusals}
+SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "nested": nested, "functional": functional,
+             "resume": resume, "refusals": refusals}
 
 
 def record(path: Path, run: Callable[[], dict]) -> None:

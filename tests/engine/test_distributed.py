@@ -12,6 +12,12 @@ included) are made rank 0's. All runs of this module share one launch of 2 proce
 
 from __future__ import annotations
 
+import os
+import re
+import runpy
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ from tests.engine.distributed_worker import (
     absent_somewhere,
     build,
     cases_of_the_registry,
+    functional_run,
     launch,
     train,
 )
@@ -37,6 +44,7 @@ SOME: list[Case] = [("ls", None), ("uw", None), ("upgrad", "parameters"), ("mgda
 GATHERED: list[Case] = [("rotograd", None), ("graddrop", "representation"), ("mgda", "representation"),
                         ("upgrad", "parameters")]
 """Cases whose shares' sizes matter: the gathered representation gradients, and two reduced statistics."""
+FUNCTIONAL = [case for case in SOME if case[0] != "rotograd"]  # the functional face runs no adapter
 RTOL, ATOL = 1e-5, 1e-6
 """1e-5 relative; the absolute term is 1e-5 of the weights' scale (0.1), for entries that cancel to near 0."""
 
@@ -45,7 +53,7 @@ RTOL, ATOL = 1e-5, 1e-6
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     launch(out, [("sweep", CASES), ("absent", CASES), ("resume", CASES), ("uneven", GATHERED), ("nested", SOME),
-                 ("refusals", [])])
+                 ("functional", FUNCTIONAL), ("refusals", [])])
     return out
 
 
@@ -150,6 +158,14 @@ def test_a_wrapper_inside_a_module_that_ddp_wraps(runs: Path, name: str, target:
     assert_whole_batch(first, one_process(name, target))
 
 
+@pytest.mark.parametrize(("name", "target"), FUNCTIONAL)
+def test_the_functional_face_takes_the_step_of_the_whole_batch(runs: Path, name: str, target: str | None) -> None:
+    """``mtlzoo.engine.backward`` on a model of per-task attention over a shared trunk, under DDP."""
+    first, second = results(runs, "functional", name, target)
+    assert_identical(first, second)
+    assert_whole_batch(first, functional_run(name, target, None, seed=100))
+
+
 def refusal(runs: Path, name: str) -> list[Any]:
     return [torch.load(runs / f"refusals-{name}-{rank}.pt", weights_only=False) for rank in (0, 1)]
 
@@ -175,3 +191,37 @@ def test_batch_norm_is_warned_about(runs: Path) -> None:
     for messages in refusal(runs, "batch_norm"):
         assert not isinstance(messages, str), messages
         assert any("Batch norm layers (backbone.1)" in message and "SyncBatchNorm" in message for message in messages)
+
+
+# ---------------------------------------------------------------------- the documentation's example
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "train_distributed.py"
+
+
+def printed_losses(text: str) -> list[tuple[float, float]]:
+    """The (quadrant, contrast) losses of each printed step."""
+    return [tuple(float(value) for value in re.findall(r"(?:quadrant|contrast) (\S+)", line))  # type: ignore[misc]
+            for line in text.splitlines() if line.startswith("epoch ")]
+
+
+def test_the_docs_torchrun_example_prints_the_losses_of_one_process(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The command of docs/distributed.md, 2 CPU processes under torchrun, against the same script in one process
+    (this one: a process group of one, which the engine leaves alone): the same whole-batch losses, to 1e-5."""
+    root = EXAMPLE.parents[2]
+    environment = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    ran = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(EXAMPLE)], capture_output=True, text=True, env=environment, timeout=600, cwd=root)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLE)])
+    runpy.run_path(str(EXAMPLE), run_name="__main__")
+    two, one = printed_losses(ran.stdout), printed_losses(capsys.readouterr().out)
+    assert len(two) == len(one) == 16 and all(len(row) == 2 for row in one)
+    for step, (ours, theirs) in enumerate(zip(two, one)):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=2e-6), f"step {step}"  # printed to 6 decimals
+    assert one[-1][0] < 0.5 * one[0][0]  # and it learns
