@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.internals import is_batch_norm
+from mtlzoo.engine.internals import is_batch_norm, is_sharded
 from mtlzoo.engine.jacobian import parameter_jacobian
 from mtlzoo.errors import DistributedError, MTLZooError, NotMaterializedError
 from mtlzoo.linalg import row_norms
@@ -142,11 +142,7 @@ def running(sync: Local) -> Iterator[None]:
 
 
 class Sync(Local):
-    """The collectives of one backward over a process group of ``size > 1`` ranks (``group=None``: the default).
-
-    ``sent`` counts the numbers this rank contributed to the engine's collectives (DDP's own
-    all-reduce of the model's gradients comes on top).
-    """
+    """The collectives of one backward over a process group of ``size > 1`` ranks (``group=None``: the default)."""
 
     active = True
 
@@ -156,7 +152,6 @@ class Sync(Local):
         self.rank = dist.get_rank(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
-        self.sent = 0
         self.counts: list[int] | None = None
         self.idle: list[Tensor] = []
         self.absent: list[Tensor] = []
@@ -165,7 +160,6 @@ class Sync(Local):
 
     def _reduce(self, tensor: Tensor, op: Any = None) -> Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
-        self.sent += tensor.numel()
         return tensor
 
     # ------------------------------------------------------------------ the losses
@@ -256,7 +250,6 @@ class Sync(Local):
             tensor = torch.cat([tensor, tensor.new_zeros(padding)], dim)
         pieces = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(pieces, tensor.contiguous(), group=self.group)
-        self.sent += tensor.numel()
         return torch.cat([piece.narrow(dim, 0, count) for piece, count in zip(pieces, self.counts)], dim)
 
     def gradients(self, rep: Tensor) -> Tensor:
@@ -322,6 +315,8 @@ class Sync(Local):
 
     def check_agreement(self, module: nn.Module) -> None:
         """Raise :class:`DistributedError` unless every parameter of ``module`` is the same on every rank."""
+        if any(is_sharded(part) for part in module.modules()):
+            return  # FSDP's shards differ between ranks by design
         named = [(name, p.detach()) for name, p in module.named_parameters()]
         if not named:
             return
@@ -401,6 +396,13 @@ class DataParallel:
         if not isinstance(sync, Sync):
             return
         strategy = wrapper.strategy
+        sharded = [name or "the wrapper" for name, module in wrapper.named_modules() if is_sharded(module)]
+        if sharded and (strategy.request.needs_gradients or any(is_sharded(m) for m in (wrapper, strategy))):
+            raise DistributedError(
+                f"FSDP shards {', '.join(sharded[:3])}: mtlzoo trains under FSDP the strategies that read the losses "
+                f"only, with the backbone and the heads sharded (not the wrapper). {type(strategy).__name__} reads "
+                "per-task gradients, which FSDP's hooks do not see: wrap the wrapper in DistributedDataParallel "
+                f"instead (see {DOCS}).")
         try:
             strategy.check_ready()  # type: ignore[operator]
         except NotMaterializedError as error:

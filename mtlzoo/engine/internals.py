@@ -230,6 +230,15 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
 
 
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP (``FullyShardedDataParallel``, or ``fully_shard``'s ``FSDPModule``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed import fsdp
+
+    return isinstance(module, (fsdp.FullyShardedDataParallel, fsdp.FSDPModule))
+
+
 DDP_IGNORED = "_ddp_params_and_buffers_to_ignore"
 """The attribute of a module with the names of the parameters and buffers ``DistributedDataParallel`` leaves out
 (read by its constructor; torch's setter is ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import gc
 import math
-import os
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -104,16 +103,16 @@ def losses_of(predictions: Sequence[torch.Tensor], targets: torch.Tensor, step: 
 
 def train(mtl: mtlzoo.MTLWrapper, forward: Callable[[torch.Tensor], Any], optimizer: torch.optim.Optimizer,
           rank: int | None, *, split: Sequence[int] = EVEN, first: int = 0, steps: int = STEPS,
-          absent: Absence = everywhere) -> None:
+          absent: Absence = everywhere, regularise: bool = True) -> None:
     """The documented loop on rank ``rank``'s share of each batch (``None``: the whole batch): post-step losses,
-    an epoch every step, a backbone loss."""
+    an epoch every step, a backbone loss (a regulariser of the backbone's weights, unless ``regularise=False``)."""
     dtype = next(mtl.parameters()).dtype
     rows = slice(None) if rank is None else rows_of(rank, split)
     for step in range(first, first + steps):
         x, targets = batch(seed=step, size=sum(split))
         x, targets = x[rows].to(dtype), targets[:, rows].to(dtype)
         optimizer.zero_grad()
-        regulariser = 1e-3 * sum(p.square().sum() for p in mtl.backbone.parameters())
+        regulariser = 1e-3 * sum(p.square().sum() for p in mtl.backbone.parameters()) if regularise else None
         mtl.backward(losses_of(forward(x), targets, step, rank, absent, split), backbone_loss=regulariser)
         mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets, step=step: losses_of(
             mtl(x), targets, step, rank, absent, split))
@@ -173,6 +172,25 @@ def nested(rank: int, out: Path, cases: Sequence[Case]) -> None:
             train(mtl, nn.parallel.DistributedDataParallel(Holder(mtl)), optimizer, rank)
             return mtl.state_dict()
         record(out / f"nested-{name}-{target}-{rank}.pt", run)
+
+
+def sharded(rank: int, out: Path, cases: Sequence[Case]) -> None:
+    """FSDP (``fully_shard``) on the backbone and on each head: strategies that read the losses only. The same seed
+    on every rank: FSDP shards each rank's own initial weights (it broadcasts nothing)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, target in cases:
+        def run(name: str = name, target: str | None = target) -> dict:
+            mtl, _ = build(name, target, seed=100)
+            for part in (mtl.backbone, *mtl.heads):
+                fully_shard(part)
+            groups: list[dict[str, Any]] = [{"params": list(mtl.model_parameters())}]
+            if own := mtl.strategy_parameters():
+                groups.append({"params": own, "lr": 0.01})
+            train(mtl, mtl, torch.optim.SGD(groups, lr=0.1, momentum=0.5), rank, regularise=False)
+            return {key: value.full_tensor() if hasattr(value, "full_tensor") else value
+                    for key, value in mtl.state_dict().items()}
+        record(out / f"sharded-{name}-{target}-{rank}.pt", run)
 
 
 class Attention(nn.Module):
@@ -277,7 +295,7 @@ def refusals(rank: int, out: Path, cases: Sequence[Case]) -> None:
 
 
 SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "nested": nested, "functional": functional,
-             "resume": resume, "refusals": refusals}
+             "sharded": sharded, "resume": resume, "refusals": refusals}
 
 
 def record(path: Path, run: Callable[[], dict]) -> None:
@@ -290,10 +308,9 @@ def record(path: Path, run: Callable[[], dict]) -> None:
 
 
 def main(rank: int, world: int, out: str, plan: list[tuple[str, list[Case]]]) -> None:
-    os.environ.setdefault("MTLZOO_DISABLE_PLUGIN_AUTOLOAD", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=120))
     try:
         for scenario, cases in plan:
             SCENARIOS[scenario](rank, Path(out), cases)

@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
 
+import mtlzoo
 from tests.engine.distributed_worker import (
     STEPS,
     UNEVEN,
@@ -45,15 +47,23 @@ GATHERED: list[Case] = [("rotograd", None), ("graddrop", "representation"), ("mg
                         ("upgrad", "parameters")]
 """Cases whose shares' sizes matter: the gathered representation gradients, and two reduced statistics."""
 FUNCTIONAL = [case for case in SOME if case[0] != "rotograd"]  # the functional face runs no adapter
+SHARDED: list[Case] = [("ls", None), ("uw", None), ("famo", None), ("upgrad", "representation")]
+"""Under FSDP: losses only (fixed, learned, post-step weights), and a strategy that reads gradients (refused)."""
 RTOL, ATOL = 1e-5, 1e-6
 """1e-5 relative; the absolute term is 1e-5 of the weights' scale (0.1), for entries that cancel to near 0."""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("distributed")
-    launch(out, [("sweep", CASES), ("absent", CASES), ("resume", CASES), ("uneven", GATHERED), ("nested", SOME),
-                 ("functional", FUNCTIONAL), ("refusals", [])])
+def runs(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """The one launch, shared by the xdist workers of a session (the first one runs it, the others wait)."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out = shared / "distributed-runs"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "done").exists():
+            out.mkdir(exist_ok=True)
+            launch(out, [("sweep", CASES), ("absent", CASES), ("resume", CASES), ("uneven", GATHERED),
+                         ("nested", SOME), ("functional", FUNCTIONAL), ("sharded", SHARDED), ("refusals", [])])
+            (out / "done").touch()
     return out
 
 
@@ -119,10 +129,18 @@ def test_two_ranks_take_the_step_of_the_whole_batch(runs: Path, name: str, targe
 def test_a_task_absent_from_some_ranks_is_handled_as_the_whole_batch(runs: Path, name: str,
                                                                      target: str | None) -> None:
     """Task 1 absent from rank 0's share only (the whole batch's loss: its masked mean), task 2 from every share
-    at one step (absent from the whole batch); before, a rank-local absence killed the job in the collective."""
+    at one step (absent from the whole batch); before, a rank-local absence killed the job in the collective.
+    A strategy that one process refuses absent tasks with is refused the same way on every rank."""
+    try:
+        expected = one_process(name, target, absent=absent_somewhere)
+    except Exception as error:  # the strategy's own limitation (a plugin's), not the distributed path's
+        for rank in (0, 1):
+            found = torch.load(runs / f"absent-{name}-{target}-{rank}.pt", weights_only=False)
+            assert isinstance(found, str) and f"{type(error).__name__}: {error}" in found
+        return
     first, second = results(runs, "absent", name, target)
     assert_identical(first, second)
-    assert_whole_batch(first, one_process(name, target, absent=absent_somewhere))
+    assert_whole_batch(first, expected)
 
 
 @pytest.mark.parametrize(("name", "target"), CASES)
@@ -164,6 +182,22 @@ def test_the_functional_face_takes_the_step_of_the_whole_batch(runs: Path, name:
     first, second = results(runs, "functional", name, target)
     assert_identical(first, second)
     assert_whole_batch(first, functional_run(name, target, None, seed=100))
+
+
+@pytest.mark.parametrize(("name", "target"), SHARDED)
+def test_under_fsdp_the_strategies_that_read_the_losses_only(runs: Path, name: str, target: str | None) -> None:
+    """``fully_shard`` on the backbone and on each head (gloo, CPU): the losses-only path takes the whole batch's
+    step; the gradient paths are refused on every rank, naming FSDP and DDP (they read per-task gradients through
+    autograd.grad, which FSDP's hooks do not see: 4e-2 to 0.4 off after 3 steps when tried)."""
+    found = [torch.load(runs / f"sharded-{name}-{target}-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    if mtlzoo.get_strategy(name).info.request.needs_gradients:
+        for error in found:
+            assert isinstance(error, str) and "DistributedError" in error and "FSDP shards" in error
+        return
+    first, second = results(runs, "sharded", name, target)
+    assert_identical(first, second)
+    expected = one_process(name, target, regularise=False)
+    assert_whole_batch(first, expected)
 
 
 def refusal(runs: Path, name: str) -> list[Any]:
