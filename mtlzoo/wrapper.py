@@ -6,7 +6,6 @@ API; the engine (:mod:`mtlzoo.engine`) holds the autograd, and the strategy its 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -358,7 +357,7 @@ class MTLWrapper(nn.Module):
                                      "forward records nothing to back-propagate).")
         sync = self._parallel.sync()
         wanted = self.strategy.request.batches - 1
-        with sync.refusals(sync.share_size(len(self), wanted + 1)) if sync.active else contextlib.nullcontext():
+        with sync.refusals(sync.share_size(len(self), wanted + 1)):
             step_losses = loss_vector(losses, self.task_names, len(self))
             extra_losses = [loss_vector(more, self.task_names, len(self)) for more in more_batches]
             if len(extra_losses) != wanted:
@@ -368,8 +367,8 @@ class MTLWrapper(nn.Module):
             if backbone_loss is not None:
                 check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
-        if sync.active:  # the whole batch's losses; a task absent here but not everywhere is a constant 0 here
-            step_losses, extra_losses = sync.share(step_losses, extra_losses, backbone_loss, self._head_parameters)
+        # under torch.distributed the whole batch's losses (a task absent here but present elsewhere: 0 here)
+        step_losses, extra_losses = sync.share(step_losses, extra_losses, backbone_loss, self._head_parameters)
         if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
             self._commit_step()
         def body(inputs: StepInputs, scale: Tensor | None) -> StepWeights:
@@ -440,13 +439,13 @@ class MTLWrapper(nn.Module):
                                 "step: pass post_step_losses=lambda: losses(mtl(x), y) to mtl.step().")
             else:
                 sync = self._parallel.sync()
-                with sync.refusals(2 * len(self) + 1) if sync.active else contextlib.nullcontext(), torch.no_grad():
+                with sync.refusals(2 * len(self) + 1), torch.no_grad():
                     after = loss_vector(post_step_losses(), self.task_names, len(self), require_grad=False)
                 values = widened(after.values.detach())
                 if len(after.present) < len(self):
                     absent = torch.full((len(self),), float("nan"), dtype=values.dtype, device=values.device)
                     values = absent.index_copy(0, after.tasks, values)
-                self.strategy.post_step(sync.post_step(values) if sync.active else values)
+                self.strategy.post_step(sync.post_step(values))
         return True
 
     def _commit_step(self) -> None:

@@ -85,6 +85,24 @@ class Local:
     active = False
     size = 1
 
+    def refusals(self, count: int) -> contextlib.AbstractContextManager[None]:
+        """A block of input checks that raise (see :meth:`Sync.refusals`)."""
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def share_size(num_tasks: int, batches: int) -> int:
+        """The numbers of :meth:`Sync.share`'s collective."""
+        return batches * 2 * num_tasks + 3
+
+    def share(self, losses: StepLosses, extra: Sequence[StepLosses], backbone_loss: Tensor | None,
+              heads: Callable[[int], list[Tensor]]) -> tuple[StepLosses, list[StepLosses]]:
+        """The whole batch's losses (see :meth:`Sync.share`)."""
+        return losses, list(extra)
+
+    def post_step(self, values: Tensor) -> Tensor:
+        """The whole batch's K losses after the optimizer step (see :meth:`Sync.post_step`)."""
+        return values
+
     def gradients(self, rep: Tensor) -> Tensor:
         """The whole batch's representation gradients (K x B x ...) from this rank's."""
         return rep
@@ -180,13 +198,8 @@ class Sync(Local):
             raise DistributedError("Another rank refused its input to this step (its own error says why); every rank "
                                    "stops here instead of waiting for it.")
 
-    @staticmethod
-    def share_size(num_tasks: int, batches: int) -> int:
-        """The numbers of :meth:`share`'s collective."""
-        return batches * 2 * num_tasks + 3
-
     def share(self, losses: StepLosses, extra: Sequence[StepLosses], backbone_loss: Tensor | None,
-              heads: Callable[[int], list[Tensor]]) -> tuple[SharedLosses, list[SharedLosses]]:
+              heads: Callable[[int], list[Tensor]]) -> tuple[StepLosses, list[StepLosses]]:
         """The whole batch's losses, and each rank's over the tasks present on any rank, in one all-reduce.
 
         ``heads(k)``: task k's head parameters; those of a task absent here get zero gradients here

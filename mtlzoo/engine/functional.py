@@ -12,7 +12,6 @@ losses to ``features`` (a loop where vmap cannot batch it).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,7 +94,7 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
         raise InvalidModelError(f"{type(strategy).__name__} adapts the representation per task inside the model's "
                                 "forward, which the functional face does not run: train it through MTLWrapper.")
     sync = DataParallel(distributed).sync()
-    with sync.refusals(sync.share_size(strategy.num_tasks, 1)) if sync.active else contextlib.nullcontext():
+    with sync.refusals(sync.share_size(strategy.num_tasks, 1)):
         step_losses = loss_vector(losses, task_names, strategy.num_tasks)
         if strategy.request.batches > 1:
             raise InvalidModelError(f"{type(strategy).__name__} reads {strategy.request.batches} independent batches "

@@ -3,6 +3,7 @@ and the same run in one process on the whole batch. Runs are cases, many per lau
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import math
@@ -153,6 +154,35 @@ def uneven(rank: int, out: Path, cases: Sequence[Case]) -> None:
         record(out / f"uneven-{name}-{target}-{rank}.pt", run)
 
 
+def accumulated(mtl: mtlzoo.MTLWrapper, forward: Any, optimizer: torch.optim.Optimizer, rank: int | None) -> None:
+    """Two micro-batches per step (the second half of each share is the second): each loss halved, DDP's
+    all-reduce skipped for the first (``no_sync``). One process: micro-batch j is the ranks' j-th, side by side."""
+    dtype = next(mtl.parameters()).dtype
+    for step in range(STEPS):
+        x, targets = batch(seed=step, size=sum(EVEN))
+        x, targets = x.to(dtype), targets.to(dtype)
+        optimizer.zero_grad()
+        for part in range(2):
+            rows = [r * 8 + part * 4 + i for r in ((0, 1) if rank is None else (rank,)) for i in range(4)]
+            context = forward.no_sync() if part == 0 and rank is not None else contextlib.nullcontext()
+            with context:
+                losses = losses_of(forward(x[rows]), targets[:, rows], step, rank, everywhere, EVEN)
+                mtl.backward([loss / 2 for loss in losses])
+        mtl.step(optimizer, post_step_losses=lambda x=x, targets=targets: losses_of(
+            mtl(x if rank is None else x[rows_of(rank, EVEN)]), targets if rank is None else
+            targets[:, rows_of(rank, EVEN)], 0, rank, everywhere, EVEN))
+
+
+def accumulation(rank: int, out: Path, cases: Sequence[Case]) -> None:
+    """Gradient accumulation over two micro-batches (:func:`accumulated`)."""
+    for name, target in cases:
+        def run(name: str = name, target: str | None = target) -> dict:
+            mtl, optimizer = build(name, target, seed=100 + rank)
+            accumulated(mtl, nn.parallel.DistributedDataParallel(mtl), optimizer, rank)
+            return mtl.state_dict()
+        record(out / f"accumulation-{name}-{target}-{rank}.pt", run)
+
+
 class Holder(nn.Module):
     """A module that holds the wrapper and is wrapped in DDP itself, as Lightning's ``ddp`` strategy does."""
 
@@ -294,8 +324,8 @@ def refusals(rank: int, out: Path, cases: Sequence[Case]) -> None:
         record(out / f"refusals-{run.__name__}-{rank}.pt", run)
 
 
-SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "nested": nested, "functional": functional,
-             "sharded": sharded, "resume": resume, "refusals": refusals}
+SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "accumulation": accumulation, "nested": nested,
+             "functional": functional, "sharded": sharded, "resume": resume, "refusals": refusals}
 
 
 def record(path: Path, run: Callable[[], dict]) -> None:
