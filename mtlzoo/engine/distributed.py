@@ -454,11 +454,9 @@ def strategy_names(root: nn.Module) -> list[str]:
     of every ``MTLWrapper``'s strategy inside ``root``: what ``DistributedDataParallel(root)`` should leave to the
     engine (it sets them the same on every rank). A module that holds a wrapper and is wrapped in DDP itself (as
     Lightning's ``ddp`` strategy does) may return them as its ``_ddp_params_and_buffers_to_ignore``."""
-    from mtlzoo.wrapper import MTLWrapper
-
     names = []
     for prefix, module in root.named_modules():
-        if isinstance(module, MTLWrapper):
+        if isinstance(getattr(module, "_parallel", None), DataParallel):  # an MTLWrapper
             start = f"{prefix}.strategy." if prefix else "strategy."
             names += [start + name for name, _ in module.strategy.named_parameters()]
             names += [start + name for name, _ in module.strategy.named_buffers()]

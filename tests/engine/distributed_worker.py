@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mtlzoo
+from mtlzoo.engine.distributed import strategy_names
 from tests.helpers import batch, required_kwargs, small_model
 
 STEPS = 3
@@ -194,14 +195,31 @@ class Holder(nn.Module):
         return self.mtl(x)
 
 
+class IgnoringHolder(Holder):
+    """A holder that keeps the strategy's parameters and buffers out of DDP, as docs/distributed.md says."""
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        return strategy_names(self)
+
+
 def nested(rank: int, out: Path, cases: Sequence[Case]) -> None:
-    """The wrapper inside a module that DDP wraps (its strategy's parameters then go through DDP too)."""
+    """The wrapper inside a module that DDP wraps (its strategy's parameters then go through DDP too); and inside
+    one that keeps them out, with tasks absent from some shares (a task absent from every share leaves a per-task
+    parameter of the strategy without a gradient, which DDP would wait for)."""
     for name, target in cases:
         def run(name: str = name, target: str | None = target) -> dict:
             mtl, optimizer = build(name, target, seed=100 + rank)
             train(mtl, nn.parallel.DistributedDataParallel(Holder(mtl)), optimizer, rank)
             return mtl.state_dict()
+
+        def ignoring(name: str = name, target: str | None = target) -> dict:
+            mtl, optimizer = build(name, target, seed=100 + rank)
+            ddp = nn.parallel.DistributedDataParallel(IgnoringHolder(mtl))
+            train(mtl, ddp, optimizer, rank, absent=absent_somewhere)
+            return mtl.state_dict()
         record(out / f"nested-{name}-{target}-{rank}.pt", run)
+        record(out / f"ignoring-{name}-{target}-{rank}.pt", ignoring)
 
 
 def sharded(rank: int, out: Path, cases: Sequence[Case]) -> None:

@@ -183,10 +183,14 @@ def test_micro_batches_accumulate_as_in_one_process(runs: Path, name: str, targe
 
 @pytest.mark.parametrize(("name", "target"), SOME)
 def test_a_wrapper_inside_a_module_that_ddp_wraps(runs: Path, name: str, target: str | None) -> None:
-    """As under Lightning's ``ddp`` strategy: the module holding the wrapper is what DDP wraps."""
+    """As under Lightning's ``ddp`` strategy: the module holding the wrapper is what DDP wraps. Holding it with the
+    strategy kept out of DDP (``strategy_names``), tasks absent from some or all shares are handled too."""
     first, second = results(runs, "nested", name, target)
     assert_identical(first, second)
     assert_whole_batch(first, one_process(name, target))
+    first, second = results(runs, "ignoring", name, target)
+    assert_identical(first, second)
+    assert_whole_batch(first, one_process(name, target, absent=absent_somewhere))
 
 
 @pytest.mark.parametrize(("name", "target"), FUNCTIONAL)
