@@ -26,6 +26,9 @@ import torch
 from filelock import FileLock
 
 import mtlzoo
+from mtlzoo.engine.distributed import strategy_names
+from mtlzoo.engine.internals import DDP_IGNORED
+from mtlzoo.errors import DistributedError
 from tests.engine.distributed_worker import (
     STEPS,
     UNEVEN,
@@ -38,6 +41,7 @@ from tests.engine.distributed_worker import (
     launch,
     train,
 )
+from tests.helpers import batch, small_model
 
 CASES = cases_of_the_registry()
 SOME: list[Case] = [("ls", None), ("uw", None), ("upgrad", "parameters"), ("mgda", "representation"),
@@ -276,3 +280,23 @@ def test_the_docs_torchrun_example_prints_the_losses_of_one_process(monkeypatch:
     for step, (ours, theirs) in enumerate(zip(two, one)):
         assert ours == pytest.approx(theirs, rel=1e-5, abs=2e-6), f"step {step}"  # printed to 6 decimals
     assert one[-1][0] < 0.5 * one[0][0]  # and it learns
+
+
+# ---------------------------------------------------------------------- in this process
+def test_the_setting_is_checked_and_true_needs_a_process_group() -> None:
+    with pytest.raises(ValueError, match="`distributed`"):
+        mtlzoo.MTLWrapper(small_model(), "ls", distributed="yes")
+    mtl = mtlzoo.MTLWrapper(small_model(), "ls", distributed=True)
+    with pytest.raises(DistributedError, match="not initialized"):
+        mtl(batch()[0])
+    mtlzoo.MTLWrapper(small_model(), "ls")(batch()[0])  # the default: one process without a process group
+
+
+def test_ddp_is_told_to_leave_the_strategy_alone() -> None:
+    """The attribute DDP's constructor reads (internals.DDP_IGNORED) names the strategy's parameters and buffers."""
+    mtl = mtlzoo.MTLWrapper(small_model(), "gradnorm", alpha=1.5)
+    names = getattr(mtl, DDP_IGNORED)
+    assert names == ["strategy.task_weights", "strategy.initial_losses"] == strategy_names(mtl)
+    assert {name for name, _ in mtl.named_parameters()} >= {"strategy.task_weights"}
+    mtl._ddp_params_and_buffers_to_ignore = ["backbone.0.bias"]  # torch's setter, as a user may call it
+    assert getattr(mtl, DDP_IGNORED) == [*names, "backbone.0.bias"]
