@@ -107,3 +107,7 @@ class SolverError(MTLZooError, RuntimeError):
 class SolverWarning(RuntimeWarning):
     """A strategy whose problem has no solution for this input (Nash-MTL on a zero gradient), or whose solver
     stopped early; the strategy's docstring says what it returns then."""
+
+
+class DistributedError(MTLZooError, RuntimeError):
+    """A data-parallel step that cannot be the whole batch's (the message names the setting or rank, and the fix)."""

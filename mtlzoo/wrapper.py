@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from mtlzoo.engine.distributed import DataParallel, running, strategy_names
 from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
 from mtlzoo.engine.internals import compiled_original, without_donated_buffers
 from mtlzoo.engine.jacobian import JacobianRoute
@@ -125,6 +126,9 @@ class MTLWrapper(nn.Module):
             whatever the chunk, with one chunk of rows held beside it while it fills: the peak
             falls with the chunk where activations outweigh parameters (large batches, feature
             maps), and ``1`` is the lowest peak either way (see the API reference's figures).
+        distributed: Data-parallel training (docs/distributed.md): ``None`` (the default) trains on the whole
+            batch of every rank when ``torch.distributed`` is initialized with more than one process, ``False``
+            trains on this process's batch alone, ``True`` or a process group: on that group (the default one).
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
@@ -137,8 +141,9 @@ class MTLWrapper(nn.Module):
     """
 
     def __init__(self, model: nn.Module, strategy: str | Strategy, *, jacobian_chunk_size: int | None = None,
-                 **strategy_kwargs: Any) -> None:
+                 distributed: Any = None, **strategy_kwargs: Any) -> None:
         super().__init__()
+        self._parallel = DataParallel(distributed)
         if jacobian_chunk_size is not None and (isinstance(jacobian_chunk_size, bool)
                                                 or not isinstance(jacobian_chunk_size, int) or jacobian_chunk_size < 1):
             raise ValueError(f"Parameter `jacobian_chunk_size` should be a positive int or None. Found "
@@ -262,6 +267,8 @@ class MTLWrapper(nn.Module):
             gradients reach the backbone on every path, beside the strategy's combined gradient.
         """
         training = self.training and torch.is_grad_enabled()
+        if training:
+            self._parallel.forward_started(self)
         record = training and self.strategy.request.needs_gradients
         if training and self._compiled_backbone:  # its graph must serve the Jacobian's backwards and the step's
             with without_donated_buffers():
@@ -350,16 +357,20 @@ class MTLWrapper(nn.Module):
         if not self.training:
             raise BackwardOrderError("backward() is for training: call mtl.train() first (in eval mode the "
                                      "forward records nothing to back-propagate).")
-        step_losses = loss_vector(losses, self.task_names, len(self))
-        extra_losses = [loss_vector(more, self.task_names, len(self)) for more in more_batches]
+        sync = self._parallel.sync()
         wanted = self.strategy.request.batches - 1
-        if len(extra_losses) > wanted:
-            raise BackwardOrderError(f"{type(self.strategy).__name__} reads {wanted + 1} independent batch(es) per "
-                                     f"backward, but {len(extra_losses) + 1} were given: pass at most {wanted} as "
-                                     "more_batches=[...], each from a forward of its own.")
-        if backbone_loss is not None:
-            check_backbone_loss(backbone_loss)
+        with sync.refusals(sync.share_size(len(self), wanted + 1)):
+            step_losses = loss_vector(losses, self.task_names, len(self))
+            extra_losses = [loss_vector(more, self.task_names, len(self)) for more in more_batches]
+            if len(extra_losses) > wanted:
+                raise BackwardOrderError(f"{type(self.strategy).__name__} reads {wanted + 1} independent batch(es) per "
+                                         f"backward, but {len(extra_losses) + 1} were given: pass at most {wanted} as "
+                                         "more_batches=[...], each from a forward of its own.")
+            if backbone_loss is not None:
+                check_backbone_loss(backbone_loss)
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
+        # under torch.distributed the whole batch's losses (a task absent here but present elsewhere: 0 here)
+        step_losses, extra_losses = sync.share(step_losses, extra_losses, backbone_loss, self._head_parameters)
         if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
             self._commit_step()
         def body(inputs: StepInputs, scale: Tensor | None) -> StepWeights:
@@ -368,7 +379,8 @@ class MTLWrapper(nn.Module):
                                      backbone_loss=backbone_loss, extra_losses=extra_losses, scale=scale,
                                      retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
 
-        self.last_step = transaction(self.strategy, step_losses, scaler, body)
+        with running(sync):
+            self.last_step = transaction(self.strategy, step_losses, scaler, body)
         self._tracker.backward_done()
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
@@ -428,18 +440,33 @@ class MTLWrapper(nn.Module):
                 self._warn_once("post_step", f"{type(self.strategy).__name__} reads the losses after the optimizer "
                                 "step: pass post_step_losses=lambda: losses(mtl(x), y) to mtl.step().")
             else:
-                with torch.no_grad():
+                sync = self._parallel.sync()
+                with sync.refusals(2 * len(self) + 1), torch.no_grad():
                     after = loss_vector(post_step_losses(), self.task_names, len(self), require_grad=False)
                 values = widened(after.values.detach())
                 if len(after.present) < len(self):
                     absent = torch.full((len(self),), float("nan"), dtype=values.dtype, device=values.device)
                     values = absent.index_copy(0, after.tasks, values)
-                self.strategy.post_step(values)
+                self.strategy.post_step(sync.post_step(values))
         return True
 
     def _commit_step(self) -> None:
         self.strategy.advance()
         self._tracker.close()
+        self._parallel.step_taken(self)
+
+    def _head_parameters(self, task: int) -> list[Tensor]:
+        return list(self._head_items()[task][1].parameters())
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What ``DistributedDataParallel(mtl)`` leaves out: the strategy's parameters and buffers, which the engine
+        keeps the same on every rank (``mtlzoo.engine.distributed``); read by DDP's constructor."""
+        return [*strategy_names(self), *self.__dict__.get("_ddp_also_ignored", [])]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
+        self.__dict__["_ddp_also_ignored"] = [name for name in names if name not in strategy_names(self)]
 
     def _watched_parameters(self) -> list[Tensor]:
         """Parameters an optimizer step writes after every backward: the heads' (each present task's head gets a

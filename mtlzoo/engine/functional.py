@@ -13,10 +13,12 @@ losses to ``features`` (a loop where vmap cannot batch it).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.engine.distributed import DataParallel, running
 from mtlzoo.engine.forwards import ForwardRecord
 from mtlzoo.engine.heads import HeadPass
 from mtlzoo.engine.internals import leaves_reached
@@ -24,7 +26,7 @@ from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.last_layer import last_layer_weights
 from mtlzoo.engine.statistics import statistics
 from mtlzoo.engine.step import apply_update, loss_weights, losses_step, scaler_of, shared_parameters, transaction
-from mtlzoo.errors import InvalidModelError
+from mtlzoo.errors import DistributedError, InvalidModelError
 from mtlzoo.linalg import all_finite
 from mtlzoo.losses import Losses, StepLosses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
@@ -34,7 +36,7 @@ from mtlzoo.strategy import Strategy
 def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Tensor],
              shared: Sequence[Tensor] | nn.Module | None = None, *, backbone_loss: Tensor | None = None,
              scaler: object | None = None, retain_graph: bool = False, chunk_size: int | None = None,
-             task_names: Sequence[str] | None = None) -> StepWeights:
+             task_names: Sequence[str] | None = None, distributed: Any = None) -> StepWeights:
     """Back-propagate the K task losses of a step through ``strategy``, for a model of any shape.
 
     Every parameter that a loss reaches other than through ``features`` (the task-specific parts)
@@ -63,6 +65,9 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
         retain_graph: Keep the graphs for another backward.
         chunk_size: Tasks per vmapped backward when the Jacobian is formed (``None``: all at once).
         task_names: The task names, for dict losses and messages.
+        distributed: As ``MTLWrapper``'s (docs/distributed.md): under ``torch.distributed`` the step of the whole
+            batch (the strategy's state becomes rank 0's at its first step). A task must then be present on every
+            rank or on none: the parameters of a task absent from one rank only are not known here.
 
     Returns:
         What the step used: the loss weights and the coefficients of the task gradients.
@@ -90,12 +95,22 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     if type(strategy).adapt is not Strategy.adapt or type(strategy).predict is not Strategy.predict:
         raise InvalidModelError(f"{type(strategy).__name__} adapts the representation per task inside the model's "
                                 "forward, which the functional face does not run: train it through MTLWrapper.")
-    step_losses = loss_vector(losses, task_names, strategy.num_tasks)
-    if backbone_loss is not None:
-        check_backbone_loss(backbone_loss)
+    sync = DataParallel(distributed).sync()
+    with sync.refusals(sync.share_size(strategy.num_tasks, 1)):
+        step_losses = loss_vector(losses, task_names, strategy.num_tasks)
+        if backbone_loss is not None:
+            check_backbone_loss(backbone_loss)
+    if sync.active:
+        sync.share_state_once(strategy)
+        step_losses, _ = sync.share(step_losses, [], backbone_loss, lambda task: [])
+        if not sync.everywhere:
+            raise DistributedError("A task is absent from some ranks' batches but not from all: the functional face "
+                                   "cannot tell its parameters, which DDP waits for on the ranks without it. Give "
+                                   "every rank labels of every task, or train through MTLWrapper.")
     features = [features] if isinstance(features, Tensor) else list(features)
-    return transaction(strategy, step_losses, scaler, lambda inputs, scale: _backward(
-        strategy, step_losses, inputs, features, shared, backbone_loss, scale, retain_graph, chunk_size))
+    with running(sync):
+        return transaction(strategy, step_losses, scaler, lambda inputs, scale: _backward(
+            strategy, step_losses, inputs, features, shared, backbone_loss, scale, retain_graph, chunk_size))
 
 
 def _backward(strategy: Strategy, losses: StepLosses, inputs: StepInputs, features: list[Tensor],

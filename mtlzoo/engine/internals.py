@@ -16,6 +16,7 @@ walks, which :func:`check_internals` covers too.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -224,6 +225,25 @@ def has_global_module_hooks() -> bool:
     return any(getattr(module_globals, "_global" + name, None) for name in _MODULE_HOOKS)
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm layer (torch's ``_BatchNorm``, lazy ones too), not ``SyncBatchNorm``."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` is sharded by FSDP (``FullyShardedDataParallel``, or ``fully_shard``'s ``FSDPModule``)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed import fsdp
+
+    return isinstance(module, (fsdp.FullyShardedDataParallel, fsdp.FSDPModule))
+
+
+DDP_IGNORED = "_ddp_params_and_buffers_to_ignore"
+"""The attribute of a module with the names of the parameters and buffers ``DistributedDataParallel`` leaves out
+(read by its constructor; torch's setter is ``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``)."""
+
+
 def version_of(tensor: Tensor) -> int:
     """The tensor's in-place version counter: it moves whenever the tensor is written in place."""
     return tensor._version
@@ -290,6 +310,10 @@ def check_internals() -> None:
     handle.remove()
     if not hooked or has_module_hooks(module):
         raise _fail("nn.Module._forward_hooks", "a registered forward hook is not seen")
+    if not is_batch_norm(nn.LazyBatchNorm1d()) or is_batch_norm(nn.SyncBatchNorm(1)):
+        raise _fail("torch.nn.modules.batchnorm._BatchNorm", "batch norm layers are not recognised")
+    if DDP_IGNORED not in inspect.getsource(nn.parallel.DistributedDataParallel.__init__):
+        raise _fail(f"DistributedDataParallel's {DDP_IGNORED}", "its constructor no longer reads the attribute")
     param = nn.Parameter(torch.zeros(2))
     before = version_sum([param])
     with torch.no_grad():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mtlzoo.engine.distributed import current
 from mtlzoo.engine.heads import HeadPass, representation_gradients
 from mtlzoo.engine.jacobian import JacobianRoute, jacobian_blocks
 from mtlzoo.engine.last_layer import LastLayerGradients, layer_norms_and_gradients
@@ -56,9 +57,11 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     rep = representation_gradients(heads.grads)
     dtype = compute_dtype(rep.dtype)
     rep = rep.to(dtype) if scale is None else rep.to(dtype) / scale.to(dtype)
+    sync = current()  # under torch.distributed: the whole batch's statistics, the same on every rank
     if request.where == "parameters" and request.statistic == "norms":
         zs = [record.z for record in heads.records]
-        norms, last = layer_norms_and_gradients(zs, heads.grads, shared, dtype=dtype, head_weights=head_weights)
+        norms, last = (sync.layer_norms(zs, heads.grads, shared, dtype), None) if sync.active else \
+            layer_norms_and_gradients(zs, heads.grads, shared, dtype=dtype, head_weights=head_weights)
         if scale is not None:
             norms = norms / scale.to(dtype)
             last = None if last is None else LastLayerGradients(last.layer, last.weight_grads / scale.to(dtype))
@@ -67,13 +70,13 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     if request.where != "parameters":
         if request.representation:
             zs = [record.z.detach().to(dtype) for record in heads.records]
-            inputs.representation = zs[0] if len(zs) == 1 else torch.cat(zs)
+            inputs.representation = sync.representation(zs[0] if len(zs) == 1 else torch.cat(zs))
         if request.statistic == "gradients":
-            inputs.gradients = rep
+            inputs.gradients = sync.gradients(rep)
         elif request.statistic == "gramian":
-            inputs.gramian = gramian(rep)
+            inputs.gramian = sync.gramian(gramian(rep))
         else:
-            inputs.norms = row_norms(rep)
+            inputs.norms = sync.norms(row_norms(rep))
         return Statistics(rep)
     zs = [record.z for record in heads.records]
     blocks, matrix = jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size, route=route)
@@ -83,6 +86,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         blocks = [matrix[:, offset:offset + b.shape[1]] for offset, b in zip(offsets, blocks)]
     elif matrix is None:
         blocks = [b.to(dtype) if scale is None else b.to(dtype) / scale.to(dtype) for b in blocks]
+    sync.average([matrix] if matrix is not None else blocks)
     if request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
         total = torch.zeros(rep.shape[0], rep.shape[0], dtype=dtype, device=rep.device)
         for block in blocks:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.engine.distributed import current, reduced_backbone_loss, reduced_host, reduced_values
 from mtlzoo.engine.forwards import MarkedForward, PendingForwards
 from mtlzoo.engine.heads import HeadPass, head_pass, split_batches
 from mtlzoo.engine.internals import marked_leaves_reached
@@ -85,8 +86,8 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     every = None if weights is None or not extra_losses else torch.ones(
         inputs.num_tasks, dtype=weights.dtype, device=weights.device).index_copy(0, inputs.tasks, weights)
     for more in extra_losses:  # the step's loss weights w hold for its other batches too
-        extra = StepInputs(widened(more.values.detach()), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch,
-                           host_losses=more.host, present=more.present)
+        extra = StepInputs(widened(reduced_values(more)), more.tasks, inputs.num_tasks, micro_batch=inputs.micro_batch,
+                           host_losses=reduced_host(more), present=more.present)
         values = more.values if every is None else more.values * every[more.tasks]
         extra_passed = head_pass(pending.records, scaled(values), more.tasks, more.requires_grad,
                                  head_params, labels=more.labels)
@@ -94,6 +95,8 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
         overflow = overflow or (scale is not None and not all_finite(extra_rep))
         inputs.extra.append(extra)
         consumed += extra_passed.records
+    if scale is not None:
+        overflow = current().any(overflow)
     used = apply_update(strategy, inputs, passed, shared, stats, weights=weights, objective=objective,
                         backbone_loss=backbone_loss, overflow=overflow, scale=scale, retain_graph=retain_graph,
                         head_owners=head_owners(heads) if strategy.weighted_heads else None)
@@ -137,8 +140,8 @@ def transaction(strategy: Strategy, losses: StepLosses, scaler: Any | None,
     scale = None
     if scaler is not None and scaler.is_enabled():
         scale = scaler.scale(torch.ones((), device=losses.values.device))
-    inputs = StepInputs(widened(losses.values.detach()), losses.tasks, strategy.num_tasks,
-                        micro_batch=strategy.micro_batch, host_losses=losses.host, present=losses.present)
+    inputs = StepInputs(widened(reduced_values(losses)), losses.tasks, strategy.num_tasks,
+                        micro_batch=strategy.micro_batch, host_losses=reduced_host(losses), present=losses.present)
     try:
         with autocast_off(losses.values.device.type):
             used = body(inputs, scale)
@@ -154,7 +157,8 @@ def losses_step(strategy: Strategy, losses: StepLosses, inputs: StepInputs, back
                 scale: Tensor | None, retain_graph: bool) -> StepWeights:
     """The step of a strategy that reads the losses only: its scalarization, or ``sum_k w_k L_k`` and its
     objective where it has none."""
-    used = scalarized(strategy, losses, inputs, backbone_loss, scale, retain_graph)
+    # under torch.distributed the weights come from the whole batch's losses, not from this rank's graph
+    used = None if current().active else scalarized(strategy, losses, inputs, backbone_loss, scale, retain_graph)
     if used is not None:
         return used
     weights, backbone_loss, objective = loss_weights(strategy, losses, inputs, backbone_loss)
@@ -173,9 +177,10 @@ def loss_weights(strategy: Strategy, losses: StepLosses, inputs: StepInputs, bac
     weights = strategy.loss_weights(inputs)
     if weights is not None:
         weights = weights.to(losses.values.dtype)
-    if backbone_loss is not None:
-        backbone_weight = strategy.backbone_loss_weight(backbone_loss)
-        if backbone_weight is not None:
+    read = reduced_backbone_loss(losses, backbone_loss)
+    if read is not None:
+        backbone_weight = strategy.backbone_loss_weight(read)
+        if backbone_weight is not None and backbone_loss is not None:
             backbone_loss = backbone_loss * backbone_weight
     return weights, backbone_loss, strategy.loss_objective(inputs.losses, inputs.tasks)
 
@@ -244,7 +249,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     scaled = scaler_of(scale)
     rep, blocks = stats.rep, stats.blocks
     reuse_batches(inputs, request.batches, strategy)  # fewer batches given than the request reads
-    update = Update() if overflow else strategy.compute(inputs)
+    update = Update() if overflow else current().localize(strategy.compute(inputs), request)
     covered = blocks is not None and request.parameters is None and request.layer is None and \
         covers_representation([record.z for record in passed.records], shared)
     dz, flat = shared_update(update, rep, request, blocks if covered else None, shared)
@@ -368,6 +373,8 @@ def accumulate(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retai
     """The step's one final backward: ``torch.autograd.backward`` over every root, so accumulation hooks
     fire once and gradients reach ``.grad`` as after a plain backward; a root without a gradient (a
     scalar objective) gets ones."""
-    if roots:
-        torch.autograd.backward(list(roots), [torch.ones_like(root) if grad is None else grad
-                                              for root, grad in zip(roots, grads)], retain_graph=retain_graph)
+    idle, zeros = current().idle_roots()  # the heads of a task absent from this rank only: DDP waits for them
+    if roots or idle:
+        ones = [torch.ones_like(root) if grad is None else grad for root, grad in zip(roots, grads)]
+        torch.autograd.backward([*roots, *idle], ones + zeros, retain_graph=retain_graph)
+        current().restore()

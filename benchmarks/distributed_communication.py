@@ -1,0 +1,106 @@
+"""What one data-parallel step sends, per path: the engine's collectives and DDP's all-reduce, counted.
+
+Run from the repository (this file is not installed with mtlzoo)::
+
+    python benchmarks/distributed_communication.py            # 2 processes on gloo (CPU)
+
+It trains the CNN of docs/examples/train_distributed.py (K = 2 named heads on a 64-wide
+representation, n = 2,480 shared parameters, 325 in the heads; 32 rows per rank) for 3 steps
+with each strategy under ``DistributedDataParallel``, and counts, in the steps after the first,
+the numbers each rank puts into a collective: the engine's (``torch.distributed.all_reduce`` and
+``all_gather``, wrapped here to count their inputs) and DDP's (a communication hook that counts
+its buckets). The first step also broadcasts the strategy's state once; it is not counted.
+Prints a Markdown table: numbers per rank and step, and what they are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.functional import cross_entropy, mse_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mtlzoo
+
+CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("ls", {}, "the losses: 2K + 3"),
+    ("uw", {}, "the losses: 2K + 3"),
+    ("mgda", {"target": "representation"}, "losses; the Gramian on z: K x K"),
+    ("gradnorm", {"target": "representation"}, "losses; the norms on z: K"),
+    ("rotograd", {"rotation_shape": 64}, "losses; the gradients on z gathered: K x B_r x d (+ W counts)"),
+    ("graddrop", {"target": "representation"}, "losses; gradients and z gathered: (K + 1) x B_r x d (+ W)"),
+    ("gradnorm", {}, "losses; the Jacobian of the last layer: K x n_layer"),
+    ("upgrad", {"target": "parameters"}, "losses; the Jacobian: K x n"),
+    ("graddrop", {"target": "parameters"}, "losses; the Jacobian: K x n"),
+]
+STEPS = 3
+
+
+def model() -> mtlzoo.HardSharing:
+    backbone = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    return mtlzoo.HardSharing(backbone, {"quadrant": nn.Linear(64, 4), "contrast": nn.Linear(64, 1)})
+
+
+def counting(counts: dict[str, int], function: Callable[..., Any], size: Callable[..., int]) -> Callable[..., Any]:
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counts["engine"] += size(*args)
+        return function(*args, **kwargs)
+    return counted
+
+
+def run(rank: int, world: int, store: str, out: str) -> None:
+    os.environ.setdefault("MTLZOO_DISABLE_PLUGIN_AUTOLOAD", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    counts = {"engine": 0, "ddp": 0}
+    dist.all_reduce = counting(counts, dist.all_reduce, lambda tensor, *_: tensor.numel())
+    dist.all_gather = counting(counts, dist.all_gather, lambda outputs, tensor, *_: tensor.numel())
+    rows = []
+    for name, options, what in CASES:
+        torch.manual_seed(0)
+        mtl = mtlzoo.MTLWrapper(model(), name, **mtlzoo.get_strategy(name).info.suggested, **options)
+        ddp = nn.parallel.DistributedDataParallel(mtl)
+        ddp.register_comm_hook(counts, lambda state, bucket: (state.__setitem__(
+            "ddp", state["ddp"] + bucket.buffer().numel()), allreduce_hook(None, bucket))[1])
+        optimizer = torch.optim.SGD(mtl.parameters(), lr=0.01)
+        generator = torch.Generator().manual_seed(rank)
+        for step in range(STEPS):
+            if step == 1:
+                counts.update(engine=0, ddp=0)
+            x = torch.randn(32, 1, 16, 16, generator=generator)
+            predictions = ddp(x)
+            mtl.backward({"quadrant": cross_entropy(predictions["quadrant"], torch.randint(0, 4, (32,))),
+                          "contrast": mse_loss(predictions["contrast"].squeeze(1), x.std((1, 2, 3)))})
+            mtl.step(optimizer)
+        label = f"{name}" + "".join(f", {key}={value}" for key, value in options.items() if key == "target")
+        engine = counts["engine"] - counts["ddp"]  # DDP's hook calls all_reduce too
+        rows.append((label, engine // (STEPS - 1), counts["ddp"] // (STEPS - 1), what))
+    if rank == 0:
+        torch.save(rows, out)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    world = 2
+    with tempfile.TemporaryDirectory() as directory:
+        out = os.path.join(directory, "rows.pt")
+        torch.multiprocessing.spawn(run, args=(world, os.path.join(directory, "store"), out), nprocs=world)
+        rows = torch.load(out)
+    print(f"| strategy | engine, numbers per rank and step | DDP's all-reduce | what the engine sends (W = {world}) |")
+    print("| --- | ---: | ---: | --- |")
+    for label, engine, ddp, what in rows:
+        print(f"| `{label}` | {engine:,} | {ddp:,} | {what} |")
+
+
+if __name__ == "__main__":
+    main()
