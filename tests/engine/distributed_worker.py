@@ -23,7 +23,8 @@ from tests.helpers import batch, required_kwargs, small_model
 
 STEPS = 3
 EVEN = (8, 8)
-ILL_CONDITIONED = {"famo": "differences of the logarithms of nearly equal losses", "nash_mtl": "an iterative solver"}
+ILL_CONDITIONED = {"famo": "differences of the logarithms of nearly equal losses", "nash_mtl": "an iterative solver",
+                   "sdmgrad": "20 projected steps of size 10 (its authors' lr), each amplifying rounding"}
 """Strategies whose maths amplifies rounding: run in float64, as the issue allows (the reason, for the report)."""
 
 Case = tuple[str, "str | None"]
