@@ -147,6 +147,9 @@ class MTLModule(pl.LightningModule):
             raise LossError(f"{type(self).__name__}.training_step returned None; it should return the K task losses "
                             "(None as the loss of a task absent from the batch). Skipping a whole batch would still "
                             "advance the strategy's state at the optimizer step.")
+        if not self.automatic_optimization:
+            raise InvalidModelError(f"{type(self).__name__} steps through Lightning's automatic optimization (its "
+                                    "backward and optimizer_step hooks): leave automatic_optimization = True.")
         mtl = self._wrapper()
         checked = loss_vector(losses, mtl.task_names, len(mtl))
         self._mtl_losses = (losses, checked)

@@ -76,9 +76,10 @@ def trainer(**options: Any) -> pl.Trainer:
 
 
 def own_loop(net: Net, dataset: TensorDataset, epochs: int, micro_batches: int = 1, clip: float | None = None,
-             autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None) -> list:
-    """mtlzoo's documented loop; micro-batch losses divided by their number; returns each backward's losses (as
-    computed) and ``last_step``."""
+             autocast: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
+             drop_odd: bool = False) -> list:
+    """mtlzoo's documented loop; micro-batch losses divided by their number (task 1 absent from odd batches with
+    ``drop_odd``); returns each backward's losses (as computed) and ``last_step``."""
     mtl = net.mtl
 
     def losses_of(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -93,10 +94,12 @@ def own_loop(net: Net, dataset: TensorDataset, epochs: int, micro_batches: int =
         for start in range(0, len(batches), micro_batches):
             step = batches[start:start + micro_batches]
             optimizer.zero_grad()
-            for x, y in step:
+            for index, (x, y) in enumerate(step, start):
                 losses = losses_of(x, y)
-                mtl.backward([loss / micro_batches for loss in losses], scaler=scaler)
-                used.append(([loss.item() for loss in losses], mtl.last_step))
+                if drop_odd and index % 2:
+                    losses[1] = None
+                mtl.backward([None if loss is None else loss / micro_batches for loss in losses], scaler=scaler)
+                used.append(([None if loss is None else loss.item() for loss in losses], mtl.last_step))
             if clip is not None:
                 if scaler is not None:
                     scaler.unscale_(optimizer)
@@ -167,6 +170,24 @@ def test_accumulated_batches_advance_the_state_once_per_optimizer_step(name: str
     assert_close_state(reference.state_dict(), net.state_dict())
     if name == "rotograd":
         assert net.mtl.strategy.adapter.state.step == 3
+
+
+class Sometimes(Net):
+    """Task 1 absent from the odd batches; its losses come from the parent's training_step through super()."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
+        losses = super().training_step(batch, batch_idx)
+        return [losses[0], None if batch_idx % 2 else losses[1]]
+
+
+def test_a_task_absent_from_a_batch_is_left_out_as_in_mtlzoos_own_loop() -> None:
+    net = Sometimes("upgrad")
+    reference = copy.deepcopy(net)
+    dataset = data(4)
+    trainer(max_epochs=1).fit(net, DataLoader(dataset, batch_size=BATCH))
+    used = own_loop(reference, dataset, epochs=1, drop_odd=True)
+    assert_close_state(reference.state_dict(), net.state_dict())
+    assert math.isnan(used[-1][1].coefficients[1]) and math.isnan(net.mtl.last_step.coefficients[1])
 
 
 def test_gradient_clipping_clips_what_the_strategy_put_in_grad() -> None:
@@ -290,6 +311,10 @@ def test_a_module_without_its_wrapper_or_losses_is_told_what_to_do() -> None:
     bare.mtl = mtlzoo.MTLWrapper(small_model(2), "ls")
     with pytest.raises(LossError, match="should return the K task losses"):
         trainer(max_steps=1).fit(bare, DataLoader(data(1), batch_size=BATCH))
+    manual = Net("ls")
+    manual.automatic_optimization = False
+    with pytest.raises(InvalidModelError, match="automatic_optimization = True"):
+        trainer(max_steps=1).fit(manual, DataLoader(data(1), batch_size=BATCH))
 
 
 def test_without_lightning_the_import_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
