@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 try:
     import lightning.pytorch as pl
@@ -124,9 +124,15 @@ class MTLModule(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As ``nn.Module.load_state_dict``, after checking the strategy's settings against the checkpoint's."""
         strategy = self._wrapper().strategy
-        prefix = next(name for name, module in self.named_modules() if module is strategy)
-        strategy.check_settings(state_dict, prefix=prefix + ".")
+        strategy.check_settings(state_dict, prefix=self._name_of(strategy) + ".")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """What ``DistributedDataParallel`` (Lightning's ``ddp``) leaves out of this module: what the wrapper asks
+        it to (the strategy's state, which mtlzoo keeps the same on every rank), named from here."""
+        mtl = self._wrapper()
+        return [f"{self._name_of(mtl)}.{name}" for name in getattr(mtl, "_ddp_params_and_buffers_to_ignore", ())]
 
     def log(self, *args: Any, **kwargs: Any) -> None:
         if not self._mtl_quiet:
@@ -140,6 +146,9 @@ class MTLModule(pl.LightningModule):
                                     f"__init__ (self.mtl = mtlzoo.MTLWrapper(model, strategy)). Found "
                                     f"{type(mtl).__name__}.")
         return mtl
+
+    def _name_of(self, module: nn.Module) -> str:
+        return next(name for name, child in self.named_modules() if child is module)
 
     def _received(self, losses: Losses | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Tensor]:
         """Keep a training_step's losses for ``backward``; what Lightning gets: their sum, as its ``loss``."""
