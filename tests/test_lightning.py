@@ -184,12 +184,12 @@ def test_ddp_on_two_processes_gives_one_process_on_the_whole_batch(tmp_path: Pat
     """Lightning's ddp strategy (2 processes, gloo) through mtlzoo's distributed training (the engine makes what a
     strategy reads the whole batch's; branch ``distributed``, issue 20): every rank ends with the model and strategy
     state of one process on the whole batch (Lightning on 2 x BATCH), and the ranks agree bit for bit."""
+    assert Net("uw")._ddp_params_and_buffers_to_ignore == ["mtl.strategy.log_variances"]  # left to mtlzoo by DDP
     root = Path(__file__).resolve().parent.parent
     names = list(DDP_STRATEGIES)
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, str(root / "tests" / "lightning_ddp_worker.py"), str(tmp_path), *names],
                    check=True, cwd=root, env=environment, timeout=600)
-    assert Net("uw")._ddp_params_and_buffers_to_ignore == ["mtl.strategy.log_variances"]  # left to mtlzoo by DDP
     dataset = data(6)  # Lightning's sampler shuffles with seed 0; rank r takes every other of that order
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
     whole = DataLoader(TensorDataset(*(tensor[order] for tensor in dataset.tensors)), batch_size=2 * BATCH)
