@@ -15,10 +15,13 @@ COMMITTED = Path(__file__).resolve().parents[2] / "docs" / "comparison" / "resul
 
 def test_the_committed_results_load_and_render() -> None:
     results = load(COMMITTED)
-    assert [r.problem for r in results] == ["toy2d", "gradnorm_synthetic", "multidigits"]
+    assert [r.problem for r in results] == ["toy2d", "gradnorm_synthetic", "multidigits", "mixedscale"]
     for result in results:
         every = [metric["name"] for metric in result.metrics]
-        assert result.task_metrics == {task: every for task in result.task_names}  # the format before, as it was
+        if result.problem == "mixedscale":  # tasks with metrics of their own
+            assert result.task_metrics == {"digit": ["accuracy"], "large": ["accuracy"], "ink": ["rmse"]}
+        else:
+            assert result.task_metrics == {task: every for task in result.task_names}
         rows = result.summary()
         assert [row["strategy"] for row in rows] == result.labels
         console = Console(width=100, record=True)
