@@ -91,12 +91,18 @@ def marked_leaves_reached(root: Tensor, marked: set[int]) -> set[int]:
         if id(node) in seen:
             continue
         seen.add(id(node))
-        children = [edge[0] for edge in node.next_functions if edge[0] is not None]
-        hits = [key for child in children if (key := id(getattr(child, "variable", None))) in marked]
-        if hits:
-            found.update(hits)
-        else:
-            stack += children
+        inner = []
+        hit = False
+        for child, _ in node.next_functions:
+            leaf = getattr(child, "variable", None)
+            if leaf is None:
+                if child is not None:
+                    inner.append(child)
+            elif id(leaf) in marked:
+                found.add(id(leaf))
+                hit = True
+        if not hit:
+            stack += inner
     return found
 
 
