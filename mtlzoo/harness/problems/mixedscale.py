@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone
+from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 TASKS = ("digit", "large", "ink")
@@ -76,12 +78,8 @@ class MixedScale(Problem):
     model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"Parameter `batch_size` should be a positive int. Found "
-                             f"`batch_size = {self.batch_size!r}`.")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = "
-                             f"{self.test_fraction!r}`.")
+        check_int("batch_size", self.batch_size)
+        check_test_fraction(self.test_fraction)
 
     @property
     def num_tasks(self) -> int:
@@ -120,12 +118,7 @@ class MixedScale(Problem):
         return data
 
     def build_model(self) -> HardSharing:
-        backbone = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-        )
-        return HardSharing(backbone, [nn.Linear(64, 10), nn.Linear(64, 2), nn.Linear(64, 1)])
+        return HardSharing(digits_backbone(SIDE), [nn.Linear(64, 10), nn.Linear(64, 2), nn.Linear(64, 1)])
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data

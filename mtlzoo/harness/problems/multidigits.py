@@ -18,6 +18,21 @@ SIDE = 8
 TASKS = ("left", "right")
 
 
+def digits_backbone(width: int) -> nn.Sequential:
+    """The digits problems' small CNN on 8 x ``width`` images: two 3x3 convolutions (16 and 32 channels), 2x2 max
+    pooling, a linear layer to 64 features."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * (SIDE // 2) * (width // 2), 64), nn.ReLU(),
+    )
+
+
+def check_test_fraction(value: float) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = {value!r}`.")
+
+
 @dataclass(frozen=True)
 class MultiDigits(Problem):
     """Two overlapping 8x8 digits side by side (the right one shifted by ``shift`` columns, the pixel-wise
@@ -77,9 +92,7 @@ class MultiDigits(Problem):
             raise ValueError(f"Parameter `shift` should be an int in [0, {SIDE}]. Found `shift = {self.shift!r}`.")
         for field in ("train_size", "test_size", "batch_size"):
             check_int(field, getattr(self, field))
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = "
-                             f"{self.test_fraction!r}`.")
+        check_test_fraction(self.test_fraction)
 
     @property
     def num_tasks(self) -> int:
@@ -121,13 +134,7 @@ class MultiDigits(Problem):
         return data
 
     def build_model(self) -> HardSharing:
-        width = SIDE + self.shift
-        backbone = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * (SIDE // 2) * (width // 2), 64), nn.ReLU(),
-        )
-        return HardSharing(backbone, [nn.Linear(64, 10) for _ in TASKS])
+        return HardSharing(digits_backbone(SIDE + self.shift), [nn.Linear(64, 10) for _ in TASKS])
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         data = self.data
