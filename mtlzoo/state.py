@@ -39,6 +39,13 @@ class Field:
     name: str
     is_tensor: bool
     per_step: PerStep
+    dtype: torch.dtype | None = None
+    """A tensor field's declared dtype: ``module.to(dtype)`` may widen its buffer but reads and writes never go below
+    it (float64 state stays float64 in a float32 model; float32 state follows a float64 model)."""
+
+    def widest(self, dtype: torch.dtype) -> torch.dtype:
+        """``dtype``, or the declared dtype where that is wider."""
+        return dtype if self.dtype is None else torch.promote_types(self.dtype, dtype)
 
 
 class RunningState:
@@ -73,7 +80,7 @@ class RunningState:
         if name in self._fields:
             raise ValueError(f"The state field {name!r} is declared twice.")
         is_tensor = isinstance(initial, Tensor)
-        self._fields[name] = Field(name, is_tensor, per_step)
+        self._fields[name] = Field(name, is_tensor, per_step, initial.dtype if is_tensor else None)
         if is_tensor:
             self._owner.register_buffer(name, initial)
         else:
@@ -99,10 +106,25 @@ class RunningState:
             return staged[name]
         return self.committed(name)
 
+    @contextmanager
+    def widths_kept(self) -> Iterator[None]:
+        """Within the block the owner's buffers may be cast (``module.to(dtype)``); afterwards a field cast below its
+        declared dtype is put back from its value before the cast, on the new device, so no digit is lost."""
+        before = {name: getattr(self._owner, name) for name, field in self._fields.items()
+                  if field.is_tensor and field.dtype is not None}
+        yield
+        for name, value in before.items():
+            now = getattr(self._owner, name)
+            wanted = self._fields[name].widest(now.dtype)
+            if now.dtype != wanted:
+                setattr(self._owner, name, value.to(device=now.device, dtype=wanted))
+
     def committed(self, name: str) -> Any:
         """The committed value of field ``name`` (what ``state_dict()`` saves)."""
-        if self._fields[name].is_tensor:
-            return getattr(self._owner, name)
+        field = self._fields[name]
+        if field.is_tensor:
+            value = getattr(self._owner, name)
+            return value.to(field.widest(value.dtype))
         return self._committed[name]
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -125,7 +147,7 @@ class RunningState:
             current = getattr(self._owner, field.name)
             value = torch.as_tensor(value)
             if isinstance(current, Tensor):
-                value = value.detach().to(device=current.device, dtype=current.dtype)
+                value = value.detach().to(device=current.device, dtype=field.widest(current.dtype))
             setattr(self._owner, field.name, value)
         else:
             self._committed[field.name] = value

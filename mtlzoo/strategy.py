@@ -322,6 +322,14 @@ class Strategy(nn.Module):
         """Turn the statistics the engine gathered into an :class:`~mtlzoo.protocol.Update`."""
         return Update()
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Strategy:
+        """``module.to(...)`` and friends, which move the running state but never narrow it below its declared dtype."""
+        state = self.__dict__.get("state")
+        if not isinstance(state, RunningState):  # before Strategy.__init__ made it
+            return super()._apply(fn, recurse)
+        with state.widths_kept():
+            return super()._apply(fn, recurse)
+
     def declare_state(self, per_step: PerStep = "first", **fields: Any) -> None:
         """Declare running state fields and their initial values (see :mod:`mtlzoo.state`).
 

@@ -106,7 +106,7 @@ class ExcessMTL(Aggregator):
     def task_weights(self, gradients: Tensor, tasks: Tensor) -> Tensor:
         """``λ`` of the present tasks (float64) for their finite gradients ``(K', ...)``, staging the new state."""
         if self.micro_batch != 0:  # the step's weights, set by its first micro-batch
-            return self.state.weights.detach().cpu().to(torch.float64)[tasks.cpu()]
+            return self.state.weights.detach().cpu()[tasks.cpu()]
         rows = gradients.sum(1) if self.target == "representation" else gradients  # summed over the batch
         rows = rows.reshape(rows.shape[0], -1).detach()
         squares = self._squares(rows)
@@ -114,8 +114,8 @@ class ExcessMTL(Aggregator):
         accumulated = squares[index] + rows**2
         risks = (rows**2 / torch.sqrt(accumulated + ADAGRAD_EPS)).sum(1).to(torch.float64).cpu()
         index = tasks.cpu()
-        baselines = self.state.committed("baselines").detach().cpu().to(torch.float64).clone()  # whatever .to() did
-        weights = self.state.committed("weights").detach().cpu().to(torch.float64).clone()
+        baselines = self.state.committed("baselines").detach().cpu().clone()
+        weights = self.state.committed("weights").detach().cpu().clone()
         ratios = torch.where(baselines[index] > 0, risks / torch.where(baselines[index] > 0, baselines[index], 1), 0)
         present = weights[index]
         present = present.sum() * torch.softmax(torch.log(present) + self.robust_step_size * ratios, 0)

@@ -170,7 +170,7 @@ class PCD(GramianAggregator):
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         squares = np.clip(np.diag(gramian), 0.0, None)
         index = torch.from_numpy(step.tasks)
-        moments = self.state.committed("second_moments").detach().cpu().to(torch.float64).clone()  # whatever .to() did
+        moments = self.state.committed("second_moments").detach().cpu().clone()
         counts = self.state.committed("counts").detach().cpu().clone()
         moments[index] = self.beta * moments[index] + (1 - self.beta) * torch.from_numpy(squares)
         counts[index] += 1

@@ -124,3 +124,35 @@ def test_a_stateful_plugin_strategy_trains_under_the_wrapper_with_accumulation_a
     before = mtl.strategy.mean.clone()
     assert not mtl.step(optimizer, scaler=scaler)
     assert mtl.strategy.state.steps == 1 and mtl.strategy.state.seen == 2 and torch.equal(mtl.strategy.mean, before)
+
+
+class Precise(mtlzoo.LossWeighting):
+    """Test strategy (no paper): one float64 and one float32 running field."""
+
+    info = mtlzoo.StrategyInfo(name="test_precise", kind="weighting", summary="test")
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__(num_tasks)
+        self.declare_state(wide=torch.zeros(num_tasks, dtype=torch.float64), narrow=torch.zeros(num_tasks))
+
+    def scalarize(self, losses: Tensor) -> Tensor:
+        return losses.sum()
+
+
+def test_module_to_dtype_widens_a_field_but_never_narrows_it_below_its_declared_dtype() -> None:
+    """Found when ExcessMTL's and PCD's float64 state met ``mtl.to(torch.float32)``: the buffer was cast, and the
+    strategy's float64 arithmetic failed on it. A float64 field now reads and commits as float64 in a float32 module,
+    while a float32 field follows a float64 module (issue 19's item 7: float64 stays float64)."""
+    strategy = Precise(2)
+    strategy.state.wide = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    strategy.advance()
+    strategy.float()
+    assert strategy.wide.dtype == torch.float64 and float(strategy.wide[0]) == 1 / 3  # not rounded to float32
+    resumed = Precise(2).float()
+    resumed.load_state_dict(strategy.state_dict())  # a checkpoint resumes exactly in a float32 module
+    assert resumed.wide.dtype == torch.float64 and torch.equal(resumed.wide, strategy.wide)
+    assert resumed.narrow.dtype == torch.float32
+    strategy = Precise(2).double()
+    strategy.state.narrow = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
+    strategy.advance()
+    assert strategy.narrow.dtype == torch.float64 and float(strategy.narrow[0]) == 1 / 3
