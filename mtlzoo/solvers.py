@@ -258,31 +258,48 @@ def _affine_minimiser(block: np.ndarray) -> np.ndarray:
     return lstsq(system, rhs)[:count] / safe
 
 
-def _nonnegative_quadratic(hessian: np.ndarray, linear: np.ndarray) -> np.ndarray:
-    r"""``argmin_{x >= 0} 1/2 x^T H x - f^T x`` for a positive semi-definite H, by Lawson and Hanson's
-    active-set method on the normal equations (``H = A^T A``, ``f = A^T b``: non-negative least squares).
+def _nonnegative_quadratics(hessian: np.ndarray, linears: np.ndarray) -> np.ndarray:
+    r"""``argmin_{x >= 0} 1/2 x^T H x - f^T x`` for a positive semi-definite H and each row ``f`` of ``linears``,
+    by Lawson and Hanson's active-set method on the normal equations (``H = A^T A``, ``f = A^T b``: non-negative
+    least squares).
 
     Each inner step moves by the minimum-norm step to the minimiser on the passive set, so a newly
     freed coordinate always grows, also when H is singular. Solved in ``y = D x``, ``D = diag(sqrt(H_kk))``
     (on ``D^-1 H D^-1``, of unit diagonal), so that tolerances and cut-offs are relative to each row's own
     size: rows 1e6 times apart are solved as accurately as rows of one size, in any order.
     """
-    size = hessian.shape[0]
     scales = np.sqrt(np.clip(np.diag(hessian), 0.0, None))
     safe = np.where(scales > 0, scales, 1.0)
     hessian = hessian / np.outer(safe, safe)
-    linear = linear / safe
-    x = np.zeros(size)
-    passive = np.zeros(size, dtype=bool)
     unit = (scales > 0).astype(np.float64)
+    solutions = np.zeros(linears.shape)
+    for row, linear in enumerate(linears / safe):
+        solutions[row] = _lawson_hanson(hessian, linear, unit) / safe
+    return solutions
+
+
+def _lawson_hanson(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Lawson and Hanson's active-set loop on a scaled problem of :func:`_nonnegative_quadratics`, started from the
+    passive set of the coordinates violated at ``x = 0`` where the minimiser on them is positive (a state of the
+    loop: often its last), else from ``x = 0``."""
+    size = hessian.shape[0]
     reach = float(np.abs(linear).max(initial=0.0))
+    x = np.zeros(size)
+    passive = linear - 1e-12 * unit * reach > 0
+    if passive.any():
+        index = np.flatnonzero(passive)
+        start = lstsq(hessian[index[:, None], index], linear[index])
+        if start.min() > 0:
+            x[index] = start
+        else:
+            passive[:] = False
     for _ in range(10 * size + 50):
         gradient = linear - hessian @ x
         tolerance = 1e-12 * unit * (reach + float(np.abs(x).sum()))  # rounding of each row's gradient
         free = np.where(passive, -np.inf, gradient - tolerance)
         candidate = int(free.argmax())
         if free[candidate] <= 0:  # also when every coordinate is passive (free is all -inf)
-            return x / safe
+            return x
         passive[candidate] = True
         for _ in range(size + 1):
             index = np.flatnonzero(passive)
@@ -359,6 +376,7 @@ def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     # rounding, x = 0 is optimal (J^T u is already in the cone) and v = u.
     scales = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
     tolerance = 1e-12 * np.outer(np.abs(targets) @ scales, scales)
-    for row in np.flatnonzero((linear - tolerance).max(axis=1) > 0):
-        solutions[row] += _nonnegative_quadratic(matrix, linear[row])
+    rows = np.flatnonzero((linear - tolerance).max(axis=1) > 0)
+    if rows.size:
+        solutions[rows] += _nonnegative_quadratics(matrix, linear[rows])
     return solutions
