@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
-from scipy.optimize import minimize
 
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
@@ -20,89 +20,94 @@ SMOOTHING = 1e-8
 smooth at ``g_w = 0`` and the update continuous there."""
 
 
-def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
-    r"""``w = argmin_{w in simplex} g_w . g_0 + c ||g_0|| ||g_w||`` on a unit-trace float64 Gramian.
+ITERATIONS_PER_TASK = 30
+"""The active-set method's budget: this many Newton or face changes per task (it needs a few in all)."""
 
-    The official code's problem, solved as it does by SLSQP (scipy), here with the exact gradient
-    and ``ftol=1e-12``, then polished by Newton steps on its active face (:func:`_polish`), unless
-    Newton steps from the simplex's centre already reach the (convex) problem's interior minimiser
-    (:func:`_interior_optimum`). ``||g_w||`` is smoothed by :data:`SMOOTHING`. A solver that stops
-    early gives a :class:`~mtlzoo.errors.SolverWarning` and its last iterate, put back on the simplex.
+
+def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
+    r"""``w = argmin_{w in simplex} f(w) = g_w . g_0 + c ||g_0|| ||g_w||`` on a unit-trace float64 Gramian.
+
+    The official code's problem (which it solves by SLSQP), solved exactly by an active-set Newton method on
+    the faces of the simplex: Newton steps (the projected gradient where the Hessian gives no descent) on the
+    current face with a backtracking line search, dropping a weight that reaches 0; at the face's minimiser,
+    the weight whose partial derivative is lowest below the face's common value joins the face, until none
+    is (the optimality conditions of the convex problem, to 1e-10 of the size of the gradient's terms). ``||g_w||`` is
+    smoothed by :data:`SMOOTHING`. A solve that runs out of its budget (not observed) gives a
+    :class:`~mtlzoo.errors.SolverWarning` and its last iterate.
     """
     size = gramian.shape[0]
-    mean_products = gramian.mean(axis=1)  # g_k . g_0
+    linear = gramian.mean(axis=1)  # g_k . g_0
     radius = c * math.sqrt(max(float(gramian.mean()), 0.0))  # c ||g_0||
-    interior = _interior_optimum(gramian, mean_products, radius)
-    if interior is not None:
-        return interior
-
-    def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
-        products = gramian @ w
-        norm = math.sqrt(max(float(w @ products), 0.0) + SMOOTHING)
-        return float(mean_products @ w + radius * norm), mean_products + radius * products / norm
-
-    start = np.full(size, 1.0 / size)
-    result = minimize(objective, start, jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * size,
-                      constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0, "jac": lambda w: np.ones_like(w)}],
-                      options={"ftol": 1e-12, "maxiter": 500})
-    weights = np.clip(result.x, 0.0, None)
-    weights = weights / weights.sum() if weights.sum() > 0 else start
-    if not result.success:
-        warnings.warn(f"CAGrad: SLSQP stopped without converging ({result.message}); its last iterate is used.",
-                      SolverWarning, stacklevel=4)
-        return weights
-    return _polish(weights, gramian, mean_products, radius)
-
-
-def _interior_optimum(gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray | None:
-    """The minimiser when it lies inside the simplex, by :func:`_polish` from the centre; ``None`` where that ends
-    off the optimality conditions (all weights above 1e-9, partial derivatives equal to 1e-10 of their size)."""
-    size = gramian.shape[0]
-    if size < 2:
-        return None
-    weights = _polish(np.full(size, 1.0 / size), gramian, linear, radius)
-    if weights.min() <= 1e-9:
-        return None
-    products = gramian @ weights
-    gradient = linear + radius * products / math.sqrt(max(float(weights @ products), 0.0) + SMOOTHING)
-    spread = float(gradient.max() - gradient.min())
-    return weights if spread <= 1e-10 * max(float(np.abs(gradient).max()), 1e-300) else None
-
-
-def _polish(weights: np.ndarray, gramian: np.ndarray, linear: np.ndarray, radius: float) -> np.ndarray:
-    """Newton steps on SLSQP's active face (zero weights held at 0, the sum at 1), to rounding: SLSQP's ``ftol``
-    leaves the weights right to about its square root. A step that would leave the simplex or raise the objective
-    ends the polishing."""
-    support = np.flatnonzero(weights > 1e-9)
 
     def value(w: np.ndarray) -> float:
         return float(linear @ w + radius * math.sqrt(max(float(w @ gramian @ w), 0.0) + SMOOTHING))
 
-    current = value(weights)
-    for _ in range(30):
+    resolution = 1e-15 * (float(np.abs(linear).max()) + radius * math.sqrt(float(np.abs(gramian).max()) + SMOOTHING))
+    weights = np.full(size, 1.0 / size)
+    face = np.ones(size, dtype=bool)
+    for _ in range(ITERATIONS_PER_TASK * size):
         products = gramian @ weights
         norm = math.sqrt(max(float(weights @ products), 0.0) + SMOOTHING)
         gradient = linear + radius * products / norm
-        hessian = radius * (gramian / norm - np.outer(products, products) / norm**3)
-        count = support.size
-        system = np.ones((count + 1, count + 1))
-        system[:count, :count] = hessian[support[:, None], support]
-        system[count, count] = 0.0
-        rhs = np.zeros(count + 1)
-        rhs[:count] = -gradient[support]
-        step = lstsq(system, rhs)[:count]  # numpy.linalg.lstsq(system, rhs, rcond=None), called directly
-        candidate = weights.copy()
-        candidate[support] += step
-        if (candidate[support] <= 0).any():
-            break
-        candidate /= candidate.sum()
-        new = value(candidate)
-        if new > current + 1e-15 * max(abs(current), 1.0):
-            break
-        weights, current = candidate, new
-        if np.abs(step).max() <= 1e-15:
-            break
+        tolerance = 1e-10 * max(float(np.abs(linear).max() + radius * np.abs(products).max() / norm), 1e-300)
+        index = np.flatnonzero(face)
+        moved = None
+        if float(np.ptp(gradient[index])) > tolerance:
+            hessian = radius * (gramian / norm - np.outer(products, products) / norm**3)
+            moved = _face_step(weights, index, gradient, hessian[index[:, None], index], value, resolution)
+        if moved is None:  # the face's minimiser: does a weight at 0 lower f?
+            outside = np.where(face, np.inf, gradient - float(gradient[index].mean()))
+            entering = int(outside.argmin())
+            if outside[entering] >= -tolerance - float(np.ptp(gradient[index])):
+                return weights
+            face[entering] = True
+            continue
+        weights, blocking = moved
+        if blocking is not None:
+            face[blocking] = False
+    warnings.warn(f"CAGrad: the active-set method did not converge in {ITERATIONS_PER_TASK * size} steps; its last "
+                  "iterate is used.", SolverWarning, stacklevel=4)
     return weights
+
+
+def _face_step(weights: np.ndarray, index: np.ndarray, gradient: np.ndarray, hessian: np.ndarray,
+               value: Callable[[np.ndarray], float], resolution: float) -> tuple[np.ndarray, int | None] | None:
+    """One step on the face ``index`` (weights elsewhere 0, their sum 1): Newton's (the minimum-norm solution of
+    the bordered system, the Hessian may be singular), or the projected gradient where that is no descent,
+    cut where a weight reaches 0 (returned as the blocking index) and halved until ``f`` decreases (Armijo) by more
+    than its rounding (``resolution``). ``None`` when no step does: the face's minimiser up to rounding."""
+    count = index.size
+    system = np.ones((count + 1, count + 1))
+    system[:count, :count] = hessian
+    system[count, count] = 0.0
+    rhs = np.zeros(count + 1)
+    rhs[:count] = -gradient[index]
+    step = lstsq(system, rhs)[:count]
+    if float(np.abs(step).max()) <= 1e-15:
+        return None
+    slope = float(gradient[index] @ step)
+    if not slope < 0:
+        step = float(gradient[index].mean()) - gradient[index]
+        slope = float(gradient[index] @ step)
+    if not slope < -resolution:  # no step can lower f beyond its rounding
+        return None
+    falling = step < 0
+    ratios = np.where(falling, weights[index] / np.where(falling, -step, 1.0), np.inf)
+    blocking = int(ratios.argmin())
+    size = min(1.0, float(ratios[blocking]))
+    current = value(weights)
+    while size > 1e-16:
+        candidate = weights.copy()
+        candidate[index] += size * step
+        if size == ratios[blocking]:
+            candidate[index[blocking]] = 0.0
+        candidate = np.clip(candidate, 0.0, None)
+        candidate /= candidate.sum()
+        if value(candidate) <= min(current + 1e-4 * size * slope, current - resolution):
+            return candidate, (int(index[blocking]) if size == ratios[blocking] else None)
+        size /= 2
+    return None
+
 
 class CAGrad(GramianAggregator):
     r"""CAGrad: maximise the worst task's improvement within a ball around the average gradient.
@@ -119,15 +124,14 @@ class CAGrad(GramianAggregator):
     As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
     the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
     keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is ``ls``.
-    The inner problem is solved on the unit-trace Gramian, as the authors do, by SLSQP (here with
-    the exact gradient and ``ftol=1e-12``, then Newton steps on its active face to rounding; if
-    SLSQP stops early, a :class:`~mtlzoo.errors.SolverWarning` says so and its last iterate is
-    used), skipped where Newton steps from the simplex's centre already satisfy the optimality
-    conditions (an interior optimum). ``||g_w||`` is smoothed to ``sqrt(||g_w||^2 + δ)`` (``δ`` =
-    1e-8 of ``||J||_F^2``) in the problem, as the authors' objective (theirs adds 1e-8 in raw units),
-    and in ``d``, where the authors divide by ``||g_w|| + 1e-8`` (raw units): the two agree unless
-    ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``, and there this update stays
-    continuous and independent of the gradients' scale, tending to ``g_0`` where ``g_w`` vanishes.
+    The inner problem is solved on the unit-trace Gramian, as the authors do; they use SLSQP, which
+    stops within its ``ftol``, and here an active-set Newton method finds the same (convex)
+    problem's minimiser to rounding (:func:`conflict_averse_weights`). ``||g_w||`` is smoothed to
+    ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of ``||J||_F^2``) in the problem, as the authors' objective
+    (theirs adds 1e-8 in raw units), and in ``d``, where the authors divide by ``||g_w|| + 1e-8``
+    (raw units): the two agree unless ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``,
+    and there this update stays continuous and independent of the gradients' scale, tending to
+    ``g_0`` where ``g_w`` vanishes.
 
     Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (its update is this
     one times ``(1 + c^2) / K``), solves the inner problem with Clarabel, and returns zero when
