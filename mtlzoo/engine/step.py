@@ -343,9 +343,9 @@ def _leading_weights(heads: nn.Module, tasks: Sequence[int], strategy: Strategy)
 
 def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strategy: Strategy) -> list[Tensor]:
     """The backbone's trainable parameters, or those ``names`` picks (a request's named subset)."""
-    named = dict(backbone.named_parameters())
     if names is None:
-        return [p for p in named.values() if p.requires_grad]
+        return trainable_parameters(backbone)
+    named = dict(backbone.named_parameters())
     unknown = [name for name in names if name not in named]
     if unknown:
         raise InvalidModelError(f"{type(strategy).__name__} asks for the backbone parameters {unknown}, "

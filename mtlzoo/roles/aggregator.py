@@ -104,8 +104,12 @@ class Aggregator(Strategy):
 
     @property
     def request(self) -> Request:
-        return dataclasses.replace(self.info.request, where=self.target,
-                                   statistic=self.statistic or self.info.request.statistic)
+        made = self.__dict__.get("_request")
+        if made is None or made.where != self.target:  # read several times a step: made once per target
+            made = dataclasses.replace(self.info.request, where=self.target,
+                                       statistic=self.statistic or self.info.request.statistic)
+            self.__dict__["_request"] = made
+        return made
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: reduce K per-task gradients (K x ...) to one gradient of shape ``grads.shape[1:]``."""
