@@ -244,12 +244,12 @@ class StepBuffer:
             weights = weights.to(inputs.losses.dtype)
         objective = strategy.loss_objective(inputs.losses, inputs.tasks)
         inputs, jacobian = self.batches[0].inputs(num_tasks, weights)
-        self._statistic(request, jacobian, inputs)
+        self._statistic(request, self._columns(jacobian), inputs)
         every = None if weights is None else weights.new_ones(num_tasks).index_copy(0, inputs.tasks, weights)
         for batch in self.batches[1:]:  # the step's loss weights hold for its other batches too
             tasks = batch.present.nonzero().squeeze(1)
             extra, rows = batch.inputs(num_tasks, None if every is None else every[tasks])
-            self._statistic(request, rows, extra)
+            self._statistic(request, self._columns(rows), extra)
             inputs.extra.append(extra)
         reuse_batches(inputs, request.batches, strategy)
         update = strategy.compute(inputs)
@@ -275,6 +275,16 @@ class StepBuffer:
         kept = [(root, grad) for root, grad in zip(roots, grads) if grad is not None]
         accumulate([root for root, _ in kept], [grad for _, grad in kept])
         return StepWeights(weights, update.weights, inputs.tasks, num_tasks, direction=update.direction is not None)
+
+    def _columns(self, rows: Tensor) -> Tensor:
+        """The columns of the parameters the request reads (all of them, or a named subset or layer)."""
+        if len(self.read) == len(self.params):
+            return rows
+        offsets, start = {}, 0
+        for param in self.params:
+            offsets[id(param)] = (start, param.numel())
+            start += param.numel()
+        return torch.cat([rows.narrow(1, *offsets[id(param)]) for param in self.read], dim=1)
 
     @staticmethod
     def _statistic(request: Request, rows: Tensor, inputs: StepInputs) -> None:
