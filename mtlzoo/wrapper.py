@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from mtlzoo.engine.accumulation import StepBuffer, check_aggregate_at
 from mtlzoo.engine.distributed import DataParallel, running, strategy_names
 from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
 from mtlzoo.engine.internals import compiled_original, without_donated_buffers
@@ -129,6 +130,13 @@ class MTLWrapper(nn.Module):
         distributed: Data-parallel training (docs/distributed.md): ``None`` (the default) trains on the whole
             batch of every rank when ``torch.distributed`` is initialized with more than one process, ``False``
             trains on this process's batch alone, ``True`` or a process group: on that group (the default one).
+        aggregate_at: Where a strategy that reads gradients on the shared parameters aggregates them:
+            ``"backward"`` (the default): at each backward, over that micro-batch's gradients; ``"step"``:
+            once, in :meth:`step`, over the per-task gradients summed over the step's micro-batches (a
+            K x n buffer), so that micro-batches whose losses are scaled to their share of the batch give
+            exactly the whole batch's step (docs/concepts.md, "Gradient accumulation"). The shared
+            parameters' ``.grad`` is then written in :meth:`step`, before the optimizers step; refused for
+            strategies that read the losses only or the representation, and under ``torch.distributed``.
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
@@ -141,7 +149,7 @@ class MTLWrapper(nn.Module):
     """
 
     def __init__(self, model: nn.Module, strategy: str | Strategy, *, jacobian_chunk_size: int | None = None,
-                 distributed: Any = None, **strategy_kwargs: Any) -> None:
+                 distributed: Any = None, aggregate_at: str = "backward", **strategy_kwargs: Any) -> None:
         super().__init__()
         self._parallel = DataParallel(distributed)
         if jacobian_chunk_size is not None and (isinstance(jacobian_chunk_size, bool)
@@ -187,6 +195,10 @@ class MTLWrapper(nn.Module):
         if device is not None:  # a model already on its device: the strategy's state joins it
             strategy.to(device)
         self.strategy = strategy
+        self.aggregate_at = check_aggregate_at(aggregate_at)
+        self._buffer = StepBuffer(strategy) if aggregate_at == "step" else None
+        if self._buffer is not None:
+            self.register_state_dict_pre_hook(self._buffer.refuse_saving)
         self._pending = PendingForwards()
         self._tracker = StepTracker(self._watched_parameters)
         self._route = JacobianRoute()
@@ -249,6 +261,8 @@ class MTLWrapper(nn.Module):
         """As ``nn.Module.zero_grad``."""
         for part in (self.backbone, self.heads, self.strategy):
             nn.Module.zero_grad(part, set_to_none)
+        if self._buffer is not None:  # the step's buffered micro-batches go with their gradients
+            self._buffer.clear()
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -371,6 +385,12 @@ class MTLWrapper(nn.Module):
         self._warn_constant_losses(step_losses.present, step_losses.requires_grad, step_losses.labels)
         # under torch.distributed the whole batch's losses (a task absent here but present elsewhere: 0 here)
         step_losses, extra_losses = sync.share(step_losses, extra_losses, backbone_loss, self._head_parameters)
+        if self._buffer is not None:  # aggregate_at="step": summed here, aggregated in step()
+            with parametrize.cached():
+                self._buffer.add(self.strategy, self._pending, self.heads, self.backbone, step_losses, extra_losses,
+                                 tracker=self._tracker, active=sync.active, backbone_loss=backbone_loss, scaler=scaler,
+                                 retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
+            return
         if self._tracker.stepped_outside():  # a plain optimizer.step() since the last backward
             self._commit_step()
         def body(inputs: StepInputs, scale: Tensor | None) -> StepWeights:
@@ -429,6 +449,10 @@ class MTLWrapper(nn.Module):
         if not optimizers:
             raise TypeError("mtl.step() takes the optimizer(s) to step: mtl.step(optimizer).")
         self._check_optimizer_groups(optimizers)
+        if self._buffer is not None:
+            with parametrize.cached():
+                self.last_step = self._buffer.write(self.strategy, self.heads) or self.last_step
+            self._buffer.clear()
         taken = run_optimizers(optimizers, scaler)
         if not taken:
             self.strategy.discard()

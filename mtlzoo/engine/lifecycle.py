@@ -55,10 +55,14 @@ class StepTracker:
         self.open = False
         self._watched = ()
 
+    def moved(self) -> bool:
+        """Whether the watched parameters were written since the last backward (an optimizer step ran)."""
+        return self.open and version_sum(self._watched) != self._versions
+
     def stepped_outside(self) -> bool:
         """Whether a plain optimizer step ran since the last backward (call before the next backward);
         warns the first time."""
-        if not self.open or version_sum(self._watched) == self._versions:
+        if not self.moved():
             return False
         if not self.warned_plain_step:
             self.warned_plain_step = True
