@@ -529,6 +529,8 @@ class MTLWrapper(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("aggregate_at", "backward")  # pickled before aggregate_at existed
+        self.__dict__.setdefault("_buffer", None)
         self._pending = PendingForwards()
         self._tracker = StepTracker(self._watched_parameters)
         self._route = JacobianRoute()

@@ -273,3 +273,17 @@ def test_the_buffer_holds_k_by_n_in_the_parameters_dtype() -> None:
     (batch,) = mtl._buffer.batches
     assert batch.jacobian.shape == (K, n) and batch.jacobian.dtype == torch.float64
     assert isinstance(mtl._buffer, StepBuffer)
+
+
+def test_a_wrapper_pickled_before_aggregate_at_existed_loads_with_the_default() -> None:
+    """A pickle of a wrapper from before this option has neither attribute: it unpickles aggregating at backward."""
+    import pickle
+
+    wrapper = mtlzoo.MTLWrapper(mtlzoo.HardSharing(nn.Linear(3, 4), [nn.Linear(4, 1), nn.Linear(4, 1)]), "mgda")
+    state = wrapper.__getstate__()
+    for name in ("aggregate_at", "_buffer"):
+        state.pop(name)
+    old = mtlzoo.MTLWrapper.__new__(mtlzoo.MTLWrapper)
+    old.__setstate__(state)
+    restored = pickle.loads(pickle.dumps(old))
+    assert restored.aggregate_at == "backward" and restored._buffer is None
