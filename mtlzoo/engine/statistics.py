@@ -87,7 +87,9 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
     elif matrix is None:
         blocks = [b.to(dtype) if scale is None else b.to(dtype) / scale.to(dtype) for b in blocks]
     sync.average([matrix] if matrix is not None else blocks)
-    if request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
+    if request.statistic == "gramian" and matrix is not None:  # the blocks are views of one K x n matrix
+        inputs.gramian = matrix @ matrix.T
+    elif request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
         total = torch.zeros(rep.shape[0], rep.shape[0], dtype=dtype, device=rep.device)
         for block in blocks:
             total.addmm_(block, block.T)
