@@ -70,8 +70,9 @@ def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
 
     The correlation matrix ``C = D^-1 G D^-1`` (``D = diag(sqrt(G_kk))``) has its eigenvalues below
     ``K eps λ_max(C)`` (``eps`` the rounding unit of the dtype ``G`` was computed in) set to 0, so that rows
-    dependent up to rounding count as such; the result is ``D C D`` over its trace. Cutting on ``C``, not
-    ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows stay zero.
+    dependent up to rounding count as such; the result is ``D C D`` over its trace (``G`` over its trace where
+    nothing is cut). Cutting on ``C``, not ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows
+    stay zero.
     """
     if array.size == 0:
         return array
@@ -83,9 +84,9 @@ def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
     inverse = np.where(present, 1.0 / np.where(present, scales, 1.0), 0.0)
     values, vectors = eigh(array * np.outer(inverse, inverse))
     cutoff = max(float(values[-1]), 0.0) * array.shape[0] * eps
-    values = np.where(values > cutoff, values, 0.0)
-    correlation = (vectors * values) @ vectors.T
-    array = correlation * np.outer(scales, scales)
+    if not values[0] > cutoff:  # else nothing is cut: G is kept as it is
+        values = np.where(values > cutoff, values, 0.0)
+        array = ((vectors * values) @ vectors.T) * np.outer(scales, scales)
     total = float(np.trace(array))
     if not total > 0:
         return np.zeros_like(array)
