@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.internals import is_batch_norm, is_sharded
+from mtlzoo.engine.internals import is_batch_norm, is_sharded, leaves_reached
 from mtlzoo.engine.jacobian import parameter_jacobian
 from mtlzoo.errors import DistributedError, MTLZooError, NotMaterializedError
 from mtlzoo.linalg import row_norms
@@ -91,6 +91,8 @@ class Local:
 
     active = False
     size = 1
+    sharded = False
+    """Whether FSDP shards the model: the heads' gradients then reach ``.grad`` only through :meth:`through_heads`."""
 
     def refusals(self, count: int) -> contextlib.AbstractContextManager[None]:
         """A block of input checks that raise (see :meth:`Sync.refusals`)."""
@@ -144,6 +146,9 @@ class Local:
     def restore(self) -> None:
         """After the step's backward: the heads of a task absent from every rank get ``.grad = None`` back."""
 
+    def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
+        """Under FSDP: back-propagate ``loss`` through the heads into their parameters (:meth:`Sync.through_heads`)."""
+
 
 LOCAL = Local()
 _SHARED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -171,9 +176,10 @@ class Sync(Local):
 
     active = True
 
-    def __init__(self, group: Any, size: int) -> None:
+    def __init__(self, group: Any, size: int, sharded: bool = False) -> None:
         self.group = group
         self.size = size
+        self.sharded = sharded
         self.rank = dist.get_rank(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -234,6 +240,12 @@ class Sync(Local):
             like = backbone_loss if backbone_loss is not None else losses.values
             shared[0].backbone = torch.tensor(found[-3] / self.size, dtype=like.dtype, device=like.device)
         self.everywhere = all(found[num_tasks + task] == self.size for task in shared[0].present)
+        if self.sharded and not self.everywhere:
+            raise DistributedError(
+                "A task has a loss on some ranks and None on others, which FSDP cannot take: the heads of the tasks "
+                "absent from a rank would skip FSDP's reduce-scatter there while the other ranks wait in it. Give "
+                "every present task a loss on every rank (a masked loss that is 0 where a share has no labels), or "
+                f"wrap the wrapper in DistributedDataParallel (see {DOCS}).")
         mine, anywhere = set(losses.present), set(shared[0].present)
         for task in range(num_tasks):
             if task not in mine:
@@ -318,6 +330,17 @@ class Sync(Local):
         for param in self.absent:
             param.grad = None
 
+    def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
+        """The heads' gradients under FSDP: a backward of the heads' (weighted) losses into the parameters it reaches
+        (the heads', unsharded), not into ``excluded`` (the strategy's, which learn from global numbers only) nor into
+        ``z``. FSDP reduce-scatters the heads' gradients only in a backward through them: the head pass's
+        ``autograd.grad`` accumulates nothing, and its gradients on the unsharded parameters are lost at the reshard."""
+        skip = {id(param) for param in excluded}
+        params = [leaf for leaf in dict.fromkeys(leaves_reached([loss])) if isinstance(leaf, nn.Parameter)
+                  and id(leaf) not in skip]
+        if params:
+            torch.autograd.backward(loss, inputs=params, retain_graph=True)
+
     # ------------------------------------------------------------------ once per run
     def broadcast_state(self, strategy: nn.Module) -> None:
         """Make the strategy's whole state (parameters, buffers, random streams, counters) rank 0's."""
@@ -394,6 +417,7 @@ class DataParallel:
         self.setting = setting
         self.started = False
         self.checked = False
+        self.sharded = False
 
     def sync(self) -> Local:
         """The collectives of a step: a :class:`Sync` over the group, or :data:`LOCAL`."""
@@ -406,7 +430,7 @@ class DataParallel:
                                    "torch.distributed.init_process_group() first (torchrun sets its environment).")
         group = None if isinstance(self.setting, bool) or self.setting is None else self.setting
         size = dist.get_world_size(group)
-        return LOCAL if size == 1 else Sync(group, size)
+        return LOCAL if size == 1 else Sync(group, size, self.sharded)
 
     def forward_started(self, wrapper: nn.Module) -> None:
         """At the first training forward: the strategy's state becomes rank 0's; batch norm is warned about."""
@@ -417,12 +441,9 @@ class DataParallel:
             return
         strategy = wrapper.strategy
         sharded = [name or "the wrapper" for name, module in wrapper.named_modules() if is_sharded(module)]
-        if sharded and (strategy.request.needs_gradients or any(is_sharded(m) for m in (wrapper, strategy))):
-            raise DistributedError(
-                f"FSDP shards {', '.join(sharded[:3])}: mtlzoo trains under FSDP the strategies that read the losses "
-                f"only, with the backbone and the heads sharded (not the wrapper). {type(strategy).__name__} reads "
-                "per-task gradients, which FSDP's hooks do not see: wrap the wrapper in DistributedDataParallel "
-                f"instead (see {DOCS}).")
+        self.sharded = bool(sharded)
+        if sharded:
+            _check_sharding(wrapper, strategy, sharded)
         try:
             strategy.check_ready()  # type: ignore[operator]
         except NotMaterializedError as error:
@@ -454,6 +475,37 @@ class DataParallel:
 
     def __deepcopy__(self, memo: dict) -> DataParallel:
         return DataParallel(self.setting)
+
+
+def _check_sharding(wrapper: nn.Module, strategy: nn.Module, sharded: list[str]) -> None:
+    """Refuse what mtlzoo cannot train under FSDP (``sharded``: the names of the sharded modules)."""
+    name, request = type(strategy).__name__, strategy.request
+    shards = f"FSDP shards {', '.join(sharded[:3])}"
+    if any(is_sharded(module) for module in (wrapper, strategy)):
+        raise DistributedError(f"{shards}: shard the backbone and each head (fully_shard(mtl.backbone); "
+                               "fully_shard(head) for each head), not the wrapper nor the strategy, whose state the "
+                               f"engine keeps whole and the same on every rank (see {DOCS}).")
+    if request.where == "parameters":
+        raise DistributedError(
+            f"{shards}: {name} reads per-task gradients on the shared parameters, which under FSDP no rank holds "
+            "whole: each task's gradient would have to be reduce-scattered into the shards (K x n numbers), the "
+            "shards' K x K Gramians summed (or, for a direction, the shards all-gathered), with the backbone kept "
+            "unsharded through K backwards; mtlzoo does not do this. Use target='representation', or wrap the "
+            f"wrapper in DistributedDataParallel (see {DOCS}).")
+    legacy = [module for module in wrapper.modules() if isinstance(module, _legacy_fsdp())]
+    if legacy and request.needs_gradients:
+        raise DistributedError(
+            f"{shards} with FullyShardedDataParallel: {name} reads per-task gradients, so the heads are back-"
+            "propagated twice (their gradients on z, then into their parameters), and FullyShardedDataParallel "
+            "frees the heads' gathered parameters after the first backward and does not gather them again. Shard "
+            f"with torch.distributed.fsdp.fully_shard instead, or wrap the wrapper in DistributedDataParallel (see "
+            f"{DOCS}).")
+
+
+def _legacy_fsdp() -> type:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
 
 
 def strategy_names(root: nn.Module) -> list[str]:

@@ -70,7 +70,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
     passed = head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
-                       labels=losses.labels, retain_graph=retain_graph)
+                       labels=losses.labels, retain_graph=retain_graph or current().sharded)
     if request.where != "parameters":
         shared = []
     elif request.layer == "last":  # found from the graph of z
@@ -292,8 +292,15 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     head_grads = passed.head_grads
     if head_owners is not None and update.weights is not None:
         head_grads = weigh_heads(passed, update.weights, inputs.tasks, head_owners)
-    roots += passed.head_params + passed.extra_roots + own_params
-    grads += head_grads + passed.extra_grads + own_grads
+    if current().sharded:  # FSDP reduces the heads' gradients only in a backward through the heads
+        weighted = passed.losses if head_owners is None or update.weights is None else \
+            passed.losses * update.weights.to(passed.losses.dtype)
+        current().through_heads(weighted.sum(), trainable_parameters(strategy))
+    else:
+        roots += passed.head_params
+        grads += head_grads
+    roots += passed.extra_roots + own_params
+    grads += passed.extra_grads + own_grads
     for root in (own_objective, backbone_loss):
         if root is not None:
             roots.append(scaled(root))
