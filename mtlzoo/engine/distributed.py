@@ -48,8 +48,10 @@ from mtlzoo.protocol import Request, Update
 
 try:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without it
     dist = None  # type: ignore[assignment]
+    DTensor = ()  # type: ignore[assignment,misc]
 
 DOCS = "docs/distributed.md"
 
@@ -145,6 +147,9 @@ class Local:
 
     def restore(self) -> None:
         """After the step's backward: the heads of a task absent from every rank get ``.grad = None`` back."""
+
+    def check_gathered(self, params: Sequence[Tensor]) -> None:
+        """Under FSDP: raise unless the shared parameters a request reads are whole (gathered) on this rank."""
 
     def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
         """Under FSDP: back-propagate ``loss`` through the heads into their parameters (:meth:`Sync.through_heads`)."""
@@ -330,6 +335,14 @@ class Sync(Local):
         for param in self.absent:
             param.grad = None
 
+    def check_gathered(self, params: Sequence[Tensor]) -> None:
+        if self.sharded and any(isinstance(param, DTensor) for param in params):
+            raise DistributedError(
+                "FSDP resharded the backbone after its forward, so its parameters are shards when the strategy reads "
+                "the per-task gradients on them (a K x n Jacobian over the whole parameters): shard the backbone with "
+                "fully_shard(mtl.backbone, reshard_after_forward=False) and no FSDP module above it, or use "
+                f"target='representation' (see {DOCS}).")
+
     def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
         """The heads' gradients under FSDP: a backward of the heads' (weighted) losses into the parameters it reaches
         (the heads', unsharded), not into ``excluded`` (the strategy's, which learn from global numbers only) nor into
@@ -479,21 +492,14 @@ class DataParallel:
 
 def _check_sharding(wrapper: nn.Module, strategy: nn.Module, sharded: list[str]) -> None:
     """Refuse what mtlzoo cannot train under FSDP (``sharded``: the names of the sharded modules)."""
-    name, request = type(strategy).__name__, strategy.request
+    name = type(strategy).__name__
     shards = f"FSDP shards {', '.join(sharded[:3])}"
     if any(is_sharded(module) for module in (wrapper, strategy)):
         raise DistributedError(f"{shards}: shard the backbone and each head (fully_shard(mtl.backbone); "
                                "fully_shard(head) for each head), not the wrapper nor the strategy, whose state the "
                                f"engine keeps whole and the same on every rank (see {DOCS}).")
-    if request.where == "parameters":
-        raise DistributedError(
-            f"{shards}: {name} reads per-task gradients on the shared parameters, which under FSDP no rank holds "
-            "whole: each task's gradient would have to be reduce-scattered into the shards (K x n numbers), the "
-            "shards' K x K Gramians summed (or, for a direction, the shards all-gathered), with the backbone kept "
-            "unsharded through K backwards; mtlzoo does not do this. Use target='representation', or wrap the "
-            f"wrapper in DistributedDataParallel (see {DOCS}).")
     legacy = [module for module in wrapper.modules() if isinstance(module, _legacy_fsdp())]
-    if legacy and request.needs_gradients:
+    if legacy and strategy.request.needs_gradients:
         raise DistributedError(
             f"{shards} with FullyShardedDataParallel: {name} reads per-task gradients, so the heads are back-"
             "propagated twice (their gradients on z, then into their parameters), and FullyShardedDataParallel "

@@ -79,6 +79,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
             inputs.norms = sync.norms(row_norms(rep))
         return Statistics(rep)
     zs = [record.z for record in heads.records]
+    sync.check_gathered(shared)
     blocks, matrix = jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size, route=route)
     if matrix is not None and (matrix.dtype != dtype or scale is not None):
         matrix = matrix.to(dtype) if scale is None else matrix.to(dtype) / scale.to(dtype)
