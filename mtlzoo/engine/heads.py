@@ -27,7 +27,7 @@ class HeadPass:
     head_grads: list[Tensor]
     extra_roots: list[Tensor]
     extra_grads: list[Tensor]
-    losses: Tensor
+    losses: Tensor | None = None
 
 
 def head_pass(records: Sequence[ForwardRecord], losses: Tensor, tasks: Tensor, requires: Sequence[bool],

@@ -249,10 +249,11 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     scaled = scaler_of(scale)
     rep, blocks = stats.rep, stats.blocks
     reuse_batches(inputs, request.batches, strategy)  # fewer batches given than the request reads
-    update = Update() if overflow else current().localize(strategy.compute(inputs), request)
+    sync = current()
+    update = Update() if overflow else sync.localize(strategy.compute(inputs), request)
     # under FSDP the update goes back through z, so that FSDP's backward reduce-scatters it into the shards
     covered = blocks is not None and request.parameters is None and request.layer is None and \
-        not current().sharded and covers_representation([record.z for record in passed.records], shared)
+        not sync.sharded and covers_representation([record.z for record in passed.records], shared)
     dz, flat = shared_update(update, rep, request, blocks if covered else None, shared)
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
@@ -290,16 +291,16 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
         for param, piece in zip(shared, flat):
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
-        if current().sharded:  # a zero through z: FSDP's backward then reduce-scatters what reached the parameters
+        if sync.sharded:  # a zero through z: FSDP's backward then reduce-scatters what reached the parameters
             roots += [record.z for record in passed.records if record.z.requires_grad]
             grads += [torch.zeros_like(record.z) for record in passed.records if record.z.requires_grad]
     head_grads = passed.head_grads
     if head_owners is not None and update.weights is not None:
         head_grads = weigh_heads(passed, update.weights, inputs.tasks, head_owners)
-    if current().sharded:  # FSDP reduces the heads' gradients only in a backward through the heads
+    if sync.sharded and passed.losses is not None:  # FSDP reduces the heads' gradients in a backward through them
         weighted = passed.losses if head_owners is None or update.weights is None else \
             passed.losses * update.weights.to(passed.losses.dtype)
-        current().through_heads(weighted.sum(), trainable_parameters(strategy))
+        sync.through_heads(weighted.sum(), trainable_parameters(strategy))
     else:
         roots += passed.head_params
         grads += head_grads
