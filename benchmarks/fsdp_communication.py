@@ -7,7 +7,8 @@ Run from the repository (this file is not installed with mtlzoo)::
 The CNN of benchmarks/distributed_communication.py (K = 2 named heads on a 64-wide representation,
 n = 2,480 shared parameters, 325 in the heads; 32 rows per rank), its backbone and each head sharded
 with ``fully_shard``, trained 3 steps with each strategy. Counted in the steps after the first, per
-rank: the numbers put into the engine's collectives (``all_reduce``, ``all_gather``) and into FSDP's
+rank: the numbers put into the engine's collectives (``all_reduce``, ``all_gather``, its
+``reduce_scatter_single``) and into FSDP's
 (``all_gather_single``: the shards gathered; ``reduce_scatter_single``: the gradients reduced into
 shards). Prints a Markdown table.
 """
@@ -29,6 +30,7 @@ from torch.nn.functional import cross_entropy, mse_loss
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtlzoo
 from benchmarks.distributed_communication import model
+from mtlzoo.engine.distributed import Sync
 
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("ls", {}), ("uw", {}), ("mgda", {"target": "representation"}), ("gradnorm", {"target": "representation"}),
@@ -36,7 +38,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("upgrad", {"target": "parameters"}), ("graddrop", {"target": "parameters"}),
 ]
 STEPS = 3
-KINDS = ("engine", "gather", "scatter")
+KINDS = ("engine", "gather", "scatter", "engine_scatter")
 
 
 def counting(counts: dict[str, int], kind: str, function: Callable[..., Any],
@@ -58,6 +60,7 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         return (args[1] if len(args) > 1 else kwargs["input"]).numel()
     dist.all_gather_single = counting(counts, "gather", dist.all_gather_single, sent)
     dist.reduce_scatter_single = counting(counts, "scatter", dist.reduce_scatter_single, sent)
+    Sync._reduce_scatter = counting(counts, "engine_scatter", Sync._reduce_scatter, lambda sync, tensor: tensor.numel())
     rows = []
     for name, options in CASES:
         torch.manual_seed(0)
@@ -75,7 +78,8 @@ def run(rank: int, world: int, store: str, out: str) -> None:
                           "contrast": mse_loss(predictions["contrast"].squeeze(1), x.std((1, 2, 3)))})
             mtl.step(optimizer)
         label = f"{name}" + "".join(f", {key}={value}" for key, value in options.items() if key == "target")
-        rows.append((label, *(counts[kind] // (STEPS - 1) for kind in KINDS)))
+        engine, gather, scatter, engine_scatter = (counts[kind] // (STEPS - 1) for kind in KINDS)
+        rows.append((label, engine + engine_scatter, gather, scatter - engine_scatter))
     if rank == 0:
         torch.save(rows, out)
     dist.destroy_process_group()

@@ -22,6 +22,13 @@ parameters learn from global numbers only: the same gradients on every rank, app
 (the wrapper keeps them out of DDP). The heads of a task absent from a rank get zero gradients
 there, so DDP's reduction completes; random draws come from the strategy's generator, whose state,
 like the rest of the strategy's, is rank 0's from the first training forward on.
+
+Under FSDP (``fully_shard`` on the backbone and each head) the same numbers are made global, with
+three differences: the heads' losses are back-propagated a second time, into the heads' parameters
+alone, because FSDP reduce-scatters only what a backward accumulates (:meth:`Sync.through_heads`);
+the update reaches the backbone through ``z`` (a direction on the parameters with a zero through
+``z``), so that FSDP's backward reduce-scatters it; a Gramian on the parameters is summed from the
+shards of the whole batch's Jacobian (:meth:`Sync.shard_gramian`).
 """
 
 from __future__ import annotations
@@ -147,6 +154,10 @@ class Local:
 
     def restore(self) -> None:
         """After the step's backward: the heads of a task absent from every rank get ``.grad = None`` back."""
+
+    def shard_gramian(self, blocks: Sequence[Tensor]) -> Tensor:
+        """Under FSDP: the whole batch's Gramian from this rank's Jacobian blocks (see :meth:`Sync.shard_gramian`)."""
+        raise NotImplementedError
 
     def check_gathered(self, params: Sequence[Tensor]) -> None:
         """Under FSDP: raise unless the shared parameters a request reads are whole (gathered) on this rank."""
@@ -334,6 +345,24 @@ class Sync(Local):
     def restore(self) -> None:
         for param in self.absent:
             param.grad = None
+
+    def shard_gramian(self, blocks: Sequence[Tensor]) -> Tensor:
+        """``G = J J^T = sum_s J_s J_s^T`` over the column shards ``s`` of the whole batch's Jacobian ``J``: each rank
+        gets its shard of ``J = (1/W) sum_r J^r`` by a reduce-scatter of its own K x n Jacobian (K x n/W received),
+        and the shards' K x K Gramians are summed: half the bytes of the all-reduce of :meth:`average`."""
+        matrix = torch.cat([block.reshape(block.shape[0], -1) for block in blocks], 1)
+        tasks, width = matrix.shape
+        columns = -(-width // self.size)
+        padded = torch.nn.functional.pad(matrix, (0, columns * self.size - width))
+        shard = self._reduce_scatter(padded.view(tasks, self.size, columns).transpose(0, 1).reshape(-1))
+        shard = shard.view(tasks, columns) / self.size
+        return self._reduce(shard @ shard.T)
+
+    def _reduce_scatter(self, tensor: Tensor) -> Tensor:
+        """Piece ``rank`` of the W equal pieces of the ranks' sum of ``tensor`` (flat)."""
+        out = tensor.new_empty(tensor.numel() // self.size)
+        dist.reduce_scatter_single(out, tensor, group=self.group)
+        return out
 
     def check_gathered(self, params: Sequence[Tensor]) -> None:
         if self.sharded and any(isinstance(param, DTensor) for param in params):

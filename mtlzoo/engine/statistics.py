@@ -87,6 +87,9 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         blocks = [matrix[:, offset:offset + b.shape[1]] for offset, b in zip(offsets, blocks)]
     elif matrix is None:
         blocks = [b.to(dtype) if scale is None else b.to(dtype) / scale.to(dtype) for b in blocks]
+    if request.statistic == "gramian" and sync.sharded:  # the update goes back through z, not from the blocks
+        inputs.gramian = sync.shard_gramian([matrix] if matrix is not None else blocks)
+        return Statistics(rep, blocks=blocks)
     sync.average([matrix] if matrix is not None else blocks)
     if request.statistic == "gramian":  # summed per parameter: the K x n matrix is never concatenated
         total = torch.zeros(rep.shape[0], rep.shape[0], dtype=dtype, device=rep.device)
