@@ -378,7 +378,7 @@ class Sync(Local):
         ``z``. FSDP reduce-scatters the heads' gradients only in a backward through them: the head pass's
         ``autograd.grad`` accumulates nothing, and its gradients on the unsharded parameters are lost at the reshard."""
         skip = {id(param) for param in excluded}
-        params = [leaf for leaf in dict.fromkeys(leaves_reached([loss])) if isinstance(leaf, nn.Parameter)
+        params = [leaf for leaf in leaves_reached([loss]) if isinstance(leaf, nn.Parameter)
                   and id(leaf) not in skip]
         if params:
             torch.autograd.backward(loss, inputs=params, retain_graph=True)
@@ -513,7 +513,7 @@ class DataParallel:
 
     def __getstate__(self) -> dict[str, Any]:  # a process group does not pickle: a copy uses the default group
         setting = self.setting if self.setting is None or isinstance(self.setting, bool) else True
-        return {"setting": setting, "started": False, "checked": False}
+        return {"setting": setting, "started": False, "checked": False, "sharded": False}
 
     def __deepcopy__(self, memo: dict) -> DataParallel:
         return DataParallel(self.setting)

@@ -53,11 +53,18 @@ LEGACY: list[Case] = [("ls", None), ("uw", None), ("upgrad", "representation")]
 """Under ``FullyShardedDataParallel``: losses only (trained), and a strategy that reads gradients (refused)."""
 SCALED: list[Case] = [("ls", None), ("upgrad", "representation"), ("upgrad", "parameters"), ("rotograd", None)]
 """Under DDP with a GradScaler: a loss weighting, a Gramian on each target, an adapter with parameters of its own."""
+ABSENT: list[Case] = [("ls", None), ("upgrad", "representation"), ("upgrad", "parameters")]
+"""Tasks absent from some shares under ``fully_shard``."""
 HUGE = 1e34
 """Rank 1's losses are multiplied by this at step 1: finite, but times the scale (2**16) they overflow float32."""
 
 
 # ---------------------------------------------------------------------- run on every rank
+def gone(step: int, rank: int) -> set[int]:
+    """Task 2 absent from every share at step 1 (from the whole batch)."""
+    return {2} if step == 1 else set()
+
+
 def sharded_model(mtl: mtlzoo.MTLWrapper, legacy: bool, reshard: bool | None = None) -> None:
     """The backbone and each head sharded (the same initial weights on every rank: FSDP broadcasts nothing)."""
     if not legacy:
@@ -142,9 +149,11 @@ def main(rank: int, out: str) -> None:
         for name, target in LEGACY:
             record(here / f"legacy-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: sharded_run(n, t, rank, legacy=True))
-        for name, target in [("ls", None), ("upgrad", "representation")]:
+        for name, target in ABSENT:
             record(here / f"absent-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: sharded_run(n, t, rank, absent=absent_somewhere))
+            record(here / f"gone-{name}-{target}-{rank}.pt",
+                   lambda n=name, t=target: sharded_run(n, t, rank, absent=gone))
         for name, target in SCALED:
             record(here / f"scaled-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: scaled_run(n, t, rank, seed=100 + rank))
@@ -216,12 +225,16 @@ def test_under_fully_sharded_data_parallel(runs: Path, name: str, target: str | 
     assert_whole_batch(first, one_process(name, target, regularise=False))
 
 
-@pytest.mark.parametrize(("name", "target"), [("ls", None), ("upgrad", "representation")])
-def test_under_fsdp_a_task_absent_from_some_ranks_only_is_refused_without_a_hang(runs: Path, name: str,
-                                                                                target: str | None) -> None:
-    """Before the refusal this killed the job (SIGABRT: FSDP's reduce-scatter skipped on one rank only)."""
+@pytest.mark.parametrize(("name", "target"), ABSENT)
+def test_under_fsdp_a_task_absent_from_some_ranks_only_is_refused_and_one_absent_from_all_is_left_out(
+        runs: Path, name: str, target: str | None) -> None:
+    """Absent from rank 0's share only: refused on every rank, without a hang (before the refusal the job died,
+    SIGABRT: FSDP's reduce-scatter skipped on one rank only). Absent from every share: as one process."""
     for error in loaded(runs, "absent", name, target):
         assert isinstance(error, str) and "DistributedError" in error and "some ranks and None on others" in error
+    first, second = trained(runs, "gone", name, target)
+    assert_identical(first, second)
+    assert_whole_batch(first, one_process(name, target, regularise=False, absent=gone))
 
 
 @pytest.mark.parametrize(("name", "target"), SCALED)
