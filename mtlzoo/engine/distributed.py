@@ -527,6 +527,14 @@ def _check_sharding(wrapper: nn.Module, strategy: nn.Module, sharded: list[str])
         raise DistributedError(f"{shards}: shard the backbone and each head (fully_shard(mtl.backbone); "
                                "fully_shard(head) for each head), not the wrapper nor the strategy, whose state the "
                                f"engine keeps whole and the same on every rank (see {DOCS}).")
+    covered = {id(param) for module in wrapper.modules() if is_sharded(module) for param in module.parameters()}
+    plain = [name for name, param in wrapper.named_parameters()
+             if param.requires_grad and id(param) not in covered and not name.startswith("strategy.")]
+    if plain:
+        raise DistributedError(
+            f"{shards}, but not {', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''}: no one averages those "
+            "parameters' gradients over the ranks, so the ranks' models would drift apart. Shard the backbone and "
+            f"every head (see {DOCS}).")
     legacy = [module for module in wrapper.modules() if isinstance(module, _legacy_fsdp())]
     if legacy and strategy.request.needs_gradients:
         raise DistributedError(

@@ -65,12 +65,12 @@ def gone(step: int, rank: int) -> set[int]:
     return {2} if step == 1 else set()
 
 
-def sharded_model(mtl: mtlzoo.MTLWrapper, legacy: bool, reshard: bool | None = None) -> None:
+def sharded_model(mtl: mtlzoo.MTLWrapper, legacy: bool, reshard: bool | None = None, heads: bool = True) -> None:
     """The backbone and each head sharded (the same initial weights on every rank: FSDP broadcasts nothing)."""
     if not legacy:
         from torch.distributed.fsdp import fully_shard
 
-        for part in (mtl.backbone, *mtl.heads):
+        for part in (mtl.backbone, *(mtl.heads if heads else ())):
             fully_shard(part, reshard_after_forward=reshard)
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -83,9 +83,9 @@ def sharded_model(mtl: mtlzoo.MTLWrapper, legacy: bool, reshard: bool | None = N
 
 
 def sharded_run(name: str, target: str | None, rank: int, *, legacy: bool = False, absent: Any = None,
-                reshard: bool | None = None) -> dict:
+                reshard: bool | None = None, heads: bool = True) -> dict:
     mtl, _ = build(name, target, seed=100)
-    sharded_model(mtl, legacy, reshard)
+    sharded_model(mtl, legacy, reshard, heads)
     groups: list[dict[str, Any]] = [{"params": list(mtl.model_parameters())}]
     if own := mtl.strategy_parameters():
         groups.append({"params": own, "lr": 0.01})
@@ -154,6 +154,9 @@ def main(rank: int, out: str) -> None:
                    lambda n=name, t=target: sharded_run(n, t, rank, absent=absent_somewhere))
             record(here / f"gone-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: sharded_run(n, t, rank, absent=gone))
+        for name, target in [("ls", None), ("upgrad", "representation")]:
+            record(here / f"partial-{name}-{target}-{rank}.pt",
+                   lambda n=name, t=target: sharded_run(n, t, rank, heads=False))
         for name, target in SCALED:
             record(here / f"scaled-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: scaled_run(n, t, rank, seed=100 + rank))
@@ -235,6 +238,14 @@ def test_under_fsdp_a_task_absent_from_some_ranks_only_is_refused_and_one_absent
     first, second = trained(runs, "gone", name, target)
     assert_identical(first, second)
     assert_whole_batch(first, one_process(name, target, regularise=False, absent=gone))
+
+
+@pytest.mark.parametrize(("name", "target"), [("ls", None), ("upgrad", "representation")])
+def test_under_fsdp_heads_left_unsharded_are_refused(runs: Path, name: str, target: str | None) -> None:
+    """Only the backbone sharded: no one would average the heads' gradients (the ranks' check of agreement after
+    the first step cannot see FSDP's shards), so the first training forward refuses it on every rank."""
+    for error in loaded(runs, "partial", name, target):
+        assert isinstance(error, str) and "DistributedError" in error and "but not heads.0.0.weight" in error
 
 
 @pytest.mark.parametrize(("name", "target"), SCALED)
