@@ -22,6 +22,13 @@ parameters learn from global numbers only: the same gradients on every rank, app
 (the wrapper keeps them out of DDP). The heads of a task absent from a rank get zero gradients
 there, so DDP's reduction completes; random draws come from the strategy's generator, whose state,
 like the rest of the strategy's, is rank 0's from the first training forward on.
+
+Under FSDP (``fully_shard`` on the backbone and each head) the same numbers are made global, with
+three differences: the heads' losses are back-propagated a second time, into the heads' parameters
+alone, because FSDP reduce-scatters only what a backward accumulates (:meth:`Sync.through_heads`);
+the update reaches the backbone through ``z`` (a direction on the parameters with a zero through
+``z``), so that FSDP's backward reduce-scatters it; a Gramian on the parameters is summed from the
+shards of the whole batch's Jacobian (:meth:`Sync.shard_gramian`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.internals import is_batch_norm, is_sharded
+from mtlzoo.engine.internals import is_batch_norm, is_sharded, leaves_reached
 from mtlzoo.engine.jacobian import parameter_jacobian
 from mtlzoo.errors import DistributedError, MTLZooError, NotMaterializedError
 from mtlzoo.linalg import row_norms
@@ -48,8 +55,10 @@ from mtlzoo.protocol import Request, Update
 
 try:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without it
     dist = None  # type: ignore[assignment]
+    DTensor = ()  # type: ignore[assignment,misc]
 
 DOCS = "docs/distributed.md"
 
@@ -91,6 +100,8 @@ class Local:
 
     active = False
     size = 1
+    sharded = False
+    """Whether FSDP shards the model: the heads' gradients then reach ``.grad`` only through :meth:`through_heads`."""
 
     def refusals(self, count: int) -> contextlib.AbstractContextManager[None]:
         """A block of input checks that raise (see :meth:`Sync.refusals`)."""
@@ -144,6 +155,16 @@ class Local:
     def restore(self) -> None:
         """After the step's backward: the heads of a task absent from every rank get ``.grad = None`` back."""
 
+    def shard_gramian(self, blocks: Sequence[Tensor]) -> Tensor:
+        """Under FSDP: the whole batch's Gramian from this rank's Jacobian blocks (see :meth:`Sync.shard_gramian`)."""
+        raise NotImplementedError
+
+    def check_gathered(self, params: Sequence[Tensor]) -> None:
+        """Under FSDP: raise unless the shared parameters a request reads are whole (gathered) on this rank."""
+
+    def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
+        """Under FSDP: back-propagate ``loss`` through the heads into their parameters (:meth:`Sync.through_heads`)."""
+
 
 LOCAL = Local()
 _SHARED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -171,9 +192,10 @@ class Sync(Local):
 
     active = True
 
-    def __init__(self, group: Any, size: int) -> None:
+    def __init__(self, group: Any, size: int, sharded: bool = False) -> None:
         self.group = group
         self.size = size
+        self.sharded = sharded
         self.rank = dist.get_rank(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -234,6 +256,12 @@ class Sync(Local):
             like = backbone_loss if backbone_loss is not None else losses.values
             shared[0].backbone = torch.tensor(found[-3] / self.size, dtype=like.dtype, device=like.device)
         self.everywhere = all(found[num_tasks + task] == self.size for task in shared[0].present)
+        if self.sharded and not self.everywhere:
+            raise DistributedError(
+                "A task has a loss on some ranks and None on others, which FSDP cannot take: the heads of the tasks "
+                "absent from a rank would skip FSDP's reduce-scatter there while the other ranks wait in it. Give "
+                "every present task a loss on every rank (a masked loss that is 0 where a share has no labels), or "
+                f"wrap the wrapper in DistributedDataParallel (see {DOCS}).")
         mine, anywhere = set(losses.present), set(shared[0].present)
         for task in range(num_tasks):
             if task not in mine:
@@ -318,6 +346,43 @@ class Sync(Local):
         for param in self.absent:
             param.grad = None
 
+    def shard_gramian(self, blocks: Sequence[Tensor]) -> Tensor:
+        """``G = J J^T = sum_s J_s J_s^T`` over the column shards ``s`` of the whole batch's Jacobian ``J``: each rank
+        gets its shard of ``J = (1/W) sum_r J^r`` by a reduce-scatter of its own K x n Jacobian (K x n/W received),
+        and the shards' K x K Gramians are summed: half the bytes of the all-reduce of :meth:`average`."""
+        matrix = torch.cat([block.reshape(block.shape[0], -1) for block in blocks], 1)
+        tasks, width = matrix.shape
+        columns = -(-width // self.size)
+        padded = torch.nn.functional.pad(matrix, (0, columns * self.size - width))
+        shard = self._reduce_scatter(padded.view(tasks, self.size, columns).transpose(0, 1).reshape(-1))
+        shard = shard.view(tasks, columns) / self.size
+        return self._reduce(shard @ shard.T)
+
+    def _reduce_scatter(self, tensor: Tensor) -> Tensor:
+        """Piece ``rank`` of the W equal pieces of the ranks' sum of ``tensor`` (flat)."""
+        out = tensor.new_empty(tensor.numel() // self.size)
+        dist.reduce_scatter_single(out, tensor, group=self.group)
+        return out
+
+    def check_gathered(self, params: Sequence[Tensor]) -> None:
+        if self.sharded and any(isinstance(param, DTensor) for param in params):
+            raise DistributedError(
+                "FSDP resharded the backbone after its forward, so its parameters are shards when the strategy reads "
+                "the per-task gradients on them (a K x n Jacobian over the whole parameters): shard the backbone with "
+                "fully_shard(mtl.backbone, reshard_after_forward=False) and no FSDP module above it, or use "
+                f"target='representation' (see {DOCS}).")
+
+    def through_heads(self, loss: Tensor, excluded: Sequence[Tensor]) -> None:
+        """The heads' gradients under FSDP: a backward of the heads' (weighted) losses into the parameters it reaches
+        (the heads', unsharded), not into ``excluded`` (the strategy's, which learn from global numbers only) nor into
+        ``z``. FSDP reduce-scatters the heads' gradients only in a backward through them: the head pass's
+        ``autograd.grad`` accumulates nothing, and its gradients on the unsharded parameters are lost at the reshard."""
+        skip = {id(param) for param in excluded}
+        params = [leaf for leaf in leaves_reached([loss]) if isinstance(leaf, nn.Parameter)
+                  and id(leaf) not in skip]
+        if params:
+            torch.autograd.backward(loss, inputs=params, retain_graph=True)
+
     # ------------------------------------------------------------------ once per run
     def broadcast_state(self, strategy: nn.Module) -> None:
         """Make the strategy's whole state (parameters, buffers, random streams, counters) rank 0's."""
@@ -394,6 +459,7 @@ class DataParallel:
         self.setting = setting
         self.started = False
         self.checked = False
+        self.sharded = False
 
     def sync(self) -> Local:
         """The collectives of a step: a :class:`Sync` over the group, or :data:`LOCAL`."""
@@ -406,7 +472,7 @@ class DataParallel:
                                    "torch.distributed.init_process_group() first (torchrun sets its environment).")
         group = None if isinstance(self.setting, bool) or self.setting is None else self.setting
         size = dist.get_world_size(group)
-        return LOCAL if size == 1 else Sync(group, size)
+        return LOCAL if size == 1 else Sync(group, size, self.sharded)
 
     def forward_started(self, wrapper: nn.Module) -> None:
         """At the first training forward: the strategy's state becomes rank 0's; batch norm is warned about."""
@@ -417,12 +483,9 @@ class DataParallel:
             return
         strategy = wrapper.strategy
         sharded = [name or "the wrapper" for name, module in wrapper.named_modules() if is_sharded(module)]
-        if sharded and (strategy.request.needs_gradients or any(is_sharded(m) for m in (wrapper, strategy))):
-            raise DistributedError(
-                f"FSDP shards {', '.join(sharded[:3])}: mtlzoo trains under FSDP the strategies that read the losses "
-                f"only, with the backbone and the heads sharded (not the wrapper). {type(strategy).__name__} reads "
-                "per-task gradients, which FSDP's hooks do not see: wrap the wrapper in DistributedDataParallel "
-                f"instead (see {DOCS}).")
+        self.sharded = bool(sharded)
+        if sharded:
+            _check_sharding(wrapper, strategy, sharded)
         try:
             strategy.check_ready()  # type: ignore[operator]
         except NotMaterializedError as error:
@@ -450,10 +513,42 @@ class DataParallel:
 
     def __getstate__(self) -> dict[str, Any]:  # a process group does not pickle: a copy uses the default group
         setting = self.setting if self.setting is None or isinstance(self.setting, bool) else True
-        return {"setting": setting, "started": False, "checked": False}
+        return {"setting": setting, "started": False, "checked": False, "sharded": False}
 
     def __deepcopy__(self, memo: dict) -> DataParallel:
         return DataParallel(self.setting)
+
+
+def _check_sharding(wrapper: nn.Module, strategy: nn.Module, sharded: list[str]) -> None:
+    """Refuse what mtlzoo cannot train under FSDP (``sharded``: the names of the sharded modules)."""
+    name = type(strategy).__name__
+    shards = f"FSDP shards {', '.join(sharded[:3])}"
+    if any(is_sharded(module) for module in (wrapper, strategy)):
+        raise DistributedError(f"{shards}: shard the backbone and each head (fully_shard(mtl.backbone); "
+                               "fully_shard(head) for each head), not the wrapper nor the strategy, whose state the "
+                               f"engine keeps whole and the same on every rank (see {DOCS}).")
+    covered = {id(param) for module in wrapper.modules() if is_sharded(module) for param in module.parameters()}
+    plain = [name for name, param in wrapper.named_parameters()
+             if param.requires_grad and id(param) not in covered and not name.startswith("strategy.")]
+    if plain:
+        raise DistributedError(
+            f"{shards}, but not {', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''}: no one averages those "
+            "parameters' gradients over the ranks, so the ranks' models would drift apart. Shard the backbone and "
+            f"every head (see {DOCS}).")
+    legacy = [module for module in wrapper.modules() if isinstance(module, _legacy_fsdp())]
+    if legacy and strategy.request.needs_gradients:
+        raise DistributedError(
+            f"{shards} with FullyShardedDataParallel: {name} reads per-task gradients, so the heads are back-"
+            "propagated twice (their gradients on z, then into their parameters), and FullyShardedDataParallel "
+            "frees the heads' gathered parameters after the first backward and does not gather them again. Shard "
+            f"with torch.distributed.fsdp.fully_shard instead, or wrap the wrapper in DistributedDataParallel (see "
+            f"{DOCS}).")
+
+
+def _legacy_fsdp() -> type:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
 
 
 def strategy_names(root: nn.Module) -> list[str]:

@@ -19,7 +19,7 @@ from mtlzoo.errors import BackwardOrderError, ShapeMismatchError
 
 @dataclass
 class HeadPass:
-    """The result of :func:`head_pass`: per-task gradients on ``z`` and the heads' parameter gradients."""
+    """The result of :func:`head_pass`: per-task gradients on ``z``, the heads' parameter gradients, the losses."""
 
     records: list[ForwardRecord]
     grads: list[Tensor]
@@ -27,6 +27,7 @@ class HeadPass:
     head_grads: list[Tensor]
     extra_roots: list[Tensor]
     extra_grads: list[Tensor]
+    losses: Tensor | None = None
 
 
 def head_pass(records: Sequence[ForwardRecord], losses: Tensor, tasks: Tensor, requires: Sequence[bool],
@@ -83,7 +84,7 @@ def head_pass(records: Sequence[ForwardRecord], losses: Tensor, tasks: Tensor, r
             "enabled) and call backward() once per forward. Nothing was back-propagated.")
     head_grads = list(results[len(inputs):])
     kept = [(p, g) for p, g in zip(params, head_grads) if g is not None]
-    return HeadPass(used, grads, [p for p, _ in kept], [g for _, g in kept], extra_roots, extra_grads)
+    return HeadPass(used, grads, [p for p, _ in kept], [g for _, g in kept], extra_roots, extra_grads, losses)
 
 
 def representation_gradients(grads: Sequence[Tensor]) -> Tensor:

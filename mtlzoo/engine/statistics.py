@@ -79,6 +79,7 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
             inputs.norms = sync.norms(row_norms(rep))
         return Statistics(rep)
     zs = [record.z for record in heads.records]
+    sync.check_gathered(shared)
     blocks, matrix = jacobian_blocks(zs, heads.grads, shared, chunk_size=chunk_size, route=route)
     if matrix is not None and (matrix.dtype != dtype or scale is not None):
         matrix = matrix.to(dtype) if scale is None else matrix.to(dtype) / scale.to(dtype)
@@ -86,6 +87,9 @@ def statistics(request: Request, heads: HeadPass, shared: Sequence[Tensor], inpu
         blocks = [matrix[:, offset:offset + b.shape[1]] for offset, b in zip(offsets, blocks)]
     elif matrix is None:
         blocks = [b.to(dtype) if scale is None else b.to(dtype) / scale.to(dtype) for b in blocks]
+    if request.statistic == "gramian" and sync.sharded:  # the update goes back through z, not from the blocks
+        inputs.gramian = sync.shard_gramian([matrix] if matrix is not None else blocks)
+        return Statistics(rep, blocks=blocks)
     sync.average([matrix] if matrix is not None else blocks)
     if request.statistic == "gramian" and matrix is not None:  # the blocks are views of one K x n matrix
         inputs.gramian = matrix @ matrix.T

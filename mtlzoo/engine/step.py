@@ -70,7 +70,7 @@ def backpropagate(strategy: Strategy, pending: PendingForwards, heads: nn.Module
     head_params = trainable_parameters(heads)
     weighted = losses.values if weights is None else losses.values * weights
     passed = head_pass(pending.records, scaled(weighted), inputs.tasks, losses.requires_grad, head_params,
-                       labels=losses.labels, retain_graph=retain_graph)
+                       labels=losses.labels, retain_graph=retain_graph or current().sharded)
     if request.where != "parameters":
         shared = []
     elif request.layer == "last":  # found from the graph of z
@@ -249,9 +249,11 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     scaled = scaler_of(scale)
     rep, blocks = stats.rep, stats.blocks
     reuse_batches(inputs, request.batches, strategy)  # fewer batches given than the request reads
-    update = Update() if overflow else current().localize(strategy.compute(inputs), request)
+    sync = current()
+    update = Update() if overflow else sync.localize(strategy.compute(inputs), request)
+    # under FSDP the update goes back through z, so that FSDP's backward reduce-scatters it into the shards
     covered = blocks is not None and request.parameters is None and request.layer is None and \
-        covers_representation([record.z for record in passed.records], shared)
+        not sync.sharded and covers_representation([record.z for record in passed.records], shared)
     dz, flat = shared_update(update, rep, request, blocks if covered else None, shared)
     own_objective = _sum(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
@@ -289,11 +291,21 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
         for param, piece in zip(shared, flat):
             roots.append(param)
             grads.append(scaled(piece).to(param.dtype))
+        if sync.sharded:  # a zero through z: FSDP's backward then reduce-scatters what reached the parameters
+            roots += [record.z for record in passed.records if record.z.requires_grad]
+            grads += [torch.zeros_like(record.z) for record in passed.records if record.z.requires_grad]
     head_grads = passed.head_grads
     if head_owners is not None and update.weights is not None:
         head_grads = weigh_heads(passed, update.weights, inputs.tasks, head_owners)
-    roots += passed.head_params + passed.extra_roots + own_params
-    grads += head_grads + passed.extra_grads + own_grads
+    if sync.sharded and passed.losses is not None:  # FSDP reduces the heads' gradients in a backward through them
+        weighted = passed.losses if head_owners is None or update.weights is None else \
+            passed.losses * update.weights.to(passed.losses.dtype)
+        sync.through_heads(weighted.sum(), trainable_parameters(strategy))
+    else:
+        roots += passed.head_params
+        grads += head_grads
+    roots += passed.extra_roots + own_params
+    grads += passed.extra_grads + own_grads
     for root in (own_objective, backbone_loss):
         if root is not None:
             roots.append(scaled(root))

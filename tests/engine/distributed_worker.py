@@ -223,25 +223,6 @@ def nested(rank: int, out: Path, cases: Sequence[Case]) -> None:
         record(out / f"ignoring-{name}-{target}-{rank}.pt", ignoring)
 
 
-def sharded(rank: int, out: Path, cases: Sequence[Case]) -> None:
-    """FSDP (``fully_shard``) on the backbone and on each head: strategies that read the losses only. The same seed
-    on every rank: FSDP shards each rank's own initial weights (it broadcasts nothing)."""
-    from torch.distributed.fsdp import fully_shard
-
-    for name, target in cases:
-        def run(name: str = name, target: str | None = target) -> dict:
-            mtl, _ = build(name, target, seed=100)
-            for part in (mtl.backbone, *mtl.heads):
-                fully_shard(part)
-            groups: list[dict[str, Any]] = [{"params": list(mtl.model_parameters())}]
-            if own := mtl.strategy_parameters():
-                groups.append({"params": own, "lr": 0.01})
-            train(mtl, mtl, torch.optim.SGD(groups, lr=0.1, momentum=0.5), rank, regularise=False)
-            return {key: value.full_tensor() if hasattr(value, "full_tensor") else value
-                    for key, value in mtl.state_dict().items()}
-        record(out / f"sharded-{name}-{target}-{rank}.pt", run)
-
-
 class Attention(nn.Module):
     """Not a backbone plus heads: per-task attention over a shared trunk (the functional face's example)."""
 
@@ -344,7 +325,7 @@ def refusals(rank: int, out: Path, cases: Sequence[Case]) -> None:
 
 
 SCENARIOS = {"sweep": sweep, "absent": absent, "uneven": uneven, "accumulation": accumulation, "nested": nested,
-             "functional": functional, "sharded": sharded, "resume": resume, "refusals": refusals}
+             "functional": functional, "resume": resume, "refusals": refusals}
 
 
 def record(path: Path, run: Callable[[], dict]) -> None:
