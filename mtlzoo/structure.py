@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from mtlzoo.engine.internals import parameters_of
+
 
 def trainable_parameters(module: nn.Module) -> list[Tensor]:
     """The parameters of ``module`` that require grad now, in ``module.parameters()`` order."""
-    return [p for p in module.parameters() if p.requires_grad]
+    return [p for p in parameters_of(module) if p.requires_grad]

@@ -37,7 +37,7 @@ class StepTracker:
     """
 
     def __init__(self, parameters: Callable[[], Sequence[Tensor]]) -> None:
-        self._parameters = parameters
+        self._list_parameters = parameters
         self.open = False
         self.warned_plain_step = False
         self.checked_groups = False
@@ -47,7 +47,7 @@ class StepTracker:
     def backward_done(self) -> None:
         """A backward ran: an optimizer step is now expected."""
         self.open = True
-        self._watched = self._parameters()
+        self._watched = self._list_parameters()
         self._versions = version_sum(self._watched)
 
     def close(self) -> None:

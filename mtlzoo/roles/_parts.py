@@ -12,7 +12,7 @@ class WithParts(Strategy):
 
     def parts(self) -> list[Strategy]:
         """The strategies this one is made of, in registration order."""
-        return [module for module in self._modules.values() if isinstance(module, Strategy)]
+        return [module for module in self.children() if isinstance(module, Strategy)]
 
     @property  # type: ignore[override]
     def micro_batch(self) -> int:

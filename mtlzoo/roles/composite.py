@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mtlzoo.engine.internals import own_names
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
 from mtlzoo.linalg import compute_dtype, gramian, gramian_norms, row_norms
 from mtlzoo.protocol import Request, StepInputs, Update
@@ -199,7 +200,7 @@ class Composite(WithParts):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _strategy_parts(self) -> dict[str, Strategy]:
-        return {name: part for name, part in self._modules.items() if isinstance(part, Strategy)}
+        return {name: part for name, part in self.named_children() if isinstance(part, Strategy)}
 
     def _single_module_layout(self, state_dict: Any, prefix: str) -> dict[str, list[str]]:
         """Where the tensors of a checkpoint of mtlzoo 0.1.0 (the built-in composites as single modules) go.
@@ -218,8 +219,7 @@ class Composite(WithParts):
             if head in self.renamed:
                 targets = [self.renamed[head] + dot + rest]
             else:
-                targets = [f"{role}.{name}" for role, part in parts.items()
-                           if head in part._parameters or head in part._buffers or head in part._modules]
+                targets = [f"{role}.{name}" for role, part in parts.items() if head in own_names(part)]
             if not targets:
                 raise CheckpointMismatchError(
                     f"The checkpoint holds {name!r} under {prefix or 'the strategy'}, which {type(self).__name__} "
@@ -292,3 +292,4 @@ def compose(weighting: Strategy | str | None = None, aggregator: Strategy | str 
     if weighting is None and aggregator is None and adapter is None:
         raise TypeError("compose() needs at least one of weighting=, aggregator=, adapter=.")
     return Composite(num_tasks, weighting=weighting, aggregator=aggregator, adapter=adapter)
+

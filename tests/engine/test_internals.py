@@ -41,7 +41,31 @@ def test_a_version_counter_that_does_not_move_fails_loudly(monkeypatch: pytest.M
         check_internals()
 
 
+def test_a_parameter_walk_that_differs_from_parameters_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine lists the parameters from the modules' dicts (parameters_of); a torch whose modules keep them
+    elsewhere, simulated by a walk that drops the children, is caught by the self-test."""
+    monkeypatch.setattr(internals, "parameters_of", lambda module: list(module._parameters.values()))
+    with pytest.raises(TorchInternalsError, match=r"_parameters and _modules.*" + re.escape(torch.__version__)):
+        check_internals()
+
+
+def test_the_parameter_walk_is_parameters_on_shared_lazy_and_parametrized_modules() -> None:
+    """The same tensors in the same order as Module.parameters(): a parameter shared by two modules and a module
+    held twice listed once, an absent bias skipped, lazy and parametrized modules (their originals)."""
+    from torch.nn.utils import parametrizations
+    shared = nn.Linear(2, 2)
+    models = [nn.Sequential(nn.Linear(3, 2, bias=False), shared, nn.ReLU(), shared),
+              nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2)),
+              parametrizations.orthogonal(nn.Linear(4, 4)),
+              nn.ModuleDict({"a": nn.Linear(2, 1), "b": nn.ModuleList([nn.Conv2d(1, 2, 3), shared])})]
+    models[2].bias.requires_grad_(False)
+    for model in models:
+        assert [id(p) for p in internals.parameters_of(model)] == [id(p) for p in model.parameters()]
+    assert mtlzoo.structure.trainable_parameters(models[2]) == [models[2].parametrizations.weight.original]
+
+
 INTERNALS = {
+    "a module's parameter and child dicts": r"\._(parameters|modules)\b",
     "saved tensors of a node": r"\._saved_\w",
     "a node's inputs": r"\.next_functions\b",
     "a node's class name": r"[\'\"]\w+Backward\d[\'\"]",
