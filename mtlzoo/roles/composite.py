@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.internals import own_names
 from mtlzoo.errors import CheckpointMismatchError, InvalidStrategyError
 from mtlzoo.linalg import compute_dtype, gramian, gramian_norms, row_norms
 from mtlzoo.protocol import Request, StepInputs, Update
@@ -219,7 +218,7 @@ class Composite(WithParts):
             if head in self.renamed:
                 targets = [self.renamed[head] + dot + rest]
             else:
-                targets = [f"{role}.{name}" for role, part in parts.items() if head in own_names(part)]
+                targets = [f"{role}.{name}" for role, part in parts.items() if _registers(part, head)]
             if not targets:
                 raise CheckpointMismatchError(
                     f"The checkpoint holds {name!r} under {prefix or 'the strategy'}, which {type(self).__name__} "
@@ -293,3 +292,12 @@ def compose(weighting: Strategy | str | None = None, aggregator: Strategy | str 
         raise TypeError("compose() needs at least one of weighting=, aggregator=, adapter=.")
     return Composite(num_tasks, weighting=weighting, aggregator=aggregator, adapter=adapter)
 
+
+def _registers(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` registers a parameter, buffer or submodule ``name`` itself (one registered as ``None``, as
+    a lazily shaped part is, included): ``nn.Module.__getattr__`` looks there and only there."""
+    try:
+        nn.Module.__getattr__(module, name)
+    except AttributeError:
+        return False
+    return True
