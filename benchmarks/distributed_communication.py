@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.functional import cross_entropy, mse_loss
 
@@ -72,34 +72,48 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(mtl)
         ddp.register_comm_hook(counts, lambda state, bucket: (state.__setitem__(
             "ddp", state["ddp"] + bucket.buffer().numel()), allreduce_hook(None, bucket))[1])
-        optimizer = torch.optim.SGD(mtl.parameters(), lr=0.01)
-        generator = torch.Generator().manual_seed(rank)
-        for step in range(STEPS):
-            if step == 1:
-                counts.update(engine=0, ddp=0)
-            x = torch.randn(32, 1, 16, 16, generator=generator)
-            predictions = ddp(x)
-            mtl.backward({"quadrant": cross_entropy(predictions["quadrant"], torch.randint(0, 4, (32,))),
-                          "contrast": mse_loss(predictions["contrast"].squeeze(1), x.std((1, 2, 3)))})
-            mtl.step(optimizer)
-        label = f"{name}" + "".join(f", {key}={value}" for key, value in options.items() if key == "target")
+        train(mtl, ddp, rank, lambda: counts.update(engine=0, ddp=0))
         engine = counts["engine"] - counts["ddp"]  # DDP's hook calls all_reduce too
-        rows.append((label, engine // (STEPS - 1), counts["ddp"] // (STEPS - 1), what))
+        rows.append((label(name, options), engine // (STEPS - 1), counts["ddp"] // (STEPS - 1), what))
     if rank == 0:
         torch.save(rows, out)
     dist.destroy_process_group()
 
 
-def main() -> None:
-    world = 2
+def train(mtl: mtlzoo.MTLWrapper, forward: Callable[[Tensor], Any], rank: int, restart: Callable[[], Any]) -> None:
+    """``STEPS`` steps of the two tasks on this rank's random batches; ``restart()`` before the second (the counts
+    leave out the first step, which broadcasts the strategy's state)."""
+    optimizer = torch.optim.SGD(mtl.parameters(), lr=0.01)
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(STEPS):
+        if step == 1:
+            restart()
+        x = torch.randn(32, 1, 16, 16, generator=generator)
+        predictions = forward(x)
+        mtl.backward({"quadrant": cross_entropy(predictions["quadrant"], torch.randint(0, 4, (32,))),
+                      "contrast": mse_loss(predictions["contrast"].squeeze(1), x.std((1, 2, 3)))})
+        mtl.step(optimizer)
+
+
+def label(name: str, options: dict[str, Any]) -> str:
+    return f"{name}" + "".join(f", {key}={value}" for key, value in options.items() if key == "target")
+
+
+def spawned(run: Callable[..., None], world: int = 2) -> list[tuple[Any, ...]]:
+    """The rows that ``run(rank, world, store, out)`` saves on rank 0, run on ``world`` processes."""
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "rows.pt")
         torch.multiprocessing.spawn(run, args=(world, os.path.join(directory, "store"), out), nprocs=world)
-        rows = torch.load(out)
+        return torch.load(out)
+
+
+def main() -> None:
+    world = 2
+    rows = spawned(run, world)
     print(f"| strategy | engine, numbers per rank and step | DDP's all-reduce | what the engine sends (W = {world}) |")
     print("| --- | ---: | ---: | --- |")
-    for label, engine, ddp, what in rows:
-        print(f"| `{label}` | {engine:,} | {ddp:,} | {what} |")
+    for row_label, engine, ddp, what in rows:
+        print(f"| `{row_label}` | {engine:,} | {ddp:,} | {what} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from torch.nn.functional import cross_entropy, mse_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtlzoo
-from benchmarks.distributed_communication import model
+from benchmarks.distributed_communication import STEPS, label, model, spawned, train
 from mtlzoo.engine.distributed import Sync
 
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -37,7 +35,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("rotograd", {"rotation_shape": 64}), ("graddrop", {"target": "representation"}), ("gradnorm", {}),
     ("upgrad", {"target": "parameters"}), ("graddrop", {"target": "parameters"}),
 ]
-STEPS = 3
 KINDS = ("engine", "gather", "scatter", "engine_scatter")
 
 
@@ -67,19 +64,9 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         mtl = mtlzoo.MTLWrapper(model(), name, **mtlzoo.get_strategy(name).info.suggested, **options)
         for part in (mtl.backbone, *mtl.heads.values()):
             fully_shard(part)
-        optimizer = torch.optim.SGD(mtl.parameters(), lr=0.01)
-        generator = torch.Generator().manual_seed(rank)
-        for step in range(STEPS):
-            if step == 1:
-                counts.update(dict.fromkeys(KINDS, 0))
-            x = torch.randn(32, 1, 16, 16, generator=generator)
-            predictions = mtl(x)
-            mtl.backward({"quadrant": cross_entropy(predictions["quadrant"], torch.randint(0, 4, (32,))),
-                          "contrast": mse_loss(predictions["contrast"].squeeze(1), x.std((1, 2, 3)))})
-            mtl.step(optimizer)
-        label = f"{name}" + "".join(f", {key}={value}" for key, value in options.items() if key == "target")
+        train(mtl, mtl, rank, lambda: counts.update(dict.fromkeys(KINDS, 0)))
         engine, gather, scatter, engine_scatter = (counts[kind] // (STEPS - 1) for kind in KINDS)
-        rows.append((label, engine + engine_scatter, gather, scatter - engine_scatter))
+        rows.append((label(name, options), engine + engine_scatter, gather, scatter - engine_scatter))
     if rank == 0:
         torch.save(rows, out)
     dist.destroy_process_group()
@@ -87,15 +74,12 @@ def run(rank: int, world: int, store: str, out: str) -> None:
 
 def main() -> None:
     world = 2
-    with tempfile.TemporaryDirectory() as directory:
-        out = os.path.join(directory, "rows.pt")
-        torch.multiprocessing.spawn(run, args=(world, os.path.join(directory, "store"), out), nprocs=world)
-        rows = torch.load(out)
+    rows = spawned(run, world)
     print(f"| strategy (W = {world}) | the engine's collectives | FSDP's all-gathers (shards sent) | "
           "FSDP's reduce-scatters (gradients sent) |")
     print("| --- | ---: | ---: | ---: |")
-    for label, engine, gather, scatter in rows:
-        print(f"| `{label}` | {engine:,} | {gather:,} | {scatter:,} |")
+    for row_label, engine, gather, scatter in rows:
+        print(f"| `{row_label}` | {engine:,} | {gather:,} | {scatter:,} |")
 
 
 if __name__ == "__main__":
