@@ -51,9 +51,11 @@ def model() -> mtlzoo.HardSharing:
     return mtlzoo.HardSharing(backbone, {"quadrant": nn.Linear(64, 4), "contrast": nn.Linear(64, 1)})
 
 
-def counting(counts: dict[str, int], function: Callable[..., Any], size: Callable[..., int]) -> Callable[..., Any]:
+def counting(counts: dict[str, int], kind: str, function: Callable[..., Any],
+             size: Callable[..., int]) -> Callable[..., Any]:
+    """``function``, which now adds ``size(*its arguments)`` to ``counts[kind]`` at each call."""
     def counted(*args: Any, **kwargs: Any) -> Any:
-        counts["engine"] += size(*args)
+        counts[kind] += size(*args, **kwargs)
         return function(*args, **kwargs)
     return counted
 
@@ -63,8 +65,8 @@ def run(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     counts = {"engine": 0, "ddp": 0}
-    dist.all_reduce = counting(counts, dist.all_reduce, lambda tensor, *_: tensor.numel())
-    dist.all_gather = counting(counts, dist.all_gather, lambda outputs, tensor, *_: tensor.numel())
+    dist.all_reduce = counting(counts, "engine", dist.all_reduce, lambda tensor, *_, **__: tensor.numel())
+    dist.all_gather = counting(counts, "engine", dist.all_gather, lambda outputs, tensor, *_, **__: tensor.numel())
     rows = []
     for name, options, what in CASES:
         torch.manual_seed(0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtlzoo
-from benchmarks.distributed_communication import STEPS, label, model, spawned, train
+from benchmarks.distributed_communication import STEPS, counting, label, model, spawned, train
 from mtlzoo.engine.distributed import Sync
 
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -36,14 +35,6 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("upgrad", {"target": "parameters"}), ("graddrop", {"target": "parameters"}),
 ]
 KINDS = ("engine", "gather", "scatter", "engine_scatter")
-
-
-def counting(counts: dict[str, int], kind: str, function: Callable[..., Any],
-             size: Callable[..., int]) -> Callable[..., Any]:
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        counts[kind] += size(*args, **kwargs)
-        return function(*args, **kwargs)
-    return counted
 
 
 def run(rank: int, world: int, store: str, out: str) -> None:
