@@ -26,7 +26,7 @@ from mtlzoo.engine.heads import HeadPass, head_pass
 from mtlzoo.engine.jacobian import JacobianRoute, jacobian_blocks
 from mtlzoo.engine.last_layer import last_layer_weights
 from mtlzoo.engine.lifecycle import StepTracker
-from mtlzoo.engine.step import _objective_gradients, _sum, accumulate, head_owners, scaler_of, shared_parameters
+from mtlzoo.engine.step import accumulate, head_owners, objective_gradients, scaler_of, shared_parameters, sum_or_none
 from mtlzoo.engine.update import covers_representation, shared_update
 from mtlzoo.errors import BackwardOrderError, DistributedError, InvalidModelError, NonFiniteGradientError
 from mtlzoo.linalg import all_finite, autocast_off, compute_dtype, gramian, row_norms
@@ -260,8 +260,8 @@ class StepBuffer:
             _, flat = shared_update(update, jacobian, request, list(jacobian.split(sizes, dim=1)), self.params)
             targets = self.params
         assert flat is not None
-        own = _sum(objective, update.objective)
-        own_params, own_grads = _objective_gradients(own, strategy, self.scale) \
+        own = sum_or_none(objective, update.objective)
+        own_params, own_grads = objective_gradients(own, strategy, self.scale) \
             if own is not None and own.requires_grad else ([], [])
         head_grads = self._head_corrections(strategy, heads, inputs.tasks, weights, update.weights)
         if self.scale is None and not all_finite(*flat, *own_grads, *(g for g in head_grads if g is not None)):

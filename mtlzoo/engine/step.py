@@ -255,7 +255,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     covered = blocks is not None and request.parameters is None and request.layer is None and \
         not sync.sharded and covers_representation([record.z for record in passed.records], shared)
     dz, flat = shared_update(update, rep, request, blocks if covered else None, shared)
-    own_objective = _sum(objective, update.objective)
+    own_objective = sum_or_none(objective, update.objective)
     if own_objective is not None and not own_objective.requires_grad:
         own_objective = None
     own_params: list[Tensor] = []
@@ -263,7 +263,7 @@ def apply_update(strategy: Strategy, inputs: StepInputs, passed: HeadPass, share
     if own_objective is not None and not all_finite(own_objective):
         # A non-finite value may still have finite gradients (|x| at NaN has gradient 0): what counts is
         # what reaches .grad, so take them apart from the final backward.
-        own_params, own_grads = _objective_gradients(own_objective, strategy, scale)
+        own_params, own_grads = objective_gradients(own_objective, strategy, scale)
         own_objective = None
     last_roots: list[Tensor] = []
     last_grads: list[Tensor] = []
@@ -365,7 +365,7 @@ def shared_parameters(backbone: nn.Module, names: tuple[str, ...] | None, strate
     return [named[name] for name in names]
 
 
-def _objective_gradients(objective: Tensor, strategy: Strategy, scale: Tensor | None
+def objective_gradients(objective: Tensor, strategy: Strategy, scale: Tensor | None
                          ) -> tuple[list[Tensor], list[Tensor]]:
     """The strategy's trainable parameters that ``objective`` reaches, and their (scaled) gradients."""
     params = trainable_parameters(strategy)
@@ -375,7 +375,8 @@ def _objective_gradients(objective: Tensor, strategy: Strategy, scale: Tensor | 
     return [p for p, _ in kept], [g for _, g in kept]
 
 
-def _sum(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+def sum_or_none(first: Tensor | None, second: Tensor | None) -> Tensor | None:
+    """``first + second``, either of which may be missing (``None`` when both are)."""
     if first is None:
         return second
     return first if second is None else first + second
