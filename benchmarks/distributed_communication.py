@@ -79,6 +79,7 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         rows.append((label(name, options), engine // (STEPS - 1), counts["ddp"] // (STEPS - 1), what))
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     dist.destroy_process_group()
 
 

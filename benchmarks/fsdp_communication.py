@@ -60,6 +60,7 @@ def run(rank: int, world: int, store: str, out: str) -> None:
         rows.append((label(name, options), engine + engine_scatter, gather, scatter - engine_scatter))
     if rank == 0:
         torch.save(rows, out)
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     dist.destroy_process_group()
 
 

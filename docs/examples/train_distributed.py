@@ -67,6 +67,7 @@ def main() -> None:
         mtl.end_epoch()
     if rank == 0:  # every rank holds the same model and strategy state: save rank 0's
         torch.save(mtl.state_dict(), os.environ.get("CHECKPOINT", os.devnull))
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     dist.destroy_process_group()
 
 

@@ -344,6 +344,7 @@ def main(rank: int, world: int, out: str, plan: list[tuple[str, list[Case]]]) ->
     try:
         for scenario, cases in plan:
             SCENARIOS[scenario](rank, Path(out), cases)
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     finally:
         gc.collect()  # DDP modules kept alive by a traceback's frames must go before their process group
         dist.destroy_process_group()

@@ -160,6 +160,7 @@ def main(rank: int, out: str) -> None:
         for name, target in SCALED:
             record(here / f"scaled-{name}-{target}-{rank}.pt",
                    lambda n=name, t=target: scaled_run(n, t, rank, seed=100 + rank))
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     finally:
         gc.collect()
         dist.destroy_process_group()
