@@ -155,6 +155,8 @@ class RunningState:
     def commit(self) -> None:
         """Make the staged values the committed ones."""
         staged = self._staged
+        if not staged:
+            return
         object.__setattr__(self, "_staged", {})
         for name, value in staged.items():
             self._write(self._fields[name], value)

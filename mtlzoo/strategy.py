@@ -228,7 +228,6 @@ class Strategy(nn.Module):
     """Hyperparameters a checkpoint may hold different values of (inferred ones, such as a shape)."""
 
     hparams: dict[str, Any]
-    micro_batch: int
     state: RunningState
     per_task: ClassVar[tuple[str, ...]] = ()
     """Per-task tensors (attribute names, ``None`` allowed) whose unequal entries break ``permutation_invariant``."""
@@ -269,8 +268,24 @@ class Strategy(nn.Module):
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
         self.num_tasks = check_int("num_tasks", num_tasks)
-        self.micro_batch = 0
+        self._set_micro_batch(0)
         self.state = RunningState(self)
+
+    @property
+    def micro_batch(self) -> int:
+        """The index of the current backward within the optimizer step (0 before its first): the base counts it."""
+        return self.__dict__.get("_micro_batch", 0)
+
+    @micro_batch.setter
+    def micro_batch(self, value: int) -> None:
+        self._set_micro_batch(value)
+
+    def _set_micro_batch(self, value: int) -> None:
+        self.__dict__["_micro_batch"] = value  # past nn.Module.__setattr__: counted at every backward
+
+    def count_backward(self) -> None:
+        """Count one backward of the current optimizer step (the engine calls it, and a standalone ``aggregate``)."""
+        self._set_micro_batch(self.micro_batch + 1)
 
     @property
     def request(self) -> Request:
@@ -350,17 +365,18 @@ class Strategy(nn.Module):
 
         ``mtl.step(optimizer)`` calls it; call it yourself when you drive the strategy standalone.
         """
-        self.micro_batch = 0
+        self._set_micro_batch(0)
         self.state.commit()
-        with self.state.direct():
-            self.on_advance()
+        if type(self).on_advance is not Strategy.on_advance:
+            with self.state.direct():
+                self.on_advance()
 
     def on_advance(self) -> None:
         """Subclasses: the maths of a step boundary (a counter, a retraction); writes here are committed."""
 
     def discard(self) -> None:
         """Drop what the current step staged (a step that the ``GradScaler`` skipped)."""
-        self.micro_batch = 0
+        self._set_micro_batch(0)
         self.state.drop()
 
     def end_epoch(self) -> None:

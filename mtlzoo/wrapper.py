@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from mtlzoo.engine.accumulation import StepBuffer, check_aggregate_at
 from mtlzoo.engine.distributed import DataParallel, running, strategy_names
 from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
-from mtlzoo.engine.internals import compiled_original, without_donated_buffers
+from mtlzoo.engine.internals import compiled_original, parameters_of, without_donated_buffers
 from mtlzoo.engine.jacobian import JacobianRoute
 from mtlzoo.engine.lifecycle import StepTracker, run_optimizers
 from mtlzoo.engine.step import backpropagate, transaction
@@ -27,7 +27,6 @@ from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
 from mtlzoo.strategy import Strategy
-from mtlzoo.structure import trainable_parameters
 
 BACKBONE_EXTRAS = "backbone"
 """Key of the backbone's extra outputs in the extras dict of a model with named heads."""
@@ -401,7 +400,7 @@ class MTLWrapper(nn.Module):
 
         with running(sync):
             self.last_step = transaction(self.strategy, step_losses, scaler, body)
-        self._tracker.backward_done()
+        self._tracker.backward_done(step_losses.present)
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:
         """Warn about a loss that does not depend on the model: once per task for a strategy that reads only the
@@ -492,11 +491,15 @@ class MTLWrapper(nn.Module):
     def _ddp_params_and_buffers_to_ignore(self, names: Sequence[str]) -> None:
         self.__dict__["_ddp_also_ignored"] = [name for name in names if name not in strategy_names(self)]
 
-    def _watched_parameters(self) -> list[Tensor]:
-        """Parameters an optimizer step writes after every backward: the heads' (each present task's head gets a
-        gradient), or every parameter of the wrapper where no head trains. Listing the heads alone keeps the
-        check cheap on a deep backbone."""
-        return trainable_parameters(self.heads) or list(self.parameters())
+    def _watched_parameters(self, present: Sequence[int]) -> list[Tensor]:
+        """A parameter that an optimizer step writes after a backward of the tasks ``present``: the first trainable
+        one of the first present task's head (it gets a gradient), else the wrapper's first trainable one."""
+        head = self._head_items()[present[0]][1] if present else self
+        for module in (head, self):
+            found = next((p for p in parameters_of(module) if p.requires_grad), None)
+            if found is not None:
+                return [found]
+        return []
 
     def end_epoch(self) -> None:
         """Mark the end of an epoch, for strategies that work per epoch (DWA, STCH)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlzoo.linalg import row_norms
+from mtlzoo.linalg import all_finite, row_norms
 
 
 def _reference(matrix: torch.Tensor, dim: int = 0) -> np.ndarray:
@@ -49,3 +49,12 @@ def test_a_non_finite_row_gives_a_non_finite_norm() -> None:
     matrix[2, 0, 0] = float("inf")
     norms = row_norms(matrix)
     assert torch.isfinite(norms[0]) and torch.isnan(norms[1]) and torch.isinf(norms[2])
+
+
+def test_all_finite_is_exact_where_its_sum_is_not() -> None:
+    """The sum-based check: finite entries whose sum overflows are finite; inf, -inf and NaN are not."""
+    huge = torch.full((4,), 3e38)
+    assert all_finite(huge) and all_finite(torch.zeros(0))
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), 1.0]))

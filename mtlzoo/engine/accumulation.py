@@ -182,7 +182,7 @@ class StepBuffer:
                    retain_graph=retain_graph)
         if not retain_graph:
             pending.remove(consumed)
-        tracker.backward_done()
+        tracker.backward_done(losses.present)
 
     def _read(self, request: Request, backbone: nn.Module, strategy: Strategy, zs: list[Tensor],
               params: list[Tensor]) -> list[Tensor]:

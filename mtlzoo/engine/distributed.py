@@ -503,8 +503,9 @@ class DataParallel:
                           f"{DOCS}). Said once.", RuntimeWarning, stacklevel=4)
 
     def step_taken(self, module: nn.Module) -> None:
-        """After the first optimizer step: check that the ranks' parameters agree."""
-        if self.checked:
+        """After the first optimizer step: check that the ranks' parameters agree (where the forwards ran under
+        torch.distributed)."""
+        if self.checked or not self.started:
             return
         sync = self.sync()
         if isinstance(sync, Sync):

@@ -81,9 +81,10 @@ def leaves_reached(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> Iter
             yield leaf
 
 
-def marked_leaves_reached(root: Tensor, marked: set[int]) -> set[int]:
+def marked_leaves_reached(root: Tensor, marked: set[int], *, first: bool = False) -> set[int]:
     """The ids of the leaves in ``marked`` that the graph of ``root`` reaches, not walking on past a node
-    that reads one (so the graph behind a marked input is not visited)."""
+    that reads one (so the graph behind a marked input is not visited); with ``first``, only the first one
+    found (the walk stops there)."""
     found: set[int] = set()
     seen: set[int] = set()
     stack = [root.grad_fn] if root.grad_fn is not None else []
@@ -95,16 +96,27 @@ def marked_leaves_reached(root: Tensor, marked: set[int]) -> set[int]:
         inner = []
         hit = False
         for child, _ in node.next_functions:
-            leaf = getattr(child, "variable", None)
-            if leaf is None:
-                if child is not None:
-                    inner.append(child)
-            elif id(leaf) in marked:
-                found.add(id(leaf))
+            if child is None:
+                continue
+            if type(child) is not _ACCUMULATE_GRAD:
+                inner.append(child)
+            elif id(child.variable) in marked:
+                found.add(id(child.variable))
+                if first:
+                    return found
                 hit = True
         if not hit:
             stack += inner
     return found
+
+
+def _accumulate_grad_type() -> type:
+    leaf = torch.zeros((), requires_grad=True)
+    return type((leaf * 1).grad_fn.next_functions[0][0])  # type: ignore[union-attr]
+
+
+_ACCUMULATE_GRAD = _accumulate_grad_type()
+"""The class of the node that accumulates into a leaf (``AccumulateGrad``, whose ``variable`` is the leaf)."""
 
 
 def parameter_behind(node: object) -> Tensor | None:
@@ -326,6 +338,9 @@ def check_internals() -> None:
     marker = torch.zeros((), requires_grad=True)
     if marked_leaves_reached((torch.tanh(z) + marker).sum(), {id(marker)}) != {id(marker)}:
         raise _fail("next_functions and AccumulateGrad.variable", "a marked leaf of a graph is not found")
+    if _ACCUMULATE_GRAD.__name__ != "AccumulateGrad" or leaf_of(layer.weight.view(-1).grad_fn.next_functions[0][0]) \
+            is not layer.weight:
+        raise _fail("AccumulateGrad", "the node that accumulates into a leaf is not recognised")
     module = nn.Linear(1, 1)
     for name in _MODULE_HOOKS:
         if not isinstance(getattr(module, name, None), dict):

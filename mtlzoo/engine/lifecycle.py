@@ -33,21 +33,22 @@ class StepTracker:
     """The lifecycle of one wrapper's steps: whether backward calls wait for an optimizer step, and who steps.
 
     Args:
-        parameters: Lists the model's parameters (those an optimizer step writes).
+        watched: The parameters an optimizer step writes after a backward of the given present tasks (one of
+            them is enough: a step writes every parameter that has a gradient).
     """
 
-    def __init__(self, parameters: Callable[[], Sequence[Tensor]]) -> None:
-        self._list_parameters = parameters
+    def __init__(self, watched: Callable[[Sequence[int]], Sequence[Tensor]]) -> None:
+        self._list_watched = watched
         self.open = False
         self.warned_plain_step = False
         self.checked_groups = False
         self._watched: Sequence[Tensor] = ()
         self._versions = 0
 
-    def backward_done(self) -> None:
-        """A backward ran: an optimizer step is now expected."""
+    def backward_done(self, present: Sequence[int]) -> None:
+        """A backward of the tasks ``present`` ran: an optimizer step is now expected."""
         self.open = True
-        self._watched = self._list_parameters()
+        self._watched = self._list_watched(present)
         self._versions = version_sum(self._watched)
 
     def close(self) -> None:

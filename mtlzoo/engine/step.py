@@ -149,7 +149,7 @@ def transaction(strategy: Strategy, losses: StepLosses, scaler: Any | None,
         if strategy.micro_batch == 0:
             strategy.discard()
         raise
-    strategy.micro_batch += 1
+    strategy.count_backward()
     return used
 
 
@@ -200,15 +200,15 @@ def scalarized(strategy: Strategy, losses: StepLosses, inputs: StepInputs, backb
     total = strategy.scalarization(values, inputs.tasks)
     if total is None or not total.requires_grad:
         return None
-    reached: list[Tensor] = []
-    values.register_hook(reached.append)
+    values.retain_grad()
     if backbone_loss is not None:
         weight = strategy.backbone_loss_weight(backbone_loss)
         total = total + (backbone_loss if weight is None else backbone_loss * weight)
     accumulate([scaler_of(scale)(total)], [None], retain_graph=retain_graph)
-    if not reached:  # f does not depend on the losses
+    reached = values.grad
+    if reached is None:  # f does not depend on the losses
         return StepWeights(torch.zeros_like(values), None, losses.tasks, inputs.num_tasks)
-    weights = reached[0] if scale is None else reached[0] / scale.to(reached[0].dtype)
+    weights = reached if scale is None else reached / scale.to(reached.dtype)
     return StepWeights(weights, None, losses.tasks, inputs.num_tasks)
 
 
@@ -329,8 +329,9 @@ def marked_forwards(pending: PendingForwards, losses: StepLosses) -> list[Marked
         return list(marks.values())
     found: set[int] = set()
     stale = []
+    marked = set(marks)
     for task, loss, requires in zip(losses.present, losses.scalars, losses.requires_grad):
-        reached = marked_leaves_reached(loss, set(marks)) if requires and marks else set()
+        reached = marked_leaves_reached(loss, marked, first=len(marked) == 1) if requires and marks else set()
         if requires and not reached:
             stale.append(losses.labels[task])
         found |= reached

@@ -14,15 +14,10 @@ class WithParts(Strategy):
         """The strategies this one is made of, in registration order."""
         return [module for module in self.children() if isinstance(module, Strategy)]
 
-    @property  # type: ignore[override]
-    def micro_batch(self) -> int:
-        return self.__dict__.get("_micro_batch", 0)
-
-    @micro_batch.setter
-    def micro_batch(self, value: int) -> None:
-        self.__dict__["_micro_batch"] = value
+    def _set_micro_batch(self, value: int) -> None:
+        super()._set_micro_batch(value)
         for part in self.parts():
-            part.micro_batch = value
+            part._set_micro_batch(value)
 
     @property  # type: ignore[override]
     def weighted_heads(self) -> bool:

@@ -171,7 +171,7 @@ class GramianAggregator(Aggregator):
         wide = grads.to(torch.float64)
         flat = flat_rows(wide)
         weights = self.gramian_weights(flat @ flat.T, losses)
-        self.micro_batch += 1
+        self.count_backward()
         return torch.tensordot(weights.to(torch.float64), wide, dims=1).to(grads.dtype)
 
 
@@ -202,7 +202,7 @@ class DirectionAggregator(Aggregator):
         inputs = StepInputs(losses.detach().to(wide.dtype), tasks, grads.shape[0], micro_batch=self.micro_batch,
                             gradients=wide, representation=representation)
         direction = self.combine(wide, inputs)
-        self.micro_batch += 1
+        self.count_backward()
         return direction.to(grads.dtype)
 
 

@@ -90,9 +90,7 @@ class Composite(WithParts):
         self._request = self._joint_request()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "micro_batch":  # set at every backward: straight to the property, past nn.Module's checks
-            object.__setattr__(self, name, value)
-        elif name in ROLE_NAMES and value is None:
+        if name in ROLE_NAMES and value is None:
             object.__setattr__(self, name, None)  # an absent role: not a submodule
         else:
             super().__setattr__(name, value)
@@ -259,7 +257,7 @@ def standalone(strategy: Strategy, grads: Tensor, losses: Tensor) -> Tensor:
     update = strategy.compute(inputs)
     if update.objective is not None and update.objective.requires_grad:
         update.objective.backward()
-    strategy.micro_batch += 1
+    strategy.count_backward()
     if update.direction is not None:
         return update.direction.to(grads.dtype)
     if update.weights is None:

@@ -126,7 +126,7 @@ class ProjectedWeights(Aggregator):
         step = inputs(grads)
         step.extra = [inputs(more) for more in more_batches]
         update = self.compute(step)
-        self.micro_batch += 1
+        self.count_backward()
         if update.direction is not None:
             return update.direction.to(grads.dtype)
         assert update.weights is not None

@@ -151,7 +151,7 @@ class ExcessMTL(Aggregator):
         check_gradients(grads, losses, self)
         wide = grads.to(compute_dtype(grads.dtype))
         weights = self.task_weights(wide, torch.arange(grads.shape[0], device=grads.device))
-        self.micro_batch += 1
+        self.count_backward()
         return torch.tensordot(weights.to(device=wide.device, dtype=wide.dtype), wide, dims=1).to(grads.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
