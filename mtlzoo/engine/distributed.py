@@ -177,14 +177,20 @@ def current() -> Local:
     return _CURRENT.get()
 
 
-@contextlib.contextmanager
-def running(sync: Local) -> Iterator[None]:
-    """Within the block the engine's calls to :func:`current` get ``sync``."""
-    token = _CURRENT.set(sync)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
+def running(sync: Local) -> contextlib.AbstractContextManager[None]:
+    """Within the block the engine's calls to :func:`current` get ``sync`` (outside any, they get :data:`LOCAL`)."""
+    return contextlib.nullcontext() if sync is LOCAL and current() is LOCAL else _Running(sync)
+
+
+class _Running:
+    def __init__(self, sync: Local) -> None:
+        self.sync = sync
+
+    def __enter__(self) -> None:
+        self.token = _CURRENT.set(self.sync)
+
+    def __exit__(self, *exc: object) -> None:
+        _CURRENT.reset(self.token)
 
 
 class Sync(Local):

@@ -61,13 +61,14 @@ def leaf_of(node: object) -> Tensor | None:
 def walk(roots: Iterable[Tensor], stop: Sequence[Tensor] = ()) -> Iterator[object]:
     """Every node of the graphs of ``roots``, each once, depth first, not walking on past the nodes that
     produced the tensors ``stop``."""
-    seen: set[int] = {id(t.grad_fn) for t in stop if t.grad_fn is not None}
+    # the nodes are held: an id names a node only while its Python object lives, and next_functions makes new ones
+    seen: dict[int, object] = {id(node): node for node in (t.grad_fn for t in stop) if node is not None}
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         yield node
         stack += inputs_of(node)
 
@@ -86,13 +87,13 @@ def marked_leaves_reached(root: Tensor, marked: set[int], *, first: bool = False
     that reads one (so the graph behind a marked input is not visited); with ``first``, only the first one
     found (the walk stops there)."""
     found: set[int] = set()
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # the nodes held, as in walk()
     stack = [root.grad_fn] if root.grad_fn is not None else []
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         inner = []
         hit = False
         for child, _ in node.next_functions:
@@ -106,7 +107,7 @@ def marked_leaves_reached(root: Tensor, marked: set[int], *, first: bool = False
                     return found
                 hit = True
         if not hit:
-            stack += inner
+            stack += reversed(inner)  # a layer's input usually comes before its weights: walked first
     return found
 
 
@@ -140,13 +141,13 @@ def nearest_parameters(z: Tensor) -> list[Tensor]:
             parameters of every layer inside it: the nearest layer cannot be told apart.
     """
     frontier = [z.grad_fn] if z.grad_fn is not None else []
-    seen: set[int] = set()
+    seen: dict[int, object] = {}  # the nodes held, as in walk()
     while frontier:
         following: list[object] = []
         for node in frontier:
             if id(node) in seen:
                 continue
-            seen.add(id(node))
+            seen[id(node)] = node
             params = [p for p in (parameter_behind(child) for child in inputs_of(node)) if p is not None]
             if params and is_compiled_node(node):
                 raise CompiledGraphError(
