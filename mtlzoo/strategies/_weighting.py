@@ -1,7 +1,8 @@
-"""What the loss-weighting strategies share: checks of their input and the epoch hook's reminder."""
+"""What several built-in strategies share: checks of their arguments and input, the epoch hook's reminder."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -14,6 +15,21 @@ from mtlzoo.errors import NonPositiveLossError
 EPOCH_REMINDER_STEPS = 1_000
 """Optimizer steps without any ``end_epoch()`` after which DWA and STCH warn, once: longer than most epochs of
 the standard benchmarks (100 to 800 steps), short enough that a forgotten call shows early."""
+
+
+def check_rate(value: float, name: str, *, positive: bool = False, at_most: float | None = None,
+               below: float | None = None) -> float:
+    """A finite number ``>= 0`` (``> 0`` if ``positive``), ``<= at_most``, ``< below``; else a ``ValueError``."""
+    fine = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
+        (value > 0 if positive else value >= 0) and (at_most is None or value <= at_most) and \
+        (below is None or value < below)
+    if not fine:
+        upper = at_most if below is None else below
+        sign = "positive" if positive else "non-negative"
+        what = f"a {sign} number" if upper is None else \
+            f"a number in {'(' if positive else '['}0, {upper:g}{']' if below is None else ')'}"
+        raise ValueError(f"Parameter `{name}` should be {what}. Found `{name} = {value!r}`.")
+    return float(value)
 
 
 def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str) -> None:

@@ -2,7 +2,6 @@ r"""DB-MTL (Lin et al., 2023): log losses, and gradients balanced to the largest
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -12,6 +11,7 @@ from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.protocol import Request, StepInputs
 from mtlzoo.roles import DirectionAggregator
 from mtlzoo.roles.composite import Composite
+from mtlzoo.strategies._weighting import check_rate
 from mtlzoo.strategies.si import ScaleInvariant
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -27,14 +27,6 @@ LOG_EPS = 1e-8
 """The authors' ``log(L + 1e-8)``."""
 NORM_EPS = 1e-8
 """The authors' ``||ĝ_k|| + 1e-8`` in the balancing factors (an absolute constant)."""
-
-
-def check_rate(value: float, name: str, upper: float | None = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)) \
-            or (upper is not None and value > upper):
-        bound = f"in [0, {upper:g}]" if upper is not None else ">= 0"
-        raise ValueError(f"Parameter `{name}` should be a number {bound}. Found `{name} = {value!r}`.")
-    return float(value)
 
 
 def balanced(averages: Tensor, rows: Tensor) -> Tensor:
@@ -89,8 +81,8 @@ class DualBalance(DirectionAggregator):
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.9,
                  beta_sigma: float = 0.0) -> None:
         super().__init__(num_tasks, target=target)
-        self.beta = check_rate(beta, "beta")
-        self.beta_sigma = check_rate(beta_sigma, "beta_sigma", upper=None)
+        self.beta = check_rate(beta, "beta", at_most=1.0)
+        self.beta_sigma = check_rate(beta_sigma, "beta_sigma")
         self.declare_state(steps=0)
         self.declare_state(per_step="every", averages=torch.zeros(0), seen=torch.zeros(num_tasks, dtype=torch.bool))
 

@@ -13,7 +13,8 @@ from mtlzoo.linalg import all_finite, compute_dtype
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles import Aggregator
 from mtlzoo.roles.aggregator import check_gradients
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies._weighting import check_rate
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 ADAGRAD_EPS = 1e-7
 """Added to the accumulated squares under the square root, as the authors' code (an absolute constant)."""
@@ -91,15 +92,8 @@ class ExcessMTL(Aggregator):
     def __init__(self, num_tasks: int, *, target: Target | None = None, robust_step_size: float = 1e-2,
                  weighted_heads: bool = True) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)) \
-                or not (robust_step_size > 0 and math.isfinite(robust_step_size)):
-            raise ValueError(f"Parameter `robust_step_size` should be a positive number. Found `robust_step_size = "
-                             f"{robust_step_size!r}`.")
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
-        self.robust_step_size = float(robust_step_size)
-        self.weighted_heads = weighted_heads
+        self.robust_step_size = check_rate(robust_step_size, "robust_step_size", positive=True)
+        self.weighted_heads = check_flag("weighted_heads", weighted_heads)
         self.declare_state(weights=torch.ones(num_tasks, dtype=torch.float64),
                            baselines=torch.zeros(num_tasks, dtype=torch.float64), squares=torch.zeros(0))
 

@@ -12,7 +12,7 @@ from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, GramianAggregator, HostStep
 from mtlzoo.solvers import clean_gramian, min_norm_weights
 from mtlzoo.strategies.nash_mtl import STATIONARY
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_int
 
 FAIRGRAD_PAPER = Paper(
     authors=("Hao Ban", "Kaiyi Ji"),
@@ -93,11 +93,8 @@ class FairWeights(GramianAggregator):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"Parameter `alpha` should be a positive number (alpha -> 0 is the sum of the gradients: "
                              f"use 'ls'). Found `alpha = {alpha!r}`.")
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ValueError(f"Parameter `max_iterations` should be a positive int. Found `max_iterations = "
-                             f"{max_iterations!r}`.")
         self.alpha = float(alpha)
-        self.max_iterations = max_iterations
+        self.max_iterations = check_int("max_iterations", max_iterations)
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         size = gramian.shape[0]

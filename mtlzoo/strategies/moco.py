@@ -10,7 +10,8 @@ from torch import Tensor
 
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.solvers import from_host, project_to_simplex, to_host
-from mtlzoo.strategies._projected import ProjectedWeights, check_rate
+from mtlzoo.strategies._projected import ProjectedWeights
+from mtlzoo.strategies._weighting import check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 
