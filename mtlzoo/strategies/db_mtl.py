@@ -62,7 +62,6 @@ class DualBalance(DirectionAggregator):
     from a step keeps its average.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (the only one).
         beta: ``β`` in [0, 1]; 0.9 as LibMTL's default.
         beta_sigma: ``σ >= 0``; 0 as LibMTL's default.
@@ -149,7 +148,6 @@ class DBMTL(Composite):
     Every loss must be above ``-1e-8`` (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise).
 
     Args:
-        num_tasks: K.
         beta: ``β`` in [0, 1]; 0.9 as LibMTL's default.
         beta_sigma: ``σ >= 0``; 0 as LibMTL's default.
 

@@ -56,8 +56,6 @@ class ExcessMTL(Aggregator):
     weights keep their sum.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         robust_step_size: ``η > 0``; 1e-2 as LibMTL's default.
         weighted_heads: Whether head k learns from ``λ_k L_k`` (the authors') or from ``L_k``.
 

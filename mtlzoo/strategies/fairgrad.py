@@ -72,8 +72,6 @@ class FairWeights(GramianAggregator):
     (https://arxiv.org/abs/2402.15638), eq. 4 and Algorithm 1.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         alpha: ``α > 0``, the fairness (see :class:`FairGrad`).
         max_iterations: Newton steps before giving up (with a warning).
     """
@@ -159,8 +157,6 @@ class FairGrad(ClipNorm):
     silently).
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         alpha: ``α > 0``; 1.0 as the authors' default (their experiments also use 2 and more).
         max_norm: Largest norm of the update (0: no clipping); 1.0 as the authors' code.
         max_iterations: Newton steps before giving up (with a warning).

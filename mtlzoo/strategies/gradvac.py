@@ -79,7 +79,6 @@ class GradVac(GramianAggregator):
     generator.
 
     Args:
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         beta: EMA rate ``β`` of the targets, in [0, 1]; 0.5 as LibMTL and torchjd.
         seed: Seed of the task orders; ``None`` draws one from torch's generator.
 

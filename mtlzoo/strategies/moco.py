@@ -48,7 +48,6 @@ class MoCo(ProjectedWeights):
     step keeps its row and weight.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (the only one).
         beta: Tracking rate ``β`` in (0, 1] (1: no tracking, stochastic MGDA's projected step).
         gamma: Step size ``γ`` of the weights.

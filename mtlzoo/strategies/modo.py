@@ -42,7 +42,6 @@ class MoDo(ProjectedWeights):
     :class:`~mtlzoo.errors.ReusedBatchWarning`.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, the paper's) or ``"representation"`` (one batch).
         gamma: Step size ``γ`` of the weights (0.1, as the authors' code and torchjd).
         rho: Regularisation ``ρ`` of the weights' step (0.1, as theirs).

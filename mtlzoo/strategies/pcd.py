@@ -113,8 +113,6 @@ class PCD(GramianAggregator):
     Running state: the moving averages ``second_moments`` and the per-task step counts ``counts``.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         tau: ``τ`` in [0, 1]: one number for every secondary task, or K - 1 numbers (tasks 2 to K);
             0.02 as the authors' default.
         beta: Decay ``β`` in [0, 1) of the moving average of the squared norms; 0.999 as the authors'.

@@ -50,7 +50,6 @@ class SDMGrad(ProjectedWeights):
     ones stand in for the others, with a :class:`~mtlzoo.errors.ReusedBatchWarning`.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, the paper's) or ``"representation"`` (one batch).
         lambda_: Pull ``λ >= 0`` towards the mean gradient (0.3, as the authors' experiments).
         lr: Learning rate ``η`` of the inner SGD (10, as theirs).
