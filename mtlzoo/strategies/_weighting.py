@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import NonPositiveLossError
+from mtlzoo.errors import NonPositiveLossError, ShapeMismatchError
 
 EPOCH_REMINDER_STEPS = 1_000
 """Optimizer steps without any ``end_epoch()`` after which DWA and STCH warn, once: longer than most epochs of
@@ -98,4 +98,32 @@ class WidensState:
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor):
                 widen(self, (name,), saved.dtype)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+
+class ShapedAtFirstStep:
+    """Mixin: the state tensors in ``shaped_later`` (declared empty) take their shape at the first step
+    (:meth:`first_shaped`), or from a checkpoint when one is loaded."""
+
+    shaped_later: ClassVar[tuple[str, ...]] = ()
+    num_tasks: int
+
+    def first_shaped(self, name: str, rows: Tensor, what: str) -> Tensor:
+        """The committed state ``name`` (K x n), made zeros like ``rows`` (K' x n) at the first step."""
+        value = self.state.committed(name)  # type: ignore[attr-defined]
+        shape = (self.num_tasks, rows.shape[1])
+        if value.numel() == 0:
+            value = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+            setattr(self, name, value)  # the state's shape, set once (zeros: the declared initial value)
+        if tuple(value.shape) != shape:
+            raise ShapeMismatchError(f"{type(self).__name__} keeps {what} of {value.shape[1]} entries per task; this "
+                                     f"step's have {shape[1]} (a different model, or a representation of another "
+                                     "shape). Build a new strategy for it.")
+        return value
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.shaped_later:
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(saved, Tensor) and saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=saved.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]

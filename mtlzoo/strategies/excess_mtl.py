@@ -3,24 +3,22 @@ r"""ExcessMTL (He et al., ICML 2024): task weights raised by exponentiated gradi
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.linalg import all_finite, compute_dtype
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles import Aggregator
 from mtlzoo.roles.aggregator import check_gradients
-from mtlzoo.strategies._weighting import check_rate
+from mtlzoo.strategies._weighting import ShapedAtFirstStep, check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 ADAGRAD_EPS = 1e-7
 """Added to the accumulated squares under the square root, as the authors' code (an absolute constant)."""
 
 
-class ExcessMTL(Aggregator):
+class ExcessMTL(ShapedAtFirstStep, Aggregator):
     r"""ExcessMTL: weigh each task by how far it is from its best, estimated from its gradients' curvature.
 
     Paper: He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024
@@ -86,6 +84,7 @@ class ExcessMTL(Aggregator):
         original_code="https://github.com/yifei-he/ExcessMTL",
     )
     statistic = "gradients"
+    shaped_later = ("squares",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, robust_step_size: float = 1e-2,
                  weighted_heads: bool = True) -> None:
@@ -101,7 +100,7 @@ class ExcessMTL(Aggregator):
             return self.state.weights.detach().cpu()[tasks.cpu()]
         rows = gradients.sum(1) if self.target == "representation" else gradients  # summed over the batch
         rows = rows.reshape(rows.shape[0], -1).detach()
-        squares = self._squares(rows)
+        squares = self.first_shaped("squares", rows, "sums of squared gradients")
         index = tasks.to(squares.device)
         accumulated = squares[index] + rows**2
         risks = (rows**2 / torch.sqrt(accumulated + ADAGRAD_EPS)).sum(1).to(torch.float64).cpu()
@@ -118,19 +117,6 @@ class ExcessMTL(Aggregator):
         self.state.weights, self.state.baselines, self.state.squares = weights, baselines, everyone
         return present
 
-    def _squares(self, rows: Tensor) -> Tensor:
-        """The committed ``S`` (K x m), created as zeros like the rows at the first step."""
-        squares = self.state.committed("squares")
-        shape = (self.num_tasks, rows.shape[1])
-        if squares.numel() == 0:
-            squares = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-            self.squares = squares  # the state's shape, set once (a zero sum: the declared initial value)
-        if tuple(squares.shape) != shape:
-            raise ShapeMismatchError(f"ExcessMTL accumulates squared gradients of shape {tuple(squares.shape[1:])} "
-                                     f"per task; this step's have {shape[1]} entries (a different model, or a "
-                                     "representation of another shape). Build a new strategy for it.")
-        return squares
-
     def compute(self, inputs: StepInputs) -> Update:
         grads = inputs.gradients
         assert grads is not None
@@ -145,9 +131,3 @@ class ExcessMTL(Aggregator):
         weights = self.task_weights(wide, torch.arange(grads.shape[0], device=grads.device))
         self.count_backward()
         return torch.tensordot(weights.to(device=wide.device, dtype=wide.dtype), wide, dims=1).to(grads.dtype)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "squares")
-        if isinstance(saved, Tensor) and saved.shape != self.squares.shape:  # shaped at the first step
-            self.squares = torch.zeros_like(saved, device=self.squares.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
