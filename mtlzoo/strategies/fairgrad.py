@@ -3,15 +3,12 @@ r"""FairGrad (Ban & Ji, ICML 2024): alpha-fair resource allocation among the tas
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
-from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, GramianAggregator, HostStep
-from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategies.nash_mtl import STATIONARY
+from mtlzoo.strategies.nash_mtl import nonzero_rows, pareto_stationary, warn_not_converged
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_int
 
 FAIRGRAD_PAPER = Paper(
@@ -97,19 +94,11 @@ class FairWeights(GramianAggregator):
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         size = gramian.shape[0]
         weights = np.zeros(size)
-        present = np.diag(gramian) > 0
-        if not present.all():
-            warnings.warn(f"FairGrad: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
-                          "G w = w^(-1/alpha) has no solution; they get weight 0 and the others share the update.",
-                          SolverWarning, stacklevel=5)
+        present = nonzero_rows(gramian, "FairGrad", "G w = w^(-1/alpha)")
         if not present.any():
             return weights
         sub = gramian[np.ix_(present, present)]
-        hull = min_norm_weights(clean_gramian(sub, step.eps))
-        if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-            warnings.warn("FairGrad: a convex combination of the task gradients is zero (a Pareto-stationary point), "
-                          "so no update improves every task and G w = w^(-1/alpha) has no solution; the update is 0.",
-                          SolverWarning, stacklevel=5)
+        if pareto_stationary(sub, step.eps, "FairGrad", "G w = w^(-1/alpha)"):
             return weights
         scale = math.sqrt(float((sub * sub).sum()))  # ||G||_F: solved on G / scale, then scaled back
         with np.errstate(all="ignore"):  # near-stationary gradients may send Newton's iterates far away
@@ -118,8 +107,7 @@ class FairWeights(GramianAggregator):
             except np.linalg.LinAlgError:
                 solution, converged = np.full(int(present.sum()), 1.0 / size), False
         if not (converged and np.isfinite(solution).all()):
-            warnings.warn(f"FairGrad: Newton's method did not converge in {self.max_iterations} steps (the gradients "
-                          "are close to Pareto-stationary); its last iterate is used.", SolverWarning, stacklevel=5)
+            warn_not_converged("FairGrad", self.max_iterations)
         weights[present] = solution * scale ** (-self.alpha / (self.alpha + 1))
         return size * weights  # the authors' factor K ("to match the sum loss")
 
