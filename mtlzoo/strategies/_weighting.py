@@ -70,6 +70,19 @@ def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
     return (parameters * torch.tensor(gradient, dtype=parameters.dtype, device=parameters.device)).sum()
 
 
+def all_usable(owner: Any, reference: Tensor) -> bool:
+    """Whether every entry of ``reference`` (a state tensor of ``owner``) is finite and non-zero; a yes is
+    remembered per state generation, so that a step does not wait on the device for it."""
+    version = owner.state.generation
+    known = owner.__dict__.setdefault("_usable", [])  # (tensor, generation) pairs, the last four
+    if any(reference is seen and number == version for seen, number in known):
+        return True
+    if not bool((torch.isfinite(reference) & (reference != 0)).all()):
+        return False
+    known[:] = [*[entry for entry in known if entry[0] is not reference][-3:], (reference, version)]
+    return True
+
+
 def remind_end_epoch(method: str, steps: int, consequence: str, owner: Any) -> None:
     """Warn once that ``mtl.end_epoch()`` seems never to be called (``steps`` steps without it)."""
     warnings.warn(f"{method} has taken {steps} optimizer steps and no epoch has ended: call mtl.end_epoch() at the "

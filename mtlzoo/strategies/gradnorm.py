@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategies._weighting import WidensState, widen
+from mtlzoo.strategies._weighting import WidensState, all_usable, widen
 from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 GRADNORM_PAPER = Paper(
@@ -166,7 +166,7 @@ class GradNorm(WidensState, LossWeighting):
 
     def _stage_reference(self, losses: Tensor) -> None:
         """``L_k(0)``: a present task without a usable reference takes this loss (if finite and non-zero)."""
-        if self._all_referenced() and losses.dtype == self.initial_losses.dtype:
+        if all_usable(self, self.initial_losses) and losses.dtype == self.initial_losses.dtype:
             return  # every task has its reference (read once per change of the buffer, not per step)
         widen(self, self.widening, losses.dtype)
         reference = self.state.initial_losses
@@ -179,15 +179,6 @@ class GradNorm(WidensState, LossWeighting):
         else:
             self.state.initial_losses = reference.index_copy(0, tasks.to(reference.device),
                                                              torch.where(take, losses, mine))
-
-    def _all_referenced(self) -> bool:
-        reference = self.initial_losses
-        cached = self.__dict__.get("_referenced")  # (the tensor, the state's generation, the answer)
-        generation = self.state.generation
-        if cached is None or cached[0] is not reference or cached[1] != generation:
-            cached = (reference, generation, bool((torch.isfinite(reference) & (reference != 0)).all()))
-            self.__dict__["_referenced"] = cached
-        return cached[2]
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None  # the weights learn from the gradient loss only, never from sum_k w_k L_k
@@ -206,7 +197,7 @@ class GradNorm(WidensState, LossWeighting):
         reference = self.of_present(self.state.initial_losses, tasks).to(dtype)
         norms = weighted_norms / weights.detach().to(dtype).clamp_min(tiny(dtype))  # the engine's are of w_k L_k
         losses = losses.to(dtype)
-        ratios = losses / reference if self._all_referenced() else loss_ratios(losses, reference)
+        ratios = losses / reference if all_usable(self, self.initial_losses) else loss_ratios(losses, reference)
         return gradnorm_objective(weights.to(dtype), norms, ratios, weighted_norms.mean(), self.alpha)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
