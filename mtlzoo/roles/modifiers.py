@@ -48,7 +48,7 @@ class Modifier(WithParts, GramianAggregator):
     """Base of the modifiers: the wrapped aggregator's request, state and lifecycle, and a hook on its weights.
 
     Args:
-        inner: The Gramian aggregator to modify.
+        inner: The Gramian aggregator to modify (every modifier's first argument).
     """
 
     info = StrategyInfo(name="modifier", summary="A Gramian aggregator whose weights are transformed.",
@@ -89,7 +89,6 @@ class ClipNorm(Modifier):
     Nash-MTL's authors clip every update this way (``max_norm=1.0``).
 
     Args:
-        inner: The Gramian aggregator.
         max_norm: ``m``, the largest norm of the update (0: no clipping).
     """
 
@@ -112,7 +111,6 @@ class EveryNSteps(Modifier):
     weights of each task (a task absent when they were computed keeps its earlier weight, 1 at first).
 
     Args:
-        inner: The Gramian aggregator.
         n: Recompute every this many optimizer steps (1: every step, the aggregator unchanged).
     """
 
@@ -146,7 +144,6 @@ class Normalize(Modifier):
     or ``L_k ||g_k||`` (``"loss+"``); the update is ``J^T c`` on the raw gradients, as in the authors' code.
 
     Args:
-        inner: The Gramian aggregator.
         by: ``"l2"``, ``"loss"`` or ``"loss+"``.
     """
 
@@ -207,7 +204,6 @@ class EMA(Modifier):
     micro-batch of a step smooths against the weights the step started with.
 
     Args:
-        inner: The Gramian aggregator.
         beta: ``β`` in [0, 1] (1 keeps the first weights for ever); 0.9 as torchjd's default.
 
     Example:

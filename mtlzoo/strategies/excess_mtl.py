@@ -7,10 +7,10 @@ import math
 import torch
 from torch import Tensor
 
-from mtlzoo.linalg import all_finite, compute_dtype
+from mtlzoo.linalg import all_finite
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles import Aggregator
-from mtlzoo.roles.aggregator import check_gradients
+from mtlzoo.roles.composite import standalone
 from mtlzoo.strategies._weighting import ShapedAtFirstStep, check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
@@ -126,8 +126,4 @@ class ExcessMTL(ShapedAtFirstStep, Aggregator):
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``J^T λ`` for a (K, ...) matrix of task gradients; call :meth:`advance` after each step."""
-        check_gradients(grads, losses, self)
-        wide = grads.to(compute_dtype(grads.dtype))
-        weights = self.task_weights(wide, torch.arange(grads.shape[0], device=grads.device))
-        self.count_backward()
-        return torch.tensordot(weights.to(device=wide.device, dtype=wide.dtype), wide, dims=1).to(grads.dtype)
+        return standalone(self, grads, losses)
