@@ -37,28 +37,18 @@ def loss_ratios(losses: Tensor, reference: Tensor) -> Tensor:
                        torch.ones_like(losses))
 
 
-def inverse_training_rates(ratios: Tensor, alpha: float, floor: float | None = None) -> Tensor:
-    """GradNorm's ``r_k^alpha`` with ``r_k = ratio_k / mean_j ratio_j`` (the relative inverse training rate).
-
-    ``floor`` bounds the mean ratio from below (default: the dtype's smallest normal number).
-    """
-    return (ratios / ratios.mean().clamp_min(tiny(ratios.dtype) if floor is None else floor)) ** alpha
-
-
 def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_norm: Tensor | float,
                        alpha: float, floor: float | None = None) -> Tensor:
     """GradNorm's gradient loss (Algorithm 1) ``sum_k | w_k n_k - target_norm r_k^alpha |``, targets constant.
 
-    Args:
-        weights: The present tasks' weights ``w_k`` (requiring grad).
-        norms: The unweighted gradient norms ``n_k = ||g_k||`` (detached).
-        ratios: The loss ratios ``L_k / L_k(0)``.
-        target_norm: The mean norm of the weighted gradients, ``mean_j w_j n_j``.
-        alpha: The asymmetry.
-        floor: The lower bound of the mean ratio (see :func:`inverse_training_rates`).
+    ``weights``: the present tasks' ``w_k`` (requiring grad); ``norms``: the unweighted ``n_k = ||g_k||``;
+    ``ratios``: ``L_k / L_k(0)``, whose relative inverse training rates are ``r_k = ratio_k / mean_j ratio_j``
+    (the mean floored at ``floor``, default the dtype's smallest normal number); ``target_norm``: the mean
+    norm of the weighted gradients, ``mean_j w_j n_j``; ``alpha``: the asymmetry.
     """
-    targets = target_norm * inverse_training_rates(ratios.detach(), alpha, floor)
-    return (weights * norms.detach() - targets.detach()).abs().sum()
+    ratios = ratios.detach()
+    rates = (ratios / ratios.mean().clamp_min(tiny(ratios.dtype) if floor is None else floor)) ** alpha
+    return (weights * norms.detach() - (target_norm * rates).detach()).abs().sum()
 
 
 def loss_ratio_values(losses: list[float], tasks: list[int], reference: list[float]) -> list[float]:
