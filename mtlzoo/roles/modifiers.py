@@ -55,12 +55,15 @@ class Modifier(WithParts, GramianAggregator):
                         request=Request("parameters", "gramian"))
     name: ClassVar[str] = ""
     """The modifier's name in a strategy name such as ``"clip_norm(nash_mtl)"``."""
+    does: ClassVar[str] = "modifies"
 
     def __init__(self, inner: GramianAggregator) -> None:
         if not isinstance(inner, GramianAggregator):
+            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
             raise InvalidStrategyError(
-                f"{type(self).__name__} modifies the weights of a Gramian aggregator (one whose update is J^T c); "
-                f"{type(inner).__name__} is not one, so it has no weights to modify.")
+                f"{self.name or type(self).__name__} {self.does} the weights c of an aggregator whose update is "
+                "J^T c, read from the Gramian (a GramianAggregator such as mgda, upgrad, nash_mtl); "
+                f"{type(inner).__name__} is not one ({name}): {_not_a_weighting(inner)}.")
         super().__init__(inner.num_tasks, target=inner.target)
         self.inner = inner
 
@@ -176,7 +179,7 @@ CRMOGM_PAPER = Paper(
 
 
 def _not_a_weighting(inner: object) -> str:
-    """Why ``inner`` has no weights of the task gradients read from their Gramian, for EMA's refusal."""
+    """Why ``inner`` has no weights of the task gradients read from their Gramian, for a modifier's refusal."""
     if isinstance(inner, WithParts):  # a composite (a modifier is a GramianAggregator)
         return ("it is a composition of roles; smooth its aggregator part instead, e.g. "
                 "compose(weighting=..., aggregator=EMA(create('upgrad', num_tasks=K)))")
@@ -218,17 +221,12 @@ class EMA(Modifier):
     info = StrategyInfo(name="ema", summary="The wrapped aggregator's weights, smoothed across optimizer steps.",
                         request=Request("parameters", "gramian"), paper=CRMOGM_PAPER)
     name = "ema"
+    does = "smooths"
 
     def __init__(self, inner: GramianAggregator, beta: float = 0.9) -> None:
-        if not isinstance(inner, GramianAggregator):
-            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
-            raise InvalidStrategyError(
-                f"ema smooths the weights c of an aggregator whose update is J^T c, read from the Gramian (a "
-                f"GramianAggregator such as mgda, upgrad, nash_mtl); {type(inner).__name__} ({name}) is not one: "
-                f"{_not_a_weighting(inner)}.")
+        super().__init__(inner)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
-        super().__init__(inner)
         self.beta = float(beta)
         self.declare_state(weights=torch.zeros(inner.num_tasks, dtype=torch.float64),
                            seen=torch.zeros(inner.num_tasks, dtype=torch.bool))
