@@ -1,18 +1,9 @@
-r"""The small optimisation problems that two or more strategies share, solved exactly.
+r"""The small optimisation problems that two or more strategies share, solved exactly on the host.
 
-Both problems are posed on the K x K Gramian ``G = J J^T`` of the task gradients, so they cost
-``O(K^3)`` whatever the number of parameters, and solved on the host in float64 by an active-set
-method (exact up to rounding, with numpy and LAPACK called directly); each has a host face
-(:func:`min_norm_weights`, :func:`dual_cone_weights`). Tolerances are relative to each row's own
-scale (``sqrt(G_kk)``), so the answers keep their properties (no conflict with any task) when the
-gradients differ in size by many orders of magnitude, whatever the order of the tasks.
-
-- :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the rows,
-  ``min_{w in simplex} w^T G w`` (MGDA; Nash-MTL's stationarity test);
-- :func:`project_to_dual_cone`: the projection of ``J^T u`` onto the dual cone
-  ``{d : J d >= 0}``, through its dual ``min_{v >= u} v^T G v`` (UPGrad, DualProj).
-- :func:`project_to_simplex`: the Euclidean projection of K weights onto the simplex (the projected
-  weight steps of MoDo, MoCo and SDMGrad).
+Each is posed on the K x K Gramian ``G = J J^T`` of the task gradients (``O(K^3)`` whatever the number of
+parameters) and solved in float64 by an active-set method, numpy and LAPACK called directly. Tolerances are
+relative to each row's own scale (``sqrt(G_kk)``), so the answers keep their properties (no conflict with any
+task) when the gradients differ in size by many orders of magnitude, whatever the order of the tasks.
 """
 
 from __future__ import annotations

@@ -48,19 +48,22 @@ class Modifier(WithParts, GramianAggregator):
     """Base of the modifiers: the wrapped aggregator's request, state and lifecycle, and a hook on its weights.
 
     Args:
-        inner: The Gramian aggregator to modify.
+        inner: The Gramian aggregator to modify (every modifier's first argument).
     """
 
     info = StrategyInfo(name="modifier", summary="A Gramian aggregator whose weights are transformed.",
                         request=Request("parameters", "gramian"))
     name: ClassVar[str] = ""
     """The modifier's name in a strategy name such as ``"clip_norm(nash_mtl)"``."""
+    does: ClassVar[str] = "modifies"
 
     def __init__(self, inner: GramianAggregator) -> None:
         if not isinstance(inner, GramianAggregator):
+            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
             raise InvalidStrategyError(
-                f"{type(self).__name__} modifies the weights of a Gramian aggregator (one whose update is J^T c); "
-                f"{type(inner).__name__} is not one, so it has no weights to modify.")
+                f"{self.name or type(self).__name__} {self.does} the weights c of an aggregator whose update is "
+                "J^T c, read from the Gramian (a GramianAggregator such as mgda, upgrad, nash_mtl); "
+                f"{type(inner).__name__} is not one ({name}): {_not_a_weighting(inner)}.")
         super().__init__(inner.num_tasks, target=inner.target)
         self.inner = inner
 
@@ -89,7 +92,6 @@ class ClipNorm(Modifier):
     Nash-MTL's authors clip every update this way (``max_norm=1.0``).
 
     Args:
-        inner: The Gramian aggregator.
         max_norm: ``m``, the largest norm of the update (0: no clipping).
     """
 
@@ -112,7 +114,6 @@ class EveryNSteps(Modifier):
     weights of each task (a task absent when they were computed keeps its earlier weight, 1 at first).
 
     Args:
-        inner: The Gramian aggregator.
         n: Recompute every this many optimizer steps (1: every step, the aggregator unchanged).
     """
 
@@ -146,7 +147,6 @@ class Normalize(Modifier):
     or ``L_k ||g_k||`` (``"loss+"``); the update is ``J^T c`` on the raw gradients, as in the authors' code.
 
     Args:
-        inner: The Gramian aggregator.
         by: ``"l2"``, ``"loss"`` or ``"loss+"``.
     """
 
@@ -179,7 +179,7 @@ CRMOGM_PAPER = Paper(
 
 
 def _not_a_weighting(inner: object) -> str:
-    """Why ``inner`` has no weights of the task gradients read from their Gramian, for EMA's refusal."""
+    """Why ``inner`` has no weights of the task gradients read from their Gramian, for a modifier's refusal."""
     if isinstance(inner, WithParts):  # a composite (a modifier is a GramianAggregator)
         return ("it is a composition of roles; smooth its aggregator part instead, e.g. "
                 "compose(weighting=..., aggregator=EMA(create('upgrad', num_tasks=K)))")
@@ -207,7 +207,6 @@ class EMA(Modifier):
     micro-batch of a step smooths against the weights the step started with.
 
     Args:
-        inner: The Gramian aggregator.
         beta: ``β`` in [0, 1] (1 keeps the first weights for ever); 0.9 as torchjd's default.
 
     Example:
@@ -222,17 +221,12 @@ class EMA(Modifier):
     info = StrategyInfo(name="ema", summary="The wrapped aggregator's weights, smoothed across optimizer steps.",
                         request=Request("parameters", "gramian"), paper=CRMOGM_PAPER)
     name = "ema"
+    does = "smooths"
 
     def __init__(self, inner: GramianAggregator, beta: float = 0.9) -> None:
-        if not isinstance(inner, GramianAggregator):
-            name = getattr(getattr(inner, "info", None), "name", type(inner).__name__)
-            raise InvalidStrategyError(
-                f"ema smooths the weights c of an aggregator whose update is J^T c, read from the Gramian (a "
-                f"GramianAggregator such as mgda, upgrad, nash_mtl); {type(inner).__name__} ({name}) is not one: "
-                f"{_not_a_weighting(inner)}.")
+        super().__init__(inner)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
-        super().__init__(inner)
         self.beta = float(beta)
         self.declare_state(weights=torch.zeros(inner.num_tasks, dtype=torch.float64),
                            seen=torch.zeros(inner.num_tasks, dtype=torch.bool))

@@ -20,17 +20,6 @@ from mtlzoo.roles.aggregator import check_gradients
 from mtlzoo.strategy import Target
 
 
-def check_rate(value: float, name: str, *, positive: bool = False, at_most: float | None = None) -> float:
-    """A non-negative (``positive``: > 0) finite number, at most ``at_most``; else the house's error."""
-    fine = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
-        (value > 0 if positive else value >= 0) and (at_most is None or value <= at_most)
-    if not fine:
-        what = ("a positive" if positive else "a non-negative") + " number" + \
-            (f" at most {at_most:g}" if at_most is not None else "")
-        raise ValueError(f"Parameter `{name}` should be {what}. Found `{name} = {value!r}`.")
-    return float(value)
-
-
 class ProjectedWeights(Aggregator):
     """Base of MoDo, SDMGrad and MoCo: the running task weights ``weights`` (``1/K`` each at first, a float64
     buffer), the Jacobians of the batches a step reads, and a standalone face that takes those batches.

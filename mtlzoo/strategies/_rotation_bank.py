@@ -12,14 +12,10 @@ the parameter is a tangent step ``X_k`` in the coordinates of torch's trivializa
 first order. Only the ``n (n - 1) / 2`` entries below the diagonal of ``X_k`` move ``A_k``, so the
 parameter holds just those, row by row (:func:`lower_indices`). ``X_k`` is zero at every forward, so
 its gradient is the Riemannian gradient in closed form (``tril(S - S^T)``, ``S = R_k^T dL/dR_k``), and
-after each optimizer step taken :meth:`RotationBank.retract` moves ``R_k <- R_k (I + A + A^2 / 2)``
-(exp to second order) and sets ``X_k`` back to zero, its optimizer state kept: a dynamic
-trivialization (Lezcano-Casado, "Trivializations for gradient-based optimization on manifolds",
-NeurIPS 2019) whose chart is re-centred at every step. Rounding drift is removed every
-``CHECK_EVERY`` steps (and at once after a large step) by a Newton-Schulz polar projection
-(:func:`polar_project`). Cost per step: two batched n x n products. The rotation objective's
-gradient is in closed form: :class:`RotationObjective` (torch's maps), :class:`TangentObjective`
-(the retraction).
+after each optimizer step :meth:`RotationBank.retract` re-centres the chart at the new rotation, ``X_k``'s
+optimizer state kept: a dynamic trivialization (Lezcano-Casado, "Trivializations for gradient-based
+optimization on manifolds", NeurIPS 2019), two batched n x n products per step. The rotation objective's
+gradient is in closed form: :class:`RotationObjective` (torch's maps), :class:`TangentObjective` (the retraction).
 """
 
 from __future__ import annotations

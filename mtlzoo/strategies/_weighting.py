@@ -1,7 +1,8 @@
-"""What the loss-weighting strategies share: checks of their input and the epoch hook's reminder."""
+"""What several built-in strategies share: checks of their arguments and input, the epoch hook's reminder."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -9,11 +10,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import NonPositiveLossError
+from mtlzoo.errors import NonPositiveLossError, ShapeMismatchError
 
 EPOCH_REMINDER_STEPS = 1_000
 """Optimizer steps without any ``end_epoch()`` after which DWA and STCH warn, once: longer than most epochs of
 the standard benchmarks (100 to 800 steps), short enough that a forgotten call shows early."""
+
+
+def check_rate(value: float, name: str, *, positive: bool = False, at_most: float | None = None,
+               below: float | None = None) -> float:
+    """A finite number ``>= 0`` (``> 0`` if ``positive``), ``<= at_most``, ``< below``; else a ``ValueError``."""
+    fine = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and \
+        (value > 0 if positive else value >= 0) and (at_most is None or value <= at_most) and \
+        (below is None or value < below)
+    if not fine:
+        upper = at_most if below is None else below
+        sign = "positive" if positive else "non-negative"
+        what = f"a {sign} number" if upper is None else \
+            f"a number in {'(' if positive else '['}0, {upper:g}{']' if below is None else ')'}"
+        raise ValueError(f"Parameter `{name}` should be {what}. Found `{name} = {value!r}`.")
+    return float(value)
 
 
 def check_positive(losses: Tensor, tasks: Tensor | None, method: str, takes: str) -> None:
@@ -54,6 +70,19 @@ def gradient_surrogate(parameters: Tensor, gradient: list[float]) -> Tensor:
     return (parameters * torch.tensor(gradient, dtype=parameters.dtype, device=parameters.device)).sum()
 
 
+def all_usable(owner: Any, reference: Tensor) -> bool:
+    """Whether every entry of ``reference`` (a state tensor of ``owner``) is finite and non-zero; a yes is
+    remembered per state generation, so that a step does not wait on the device for it."""
+    version = owner.state.generation
+    known = owner.__dict__.setdefault("_usable", [])  # (tensor, generation) pairs, the last four
+    if any(reference is seen and number == version for seen, number in known):
+        return True
+    if not bool((torch.isfinite(reference) & (reference != 0)).all()):
+        return False
+    known[:] = [*[entry for entry in known if entry[0] is not reference][-3:], (reference, version)]
+    return True
+
+
 def remind_end_epoch(method: str, steps: int, consequence: str, owner: Any) -> None:
     """Warn once that ``mtl.end_epoch()`` seems never to be called (``steps`` steps without it)."""
     warnings.warn(f"{method} has taken {steps} optimizer steps and no epoch has ended: call mtl.end_epoch() at the "
@@ -82,4 +111,32 @@ class WidensState:
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor):
                 widen(self, (name,), saved.dtype)  # type: ignore[arg-type]
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]
+
+
+class ShapedAtFirstStep:
+    """Mixin: the state tensors in ``shaped_later`` (declared empty) take their shape at the first step
+    (:meth:`first_shaped`), or from a checkpoint when one is loaded."""
+
+    shaped_later: ClassVar[tuple[str, ...]] = ()
+    num_tasks: int
+
+    def first_shaped(self, name: str, rows: Tensor, what: str) -> Tensor:
+        """The committed state ``name`` (K x n), made zeros like ``rows`` (K' x n) at the first step."""
+        value = self.state.committed(name)  # type: ignore[attr-defined]
+        shape = (self.num_tasks, rows.shape[1])
+        if value.numel() == 0:
+            value = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+            setattr(self, name, value)  # the state's shape, set once (zeros: the declared initial value)
+        if tuple(value.shape) != shape:
+            raise ShapeMismatchError(f"{type(self).__name__} keeps {what} of {value.shape[1]} entries per task; this "
+                                     f"step's have {shape[1]} (a different model, or a representation of another "
+                                     "shape). Build a new strategy for it.")
+        return value
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in self.shaped_later:
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(saved, Tensor) and saved.shape != current.shape:
+                setattr(self, name, torch.zeros(saved.shape, dtype=saved.dtype, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[misc]

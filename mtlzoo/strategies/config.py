@@ -58,10 +58,6 @@ class ConFIG(GramianAggregator):
     (its unit row is 0, as their ``nan_to_num``). Their weight and length models other than the
     defaults (equal weights, projection length) and the momentum variant (M-ConFIG) are not offered.
 
-    Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
-
     Example:
         >>> import torch, mtlzoo
         >>> config = mtlzoo.create("config", num_tasks=2)

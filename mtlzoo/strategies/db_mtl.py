@@ -2,16 +2,15 @@ r"""DB-MTL (Lin et al., 2023): log losses, and gradients balanced to the largest
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import ShapeMismatchError
 from mtlzoo.protocol import Request, StepInputs
 from mtlzoo.roles import DirectionAggregator
 from mtlzoo.roles.composite import Composite
+from mtlzoo.strategies._weighting import ShapedAtFirstStep, check_rate
 from mtlzoo.strategies.si import ScaleInvariant
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -29,14 +28,6 @@ NORM_EPS = 1e-8
 """The authors' ``||ĝ_k|| + 1e-8`` in the balancing factors (an absolute constant)."""
 
 
-def check_rate(value: float, name: str, upper: float | None = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)) \
-            or (upper is not None and value > upper):
-        bound = f"in [0, {upper:g}]" if upper is not None else ">= 0"
-        raise ValueError(f"Parameter `{name}` should be a number {bound}. Found `{name} = {value!r}`.")
-    return float(value)
-
-
 def balanced(averages: Tensor, rows: Tensor) -> Tensor:
     """``sum_k max_j ||ĝ_j|| / (||ĝ_k|| + 1e-8) ĝ_k`` over the selected rows (a boolean mask) of the averages."""
     selected = averages[rows]
@@ -44,7 +35,7 @@ def balanced(averages: Tensor, rows: Tensor) -> Tensor:
     return torch.tensordot(norms.max() / (norms + NORM_EPS), selected, dims=1)
 
 
-class DualBalance(DirectionAggregator):
+class DualBalance(ShapedAtFirstStep, DirectionAggregator):
     r"""DB-MTL's gradient balancing: moving averages of the task gradients, each rescaled to the largest one's norm.
 
     Paper: Lin et al., *Dual-Balancing for Multi-Task Learning*, 2023
@@ -70,7 +61,6 @@ class DualBalance(DirectionAggregator):
     from a step keeps its average.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (the only one).
         beta: ``β`` in [0, 1]; 0.9 as LibMTL's default.
         beta_sigma: ``σ >= 0``; 0 as LibMTL's default.
@@ -85,18 +75,19 @@ class DualBalance(DirectionAggregator):
         original_code="https://github.com/median-research-group/LibMTL",
     )
     supported_targets: ClassVar[tuple[Target, ...]] = ("parameters",)
+    shaped_later = ("averages",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.9,
                  beta_sigma: float = 0.0) -> None:
         super().__init__(num_tasks, target=target)
-        self.beta = check_rate(beta, "beta")
-        self.beta_sigma = check_rate(beta_sigma, "beta_sigma", upper=None)
+        self.beta = check_rate(beta, "beta", at_most=1.0)
+        self.beta_sigma = check_rate(beta_sigma, "beta_sigma")
         self.declare_state(steps=0)
         self.declare_state(per_step="every", averages=torch.zeros(0), seen=torch.zeros(num_tasks, dtype=torch.bool))
 
     def combine(self, gradients: Tensor, inputs: StepInputs) -> Tensor:
         rows = gradients.reshape(gradients.shape[0], -1)
-        committed = self._averages(rows)
+        committed = self.first_shaped("averages", rows, "averages of gradients")
         rate = self.beta / (self.state.steps + 1) ** self.beta_sigma
         if self.micro_batch == 0:
             averages, seen, before = committed.clone(), torch.zeros_like(self.state.seen), None
@@ -113,26 +104,8 @@ class DualBalance(DirectionAggregator):
         update = update if before is None else update - before
         return update.to(gradients.dtype).reshape(gradients.shape[1:])
 
-    def _averages(self, rows: Tensor) -> Tensor:
-        """The committed averages (K x n), created as zeros like the rows at the first step."""
-        averages = self.state.committed("averages")
-        shape = (self.num_tasks, rows.shape[1])
-        if averages.numel() == 0:
-            averages = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-            self.averages = averages  # the state's shape, set once (zeros: the declared initial value)
-        if tuple(averages.shape) != shape:
-            raise ShapeMismatchError(f"DB-MTL averages gradients of {averages.shape[1]} entries per task; this step's "
-                                     f"have {shape[1]} (a different model). Build a new strategy for it.")
-        return averages
-
     def on_advance(self) -> None:
         self.state.steps += 1
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "averages")
-        if isinstance(saved, Tensor) and saved.shape != self.averages.shape:  # shaped at the first step
-            self.averages = torch.zeros_like(saved, device=self.averages.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class DBMTL(Composite):
@@ -157,7 +130,6 @@ class DBMTL(Composite):
     Every loss must be above ``-1e-8`` (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise).
 
     Args:
-        num_tasks: K.
         beta: ``β`` in [0, 1]; 0.9 as LibMTL's default.
         beta_sigma: ``σ >= 0``; 0 as LibMTL's default.
 

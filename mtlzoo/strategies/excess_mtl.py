@@ -3,23 +3,22 @@ r"""ExcessMTL (He et al., ICML 2024): task weights raised by exponentiated gradi
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlzoo.errors import ShapeMismatchError
-from mtlzoo.linalg import all_finite, compute_dtype
+from mtlzoo.linalg import all_finite
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.roles import Aggregator
-from mtlzoo.roles.aggregator import check_gradients
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.roles.composite import standalone
+from mtlzoo.strategies._weighting import ShapedAtFirstStep, check_rate
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 
 ADAGRAD_EPS = 1e-7
 """Added to the accumulated squares under the square root, as the authors' code (an absolute constant)."""
 
 
-class ExcessMTL(Aggregator):
+class ExcessMTL(ShapedAtFirstStep, Aggregator):
     r"""ExcessMTL: weigh each task by how far it is from its best, estimated from its gradients' curvature.
 
     Paper: He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024
@@ -55,8 +54,6 @@ class ExcessMTL(Aggregator):
     weights keep their sum.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         robust_step_size: ``η > 0``; 1e-2 as LibMTL's default.
         weighted_heads: Whether head k learns from ``λ_k L_k`` (the authors') or from ``L_k``.
 
@@ -87,19 +84,13 @@ class ExcessMTL(Aggregator):
         original_code="https://github.com/yifei-he/ExcessMTL",
     )
     statistic = "gradients"
+    shaped_later = ("squares",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, robust_step_size: float = 1e-2,
                  weighted_heads: bool = True) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(robust_step_size, bool) or not isinstance(robust_step_size, (int, float)) \
-                or not (robust_step_size > 0 and math.isfinite(robust_step_size)):
-            raise ValueError(f"Parameter `robust_step_size` should be a positive number. Found `robust_step_size = "
-                             f"{robust_step_size!r}`.")
-        if not isinstance(weighted_heads, bool):
-            raise ValueError(f"Parameter `weighted_heads` should be True or False. Found `weighted_heads = "
-                             f"{weighted_heads!r}`.")
-        self.robust_step_size = float(robust_step_size)
-        self.weighted_heads = weighted_heads
+        self.robust_step_size = check_rate(robust_step_size, "robust_step_size", positive=True)
+        self.weighted_heads = check_flag("weighted_heads", weighted_heads)
         self.declare_state(weights=torch.ones(num_tasks, dtype=torch.float64),
                            baselines=torch.zeros(num_tasks, dtype=torch.float64), squares=torch.zeros(0))
 
@@ -109,7 +100,7 @@ class ExcessMTL(Aggregator):
             return self.state.weights.detach().cpu()[tasks.cpu()]
         rows = gradients.sum(1) if self.target == "representation" else gradients  # summed over the batch
         rows = rows.reshape(rows.shape[0], -1).detach()
-        squares = self._squares(rows)
+        squares = self.first_shaped("squares", rows, "sums of squared gradients")
         index = tasks.to(squares.device)
         accumulated = squares[index] + rows**2
         risks = (rows**2 / torch.sqrt(accumulated + ADAGRAD_EPS)).sum(1).to(torch.float64).cpu()
@@ -126,19 +117,6 @@ class ExcessMTL(Aggregator):
         self.state.weights, self.state.baselines, self.state.squares = weights, baselines, everyone
         return present
 
-    def _squares(self, rows: Tensor) -> Tensor:
-        """The committed ``S`` (K x m), created as zeros like the rows at the first step."""
-        squares = self.state.committed("squares")
-        shape = (self.num_tasks, rows.shape[1])
-        if squares.numel() == 0:
-            squares = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-            self.squares = squares  # the state's shape, set once (a zero sum: the declared initial value)
-        if tuple(squares.shape) != shape:
-            raise ShapeMismatchError(f"ExcessMTL accumulates squared gradients of shape {tuple(squares.shape[1:])} "
-                                     f"per task; this step's have {shape[1]} entries (a different model, or a "
-                                     "representation of another shape). Build a new strategy for it.")
-        return squares
-
     def compute(self, inputs: StepInputs) -> Update:
         grads = inputs.gradients
         assert grads is not None
@@ -148,14 +126,4 @@ class ExcessMTL(Aggregator):
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
         """Standalone: ``J^T λ`` for a (K, ...) matrix of task gradients; call :meth:`advance` after each step."""
-        check_gradients(grads, losses, self)
-        wide = grads.to(compute_dtype(grads.dtype))
-        weights = self.task_weights(wide, torch.arange(grads.shape[0], device=grads.device))
-        self.count_backward()
-        return torch.tensordot(weights.to(device=wide.device, dtype=wide.dtype), wide, dims=1).to(grads.dtype)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "squares")
-        if isinstance(saved, Tensor) and saved.shape != self.squares.shape:  # shaped at the first step
-            self.squares = torch.zeros_like(saved, device=self.squares.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        return standalone(self, grads, losses)

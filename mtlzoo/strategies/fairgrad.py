@@ -3,16 +3,13 @@ r"""FairGrad (Ban & Ji, ICML 2024): alpha-fair resource allocation among the tas
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
-from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import ClipNorm, GramianAggregator, HostStep
-from mtlzoo.solvers import clean_gramian, min_norm_weights
-from mtlzoo.strategies.nash_mtl import STATIONARY
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies.nash_mtl import nonzero_rows, pareto_stationary, warn_not_converged
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_int
 
 FAIRGRAD_PAPER = Paper(
     authors=("Hao Ban", "Kaiyi Ji"),
@@ -72,8 +69,6 @@ class FairWeights(GramianAggregator):
     (https://arxiv.org/abs/2402.15638), eq. 4 and Algorithm 1.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default) or ``"representation"``.
         alpha: ``α > 0``, the fairness (see :class:`FairGrad`).
         max_iterations: Newton steps before giving up (with a warning).
     """
@@ -93,28 +88,17 @@ class FairWeights(GramianAggregator):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"Parameter `alpha` should be a positive number (alpha -> 0 is the sum of the gradients: "
                              f"use 'ls'). Found `alpha = {alpha!r}`.")
-        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-            raise ValueError(f"Parameter `max_iterations` should be a positive int. Found `max_iterations = "
-                             f"{max_iterations!r}`.")
         self.alpha = float(alpha)
-        self.max_iterations = max_iterations
+        self.max_iterations = check_int("max_iterations", max_iterations)
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         size = gramian.shape[0]
         weights = np.zeros(size)
-        present = np.diag(gramian) > 0
-        if not present.all():
-            warnings.warn(f"FairGrad: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
-                          "G w = w^(-1/alpha) has no solution; they get weight 0 and the others share the update.",
-                          SolverWarning, stacklevel=5)
+        present = nonzero_rows(gramian, "FairGrad", "G w = w^(-1/alpha)")
         if not present.any():
             return weights
         sub = gramian[np.ix_(present, present)]
-        hull = min_norm_weights(clean_gramian(sub, step.eps))
-        if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-            warnings.warn("FairGrad: a convex combination of the task gradients is zero (a Pareto-stationary point), "
-                          "so no update improves every task and G w = w^(-1/alpha) has no solution; the update is 0.",
-                          SolverWarning, stacklevel=5)
+        if pareto_stationary(sub, step.eps, "FairGrad", "G w = w^(-1/alpha)"):
             return weights
         scale = math.sqrt(float((sub * sub).sum()))  # ||G||_F: solved on G / scale, then scaled back
         with np.errstate(all="ignore"):  # near-stationary gradients may send Newton's iterates far away
@@ -123,8 +107,7 @@ class FairWeights(GramianAggregator):
             except np.linalg.LinAlgError:
                 solution, converged = np.full(int(present.sum()), 1.0 / size), False
         if not (converged and np.isfinite(solution).all()):
-            warnings.warn(f"FairGrad: Newton's method did not converge in {self.max_iterations} steps (the gradients "
-                          "are close to Pareto-stationary); its last iterate is used.", SolverWarning, stacklevel=5)
+            warn_not_converged("FairGrad", self.max_iterations)
         weights[present] = solution * scale ** (-self.alpha / (self.alpha + 1))
         return size * weights  # the authors' factor K ("to match the sum loss")
 
@@ -162,8 +145,6 @@ class FairGrad(ClipNorm):
     silently).
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         alpha: ``α > 0``; 1.0 as the authors' default (their experiments also use 2 and more).
         max_norm: Largest norm of the update (0: no clipping); 1.0 as the authors' code.
         max_iterations: Newton steps before giving up (with a warning).

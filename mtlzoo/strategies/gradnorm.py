@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from mtlzoo.linalg import compute_dtype, row_norms, tiny
 from mtlzoo.protocol import LAST_LAYER, Request, StepInputs, Update
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategies._weighting import WidensState, widen
+from mtlzoo.strategies._weighting import WidensState, all_usable, widen
 from mtlzoo.strategy import Paper, StrategyInfo, check_number
 
 GRADNORM_PAPER = Paper(
@@ -37,28 +37,18 @@ def loss_ratios(losses: Tensor, reference: Tensor) -> Tensor:
                        torch.ones_like(losses))
 
 
-def inverse_training_rates(ratios: Tensor, alpha: float, floor: float | None = None) -> Tensor:
-    """GradNorm's ``r_k^alpha`` with ``r_k = ratio_k / mean_j ratio_j`` (the relative inverse training rate).
-
-    ``floor`` bounds the mean ratio from below (default: the dtype's smallest normal number).
-    """
-    return (ratios / ratios.mean().clamp_min(tiny(ratios.dtype) if floor is None else floor)) ** alpha
-
-
 def gradnorm_objective(weights: Tensor, norms: Tensor, ratios: Tensor, target_norm: Tensor | float,
                        alpha: float, floor: float | None = None) -> Tensor:
     """GradNorm's gradient loss (Algorithm 1) ``sum_k | w_k n_k - target_norm r_k^alpha |``, targets constant.
 
-    Args:
-        weights: The present tasks' weights ``w_k`` (requiring grad).
-        norms: The unweighted gradient norms ``n_k = ||g_k||`` (detached).
-        ratios: The loss ratios ``L_k / L_k(0)``.
-        target_norm: The mean norm of the weighted gradients, ``mean_j w_j n_j``.
-        alpha: The asymmetry.
-        floor: The lower bound of the mean ratio (see :func:`inverse_training_rates`).
+    ``weights``: the present tasks' ``w_k`` (requiring grad); ``norms``: the unweighted ``n_k = ||g_k||``;
+    ``ratios``: ``L_k / L_k(0)``, whose relative inverse training rates are ``r_k = ratio_k / mean_j ratio_j``
+    (the mean floored at ``floor``, default the dtype's smallest normal number); ``target_norm``: the mean
+    norm of the weighted gradients, ``mean_j w_j n_j``; ``alpha``: the asymmetry.
     """
-    targets = target_norm * inverse_training_rates(ratios.detach(), alpha, floor)
-    return (weights * norms.detach() - targets.detach()).abs().sum()
+    ratios = ratios.detach()
+    rates = (ratios / ratios.mean().clamp_min(tiny(ratios.dtype) if floor is None else floor)) ** alpha
+    return (weights * norms.detach() - (target_norm * rates).detach()).abs().sum()
 
 
 def loss_ratio_values(losses: list[float], tasks: list[int], reference: list[float]) -> list[float]:
@@ -166,7 +156,7 @@ class GradNorm(WidensState, LossWeighting):
 
     def _stage_reference(self, losses: Tensor) -> None:
         """``L_k(0)``: a present task without a usable reference takes this loss (if finite and non-zero)."""
-        if self._all_referenced() and losses.dtype == self.initial_losses.dtype:
+        if all_usable(self, self.initial_losses) and losses.dtype == self.initial_losses.dtype:
             return  # every task has its reference (read once per change of the buffer, not per step)
         widen(self, self.widening, losses.dtype)
         reference = self.state.initial_losses
@@ -179,15 +169,6 @@ class GradNorm(WidensState, LossWeighting):
         else:
             self.state.initial_losses = reference.index_copy(0, tasks.to(reference.device),
                                                              torch.where(take, losses, mine))
-
-    def _all_referenced(self) -> bool:
-        reference = self.initial_losses
-        cached = self.__dict__.get("_referenced")  # (the tensor, the state's generation, the answer)
-        generation = self.state.generation
-        if cached is None or cached[0] is not reference or cached[1] != generation:
-            cached = (reference, generation, bool((torch.isfinite(reference) & (reference != 0)).all()))
-            self.__dict__["_referenced"] = cached
-        return cached[2]
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None  # the weights learn from the gradient loss only, never from sum_k w_k L_k
@@ -206,7 +187,7 @@ class GradNorm(WidensState, LossWeighting):
         reference = self.of_present(self.state.initial_losses, tasks).to(dtype)
         norms = weighted_norms / weights.detach().to(dtype).clamp_min(tiny(dtype))  # the engine's are of w_k L_k
         losses = losses.to(dtype)
-        ratios = losses / reference if self._all_referenced() else loss_ratios(losses, reference)
+        ratios = losses / reference if all_usable(self, self.initial_losses) else loss_ratios(losses, reference)
         return gradnorm_objective(weights.to(dtype), norms, ratios, weighted_norms.mean(), self.alpha)
 
     def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ import torch
 
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.strategies._weighting import check_rate
 from mtlzoo.strategies.pcgrad import drawing, initial_stream, task_orders
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
@@ -78,7 +79,6 @@ class GradVac(GramianAggregator):
     generator.
 
     Args:
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         beta: EMA rate ``β`` of the targets, in [0, 1]; 0.5 as LibMTL and torchjd.
         seed: Seed of the task orders; ``None`` draws one from torch's generator.
 
@@ -109,9 +109,7 @@ class GradVac(GramianAggregator):
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.5,
                  seed: int | None = None) -> None:
         super().__init__(num_tasks, target=target)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-            raise ValueError(f"Parameter `beta` should be a number in [0, 1]. Found `beta = {beta!r}`.")
-        self.beta = float(beta)
+        self.beta = check_rate(beta, "beta", at_most=1.0)
         self.declare_state(targets=torch.zeros(num_tasks, num_tasks))
         self.declare_state(per_step="every", generator=initial_stream(seed))
 

@@ -2,7 +2,7 @@ r"""MoCo (Fernando et al., ICLR 2023): MGDA's weights stepped on tracked task gr
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -10,11 +10,12 @@ from torch import Tensor
 
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.solvers import from_host, project_to_simplex, to_host
-from mtlzoo.strategies._projected import ProjectedWeights, check_rate
+from mtlzoo.strategies._projected import ProjectedWeights
+from mtlzoo.strategies._weighting import ShapedAtFirstStep, check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 
-class MoCo(ProjectedWeights):
+class MoCo(ShapedAtFirstStep, ProjectedWeights):
     r"""MoCo: stochastic MGDA on tracked task gradients, whose running average corrects the bias of one batch's.
 
     Paper: Fernando, Shen, Liu, Chaudhury, Murugesan & Chen, *Mitigating Gradient Bias in Multi-objective
@@ -47,7 +48,6 @@ class MoCo(ProjectedWeights):
     step keeps its row and weight.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (the only one).
         beta: Tracking rate ``β`` in (0, 1] (1: no tracking, stochastic MGDA's projected step).
         gamma: Step size ``γ`` of the weights.
@@ -77,6 +77,7 @@ class MoCo(ProjectedWeights):
         original_code="https://github.com/heshandevaka/Trade-Off-MOL",
     )
     supported_targets: ClassVar[tuple[Target, ...]] = ("parameters",)
+    shaped_later = ("tracked",)
 
     def __init__(self, num_tasks: int, *, target: Target | None = None, beta: float = 0.1, gamma: float = 0.1,
                  rho: float = 0.1) -> None:
@@ -100,9 +101,3 @@ class MoCo(ProjectedWeights):
         weights = project_to_simplex(weights - self.gamma * (product @ weights + self.rho * weights))
         self.keep(weights, tasks)
         return Update(direction=(from_host(weights, rows) @ rows).view_as(inputs.gradients[0]))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        saved = state_dict.get(prefix + "tracked")
-        if isinstance(saved, Tensor) and saved.shape != self.tracked.shape:  # shaped at the first step
-            self.tracked = torch.zeros(saved.shape, dtype=saved.dtype, device=self.tracked.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.solvers import from_host, project_to_simplex, to_host
-from mtlzoo.strategies._projected import ProjectedWeights, check_rate
+from mtlzoo.strategies._projected import ProjectedWeights
+from mtlzoo.strategies._weighting import check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 
@@ -41,7 +42,6 @@ class MoDo(ProjectedWeights):
     :class:`~mtlzoo.errors.ReusedBatchWarning`.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, the paper's) or ``"representation"`` (one batch).
         gamma: Step size ``γ`` of the weights (0.1, as the authors' code and torchjd).
         rho: Regularisation ``ρ`` of the weights' step (0.1, as theirs).

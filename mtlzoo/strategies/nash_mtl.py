@@ -50,6 +50,32 @@ def bargaining_weights(gramian: np.ndarray, start: np.ndarray, max_iterations: i
     return alpha, False
 
 
+def nonzero_rows(gramian: np.ndarray, method: str, problem: str) -> np.ndarray:
+    """The rows whose gradient is not zero; a :class:`~mtlzoo.errors.SolverWarning` names the others."""
+    present = np.diag(gramian) > 0
+    if not present.all():
+        warnings.warn(f"{method}: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
+                      f"{problem} has no solution; they get weight 0 and the other tasks share the update.",
+                      SolverWarning, stacklevel=6)
+    return present
+
+
+def pareto_stationary(gramian: np.ndarray, eps: float, method: str, problem: str) -> bool:
+    """Whether a convex combination of the rows is zero (then warns that ``problem`` has no solution)."""
+    hull = min_norm_weights(clean_gramian(gramian, eps))
+    if float(hull @ gramian @ hull) > STATIONARY * float(np.trace(gramian)):
+        return False
+    warnings.warn(f"{method}: a convex combination of the task gradients is zero (a Pareto-stationary point), so no "
+                  f"update improves every task and {problem} has no solution; the update is 0.", SolverWarning,
+                  stacklevel=6)
+    return True
+
+
+def warn_not_converged(method: str, iterations: int) -> None:
+    warnings.warn(f"{method}: Newton's method did not converge in {iterations} steps (the gradients are close to "
+                  "Pareto-stationary); its last iterate is used.", SolverWarning, stacklevel=6)
+
+
 class NashBargaining(GramianAggregator):
     r"""The Nash bargaining weights among the tasks, unclipped and recomputed every step (Nash-MTL's core).
 
@@ -102,12 +128,8 @@ class NashBargaining(GramianAggregator):
         """``α`` for the raw Gramian, from the warm start ``previous`` (see the class's docstring)."""
         size = math.sqrt(float((raw * raw).sum()))  # ||G||_F
         matrix = raw / size if size > 0 else np.zeros_like(raw)
-        present = np.diag(matrix) > 0
+        present = nonzero_rows(matrix, "Nash-MTL", "the bargaining problem")
         alpha = np.zeros(matrix.shape[0])
-        if not present.all():
-            warnings.warn(f"Nash-MTL: the gradients of tasks (rows) {np.flatnonzero(~present).tolist()} are zero, so "
-                          "the bargaining problem has no solution; they get weight 0 and the other tasks bargain "
-                          "among themselves.", SolverWarning, stacklevel=5)
         if present.any():
             sub = matrix if present.all() else matrix[np.ix_(present, present)]
             start = previous[present] * math.sqrt(size)
@@ -121,17 +143,11 @@ class NashBargaining(GramianAggregator):
             # so ||J^T c||^2 >= 1 / (K' max_k alpha_k^2) for every convex c. Where that bound (halved, for the
             # solver's tolerance) clears the stationarity threshold, the min-norm test would pass: skip it.
             count = int(present.sum())
-            if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))):
-                hull = min_norm_weights(clean_gramian(sub, _EPS))  # min_norm_simplex on the float64 sub-Gramian
-                if float(hull @ sub @ hull) <= STATIONARY * float(np.trace(sub)):
-                    warnings.warn("Nash-MTL: a convex combination of the task gradients is zero (a Pareto-stationary "
-                                  "point), so no update improves every task and the bargaining problem has no "
-                                  "solution; the update is 0.", SolverWarning, stacklevel=5)
-                    return alpha
+            if not (converged and 0.5 / (count * float(solution.max()) ** 2) > STATIONARY * float(np.trace(sub))) \
+                    and pareto_stationary(sub, _EPS, "Nash-MTL", "the bargaining problem"):
+                return alpha
             if not converged:
-                warnings.warn(f"Nash-MTL: Newton's method did not converge in {self.max_iterations} steps (the "
-                              "gradients are close to Pareto-stationary); its last iterate is used.", SolverWarning,
-                              stacklevel=5)
+                warn_not_converged("Nash-MTL", self.max_iterations)
             alpha[present] = solution / math.sqrt(size)  # the solution for the raw Gramian
         return alpha
 

@@ -13,6 +13,7 @@ from torch import Tensor
 from mtlzoo.errors import SolverWarning
 from mtlzoo.protocol import Request
 from mtlzoo.roles import GramianAggregator, HostStep
+from mtlzoo.strategies._weighting import check_rate
 from mtlzoo.strategy import Paper, StrategyInfo, Target
 
 _INFEASIBLE = ("PCD: the secondary tasks' constraints cannot all hold (their gradients pull against each other: a "
@@ -112,8 +113,6 @@ class PCD(GramianAggregator):
     Running state: the moving averages ``second_moments`` and the per-task step counts ``counts``.
 
     Args:
-        num_tasks: K.
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         tau: ``τ`` in [0, 1]: one number for every secondary task, or K - 1 numbers (tasks 2 to K);
             0.02 as the authors' default.
         beta: Decay ``β`` in [0, 1) of the moving average of the squared norms; 0.999 as the authors'.
@@ -157,13 +156,9 @@ class PCD(GramianAggregator):
         if isinstance(tau, (bool, str)) or taus.dim() > 1 or (taus.dim() == 1 and taus.shape[0] != num_tasks - 1) \
                 or not bool(((taus >= 0) & (taus <= 1)).all()):
             raise ValueError(message)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"Parameter `beta` should be a number in [0, 1). Found `beta = {beta!r}`.")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"Parameter `eps` should be a non-negative number. Found `eps = {eps!r}`.")
         self.taus = torch.cat([torch.zeros(1, dtype=torch.float64), taus.expand(num_tasks - 1)])  # task k's τ at k
-        self.beta = float(beta)
-        self.eps = float(eps)
+        self.beta = check_rate(beta, "beta", below=1.0)
+        self.eps = check_rate(eps, "eps")
         self.declare_state(second_moments=torch.zeros(num_tasks, dtype=torch.float64),
                            counts=torch.zeros(num_tasks, dtype=torch.int64))
 

@@ -85,7 +85,6 @@ class PCGrad(GramianAggregator):
     expectation over them is permutation invariant, and for a fixed draw it scales with the gradients.
 
     Args:
-        target: ``"parameters"`` (default, as the paper) or ``"representation"``.
         seed: Seed of the task orders; ``None`` draws one from torch's generator.
 
     Example:

@@ -37,6 +37,7 @@ from mtlzoo.strategies._rotation_bank import (
     as_shape,
     rotate,
 )
+from mtlzoo.strategies._weighting import all_usable
 from mtlzoo.strategy import Paper, StrategyInfo, check_flag, check_int
 
 ROTOGRAD_PAPER = Paper(
@@ -76,21 +77,10 @@ class ReferenceSteps:
         self.declare_state(step=0)  # type: ignore[attr-defined]
         self.declare_state(per_step="every", **{name: torch.full((self.num_tasks,), math.nan)  # type: ignore
                                                 for name in names})
-        self._complete: list[tuple[Tensor, int]] = []
 
     def is_reference_step(self) -> bool:
         step = self.state.step
         return step == 0 or step == self.burn_in_period
-
-    def _is_complete(self, reference: Tensor) -> bool:
-        """Whether every entry is usable (finite, non-zero); remembered per state generation (no host sync)."""
-        version = self.state.generation
-        if any(reference is seen and number == version for seen, number in self._complete):
-            return True
-        if not bool((torch.isfinite(reference) & (reference != 0)).all()):
-            return False
-        self._complete = [*[entry for entry in self._complete if entry[0] is not reference][-3:], (reference, version)]
-        return True
 
     def record_reference(self, name: str, values: Tensor, tasks: Tensor) -> Tensor:
         """Stage ``values`` as the reference of ``tasks`` on the first micro-batch of a reference step, and for
@@ -98,7 +88,7 @@ class ReferenceSteps:
         references this step uses."""
         current: Tensor = getattr(self.state, name)
         renew = self.micro_batch == 0 and self.is_reference_step()
-        if not renew and self._is_complete(current):
+        if not renew and all_usable(self, current):
             return current  # every task has its reference: nothing to record
         values = values.detach().to(current.dtype)
         flat = current.reshape(-1)

@@ -1,24 +1,9 @@
-r"""RotateOnly, RotoGrad and RotoGradNorm (Javaloy & Valera, ICLR 2022), as compositions.
+r"""RotateOnly, RotoGrad and RotoGradNorm (Javaloy & Valera, ICLR 2022): RotoGrad's rotations
+(:class:`~mtlzoo.strategies.rotations.Rotations`) composed with a rule for the backbone's update.
 
-Each is RotoGrad's rotations (the adapter :class:`~mtlzoo.strategies.rotations.Rotations`: each
-task sees ``z_k = R_k z``, the rotations learned so that the task gradients align) composed with
-a rule for the backbone's update from the task gradients ``g_k = dL_k/dz`` on the representation
-(:func:`mtlzoo.compose` puts the rotations under any other aggregator): RotateOnly, the plain sum;
-RotoGrad, :class:`MagnitudeScaling`; RotoGradNorm, :class:`GradNormWeights`. Reference values
-(``L_k(t_0)``, ``||g_k(t_0)||``) are recorded at step 0 and at step ``burn_in_period`` (optimizer
-steps), each part its own. Maths run in float32 at least; gradients so large that the rotation
-objective's gradient overflows float32 make the step fail with
-:class:`~mtlzoo.errors.NonFiniteGradientError`.
-
-Differences from the ``rotograd`` package 0.1.6.0, which this module otherwise reproduces
-(``orthogonal_map="matrix_exp"``: a rotograd run number for number): the caller's heads are not
-wrapped in place; step counters and reference values are in ``state_dict()``, so a run resumes;
-``mtl[k]`` owns task k's rotation; RotoGradNorm no longer computes RotoGrad's scaling only to
-discard it; extra positional arguments raise; the default ``orthogonal_map="retraction"`` re-centres
-the chart at the current rotation after every optimizer step (see
-:mod:`mtlzoo.strategies._rotation_bank`), so its training differs from the trivializations' by
-amounts of second order in the steps. Checkpoints of mtlzoo 0.1.0, where each of these was one
-module, load: :class:`~mtlzoo.roles.Composite` moves each tensor to its part.
+Maths run in float32 at least: gradients that overflow it fail the step with
+:class:`~mtlzoo.errors.NonFiniteGradientError`. Where these differ from the ``rotograd`` package 0.1.6.0:
+docs/rotograd.md.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ from torch import Tensor
 
 from mtlzoo.protocol import Request, StepInputs, Update
 from mtlzoo.solvers import from_host, project_to_simplex, to_host
-from mtlzoo.strategies._projected import ProjectedWeights, check_rate
-from mtlzoo.strategy import Paper, StrategyInfo, Target
+from mtlzoo.strategies._projected import ProjectedWeights
+from mtlzoo.strategies._weighting import check_rate
+from mtlzoo.strategy import Paper, StrategyInfo, Target, check_int
 
 SCALE_FLOOR = 1e-4
 """Added to each ``A_kk`` under the square root of the scale, as the authors' code does (raw units)."""
@@ -49,7 +50,6 @@ class SDMGrad(ProjectedWeights):
     ones stand in for the others, with a :class:`~mtlzoo.errors.ReusedBatchWarning`.
 
     Args:
-        num_tasks: K.
         target: ``"parameters"`` (default, the paper's) or ``"representation"`` (one batch).
         lambda_: Pull ``λ >= 0`` towards the mean gradient (0.3, as the authors' experiments).
         lr: Learning rate ``η`` of the inner SGD (10, as theirs).
@@ -86,12 +86,8 @@ class SDMGrad(ProjectedWeights):
         super().__init__(num_tasks, target=target)
         self.lambda_ = check_rate(lambda_, "lambda_")
         self.lr = check_rate(lr, "lr", positive=True)
-        self.momentum = check_rate(momentum, "momentum")
-        if self.momentum >= 1:
-            raise ValueError(f"Parameter `momentum` should be a number in [0, 1). Found `momentum = {momentum!r}`.")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise ValueError(f"Parameter `n_iter` should be a positive int. Found `n_iter = {n_iter!r}`.")
-        self.n_iter = n_iter
+        self.momentum = check_rate(momentum, "momentum", below=1.0)
+        self.n_iter = check_int("n_iter", n_iter)
 
     def update_from(self, jacobians: list[Tensor], tasks: np.ndarray, inputs: StepInputs) -> Update:
         update, xi, xi_prime = jacobians[0], jacobians[1 % len(jacobians)], jacobians[2 % len(jacobians)]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from mtlzoo.roles.weighting import LossWeighting
-from mtlzoo.strategies._weighting import check_positive
+from mtlzoo.strategies._weighting import check_positive, check_rate
 from mtlzoo.strategy import Paper, StrategyInfo
 
 NASH_MTL_PAPER = Paper(
@@ -45,9 +43,7 @@ class ScaleInvariant(LossWeighting):
 
     def __init__(self, num_tasks: int, eps: float = 0.0) -> None:
         super().__init__(num_tasks)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"Parameter `eps` should be a non-negative number. Found `eps = {eps!r}`.")
-        self.eps = float(eps)
+        self.eps = check_rate(eps, "eps")
 
     def scalarize(self, losses: Tensor) -> Tensor:
         shifted = losses + self.eps if self.eps else losses
