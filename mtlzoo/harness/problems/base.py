@@ -104,12 +104,15 @@ class Problem:
 
     @property
     def task_names(self) -> list[str]:
-        """One name per task, in head order."""
+        """One name per task, in head order (``task0``, ``task1``, ... unless overridden)."""
         return [f"task{k}" for k in range(self.num_tasks)]
 
     @property
     def num_tasks(self) -> int:
-        raise NotImplementedError
+        """K: the length of :attr:`task_names` (a subclass overrides one of the two)."""
+        if type(self).task_names is Problem.task_names:
+            raise NotImplementedError(f"Problem {self.name!r} should override `num_tasks` or `task_names`.")
+        return len(self.task_names)
 
     @property
     def task_metrics(self) -> dict[str, tuple[str, ...]]:

@@ -1,9 +1,4 @@
-"""``mixedscale``: three tasks on one 8x8 digit whose losses live on very different scales.
-
-The digits come with scikit-learn (``sklearn.datasets.load_digits``, no download; the ``digits``
-extra installs it). It is the situation a practitioner meets first: two classifiers (losses of
-order 1) beside a regression in raw units (an MSE of order 300 at the start).
-"""
+"""``mixedscale``: three tasks on one 8x8 digit whose losses live on very different scales."""
 
 from __future__ import annotations
 
@@ -65,7 +60,6 @@ class MixedScale(Problem):
         Metric("accuracy", higher_is_better=True, description="test accuracy"),
         Metric("rmse", higher_is_better=False, description="test root mean squared error, in pixels"),
     )
-    delta_m: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("sklearn",)
     extra: ClassVar[str | None] = "digits"
     in_default: ClassVar[bool] = False
@@ -74,16 +68,10 @@ class MixedScale(Problem):
     full_steps: ClassVar[int] = 2_100
     """100 epochs of the 1,348 training images."""
     full_seeds: ClassVar[int] = 5
-    model_optimizer: ClassVar[str] = "adam"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size)
         check_test_fraction(self.test_fraction)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(TASKS)
 
     @property
     def task_names(self) -> list[str]:

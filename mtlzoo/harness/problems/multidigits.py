@@ -76,7 +76,6 @@ class MultiDigits(Problem):
     source: ClassVar[str] = "MultiMNIST (Sabour et al., NeurIPS 2017; Sener & Koltun, NeurIPS 2018) on sklearn digits"
     literature: ClassVar[str] = "cooperative tasks: equal weighting is strong, methods differ by about a point"
     metrics: ClassVar[tuple[Metric, ...]] = (Metric("accuracy", higher_is_better=True, description="test accuracy"),)
-    delta_m: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("sklearn",)
     extra: ClassVar[str | None] = "digits"
     default_steps: ClassVar[int] = 400
@@ -84,8 +83,6 @@ class MultiDigits(Problem):
     full_steps: ClassVar[int] = 7_800
     """100 epochs, as Sener & Koltun train on MultiMNIST."""
     full_seeds: ClassVar[int] = 5
-    model_optimizer: ClassVar[str] = "adam"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= SIDE:
@@ -93,10 +90,6 @@ class MultiDigits(Problem):
         for field in ("train_size", "test_size", "batch_size"):
             check_int(field, getattr(self, field))
         check_test_fraction(self.test_fraction)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(TASKS)
 
     @property
     def task_names(self) -> list[str]:
