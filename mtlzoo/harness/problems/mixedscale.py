@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
-from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone
+from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone, split_digits
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -88,17 +88,9 @@ class MixedScale(Problem):
     @cached_property
     def data(self) -> dict[str, Tensor]:
         """``x_*`` (n, 1, 8, 8) in [0, 1]; ``digit_*``, ``large_*`` (n,) long; ``ink_*`` (n,) float pixel counts."""
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as error:
-            raise ImportError(self.missing_message()) from error
-        digits = load_digits()
-        raw = torch.tensor(digits.images, dtype=torch.float32)
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(self.data_seed))
-        cut = round(len(raw) * (1 - self.test_fraction))
+        raw, labels, splits, _ = split_digits(self, self.test_fraction, self.data_seed)
         data = {}
-        for split, index in (("train", order[:cut]), ("test", order[cut:])):
+        for split, index in splits.items():
             data[f"x_{split}"] = (raw[index] / 16.0).unsqueeze(1)
             data[f"digit_{split}"] = labels[index]
             data[f"large_{split}"] = (labels[index] >= 5).long()
