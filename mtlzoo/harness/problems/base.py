@@ -2,9 +2,7 @@
 
 A problem is a frozen dataclass whose fields are its settings (``GradNormSynthetic(num_tasks=10)``)
 and whose class attributes are its metadata (:class:`Problem`). It generates its data itself from
-``data_seed``: the run seed changes the initialisation and the batch order, never the data. The
-harness checks what :meth:`Problem.evaluate` returns against the declared metrics
-(:func:`check_metrics`) on the untrained model, before any training.
+``data_seed``: the run seed changes the initialisation and the batch order, never the data.
 """
 
 from __future__ import annotations
