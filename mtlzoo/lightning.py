@@ -1,9 +1,8 @@
-"""PyTorch Lightning: a ``LightningModule`` whose ``training_step`` returns the K task losses.
+"""PyTorch Lightning (``mtlzoo[lightning]``): a ``LightningModule`` whose ``training_step`` returns the K losses.
 
-Needs the ``lightning`` extra (``python -m pip install "mtlzoo[lightning]"``). The Trainer keeps its
-automatic optimization: :class:`MTLModule` overrides the two hooks Lightning documents for a custom
-backward and step (``backward``, ``optimizer_step``), so the Trainer's precision (and its
-``GradScaler``), ``accumulate_grad_batches``, gradient clipping, checkpoints and loggers work as usual.
+The Trainer keeps its automatic optimization (precision and its ``GradScaler``, ``accumulate_grad_batches``,
+gradient clipping, checkpoints, loggers): :class:`MTLModule` overrides the hooks Lightning documents for a
+custom backward and step.
 """
 
 from __future__ import annotations

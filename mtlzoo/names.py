@@ -1,20 +1,15 @@
-"""A registry of names: what the strategy and the problem registries share.
-
-Names are case-insensitive and ``-`` equals ``_`` (:func:`normalize_name`); an entry may answer to
-aliases; listing takes fnmatch patterns (:func:`normalize_pattern`); an unknown name raises the
-registry's ``KeyError`` with ``difflib``'s close matches; a taken name is refused with a
-:class:`~mtlzoo.errors.DuplicateNameError` naming both origins. Entries come and go by plugin.
-"""
+"""A registry of names (:class:`NameRegistry`): what the strategy and the problem registries share."""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from mtlzoo.errors import DuplicateNameError
+from mtlzoo.errors import DuplicateNameError, PluginWarning
 
 
 class Registered(Protocol):
@@ -63,13 +58,28 @@ def normalize_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+def unknown_keywords(owner: str, what: str, unknown: Sequence[str], accepted: Sequence[str], listing: str,
+                     also: Callable[[str], str] = lambda key: "") -> str:
+    """The message for the keywords ``unknown`` that ``owner`` does not take: each with its close match among
+    ``accepted`` (and ``also(key)``), then every ``what`` it takes (``listing``)."""
+    sentences = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(accepted), n=1, cutoff=0.6)
+        sentences.append(f"{owner} has no {what} {key!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+                         + also(key))
+    return " ".join(sentences) + f" Its {what}s: {listing}."
+
+
 def natural_key(text: str) -> list[Any]:
     """Sorts ``"x2"`` before ``"x10"``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 class NameRegistry(Generic[Entry]):
-    """Entries by normalised name and alias, in registration order.
+    """Entries by normalised name and alias, in registration order, added and dropped by plugin.
+
+    Names are case-insensitive and ``-`` equals ``_`` (:func:`normalize_name`); listing takes fnmatch
+    patterns (:func:`normalize_pattern`).
 
     Args:
         noun: What an entry is, for messages (``"strategy"``, ``"problem"``).
@@ -114,6 +124,16 @@ class NameRegistry(Generic[Entry]):
         self._entries[canonical] = entry
         for name in names:
             self._keys[normalize_name(name)] = canonical
+
+    def add_from_plugin(self, entry: Entry, aliases: Sequence[str] = (), *, strict: bool) -> None:
+        """:meth:`add`; a taken name raises only when ``strict``, else it warns (a
+        :class:`~mtlzoo.errors.PluginWarning` naming both origins) and nothing is added."""
+        try:
+            self.add(entry, aliases)
+        except DuplicateNameError as error:
+            if strict:
+                raise
+            warnings.warn(f"{error} The {self.noun} was not registered.", PluginWarning, stacklevel=3)
 
     def drop_plugin(self, plugin: str) -> None:
         """Forget every entry of the plugin named ``plugin``."""

@@ -9,13 +9,9 @@ loader loads the built-in plugins first (always, and strictly: an error in one i
 that has no spec or as a wrapper, or raises in its hook is dropped whole (from every registry) with
 a :class:`~mtlzoo.errors.PluginWarning` naming the entry point and its distribution. A name it
 registers that is already taken is refused with a warning naming both origins. A plugin registered
-in this process (:meth:`PluginLoader.register_plugin`) is refused with an error instead.
-
-**Hooks through pluggy, plugin by plugin**, so that each registered class keeps its origin (plugin,
-distribution, version) and a plugin that fails is dropped alone: each plugin is also registered in a
-plugin manager of its own, whose ``pm.hook`` calls only it (pluggy's ``subset_hook_caller`` keeps
-the plugins to leave out in a set, and a plugin object need not be hashable). The shared manager
-checks every plugin's hooks against the specs (``check_pending``) and knows them by name.
+in this process (:meth:`PluginLoader.register_plugin`) is refused with an error instead. Each plugin
+is also registered in a plugin manager of its own, whose ``pm.hook`` calls only it, so that each
+registered class keeps its origin and a plugin that fails is dropped alone.
 """
 
 from __future__ import annotations
@@ -75,11 +71,6 @@ class HookTable(Protocol):
     def drop_plugin(self, plugin: str) -> None:
         """Forget every entry of the plugin named ``plugin``."""
         ...
-
-
-def skip_duplicate(error: DuplicateNameError, noun: str) -> None:
-    """What a non-strict ``register`` does with a taken name: warn (naming both origins) and go on."""
-    warnings.warn(f"{error} The {noun} was not registered.", PluginWarning, stacklevel=3)
 
 
 class PluginLoader:

@@ -1,10 +1,5 @@
-"""The strategy registry: strategies by name (:class:`mtlzoo.names.NameRegistry`), fed by the plugin loader.
-
-Built-in strategies come from the internal plugin :mod:`mtlzoo.strategies`; third-party ones from
-the ``mtlzoo`` entry-point group, loaded on the first lookup or listing (:mod:`mtlzoo.plugins`).
-In-process registrations load the entry points first, so a name clash with an installed plugin is
-refused the same way whatever the order.
-"""
+"""The strategy registry: strategies by name (:class:`mtlzoo.names.NameRegistry`), fed by the plugin loader
+(:mod:`mtlzoo.plugins`) from the internal plugin :mod:`mtlzoo.strategies` and the ``mtlzoo`` entry points."""
 
 from __future__ import annotations
 
@@ -19,15 +14,14 @@ from typing import Any
 
 from mtlzoo import hookspecs
 from mtlzoo.errors import (
-    DuplicateNameError,
     DuplicateStrategyError,
     InvalidStrategyError,
     MissingHyperparameterError,
     UnknownHyperparameterError,
     UnknownStrategyError,
 )
-from mtlzoo.names import NameRegistry, normalize_name, normalize_pattern
-from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Origin, PluginLoader, skip_duplicate
+from mtlzoo.names import NameRegistry, normalize_name, normalize_pattern, unknown_keywords
+from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Origin, PluginLoader
 from mtlzoo.roles.modifiers import MODIFIERS
 from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters, plain
 
@@ -112,14 +106,12 @@ def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others:
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
     unknown = [] if takes_any else [key for key in kwargs if key not in accepted]
     if unknown:
-        sentences = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
-            owners = ", ".join(sorted(repr(entry.name) for entry in others if key in entry.hyperparameters))
-            sentences.append(f"Strategy {name!r} has no hyperparameter {key!r}."
-                             + (f" Did you mean {close[0]!r}?" if close else "")
-                             + (f" ({key!r} is a hyperparameter of {owners}.)" if owners else ""))
-        raise UnknownHyperparameterError(" ".join(sentences) + f" Its hyperparameters: {listing}.")
+        def owners(key: str) -> str:
+            names = ", ".join(sorted(repr(entry.name) for entry in others if key in entry.hyperparameters))
+            return f" ({key!r} is a hyperparameter of {names}.)" if names else ""
+
+        raise UnknownHyperparameterError(
+            unknown_keywords(f"Strategy {name!r}", "hyperparameter", unknown, accepted, listing, owners))
     missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
     if missing:
         raise MissingHyperparameterError(
@@ -169,12 +161,7 @@ class StrategyRegistry:
         """The ``register`` that ``mtlzoo_register_strategies`` hands to the plugin of ``origin``."""
         def register(cls: type) -> None:
             names = _names_of(cls, origin)
-            try:
-                self.names.add(StrategyEntry(cls, origin), names[1:])  # type: ignore[arg-type]
-            except DuplicateNameError as error:
-                if strict:
-                    raise
-                skip_duplicate(error, "strategy")
+            self.names.add_from_plugin(StrategyEntry(cls, origin), names[1:], strict=strict)  # type: ignore[arg-type]
 
         return register
 

@@ -1,11 +1,5 @@
-"""Every strategy trained under identical conditions on a problem (:func:`compare`).
-
-It returns a :class:`~mtlzoo.harness.results.ComparisonResults`: per strategy and seed each task's
-final test metrics, the training-loss curves, Δm% against ``ls`` (or single-task training), the
-mean rank, the seconds per step and their ratio to ``ls`` measured in the same comparison, and
-gradient-conflict statistics; summaries give the mean and standard deviation over seeds. The
-conditions of a run are those of :mod:`mtlzoo.harness.training`.
-"""
+"""Every strategy trained under the identical conditions of :mod:`mtlzoo.harness.training` on a problem
+(:func:`compare`), into a :class:`~mtlzoo.harness.results.ComparisonResults`."""
 
 from __future__ import annotations
 

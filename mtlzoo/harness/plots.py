@@ -8,7 +8,7 @@ Each function takes a :class:`~mtlzoo.harness.results.ComparisonResults` and ret
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,13 +105,20 @@ def _smooth(values: torch.Tensor, window: int) -> torch.Tensor:
     return torch.nn.functional.conv1d(padded.T.unsqueeze(1), kernel.view(1, 1, -1)).squeeze(1).T
 
 
+def _panels(count: int, per_row: int, size: Callable[[int, int], tuple[float, float]]) -> tuple[Any, Any]:
+    """A figure of ``count`` panels, ``per_row`` to a row (``size(columns, rows)`` inches), and its axes."""
+    columns, rows = min(count, per_row), math.ceil(count / per_row)
+    fig = _matplotlib()(figsize=size(columns, rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def loss_curves(results: ComparisonResults) -> Figure:
     """Training loss per task against the step: the mean over seeds (smoothed), a band of ± one std."""
-    Figure = _matplotlib()
     tasks = results.task_names
-    columns, rows = min(len(tasks), 4), math.ceil(len(tasks) / 4)
-    fig = Figure(figsize=(4.5 * columns, 3.6 if rows == 1 else 2.6 * rows), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    fig, axes = _panels(len(tasks), 4, lambda columns, rows: (4.5 * columns, 3.6 if rows == 1 else 2.6 * rows))
     finished = _finished(results)
     drawn = styles(results.labels)
     for k, (ax, task) in enumerate(zip(axes, tasks)):
@@ -138,8 +145,6 @@ def loss_curves(results: ComparisonResults) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-    for ax in axes[len(tasks):]:
-        ax.set_visible(False)
     _legend(fig, axes[0], results)
     fig.suptitle(f"{results.problem}: training losses (mean over seeds, ± 1 std)")
     return fig
@@ -147,13 +152,9 @@ def loss_curves(results: ComparisonResults) -> Figure:
 
 def pareto(results: ComparisonResults) -> Figure:
     """Each task pair's primary test metrics (each task's own), one point per seed and a larger one for the mean."""
-    Figure = _matplotlib()
     tasks = results.task_names
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:MAX_PAIRS]
-    columns = min(len(pairs), 3)
-    rows = math.ceil(len(pairs) / columns)
-    fig = Figure(figsize=(max(5.0 * columns, 7.0), 4.4 * rows + 0.8), layout="constrained")
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    fig, axes = _panels(len(pairs), 3, lambda columns, rows: (max(5.0 * columns, 7.0), 4.4 * rows + 0.8))
     finished = _finished(results)
     drawn = styles(results.labels)
 
@@ -174,8 +175,6 @@ def pareto(results: ComparisonResults) -> Figure:
         ax.set_ylabel(axis_label(tasks[j]))
         ax.set_title(f"{tasks[i]} vs {tasks[j]}")
         ax.grid(alpha=0.3)
-    for ax in axes[len(pairs):]:
-        ax.set_visible(False)
     _legend(fig, axes[0], results)
     shown = "" if len(pairs) == len(tasks) * (len(tasks) - 1) // 2 else f" (first {len(pairs)} pairs)"
     names = " / ".join(dict.fromkeys(results.primary_of(task)["name"] for task in tasks))

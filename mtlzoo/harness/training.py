@@ -13,9 +13,7 @@ learning rate; its own parameters (rotations, task weights) get their own optimi
     mtl.step(*optimizers, post_step_losses=...)      # only for strategies that read them (FAMO)
     mtl.end_epoch()                                   # after each of the problem's epochs
 
-**Gradient conflict.** Every ``conflict_every`` steps, outside the timed step, the pairwise cosines
-of the tasks' raw-loss gradients on the shared representation ``z = backbone(x)``, taken through the
-strategy's per-task transform of ``z`` (RotoGrad's rotation) before any strategy combines them.
+**Gradient conflict.** Every ``conflict_every`` steps, outside the timed step: :func:`measure_conflicts`.
 
 A request that reads several independent batches per step (SDMGrad, MoDo) gets the extra ones from
 data streams of their own, seeded from the seed: the batches the model learns from stay those of

@@ -1,10 +1,5 @@
-"""The problems on which strategies are compared: what a problem is, the built-ins, and their registry.
-
-Every problem generates its data itself (``multidigits`` reads the digits scikit-learn ships, the
-``digits`` extra). A plugin adds problems through the hook ``mtlzoo_register_problems``, as
-:mod:`mtlzoo.harness.problems.builtin` does for the built-ins; :func:`list_problems` and
-:func:`create_problem` see them all.
-"""
+"""The problems on which strategies are compared: what a problem is (:mod:`~mtlzoo.harness.problems.base`), the
+built-ins, and their registry (:mod:`~mtlzoo.harness.problems.registry`)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,7 @@
 
 A problem is a frozen dataclass whose fields are its settings (``GradNormSynthetic(num_tasks=10)``)
 and whose class attributes are its metadata (:class:`Problem`). It generates its data itself from
-``data_seed``: the run seed changes the initialisation and the batch order, never the data. The
-harness checks what :meth:`Problem.evaluate` returns against the declared metrics
-(:func:`check_metrics`) on the untrained model, before any training.
+``data_seed``: the run seed changes the initialisation and the batch order, never the data.
 """
 
 from __future__ import annotations
@@ -104,12 +102,15 @@ class Problem:
 
     @property
     def task_names(self) -> list[str]:
-        """One name per task, in head order."""
+        """One name per task, in head order (``task0``, ``task1``, ... unless overridden)."""
         return [f"task{k}" for k in range(self.num_tasks)]
 
     @property
     def num_tasks(self) -> int:
-        raise NotImplementedError
+        """K: the length of :attr:`task_names` (a subclass overrides one of the two)."""
+        if type(self).task_names is Problem.task_names:
+            raise NotImplementedError(f"Problem {self.name!r} should override `num_tasks` or `task_names`.")
+        return len(self.task_names)
 
     @property
     def task_metrics(self) -> dict[str, tuple[str, ...]]:

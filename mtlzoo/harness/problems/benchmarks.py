@@ -1,8 +1,5 @@
-"""The standard benchmarks of the literature, read from a local folder (``--data PATH``): registered as built-ins.
-
-They are listed by ``mtlzoo list-problems``-style help (``mtlzoo compare --help-problem``) but join
-no default comparison: each needs its data set, and hours of a GPU at full scale.
-"""
+"""The standard benchmarks of the literature, read from a local folder (``--data PATH``): built-ins that join no
+default comparison (each needs its data set, and hours of a GPU at full scale)."""
 
 from __future__ import annotations
 

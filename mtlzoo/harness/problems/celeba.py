@@ -1,16 +1,8 @@
-"""``celeba``: the 40 binary face attributes of CelebA (K = 40), from the aligned images and the attribute list.
-
-The recipe is that of FAMO's code (Liu et al., NeurIPS 2023, ``experiments/celeba``): images resized
-to 64 x 64, a VGG-style convolutional network (four stages, 64 to 512 channels, batch norm, global
-average pooling, two 512-wide linear layers) shared by 40 linear heads with a sigmoid, binary
-cross-entropy per attribute, Adam at 3e-4, 15 epochs of batches of 256, and the test metrics of the
-epoch with the best mean F1 on the validation split.
-"""
+"""``celeba``: the 40 binary face attributes of CelebA (K = 40), from the aligned images and the attribute list."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.errors import DataError
-from mtlzoo.harness.problems.base import Batch, Metric
-from mtlzoo.harness.problems.local import LocalBenchmark, batch_loader, missing_file
+from mtlzoo.harness.problems.base import Metric
+from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 ATTRIBUTES = (
@@ -76,7 +68,8 @@ class _ToUnit(nn.Module):
 
 
 def famo_network() -> HardSharing:
-    """FAMO's CelebA network: uint8 (B, 3, 64, 64) images -> a 512-dimensional representation; 40 heads."""
+    """FAMO's CelebA network: uint8 (B, 3, 64, 64) images -> a VGG-style trunk (four stages, 64 to 512 channels,
+    batch norm, global average pooling, two 512-wide linear layers) -> 40 linear heads with a sigmoid."""
     backbone = nn.Sequential(
         _ToUnit(), *_stage(3, 64, 1), nn.MaxPool2d(2), *_stage(64, 128, 2), nn.MaxPool2d(2),
         *_stage(128, 256, 2), nn.MaxPool2d(2), *_stage(256, 512, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -127,15 +120,10 @@ class CelebA(LocalBenchmark):
     default_steps: ClassVar[int] = 15 * 636
     """15 epochs of the 162,770 training images in batches of 256 (636 steps, the last of 210)."""
     full_steps: ClassVar[int] = 15 * 636
-    model_optimizer: ClassVar[str] = "adam"
 
     @property
     def task_names(self) -> list[str]:
         return list(ATTRIBUTES)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(ATTRIBUTES)
 
     @cached_property
     def files(self) -> tuple[Path, Path, Path]:
@@ -187,7 +175,7 @@ class CelebA(LocalBenchmark):
     def build_model(self) -> HardSharing:
         return famo_network()
 
-    def _fetch(self, split: str, positions: list[int]) -> tuple[Tensor, Tensor]:
+    def fetch(self, split: str, positions: list[int], seed: int | None = None) -> tuple[Tensor, Tensor]:
         from PIL import Image
 
         rows = [self.table[split][p] for p in positions]
@@ -199,20 +187,13 @@ class CelebA(LocalBenchmark):
         images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         return images, self.table["labels"][rows].float()
 
-    def _loader(self, split: str, batch_size: int, generator: torch.Generator | None, size: int) -> Any:
-        return batch_loader(lambda positions, seed: self._fetch(split, positions), size, batch_size,
-                            generator=generator, workers=self.loader_workers)
-
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        yield from self._loader("train", self.batch_size, generator, self.train_size)
-
     def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
         return [nn.functional.binary_cross_entropy(p, targets[:, k:k + 1]) for k, p in enumerate(predictions)]
 
     def _counts(self, mtl: MTLWrapper, device: torch.device, split: str) -> tuple[Tensor, ...]:
         totals: list[Tensor] | None = None
         size = self.limit(len(self.table[split]))
-        for images, labels in self._loader(split, self.eval_batch_size, None, size):
+        for images, labels in self.loader(split, self.eval_batch_size, size):
             probabilities = torch.cat(mtl(images.to(device, non_blocking=True)), dim=1)
             counts = f1_and_accuracy(probabilities, labels.to(device, non_blocking=True))
             totals = list(counts) if totals is None else [t + c for t, c in zip(totals, counts)]

@@ -1,10 +1,4 @@
-"""``cityscapes``: 7-class semantic segmentation and depth on Cityscapes, from MTAN's preprocessed arrays.
-
-The recipe is that of FAMO's code (Liu et al., NeurIPS 2023, ``experiments/cityscapes``), which
-carries Nash-MTL's NYUv2 recipe over: the hard-sharing SegNet, Adam at 1e-4 halved after 100
-epochs, 200 epochs of batches of 8, the scale-crop and flip augmentation, the test metrics averaged
-over the last 10 epochs.
-"""
+"""``cityscapes``: 7-class semantic segmentation and depth on Cityscapes, from MTAN's preprocessed arrays."""
 
 from __future__ import annotations
 

@@ -5,14 +5,8 @@ sample and modality, ``<split>/<modality>/<i>.npy`` for ``i = 0 .. n-1``, ``spli
 ``val`` (the test set): ``image`` (H, W, 3) float RGB in [0, 1]; the class map (H, W) with -1 where
 unlabelled; ``depth`` (H, W, 1), 0 where unknown; ``normal`` (H, W, 3) unit vectors, 0 where unknown.
 
-**The model** is the hard-sharing SegNet of Nash-MTL's code (``SegNetSplit``, "standard"): a
-five-stage encoder-decoder with 64-128-256-512-512 channels, max-pooling indices reused to
-unpool, its 64-channel full-resolution output the shared representation, and per task a 3x3 and a
-1x1 convolution: log-softmax for the classes, the raw value for depth, unit length for normals.
-
-**The losses** (Nash-MTL's ``calc_loss``): the negative log-likelihood of the classes over labelled
-pixels; the mean absolute depth error over pixels with a depth; one minus the mean dot product of
-the normals over pixels with a normal (a pixel counts where its ground truth does not sum to 0).
+**The model** is the hard-sharing SegNet of Nash-MTL's code (:func:`segnet`); **the losses** are
+Nash-MTL's ``calc_loss`` (:func:`segmentation_loss`, :func:`depth_loss`, :func:`normal_loss`).
 
 **The metrics**, over every evaluated pixel of the test set at once (LibMTL's choice; Nash-MTL's
 code averages per-batch values over batches, which differs where batches hold unequal numbers of
@@ -63,7 +57,8 @@ def _conv(channels_in: int, channels_out: int) -> nn.Sequential:
 
 
 class SegNet(nn.Module):
-    """The shared encoder-decoder of Nash-MTL's hard-sharing SegNet: (B, 3, H, W) -> (B, 64, H, W); H, W % 32 == 0."""
+    """The shared encoder-decoder of Nash-MTL's hard-sharing SegNet (``SegNetSplit``, "standard"): five stages of
+    64-128-256-512-512 channels, max-pooling indices reused to unpool; (B, 3, H, W) -> (B, 64, H, W), H, W % 32 == 0."""
 
     def __init__(self, filters: Sequence[int] = FILTERS) -> None:
         super().__init__()
@@ -104,8 +99,9 @@ class _Head(nn.Module):
 
 
 def segnet(classes: int, normals: bool) -> HardSharing:
-    """The SegNet with the heads of the segmentation, depth (and normal) tasks, initialised as Nash-MTL's code
-    does (Xavier-normal convolutions, zero biases, unit batch-norm scales)."""
+    """The SegNet with the heads of the segmentation, depth (and normal) tasks, each a 3x3 and a 1x1 convolution
+    (log-softmax for the classes, the raw value for depth, unit length for normals), initialised as Nash-MTL's
+    code does (Xavier-normal convolutions, zero biases, unit batch-norm scales)."""
     heads = [_Head(FILTERS[0], classes, "log_softmax"), _Head(FILTERS[0], 1, "none")]
     if normals:
         heads.append(_Head(FILTERS[0], 3, "unit"))

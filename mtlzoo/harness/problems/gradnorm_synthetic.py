@@ -78,15 +78,12 @@ class GradNormSynthetic(Problem):
         Metric("mse", higher_is_better=False, description="test mean squared error"),
         Metric("nmse", higher_is_better=False, description="test mse / sigma_i^2"),
     )
-    delta_m: ClassVar[bool] = True
     default_steps: ClassVar[int] = 750
     default_seeds: ClassVar[int] = 3
     full_steps: ClassVar[int] = 25_000
     """250 epochs of 100 batches, as a public re-implementation trains to reproduce the paper's Figure 2 (the
     paper does not state its number of steps)."""
     full_seeds: ClassVar[int] = 5
-    model_optimizer: ClassVar[str] = "adam"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         for field in ("num_tasks", "train_size", "test_size", "batch_size"):

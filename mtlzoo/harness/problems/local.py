@@ -1,12 +1,5 @@
-"""What the standard benchmarks share: a data set read from a local folder, a recipe with epochs, and a fast loader.
-
-:class:`LocalBenchmark` is the base of ``nyuv2``, ``cityscapes``, ``celeba`` and ``qm9``. Its settings:
-the folder (``data``, ``--data PATH``: nothing is downloaded), ``scale`` (``"full"``: the paper's
-epochs and seeds; ``"smoke"``: :data:`SMOKE_STEPS` steps, one seed, :data:`SMOKE_TEST` test samples),
-the recipe (``batch_size``, ``epochs``, ``lr``, ``lr_schedule``) and the loader's ``workers``.
-
-The folder is checked when the problem is made, before anything is trained or written: a missing
-file raises :class:`~mtlzoo.errors.DataError` naming it and the layout the problem reads.
+"""What the standard benchmarks share (:class:`LocalBenchmark`): a data set read from a local folder, a
+recipe with epochs, and a fast loader.
 
 **The loader.** One batch is one item of a ``torch.utils.data.DataLoader`` (``batch_size=None``):
 a sampler draws the epoch's order and one seed per batch from the harness's generator, a worker
@@ -30,6 +23,7 @@ import torch
 
 from mtlzoo.errors import DataError
 from mtlzoo.harness.problems.base import Batch, Problem
+from mtlzoo.strategy import check_int
 
 SMOKE_STEPS = 3
 """Optimizer steps of a run at ``scale="smoke"``."""
@@ -145,9 +139,7 @@ class LocalBenchmark(Problem):
         if self.scale not in SCALES:
             raise ValueError(f"Parameter `scale` should be 'full' or 'smoke'. Found `scale = {self.scale!r}`.")
         for field in ("batch_size", "epochs"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Parameter `{field}` should be a positive int. Found `{field} = {value!r}`.")
+            check_int(field, getattr(self, field))
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 0):
             raise ValueError(f"Parameter `workers` should be an int >= 0 or None. Found `workers = {self.workers!r}`.")
@@ -213,5 +205,15 @@ class LocalBenchmark(Problem):
         """Raise :class:`~mtlzoo.errors.DataError` unless :attr:`root` holds the data set in :attr:`layout`."""
         raise NotImplementedError
 
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+    def fetch(self, split: str, indices: list[int], seed: int | None) -> Any:
+        """The batch of the samples ``indices`` of ``split``, augmented from ``seed`` (``None``: not augmented)."""
         raise NotImplementedError
+
+    def loader(self, split: str, batch_size: int, size: int, generator: torch.Generator | None = None, *,
+               augment: bool = False) -> torch.utils.data.DataLoader:
+        """:func:`batch_loader` of :meth:`fetch` over ``size`` samples of ``split``."""
+        return batch_loader(lambda indices, seed: self.fetch(split, indices, seed), size, batch_size,
+                            generator=generator, workers=self.loader_workers, augment=augment)
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        yield from self.loader("train", self.batch_size, self.train_size, generator)  # type: ignore[attr-defined]

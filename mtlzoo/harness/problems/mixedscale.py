@@ -1,9 +1,4 @@
-"""``mixedscale``: three tasks on one 8x8 digit whose losses live on very different scales.
-
-The digits come with scikit-learn (``sklearn.datasets.load_digits``, no download; the ``digits``
-extra installs it). It is the situation a practitioner meets first: two classifiers (losses of
-order 1) beside a regression in raw units (an MSE of order 300 at the start).
-"""
+"""``mixedscale``: three tasks on one 8x8 digit whose losses live on very different scales."""
 
 from __future__ import annotations
 
@@ -16,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
-from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone
+from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone, split_digits
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -65,7 +60,6 @@ class MixedScale(Problem):
         Metric("accuracy", higher_is_better=True, description="test accuracy"),
         Metric("rmse", higher_is_better=False, description="test root mean squared error, in pixels"),
     )
-    delta_m: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("sklearn",)
     extra: ClassVar[str | None] = "digits"
     in_default: ClassVar[bool] = False
@@ -74,16 +68,10 @@ class MixedScale(Problem):
     full_steps: ClassVar[int] = 2_100
     """100 epochs of the 1,348 training images."""
     full_seeds: ClassVar[int] = 5
-    model_optimizer: ClassVar[str] = "adam"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size)
         check_test_fraction(self.test_fraction)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(TASKS)
 
     @property
     def task_names(self) -> list[str]:
@@ -100,17 +88,9 @@ class MixedScale(Problem):
     @cached_property
     def data(self) -> dict[str, Tensor]:
         """``x_*`` (n, 1, 8, 8) in [0, 1]; ``digit_*``, ``large_*`` (n,) long; ``ink_*`` (n,) float pixel counts."""
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as error:
-            raise ImportError(self.missing_message()) from error
-        digits = load_digits()
-        raw = torch.tensor(digits.images, dtype=torch.float32)
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(self.data_seed))
-        cut = round(len(raw) * (1 - self.test_fraction))
+        raw, labels, splits, _ = split_digits(self, self.test_fraction, self.data_seed)
         data = {}
-        for split, index in (("train", order[:cut]), ("test", order[cut:])):
+        for split, index in splits.items():
             data[f"x_{split}"] = (raw[index] / 16.0).unsqueeze(1)
             data[f"digit_{split}"] = labels[index]
             data[f"large_{split}"] = (labels[index] >= 5).long()

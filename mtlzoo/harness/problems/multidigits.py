@@ -28,6 +28,23 @@ def digits_backbone(width: int) -> nn.Sequential:
     )
 
 
+def split_digits(problem: Problem, test_fraction: float,
+                 data_seed: int) -> tuple[Tensor, Tensor, dict[str, Tensor], torch.Generator]:
+    """scikit-learn's 8x8 digits (intensities 0-16), their labels, the indices of the ``train`` and ``test`` images
+    drawn from ``data_seed``, and the generator after that draw."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(problem.missing_message()) from error
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(data_seed)
+    order = torch.randperm(len(images), generator=generator)
+    cut = round(len(images) * (1 - test_fraction))
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    return images, labels, {"train": order[:cut], "test": order[cut:]}, generator
+
+
 def check_test_fraction(value: float) -> None:
     if not 0 < value < 1:
         raise ValueError(f"Parameter `test_fraction` should be in (0, 1). Found `test_fraction = {value!r}`.")
@@ -76,7 +93,6 @@ class MultiDigits(Problem):
     source: ClassVar[str] = "MultiMNIST (Sabour et al., NeurIPS 2017; Sener & Koltun, NeurIPS 2018) on sklearn digits"
     literature: ClassVar[str] = "cooperative tasks: equal weighting is strong, methods differ by about a point"
     metrics: ClassVar[tuple[Metric, ...]] = (Metric("accuracy", higher_is_better=True, description="test accuracy"),)
-    delta_m: ClassVar[bool] = True
     requires: ClassVar[tuple[str, ...]] = ("sklearn",)
     extra: ClassVar[str | None] = "digits"
     default_steps: ClassVar[int] = 400
@@ -84,8 +100,6 @@ class MultiDigits(Problem):
     full_steps: ClassVar[int] = 7_800
     """100 epochs, as Sener & Koltun train on MultiMNIST."""
     full_seeds: ClassVar[int] = 5
-    model_optimizer: ClassVar[str] = "adam"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or not 0 <= self.shift <= SIDE:
@@ -93,10 +107,6 @@ class MultiDigits(Problem):
         for field in ("train_size", "test_size", "batch_size"):
             check_int(field, getattr(self, field))
         check_test_fraction(self.test_fraction)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(TASKS)
 
     @property
     def task_names(self) -> list[str]:
@@ -109,17 +119,8 @@ class MultiDigits(Problem):
     @cached_property
     def data(self) -> dict[str, Tensor]:
         """``x_train`` (n, 1, 8, 8 + shift) in [0, 1], ``y_train`` (2, n) and the same for the test pairs."""
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as error:
-            raise ImportError(self.missing_message()) from error
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self.data_seed)
-        order = torch.randperm(len(images), generator=generator)
-        cut = round(len(images) * (1 - self.test_fraction))
-        splits = {"train": order[:cut], "test": order[cut:]}
+        raw, labels, splits, generator = split_digits(self, self.test_fraction, self.data_seed)
+        images = raw / 16.0
         data = {}
         for split, size in (("train", self.train_size), ("test", self.test_size)):
             pool = splits[split]

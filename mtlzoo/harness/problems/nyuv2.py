@@ -1,11 +1,4 @@
-"""``nyuv2``: semantic segmentation (13 classes), depth and surface normals on NYUv2, from MTAN's preprocessed arrays.
-
-The recipe is that of Nash-MTL's code (Navon et al., ICML 2022, ``experiments/nyuv2``, itself from
-CAGrad's and MTAN's): the hard-sharing SegNet (:mod:`~mtlzoo.harness.problems.dense`), Adam at 1e-4
-halved after 100 epochs (``StepLR(100, 0.5)``), 200 epochs of batches of 2, the random scale-crop
-and flip augmentation, and the test metrics averaged over the last 10 epochs, as MTAN's,
-CAGrad's, Nash-MTL's and FAMO's tables report them.
-"""
+"""``nyuv2`` (segmentation, depth and normals on NYUv2) and the base it shares with ``cityscapes``."""
 
 from __future__ import annotations
 
@@ -18,7 +11,7 @@ import torch
 
 from mtlzoo.harness.problems import dense
 from mtlzoo.harness.problems.base import Batch, Metric
-from mtlzoo.harness.problems.local import LocalBenchmark, batch_loader, missing_file
+from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
 NASH_MTL = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022 (https://arxiv.org/abs/2202.01017)"
@@ -54,7 +47,6 @@ class SceneBenchmark(LocalBenchmark):
     label_folder: ClassVar[str]
     normals: ClassVar[bool]
     source: ClassVar[str] = NASH_MTL
-    model_optimizer: ClassVar[str] = "adam"
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -63,10 +55,6 @@ class SceneBenchmark(LocalBenchmark):
     @property
     def task_names(self) -> list[str]:
         return ["segmentation", "depth", *(["normal"] if self.normals else [])]
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_names)
 
     @property
     def task_metrics(self) -> dict[str, tuple[str, ...]]:
@@ -98,7 +86,7 @@ class SceneBenchmark(LocalBenchmark):
     def build_model(self) -> HardSharing:
         return dense.segnet(self.classes, self.normals)
 
-    def _fetch(self, split: str, indices: list[int], seed: int | None) -> Any:
+    def fetch(self, split: str, indices: list[int], seed: int | None) -> Any:
         image, labels, *rest = dense.stack_batch(self.root / split, self.modalities, indices)
         depth, normal = rest[0], (rest[1] if self.normals else None)
         if seed is not None:
@@ -107,9 +95,7 @@ class SceneBenchmark(LocalBenchmark):
         return image, (labels, depth, *(() if normal is None else (normal,)))
 
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        fetch = lambda indices, seed: self._fetch("train", indices, seed)  # noqa: E731
-        yield from batch_loader(fetch, self.train_size, self.batch_size, generator=generator,
-                                workers=self.loader_workers, augment=self.augment)
+        yield from self.loader("train", self.batch_size, self.train_size, generator, augment=self.augment)
 
     def losses(self, predictions: Any, targets: Any) -> list[torch.Tensor]:
         functions = (dense.segmentation_loss, dense.depth_loss, dense.normal_loss)
@@ -117,10 +103,7 @@ class SceneBenchmark(LocalBenchmark):
 
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         metrics = dense.DenseMetrics(self.classes)
-        fetch = lambda indices, seed: self._fetch("val", indices, None)  # noqa: E731
-        loader = batch_loader(fetch, self.limit(self.sizes["val"]), self.eval_batch_size, generator=None,
-                              workers=self.loader_workers)
-        for image, targets in loader:
+        for image, targets in self.loader("val", self.eval_batch_size, self.limit(self.sizes["val"])):
             predictions = mtl(image.to(device, non_blocking=True))
             labels, depth, *normal = (t.to(device, non_blocking=True) for t in targets)
             metrics.update_segmentation(predictions[0], labels)

@@ -1,18 +1,4 @@
-"""``qm9``: 11 molecular properties of QM9 (K = 11), through torch_geometric's ``QM9`` data set class.
-
-The recipe is that of Nash-MTL's code (Navon et al., ICML 2022, ``experiments/quantum_chemistry``,
-after torch_geometric's ``examples/qm9_nn_conv.py``): the targets mu, alpha, homo, lumo, r2, zpve,
-U0, U, H, G (the last four the atomization energies, columns 12-15) and Cv; 10,000 test and 10,000
-validation molecules, the rest for training; each target standardised with the training set's mean
-and standard deviation; a message-passing network (a linear embedding, three rounds of an
-edge-conditioned convolution ``NNConv`` with a GRU, Set2Set pooling, a linear layer to 64
-dimensions) on the complete graph of each molecule whose edges carry the bond type and the
-interatomic distance; a linear head per target; the mean squared error of the standardised target;
-Adam at 1e-3, batches of 120, 300 epochs, the rate times 0.7 after 5 epochs without a better
-validation score (down to 1e-5), and the test metrics of the epoch with the best validation score.
-
-Needs torch_geometric: ``python -m pip install "mtlzoo[graph]"``.
-"""
+"""``qm9``: 11 molecular properties of QM9 (K = 11), through torch_geometric's ``QM9`` data set class."""
 
 from __future__ import annotations
 
@@ -27,7 +13,7 @@ from torch import Tensor, nn
 
 from mtlzoo.errors import DataError
 from mtlzoo.harness.problems.base import Batch, Metric
-from mtlzoo.harness.problems.local import LocalBenchmark, batch_loader, missing_file
+from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
 from mtlzoo.harness.problems.nyuv2 import NASH_MTL
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -65,7 +51,8 @@ def complete_graph(batch: Any) -> tuple[Tensor, Tensor]:
 
 
 class MessagePassing(nn.Module):
-    """Nash-MTL's QM9 network up to the representation: ``dim``-wide, three NNConv + GRU rounds, Set2Set."""
+    """Nash-MTL's QM9 network up to the representation: a linear embedding, three rounds of an edge-conditioned
+    convolution (``NNConv``) with a GRU, Set2Set pooling, a linear layer to ``dim``."""
 
     def __init__(self, features: int = 11, dim: int = 64) -> None:
         super().__init__()
@@ -93,9 +80,18 @@ class MessagePassing(nn.Module):
 class QM9(LocalBenchmark):
     """QM9 (Ramakrishnan et al., Scientific Data 2014): 130,831 small molecules, 11 regression targets.
 
-    Source: Nash-MTL's code (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022),
-    as FAMO repeats it (see the module's description). The split is drawn once from ``data_seed``
-    (Nash-MTL's code draws it from the run's seed); every strategy and seed sees the same one.
+    Source: Nash-MTL's code (Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022,
+    ``experiments/quantum_chemistry``, after torch_geometric's ``examples/qm9_nn_conv.py``), as FAMO
+    repeats it: the targets mu, alpha, homo, lumo, r2, zpve, U0, U, H, G (the last four the
+    atomization energies) and Cv, each standardised with the training set's mean and standard
+    deviation; 10,000 test and 10,000 validation molecules; a message-passing network
+    (:class:`MessagePassing`) on the complete graph of each molecule, its edges carrying the bond
+    type and the interatomic distance, and a linear head per target; the mean squared error of the
+    standardised target; Adam at 1e-3, batches of 120, 300 epochs, the rate times 0.7 after 5 epochs
+    without a better validation score (down to 1e-5), and the test metrics of the epoch with the
+    best validation score. The split is drawn once from ``data_seed`` (Nash-MTL's code draws it
+    from the run's seed); every strategy and seed sees the same one. Needs torch_geometric
+    (the ``graph`` extra).
 
     Metrics per target: ``mae``, the test mean absolute error after undoing the standardisation,
     in torch_geometric's units (meV for the energies, as Nash-MTL reports them); lower is better.
@@ -135,15 +131,10 @@ class QM9(LocalBenchmark):
     default_steps: ClassVar[int] = 300 * 924
     """300 epochs of the 110,831 training molecules in batches of 120 (924 steps)."""
     full_steps: ClassVar[int] = 300 * 924
-    model_optimizer: ClassVar[str] = "adam"
 
     @property
     def task_names(self) -> list[str]:
         return list(TASKS)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(TASKS)
 
     def check_data(self) -> None:
         if (self.root / PROCESSED).is_file():
@@ -193,7 +184,7 @@ class QM9(LocalBenchmark):
     def build_model(self) -> HardSharing:
         return HardSharing(MessagePassing(), [nn.Linear(64, 1) for _ in TASKS])
 
-    def _fetch(self, split: str, positions: list[int]) -> tuple[Any, Tensor]:
+    def fetch(self, split: str, positions: list[int], seed: int | None = None) -> tuple[Any, Tensor]:
         from torch_geometric.data import Batch as Graphs
         from torch_geometric.data import Data
 
@@ -203,13 +194,9 @@ class QM9(LocalBenchmark):
                                         for m in molecules])
         return graphs, self.split["y"][rows]
 
-    def _loader(self, split: str, batch_size: int, generator: torch.Generator | None, size: int) -> Any:
-        return batch_loader(lambda positions, seed: self._fetch(split, positions), size, batch_size,
-                            generator=generator, workers=self.loader_workers)
-
     def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
         self.split  # noqa: B018  (computed before the workers fork)
-        yield from self._loader("train", self.batch_size, generator, self.train_size)
+        yield from super().epoch(generator)
 
     def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
         return [F.mse_loss(p[:, 0], targets[:, k]) for k, p in enumerate(predictions)]
@@ -218,7 +205,7 @@ class QM9(LocalBenchmark):
         """Each target's mean absolute error on ``split``, in the reported units."""
         total, count = torch.zeros(len(TASKS), dtype=torch.float64), 0
         size = self.limit(len(self.split[split]))
-        for graphs, targets in self._loader(split, self.eval_batch_size, None, size):
+        for graphs, targets in self.loader(split, self.eval_batch_size, size):
             predictions = torch.cat(mtl(graphs.to(device)), dim=1)
             total += (predictions - targets.to(device)).abs().double().sum(0).cpu()
             count += len(targets)

@@ -1,32 +1,20 @@
-"""The comparison problems by name: a :class:`~mtlzoo.names.NameRegistry` fed by the strategies' plugins.
-
-A plugin adds problems through the hook ``mtlzoo_register_problems(register)`` (see
-:mod:`mtlzoo.hookspecs`); the problems' table joins the plugin loader of :data:`mtlzoo.registry.REGISTRY`
-when the harness is imported: the same built-ins-first order (the built-ins from the internal plugin
-:mod:`mtlzoo.harness.problems.builtin`), entry points and isolation of a broken plugin. Names, unknown
-and taken ones behave as strategy names do (:class:`~mtlzoo.errors.UnknownProblemError`,
-:class:`~mtlzoo.errors.DuplicateNameError`).
-"""
+"""The comparison problems by name: a :class:`~mtlzoo.names.NameRegistry` fed through the hook
+``mtlzoo_register_problems`` by the plugins of :data:`mtlzoo.registry.REGISTRY`'s loader (the built-ins from
+:mod:`mtlzoo.harness.problems.builtin`); names behave as strategy names do."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mtlzoo.errors import (
-    DuplicateNameError,
-    InvalidPluginError,
-    UnknownHyperparameterError,
-    UnknownProblemError,
-)
+from mtlzoo.errors import InvalidPluginError, UnknownHyperparameterError, UnknownProblemError
 from mtlzoo.harness.problems.base import Problem
 from mtlzoo.hookspecs import hookimpl
-from mtlzoo.names import NameRegistry
-from mtlzoo.plugins import Origin, PluginLoader, skip_duplicate
+from mtlzoo.names import NameRegistry, unknown_keywords
+from mtlzoo.plugins import Origin, PluginLoader
 from mtlzoo.registry import REGISTRY
 
 HOOK = "mtlzoo_register_problems"
@@ -88,13 +76,7 @@ class ProblemRegistry:
     def register_callback(self, origin: Origin, *, strict: bool) -> Callable[[type], None]:
         """The ``register`` that ``mtlzoo_register_problems`` hands to the plugin of ``origin``."""
         def register(cls: type) -> None:
-            entry = ProblemEntry(_check_class(cls, origin), origin)
-            try:
-                self.names.add(entry)
-            except DuplicateNameError as error:
-                if strict:
-                    raise
-                skip_duplicate(error, "problem")
+            self.names.add_from_plugin(ProblemEntry(_check_class(cls, origin), origin), strict=strict)
 
         return register
 
@@ -123,13 +105,9 @@ class ProblemRegistry:
         fields = [f.name for f in dataclasses.fields(entry.cls) if f.init]  # type: ignore[arg-type]
         unknown = [key for key in settings if key not in fields]
         if unknown:
-            sentences = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
-                sentences.append(f"Problem {entry.name!r} has no setting {key!r}."
-                                 + (f" Did you mean {close[0]!r}?" if close else ""))
             listing = ", ".join(f"{f}={d!r}" for f, d in entry.settings.items()) or "none"
-            raise UnknownHyperparameterError(" ".join(sentences) + f" Its settings: {listing}.")
+            raise UnknownHyperparameterError(unknown_keywords(f"Problem {entry.name!r}", "setting", unknown, fields,
+                                                             listing))
         if not entry.available():
             raise ImportError(entry.cls.missing_message())
         return entry.cls(**settings)

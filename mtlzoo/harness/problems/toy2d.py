@@ -81,7 +81,6 @@ class Toy2D(Problem):
     full_steps: ClassVar[int] = 400
     full_seeds: ClassVar[int] = 5
     model_optimizer: ClassVar[str] = "sgd"
-    model_lr: ClassVar[float] = 1e-3
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "epoch_steps"):
