@@ -114,10 +114,12 @@ def _check_hyperparameters(name: str, cls: type, kwargs: dict[str, Any], others:
             unknown_keywords(f"Strategy {name!r}", "hyperparameter", unknown, accepted, listing, owners))
     missing = [p.name for p in named if p.default is inspect.Parameter.empty and p.name not in kwargs]
     if missing:
+        suggested = {key: value for key, value in getattr(cls.info, "suggested", {}).items() if key in missing}
+        hint = f" (suggested: {', '.join(f'{k}={v!r}' for k, v in suggested.items())})" if suggested else ""
         raise MissingHyperparameterError(
             f"Strategy {name!r} needs the hyperparameter{'s' if len(missing) > 1 else ''} "
             f"{', '.join(map(repr, missing))}, which has no default: pass "
-            f"{', '.join(f'{p}=...' for p in missing)}. Its hyperparameters: {listing}."
+            f"{', '.join(f'{p}=...' for p in missing)}{hint}. Its hyperparameters: {listing}."
         )
 
 

@@ -398,6 +398,7 @@ def test_missing_hyperparameters_name_the_strategy_and_the_parameter(
                                                          r"'alpha', which has no default: pass alpha=\.\.\.") as error:
         mtlzoo.create("rotograd-norm", num_tasks=2)
     assert isinstance(error.value, TypeError) and "__init__" not in str(error.value)
+    assert "(suggested: alpha=1.5)" in str(error.value)  # the metadata's suggested value, as the harness uses it
 
     class Flexible(WeightingStrategy):
         info = StrategyInfo(name="test_flexible", kind="weighting", needs="losses", summary="takes any keyword")
