@@ -68,17 +68,17 @@ def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
     if array.size == 0:
         return array
     array = (array + array.T) / 2
-    scales = np.sqrt(np.clip(np.diag(array), 0.0, None))
+    scales = np.sqrt(np.maximum(array.diagonal(), 0.0))
     present = scales > 0
     if not present.any():
         return np.zeros_like(array)
     inverse = np.where(present, 1.0 / np.where(present, scales, 1.0), 0.0)
-    values, vectors = eigh(array * np.outer(inverse, inverse))
+    values, vectors = eigh(array * np.multiply.outer(inverse, inverse))
     cutoff = max(float(values[-1]), 0.0) * array.shape[0] * eps
     if not values[0] > cutoff:  # else nothing is cut: G is kept as it is
         values = np.where(values > cutoff, values, 0.0)
-        array = ((vectors * values) @ vectors.T) * np.outer(scales, scales)
-    total = float(np.trace(array))
+        array = ((vectors * values) @ vectors.T) * np.multiply.outer(scales, scales)
+    total = float(array.trace())
     if not total > 0:
         return np.zeros_like(array)
     array = array / total
@@ -87,7 +87,7 @@ def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
 
 def unit_trace(array: np.ndarray, ridge: float = 0.0) -> np.ndarray:
     """A host Gramian divided by its trace (zeros where the trace is not positive), plus ``ridge I``."""
-    trace = float(np.trace(array))
+    trace = float(array.trace())
     unit = array / trace if trace > 0 else np.zeros_like(array)
     if ridge:
         unit.flat[::unit.shape[0] + 1] += ridge
@@ -156,8 +156,8 @@ def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     weights = np.zeros(size)
     if size == 0:
         return weights
-    diagonal = np.diag(matrix)
-    scales = np.sqrt(np.clip(diagonal, 0.0, None))
+    diagonal = matrix.diagonal()
+    scales = np.sqrt(np.maximum(diagonal, 0.0))
     interior = _definite_affine_minimiser(matrix, scales)
     if interior is not None:
         return interior
@@ -220,8 +220,8 @@ def _definite_affine_minimiser(matrix: np.ndarray, scales: np.ndarray) -> np.nda
     if not (scales > 0).all():
         return None
     inverse = 1.0 / scales
-    factor, info = lapack.dpotrf(matrix * np.outer(inverse, inverse), lower=1)
-    if info != 0 or float(np.diag(factor).min()) ** 2 <= matrix.shape[0] * _EPS:
+    factor, info = lapack.dpotrf(matrix * np.multiply.outer(inverse, inverse), lower=1)
+    if info != 0 or float(factor.diagonal().min()) ** 2 <= matrix.shape[0] * _EPS:
         return None
     solution, info = lapack.dpotrs(factor, inverse, lower=1)
     weights = solution * inverse
@@ -237,12 +237,12 @@ def _affine_minimiser(block: np.ndarray) -> np.ndarray:
     ``[[G_S, 1], [1^T, 0]] [w; λ] = [0; 1]``, solved in ``u = D w`` (``D = diag(sqrt(G_kk))``, the border
     scaled to a largest entry of 1), so that rows of very different sizes keep their digits."""
     count = block.shape[0]
-    scales = np.sqrt(np.clip(np.diag(block), 0.0, None))
+    scales = np.sqrt(np.maximum(block.diagonal(), 0.0))
     safe = np.where(scales > 0, scales, 1.0)
     border = 1.0 / safe
     largest = float(border.max())
     system = np.zeros((count + 1, count + 1))
-    system[:count, :count] = block / np.outer(safe, safe)
+    system[:count, :count] = block / np.multiply.outer(safe, safe)
     system[:count, count] = border / largest
     system[count, :count] = border / largest
     rhs = np.zeros(count + 1)
@@ -258,33 +258,48 @@ def _nonnegative_quadratics(hessian: np.ndarray, linears: np.ndarray) -> np.ndar
     Each inner step moves by the minimum-norm step to the minimiser on the passive set, so a newly
     freed coordinate always grows, also when H is singular. Solved in ``y = D x``, ``D = diag(sqrt(H_kk))``
     (on ``D^-1 H D^-1``, of unit diagonal), so that tolerances and cut-offs are relative to each row's own
-    size: rows 1e6 times apart are solved as accurately as rows of one size, in any order.
+    size: rows 1e6 times apart are solved as accurately as rows of one size, in any order. The loop's first
+    optimality test is taken for all rows at once; only a row whose start is not optimal enters the loop.
     """
-    scales = np.sqrt(np.clip(np.diag(hessian), 0.0, None))
+    scales = np.sqrt(np.maximum(hessian.diagonal(), 0.0))
     safe = np.where(scales > 0, scales, 1.0)
-    hessian = hessian / np.outer(safe, safe)
+    hessian = hessian / np.multiply.outer(safe, safe)
     unit = (scales > 0).astype(np.float64)
+    linears = linears / safe
+    reach = np.abs(linears).max(axis=1, initial=0.0)
     solutions = np.zeros(linears.shape)
-    for row, linear in enumerate(linears / safe):
-        solutions[row] = _lawson_hanson(hessian, linear, unit) / safe
-    return solutions
+    passive = np.zeros(linears.shape, dtype=bool)
+    for row, linear in enumerate(linears):
+        solutions[row], passive[row] = _start(hessian, linear, unit, reach[row])
+    gradients = linears - solutions @ hessian
+    tolerances = 1e-12 * unit * (reach + np.abs(solutions).sum(axis=1))[:, None]  # rounding of each row's gradient
+    for row in (~passive & (gradients - tolerances > 0)).any(axis=1).nonzero()[0]:
+        solutions[row] = _lawson_hanson(hessian, linears[row], unit, reach[row], solutions[row], passive[row])
+    return solutions / safe
 
 
-def _lawson_hanson(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray) -> np.ndarray:
-    """Lawson and Hanson's active-set loop on a scaled problem of :func:`_nonnegative_quadratics`, started from the
-    passive set of the coordinates violated at ``x = 0`` where the minimiser on them is positive (a state of the
-    loop: often its last), else from ``x = 0``."""
-    size = hessian.shape[0]
-    reach = float(np.abs(linear).max(initial=0.0))
-    x = np.zeros(size)
+def _start(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where Lawson and Hanson's loop starts on a scaled problem of :func:`_nonnegative_quadratics`: the passive set
+    of the coordinates violated at ``x = 0`` where the minimiser on them is positive (a state of the loop, often its
+    last), else ``x = 0``; the point and its passive set."""
+    x = np.zeros(hessian.shape[0])
     passive = linear - 1e-12 * unit * reach > 0
     if passive.any():
-        index = np.flatnonzero(passive)
+        index = passive.nonzero()[0]
         start = lstsq(hessian[index[:, None], index], linear[index])
         if start.min() > 0:
             x[index] = start
         else:
             passive[:] = False
+    return x, passive
+
+
+def _lawson_hanson(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray, reach: float, x: np.ndarray,
+                   passive: np.ndarray) -> np.ndarray:
+    """Lawson and Hanson's active-set loop on a scaled problem of :func:`_nonnegative_quadratics`, from ``x`` and its
+    passive set (:func:`_start`)."""
+    size = hessian.shape[0]
+    x, passive = x.copy(), passive.copy()
     for _ in range(10 * size + 50):
         gradient = linear - hessian @ x
         tolerance = 1e-12 * unit * (reach + float(np.abs(x).sum()))  # rounding of each row's gradient
@@ -294,7 +309,7 @@ def _lawson_hanson(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray) ->
             return x
         passive[candidate] = True
         for _ in range(size + 1):
-            index = np.flatnonzero(passive)
+            index = passive.nonzero()[0]
             block = hessian[index[:, None], index]
             current = x[index]
             target = current + lstsq(block, linear[index] - block @ current)
@@ -325,7 +340,7 @@ def project_to_simplex(values: np.ndarray) -> np.ndarray:
     ordered = np.sort(values)[::-1]
     sums = np.cumsum(ordered) - 1.0
     count = np.arange(1, values.size + 1)
-    last = int(np.flatnonzero(ordered - sums / count > 0)[-1])
+    last = int((ordered - sums / count > 0).nonzero()[0][-1])
     return np.maximum(values - sums[last] / (last + 1), 0.0)
 
 
@@ -366,9 +381,9 @@ def dual_cone_weights(targets: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     linear = -(targets @ matrix)  # row r: -G u_r, the linear term of problem r
     # Lawson-Hanson's first test, for all the problems at once: where no coordinate of -G u is above its row's
     # rounding, x = 0 is optimal (J^T u is already in the cone) and v = u.
-    scales = np.sqrt(np.clip(np.diag(matrix), 0.0, None))
-    tolerance = 1e-12 * np.outer(np.abs(targets) @ scales, scales)
-    rows = np.flatnonzero((linear - tolerance).max(axis=1) > 0)
+    scales = np.sqrt(np.maximum(matrix.diagonal(), 0.0))
+    tolerance = 1e-12 * np.multiply.outer(np.abs(targets) @ scales, scales)
+    rows = ((linear - tolerance).max(axis=1) > 0).nonzero()[0]
     if rows.size:
         solutions[rows] += _nonnegative_quadratics(matrix, linear[rows])
     return solutions

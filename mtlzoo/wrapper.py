@@ -399,7 +399,7 @@ class MTLWrapper(nn.Module):
                                      retain_graph=retain_graph, chunk_size=self.jacobian_chunk_size, route=self._route)
 
         with running(sync):
-            self.last_step = transaction(self.strategy, step_losses, scaler, body)
+            self.__dict__["last_step"] = transaction(self.strategy, step_losses, scaler, body)  # no Module.__setattr__
         self._tracker.backward_done(step_losses.present)
 
     def _warn_constant_losses(self, tasks: list[int], requires_grad: list[bool], labels: list[str]) -> None:

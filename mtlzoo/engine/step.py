@@ -383,12 +383,31 @@ def sum_or_none(first: Tensor | None, second: Tensor | None) -> Tensor | None:
     return first if second is None else first + second
 
 
+class _Delivery(torch.autograd.Function):
+    """A zero scalar whose backward hands each of its inputs the gradient given for it: one root delivers many
+    (root, gradient) pairs, which ``torch.autograd.backward`` would otherwise check one by one in Python."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: tuple[Tensor, ...], *roots: Tensor) -> Tensor:
+        ctx.grads = grads
+        return roots[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _: Tensor) -> tuple[Tensor | None, ...]:
+        return (None, *ctx.grads)
+
+
 def accumulate(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool = False) -> None:
     """The step's one final backward: ``torch.autograd.backward`` over every root, so accumulation hooks
     fire once and gradients reach ``.grad`` as after a plain backward; a root without a gradient (a
     scalar objective) gets ones."""
     idle, zeros = current().idle_roots()  # the heads of a task absent from this rank only: DDP waits for them
-    if roots or idle:
-        ones = [torch.ones_like(root) if grad is None else grad for root, grad in zip(roots, grads)]
-        torch.autograd.backward([*roots, *idle], ones + zeros, retain_graph=retain_graph)
+    given = [(root, grad) for root, grad in zip([*roots, *idle], [*grads, *zeros]) if grad is not None]
+    scalars = [root for root, grad in zip(roots, grads) if grad is None]
+    if len(given) > 1:
+        scalars.append(_Delivery.apply(tuple(grad for _, grad in given), *(root for root, _ in given)))
+        given = []
+    if given or scalars:
+        torch.autograd.backward([*scalars, *(root for root, _ in given)],
+                                [*(None for _ in scalars), *(grad for _, grad in given)], retain_graph=retain_graph)
         current().restore()
