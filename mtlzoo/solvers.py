@@ -268,9 +268,14 @@ def _nonnegative_quadratics(hessian: np.ndarray, linears: np.ndarray) -> np.ndar
     linears = linears / safe
     reach = np.abs(linears).max(axis=1, initial=0.0)
     solutions = np.zeros(linears.shape)
-    passive = np.zeros(linears.shape, dtype=bool)
-    for row, linear in enumerate(linears):
-        solutions[row], passive[row] = _start(hessian, linear, unit, reach[row])
+    passive = linears - 1e-12 * unit * reach[:, None] > 0  # the coordinates violated at x = 0
+    counts = passive.sum(axis=1)
+    rows, columns = (passive & (counts == 1)[:, None]).nonzero()  # one violated: its minimiser is f_j / H_jj
+    diagonal = hessian.diagonal()[columns]
+    solutions[rows, columns] = np.where(diagonal > 0, linears[rows, columns] / np.where(diagonal > 0, diagonal, 1.0), 0)
+    passive[rows, columns] = diagonal > 0
+    for row in (counts > 1).nonzero()[0]:
+        solutions[row] = _start(hessian, linears[row], passive[row])
     gradients = linears - solutions @ hessian
     tolerances = 1e-12 * unit * (reach + np.abs(solutions).sum(axis=1))[:, None]  # rounding of each row's gradient
     for row in (~passive & (gradients - tolerances > 0)).any(axis=1).nonzero()[0]:
@@ -278,20 +283,18 @@ def _nonnegative_quadratics(hessian: np.ndarray, linears: np.ndarray) -> np.ndar
     return solutions / safe
 
 
-def _start(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
-    """Where Lawson and Hanson's loop starts on a scaled problem of :func:`_nonnegative_quadratics`: the passive set
-    of the coordinates violated at ``x = 0`` where the minimiser on them is positive (a state of the loop, often its
-    last), else ``x = 0``; the point and its passive set."""
+def _start(hessian: np.ndarray, linear: np.ndarray, passive: np.ndarray) -> np.ndarray:
+    """Where Lawson and Hanson's loop starts on a scaled problem of :func:`_nonnegative_quadratics` whose coordinates
+    ``passive`` are violated at ``x = 0``: the minimiser on them where it is positive (a state of the loop, often its
+    last), else ``x = 0`` (``passive`` then emptied in place)."""
     x = np.zeros(hessian.shape[0])
-    passive = linear - 1e-12 * unit * reach > 0
-    if passive.any():
-        index = passive.nonzero()[0]
-        start = lstsq(hessian[index[:, None], index], linear[index])
-        if start.min() > 0:
-            x[index] = start
-        else:
-            passive[:] = False
-    return x, passive
+    index = passive.nonzero()[0]
+    start = lstsq(hessian[index[:, None], index], linear[index])
+    if start.min() > 0:
+        x[index] = start
+    else:
+        passive[:] = False
+    return x
 
 
 def _lawson_hanson(hessian: np.ndarray, linear: np.ndarray, unit: np.ndarray, reach: float, x: np.ndarray,
