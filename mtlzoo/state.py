@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -136,6 +137,17 @@ class RunningState:
             self._write(field, value)
         elif field.per_step == "every" or self._owner.micro_batch == 0:
             self._staged[name] = value
+
+    def write_rows(self, name: str, tasks: Tensor | np.ndarray, rows: Tensor | np.ndarray | float) -> Tensor:
+        """Write ``rows`` as the entries ``tasks`` (the present tasks') of the tensor field ``name``, the others as
+        they stand (staged, else committed), and return the value written: a copy, made on ``rows``' device (the
+        host for numpy) in the wider of the two dtypes, so that the committed buffer is never changed in place."""
+        rows = torch.as_tensor(rows)
+        current = getattr(self, name).detach()
+        value = current.to(rows.device, torch.promote_types(current.dtype, rows.dtype), copy=True)
+        value[torch.as_tensor(tasks, device=rows.device)] = rows.to(value.dtype)
+        setattr(self, name, value)
+        return value
 
     def touch(self) -> None:
         """Count a change of the committed state (a cache keyed on :attr:`generation` is then stale)."""

@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import re
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,13 @@ def catalogue_page(entries: list[StrategyEntry]) -> str:
 
 
 def argument_descriptions(cls: type) -> dict[str, str]:
-    """What the ``Args:`` sections of ``cls``'s docstring, and of its bases' (Google style), say of each argument."""
+    """What the ``Args:`` sections of ``cls``'s docstring, and of its bases' and composed parts' (a composite's
+    ``adapter: Rotations``; Google style), say of each argument."""
     found: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
+    roles = getattr(cls, "composes", ())
+    hints = typing.get_type_hints(cls) if roles else {}
+    parts = [hints[role] for role in roles if isinstance(hints.get(role), type)]
+    for klass in [*parts, *reversed(cls.__mro__)]:
         found.update(_docstring_args(klass.__dict__.get("__doc__")))
     return found
 

@@ -130,9 +130,7 @@ class EveryNSteps(Modifier):
         if self.state.steps % self.n:
             return self.state.weights.detach().cpu().numpy().astype(np.float64)[step.tasks]
         weights = self.inner.weigh(gramian, step)
-        everyone = self.state.weights.detach().cpu().clone()  # the buffer may live on an accelerator
-        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(weights).to(everyone.dtype)
-        self.state.weights = everyone
+        self.state.write_rows("weights", step.tasks, weights)
         return weights
 
     def on_advance(self) -> None:
@@ -239,14 +237,11 @@ class EMA(Modifier):
 
     def modify(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         fresh = self.inner.weigh(gramian, step)
-        index = torch.from_numpy(step.tasks)
-        weights = self.state.committed("weights").detach().cpu().clone()
-        seen = self.state.committed("seen").detach().cpu().clone()
-        previous = weights[index].numpy()
-        smoothed = np.where(seen[index].numpy(), self.beta * previous + (1 - self.beta) * fresh, fresh)
-        weights[index] = torch.from_numpy(smoothed)
-        seen[index] = True
-        self.state.weights, self.state.seen = weights, seen
+        previous = self.state.committed("weights").detach().cpu().numpy()[step.tasks]
+        seen = self.state.committed("seen").detach().cpu().numpy()[step.tasks]
+        smoothed = np.where(seen, self.beta * previous + (1 - self.beta) * fresh, fresh)
+        self.state.write_rows("weights", step.tasks, smoothed)
+        self.state.write_rows("seen", step.tasks, True)
         return smoothed
 
 

@@ -81,9 +81,7 @@ class ProjectedWeights(Aggregator):
 
     def keep(self, weights: np.ndarray, tasks: np.ndarray) -> None:
         """Stage the present tasks' new weights (the absent ones keep theirs)."""
-        everyone = self.state.committed("weights").detach().cpu().to(torch.float64).clone()
-        everyone[torch.from_numpy(tasks)] = torch.from_numpy(weights)
-        self.state.weights = everyone
+        self.state.write_rows("weights", tasks, weights)
 
     # --------------------------------------------------------------- standalone
     def aggregate(self, grads: Tensor, losses: Tensor, more_batches: Sequence[Tensor] = ()) -> Tensor:

@@ -105,16 +105,13 @@ class ExcessMTL(ShapedAtFirstStep, Aggregator):
         accumulated = squares[index] + rows**2
         risks = (rows**2 / torch.sqrt(accumulated + ADAGRAD_EPS)).sum(1).to(torch.float64).cpu()
         index = tasks.cpu()
-        baselines = self.state.committed("baselines").detach().cpu().clone()
-        weights = self.state.committed("weights").detach().cpu().clone()
-        ratios = torch.where(baselines[index] > 0, risks / torch.where(baselines[index] > 0, baselines[index], 1), 0)
-        present = weights[index]
+        baselines = self.state.committed("baselines").detach().cpu()[index]
+        present = self.state.committed("weights").detach().cpu()[index]
+        ratios = torch.where(baselines > 0, risks / torch.where(baselines > 0, baselines, 1), 0)
         present = present.sum() * torch.softmax(torch.log(present) + self.robust_step_size * ratios, 0)
-        weights[index] = present
-        baselines[index] = torch.where(baselines[index] > 0, baselines[index], risks)
-        everyone = squares.clone()
-        everyone[tasks.to(squares.device)] = accumulated
-        self.state.weights, self.state.baselines, self.state.squares = weights, baselines, everyone
+        self.state.write_rows("weights", index, present)
+        self.state.write_rows("baselines", index, torch.where(baselines > 0, baselines, risks))
+        self.state.write_rows("squares", tasks, accumulated)
         return present
 
     def compute(self, inputs: StepInputs) -> Update:

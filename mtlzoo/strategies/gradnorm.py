@@ -167,8 +167,7 @@ class GradNorm(WidensState, LossWeighting):
         if tasks is None:
             self.state.initial_losses = torch.where(take, losses, mine)
         else:
-            self.state.initial_losses = reference.index_copy(0, tasks.to(reference.device),
-                                                             torch.where(take, losses, mine))
+            self.state.write_rows("initial_losses", tasks, torch.where(take, losses, mine))
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         return None  # the weights learn from the gradient loss only, never from sum_k w_k L_k

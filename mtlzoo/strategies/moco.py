@@ -91,11 +91,9 @@ class MoCo(ShapedAtFirstStep, ProjectedWeights):
         (jacobian,) = jacobians
         if self.tracked.shape != (self.num_tasks, jacobian.shape[1]):  # Y_0 = 0, shaped at the first step
             self.tracked = jacobian.new_zeros(self.num_tasks, jacobian.shape[1])
-        tracked = self.state.committed("tracked").to(jacobian).clone()
-        index = torch.from_numpy(tasks).to(jacobian.device)
-        rows = tracked[index] - self.beta * (tracked[index] - jacobian)
-        tracked[index] = rows
-        self.state.tracked = tracked
+        tracked = self.state.committed("tracked").to(jacobian)[torch.from_numpy(tasks).to(jacobian.device)]
+        rows = tracked - self.beta * (tracked - jacobian)
+        self.state.write_rows("tracked", tasks, rows)
         weights = self.previous(tasks)
         product = to_host(rows @ rows.T)
         weights = project_to_simplex(weights - self.gamma * (product @ weights + self.rho * weights))

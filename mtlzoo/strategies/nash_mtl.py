@@ -118,10 +118,9 @@ class NashBargaining(GramianAggregator):
         self.declare_state(previous_weights=torch.ones(num_tasks))
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
-        everyone = self.state.previous_weights.detach().cpu().to(torch.float64)
-        alpha = self.solve(gramian, everyone.numpy()[step.tasks])
-        everyone[torch.from_numpy(step.tasks)] = torch.from_numpy(alpha)
-        self.state.previous_weights = everyone  # rounded to the buffer's dtype when committed
+        previous = self.state.previous_weights.detach().cpu().to(torch.float64).numpy()[step.tasks]
+        alpha = self.solve(gramian, previous)
+        self.state.write_rows("previous_weights", step.tasks, alpha)  # rounded to the buffer's dtype when committed
         return alpha
 
     def solve(self, raw: np.ndarray, previous: np.ndarray) -> np.ndarray:

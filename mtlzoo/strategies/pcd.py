@@ -164,13 +164,12 @@ class PCD(GramianAggregator):
 
     def weigh(self, gramian: np.ndarray, step: HostStep) -> np.ndarray:
         squares = np.clip(np.diag(gramian), 0.0, None)
-        index = torch.from_numpy(step.tasks)
-        moments = self.state.committed("second_moments").detach().cpu().clone()
-        counts = self.state.committed("counts").detach().cpu().clone()
-        moments[index] = self.beta * moments[index] + (1 - self.beta) * torch.from_numpy(squares)
-        counts[index] += 1
-        self.state.second_moments, self.state.counts = moments, counts  # the step's first micro-batch's
-        debiased = moments[index].numpy() / (1 - self.beta ** counts[index].numpy().astype(np.float64))
+        moments = self.state.committed("second_moments").detach().cpu().numpy()[step.tasks]
+        moments = self.beta * moments + (1 - self.beta) * squares
+        counts = self.state.committed("counts").detach().cpu().numpy()[step.tasks] + 1
+        self.state.write_rows("second_moments", step.tasks, moments)  # the step's first micro-batch's
+        self.state.write_rows("counts", step.tasks, counts)
+        debiased = moments / (1 - self.beta ** counts.astype(np.float64))
         denominators = np.sqrt(debiased + self.eps)
         scales = np.where(denominators > 0, 1.0 / np.where(denominators > 0, denominators, 1.0), 0.0)
         size = gramian.shape[0]

@@ -145,20 +145,7 @@ class RotateOnly(Composite):
     (https://arxiv.org/abs/2103.02631). The composition of the rotations adapter
     (:class:`~mtlzoo.strategies.rotations.Rotations`, held as ``adapter``) with the plain sum; the
     rotations minimise ``sum_k reduce_batch || R_k v - dL_k/dz_k ||^2`` towards the reference
-    ``v = mean_k g_k ||mean_j g_j|| / ||g_k||``.
-
-    Args:
-        rotation_shape: Shape of the rotated part of ``z`` (without the batch dimension); ``None``
-            infers it at the first forward.
-        post_shape: Trailing dimensions of ``z`` left unrotated (``(h, w)``: rotate the channels).
-        normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
-        burn_in_period: Optimizer step at which the reference values (``L_k(t_0)``, and the
-            aggregator's) are recorded again, after step 0.
-        orthogonal_map: ``"retraction"`` (default, the fast one), or torch's ``"matrix_exp"`` (the
-            original's chart: a rotograd run number for number), ``"cayley"``, ``"householder"``.
-        rotation_init: ``"random"`` (Haar on SO(n), as the original) or ``"identity"``.
-        fold_linear_heads: Read ``z`` through ``W R_k`` where a head starts with a plain linear ``W``
-            (each setting in full: :class:`~mtlzoo.strategies.rotations.Rotations`).
+    ``v = mean_k g_k ||mean_j g_j|| / ||g_k||``. Its arguments are the rotations' (see there).
 
     Example:
         >>> import torch, mtlzoo

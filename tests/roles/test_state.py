@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -156,3 +157,16 @@ def test_module_to_dtype_widens_a_field_but_never_narrows_it_below_its_declared_
     strategy.state.narrow = torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)
     strategy.advance()
     assert strategy.narrow.dtype == torch.float64 and float(strategy.narrow[0]) == 1 / 3
+
+
+def test_write_rows_stages_a_copy_with_the_present_tasks_rows_written_and_the_others_kept() -> None:
+    strategy = Counting(4)
+    with strategy.state.direct():
+        strategy.state.mean = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    written = strategy.state.write_rows("mean", np.array([1, 3]), np.array([20.0, 40.0]))
+    assert strategy.state.mean.tolist() == [1.0, 20.0, 3.0, 40.0]  # only rows 1 and 3 written
+    assert written.dtype == torch.float64  # the wider of the field's float32 and the rows' float64
+    assert strategy.mean.tolist() == [1.0, 2.0, 3.0, 4.0]  # staged: the committed buffer is not changed in place
+    strategy.state.write_rows("mean", torch.tensor([0]), torch.tensor([10.0]))  # a second write keeps the first's
+    strategy.advance()
+    assert strategy.mean.tolist() == [10.0, 20.0, 3.0, 40.0] and strategy.mean.dtype == torch.float32
