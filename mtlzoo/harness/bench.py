@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.caching import cached
 from mtlzoo.harness.spec import BASELINE, default_strategies, optimizer_class, parse_spec, split_top_level
 from mtlzoo.harness.tables import plain_table
+from mtlzoo.harness.training import train_step
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
@@ -148,12 +148,7 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
     def one_step(runner: _Runner) -> float:
         sync()
         start = time.perf_counter()
-        for optimizer in runner.optimizers:
-            optimizer.zero_grad()
-        with cached():
-            runner.mtl.backward(losses(runner.mtl(x)))
-        runner.mtl.step(*runner.optimizers, post_step_losses=(
-            (lambda: losses(runner.mtl(x))) if runner.mtl.strategy.wants_post_step_losses else None))
+        train_step(runner.mtl, runner.optimizers, x, losses)
         sync()
         return time.perf_counter() - start
 

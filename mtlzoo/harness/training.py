@@ -28,7 +28,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,21 @@ def _optimizers(mtl: MTLWrapper, problem: Problem, plan_: Plan) -> list[torch.op
     return optimizers
 
 
+def train_step(mtl: MTLWrapper, optimizers: Sequence[torch.optim.Optimizer], x: Any,
+               losses_of: Callable[[Any], Any], more_batches: Callable[[], list[Any]] = list) -> tuple[Any, Any]:
+    """The loop's step (the module docstring's) on ``x``, with the losses ``losses_of(predictions)`` and those of
+    ``more_batches()`` (a request that reads several batches); returns the predictions and the losses."""
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    with cached():
+        predictions = mtl(x)
+        losses = losses_of(predictions)
+        mtl.backward(losses, more_batches=more_batches())
+    mtl.step(*optimizers, post_step_losses=(
+        (lambda: losses_of(mtl(x))) if mtl.strategy.wants_post_step_losses else None))
+    return predictions, losses
+
+
 def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConfig,
            initial_model: nn.Module | None, progress: ProgressCallback | None, result: RunResult) -> None:
     device = config.torch_device
@@ -176,7 +191,6 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     with torch.no_grad():
         mtl(to_device(sample, device))  # materialises lazily shaped strategies before the optimizers exist
     optimizers = _optimizers(mtl, problem, plan_)
-    post_step = mtl.strategy.wants_post_step_losses
     streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
                for i in range(mtl.strategy.request.batches - 1)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -200,15 +214,9 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
                     result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
                 sync()
                 start = time.perf_counter()
-                for optimizer in optimizers:
-                    optimizer.zero_grad()
-                with cached():
-                    predictions = mtl(x)
-                    losses = problem.losses(predictions, y)
-                    more = [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)]
-                    mtl.backward(losses, more_batches=more)
-                mtl.step(*optimizers, post_step_losses=(
-                    (lambda x=x, y=y: problem.losses(mtl(x), y)) if post_step else None))
+                predictions, losses = train_step(
+                    mtl, optimizers, x, lambda p, y=y: problem.losses(p, y),
+                    lambda: [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)])
                 sync()
                 times.append(time.perf_counter() - start)
                 losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
