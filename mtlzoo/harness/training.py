@@ -162,10 +162,14 @@ def _optimizers(mtl: MTLWrapper, problem: Problem, plan_: Plan) -> list[torch.op
     return optimizers
 
 
-def train_step(mtl: MTLWrapper, optimizers: Sequence[torch.optim.Optimizer], x: Any,
-               losses_of: Callable[[Any], Any], more_batches: Callable[[], list[Any]] = list) -> tuple[Any, Any]:
+def train_step(mtl: MTLWrapper, optimizers: Sequence[torch.optim.Optimizer], x: Any, losses_of: Callable[[Any], Any],
+               device: torch.device, more_batches: Callable[[], list[Any]] = list) -> tuple[Any, Any, float]:
     """The loop's step (the module docstring's) on ``x``, with the losses ``losses_of(predictions)`` and those of
-    ``more_batches()`` (a request that reads several batches); returns the predictions and the losses."""
+    ``more_batches()`` (a request that reads several batches); returns the predictions, the losses and the
+    step's time in seconds (on a GPU, synchronised at both ends)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
     for optimizer in optimizers:
         optimizer.zero_grad()
     with cached():
@@ -174,7 +178,8 @@ def train_step(mtl: MTLWrapper, optimizers: Sequence[torch.optim.Optimizer], x: 
         mtl.backward(losses, more_batches=more_batches())
     mtl.step(*optimizers, post_step_losses=(
         (lambda: losses_of(mtl(x))) if mtl.strategy.wants_post_step_losses else None))
-    return predictions, losses
+    sync()
+    return predictions, losses, time.perf_counter() - start
 
 
 def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConfig,
@@ -193,7 +198,6 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     optimizers = _optimizers(mtl, problem, plan_)
     streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
                for i in range(mtl.strategy.request.batches - 1)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     scheduler = problem.lr_scheduler(optimizers[0])
     evaluator = _Evaluator(problem, mtl, device, steps, result)
     losses_log: list[Tensor] = []
@@ -212,13 +216,10 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
                     upper = torch.triu_indices(len(cosines), len(cosines), offset=1)
                     result.conflicts["steps"].append(step)
                     result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
-                sync()
-                start = time.perf_counter()
-                predictions, losses = train_step(
-                    mtl, optimizers, x, lambda p, y=y: problem.losses(p, y),
+                predictions, losses, seconds = train_step(
+                    mtl, optimizers, x, lambda p, y=y: problem.losses(p, y), device,
                     lambda: [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)])
-                sync()
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
                 losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
                 traced = problem.trace(predictions)
                 if traced is not None:
