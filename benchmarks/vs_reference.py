@@ -48,7 +48,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +61,11 @@ from mtlzoo.harness.tables import plain_table
 from mtlzoo.protocol import Request
 from mtlzoo.registry import REGISTRY, get_strategy
 from mtlzoo.roles import GradientSurgery
-from mtlzoo.strategy import StrategyInfo
+from mtlzoo.strategy import StrategyInfo, check_int
 from mtlzoo.wrapper import MTLWrapper
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BATCH = 256
 LR = 1e-3
@@ -490,11 +494,6 @@ def _weighting_entries(s: Setting) -> list[Entry]:
     return entries
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Parameter `{name}` should be a positive int. Found `{name} = {value!r}`.")
-
-
 def vs_reference(*, sections: Sequence[str] = SECTIONS,
                  rotograd_settings: Sequence[tuple[int, int]] = ROTOGRAD_SETTINGS, dim: int = 128, tasks: int = 4,
                  memory_setting: tuple[int, int] = MEMORY_SETTING,
@@ -529,7 +528,7 @@ def vs_reference(*, sections: Sequence[str] = SECTIONS,
     for name, value in (("steps", steps), ("dim", dim), ("tasks", tasks), ("memory_chunk", memory_chunk),
                         *((f"rotograd_settings[{i}]", v) for i, pair in enumerate(rotograd_settings) for v in pair),
                         *(("memory_setting", v) for v in memory_setting)):
-        _positive(name, value)
+        check_int(name, value)
     results: list[dict[str, Any]] = []
 
     def add(section: str, d: int, k: int, records: list[dict[str, Any]]) -> None:
@@ -603,8 +602,8 @@ def growth(strategies: Sequence[str] = GROWTH_STRATEGIES, *, tasks: Sequence[int
     """
     for name, values in (("tasks", tasks), ("dims", dims), ("base", base)):
         for value in values:
-            _positive(name, value)
-    _positive("steps", steps)
+            check_int(name, value)
+    check_int("steps", steps)
     if clock not in CLOCKS:
         raise ValueError(f"Parameter `clock` should be one of {tuple(CLOCKS)}. Found {clock!r}.")
     for spec in strategies:
@@ -697,6 +696,62 @@ def growth_rows(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[
     return tables
 
 
+# ============================================================================ plots
+GROWTH_AXES = {"tasks": ("K, the number of tasks", "d"), "dim": ("d, the width of the representation", "K")}
+
+
+def growth_figure(report: dict[str, Any], axis: str) -> Figure:
+    """Step time / plain step time against K (``axis="tasks"``) or d (``axis="dim"``), log-log: one line per
+    strategy of a :func:`growth` report through the medians, a band between the quartiles."""
+    if axis not in GROWTH_AXES:
+        raise ValueError(f"Parameter `axis` should be one of {tuple(GROWTH_AXES)}. Found {axis!r}.")
+    from mtlzoo.harness.plots import _matplotlib, styles
+
+    figure_class = _matplotlib()
+    from matplotlib.ticker import NullLocator
+
+    records = [r for r in report["results"] if r["axis"] == axis and r.get("status") == "ok" and "ratio" in r]
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    drawn = styles(labels)
+    fig = figure_class(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for label in labels:
+        rows = sorted((r for r in records if r["label"] == label), key=lambda r: r[axis])
+        xs = [r[axis] for r in rows]
+        style = drawn[label]
+        ax.plot(xs, [r["ratio"]["median"] for r in rows], marker=style.marker, color=style.color,
+                linestyle=style.linestyle, label=label)
+        ax.fill_between(xs, [r["ratio"]["p25"] for r in rows], [r["ratio"]["p75"] for r in rows],
+                        color=style.color, alpha=0.15, linewidth=0)
+    title, other = GROWTH_AXES[axis]
+    fixed = records[0]["dim" if axis == "tasks" else "tasks"] if records else "?"
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r[axis] for r in records})
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_yscale("log")
+    ax.set_xlabel(title)
+    ax.set_ylabel("step time / plain step time")
+    ax.set_title(f"Reference MLP, batch {report['settings'].get('batch', 256)}, {other} = {fixed}", fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    handles, shown = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, shown, loc="outside lower center", ncols=min(len(shown), 5), fontsize="small")
+    return fig
+
+
+def save_growth_plots(report: dict[str, Any], out: str | Path, dpi: int = 110) -> list[Path]:
+    """Write ``out/growth_tasks.png`` and ``out/growth_dim.png`` from a :func:`growth` report; returns the paths."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for axis in GROWTH_AXES:
+        if any(r["axis"] == axis for r in report["results"]):
+            paths.append(folder / f"growth_{axis}.png")
+            growth_figure(report, axis).savefig(paths[-1], dpi=dpi)
+    return paths
+
+
 # ============================================================================ the command
 def _pairs(text: str, option: str) -> list[tuple[int, int]]:
     try:
@@ -758,7 +813,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite (or ``--growth``), print its tables, and write the report with ``--out``."""
     import json
     import sys
-    from pathlib import Path
 
     from mtlzoo.errors import MTLZooError
 
@@ -791,8 +845,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for title, header, rows in tables:
         print(f"\n{title}\n{plain_table(header, rows)}")
     if args.growth and args.plot:
-        from mtlzoo.harness.plots import save_growth_plots
-
         for path in save_growth_plots(report, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     if args.out:

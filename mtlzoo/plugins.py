@@ -73,6 +73,19 @@ class HookTable(Protocol):
         ...
 
 
+class ClassPlugin:
+    """The plugin object behind a class decorator (``register_strategy``, ``register_problem``): its one hook,
+    the one named ``hook``, hands ``cls`` to that hook's registry."""
+
+    def __init__(self, cls: type, hook: str) -> None:
+        self.cls = cls
+
+        def register_class(register: Callable[[type], None]) -> None:
+            register(cls)
+
+        setattr(self, hook, hookspecs.hookimpl(register_class))
+
+
 class PluginLoader:
     """Plugins (built-ins, entry points, in-process ones) and the registries they feed.
 

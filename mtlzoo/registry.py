@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from mtlzoo import hookspecs
 from mtlzoo.errors import (
     DuplicateStrategyError,
     InvalidStrategyError,
@@ -21,7 +20,7 @@ from mtlzoo.errors import (
     UnknownStrategyError,
 )
 from mtlzoo.names import NameRegistry, normalize_name, normalize_pattern, unknown_keywords
-from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, Origin, PluginLoader
+from mtlzoo.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP, ClassPlugin, Origin, PluginLoader
 from mtlzoo.roles.modifiers import MODIFIERS
 from mtlzoo.strategy import REQUIRED, Kind, Strategy, StrategyInfo, hyperparameters, plain
 
@@ -73,17 +72,6 @@ class StrategyEntry:
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-
-
-class _DecoratedStrategy:
-    """The plugin object behind :func:`register_strategy`: it hands one class to the registry."""
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    @hookspecs.hookimpl
-    def mtlzoo_register_strategies(self, register: Callable[[type], None]) -> None:
-        register(self.cls)
 
 
 def _same_definition(a: type, b: type) -> bool:
@@ -202,7 +190,7 @@ class StrategyRegistry:
                 return next(iter(taken)).origin.plugin
             replaced = sorted({
                 entry.origin.plugin for entry in taken
-                if isinstance(plugin := loader.plugin(entry.origin.plugin), _DecoratedStrategy)
+                if isinstance(plugin := loader.plugin(entry.origin.plugin), ClassPlugin)
                 and _same_definition(plugin.cls, cls)
             })
             saved = [(old, loader.plugin(old), loader.plugins()[old]) for old in replaced]
@@ -210,7 +198,7 @@ class StrategyRegistry:
                 loader.unregister_plugin(old)
             origin = saved[0][2] if saved else None
             try:
-                return loader.register_plugin(_DecoratedStrategy(cls), saved[0][0] if saved else name, origin)
+                return loader.register_plugin(ClassPlugin(cls, HOOK), saved[0][0] if saved else name, origin)
             except Exception:
                 for old, plugin, old_origin in saved:
                     loader.register_plugin(plugin, old, old_origin)

@@ -8,7 +8,7 @@ Two reference models, with K linear (MLP) or 1x1-convolution (CNN) heads:
   dense prediction per task), batch 64. Strategies with a ``post_shape`` hyperparameter (the RotoGrad
   family) get ``post_shape=(8, 8)``: they rotate the channels.
 
-Each step is the harness's training step (zero_grad, forward, ``mtl.backward``, ``mtl.step``) on a
+Each step is the harness's training step (:func:`~mtlzoo.harness.training.train_step`) on a
 fixed random batch, with Adam for the model (the strategy's own optimizer from its metadata) and the
 hyperparameters the metadata suggests. After ``warmup`` steps, ``steps`` steps are timed in ``rounds``
 interleaved rounds (every strategy takes a turn each round, so that a slow spell of the machine hits
@@ -19,7 +19,6 @@ measures the memory a step allocates (``benchmarks/vs_reference.py`` in the repo
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.caching import cached
 from mtlzoo.harness.spec import BASELINE, default_strategies, optimizer_class, parse_spec, split_top_level
 from mtlzoo.harness.tables import plain_table
+from mtlzoo.harness.training import train_step
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
@@ -138,7 +137,6 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
 
 def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, warmup: int, rounds: int,
                  device: torch.device, seed: int, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(seed)
     x, targets = (t.to(device) for t in reference_batch(kind, tasks, BATCH_SIZES[kind], generator))
 
@@ -146,16 +144,7 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
         return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]
 
     def one_step(runner: _Runner) -> float:
-        sync()
-        start = time.perf_counter()
-        for optimizer in runner.optimizers:
-            optimizer.zero_grad()
-        with cached():
-            runner.mtl.backward(losses(runner.mtl(x)))
-        runner.mtl.step(*runner.optimizers, post_step_losses=(
-            (lambda: losses(runner.mtl(x))) if runner.mtl.strategy.wants_post_step_losses else None))
-        sync()
-        return time.perf_counter() - start
+        return train_step(runner.mtl, runner.optimizers, x, losses, device)[2]
 
     records: dict[str, dict[str, Any]] = {}
     runners: list[_Runner] = []

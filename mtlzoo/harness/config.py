@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mtlzoo.errors import ComparisonError
+from mtlzoo.strategy import check_int
 
 if TYPE_CHECKING:
     from mtlzoo.harness.problems.base import Problem
@@ -41,10 +42,17 @@ def check_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def check_reference(reference: str) -> None:
+    """Raise :class:`~mtlzoo.errors.ComparisonError` unless ``reference`` is ``"ls"`` or ``"single_task"``."""
+    if reference not in REFERENCES:
+        raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {reference!r}.")
+
+
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        should = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ComparisonError(f"Parameter `{name}` should be {should}. Found `{name} = {value!r}`.")
+    try:
+        check_int(name, value, minimum)
+    except ValueError as error:
+        raise ComparisonError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -93,8 +101,7 @@ class RunConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
         _check_int("conflict_every", self.conflict_every, minimum=0)
-        if self.reference not in REFERENCES:
-            raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {self.reference!r}.")
+        check_reference(self.reference)
         if self.reference_from is not None:
             object.__setattr__(self, "reference_from", Path(self.reference_from))
             object.__setattr__(self, "reference", "single_task")

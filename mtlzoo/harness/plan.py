@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mtlzoo.errors import ComparisonError, MissingHyperparameterError
-from mtlzoo.harness.config import REFERENCES, Reference, check_device
+from mtlzoo.harness.config import Reference, check_device, check_reference
 from mtlzoo.harness.problems.base import Problem, check_metrics, to_device
 from mtlzoo.harness.spec import BASELINE, StrategySpec, default_strategies, optimizer_class, split_top_level
 from mtlzoo.registry import REGISTRY, StrategyEntry, get_strategy, list_strategies, split_modifiers
@@ -181,8 +181,7 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
     check_device(device)
     specs, named = resolve_specs(strategies)
     strict = named if strict is None else strict
-    if reference not in REFERENCES:
-        raise ComparisonError(f"Parameter `reference` should be 'ls' or 'single_task'. Found {reference!r}.")
+    check_reference(reference)
     entries = [strategy_entry(spec.name)[0] for spec in specs]  # unknown names fail first, before any building
     check_problem(problem, device)
     if not any(entry.name == BASELINE and not split_modifiers(spec.name)[0] and not spec.options

@@ -8,7 +8,7 @@ Each function takes a :class:`~mtlzoo.harness.results.ComparisonResults` and ret
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,15 +79,14 @@ def legend_label(results: ComparisonResults, label: str) -> str:
     return f"{label} (failed, not shown)" if not finished else f"{label} ({finished}/{len(runs)} seeds)"
 
 
-def _legend(fig: Any, ax: Any, results: ComparisonResults | None = None) -> None:
+def _legend(fig: Any, ax: Any, results: ComparisonResults) -> None:
     from matplotlib.lines import Line2D
 
     handles, labels = ax.get_legend_handles_labels()
-    if results is not None:
-        shown, drawn = dict(zip(labels, handles)), styles(results.labels)
-        handles = [shown.get(label) or Line2D([], [], color=drawn[label].color, marker="x", linestyle="none")
-                   for label in results.labels]
-        labels = [legend_label(results, label) for label in results.labels]
+    shown, drawn = dict(zip(labels, handles)), styles(results.labels)
+    handles = [shown.get(label) or Line2D([], [], color=drawn[label].color, marker="x", linestyle="none")
+               for label in results.labels]
+    labels = [legend_label(results, label) for label in results.labels]
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), fontsize="small")
 
@@ -228,66 +227,13 @@ def figures(results: ComparisonResults) -> dict[str, Figure]:
     return made
 
 
-def _save(figures: Iterable[tuple[str, Figure]], out: str | Path, dpi: int) -> list[Path]:
+def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int = 110) -> list[Path]:
+    """Write every figure of every problem as ``out/<problem>_<kind>.png``; returns the paths."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, fig in figures:
-        paths.append(folder / f"{stem}.png")
-        fig.savefig(paths[-1], dpi=dpi)
+    for result in results:
+        for stem, fig in figures(result).items():
+            paths.append(folder / f"{stem}.png")
+            fig.savefig(paths[-1], dpi=dpi)
     return paths
-
-
-def save_plots(results: Sequence[ComparisonResults], out: str | Path, dpi: int = 110) -> list[Path]:
-    """Write every figure of every problem as ``out/<problem>_<kind>.png``; returns the paths."""
-    return _save(((stem, fig) for result in results for stem, fig in figures(result).items()), out, dpi)
-
-
-# ============================================================================ growth of the step time
-GROWTH_AXES = {"tasks": ("K, the number of tasks", "d"), "dim": ("d, the width of the representation", "K")}
-
-
-def growth_figure(report: dict[str, Any], axis: str) -> Figure:
-    """Step time / plain step time against K (``axis="tasks"``) or d (``axis="dim"``), log-log.
-
-    ``report`` is what ``growth`` in ``benchmarks/vs_reference.py`` returns (``python
-    benchmarks/vs_reference.py --growth --out FILE``): one line per strategy through the medians, a
-    band between the quartiles.
-    """
-    if axis not in GROWTH_AXES:
-        raise ValueError(f"Parameter `axis` should be one of {tuple(GROWTH_AXES)}. Found {axis!r}.")
-    figure_class = _matplotlib()
-    from matplotlib.ticker import NullLocator
-
-    records = [r for r in report["results"] if r["axis"] == axis and r.get("status") == "ok" and "ratio" in r]
-    labels = list(dict.fromkeys(r["label"] for r in records))
-    drawn = styles(labels)
-    fig = figure_class(figsize=(6.4, 4.4), layout="constrained")
-    ax = fig.add_subplot()
-    for label in labels:
-        rows = sorted((r for r in records if r["label"] == label), key=lambda r: r[axis])
-        xs = [r[axis] for r in rows]
-        style = drawn[label]
-        ax.plot(xs, [r["ratio"]["median"] for r in rows], marker=style.marker, color=style.color,
-                linestyle=style.linestyle, label=label)
-        ax.fill_between(xs, [r["ratio"]["p25"] for r in rows], [r["ratio"]["p75"] for r in rows],
-                        color=style.color, alpha=0.15, linewidth=0)
-    title, other = GROWTH_AXES[axis]
-    fixed = records[0]["dim" if axis == "tasks" else "tasks"] if records else "?"
-    ax.set_xscale("log", base=2)
-    ticks = sorted({r[axis] for r in records})
-    ax.set_xticks(ticks, [str(v) for v in ticks])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_yscale("log")
-    ax.set_xlabel(title)
-    ax.set_ylabel("step time / plain step time")
-    ax.set_title(f"Reference MLP, batch {report['settings'].get('batch', 256)}, {other} = {fixed}", fontsize="medium")
-    ax.grid(True, which="both", alpha=0.3)
-    _legend(fig, ax)
-    return fig
-
-
-def save_growth_plots(report: dict[str, Any], out: str | Path, dpi: int = 110) -> list[Path]:
-    """Write ``out/growth_tasks.png`` and ``out/growth_dim.png`` from a growth report; returns the paths."""
-    axes = [axis for axis in GROWTH_AXES if any(r["axis"] == axis for r in report["results"])]
-    return _save(((f"growth_{axis}", growth_figure(report, axis)) for axis in axes), out, dpi)

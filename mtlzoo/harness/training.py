@@ -28,7 +28,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,6 +162,26 @@ def _optimizers(mtl: MTLWrapper, problem: Problem, plan_: Plan) -> list[torch.op
     return optimizers
 
 
+def train_step(mtl: MTLWrapper, optimizers: Sequence[torch.optim.Optimizer], x: Any, losses_of: Callable[[Any], Any],
+               device: torch.device, more_batches: Callable[[], list[Any]] = list) -> tuple[Any, Any, float]:
+    """The loop's step (the module docstring's) on ``x``, with the losses ``losses_of(predictions)`` and those of
+    ``more_batches()`` (a request that reads several batches); returns the predictions, the losses and the
+    step's time in seconds (on a GPU, synchronised at both ends)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for optimizer in optimizers:
+        optimizer.zero_grad()
+    with cached():
+        predictions = mtl(x)
+        losses = losses_of(predictions)
+        mtl.backward(losses, more_batches=more_batches())
+    mtl.step(*optimizers, post_step_losses=(
+        (lambda: losses_of(mtl(x))) if mtl.strategy.wants_post_step_losses else None))
+    sync()
+    return predictions, losses, time.perf_counter() - start
+
+
 def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConfig,
            initial_model: nn.Module | None, progress: ProgressCallback | None, result: RunResult) -> None:
     device = config.torch_device
@@ -176,10 +196,8 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     with torch.no_grad():
         mtl(to_device(sample, device))  # materialises lazily shaped strategies before the optimizers exist
     optimizers = _optimizers(mtl, problem, plan_)
-    post_step = mtl.strategy.wants_post_step_losses
     streams = [_endless(problem, torch.Generator().manual_seed(EXTRA_STREAM_SEED * (i + 1) + seed))
                for i in range(mtl.strategy.request.batches - 1)]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     scheduler = problem.lr_scheduler(optimizers[0])
     evaluator = _Evaluator(problem, mtl, device, steps, result)
     losses_log: list[Tensor] = []
@@ -198,19 +216,10 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
                     upper = torch.triu_indices(len(cosines), len(cosines), offset=1)
                     result.conflicts["steps"].append(step)
                     result.conflicts["cosines"].append(cosines[upper[0], upper[1]].tolist())
-                sync()
-                start = time.perf_counter()
-                for optimizer in optimizers:
-                    optimizer.zero_grad()
-                with cached():
-                    predictions = mtl(x)
-                    losses = problem.losses(predictions, y)
-                    more = [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)]
-                    mtl.backward(losses, more_batches=more)
-                mtl.step(*optimizers, post_step_losses=(
-                    (lambda x=x, y=y: problem.losses(mtl(x), y)) if post_step else None))
-                sync()
-                times.append(time.perf_counter() - start)
+                predictions, losses, seconds = train_step(
+                    mtl, optimizers, x, lambda p, y=y: problem.losses(p, y), device,
+                    lambda: [problem.losses(mtl(xm), ym) for xm, ym in (to_device(next(s), device) for s in streams)])
+                times.append(seconds)
                 losses_log.append(torch.stack([loss.detach().float().reshape(()) for loss in _as_list(losses)]))
                 traced = problem.trace(predictions)
                 if traced is not None:

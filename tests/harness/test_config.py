@@ -17,7 +17,7 @@ from mtlzoo.harness.problems import Toy2D
     ({"seeds": 0}, "`seeds` should be a positive int"),
     ({"seeds": []}, "`seeds` should name at least one seed"),
     ({"threads": 0}, "`threads` should be a positive int"),
-    ({"conflict_every": -1}, "`conflict_every` should be an int >= 0"),
+    ({"conflict_every": -1}, "`conflict_every` should be a non-negative int"),
     ({"reference": "mean"}, "`reference` should be 'ls' or 'single_task'"),
     ({"device": "gpu"}, "cannot be used here"),
 ])

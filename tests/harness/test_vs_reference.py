@@ -170,8 +170,6 @@ def test_growth_plots_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from matplotlib.image import imread
 
-    from mtlzoo.harness.plots import growth_figure, save_growth_plots
-
     def record(axis: str, d: int, k: int, label: str, median: float) -> dict[str, Any]:
         return {"axis": axis, "dim": d, "tasks": k, "label": label, "status": "ok",
                 "ratio": {"median": median, "p25": 0.9 * median, "p75": 1.1 * median}}
@@ -179,9 +177,9 @@ def test_growth_plots_are_written(tmp_path: Path) -> None:
     report = {"settings": {"batch": 256}, "results": [
         *(record("tasks", 128, k, s, m * k) for k in (2, 4, 8) for s, m in (("ls", 1.0), ("upgrad", 2.0))),
         *(record("dim", d, 4, s, m * d / 64) for d in (64, 128) for s, m in (("ls", 1.0), ("upgrad", 2.0)))]}
-    figure = growth_figure(report, "tasks")
+    figure = ref.growth_figure(report, "tasks")
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["ls", "upgrad"]
-    paths = save_growth_plots(report, tmp_path)
+    paths = ref.save_growth_plots(report, tmp_path)
     assert [p.name for p in paths] == ["growth_tasks.png", "growth_dim.png"]
     for path in paths:
         image = imread(path)

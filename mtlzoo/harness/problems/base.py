@@ -185,6 +185,24 @@ class Problem:
         return None
 
 
+class InMemoryProblem(Problem):
+    """A problem whose training set is in memory: ``data["x_train"]`` (n, ...) and the task-major
+    ``data["y_train"]`` (K, n, ...); an epoch is one pass over ``train_size`` of them in shuffled batches."""
+
+    train_size: int
+    batch_size: int
+    data: dict[str, Tensor]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_size // self.batch_size
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        data = self.data
+        for index in shuffled_batches(self.train_size, self.batch_size, generator):
+            yield data["x_train"][index], data["y_train"][:, index]
+
+
 def check_metrics(problem: Problem, reported: dict[str, dict[str, float]]) -> None:
     """Check what ``problem.evaluate`` returned against the problem's declared metrics.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.harness.problems.base import InMemoryProblem, Metric
 from mtlzoo.registry import StrategyEntry
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
@@ -30,7 +30,7 @@ public re-implementation transcribes them (not checked against the PDF here)."""
 
 
 @dataclass(frozen=True)
-class GradNormSynthetic(Problem):
+class GradNormSynthetic(InMemoryProblem):
     r"""GradNorm's synthetic regression: T tasks alike but for their output scales ``sigma_i``.
 
     Source: Chen, Badrinarayanan, Lee & Rabinovich, *GradNorm: Gradient Normalization for Adaptive
@@ -107,10 +107,6 @@ class GradNormSynthetic(Problem):
     def scales(self) -> tuple[float, ...]:
         return SIGMAS[self.num_tasks] if self.sigmas is None else tuple(self.sigmas)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.train_size // self.batch_size
-
     @cached_property
     def data(self) -> dict[str, Tensor]:
         """``x_train, y_train, x_test, y_test``; ``y`` is (T, n, 100)."""
@@ -136,11 +132,6 @@ class GradNormSynthetic(Problem):
             layers += [nn.Linear(width, HIDDEN), nn.ReLU()]
             width = HIDDEN
         return HardSharing(nn.Sequential(*layers), [nn.Linear(HIDDEN, OUTPUT_DIM) for _ in range(self.num_tasks)])
-
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        data = self.data
-        for index in shuffled_batches(self.train_size, self.batch_size, generator):
-            yield data["x_train"][index], data["y_train"][:, index]
 
     def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
         return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]

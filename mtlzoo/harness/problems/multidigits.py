@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -10,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
+from mtlzoo.harness.problems.base import InMemoryProblem, Metric, Problem
 from mtlzoo.strategy import check_int
 from mtlzoo.wrapper import HardSharing, MTLWrapper
 
@@ -51,7 +50,7 @@ def check_test_fraction(value: float) -> None:
 
 
 @dataclass(frozen=True)
-class MultiDigits(Problem):
+class MultiDigits(InMemoryProblem):
     """Two overlapping 8x8 digits side by side (the right one shifted by ``shift`` columns, the pixel-wise
     maximum where they overlap); one classification task per digit.
 
@@ -112,10 +111,6 @@ class MultiDigits(Problem):
     def task_names(self) -> list[str]:
         return list(TASKS)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.train_size // self.batch_size
-
     @cached_property
     def data(self) -> dict[str, Tensor]:
         """``x_train`` (n, 1, 8, 8 + shift) in [0, 1], ``y_train`` (2, n) and the same for the test pairs."""
@@ -136,11 +131,6 @@ class MultiDigits(Problem):
 
     def build_model(self) -> HardSharing:
         return HardSharing(digits_backbone(SIDE + self.shift), [nn.Linear(64, 10) for _ in TASKS])
-
-    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
-        data = self.data
-        for index in shuffled_batches(self.train_size, self.batch_size, generator):
-            yield data["x_train"][index], data["y_train"][:, index]
 
     def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
         return [nn.functional.cross_entropy(p, t) for p, t in zip(predictions, targets)]

@@ -12,9 +12,8 @@ from typing import Any
 
 from mtlzoo.errors import InvalidPluginError, UnknownHyperparameterError, UnknownProblemError
 from mtlzoo.harness.problems.base import Problem
-from mtlzoo.hookspecs import hookimpl
 from mtlzoo.names import NameRegistry, unknown_keywords
-from mtlzoo.plugins import Origin, PluginLoader
+from mtlzoo.plugins import ClassPlugin, Origin, PluginLoader
 from mtlzoo.registry import REGISTRY
 
 HOOK = "mtlzoo_register_problems"
@@ -149,15 +148,6 @@ def create_problem(name: str, /, **settings: Any) -> Problem:
     return PROBLEMS.create(name, **settings)
 
 
-class _DecoratedProblem:
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    @hookimpl
-    def mtlzoo_register_problems(self, register: Callable[[type], None]) -> None:
-        register(self.cls)
-
-
 def register_problem(cls: type[Problem]) -> type[Problem]:
     """Class decorator registering a problem in this process (a small plugin of the plugin loader).
 
@@ -179,7 +169,7 @@ def register_problem(cls: type[Problem]) -> type[Problem]:
             PROBLEMS.names.check_free(entry, [cls.name])  # raises, naming both
         if plugin_name in loader.plugins():
             loader.unregister_plugin(plugin_name)
-        loader.register_plugin(_DecoratedProblem(cls), name=plugin_name)
+        loader.register_plugin(ClassPlugin(cls, HOOK), name=plugin_name)
     return cls
 
 
