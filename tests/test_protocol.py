@@ -198,6 +198,25 @@ def test_a_plain_optimizer_step_is_noticed_at_the_next_backward_with_one_warning
     assert strategy.calls == ["advance", "advance", "advance"]
 
 
+@pytest.mark.parametrize("frozen_first_layer", [False, True])
+def test_a_plain_step_after_a_backward_without_the_first_task_is_noticed(frozen_first_layer: bool) -> None:
+    """The check watches a parameter the backward gave a gradient to: a head of a present task, and a trainable one
+    (the first head gets no gradient when its task is absent, so a plain SGD step leaves it where it was)."""
+    strategy = Recorder(3)
+    mtl = mtlzoo.MTLWrapper(small_model(), strategy)
+    if frozen_first_layer:
+        mtl.heads[1][0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in mtl.parameters() if p.requires_grad], lr=0.1)
+    x, targets = batch()
+    losses = mse_losses(mtl(x), targets)
+    mtl.backward([None, losses[1], losses[2]])
+    optimizer.step()
+    optimizer.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"mtl.step\(optimizer\)"):
+        mtl.backward(mse_losses(mtl(x), targets))
+    assert strategy.calls == ["advance"]
+
+
 @pytest.mark.parametrize("make", [
     lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
     lambda params: torch.optim.Adam(params, lr=0.1),
