@@ -15,8 +15,9 @@ from mtlzoo.roles import (
     WeightingStrategy,
     compose,
 )
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import Paper, Strategy, StrategyInfo
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 __version__ = "0.1.0"
 

@@ -26,84 +26,8 @@ from mtlzoo.linalg import widened
 from mtlzoo.losses import Losses, check_backbone_loss, loss_vector
 from mtlzoo.protocol import StepInputs, StepWeights
 from mtlzoo.registry import create
+from mtlzoo.sharing import BACKBONE_EXTRAS, TaskModel, as_heads, detached_leaves, split_output
 from mtlzoo.strategy import Strategy
-
-BACKBONE_EXTRAS = "backbone"
-"""Key of the backbone's extra outputs in the extras dict of a model with named heads."""
-
-
-def _split(output: Any) -> tuple[Any, tuple[Any, ...] | None]:
-    """``(first, rest)`` of a tuple/list output, ``(output, None)`` otherwise."""
-    if isinstance(output, (tuple, list)):
-        return output[0], tuple(output[1:])
-    return output, None
-
-
-def _detach_tensors(value: Any, roots: list[Tensor], leaves: list[Tensor]) -> Any:
-    """``value`` with every tensor that requires grad replaced by a detached leaf (nested tuples, lists, dicts)."""
-    if isinstance(value, Tensor) and value.requires_grad:
-        leaf = value.detach().requires_grad_()
-        roots.append(value)
-        leaves.append(leaf)
-        return leaf
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detach_tensors(v, roots, leaves) for v in value)
-    if isinstance(value, dict):
-        return {key: _detach_tensors(v, roots, leaves) for key, v in value.items()}
-    return value
-
-
-def _as_heads(heads: Any) -> nn.ModuleList | nn.ModuleDict:
-    if isinstance(heads, (nn.ModuleList, nn.ModuleDict)):
-        return heads
-    items = list(heads.items()) if isinstance(heads, Mapping) else list(enumerate(heads)) \
-        if isinstance(heads, Sequence) and not isinstance(heads, str) else None
-    if items is not None:
-        bad = [f"{key} ({type(head).__name__})" for key, head in items if not isinstance(head, nn.Module)]
-        if bad:
-            raise InvalidModelError(f"Every head should be an nn.Module (wrap a function in a module); heads "
-                                    f"{', '.join(bad)} are not.")
-        return nn.ModuleDict(heads) if isinstance(heads, Mapping) else nn.ModuleList(heads)
-    raise InvalidModelError(f"The model should have `heads`: a sequence or mapping of nn.Modules, one per "
-                            f"task. Found {type(heads).__name__}.")
-
-
-class HardSharing(nn.Module):
-    """A shared ``backbone`` and one head per task, for users who hold the parts.
-
-    Args:
-        backbone: The shared module; its output (or the first element of a tuple) is ``z``.
-        heads: One module per task: a sequence or ``nn.ModuleList``, or for named tasks a mapping
-            or ``nn.ModuleDict`` from task name to head.
-
-    Calling it runs every head on the backbone output, with no strategy involved.
-    """
-
-    def __init__(self, backbone: nn.Module, heads: Sequence[nn.Module] | Mapping[str, nn.Module]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.heads = _as_heads(heads)
-
-    def forward(self, *args: Any, **kwargs: Any) -> list[Any] | dict[str, Any]:
-        z, _ = _split(self.backbone(*args, **kwargs))
-        if isinstance(self.heads, nn.ModuleDict):
-            return {name: head(z) for name, head in self.heads.items()}
-        return [head(z) for head in self.heads]
-
-
-class TaskModel(nn.Module):
-    """End-to-end model of one task: the backbone, the strategy's transform for it (its rotation), its head.
-
-    It owns (shares with the wrapper) every part, so its ``state_dict()`` round trip keeps its outputs.
-    """
-
-    def __init__(self, backbone: nn.Module, transform: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone, self.transform, self.head = backbone, transform, head
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        z, _ = _split(self.backbone(*args, **kwargs))
-        return self.head(self.transform(z))
 
 
 class MTLWrapper(nn.Module):
@@ -166,7 +90,7 @@ class MTLWrapper(nn.Module):
             raise InvalidModelError(f"The model should have a `backbone` attribute holding an nn.Module. "
                                     f"Found {type(backbone).__name__}. Wrap the parts with "
                                     "mtlzoo.HardSharing(backbone, heads).")
-        heads = _as_heads(getattr(model, "heads", None))
+        heads = as_heads(getattr(model, "heads", None))
         if len(heads) == 0:
             raise InvalidModelError("The model has no heads; a multitask model needs one head per task.")
         bad = [str(k) for k, head in (heads.items() if isinstance(heads, nn.ModuleDict) else enumerate(heads))
@@ -285,9 +209,9 @@ class MTLWrapper(nn.Module):
         record = training and self.strategy.request.needs_gradients
         if training and self._compiled_backbone:  # its graph must serve the Jacobian's backwards and the step's
             with without_donated_buffers():
-                z, backbone_extras = _split(self.backbone(*args, **kwargs))
+                z, backbone_extras = split_output(self.backbone(*args, **kwargs))
         else:
-            z, backbone_extras = _split(self.backbone(*args, **kwargs))
+            z, backbone_extras = split_output(self.backbone(*args, **kwargs))
         if training and not record:
             if isinstance(z, Tensor) and z.is_floating_point():
                 z, marker = mark(z)  # the heads read z + 0: the losses' backward can tell this forward's
@@ -300,14 +224,14 @@ class MTLWrapper(nn.Module):
         extra_roots: list[Tensor] = []
         extra_leaves: list[Tensor] = []
         if record and backbone_extras is not None:
-            backbone_extras = _detach_tensors(backbone_extras, extra_roots, extra_leaves)
+            backbone_extras = detached_leaves(backbone_extras, extra_roots, extra_leaves)
         with parametrize.cached():
             for index, (key, head) in enumerate(self._head_items()):
                 z_task = z
                 if record:
                     z_task = z.detach().requires_grad_()
                     leaves.append(z_task)
-                prediction, extras = _split(self.strategy.predict(head, z_task, index))
+                prediction, extras = split_output(self.strategy.predict(head, z_task, index))
                 predictions.append(prediction)
                 if extras is not None:
                     head_extras.append((key, extras))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from mtlzoo.engine.jacobian import JacobianRoute, parameter_jacobian
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.sharing import HardSharing
+from mtlzoo.wrapper import MTLWrapper
 
 
 class SplitBackbone(nn.Module):

@@ -31,8 +31,9 @@ from mtlzoo.harness.spec import BASELINE, default_strategies, optimizer_class, p
 from mtlzoo.harness.tables import plain_table
 from mtlzoo.harness.training import train_step
 from mtlzoo.registry import REGISTRY, get_strategy, list_strategies
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import check_int
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 MODELS = ("mlp", "cnn")
 BATCH_SIZES = {"mlp": 256, "cnn": 64}

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from mtlzoo.errors import DataError
 from mtlzoo.harness.problems.base import Metric
 from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.sharing import HardSharing
+from mtlzoo.wrapper import MTLWrapper
 
 ATTRIBUTES = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",

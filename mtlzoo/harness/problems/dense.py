@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from mtlzoo.errors import DataError
 from mtlzoo.harness.problems.base import Metric
-from mtlzoo.wrapper import HardSharing
+from mtlzoo.sharing import HardSharing
 
 FILTERS = (64, 128, 256, 512, 512)
 SCALES = (1.0, 1.2, 1.5)

@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import InMemoryProblem, Metric
 from mtlzoo.registry import StrategyEntry
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import check_int
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 INPUT_DIM = 250
 OUTPUT_DIM = 100

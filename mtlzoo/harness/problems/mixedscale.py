@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem, shuffled_batches
 from mtlzoo.harness.problems.multidigits import SIDE, check_test_fraction, digits_backbone, split_digits
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import check_int
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 TASKS = ("digit", "large", "ink")
 HALF_INK = 8.0

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import InMemoryProblem, Metric, Problem
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import check_int
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 SIDE = 8
 TASKS = ("left", "right")

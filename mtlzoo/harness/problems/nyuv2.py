@@ -12,7 +12,8 @@ import torch
 from mtlzoo.harness.problems import dense
 from mtlzoo.harness.problems.base import Batch, Metric
 from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.sharing import HardSharing
+from mtlzoo.wrapper import MTLWrapper
 
 NASH_MTL = "Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022 (https://arxiv.org/abs/2202.01017)"
 

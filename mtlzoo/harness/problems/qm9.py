@@ -15,7 +15,8 @@ from mtlzoo.errors import DataError
 from mtlzoo.harness.problems.base import Batch, Metric
 from mtlzoo.harness.problems.local import LocalBenchmark, missing_file
 from mtlzoo.harness.problems.nyuv2 import NASH_MTL
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.sharing import HardSharing
+from mtlzoo.wrapper import MTLWrapper
 
 TARGETS = (0, 1, 2, 3, 5, 6, 12, 13, 14, 15, 11)
 """The columns of torch_geometric's ``QM9.y`` that Nash-MTL's code trains on, in its order."""

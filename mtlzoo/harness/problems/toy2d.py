@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from mtlzoo.harness.problems.base import Batch, Metric, Problem
 from mtlzoo.registry import StrategyEntry
+from mtlzoo.sharing import HardSharing
 from mtlzoo.strategy import check_int
-from mtlzoo.wrapper import HardSharing, MTLWrapper
+from mtlzoo.wrapper import MTLWrapper
 
 SIGNS = (-1.0, 1.0)
 OPTIMUM_VALUE = -6.0
