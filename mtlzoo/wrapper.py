@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from mtlzoo.engine.accumulation import StepBuffer, check_aggregate_at
-from mtlzoo.engine.distributed import DataParallel, running, strategy_names
+from mtlzoo.engine.collectives import running
+from mtlzoo.engine.distributed import DataParallel, strategy_names
 from mtlzoo.engine.forwards import ForwardRecord, MarkedForward, PendingForwards, mark
 from mtlzoo.engine.internals import compiled_original, parameters_of, without_donated_buffers
 from mtlzoo.engine.jacobian import JacobianRoute

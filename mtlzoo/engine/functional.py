@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.distributed import DataParallel, running
+from mtlzoo.engine.collectives import running
+from mtlzoo.engine.distributed import DataParallel
 from mtlzoo.engine.forwards import ForwardRecord
 from mtlzoo.engine.heads import HeadPass
 from mtlzoo.engine.internals import leaves_reached

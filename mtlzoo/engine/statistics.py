@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtlzoo.engine.distributed import current
+from mtlzoo.engine.collectives import current
 from mtlzoo.engine.heads import HeadPass, representation_gradients
 from mtlzoo.engine.jacobian import JacobianRoute, jacobian_blocks
 from mtlzoo.engine.last_layer import LastLayerGradients, layer_norms_and_gradients

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlzoo.engine.distributed import current, reduced_backbone_loss, reduced_host, reduced_values
+from mtlzoo.engine.collectives import current, reduced_backbone_loss, reduced_host, reduced_values
 from mtlzoo.engine.forwards import MarkedForward, PendingForwards
 from mtlzoo.engine.heads import HeadPass, head_pass, split_batches
 from mtlzoo.engine.internals import marked_leaves_reached
