@@ -12,6 +12,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mtlzoo.errors import ComparisonError, MTLZooError
@@ -64,14 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the built-in strategies and those of installed plugins (the `mtlzoo` entry-point group).",
         epilog="Strategies registered in your own Python process, with @mtlzoo.register_strategy or "
                "mtlzoo.registry.REGISTRY.register_plugin, are not shown: this command runs in a process of its "
-               "own. Call mtlzoo.list_strategies() in that process to see them.",
-    )
+               "own. Call mtlzoo.list_strategies() in that process to see them.")
     listing.add_argument("pattern", nargs="?", help="fnmatch pattern on names and aliases, e.g. 'roto*'")
     listing.add_argument("--kind", choices=["weighting", "surgery"], help="only this kind")
     listing.add_argument("--where", choices=["losses", "representation", "parameters"],
                          help="only strategies that read gradients there by default (losses: none)")
     listing.add_argument("--format", choices=["table", "json"], default="table", help="output format")
-    listing.set_defaults(run=_list)
+    listing.set_defaults(run=_list, errors=())
     _add_compare(commands)
     _add_bench(commands)
     return parser
@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = args.run(args)
         sys.stdout.flush()
+    except args.errors as error:  # the command's own errors: no traceback
+        print(f"mtlzoo {args.command}: {error}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not raise again
@@ -111,10 +114,8 @@ def _compare_epilog() -> str:
         "Strategies and problems take options after a colon: --strategies 'ls,rotograd_norm:alpha=0.5' and "
         "--problem 'gradnorm_synthetic:num_tasks=10'. Named strategies are checked before any training, and one "
         "that cannot run on a problem is an error; with the default set or 'all' it is reported as failed.",
-        "Ctrl-C keeps every finished run in --out DIR: run the same command with --resume to go on.",
-    )
-    return "\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False, break_long_words=False)
-                       for text in paragraphs)
+        "Ctrl-C keeps every finished run in --out DIR: run the same command with --resume to go on.")
+    return "\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False, break_long_words=False) for text in paragraphs)
 
 
 def _add_compare(commands: Any) -> None:
@@ -153,7 +154,7 @@ def _add_compare(commands: Any) -> None:
                               "--reference single_task --out DIR) instead of training them")
     compare.add_argument("--help-problem", action="store_true",
                          help="describe the chosen problems (without --problem: list every registered one) and exit")
-    compare.set_defaults(run=_compare)
+    compare.set_defaults(run=_compare, errors=(MTLZooError, ImportError))
 
 
 def _problem_texts(args: argparse.Namespace) -> list[str] | None:
@@ -163,9 +164,7 @@ def _problem_texts(args: argparse.Namespace) -> list[str] | None:
     if not args.problem:
         return None
     texts = [text for item in args.problem for text in split_top_level(item, ",")]
-    if texts == ["all"]:
-        return [entry.name for entry in list_problems(available_only=True)]
-    return texts
+    return [entry.name for entry in list_problems(available_only=True)] if texts == ["all"] else texts
 
 
 def _strategy_specs(args: argparse.Namespace) -> Any:
@@ -201,14 +200,6 @@ def _seeds(text: str | None) -> Any:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    try:
-        return _run_compare(args)
-    except (MTLZooError, ImportError) as error:
-        print(f"mtlzoo compare: {error}", file=sys.stderr)
-        return 2
-
-
-def _run_compare(args: argparse.Namespace) -> int:
     from mtlzoo.harness.comparison import compare, iter_problems
     from mtlzoo.harness.config import RUNS_DIR, RunConfig
     from mtlzoo.harness.plan import plan_all
@@ -227,15 +218,12 @@ def _run_compare(args: argparse.Namespace) -> int:
         for problem in problems:
             single_task_reference(config.reference_from, problem)
     plans = {problem.name: plan_all(problem, specs, reference=config.trained_reference, strict=named,
-                                    device=config.device)
-             for problem in problems}  # every check before any training
+                                    device=config.device) for problem in problems}  # every check before any training
     stdout, stderr = _console(), _console(stderr=True)
-    results = []
     progress = _Progress(stderr, problems, plans, config)
     with progress.bar:
         try:
-            for problem in problems:
-                results.append(compare(problem, plans[problem.name], config, progress=progress))
+            results = [compare(problem, plans[problem.name], config, progress=progress) for problem in problems]
         except KeyboardInterrupt:
             progress.bar.stop()
             kept = f"; the finished runs are in {config.out / RUNS_DIR}: run the same command with --resume to go on" \
@@ -293,9 +281,8 @@ def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     console = Console(stderr=stderr)
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
-        return console
-    return Console(stderr=stderr, width=100)
+    sized = console.is_terminal or os.environ.get("COLUMNS", "").isdigit()
+    return console if sized else Console(stderr=stderr, width=100)
 
 
 class _Progress:
@@ -336,15 +323,11 @@ def _help_problems(texts: list[str] | None) -> str:
                      *([f"the {entry.cls.extra!r} extra"] if entry.cls.extra and not entry.available() else [])]
             lines.append(f"  {entry.name:<20} {entry.cls.summary}" + (f" [needs {', '.join(needs)}]" if needs else ""))
         return "\n".join(lines)
-    out = []
-    for text in texts:
-        name, settings = parse_spec(text)
-        entry = get_problem(name)
-        out.append(_describe(entry.cls, {**entry.settings, **settings}))
-    return "\n".join(out)
+    return "\n".join(_describe(get_problem(name), settings) for name, settings in map(parse_spec, texts))
 
 
-def _describe(cls: Any, settings: dict[str, Any]) -> str:
+def _describe(entry: Any, settings: dict[str, Any]) -> str:
+    cls, settings = entry.cls, {**entry.settings, **settings}
     doc = textwrap.dedent((cls.__doc__ or "").strip())
     layout = getattr(cls, "layout", "")
     return (f"{cls.name}: {cls.summary}\nsettings: {settings}\ndefault scale: {cls.default_steps} steps x "
@@ -380,12 +363,10 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
     bench.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     bench.add_argument("--vs-reference", "--growth", dest="moved", action="store_true", help=argparse.SUPPRESS)
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=_bench, errors=(MTLZooError, ValueError))
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     if args.moved:
@@ -393,14 +374,10 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
-        from mtlzoo.harness.bench import bench, report_table
+    from mtlzoo.harness.bench import bench, report_table
 
-        report = bench(args.strategies, models=[m.strip() for m in args.model.split(",") if m.strip()],
-                       tasks=args.tasks, dim=args.dim, device=args.device, steps=args.steps, warmup=args.warmup)
-    except (MTLZooError, ValueError) as error:
-        print(f"mtlzoo bench: {error}", file=sys.stderr)
-        return 2
+    report = bench(args.strategies, models=[m.strip() for m in args.model.split(",") if m.strip()], tasks=args.tasks,
+                   dim=args.dim, device=args.device, steps=args.steps, warmup=args.warmup)
     print(json.dumps(report, indent=2) if args.format == "json" else report_table(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
