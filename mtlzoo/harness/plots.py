@@ -1,9 +1,5 @@
-"""Figures of a comparison (matplotlib, the ``plot`` extra): loss curves, Pareto scatter, toy2d trajectories.
-
-Each function takes a :class:`~mtlzoo.harness.results.ComparisonResults` and returns a matplotlib
-``Figure``, one series per strategy, each strategy with its own colour and marker (:func:`styles`);
-:func:`save_plots` writes them as PNG files. The legend names failed seeds (:func:`legend_label`).
-"""
+"""Figures of a comparison (matplotlib, the ``plot`` extra): loss curves, Pareto scatter, toy2d trajectories, each a
+matplotlib ``Figure`` of a :class:`~mtlzoo.harness.results.ComparisonResults` with one series per strategy."""
 
 from __future__ import annotations
 
@@ -43,13 +39,9 @@ def _palette(count: int) -> list[Any]:
     """``count`` distinct colours: tab10, then tab20b's and tab20c's 40 shades, then hues spaced evenly."""
     import matplotlib
 
-    if count <= 10:
-        return [matplotlib.colormaps["tab10"](i) for i in range(count)]
     colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
     colors += [matplotlib.colormaps[name](i) for i in range(20) for name in ("tab20b", "tab20c")]
-    if count <= len(colors):
-        return colors[:count]
-    return [matplotlib.colormaps["hsv"](i / count) for i in range(count)]
+    return colors[:count] if count <= len(colors) else [matplotlib.colormaps["hsv"](i / count) for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -140,9 +132,7 @@ def loss_curves(results: ComparisonResults) -> Figure:
             positive = positive and bool((stacked > 0).all())
         if positive and ax.has_data():
             ax.set_yscale("log")
-        ax.set_title(task)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set(title=task, xlabel="step", ylabel="training loss")
         ax.grid(alpha=0.3)
     _legend(fig, axes[0], results)
     fig.suptitle(f"{results.problem}: training losses (mean over seeds, ± 1 std)")
@@ -170,9 +160,7 @@ def pareto(results: ComparisonResults) -> Figure:
             ax.scatter(xs, ys, color=style.color, marker=style.marker, alpha=0.45, s=22, label=label)
             ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], color=style.color, s=110, marker=style.marker,
                        edgecolors="black", linewidths=0.6, label="_nolegend_")
-        ax.set_xlabel(axis_label(tasks[i]))
-        ax.set_ylabel(axis_label(tasks[j]))
-        ax.set_title(f"{tasks[i]} vs {tasks[j]}")
+        ax.set(xlabel=axis_label(tasks[i]), ylabel=axis_label(tasks[j]), title=f"{tasks[i]} vs {tasks[j]}")
         ax.grid(alpha=0.3)
     _legend(fig, axes[0], results)
     shown = "" if len(pairs) == len(tasks) * (len(tasks) - 1) // 2 else f" (first {len(pairs)} pairs)"
@@ -187,9 +175,8 @@ def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
 
     Figure = _matplotlib()
     finished = _finished(results)
-    seeds = sorted({r.seed for runs in finished.values() for r in runs if r.trace})
     if seed is None:
-        seed = seeds[0] if seeds else 0
+        seed = min((r.seed for runs in finished.values() for r in runs if r.trace), default=0)
     fig = Figure(figsize=(11.5, 5.2), layout="constrained")
     axes = fig.subplots(1, len(SIGNS))
     grid = torch.linspace(-4, 4, 161)
@@ -210,10 +197,8 @@ def trajectories(results: ComparisonResults, seed: int | None = None) -> Figure:
             ax.scatter(path[:1, 0], path[:1, 1], color=style.color, marker="s", s=30, label="_nolegend_")
             ax.scatter(path[-1:, 0], path[-1:, 1], color=style.color, marker=style.marker, s=45, edgecolors="black",
                        linewidths=0.6, label="_nolegend_")
-        ax.set_xlim(-4, 4)
-        ax.set_ylim(-4, 4)
-        ax.set_aspect("equal")
-        ax.set_title(f"{results.task_names[k]}: its output z_{k + 1} (optimum at {optimum})")
+        ax.set(xlim=(-4, 4), ylim=(-4, 4), aspect="equal",
+               title=f"{results.task_names[k]}: its output z_{k + 1} (optimum at {optimum})")
     _legend(fig, axes[0], results)
     fig.suptitle(f"toy2d, seed {seed}: each task's output from start (square) to end (outlined)")
     return fig

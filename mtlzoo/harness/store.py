@@ -1,8 +1,5 @@
-"""A comparison on disk: one JSON file per finished run (for ``resume``), and ``results.json`` / ``results.csv``.
-
-Files are written atomically (a crash leaves the previous file or none), as strict JSON (NaN and
-infinities as ``null``). :func:`load` reads every ``results.json`` this package has written.
-"""
+"""A comparison on disk: one JSON file per finished run (for ``resume``), and ``results.json`` / ``results.csv``,
+written atomically (a crash leaves the previous file or none) as strict JSON (NaN and infinities as ``null``)."""
 
 from __future__ import annotations
 
@@ -65,9 +62,7 @@ def load_run(path: Path, expected: str) -> RunResult | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("fingerprint") != expected:
-        return None
-    return RunResult.from_dict(data)
+    return RunResult.from_dict(data) if data.get("fingerprint") == expected else None
 
 
 def single_task_reference(out: str | Path, problem: Problem) -> dict[str, dict[str, float]]:
@@ -113,17 +108,14 @@ def save(results: Sequence[ComparisonResults], out: str | Path) -> list[Path]:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    for record in records:
-        writer.writerow({key: json.dumps(value) if isinstance(value, (list, dict)) else value
-                         for key, value in record.items()})
+    writer.writerows({key: json.dumps(value) if isinstance(value, (list, dict)) else value
+                      for key, value in record.items()} for record in records)
     csv_path.write_text(buffer.getvalue())
     return [json_path, csv_path]
 
 
 def load(path: str | Path) -> list[ComparisonResults]:
-    """Read back what :func:`save` wrote (``results.json``, or the folder holding it)."""
+    """Read back what :func:`save` wrote, also in earlier versions (``results.json``, or the folder holding it)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    data = json.loads(path.read_text())
+    data = json.loads((path / "results.json" if path.is_dir() else path).read_text())
     return [ComparisonResults.from_dict(problem) for problem in data["problems"]]

@@ -1,9 +1,4 @@
-"""Tables for the terminal: a comparison's results (rich), readable at 80 to 100 columns, and plain text.
-
-The columns (each task's metrics, worst task, Δm%, rank, time, conflicts, runs) are packed into
-as many tables as the width needs, each repeating the strategy column, so that no number is ever
-cut (rich would shorten ``0.912`` to ``0.9…`` in a table wider than the terminal).
-"""
+"""Tables for the terminal: a comparison's results (rich), readable at 80 to 100 columns, and plain text."""
 
 from __future__ import annotations
 
@@ -47,13 +42,11 @@ def result_columns(results: ComparisonResults) -> list[tuple[str, list[str]]]:
     def cells(key: str) -> list[str]:
         return [fmt(row[key], row[key + "_std"]) for row in rows]
 
-    columns: list[tuple[str, list[str]]] = []
     many = len(results.task_names) > MANY_TASKS and results.shared_metrics()
-    for task, metric in [] if many else results.columns():
-        columns.append((f"{task} {metric['name']} {_arrow(metric)}", cells(f"{task}/{metric['name']}")))
-    for name in many or []:
-        columns.append((f"mean {name} ({len(results.task_names)} tasks) {_arrow(results.metric(name))}",
-                        cells(f"mean/{name}")))
+    columns = [(f"{task} {metric['name']} {_arrow(metric)}", cells(f"{task}/{metric['name']}"))
+               for task, metric in ([] if many else results.columns())]
+    columns += [(f"mean {name} ({len(results.task_names)} tasks) {_arrow(results.metric(name))}", cells(f"mean/{name}"))
+                for name in many or []]
     if results.shared_primary:
         columns.append((f"worst {_arrow(results.primary)}", cells("worst")))
     if results.delta_m:
@@ -87,8 +80,8 @@ def _table(results: ComparisonResults, labels: list[str], group: list[tuple[str,
 
 
 def result_tables(results: ComparisonResults, width: int = 100) -> list[Any]:
-    """The summary as rich tables no wider than ``width`` columns: a table too wide is split between
-    columns (each part repeats the strategy column), never cut."""
+    """The summary as rich tables no wider than ``width`` columns: a table too wide is split between columns (each
+    part repeats the strategy column), never cut (rich would shorten ``0.912`` to ``0.9…`` in a table too wide)."""
     from rich.console import Console
     from rich.measure import Measurement
 
