@@ -8,16 +8,16 @@ Two reference models, with K linear (MLP) or 1x1-convolution (CNN) heads:
   dense prediction per task), batch 64. Strategies with a ``post_shape`` hyperparameter (the RotoGrad
   family) get ``post_shape=(8, 8)``: they rotate the channels.
 
-Each step is the harness's training step (:func:`~mtlzoo.harness.training.train_step`) on a
-fixed random batch, with Adam for the model (the strategy's own optimizer from its metadata) and the
-hyperparameters the metadata suggests. After ``warmup`` steps, ``steps`` steps are timed in ``rounds``
-interleaved rounds (every strategy takes a turn each round, so that a slow spell of the machine hits
-all of them); the median is reported with its ratio to ``ls``'s on the same model. :func:`peak_bytes`
-measures the memory a step allocates (``benchmarks/vs_reference.py`` in the repository uses both).
+Each step is the harness's training step (:func:`~mtlzoo.harness.training.train_step`) on a fixed random batch, with
+Adam for the model (the strategy's own optimizer from its metadata) and the hyperparameters the metadata suggests. After
+``warmup`` steps, ``steps`` steps are timed in ``rounds`` interleaved rounds (every strategy takes a turn each round, so
+that a slow spell of the machine hits all of them); the median is reported with its ratio to ``ls``'s on the same model.
+:func:`peak_bytes` measures the memory a step allocates (``benchmarks/vs_reference.py`` in the repository uses both).
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
@@ -103,9 +103,8 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
         progress: Called with a short text after each model and strategy is set up and each round.
 
     Returns:
-        A JSON-ready dict: ``settings``, ``environment`` and ``results``, one record per model and
-        strategy with ``status`` (``"ok"`` / ``"failed"`` with ``error``), ``median_s``, ``p25_s``,
-        ``p75_s`` and ``ratio_to_ls``.
+        A JSON-ready dict: ``settings``, ``environment`` and ``results``, one record per model and strategy with
+        ``status`` (``"ok"`` / ``"failed"`` with ``error``), ``median_s``, ``p25_s``, ``p75_s`` and ``ratio_to_ls``.
     """
     device = torch.device(device)
     if strategies is None:
@@ -122,24 +121,22 @@ def bench(strategies: Sequence[str] | str | None = None, *, models: Sequence[str
     for name, value in (("tasks", tasks), ("dim", dim), ("steps", steps), ("rounds", rounds)):
         check_int(name, value)
     results: list[dict[str, Any]] = []
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
-            warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for kind in models:
             results += _bench_model(kind, names, tasks, dim, steps, warmup, rounds, device, seed, progress)
-    return {
-        "settings": {"strategies": names, "models": list(models), "tasks": tasks, "dim": dim, "steps": steps,
-                     "warmup": warmup, "rounds": rounds, "seed": seed,
-                     "batch_sizes": {kind: BATCH_SIZES[kind] for kind in models}},
-        "environment": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "results": results,
-    }
+    return {"settings": {"strategies": names, "models": list(models), "tasks": tasks, "dim": dim, "steps": steps,
+                         "warmup": warmup, "rounds": rounds, "seed": seed,
+                         "batch_sizes": {kind: BATCH_SIZES[kind] for kind in models}},
+            "environment": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "results": results}
 
 
 def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, warmup: int, rounds: int,
                  device: torch.device, seed: int, progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(seed)
     x, targets = (t.to(device) for t in reference_batch(kind, tasks, BATCH_SIZES[kind], generator))
+    report = progress or (lambda text: None)
 
     def losses(predictions: list[Tensor]) -> list[Tensor]:
         return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]
@@ -150,8 +147,7 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
     records: dict[str, dict[str, Any]] = {}
     runners: list[_Runner] = []
     for name in names:
-        record: dict[str, Any] = {"model": kind, "strategy": name, "status": "ok", "error": None}
-        records[name] = record
+        records[name] = record = {"model": kind, "strategy": name, "status": "ok", "error": None}
         try:
             torch.manual_seed(seed)
             strategy_name, options = parse_spec(name)
@@ -173,18 +169,15 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
             runners.append(runner)
         except Exception as error:
             record.update(status="failed", error=f"{type(error).__name__}: {error}")
-        if progress is not None:
-            progress(f"{kind}: {name} ready")
-    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
-    for round_steps in per_round:
+        report(f"{kind}: {name} ready")
+    for r in range(rounds):
         for runner in list(runners):
             try:
-                runner.times += [one_step(runner) for _ in range(round_steps)]
+                runner.times += [one_step(runner) for _ in range(steps // rounds + (r < steps % rounds))]
             except Exception as error:
                 records[runner.label].update(status="failed", error=f"{type(error).__name__}: {error}")
                 runners.remove(runner)
-        if progress is not None:
-            progress(f"{kind}: round done")
+        report(f"{kind}: round done")
     for runner in runners:
         times = sorted(runner.times)
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
@@ -229,10 +222,6 @@ def peak_bytes(step: Callable[[], object]) -> int:
     step()  # optimizer state and caches exist before the measured step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))

@@ -25,13 +25,11 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
     """Train every strategy on ``problem`` under identical conditions and collect the results.
 
     Args:
-        problem: A :class:`~mtlzoo.harness.problems.Problem` or a registered problem name (with its
-            default settings).
-        strategies: Names or :class:`~mtlzoo.harness.spec.StrategySpec`\\ s (``"name:key=value"``
-            strings are parsed), a comma-separated string, ``"all"`` (every registered strategy) or
-            ``None`` (the default set: ``ls`` and the strategies marked ``default_comparison``).
-            ``ls`` is always added. Or the :class:`~mtlzoo.harness.plan.Plan`\\ s that
-            :func:`~mtlzoo.harness.plan.plan_all` returned for this problem.
+        problem: A :class:`~mtlzoo.harness.problems.Problem` or a registered problem name (with its default settings).
+        strategies: Names or :class:`~mtlzoo.harness.spec.StrategySpec`\\ s (``"name:key=value"`` strings are parsed), a
+            comma-separated string, ``"all"`` (every registered strategy) or ``None`` (the default set: ``ls`` and the
+            strategies marked ``default_comparison``). ``ls`` is always added. Or the
+            :class:`~mtlzoo.harness.plan.Plan`\\ s that :func:`~mtlzoo.harness.plan.plan_all` returned for this problem.
         config: Seeds, steps, reference, device, output folder (:class:`~mtlzoo.harness.config.RunConfig`).
         progress: Called with :class:`~mtlzoo.harness.training.ProgressEvent`\\ s.
         **settings: Fields of :class:`~mtlzoo.harness.config.RunConfig`, when ``config`` is not given
@@ -57,8 +55,8 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
     config.check_out([problem.name])
     external = None if config.reference_from is None else single_task_reference(config.reference_from, problem)
     seeds, steps = config.seeds_for(problem), config.steps_for(problem)
-    if progress is not None:
-        progress(ProgressEvent("start", problem.name, total_runs=len(plans) * len(seeds), steps=steps))
+    report: ProgressCallback = progress or (lambda event: None)
+    report(ProgressEvent("start", problem.name, total_runs=len(plans) * len(seeds), steps=steps))
     runs: list[RunResult] = []
     for seed in seeds:
         initial: nn.Module | None = None
@@ -68,8 +66,7 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
                 if path is not None and config.resume else None
             skipped = done is not None
             if done is None:
-                if progress is not None:
-                    progress(ProgressEvent("run_start", problem.name, plan_.label, seed, steps=steps))
+                report(ProgressEvent("run_start", problem.name, plan_.label, seed, steps=steps))
                 if initial is None:
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(seed)
@@ -78,9 +75,8 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
                 if path is not None:
                     write_json(path, done.to_dict())
             runs.append(done)
-            if progress is not None:
-                progress(ProgressEvent("run_end", problem.name, plan_.label, seed, steps, steps, result=done,
-                                       skipped=skipped))
+            report(ProgressEvent("run_end", problem.name, plan_.label, seed, steps, steps, result=done,
+                                 skipped=skipped))
     return ComparisonResults(problem, runs, [p.label for p in plans if p.role == "strategy"], config.reference,
                              steps=steps, seeds=seeds, external_reference=external)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,10 +42,6 @@ class Plan:
     def task(self) -> str | None:
         """The task of a single-task reference run (``"single_task[<task>]"``), else ``None``."""
         return self.label.split("[", 1)[1].rstrip("]") if self.role == "reference" else None
-
-
-def _label(spec: StrategySpec, name: str) -> str:
-    return spec.label or StrategySpec(name, spec.options, spec.optimizer, spec.lr).display()
 
 
 def strategy_entry(name: str) -> tuple[StrategyEntry, str, set[str]]:
@@ -86,14 +82,13 @@ def plan(problem: Problem, spec: StrategySpec | str, *, device: str | torch.devi
     Raises:
         UnknownStrategyError: An unknown name (the message lists close names).
         UnknownHyperparameterError: An option the strategy does not take (with a suggestion).
-        ComparisonError: The strategy needs something the problem cannot give (a value for a
-            required hyperparameter, an optimizer for its own parameters, a named backbone parameter);
-            the message names the strategy.
+        ComparisonError: The strategy needs something the problem cannot give (a value for a required hyperparameter, an
+            optimizer for its own parameters, a named backbone parameter); the message names the strategy.
     """
     spec = StrategySpec.parse(spec) if isinstance(spec, str) else spec
     entry, name, modifier_options = strategy_entry(spec.name)
     options = {**problem.strategy_options(entry), **dict(spec.options)}
-    label = _label(spec, name)
+    label = replace(spec, name=name).display()
     where = f"Strategy {label!r} cannot run on problem {problem.name!r}"
     unknown = {key: value for key, value in spec.options.items()
                if key not in entry.hyperparameters and key not in modifier_options}
@@ -170,8 +165,7 @@ def resolve_specs(strategies: Sequence[StrategySpec | str] | str | None) -> tupl
 
 
 def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | None = None, *,
-             reference: Reference = "ls", strict: bool | None = None,
-             device: str | torch.device = "cpu") -> list[Plan]:
+             reference: Reference = "ls", strict: bool | None = None, device: str | torch.device = "cpu") -> list[Plan]:
     """Check the problem's metrics and every strategy against ``problem`` before any training (see :func:`plan`).
 
     ``ls`` is always run. With ``strict`` (the default when strategies are named) a strategy that cannot
@@ -195,17 +189,14 @@ def plan_all(problem: Problem, strategies: Sequence[StrategySpec | str] | str | 
         except ComparisonError as error:
             if strict:
                 raise
-            plans.append(Plan(spec, entry, _label(spec, strategy_entry(spec.name)[1]), dict(spec.options), None,
-                              error=str(error)))
+            label = replace(spec, name=strategy_entry(spec.name)[1]).display()
+            plans.append(Plan(spec, entry, label, dict(spec.options), None, error=str(error)))
     labels = [p.label for p in plans]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
         raise ComparisonError(f"Strategies {twice} are given twice with the same settings; give one a `label`.")
-    if reference == "single_task":
-        for k, task in enumerate(problem.task_names):
-            weights = [float(j == k) for j in range(problem.num_tasks)]
-            reference_plan = plan(problem, StrategySpec(BASELINE, {"weights": weights}, label=f"single_task[{task}]"),
-                                  device=device)
-            reference_plan.role = "reference"
-            plans.append(reference_plan)
+    for k, task in enumerate(problem.task_names if reference == "single_task" else []):
+        weights = [float(j == k) for j in range(problem.num_tasks)]
+        reference_spec = StrategySpec(BASELINE, {"weights": weights}, label=f"single_task[{task}]")
+        plans.append(replace(plan(problem, reference_spec, device=device), role="reference"))
     return plans

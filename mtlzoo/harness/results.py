@@ -5,12 +5,11 @@ r"""What runs produce (:class:`RunResult`) and what a comparison's runs say (:cl
     Δm% = (100 / K) sum_k (-1)^{h_k} (M_k - M_ref,k) / M_ref,k,     h_k = 1 when higher M_k is better
 
 with ``M_k`` task k's primary metric (the first of its :attr:`Problem.task_metrics
-<mtlzoo.harness.problems.Problem.task_metrics>`), ``h_k`` that metric's direction, and ``M_ref`` the
-metrics of ``ls`` on the same seed (with ``reference="single_task"``: of K single-task runs, ``ls``
-weighted by the k-th unit vector from the same initialisation, or their mean over the seeds of an
-earlier comparison, ``reference_from``), for problems whose metrics are bounded away from zero.
-Where a problem's papers average over every metric of every task (NYUv2's nine), the sum runs over
-its :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms` and K is their number.
+<mtlzoo.harness.problems.Problem.task_metrics>`), ``h_k`` that metric's direction, and ``M_ref`` the metrics of ``ls``
+on the same seed (with ``reference="single_task"``: of K single-task runs, ``ls`` weighted by the k-th unit vector from
+the same initialisation, or their mean over the seeds of an earlier comparison, ``reference_from``), for problems whose
+metrics are bounded away from zero. Where a problem's papers average over every metric of every task (NYUv2's nine), the
+sum runs over its :attr:`~mtlzoo.harness.problems.Problem.delta_m_terms` and K is their number.
 """
 
 from __future__ import annotations
@@ -118,12 +117,9 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
 def ranks(values: Mapping[str, float], higher_is_better: bool) -> dict[str, float]:
     """Rank 1 for the best; ties share the mean of their ranks."""
     sign = -1 if higher_is_better else 1
-    result = {}
-    for key, value in values.items():
-        better = sum(sign * other < sign * value for other in values.values())
-        tied = sum(other == value for other in values.values())  # itself included
-        result[key] = better + (tied + 1) / 2
-    return result
+    return {key: sum(sign * other < sign * value for other in values.values())  # better ones
+            + (sum(other == value for other in values.values()) + 1) / 2  # ties, itself included
+            for key, value in values.items()}
 
 
 def describe_problem(problem: Problem) -> dict[str, Any]:
@@ -148,9 +144,6 @@ class ComparisonResults:
         reference: ``"ls"`` or ``"single_task"``.
         external_reference: With ``reference_from``, the single-task metrics read from an earlier
             comparison (``{task: {metric: mean over its seeds}}``); ``None`` otherwise.
-
-    :meth:`summary` has one row per strategy (means and standard deviations over seeds);
-    :meth:`to_records` one flat row per run (``pandas.DataFrame(results.to_records())``).
     """
 
     def __init__(self, problem: Problem | Mapping[str, Any], runs: list[RunResult], labels: list[str],
@@ -169,11 +162,7 @@ class ComparisonResults:
         self.delta_m_terms: list[tuple[str, str]] = [(str(task), str(name)) for task, name in terms]
         self.external_reference = None if external_reference is None else {
             task: dict(values) for task, values in external_reference.items()}
-        self.runs = runs
-        self.labels = labels
-        self.reference = reference
-        self.steps = steps
-        self.seeds = list(seeds)
+        self.runs, self.labels, self.reference, self.steps, self.seeds = runs, labels, reference, steps, list(seeds)
 
     @property
     def primary(self) -> dict[str, Any]:
@@ -222,17 +211,12 @@ class ComparisonResults:
         if self.external_reference is not None:
             return self.external_reference
         if self.reference == "single_task":
-            values = {}
-            for task in self.task_names:
-                ref = self.run(f"single_task[{task}]", seed)
-                if ref is None or not ref.ok:
-                    return None
-                values[task] = ref.metrics[task]
-            return values
+            refs = {task: self.run(f"single_task[{task}]", seed) for task in self.task_names}
+            if any(ref is None or not ref.ok for ref in refs.values()):
+                return None
+            return {task: ref.metrics[task] for task, ref in refs.items()}  # type: ignore[union-attr]
         ref = self.run(BASELINE, seed)
-        if ref is None or not ref.ok:
-            return None
-        return ref.metrics
+        return ref.metrics if ref is not None and ref.ok else None
 
     def delta_m_of(self, result: RunResult) -> float | None:
         """Δm% of a run against the reference of its seed (``None`` where it does not apply)."""
@@ -256,8 +240,7 @@ class ComparisonResults:
         totals = dict.fromkeys(finished, 0.0)
         for task in self.task_names:
             higher = self.primary_of(task)["higher_is_better"]
-            for label, rank in ranks({lb: self._primary_value(r, task) for lb, r in finished.items()},
-                                     higher).items():
+            for label, rank in ranks({lb: self._primary_value(r, task) for lb, r in finished.items()}, higher).items():
                 totals[label] += rank / len(self.task_names)
         return totals
 
@@ -280,9 +263,7 @@ class ComparisonResults:
     def conflict_share(result: RunResult) -> float | None:
         """The share of measurements in which some pair of task gradients conflicts (cosine < 0)."""
         cosines = result.conflicts.get("cosines") or []
-        if not cosines:
-            return None
-        return sum(1.0 for pairs in cosines if pairs and min(pairs) < 0) / len(cosines)
+        return sum(1.0 for pairs in cosines if pairs and min(pairs) < 0) / len(cosines) if cosines else None
 
     @staticmethod
     def mean_cosine(result: RunResult) -> float | None:
@@ -301,11 +282,10 @@ class ComparisonResults:
     def summary(self) -> list[dict[str, Any]]:
         """One row per strategy: means and standard deviations over its finished seeds.
 
-        Keys: ``strategy``, ``ok`` / ``runs``, ``error`` (the first failure's), for each task and each
-        of its metrics ``<task>/<metric>`` and ``<task>/<metric>_std``, for each metric every task reports
-        its mean over the tasks ``mean/<metric>`` (and ``_std`` over seeds), ``worst`` (worst task's primary
-        metric), ``delta_m``, ``rank``, ``seconds_per_step``, ``time_ratio``, ``conflict_share``,
-        ``mean_cosine`` (each with ``_std``).
+        Keys: ``strategy``, ``ok`` / ``runs``, ``error`` (the first failure's), for each task and each of its metrics
+        ``<task>/<metric>`` and ``<task>/<metric>_std``, for each metric every task reports its mean over the tasks
+        ``mean/<metric>`` (and ``_std`` over seeds), ``worst`` (worst task's primary metric), ``delta_m``, ``rank``,
+        ``seconds_per_step``, ``time_ratio``, ``conflict_share``, ``mean_cosine`` (each with ``_std``).
         """
         seed_ranks = self._seed_ranks()
         rows = []

@@ -45,14 +45,11 @@ class StrategySpec:
         """The label of the runs: ``label``, else the name, its options and its optimizer."""
         if self.label:
             return self.label
-        text = self.name + "".join(f":{key}={_literal(value)}" for key, value in self.options.items())
+        text = self.name + "".join(f":{key}={value if isinstance(value, str) else repr(value)}"
+                                   for key, value in self.options.items())
         if self.optimizer is not None or self.lr is not None:
             text += f"@{self.optimizer or ''}{'' if self.lr is None else f':{self.lr:g}'}"
         return text
-
-
-def _literal(value: Any) -> str:
-    return value if isinstance(value, str) else repr(value)
 
 
 def split_top_level(text: str, separator: str) -> list[str]:
@@ -78,15 +75,14 @@ def split_top_level(text: str, separator: str) -> list[str]:
 
 def parse_value(text: str) -> Any:
     """A command-line value: a Python literal (``0.5``, ``[1, 2]``), ``true``/``false``/``none``, else the text."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
+    text = text.strip()
+    constants = {"true": True, "false": False, "none": None, "null": None}
+    if text.lower() in constants:
+        return constants[text.lower()]
     try:
-        return ast.literal_eval(text.strip())
+        return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text.strip()
+        return text
 
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:

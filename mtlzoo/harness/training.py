@@ -1,10 +1,9 @@
 """One strategy trained on one problem from one seed (:func:`run`), under the harness's conditions.
 
-Every strategy of a seed starts from the same weights (the problem's model built under
-``torch.manual_seed(seed)``, copied), sees the same batches in the same order (drawn from a
-``torch.Generator`` seeded with the seed) and trains the model with the problem's optimizer and
-learning rate; its own parameters (rotations, task weights) get their own optimizer
-(:func:`~mtlzoo.harness.plan.plan`). The loop is the step protocol's::
+Every strategy of a seed starts from the same weights (the problem's model built under ``torch.manual_seed(seed)``,
+copied), sees the same batches in the same order (drawn from a ``torch.Generator`` seeded with the seed) and trains the
+model with the problem's optimizer and learning rate; its own parameters (rotations, task weights) get their own
+optimizer (:func:`~mtlzoo.harness.plan.plan`). The loop is the step protocol's::
 
     optimizer.zero_grad()
     with mtlzoo.cached():
@@ -77,9 +76,7 @@ def _first(output: Any) -> Any:
 def _predictions_from(mtl: MTLWrapper, z: Tensor) -> Any:
     heads = list(mtl.heads.values()) if isinstance(mtl.heads, nn.ModuleDict) else list(mtl.heads)
     predictions = [_first(mtl.strategy.predict(head, z, k)) for k, head in enumerate(heads)]
-    if mtl.task_names is not None:
-        return dict(zip(mtl.task_names, predictions))
-    return predictions
+    return predictions if mtl.task_names is None else dict(zip(mtl.task_names, predictions))
 
 
 def _as_list(losses: Any) -> list[Tensor]:
@@ -95,11 +92,8 @@ def measure_conflicts(mtl: MTLWrapper, problem: Problem, x: Any, y: Any) -> Tens
     with torch.random.fork_rng(devices=[]), torch.enable_grad(), cached():
         z = _first(mtl.backbone(x)).detach().requires_grad_()
         losses = _as_list(problem.losses(_predictions_from(mtl, z), y))
-        grads = []
-        for loss in losses:
-            (grad,) = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
-            grads.append(torch.zeros_like(z) if grad is None else grad)
-    matrix = torch.stack([g.reshape(-1) for g in grads]).double()
+        grads = [torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)[0] for loss in losses]
+    matrix = torch.stack([(torch.zeros_like(z) if g is None else g).reshape(-1) for g in grads]).double()
     norms = matrix.norm(dim=1)
     gram = matrix @ matrix.T
     return (gram / torch.outer(norms, norms).clamp_min(torch.finfo(torch.float64).tiny)).float()
@@ -125,10 +119,9 @@ def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: Ru
     device = config.torch_device
     plan_ = spec if isinstance(spec, Plan) else plan(problem, spec, device=device)
     steps = config.steps_for(problem)
-    result = RunResult(problem.name, jsonable(problem.settings), plan_.label, plan_.name,
-                       jsonable(plan_.options), None if plan_.optimizer is None else list(plan_.optimizer), seed,
-                       steps, role=plan_.role, task=plan_.task,
-                       fingerprint=fingerprint(problem, plan_, seed, steps, config))
+    result = RunResult(problem.name, jsonable(problem.settings), plan_.label, plan_.name, jsonable(plan_.options),
+                       None if plan_.optimizer is None else list(plan_.optimizer), seed, steps, role=plan_.role,
+                       task=plan_.task, fingerprint=fingerprint(problem, plan_, seed, steps, config))
     if plan_.error is not None:
         result.status, result.error = "failed", plan_.error
         return result
@@ -143,8 +136,7 @@ def run(problem: Problem, spec: StrategySpec | str | Plan, seed: int, config: Ru
             try:
                 _train(problem, plan_, seed, steps, config, initial_model, progress, result)
             except Exception as error:
-                result.status = "failed"
-                result.error = f"{type(error).__name__}: {error}"
+                result.status, result.error = "failed", f"{type(error).__name__}: {error}"
             result.warnings = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
     finally:
         if torch.get_num_threads() != previous_threads:
@@ -189,8 +181,7 @@ def _train(problem: Problem, plan_: Plan, seed: int, steps: int, config: RunConf
     model = copy.deepcopy(initial_model) if initial_model is not None else problem.build_model()
     torch.manual_seed(seed)  # the strategy's own draws do not depend on how the model came to be
     strategy = REGISTRY.create(plan_.name, num_tasks=problem.num_tasks, **plan_.options)
-    mtl = MTLWrapper(model, strategy).to(device)
-    mtl.train()
+    mtl = MTLWrapper(model, strategy).to(device).train()
     order = torch.Generator().manual_seed(seed)
     sample, _ = next(iter(problem.epoch(torch.Generator().manual_seed(seed))))
     with torch.no_grad():
@@ -257,8 +248,7 @@ class _Evaluator:
     reporting the best's. A plateau schedule steps on the validation score.
     """
 
-    def __init__(self, problem: Problem, mtl: MTLWrapper, device: torch.device, steps: int,
-                 result: RunResult) -> None:
+    def __init__(self, problem: Problem, mtl: MTLWrapper, device: torch.device, steps: int, result: RunResult) -> None:
         self.problem, self.mtl, self.device, self.result = problem, mtl, device, result
         per_epoch = max(problem.steps_per_epoch, 1)
         slots = problem.average_last - (1 if steps % per_epoch else 0)
@@ -283,8 +273,7 @@ class _Evaluator:
         """An epoch ended at ``step`` (or, ``final``, the run stopped inside one)."""
         problem = self.problem
         plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-        validation = float(self._eval(problem.validation_score)) \
-            if problem.select_by_validation or plateau else None
+        validation = float(self._eval(problem.validation_score)) if problem.select_by_validation or plateau else None
         if scheduler is not None:
             scheduler.step(validation) if plateau else scheduler.step()
         if problem.select_by_validation:
