@@ -1,12 +1,11 @@
-"""The ``mtlzoo`` command (also ``python -m mtlzoo``): ``list``, ``compare`` and ``bench``.
-
-``compare`` and ``bench`` run the harness (:mod:`mtlzoo.harness`), imported when they run.
-"""
+"""The ``mtlzoo`` command (also ``python -m mtlzoo``): ``list``, ``compare`` and ``bench``; the last two run the harness
+(:mod:`mtlzoo.harness`), imported when they run."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import sys
@@ -27,8 +26,6 @@ def _row(entry: StrategyEntry) -> list[str]:
 
 def _modifier_rows(pattern: str) -> list[list[str]]:
     """The modifiers whose name matches ``pattern``: name, hyperparameters and defaults, summary."""
-    import fnmatch
-
     from mtlzoo.names import normalize_pattern
     from mtlzoo.roles.modifiers import MODIFIERS
     from mtlzoo.strategy import hyperparameters
@@ -263,10 +260,8 @@ def _print_results(console: Any, results: list[Any]) -> None:
 
 
 def _failed_status(results: list[Any], named: bool) -> int:
-    """1 when ``ls``, or with named strategies any of them, failed every run on some problem (saying which); else 0.
-
-    With the default set or ``all``, a strategy that cannot run on a problem is a reported result, not an error.
-    """
+    """1 when ``ls``, or with named strategies any of them (not with the default set or ``all``, where a strategy that
+    cannot run on a problem is a reported result), failed every run on some problem (saying which); else 0."""
     from mtlzoo.harness.spec import BASELINE
 
     failed = [(result.problem, label) for result in results for label in result.failed_labels()
@@ -296,18 +291,15 @@ class _Progress:
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                             TimeElapsedColumn(), console=console, transient=False)
         self.task = self.bar.add_task("compare", total=total)
-        self.done_in_run = 0
+        self.finished = 0  # the steps of the finished runs
 
     def __call__(self, event: Any) -> None:
         if event.kind == "run_start":
-            self.done_in_run = 0
             self.bar.update(self.task, description=f"{event.problem} · {event.label} · seed {event.seed}")
-        elif event.kind == "step":
-            self.bar.advance(self.task, event.step - self.done_in_run)
-            self.done_in_run = event.step
-        elif event.kind == "run_end":
-            self.bar.advance(self.task, event.steps - (0 if event.skipped else self.done_in_run))
-            self.done_in_run = 0
+        elif event.kind in ("step", "run_end"):
+            self.bar.update(self.task, completed=self.finished + event.step)
+        if event.kind == "run_end":
+            self.finished += event.steps
 
 
 def _help_problems(texts: list[str] | None) -> str:
