@@ -37,9 +37,8 @@ def compare(problem: Problem | str, strategies: Sequence[StrategySpec | str | Pl
 
     Raises (before any training):
         UnknownStrategyError, UnknownProblemError, UnknownHyperparameterError: Bad names (with close matches).
-        ComparisonError: A strategy that cannot run on the problem (``strict``), a problem whose
-            ``evaluate`` does not report its declared metrics, a setting out of range, or ``out``
-            already holding runs without ``resume``.
+        ComparisonError: A strategy that cannot run on the problem (``strict``), a problem whose ``evaluate`` does not
+            report its declared metrics, a setting out of range, or ``out`` already holding runs without ``resume``.
     """
     if config is not None and settings:
         raise TypeError(f"compare() takes either `config` or its fields as keywords, not both. Found "

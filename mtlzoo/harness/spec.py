@@ -54,8 +54,8 @@ class StrategySpec:
 
 def split_top_level(text: str, separator: str) -> list[str]:
     """Split on ``separator`` outside brackets and quotes (``"a:w=[1,2],b"`` on "," gives two parts)."""
-    parts, depth, quote, current = [], 0, "", []
-    for char in text:
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
         if quote:
             quote = "" if char == quote else quote
         elif char in "\"'":
@@ -65,11 +65,9 @@ def split_top_level(text: str, separator: str) -> list[str]:
         elif char in ")]}":
             depth -= 1
         elif char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(char)
-    parts.append("".join(current))
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
     return [part.strip() for part in parts if part.strip()]
 
 

@@ -12,12 +12,11 @@ optimizer (:func:`~mtlzoo.harness.plan.plan`). The loop is the step protocol's::
     mtl.step(*optimizers, post_step_losses=...)      # only for strategies that read them (FAMO)
     mtl.end_epoch()                                   # after each of the problem's epochs
 
-**Gradient conflict.** Every ``conflict_every`` steps, outside the timed step: :func:`measure_conflicts`.
-
-A request that reads several independent batches per step (SDMGrad, MoDo) gets the extra ones from
-data streams of their own, seeded from the seed: the batches the model learns from stay those of
-every other strategy. A strategy that raises, or whose losses or metrics stop being finite, is
-recorded as failed with its error; its warnings are recorded with it. Nothing here prints.
+Every ``conflict_every`` steps, outside the timed step, :func:`measure_conflicts` measures the gradient conflict. A
+request that reads several independent batches per step (SDMGrad, MoDo) gets the extra ones from data streams of their
+own, seeded from the seed: the batches the model learns from stay those of every other strategy. A strategy that raises,
+or whose losses or metrics stop being finite, is recorded as failed with its error; its warnings are recorded with it.
+Nothing here prints.
 """
 
 from __future__ import annotations
@@ -288,10 +287,9 @@ class _Evaluator:
         """The reported metrics, after a last evaluation when the run stopped inside an epoch."""
         if self.evaluated_at != step:
             self.point(step, epoch, final=True)
-        evaluations = self.result.evaluations
+        chosen = [e["metrics"] for e in self.result.evaluations]
         if self.problem.select_by_validation:
-            return evaluations[-1]["metrics"]
-        chosen = [e["metrics"] for e in evaluations]
+            return chosen[-1]
         return {task: {name: math.fsum(m[task][name] for m in chosen) / len(chosen) for name in values}
                 for task, values in chosen[-1].items()}
 
