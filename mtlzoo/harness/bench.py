@@ -68,15 +68,6 @@ class _Runner:
     times: list[float]
 
 
-def _options(name: str, kind: str) -> dict[str, Any]:
-    """The metadata's suggested hyperparameters, and on the CNN the map's shape for the RotoGrad family."""
-    entry = get_strategy(name)
-    options: dict[str, Any] = dict(entry.info.suggested)
-    if kind == "cnn" and "post_shape" in entry.hyperparameters:
-        options["post_shape"] = (MAP_SIDE, MAP_SIDE)
-    return options
-
-
 def _canonical(spec: str) -> str:
     """A strategy spec (``"name"`` or ``"name:key=value"``) with the registered name (an alias resolved)."""
     name = split_top_level(spec, ":")[0]
@@ -151,18 +142,20 @@ def _bench_model(kind: str, names: list[str], tasks: int, dim: int, steps: int, 
         try:
             torch.manual_seed(seed)
             strategy_name, options = parse_spec(name)
-            strategy = REGISTRY.create(strategy_name, num_tasks=tasks, **{**_options(strategy_name, kind), **options})
+            entry = get_strategy(strategy_name)
+            if kind == "cnn" and "post_shape" in entry.hyperparameters:  # the RotoGrad family rotates the channels
+                options = {"post_shape": (MAP_SIDE, MAP_SIDE), **options}
+            strategy = REGISTRY.create(strategy_name, num_tasks=tasks, **{**entry.info.suggested, **options})
             mtl = MTLWrapper(reference_model(kind, tasks, dim), strategy).to(device).train()
             with torch.no_grad():
                 mtl(x)
             optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam(mtl.model_parameters(), lr=1e-3)]
             own = [p for p in mtl.strategy_parameters() if p.requires_grad]
             if own:
-                info = get_strategy(strategy_name).info
-                if info.optimizer is None or info.lr is None:
+                if entry.info.optimizer is None or entry.info.lr is None:
                     raise ValueError(f"{name} has learnable parameters but no optimizer in its metadata "
                                      "(StrategyInfo.optimizer, .lr).")
-                optimizers.append(optimizer_class(info.optimizer)(own, lr=info.lr))
+                optimizers.append(optimizer_class(entry.info.optimizer)(own, lr=entry.info.lr))
             runner = _Runner(name, mtl, optimizers, [])
             for _ in range(warmup):
                 one_step(runner)
