@@ -237,9 +237,7 @@ def check_metrics(problem: Problem, reported: dict[str, dict[str, float]]) -> No
 def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.tolist()
-    return value
+    return value.tolist() if isinstance(value, Tensor) else value
 
 
 def to_device(value: Any, device: torch.device) -> Any:

@@ -16,7 +16,5 @@ BUILTIN_PROBLEMS = (Toy2D, GradNormSynthetic, MultiDigits, MixedScale)
 
 @hookimpl
 def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
-    for cls in BUILTIN_PROBLEMS:
-        register(cls)
-    for cls in BENCHMARK_PROBLEMS:
+    for cls in (*BUILTIN_PROBLEMS, *BENCHMARK_PROBLEMS):
         register(cls)

@@ -56,11 +56,9 @@ def f1_score(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:
 
 
 def _stage(channels_in: int, channels_out: int, convs: int) -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    for i in range(convs):
-        layers += [nn.Conv2d(channels_in if i == 0 else channels_out, channels_out, 3, padding=1, bias=False),
-                   nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True)]
-    return layers
+    return [layer for i in range(convs) for layer in (
+        nn.Conv2d(channels_in if i == 0 else channels_out, channels_out, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True))]
 
 
 class _ToUnit(nn.Module):

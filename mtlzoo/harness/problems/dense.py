@@ -102,9 +102,8 @@ def segnet(classes: int, normals: bool) -> HardSharing:
     """The SegNet with the heads of the segmentation, depth (and normal) tasks, each a 3x3 and a 1x1 convolution
     (log-softmax for the classes, the raw value for depth, unit length for normals), initialised as Nash-MTL's
     code does (Xavier-normal convolutions, zero biases, unit batch-norm scales)."""
-    heads = [_Head(FILTERS[0], classes, "log_softmax"), _Head(FILTERS[0], 1, "none")]
-    if normals:
-        heads.append(_Head(FILTERS[0], 3, "unit"))
+    heads = [_Head(FILTERS[0], classes, "log_softmax"), _Head(FILTERS[0], 1, "none"),
+             *([_Head(FILTERS[0], 3, "unit")] if normals else [])]
     model = HardSharing(SegNet(), heads)
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -183,29 +182,16 @@ class DenseMetrics:
         n = len(angles)
         low = float(torch.kthvalue(angles, (n + 1) // 2).values)
         high = float(torch.kthvalue(angles, n // 2 + 1).values)  # the two middle values: NumPy's median
-        result = {"mean_angle": float(angles.double().mean()), "median_angle": (low + high) / 2}
-        for angle in ANGLES:
-            result[f"within_{angle:g}"] = float((angles < angle).double().mean())
-        return result
+        return {"mean_angle": float(angles.double().mean()), "median_angle": (low + high) / 2,
+                **{f"within_{angle:g}": float((angles < angle).double().mean()) for angle in ANGLES}}
 
 
 # ---------------------------------------------------------------------------- data
-def load_sample(folder: Path, modalities: Sequence[str], index: int) -> list[np.ndarray]:
-    return [np.load(folder / modality / f"{index}.npy") for modality in modalities]
-
-
 def stack_batch(folder: Path, modalities: Sequence[str], indices: Sequence[int]) -> list[Tensor]:
     """The batch as (B, C, H, W) float tensors: image, labels (B, H, W) long, then depth and normals."""
-    samples = [load_sample(folder, modalities, i) for i in indices]
-    out = []
-    for m in range(len(modalities)):
-        array = np.stack([sample[m] for sample in samples])
-        tensor = torch.from_numpy(array)
-        if m == 1:
-            out.append(tensor.long())
-        else:
-            out.append(tensor.permute(0, 3, 1, 2).float().contiguous())
-    return out
+    stacked = [torch.from_numpy(np.stack([np.load(folder / modality / f"{i}.npy") for i in indices]))
+               for modality in modalities]
+    return [t.long() if m == 1 else t.permute(0, 3, 1, 2).float().contiguous() for m, t in enumerate(stacked)]
 
 
 def scale_crop_flip(image: Tensor, labels: Tensor, depth: Tensor, normal: Tensor | None,
@@ -216,8 +202,7 @@ def scale_crop_flip(image: Tensor, labels: Tensor, depth: Tensor, normal: Tensor
     horizontal flip with probability 1/2 (the normals' x component negated)."""
     batch, _, height, width = image.shape
     scale = torch.tensor(SCALES, dtype=torch.float64)[torch.randint(len(SCALES), (batch,), generator=generator)]
-    crop_h = (height / scale).long()
-    crop_w = (width / scale).long()
+    crop_h, crop_w = (height / scale).long(), (width / scale).long()
     top = (torch.rand(batch, generator=generator) * (height - crop_h + 1)).long()
     left = (torch.rand(batch, generator=generator) * (width - crop_w + 1)).long()
     flip = torch.rand(batch, generator=generator) < 0.5
@@ -239,14 +224,12 @@ def scale_crop_flip(image: Tensor, labels: Tensor, depth: Tensor, normal: Tensor
     zoom = scale.view(-1, 1, 1, 1).to(depth.dtype)
     depth = depth[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2) / zoom
     image = bilinear(image)
-    if normal is not None:
-        normal = bilinear(normal)
     where = flip.view(-1, 1, 1, 1)
     image, depth = torch.where(where, image.flip(-1), image), torch.where(where, depth.flip(-1), depth)
     labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
     if normal is not None:
-        flipped = normal.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1)
-        normal = torch.where(where, flipped, normal)
+        normal = bilinear(normal)
+        normal = torch.where(where, normal.flip(-1) * torch.tensor([-1.0, 1.0, 1.0]).view(1, 3, 1, 1), normal)
     return image, labels, depth, normal
 
 

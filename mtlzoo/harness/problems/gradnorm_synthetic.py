@@ -92,11 +92,10 @@ class GradNormSynthetic(InMemoryProblem):
         if self.batch_size > self.train_size:
             raise ValueError(f"Parameter `batch_size` should be at most `train_size = {self.train_size}`. "
                              f"Found `batch_size = {self.batch_size}`.")
-        if self.sigmas is None:
-            if self.num_tasks not in SIGMAS:
-                raise ValueError(f"The paper gives sigma for T = 2 and T = 10 only; pass `sigmas` (T numbers) for "
-                                 f"`num_tasks = {self.num_tasks}`.")
-        else:
+        if self.sigmas is None and self.num_tasks not in SIGMAS:
+            raise ValueError(f"The paper gives sigma for T = 2 and T = 10 only; pass `sigmas` (T numbers) for "
+                             f"`num_tasks = {self.num_tasks}`.")
+        if self.sigmas is not None:
             values = tuple(self.sigmas)
             if len(values) != self.num_tasks or not all(
                     isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < math.inf for s in values):
@@ -127,12 +126,8 @@ class GradNormSynthetic(InMemoryProblem):
         return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
     def build_model(self) -> HardSharing:
-        layers: list[nn.Module] = []
-        width = INPUT_DIM
-        for _ in range(4):
-            layers += [nn.Linear(width, HIDDEN), nn.ReLU()]
-            width = HIDDEN
-        return HardSharing(nn.Sequential(*layers), [nn.Linear(HIDDEN, OUTPUT_DIM) for _ in range(self.num_tasks)])
+        trunk = [m for width in (INPUT_DIM, HIDDEN, HIDDEN, HIDDEN) for m in (nn.Linear(width, HIDDEN), nn.ReLU())]
+        return HardSharing(nn.Sequential(*trunk), [nn.Linear(HIDDEN, OUTPUT_DIM) for _ in range(self.num_tasks)])
 
     def losses(self, predictions: Any, targets: Tensor) -> list[Tensor]:
         return [nn.functional.mse_loss(p, t) for p, t in zip(predictions, targets)]

@@ -33,11 +33,6 @@ SCALES = ("full", "smoke")
 _SCHEDULE = re.compile(r"^\s*(step|plateau)\s*\(([^)]*)\)\s*$")
 
 
-def default_workers() -> int:
-    """Loader worker processes when ``workers`` is ``None``: the CPU cores, at most 8."""
-    return min(8, os.cpu_count() or 1)
-
-
 def parse_schedule(text: str | None) -> tuple[str, tuple[float, ...]]:
     """``"none"``, ``"step(S, G)"`` (times G every S epochs) or ``"plateau(F, P, M)"`` (times F after P epochs
     without a better validation score, down to M) as (kind, numbers).
@@ -48,12 +43,11 @@ def parse_schedule(text: str | None) -> tuple[str, tuple[float, ...]]:
     if text is None or str(text).strip().lower() in ("none", "constant", ""):
         return "none", ()
     match = _SCHEDULE.match(str(text))
-    arity = {"step": 2, "plateau": 3}
     try:
         if match is None:
             raise ValueError
         numbers = tuple(float(part) for part in match.group(2).split(","))
-        if len(numbers) != arity[match.group(1)] or not all(n > 0 for n in numbers[:2]):
+        if len(numbers) != {"step": 2, "plateau": 3}[match.group(1)] or not all(n > 0 for n in numbers[:2]):
             raise ValueError
     except ValueError:
         raise ValueError(f"Parameter `lr_schedule` should be 'none', 'step(EPOCHS, GAMMA)' or "
@@ -149,13 +143,11 @@ class LocalBenchmark(Problem):
         if not self.data:
             raise DataError(f"Problem {self.name!r} reads its data set from a local folder: give it with --data PATH "
                             f"(or '{self.name}:data=PATH'). The folder should hold:\n{self.layout}")
-        root = self.root
-        if not root.is_dir():
-            raise DataError(f"Problem {self.name!r}: the data folder {root} does not exist. It should hold:\n"
+        if not self.root.is_dir():
+            raise DataError(f"Problem {self.name!r}: the data folder {self.root} does not exist. It should hold:\n"
                             f"{self.layout}")
         self.check_data()
 
-    # ------------------------------------------------------------------ recipe
     @property
     def root(self) -> Path:
         return Path(self.data).expanduser()
@@ -166,7 +158,7 @@ class LocalBenchmark(Problem):
 
     @property
     def loader_workers(self) -> int:
-        return default_workers() if self.workers is None else self.workers
+        return min(8, os.cpu_count() or 1) if self.workers is None else self.workers
 
     @property
     def smoke(self) -> bool:

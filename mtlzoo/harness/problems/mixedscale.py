@@ -35,13 +35,10 @@ class MixedScale(Problem):
     IMTL, FAMO, UW's learned scales) should keep the classifiers learning; the plain sum lets the
     regression's gradient dominate the shared layers.
 
-    Model: the same small CNN as ``multidigits`` (two 3x3 convolutions, 16 and 32 channels, max
-    pooling, a 64-dimensional representation), one linear head per task; Adam at 1e-3, batches of 64.
+    Model: the small CNN of ``multidigits``, one linear head per task; Adam at 1e-3, batches of 64.
 
     Metrics: ``accuracy`` for ``digit`` and ``large`` (higher is better), ``rmse`` in pixels for ``ink``
-    (lower is better).
-
-    An epoch: one pass over the training images.
+    (lower is better). An epoch: one pass over the training images.
 
     Args:
         batch_size: Images per step.

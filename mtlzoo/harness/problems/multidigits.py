@@ -19,8 +19,7 @@ TASKS = ("left", "right")
 
 
 def digits_backbone(width: int) -> nn.Sequential:
-    """The digits problems' small CNN on 8 x ``width`` images: two 3x3 convolutions (16 and 32 channels), 2x2 max
-    pooling, a linear layer to 64 features."""
+    """The digits problems' small CNN on 8 x ``width`` images, to 64 features."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -124,8 +123,7 @@ class MultiDigits(InMemoryProblem):
             right = pool[torch.randint(len(pool), (size,), generator=generator)]
             canvas = torch.zeros(size, 1, SIDE, SIDE + self.shift)
             canvas[:, 0, :, :SIDE] = images[left]
-            placed = canvas[:, 0, :, self.shift:]
-            canvas[:, 0, :, self.shift:] = torch.maximum(placed, images[right])
+            canvas[:, 0, :, self.shift:] = torch.maximum(canvas[:, 0, :, self.shift:], images[right])
             data[f"x_{split}"] = canvas
             data[f"y_{split}"] = torch.stack([labels[left], labels[right]])
         return data
@@ -138,6 +136,5 @@ class MultiDigits(InMemoryProblem):
 
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         x, y = self.data["x_test"].to(device), self.data["y_test"].to(device)
-        predictions = mtl(x)
         return {name: {"accuracy": float((p.argmax(-1) == t).float().mean())}
-                for name, p, t in zip(self.task_names, predictions, y)}
+                for name, p, t in zip(self.task_names, mtl(x), y)}

@@ -111,10 +111,8 @@ class SceneBenchmark(LocalBenchmark):
             metrics.update_depth(predictions[1], depth)
             if self.normals:
                 metrics.update_normal(predictions[2], normal[0])
-        result = {"segmentation": metrics.segmentation(), "depth": metrics.depth_errors()}
-        if self.normals:
-            result["normal"] = metrics.normal_errors()
-        return result
+        return {"segmentation": metrics.segmentation(), "depth": metrics.depth_errors(),
+                **({"normal": metrics.normal_errors()} if self.normals else {})}
 
 
 LAYOUT = """  train/image/<i>.npy    (288, 384, 3) float, RGB in [0, 1]     i = 0 .. 794

@@ -173,8 +173,7 @@ class QM9(LocalBenchmark):
         """The molecules of each split, the standardised targets ``y`` (n, 11) and the training set's ``std``."""
         targets = self.dataset._data.y[:, list(TARGETS)].double()
         order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(self.data_seed))
-        test, val, train = order[:self.test_size], order[self.test_size:self.test_size + self.val_size], \
-            order[self.test_size + self.val_size:]
+        test, val, train = order.tensor_split([self.test_size, self.test_size + self.val_size])
         mean, std = targets[train].mean(0), targets[train].std(0)
         return {"train": train, "val": val, "test": test, "y": ((targets - mean) / std).float(), "std": std}
 
@@ -210,9 +209,8 @@ class QM9(LocalBenchmark):
             predictions = torch.cat(mtl(graphs.to(device)), dim=1)
             total += (predictions - targets.to(device)).abs().double().sum(0).cpu()
             count += len(targets)
-        scale = self.split["std"] * torch.tensor([1000.0 if task in MEV else 1.0 for task in TASKS],
-                                                 dtype=torch.float64)
-        return total / count * scale
+        units = torch.tensor([1000.0 if task in MEV else 1.0 for task in TASKS], dtype=torch.float64)
+        return total / count * (self.split["std"] * units)
 
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         return {task: {"mae": float(value)} for task, value in zip(TASKS, self.mae(mtl, device, "test"))}

@@ -109,11 +109,9 @@ class Toy2D(Problem):
 
     def evaluate(self, mtl: MTLWrapper, device: torch.device) -> dict[str, dict[str, float]]:
         predictions = mtl(torch.zeros(self.batch_size, 2, device=device))
-        results = {}
-        for name, z, sign, optimum in zip(self.task_names, predictions, SIGNS, OPTIMA):
-            distance = (z.mean(0) - torch.tensor(optimum, device=z.device)).norm()
-            results[name] = {"loss": float(toy_loss(z, sign)), "distance": float(distance)}
-        return results
+        return {name: {"loss": float(toy_loss(z, sign)),
+                       "distance": float((z.mean(0) - torch.tensor(optimum, device=z.device)).norm())}
+                for name, z, sign, optimum in zip(self.task_names, predictions, SIGNS, OPTIMA)}
 
     def trace(self, predictions: Any) -> list[list[float]]:
         """Each task's output (the batch mean of ``z_k``), for the trajectory plot."""
