@@ -17,11 +17,10 @@ from mtlzoo.strategy import Strategy
 class LossWeighting(Strategy):
     r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
-    A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the
-    base derives everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with
-    ``w_k = d total / d L_k`` at this step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's
-    ``f = sum_k log L_k``), and the strategy's own parameters (UW's log-variances) from ``total``
-    itself, the losses held constant (:meth:`loss_objective`).
+    A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the base derives
+    everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with ``w_k = d total / d L_k`` at this
+    step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's ``f = sum_k log L_k``), and the strategy's own
+    parameters (UW's log-variances) from ``total`` itself, the losses held constant (:meth:`loss_objective`).
 
     Weights that are not a function of the losses through ``f`` (random draws, learned or per-epoch
     weights) are written detached: ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`,

@@ -24,11 +24,10 @@ class ProjectedWeights(Aggregator):
     """Base of MoDo, SDMGrad and MoCo: the running task weights ``weights`` (``1/K`` each at first, a float64
     buffer), the Jacobians of the batches a step reads, and a standalone face that takes those batches.
 
-    On the parameter target a step reads ``batches`` independent batches (``Request.batches``); on the
-    representation target one (each batch's rows of ``dL_k/dz`` belong to its own samples, so products across
-    batches are not defined). Every micro-batch of a step starts from the weights the step started with (the
-    committed ones); the first one's result is kept. A task absent from a step keeps its weight; the present
-    tasks' weights move on their own simplex.
+    On the parameter target a step reads ``batches`` independent batches (``Request.batches``); on the representation
+    target one (each batch's rows of ``dL_k/dz`` belong to its own samples, so products across batches are not defined).
+    Every micro-batch of a step starts from the weights the step started with (the committed ones); the first one's
+    result is kept. A task absent from a step keeps its weight; the present tasks' weights move on their own simplex.
     """
 
     statistic = "gradients"

@@ -28,16 +28,14 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray | None
 
         \min_d \tfrac12 \|d - g_1\|^2 \ \text{ s.t. }\ g_j \cdot d \ge τ_j \|g_j\|^2 \quad (j \ge 2),
 
-    on the Gramian of ``g_1, ..., g_K`` (primary first), by Goldfarb and Idnani's dual method
-    ("A numerically stable dual method for solving strictly convex quadratic programs", Math.
-    Programming 1983) with the identity as the primal Hessian: from ``d = g_1``, the most violated
-    constraint joins the active set, its multiplier growing along the part of its gradient
-    orthogonal to the active ones (``d = g_1 + sum_j μ_j g_j`` throughout, so every product is read
-    from the Gramian); an active multiplier that would turn negative leaves the set first. A
-    constraint counts as met within ``1e-9`` of the largest ``||g_i||^2``; a gradient whose part
-    orthogonal to the active ones is below ``1e-9`` of its squared norm counts as dependent on them.
-    Infeasible when a violated constraint's gradient depends on the active ones and no multiplier
-    can give way.
+    on the Gramian of ``g_1, ..., g_K`` (primary first), by Goldfarb and Idnani's dual method ("A numerically stable
+    dual method for solving strictly convex quadratic programs", Math. Programming 1983) with the identity as the primal
+    Hessian: from ``d = g_1``, the most violated constraint joins the active set, its multiplier growing along the part
+    of its gradient orthogonal to the active ones (``d = g_1 + sum_j μ_j g_j`` throughout, so every product is read from
+    the Gramian); an active multiplier that would turn negative leaves the set first. A constraint counts as met within
+    ``1e-9`` of the largest ``||g_i||^2``; a gradient whose part orthogonal to the active ones is below ``1e-9`` of its
+    squared norm counts as dependent on them. Infeasible when a violated constraint's gradient depends on the active
+    ones and no multiplier can give way.
     """
     secondary = gramian[1:, 1:]
     bounds = taus * np.diag(secondary) - gramian[1:, 0]  # constraint j holds when (G_s μ)_j >= bounds_j
@@ -102,13 +100,12 @@ class PCD(GramianAggregator):
     for the step and the update is ``g_1`` (here with a :class:`~mtlzoo.errors.SolverWarning`);
     ``d̃ = 0`` (to the rounding of ``J^T c``) gives 0; the moving average is updated at every step.
 
-    Beyond the paper, which has every objective at every step: a task absent from a step keeps
-    its moving average and its step count (the bias correction counts each task's own steps);
-    when task 1 is absent, the first present task leads. The moving average is updated once per
-    optimizer step, from the step's first micro-batch (each micro-batch normalises by the average
-    the step started with and its own norms). The authors' PCD acts on the list of parameters
-    given to it as one vector; here it acts on the shared part, and every head learns from its
-    own loss (as torchjd's ``mtl_backward``).
+    Beyond the paper, which has every objective at every step: a task absent from a step keeps its moving average and
+    its step count (the bias correction counts each task's own steps); when task 1 is absent, the first present task
+    leads. The moving average is updated once per optimizer step, from the step's first micro-batch (each micro-batch
+    normalises by the average the step started with and its own norms). The authors' PCD acts on the list of parameters
+    given to it as one vector; here it acts on the shared part, and every head learns from its own loss (as torchjd's
+    ``mtl_backward``).
 
     Running state: the moving averages ``second_moments`` and the per-task step counts ``counts``.
 
