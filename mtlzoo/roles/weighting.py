@@ -77,14 +77,12 @@ class LossWeighting(Strategy):
             (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
         return torch.zeros_like(losses) if grad is None else grad
 
-    def _weights_of(self, losses: Tensor, tasks: Tensor) -> Tensor:
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        losses, tasks = inputs.losses, inputs.tasks
         if self._legacy_weights:  # the former surface: weights(losses), all K or the present ones
             weights = self.weights(losses.detach())
             return weights[tasks] if weights.shape[0] == self.num_tasks != losses.shape[0] else weights
         return self.weights(losses, tasks)
-
-    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
-        return self._weights_of(inputs.losses, inputs.tasks)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         """``f`` at the (detached) losses: what the strategy's own parameters learn from (``None`` without any)."""

@@ -42,7 +42,6 @@ class ProjectedWeights(Aggregator):
     def request(self) -> Request:
         return dataclasses.replace(super().request, batches=self.batches if self.target == "parameters" else 1)
 
-    # --------------------------------------------------------------- a step
     def update_from(self, jacobians: list[Tensor], tasks: np.ndarray, inputs: StepInputs) -> Update:
         """The update from the present tasks' ``(K', n)`` Jacobians, one per batch (the first is the batch the
         model learns from); ``tasks`` indexes the running state."""
@@ -82,7 +81,6 @@ class ProjectedWeights(Aggregator):
         """Stage the present tasks' new weights (the absent ones keep theirs)."""
         self.state.write_rows("weights", tasks, weights)
 
-    # --------------------------------------------------------------- standalone
     def aggregate(self, grads: Tensor, losses: Tensor, more_batches: Sequence[Tensor] = ()) -> Tensor:
         """Standalone: the update for the K task gradients ``grads`` (K x ...) of the losses ``losses``.
 

@@ -18,8 +18,6 @@ RESCALES = (0, 1, 2)
 SMOOTHING = 1e-8
 """Added to ``||g_w||^2`` on the unit-trace Gramian (the authors' objective adds 1e-8 on the raw one): the norm is
 smooth at ``g_w = 0`` and the update continuous there."""
-
-
 ITERATIONS_PER_TASK = 30
 """The active-set method's budget: this many Newton or face changes per task (it needs a few in all)."""
 

@@ -77,16 +77,12 @@ class ReferenceSteps:
         self.declare_state(per_step="every", **{name: torch.full((self.num_tasks,), math.nan)  # type: ignore
                                                 for name in names})
 
-    def is_reference_step(self) -> bool:
-        step = self.state.step
-        return step == 0 or step == self.burn_in_period
-
     def record_reference(self, name: str, values: Tensor, tasks: Tensor) -> Tensor:
         """Stage ``values`` as the reference of ``tasks`` on the first micro-batch of a reference step, and for
         any task without a usable reference yet (finite and non-zero *in the reference's dtype*); return the
         references this step uses."""
         current: Tensor = getattr(self.state, name)
-        renew = self.micro_batch == 0 and self.is_reference_step()
+        renew = self.micro_batch == 0 and self.state.step in (0, self.burn_in_period)
         if not renew and all_usable(self, current):
             return current  # every task has its reference: nothing to record
         values = values.detach().to(current.dtype)

@@ -30,15 +30,8 @@ from mtlzoo.strategies.rotations import (
 )
 from mtlzoo.strategy import StrategyInfo, Target, check_int, check_number
 
-__all__ = [
-    "ROTOGRAD_PAPER",
-    "GradNormWeights",
-    "MagnitudeScaling",
-    "RotateOnly",
-    "Rotations",
-    "RotoGrad",
-    "RotoGradNorm",
-]
+__all__ = ["ROTOGRAD_PAPER", "GradNormWeights", "MagnitudeScaling", "RotateOnly", "Rotations", "RotoGrad",
+           "RotoGradNorm"]
 
 
 class _RepresentationAggregator(ReferenceSteps, Aggregator):
