@@ -70,8 +70,7 @@ class ConFIG(GramianAggregator):
             title="ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks", venue="ICLR", year=2025,
             url="https://arxiv.org/abs/2408.11104",
         ),
-        properties=frozenset({"permutation_invariant", "scale_linear"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant", "scale_linear"}), cost="parameters",
         original_code="https://github.com/tum-pbs/ConFIG",
     )
 

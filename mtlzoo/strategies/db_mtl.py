@@ -17,10 +17,7 @@ from mtlzoo.strategy import Paper, StrategyInfo, Target
 DB_MTL_PAPER = Paper(
     authors=("Baijiong Lin", "Weisen Jiang", "Feiyang Ye", "Yu Zhang", "Pengguang Chen", "Ying-Cong Chen", "Shu Liu",
              "James T. Kwok"),
-    title="Dual-Balancing for Multi-Task Learning",
-    venue="arXiv",
-    year=2023,
-    url="https://arxiv.org/abs/2308.12029",
+    title="Dual-Balancing for Multi-Task Learning", venue="arXiv", year=2023, url="https://arxiv.org/abs/2308.12029",
 )
 LOG_EPS = 1e-8
 """The authors' ``log(L + 1e-8)``."""

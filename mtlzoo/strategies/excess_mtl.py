@@ -69,13 +69,10 @@ class ExcessMTL(ShapedAtFirstStep, Aggregator):
         paper=Paper(
             authors=("Yifei He", "Shiji Zhou", "Guojun Zhang", "Hyokun Yun", "Yi Xu", "Belinda Zeng",
                      "Trishul Chilimbi", "Han Zhao"),
-            title="Robust Multi-Task Learning with Excess Risks",
-            venue="ICML",
-            year=2024,
+            title="Robust Multi-Task Learning with Excess Risks", venue="ICML", year=2024,
             url="https://arxiv.org/abs/2402.02009",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/yifei-he/ExcessMTL",
     )
     statistic = "gradients"

@@ -60,12 +60,9 @@ class MoDo(ProjectedWeights):
             authors=("Lisha Chen", "Heshan Fernando", "Yiming Ying", "Tianyi Chen"),
             title="Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and "
                   "Conflict-Avoidance",
-            venue="JMLR",
-            year=2024,
-            url="https://www.jmlr.org/papers/v25/23-1287.html",
+            venue="JMLR", year=2024, url="https://www.jmlr.org/papers/v25/23-1287.html",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/heshandevaka/Trade-Off-MOL",
     )
     batches = 2

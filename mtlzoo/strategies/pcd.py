@@ -123,19 +123,15 @@ class PCD(GramianAggregator):
     """
 
     info = StrategyInfo(
-        name="pcd",
-        summary="Follows task 1's gradient, each other task guaranteed a fraction tau of its own progress.",
+        name="pcd", summary="Follows task 1's gradient, each other task guaranteed a fraction tau of its own progress.",
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Dara Varam", "Mohamed I. AlHajri"),
             title="Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical "
                   "Multi-Objective Optimization",
-            venue="TMLR",
-            year=2026,
-            url="https://openreview.net/forum?id=HT01yGHLEt",
+            venue="TMLR", year=2026, url="https://openreview.net/forum?id=HT01yGHLEt",
         ),
-        properties=frozenset(),
-        cost="parameters",
+        properties=frozenset(), cost="parameters",
         original_code="https://github.com/DaraVaram/priority-constrained-descent",
     )
     """No claim: task 1 leads, so PCD is not permutation invariant, and the normalisation's ``eps`` (absolute) makes

@@ -71,8 +71,7 @@ class SDMGrad(ProjectedWeights):
             title="Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms",
             venue="NeurIPS", year=2023, url="https://arxiv.org/abs/2305.18409",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/OptMN-Lab/sdmgrad",
     )
     batches = 3
