@@ -1,7 +1,4 @@
-r"""GradNorm: loss weights learned so that the tasks' gradient norms train at balanced rates.
-
-Its pieces are small functions that RotoGradNorm (the ``rotograd`` package's variant) shares.
-"""
+r"""GradNorm: loss weights learned so that the task gradient norms train at equal rates (shared with RotoGradNorm)."""
 
 from __future__ import annotations
 
