@@ -31,16 +31,14 @@ class MGDA(GramianAggregator):
         c = \arg\min_{c \ge 0,\ \sum_k c_k = 1} \Big\| \sum_k c_k g_k \Big\|^2 = \arg\min c^\top G c,
         \qquad d = \sum_k c_k g_k .
 
-    ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is
-    zero exactly when a convex combination of the gradients is zero (a Pareto-stationary point):
-    where ``||d||^2`` is within the rounding of ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), ``d = 0``
-    exactly. The problem is solved exactly on the Gramian (:func:`mtlzoo.solvers.min_norm_simplex`,
-    Wolfe's algorithm, with tolerances relative to each task's own gradient size) rather than by
-    the paper's Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver``
-    as shipped (``find_min_norm_element``: at most 250 iterations, stopping when a step moves the
-    point by less than 1e-3) can end up to 0.49 of the minimum's norm away (issue 19); torchjd
-    0.18's ``MGDA`` runs the same iterations (``epsilon=1e-3``), so its update differs from this one
-    by up to about 1% of its norm on generic inputs.
+    ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is zero exactly when a
+    convex combination of the gradients is zero (a Pareto-stationary point): where ``||d||^2`` is within the rounding of
+    ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), ``d = 0`` exactly. The problem is solved exactly on the Gramian
+    (:func:`mtlzoo.solvers.min_norm_simplex`, Wolfe's algorithm, with tolerances relative to each task's own gradient
+    size) rather than by the paper's Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver``
+    as shipped (``find_min_norm_element``: at most 250 iterations, stopping when a step moves the point by less than
+    1e-3) can end up to 0.49 of the minimum's norm away (issue 19); torchjd 0.18's ``MGDA`` runs the same iterations
+    (``epsilon=1e-3``), so its update differs from this one by up to about 1% of its norm on generic inputs.
 
     ``normalization`` follows the authors' code (``gradient_normalizers``): the weights are
     computed on ``g_k / n_k`` and applied to the raw gradients, with ``n_k`` = 1 (``"none"``, the

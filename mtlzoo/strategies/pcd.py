@@ -87,13 +87,12 @@ class PCD(GramianAggregator):
         \tilde g_j \cdot d \ge τ_j \|\tilde g_j\|^2 \ (j \ge 2), \qquad
         d = \tilde d\, \frac{\|g_1\|}{\|\tilde d\|},
 
-    ``s_i = 1 / sqrt(v̂_i + eps)``, ``v̂_i`` the bias-corrected moving average (decay ``β``) of
-    ``||g_i||^2`` over the optimizer steps (the paper's Def. 4.5, Adam's second moment per task).
-    Each secondary task gets at least a fraction ``τ`` of the first-order progress a step along its
-    own normalised gradient would give; within that, the update follows the primary gradient.
-    The quadratic program is solved exactly on the Gramian (:func:`priority_weights`, Goldfarb and
-    Idnani's dual method, as torchjd 0.18's ``PCD``; the authors' ``pcd/qp.py`` enumerates the
-    working sets, exponential in K, with the same minimiser); a weighting of the rows.
+    ``s_i = 1 / sqrt(v̂_i + eps)``, ``v̂_i`` the bias-corrected moving average (decay ``β``) of ``||g_i||^2`` over the
+    optimizer steps (the paper's Def. 4.5, Adam's second moment per task). Each secondary task gets at least a fraction
+    ``τ`` of the first-order progress a step along its own normalised gradient would give; within that, the update
+    follows the primary gradient. The quadratic program is solved exactly on the Gramian (:func:`priority_weights`,
+    Goldfarb and Idnani's dual method, as torchjd 0.18's ``PCD``; the authors' ``pcd/qp.py`` enumerates the working
+    sets, exponential in K, with the same minimiser); a weighting of the rows.
 
     As the authors' code: a zero primary gradient gives the update 0; constraints that cannot all
     hold (a non-negative combination of the secondaries is zero, which needs K >= 3) are dropped
