@@ -47,14 +47,12 @@ class MGDA(GramianAggregator):
     as 1. The update is then no longer the minimum-norm point, nor free of conflict. For any other
     Gramian aggregator the same normalisation is the modifier :class:`~mtlzoo.roles.modifiers.Normalize`.
 
-    The heads: the authors back-propagate ``sum_k c_k L_k`` (``multi_task/train_multi_task.py``), so
-    head k learns from ``c_k L_k`` (``weighted_heads=True``, the default); with ``False`` every head
-    learns from its own loss, as under the other aggregators (and torchjd's ``mtl_backward``).
-
     Args:
         target: ``"parameters"`` (default) or ``"representation"`` (the paper's MGDA-UB, ``mgda_ub``).
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
-        weighted_heads: Whether head k learns from ``c_k L_k`` (the authors' choice) or from ``L_k``.
+        weighted_heads: Whether head k learns from ``c_k L_k``, as the authors back-propagate ``sum_k c_k L_k``
+            (``multi_task/train_multi_task.py``), or from ``L_k``, as under the other aggregators (and torchjd's
+            ``mtl_backward``).
 
     Example:
         >>> import torch, mtlzoo

@@ -164,15 +164,13 @@ class NashMTL(ClipNorm):
     recomputations and the optimizer step count (``inner.weights``, ``inner``'s ``steps``). A checkpoint of mtlzoo
     0.1.0's ``NashMTL`` (``previous_weights`` and ``step`` at the top) loads into this layout.
 
-    The heads: the authors (nash-mtl's ``methods/weight_methods.py``, and LibMTL) back-propagate
-    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (the clipped ``α``; ``weighted_heads=True``,
-    the default); with ``False`` every head learns from its own loss, as under the other aggregators.
-
     Args:
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).
-        weighted_heads: Whether head k learns from ``α_k L_k`` (the authors' choice) or from ``L_k``.
+        weighted_heads: Whether head k learns from ``α_k L_k`` (the clipped ``α``), as the authors (nash-mtl's
+            ``methods/weight_methods.py``, and LibMTL) back-propagate ``sum_k α_k L_k``, or from ``L_k``, as under the
+            other aggregators.
 
     Example:
         >>> import torch, mtlzoo
