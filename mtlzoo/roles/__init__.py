@@ -1,9 +1,8 @@
 """The three roles a strategy plays, and their composition.
 
-:class:`LossWeighting` (``scalarize``), :class:`GramianAggregator` (``weigh``) or
-:class:`DirectionAggregator` (``combine``), :class:`Adapter` (``adapt``); :func:`compose` makes one
-strategy of at most one of each; :mod:`mtlzoo.roles.modifiers` wrap an aggregator (clipping,
-acting every n steps, smoothing its weights across steps).
+:class:`LossWeighting` (``scalarize``), :class:`GramianAggregator` (``weigh``) or :class:`DirectionAggregator`
+(``combine``), :class:`Adapter` (``adapt``); :func:`compose` makes one strategy of at most one of each;
+:mod:`mtlzoo.roles.modifiers` wrap an aggregator (clipping, acting every n steps, smoothing its weights across steps).
 """
 
 from mtlzoo.roles.adapter import Adapter

@@ -11,10 +11,9 @@ from mtlzoo.strategy import Strategy
 class Adapter(Strategy):
     """A strategy that gives each task its own view ``z_k = adapt(z, k)`` of the representation.
 
-    The one method is :meth:`adapt`; an adapter that learns (RotoGrad's rotations) reads the task
-    gradients on ``z`` (``Request("representation")``) and returns its own objective from
-    :meth:`compute`. Alone, the shared part receives the plain sum of the task gradients; under
-    :func:`mtlzoo.compose` an aggregator combines them.
+    The one method is :meth:`adapt`; an adapter that learns (RotoGrad's rotations) reads the task gradients on ``z``
+    (``Request("representation")``) and returns its own objective from :meth:`compute`. Alone, the shared part receives
+    the plain sum of the task gradients; under :func:`mtlzoo.compose` an aggregator combines them.
     """
 
     role = "adapter"

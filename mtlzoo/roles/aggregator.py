@@ -1,11 +1,10 @@
 """The aggregator role: K task gradients (or their K x K Gramian) to the one update of the shared part.
 
-Two forms, each one method: :class:`GramianAggregator` (``weigh(G, step) -> c``, the update ``J^T c``:
-MGDA, UPGrad, CAGrad, IMTL-G, Nash-MTL, PCGrad) and :class:`DirectionAggregator`
-(``combine(gradients, inputs) -> d``, built from the gradients themselves: GradDrop). On non-finite
-statistics both answer a step with a non-finite update (the engine raises
-:class:`~mtlzoo.errors.NonFiniteGradientError`, or a ``GradScaler`` skips the step) and raise that
-error standalone (:meth:`Aggregator.aggregate`).
+Two forms, each one method: :class:`GramianAggregator` (``weigh(G, step) -> c``, the update ``J^T c``: MGDA, UPGrad,
+CAGrad, IMTL-G, Nash-MTL, PCGrad) and :class:`DirectionAggregator` (``combine(gradients, inputs) -> d``, built from the
+gradients themselves: GradDrop). On non-finite statistics both answer a step with a non-finite update (the engine raises
+:class:`~mtlzoo.errors.NonFiniteGradientError`, or a ``GradScaler`` skips the step) and raise that error standalone
+(:meth:`Aggregator.aggregate`).
 """
 
 from __future__ import annotations
@@ -134,8 +133,7 @@ class GramianAggregator(Aggregator):
         """The weights ``c`` of the present tasks for this finite Gramian.
 
         Args:
-            gramian: The ``(K', K')`` Gramian of the present tasks' gradients, float64 (a copy the
-                method may modify).
+            gramian: The ``(K', K')`` Gramian of the present tasks' gradients, float64 (a copy the method may modify).
             step: The losses and task indices of the rows, and the rounding unit of the Gramian's dtype.
 
         Returns:

@@ -241,10 +241,9 @@ def _derived(inputs: StepInputs, statistic: str) -> StepInputs:
 def standalone(strategy: Strategy, grads: Tensor, losses: Tensor) -> Tensor:
     """A step of ``strategy`` on K given task gradients (K x ...) of the losses ``losses``.
 
-    As in a step: the rows are scaled by the loss weights ``w`` (where the strategy has any), the
-    strategy reads them, the objective of its own parameters is back-propagated (their ``.grad``),
-    and the update is its direction, or its weights' combination (the plain sum without either).
-    Computed in at least float32, returned in ``grads``' dtype.
+    As in a step: the rows are scaled by the loss weights ``w`` (where the strategy has any), the strategy reads them,
+    the objective of its own parameters is back-propagated (their ``.grad``), and the update is its direction, or its
+    weights' combination (the plain sum without either). Computed in at least float32, returned in ``grads``' dtype.
     """
     check_gradients(grads, losses, strategy)
     wide = grads.to(compute_dtype(grads.dtype))

@@ -1,9 +1,8 @@
 """Modifiers: a Gramian aggregator wrapped to change how its weights are used, as optax's wrappers do.
 
-A modifier is itself a :class:`~mtlzoo.roles.GramianAggregator` that wraps any other (``inner``,
-a plugin's too) and transforms its weights ``c = inner.weigh(G, step)``: :class:`ClipNorm`,
-:class:`EveryNSteps`, :class:`Normalize`, :class:`EMA`. A new one subclasses :class:`Modifier`,
-declares its state and writes :meth:`Modifier.modify`.
+A modifier is itself a :class:`~mtlzoo.roles.GramianAggregator` that wraps any other (``inner``, a plugin's too) and
+transforms its weights ``c = inner.weigh(G, step)``: :class:`ClipNorm`, :class:`EveryNSteps`, :class:`Normalize`,
+:class:`EMA`. A new one subclasses :class:`Modifier`, declares its state and writes :meth:`Modifier.modify`.
 """
 
 from __future__ import annotations
@@ -167,10 +166,8 @@ class Normalize(Modifier):
 
 
 CRMOGM_PAPER = Paper(
-    authors=("Shiji Zhou", "Wenpeng Zhang", "Jiyan Jiang", "Wenliang Zhong", "Jinjie Gu", "Wenwu Zhu"),
-    title="On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
-    venue="NeurIPS",
-    year=2022,
+    authors=("Shiji Zhou", "Wenpeng Zhang", "Jiyan Jiang", "Wenliang Zhong", "Jinjie Gu", "Wenwu Zhu"), venue="NeurIPS",
+    title="On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond", year=2022,
     url="https://proceedings.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-"
         "Conference.html",
 )
@@ -193,13 +190,12 @@ def _not_a_weighting(inner: object) -> str:
 class EMA(Modifier):
     r"""Smooth the wrapped aggregator's weights across optimizer steps: ``c_t = β c_{t-1} + (1 - β) ĉ_t``.
 
-    The weight averaging of Zhou et al., *On the Convergence of Stochastic Multi-Objective
-    Gradient Manipulation and Beyond*, NeurIPS 2022 (CR-MOGM; torchjd's ``CRMOGMWeighting``),
-    which makes stochastic gradient manipulation converge: ``ĉ_t = inner.weigh(G_t)``, the update
-    ``J^T c_t``; ``β = 0`` is the wrapped aggregator itself. Each task's first weight is taken as it
-    comes (``c_1 = ĉ_1``, torchjd's default); a task absent from a step keeps its smoothed weight. The
-    paper schedules ``β`` towards 1 as the learning rate decays: set ``ema.beta`` between steps. Only a
-    :class:`~mtlzoo.roles.GramianAggregator` has such weights; any other ``inner`` is refused, saying why.
+    The weight averaging of Zhou et al., *On the Convergence of Stochastic Multi-Objective Gradient Manipulation and
+    Beyond*, NeurIPS 2022 (CR-MOGM; torchjd's ``CRMOGMWeighting``), which makes stochastic gradient manipulation
+    converge: ``ĉ_t = inner.weigh(G_t)``, the update ``J^T c_t``; ``β = 0`` is the wrapped aggregator itself. Each
+    task's first weight is taken as it comes (``c_1 = ĉ_1``, torchjd's default); a task absent from a step keeps its
+    smoothed weight. The paper schedules ``β`` towards 1 as the learning rate decays: set ``ema.beta`` between steps.
+    Only a :class:`~mtlzoo.roles.GramianAggregator` has such weights; any other ``inner`` is refused, saying why.
 
     Running state: the smoothed ``weights`` and which tasks have had one (``seen``); every
     micro-batch of a step smooths against the weights the step started with.

@@ -17,11 +17,10 @@ from mtlzoo.strategy import Strategy
 class LossWeighting(Strategy):
     r"""A strategy that scalarises the K losses: ``total = f(L_1, ..., L_K)``.
 
-    A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the
-    base derives everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with
-    ``w_k = d total / d L_k`` at this step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's
-    ``f = sum_k log L_k``), and the strategy's own parameters (UW's log-variances) from ``total``
-    itself, the losses held constant (:meth:`loss_objective`).
+    A subclass writes one method, :meth:`scalarize` (``f``, in the form its paper writes it); the base derives
+    everything else from it, by autograd: the model learns from ``sum_k w_k L_k`` with ``w_k = d total / d L_k`` at this
+    step, held constant (:meth:`weights`; ``w_k = 1/L_k`` for SI's ``f = sum_k log L_k``), and the strategy's own
+    parameters (UW's log-variances) from ``total`` itself, the losses held constant (:meth:`loss_objective`).
 
     Weights that are not a function of the losses through ``f`` (random draws, learned or per-epoch
     weights) are written detached: ``(w.detach() * losses).sum()``. Inside :meth:`scalarize`,
@@ -78,14 +77,12 @@ class LossWeighting(Strategy):
             (grad,) = torch.autograd.grad(total, leaf, allow_unused=True)
         return torch.zeros_like(losses) if grad is None else grad
 
-    def _weights_of(self, losses: Tensor, tasks: Tensor) -> Tensor:
+    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
+        losses, tasks = inputs.losses, inputs.tasks
         if self._legacy_weights:  # the former surface: weights(losses), all K or the present ones
             weights = self.weights(losses.detach())
             return weights[tasks] if weights.shape[0] == self.num_tasks != losses.shape[0] else weights
         return self.weights(losses, tasks)
-
-    def loss_weights(self, inputs: StepInputs) -> Tensor | None:
-        return self._weights_of(inputs.losses, inputs.tasks)
 
     def loss_objective(self, losses: Tensor, tasks: Tensor) -> Tensor | None:
         """``f`` at the (detached) losses: what the strategy's own parameters learn from (``None`` without any)."""

@@ -24,11 +24,10 @@ class ProjectedWeights(Aggregator):
     """Base of MoDo, SDMGrad and MoCo: the running task weights ``weights`` (``1/K`` each at first, a float64
     buffer), the Jacobians of the batches a step reads, and a standalone face that takes those batches.
 
-    On the parameter target a step reads ``batches`` independent batches (``Request.batches``); on the
-    representation target one (each batch's rows of ``dL_k/dz`` belong to its own samples, so products across
-    batches are not defined). Every micro-batch of a step starts from the weights the step started with (the
-    committed ones); the first one's result is kept. A task absent from a step keeps its weight; the present
-    tasks' weights move on their own simplex.
+    On the parameter target a step reads ``batches`` independent batches (``Request.batches``); on the representation
+    target one (each batch's rows of ``dL_k/dz`` belong to its own samples, so products across batches are not defined).
+    Every micro-batch of a step starts from the weights the step started with (the committed ones); the first one's
+    result is kept. A task absent from a step keeps its weight; the present tasks' weights move on their own simplex.
     """
 
     statistic = "gradients"
@@ -43,7 +42,6 @@ class ProjectedWeights(Aggregator):
     def request(self) -> Request:
         return dataclasses.replace(super().request, batches=self.batches if self.target == "parameters" else 1)
 
-    # --------------------------------------------------------------- a step
     def update_from(self, jacobians: list[Tensor], tasks: np.ndarray, inputs: StepInputs) -> Update:
         """The update from the present tasks' ``(K', n)`` Jacobians, one per batch (the first is the batch the
         model learns from); ``tasks`` indexes the running state."""
@@ -83,7 +81,6 @@ class ProjectedWeights(Aggregator):
         """Stage the present tasks' new weights (the absent ones keep theirs)."""
         self.state.write_rows("weights", tasks, weights)
 
-    # --------------------------------------------------------------- standalone
     def aggregate(self, grads: Tensor, losses: Tensor, more_batches: Sequence[Tensor] = ()) -> Tensor:
         """Standalone: the update for the K task gradients ``grads`` (K x ...) of the losses ``losses``.
 

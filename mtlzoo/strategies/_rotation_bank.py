@@ -1,21 +1,19 @@
 """K learnable rotations of a representation: torch's orthogonal parametrization, or a retraction.
 
-With ``orthogonal_map`` one of torch's maps (``"matrix_exp"``, ``"cayley"``, ``"householder"``)
-each matrix lives under ``torch.nn.utils.parametrizations.orthogonal`` with the trivialization, so
-``R_k = B_k f(A_k)``: ``B_k`` a fixed base (a buffer), ``f`` the orthogonal map, ``A_k`` the
-unconstrained parameter an optimizer updates; ``R_k`` is computed once per step under
-``torch.nn.utils.parametrize.cached()``, an O(n^3) map and its backward every step.
+With ``orthogonal_map`` one of torch's maps (``"matrix_exp"``, ``"cayley"``, ``"householder"``) each matrix lives under
+``torch.nn.utils.parametrizations.orthogonal`` with the trivialization, so ``R_k = B_k f(A_k)``: ``B_k`` a fixed base (a
+buffer), ``f`` the orthogonal map, ``A_k`` the unconstrained parameter an optimizer updates; ``R_k`` is computed once
+per step under ``torch.nn.utils.parametrize.cached()``, an O(n^3) map and its backward every step.
 
-With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward, and
-the parameter is a tangent step ``X_k`` in the coordinates of torch's trivialization
-(``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric) at the current rotation: ``R_k (I + A_k)`` to
-first order. Only the ``n (n - 1) / 2`` entries below the diagonal of ``X_k`` move ``A_k``, so the
-parameter holds just those, row by row (:func:`lower_indices`). ``X_k`` is zero at every forward, so
-its gradient is the Riemannian gradient in closed form (``tril(S - S^T)``, ``S = R_k^T dL/dR_k``), and
-after each optimizer step :meth:`RotationBank.retract` re-centres the chart at the new rotation, ``X_k``'s
-optimizer state kept: a dynamic trivialization (Lezcano-Casado, "Trivializations for gradient-based
-optimization on manifolds", NeurIPS 2019), two batched n x n products per step. The rotation objective's
-gradient is in closed form: :class:`RotationObjective` (torch's maps), :class:`TangentObjective` (the retraction).
+With ``orthogonal_map="retraction"`` the matrix ``R_k`` is a buffer, used as is in the forward, and the parameter is a
+tangent step ``X_k`` in the coordinates of torch's trivialization (``A_k = tril(X_k) - tril(X_k)^T``, skew-symmetric) at
+the current rotation: ``R_k (I + A_k)`` to first order. Only the ``n (n - 1) / 2`` entries below the diagonal of ``X_k``
+move ``A_k``, so the parameter holds just those, row by row (:func:`lower_indices`). ``X_k`` is zero at every forward,
+so its gradient is the Riemannian gradient in closed form (``tril(S - S^T)``, ``S = R_k^T dL/dR_k``), and after each
+optimizer step :meth:`RotationBank.retract` re-centres the chart at the new rotation, ``X_k``'s optimizer state kept: a
+dynamic trivialization (Lezcano-Casado, "Trivializations for gradient-based optimization on manifolds", NeurIPS 2019),
+two batched n x n products per step. The rotation objective's gradient is in closed form: :class:`RotationObjective`
+(torch's maps), :class:`TangentObjective` (the retraction).
 """
 
 from __future__ import annotations
@@ -166,12 +164,11 @@ class RotationBank(nn.Module):
     def retract(self, check: bool) -> None:
         """After an optimizer step: ``R <- R (I + A + A^2 / 2)``, tangents back to zero (torch's maps: no-op).
 
-        The rotations are projected (:func:`polar_project`) when ``check`` is set or the step was
-        large: the truncation leaves ``M^T M - I = A^4 / 4`` (A skew-symmetric), of 2-norm at most
-        ``||A^2||_F^2 / 4``, read from the ``A^2`` the step forms anyway; above
-        ``POLAR_TOLERANCE / CHECK_EVERY`` they are projected at once, so that the errors of the steps
-        between two checks stay within the tolerance. (``||A||_F^4 / 4``, about n / 4 times looser for
-        an Adam step, would project after every step at n = 512.)
+        The rotations are projected (:func:`polar_project`) when ``check`` is set or the step was large: the truncation
+        leaves ``M^T M - I = A^4 / 4`` (A skew-symmetric), of 2-norm at most ``||A^2||_F^2 / 4``, read from the ``A^2``
+        the step forms anyway; above ``POLAR_TOLERANCE / CHECK_EVERY`` they are projected at once, so that the errors of
+        the steps between two checks stay within the tolerance. (``||A||_F^4 / 4``, about n / 4 times looser for an Adam
+        step, would project after every step at n = 512.)
         """
         if not self.retracted:
             return
@@ -202,13 +199,12 @@ class RotationBank(nn.Module):
 def polar_project(matrices: Tensor, tolerance: float = POLAR_TOLERANCE) -> Tensor:
     """The orthogonal polar factors of nearly orthogonal matrices (..., n, n), batched.
 
-    Newton-Schulz: ``X <- X (3I - G) / 2`` with ``G = X^T X``, so every eigenvalue ``e`` of
-    ``E = G - I`` becomes ``e^2 (3 - e) / 4``: quadratic convergence, two products per iteration,
-    singular vectors and the determinant's sign kept. ``||E||_2`` is bounded by the infinity norm of
-    ``E``; the loop stops once the bound guaranteed afterwards, ``b^2 (3 + b) / 4``, is below
-    ``tolerance`` (after a small optimizer step: one iteration). Above ``POLAR_FALLBACK`` (a huge
-    step) the polar factor comes from an SVD, flipped to determinant +1 if the step crossed into the
-    reflections. Computed in float32 at least.
+    Newton-Schulz: ``X <- X (3I - G) / 2`` with ``G = X^T X``, so every eigenvalue ``e`` of ``E = G - I`` becomes ``e^2
+    (3 - e) / 4``: quadratic convergence, two products per iteration, singular vectors and the determinant's sign kept.
+    ``||E||_2`` is bounded by the infinity norm of ``E``; the loop stops once the bound guaranteed afterwards, ``b^2
+    (3 + b) / 4``, is below ``tolerance`` (after a small optimizer step: one iteration). Above ``POLAR_FALLBACK`` (a
+    huge step) the polar factor comes from an SVD, flipped to determinant +1 if the step crossed into the reflections.
+    Computed in float32 at least.
     """
     dtype = matrices.dtype
     x = matrices.to(torch.promote_types(dtype, torch.float32))
@@ -298,12 +294,11 @@ class RotationObjective(torch.autograd.Function):
 class TangentObjective(torch.autograd.Function):
     r"""The rotation objective as a function of the tangent parameters ``X_k`` (``orthogonal_map="retraction"``).
 
-    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and
-    ``dL/dA_k = R_k^T dL/dR_k = 2 M_k``, ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with
-    ``R_k``. The gradient ``tril(2 M_k - 2 M_k^T)`` is, as ``v v^T`` is symmetric,
-    ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``: one ``B n^2`` product per task,
-    packed to the entries below the diagonal. The value is
-    ``K ||v||^2 - 2 K <v, mean_k g_k> + sum_k ||g_k||^2``, from the norms.
+    At ``X_k = 0`` (``R_k`` orthogonal), ``||R_k (v - g_k)||^2 = ||v - g_k||^2`` and ``dL/dA_k = R_k^T dL/dR_k = 2
+    M_k``, ``M_k = reduce_b (v_b - g_{k,b}) v_b^T``: no product with ``R_k``. The gradient ``tril(2 M_k - 2 M_k^T)`` is,
+    as ``v v^T`` is symmetric, ``tril(2 N_k^T - 2 N_k)`` with ``N_k = reduce_b g_{k,b} v_b^T``: one ``B n^2`` product
+    per task, packed to the entries below the diagonal. The value is ``K ||v||^2 - 2 K <v, mean_k g_k> + sum_k
+    ||g_k||^2``, from the norms.
     """
 
     @staticmethod

@@ -21,11 +21,10 @@ SCALE_MODES: tuple[ScaleMode, ...] = ("min", "median", "rmse")
 def balance_transformation(gramian: Tensor, scale_mode: ScaleMode = "min") -> Tensor:
     r"""Aligned-MTL's K x K balance matrix ``B = sqrt(s) V Λ^{-1/2} V^T`` of the Gramian ``G = V Λ V^T``.
 
-    The eigenvalues at or below ``λ_max K eps`` (``eps`` of float32, as the authors' code takes
-    ``torch.finfo().eps``) are left out, so ``B`` acts on the range of ``G`` only; ``s`` is the
-    smallest kept eigenvalue (``"min"``), their median (``"median"``, the lower one of an even
-    count, as ``torch.median``) or their mean (``"rmse"``). A zero Gramian gives ``B = 0``.
-    Computed in float64; ``B`` does not depend on the gradients' scale.
+    The eigenvalues at or below ``λ_max K eps`` (``eps`` of float32, as the authors' code takes ``torch.finfo().eps``)
+    are left out, so ``B`` acts on the range of ``G`` only; ``s`` is the smallest kept eigenvalue (``"min"``), their
+    median (``"median"``, the lower one of an even count, as ``torch.median``) or their mean (``"rmse"``). A zero
+    Gramian gives ``B = 0``. Computed in float64; ``B`` does not depend on the gradients' scale.
     """
     return from_host(balance_host(to_host(gramian), scale_mode), gramian)
 
@@ -57,16 +56,14 @@ class AlignedMTL(GramianAggregator):
 
         B = \sqrt{λ_r}\; V Λ^{-1/2} V^\top, \qquad d = Ĵ^\top w = J^\top (B w),
 
-    have a Gramian ``Ĵ Ĵ^T = λ_r V V^T``: orthogonal, all of size ``sqrt(λ_r)`` along the
-    principal directions, so the condition number of the system is one. ``w`` are the task
-    weights (``pref_vector``), all ones by default as in the authors' code, which sums the aligned
-    gradients; ``scale_mode`` picks ``λ_r`` (``"min"``, the paper's and the default), the median
-    or the mean eigenvalue (``"rmse"``, named after the authors' code).
+    have a Gramian ``Ĵ Ĵ^T = λ_r V V^T``: orthogonal, all of size ``sqrt(λ_r)`` along the principal directions, so the
+    condition number of the system is one. ``w`` are the task weights (``pref_vector``), all ones by default as in the
+    authors' code, which sums the aligned gradients; ``scale_mode`` picks ``λ_r`` (``"min"``, the paper's and the
+    default), the median or the mean eigenvalue (``"rmse"``, named after the authors' code).
 
-    Differences from torchjd 0.18's ``AlignedMTL``: torchjd averages the aligned gradients
-    (``w = 1/K``) where the authors' code sums them, so its update is this one divided by K; and
-    it cuts eigenvalues at ``λ_max K eps`` of the input's dtype, where the authors' code (and this
-    one) use float32's ``eps`` also in float64.
+    Differences from torchjd 0.18's ``AlignedMTL``: torchjd averages the aligned gradients (``w = 1/K``) where the
+    authors' code sums them, so its update is this one divided by K; and it cuts eigenvalues at ``λ_max K eps`` of the
+    input's dtype, where the authors' code (and this one) use float32's ``eps`` also in float64.
 
     Args:
         target: ``"parameters"`` (default) or ``"representation"`` (the paper's Aligned-MTL-UB).

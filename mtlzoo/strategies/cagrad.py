@@ -18,8 +18,6 @@ RESCALES = (0, 1, 2)
 SMOOTHING = 1e-8
 """Added to ``||g_w||^2`` on the unit-trace Gramian (the authors' objective adds 1e-8 on the raw one): the norm is
 smooth at ``g_w = 0`` and the update continuous there."""
-
-
 ITERATIONS_PER_TASK = 30
 """The active-set method's budget: this many Newton or face changes per task (it needs a few in all)."""
 
@@ -27,13 +25,12 @@ ITERATIONS_PER_TASK = 30
 def conflict_averse_weights(gramian: np.ndarray, c: float) -> np.ndarray:
     r"""``w = argmin_{w in simplex} f(w) = g_w . g_0 + c ||g_0|| ||g_w||`` on a unit-trace float64 Gramian.
 
-    The official code's problem (which it solves by SLSQP), solved exactly by an active-set Newton method on
-    the faces of the simplex: Newton steps (the projected gradient where the Hessian gives no descent) on the
-    current face with a backtracking line search, dropping a weight that reaches 0; at the face's minimiser,
-    the weight whose partial derivative is lowest below the face's common value joins the face, until none
-    is (the optimality conditions of the convex problem, to 1e-10 of the size of the gradient's terms). ``||g_w||`` is
-    smoothed by :data:`SMOOTHING`. A solve that runs out of its budget (not observed) gives a
-    :class:`~mtlzoo.errors.SolverWarning` and its last iterate.
+    The official code's problem (which it solves by SLSQP), solved exactly by an active-set Newton method on the faces
+    of the simplex: Newton steps (the projected gradient where the Hessian gives no descent) on the current face with a
+    backtracking line search, dropping a weight that reaches 0; at the face's minimiser, the weight whose partial
+    derivative is lowest below the face's common value joins the face, until none is (the optimality conditions of the
+    convex problem, to 1e-10 of the size of the gradient's terms). ``||g_w||`` is smoothed by :data:`SMOOTHING`. A solve
+    that runs out of its budget (not observed) gives a :class:`~mtlzoo.errors.SolverWarning` and its last iterate.
     """
     size = gramian.shape[0]
     linear = gramian.mean(axis=1)  # g_k . g_0
@@ -121,17 +118,15 @@ class CAGrad(GramianAggregator):
         \ \Longrightarrow\ d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w,\quad
         w = \arg\min_{w \in \Delta} g_w \cdot g_0 + c\|g_0\|\|g_w\| .
 
-    As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``),
-    the update is then divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0``
-    keeps ``d``) and multiplied by K "to match the sum loss": with ``c = 0`` CAGrad is ``ls``.
-    The inner problem is solved on the unit-trace Gramian, as the authors do; they use SLSQP, which
-    stops within its ``ftol``, and here an active-set Newton method finds the same (convex)
-    problem's minimiser to rounding (:func:`conflict_averse_weights`). ``||g_w||`` is smoothed to
-    ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of ``||J||_F^2``) in the problem, as the authors' objective
-    (theirs adds 1e-8 in raw units), and in ``d``, where the authors divide by ``||g_w|| + 1e-8``
-    (raw units): the two agree unless ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``,
-    and there this update stays continuous and independent of the gradients' scale, tending to
-    ``g_0`` where ``g_w`` vanishes.
+    As in the authors' code (``cagrad(grads, alpha=c, rescale=1)`` and its ``overwrite_grad``), the update is then
+    divided by ``1 + c^2`` (``rescale=1``; ``2`` divides by ``1 + c``, ``0`` keeps ``d``) and multiplied by K "to match
+    the sum loss": with ``c = 0`` CAGrad is ``ls``. The inner problem is solved on the unit-trace Gramian, as the
+    authors do; they use SLSQP, which stops within its ``ftol``, and here an active-set Newton method finds the same
+    (convex) problem's minimiser to rounding (:func:`conflict_averse_weights`). ``||g_w||`` is smoothed to
+    ``sqrt(||g_w||^2 + δ)`` (``δ`` = 1e-8 of ``||J||_F^2``) in the problem, as the authors' objective (theirs adds 1e-8
+    in raw units), and in ``d``, where the authors divide by ``||g_w|| + 1e-8`` (raw units): the two agree unless
+    ``||g_w||`` is within a few orders of 1e-4 of ``||J||_F``, and there this update stays continuous and independent of
+    the gradients' scale, tending to ``g_0`` where ``g_w`` vanishes.
 
     Differences from torchjd 0.18's ``CAGrad``: torchjd returns ``d`` itself (its update is this
     one times ``(1 + c^2) / K``), solves the inner problem with Clarabel, and returns zero when

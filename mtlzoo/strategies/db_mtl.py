@@ -17,10 +17,7 @@ from mtlzoo.strategy import Paper, StrategyInfo, Target
 DB_MTL_PAPER = Paper(
     authors=("Baijiong Lin", "Weisen Jiang", "Feiyang Ye", "Yu Zhang", "Pengguang Chen", "Ying-Cong Chen", "Shu Liu",
              "James T. Kwok"),
-    title="Dual-Balancing for Multi-Task Learning",
-    venue="arXiv",
-    year=2023,
-    url="https://arxiv.org/abs/2308.12029",
+    title="Dual-Balancing for Multi-Task Learning", venue="arXiv", year=2023, url="https://arxiv.org/abs/2308.12029",
 )
 LOG_EPS = 1e-8
 """The authors' ``log(L + 1e-8)``."""
@@ -38,27 +35,24 @@ def balanced(averages: Tensor, rows: Tensor) -> Tensor:
 class DualBalance(ShapedAtFirstStep, DirectionAggregator):
     r"""DB-MTL's gradient balancing: moving averages of the task gradients, each rescaled to the largest one's norm.
 
-    Paper: Lin et al., *Dual-Balancing for Multi-Task Learning*, 2023
-    (https://arxiv.org/abs/2308.12029), Algorithm 1 (the gradient-magnitude half of DB-MTL). At
-    optimizer step ``t``, with ``β_t = β / t^σ``:
+    Paper: Lin et al., *Dual-Balancing for Multi-Task Learning*, 2023 (https://arxiv.org/abs/2308.12029), Algorithm 1
+    (the gradient-magnitude half of DB-MTL). At optimizer step ``t``, with ``β_t = β / t^σ``:
 
     .. math::
 
         \hat g_k \leftarrow β_t \hat g_k + (1 - β_t)\, g_k ,\qquad
         d = \sum_k \frac{\max_j \|\hat g_j\|}{\|\hat g_k\| + 10^{-8}}\, \hat g_k .
 
-    As the authors' code (LibMTL's ``DB_MTL``): the averages start at 0 without a bias correction
-    (the first step's update is ``(1 - β)`` times the balanced gradients), and the divisor adds
-    1e-8. Not a weighting of this step's gradients (the averages hold earlier steps'), so the
-    update is a direction, on the shared parameters only (the paper's and LibMTL's: an average of
-    gradients on the representation would mix different samples).
+    As the authors' code (LibMTL's ``DB_MTL``): the averages start at 0 without a bias correction (the first step's
+    update is ``(1 - β)`` times the balanced gradients), and the divisor adds 1e-8. Not a weighting of this step's
+    gradients (the averages hold earlier steps'), so the update is a direction, on the shared parameters only (the
+    paper's and LibMTL's: an average of gradients on the representation would mix different samples).
 
-    Under gradient accumulation the averages take the step's summed gradient, ``ĝ_k <- β_t ĝ_k +
-    (1 - β_t) sum_m g_{k,m}``, and each micro-batch gives the change of the balanced update, so
-    that the step's accumulated ``.grad`` is the update for its whole batch (the authors' code
-    has no accumulation). Running state: the averages ``ĝ`` (``averages``, K x n, shaped at the
-    first step), the tasks the step has seen so far and the optimizer step count; a task absent
-    from a step keeps its average.
+    Under gradient accumulation the averages take the step's summed gradient, ``ĝ_k <- β_t ĝ_k + (1 - β_t) sum_m
+    g_{k,m}``, and each micro-batch gives the change of the balanced update, so that the step's accumulated ``.grad`` is
+    the update for its whole batch (the authors' code has no accumulation). Running state: the averages ``ĝ``
+    (``averages``, K x n, shaped at the first step), the tasks the step has seen so far and the optimizer step count; a
+    task absent from a step keeps its average.
 
     Args:
         target: ``"parameters"`` (the only one).
@@ -69,9 +63,7 @@ class DualBalance(ShapedAtFirstStep, DirectionAggregator):
     info = StrategyInfo(
         name="dual_balance",
         summary="Moving averages of the task gradients, each rescaled to the largest one's norm (DB-MTL's half).",
-        request=Request("parameters", "gradients"),
-        paper=DB_MTL_PAPER,
-        cost="parameters",
+        request=Request("parameters", "gradients"), paper=DB_MTL_PAPER, cost="parameters",
         original_code="https://github.com/median-research-group/LibMTL",
     )
     supported_targets: ClassVar[tuple[Target, ...]] = ("parameters",)
@@ -114,9 +106,8 @@ class DBMTL(Composite):
     Paper: Lin et al., *Dual-Balancing for Multi-Task Learning*, 2023
     (https://arxiv.org/abs/2308.12029), Algorithm 1. The composition of two roles:
 
-    - the loss weighting ``sum_k log(L_k + 1e-8)`` (:class:`~mtlzoo.strategies.si.ScaleInvariant`
-      with the authors' ``eps=1e-8``): the model learns from ``sum_k L_k / (L_k + 1e-8)``, so
-      each head from the gradient of its log loss;
+    - the loss weighting ``sum_k log(L_k + 1e-8)`` (:class:`~mtlzoo.strategies.si.ScaleInvariant` with the authors'
+      ``eps=1e-8``): the model learns from ``sum_k L_k / (L_k + 1e-8)``, so each head from the gradient of its log loss;
     - the aggregator :class:`DualBalance` on the gradients ``g_k`` of the log losses: moving
       averages ``ĝ_k`` (rate ``β_t = β / t^σ``), each rescaled to the largest one's norm,
 
@@ -143,9 +134,7 @@ class DBMTL(Composite):
     info = StrategyInfo(
         name="db_mtl",
         summary="Log losses, and moving-average task gradients rescaled to the largest one's norm (dual balance).",
-        request=Request("parameters", "gradients"),
-        paper=DB_MTL_PAPER,
-        properties=frozenset({"permutation_invariant"}),
+        request=Request("parameters", "gradients"), paper=DB_MTL_PAPER, properties=frozenset({"permutation_invariant"}),
         cost="parameters",
         original_code="https://github.com/median-research-group/LibMTL/blob/main/LibMTL/weighting/DB_MTL.py",
     )

@@ -30,17 +30,15 @@ class DynamicWeightAverage(_weighting.WidensState, LossWeighting):
     r"""Dynamic weight average (DWA): ``w_k(t) = K exp(r_k(t-1) / T) / sum_j exp(r_j(t-1) / T)``.
 
     Paper: Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019
-    (https://arxiv.org/abs/1803.10704). ``r_k(t-1) = L_k(t-1) / L_k(t-2)`` is the ratio of task k's
-    training loss averaged over each of the last two epochs, so a task whose loss falls slowly gets
-    more weight; the weights sum to K and stay fixed within an epoch. For the first two epochs
-    (no two averages yet) every weight is 1, as the paper.
+    (https://arxiv.org/abs/1803.10704). ``r_k(t-1) = L_k(t-1) / L_k(t-2)`` is the ratio of task k's training loss
+    averaged over each of the last two epochs, so a task whose loss falls slowly gets more weight; the weights sum to K
+    and stay fixed within an epoch. For the first two epochs (no two averages yet) every weight is 1, as the paper.
 
-    Call ``mtl.end_epoch()`` after each epoch; without any, DWA keeps equal weights and warns once
-    after ``reminder_steps`` steps (1000 by default). The epoch average is over the epoch's backward
-    calls, counted once each optimizer step is taken. A task absent from a whole epoch keeps its
-    previous average (ratio 1 next time). A loss <= 0 raises
-    :class:`~mtlzoo.errors.NonPositiveLossError` before anything is back-propagated or summed,
-    naming the task. The averages are kept in the losses' dtype.
+    Call ``mtl.end_epoch()`` after each epoch; without any, DWA keeps equal weights and warns once after
+    ``reminder_steps`` steps (1000 by default). The epoch average is over the epoch's backward calls, counted once each
+    optimizer step is taken. A task absent from a whole epoch keeps its previous average (ratio 1 next time). A loss <=
+    0 raises :class:`~mtlzoo.errors.NonPositiveLossError` before anything is back-propagated or summed, naming the task.
+    The averages are kept in the losses' dtype.
 
     Args:
         temperature: ``T > 0``; a larger one makes the weights more uniform. The paper uses 2.

@@ -21,37 +21,32 @@ ADAGRAD_EPS = 1e-7
 class ExcessMTL(ShapedAtFirstStep, Aggregator):
     r"""ExcessMTL: weigh each task by how far it is from its best, estimated from its gradients' curvature.
 
-    Paper: He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024
-    (https://arxiv.org/abs/2402.02009), eqs. 6, 7 and 9. Each task's excess risk (its loss above
-    the best it could reach) is estimated to second order as ``E_k = g_k^T H_k^{-1} g_k`` with the
-    diagonal AdaGrad curvature ``H_k = diag(sqrt(S_k + 1e-7))``, ``S_k`` the running sum of the
-    squared gradient entries (including this step's); the weights take an exponentiated-gradient
-    step on the excess risks relative to each task's first one, ``E_k^0``:
+    Paper: He et al., *Robust Multi-Task Learning with Excess Risks*, ICML 2024 (https://arxiv.org/abs/2402.02009), eqs.
+    6, 7 and 9. Each task's excess risk (its loss above the best it could reach) is estimated to second order as ``E_k =
+    g_k^T H_k^{-1} g_k`` with the diagonal AdaGrad curvature ``H_k = diag(sqrt(S_k + 1e-7))``, ``S_k`` the running sum
+    of the squared gradient entries (including this step's); the weights take an exponentiated-gradient step on the
+    excess risks relative to each task's first one, ``E_k^0``:
 
     .. math::
 
         λ_k \leftarrow \frac{K\, λ_k \exp(η\, E_k / E_k^0)}{\sum_j λ_j \exp(η\, E_j / E_j^0)},
         \qquad d = \sum_k λ_k g_k .
 
-    As the authors' code (yifei-he/ExcessMTL, a LibMTL fork; LibMTL's ``ExcessMTL`` is the same):
-    the weights start at 1 and sum to K (the paper writes them on the simplex: a factor K), the
-    first step records ``E^0`` and keeps the weights, the model learns from ``sum_k λ_k L_k``
-    (the shared part receives ``J^T λ`` and head k learns from ``λ_k L_k``: ``weighted_heads``).
-    On the representation the gradients are summed over the batch first (their ``rep_grad``).
-    The exponentiated step is taken in log space (``K softmax(log λ + η E/E^0)``, the same
-    weights without overflow, as torchjd). A task whose first excess risk is 0 (a zero gradient)
-    records its baseline at its first non-zero one, its weight unchanged until then (theirs
-    divides by 0). torchjd 0.18's ``ExcessMTL`` starts at ``1/K``, already steps at its first call
-    (with the raw ``E^0``), adds 1e-7 to ``E^0`` and may average ``E^0`` over warm-up steps (not
-    offered here).
+    As the authors' code (yifei-he/ExcessMTL, a LibMTL fork; LibMTL's ``ExcessMTL`` is the same): the weights start at 1
+    and sum to K (the paper writes them on the simplex: a factor K), the first step records ``E^0`` and keeps the
+    weights, the model learns from ``sum_k λ_k L_k`` (the shared part receives ``J^T λ`` and head k learns from ``λ_k
+    L_k``: ``weighted_heads``). On the representation the gradients are summed over the batch first (their
+    ``rep_grad``). The exponentiated step is taken in log space (``K softmax(log λ + η E/E^0)``, the same weights
+    without overflow, as torchjd). A task whose first excess risk is 0 (a zero gradient) records its baseline at its
+    first non-zero one, its weight unchanged until then (theirs divides by 0). torchjd 0.18's ``ExcessMTL`` starts at
+    ``1/K``, already steps at its first call (with the raw ``E^0``), adds 1e-7 to ``E^0`` and may average ``E^0`` over
+    warm-up steps (not offered here).
 
-    The weights read the gradients' entries, not only their Gramian: the engine hands the
-    gradients (on the parameters, the K x n Jacobian). Running state: ``S`` (``squares``,
-    shaped at the first step like a row of the gradients, K x n on the parameters: memory of the
-    size of the Jacobian), the weights ``λ`` and the baselines ``E^0``, updated once per optimizer
-    step from its first micro-batch, whose weights the step's later micro-batches reuse. A
-    task absent from a step keeps its weight, its squares and its baseline; the present tasks'
-    weights keep their sum.
+    The weights read the gradients' entries, not only their Gramian: the engine hands the gradients (on the parameters,
+    the K x n Jacobian). Running state: ``S`` (``squares``, shaped at the first step like a row of the gradients, K x n
+    on the parameters: memory of the size of the Jacobian), the weights ``λ`` and the baselines ``E^0``, updated once
+    per optimizer step from its first micro-batch, whose weights the step's later micro-batches reuse. A task absent
+    from a step keeps its weight, its squares and its baseline; the present tasks' weights keep their sum.
 
     Args:
         robust_step_size: ``η > 0``; 1e-2 as LibMTL's default.
@@ -74,13 +69,10 @@ class ExcessMTL(ShapedAtFirstStep, Aggregator):
         paper=Paper(
             authors=("Yifei He", "Shiji Zhou", "Guojun Zhang", "Hyokun Yun", "Yi Xu", "Belinda Zeng",
                      "Trishul Chilimbi", "Han Zhao"),
-            title="Robust Multi-Task Learning with Excess Risks",
-            venue="ICML",
-            year=2024,
+            title="Robust Multi-Task Learning with Excess Risks", venue="ICML", year=2024,
             url="https://arxiv.org/abs/2402.02009",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/yifei-he/ExcessMTL",
     )
     statistic = "gradients"

@@ -12,10 +12,7 @@ from mtlzoo.strategies.nash_mtl import nonzero_rows, pareto_stationary, warn_not
 from mtlzoo.strategy import Paper, StrategyInfo, Target, check_int
 
 FAIRGRAD_PAPER = Paper(
-    authors=("Hao Ban", "Kaiyi Ji"),
-    title="Fair Resource Allocation in Multi-Task Learning",
-    venue="ICML",
-    year=2024,
+    authors=("Hao Ban", "Kaiyi Ji"), title="Fair Resource Allocation in Multi-Task Learning", venue="ICML", year=2024,
     url="https://arxiv.org/abs/2402.15638",
 )
 
@@ -23,11 +20,10 @@ FAIRGRAD_PAPER = Paper(
 def fair_weights(gramian: np.ndarray, alpha: float, max_iterations: int = 200) -> tuple[np.ndarray, bool]:
     r"""The positive solution of ``G w = w^{-1/α}`` (element-wise), and whether Newton's method converged.
 
-    It is the minimiser of the strictly convex ``f(w) = w^T G w / 2 + sum_k φ(w_k)`` with
-    ``φ'(w) = -w^{-1/α}`` (``φ = -log`` at ``α = 1``, Nash-MTL's problem), by Newton steps kept
-    positive, from the best point on the ray of the uniform weights: backtracking until ``f``
-    decreases while the Newton decrement is above 1e-10, full steps below, until a step changes
-    no weight by more than 1e-13 of itself. It exists when no convex combination of the rows is
+    It is the minimiser of the strictly convex ``f(w) = w^T G w / 2 + sum_k φ(w_k)`` with ``φ'(w) = -w^{-1/α}`` (``φ =
+    -log`` at ``α = 1``, Nash-MTL's problem), by Newton steps kept positive, from the best point on the ray of the
+    uniform weights: backtracking until ``f`` decreases while the Newton decrement is above 1e-10, full steps below,
+    until a step changes no weight by more than 1e-13 of itself. It exists when no convex combination of the rows is
     zero (checked by the caller). ``G`` should be of unit scale; the caller scales the solution back.
     """
     size = gramian.shape[0]
@@ -74,11 +70,8 @@ class FairWeights(GramianAggregator):
     """
 
     info = StrategyInfo(
-        name="fair_weights",
-        summary="FairGrad's alpha-fair weights of the task gradients, unclipped.",
-        request=Request("parameters", "gramian"),
-        paper=FAIRGRAD_PAPER,
-        cost="parameters",
+        name="fair_weights", summary="FairGrad's alpha-fair weights of the task gradients, unclipped.",
+        request=Request("parameters", "gramian"), paper=FAIRGRAD_PAPER, cost="parameters",
         original_code="https://github.com/OptMN-Lab/fairgrad",
     )
 
@@ -124,25 +117,22 @@ class FairGrad(ClipNorm):
 
         (G w)_k = g_k \cdot d = w_k^{-1/α} \quad \text{for every } k,\qquad w > 0 ,
 
-    so every task improves (``g_k . d > 0``). ``α = 1`` is Nash-MTL's bargaining solution
-    (proportional fairness); ``α -> ∞`` tends to max-min fairness, ``α -> 0`` to the sum of the
-    gradients. ``w`` is computed to rounding as the minimiser of a strictly convex function
-    (:func:`fair_weights`, damped Newton steps, on ``G`` divided by its Frobenius norm, the solution
-    scaled back by ``||G||_F^{-α/(α+1)}``); the authors solve the equations by
+    so every task improves (``g_k . d > 0``). ``α = 1`` is Nash-MTL's bargaining solution (proportional fairness); ``α
+    -> ∞`` tends to max-min fairness, ``α -> 0`` to the sum of the gradients. ``w`` is computed to rounding as the
+    minimiser of a strictly convex function (:func:`fair_weights`, damped Newton steps, on ``G`` divided by its
+    Frobenius norm, the solution scaled back by ``||G||_F^{-α/(α+1)}``); the authors solve the equations by
     ``scipy.optimize.least_squares`` from ``1/K`` (default tolerances).
 
-    As the authors' code (OptMN-Lab/fairgrad, ``methods/weight_methods.py``), the shared part
-    receives ``K J^T w`` ("to match the sum loss"), clipped to norm ``max_norm`` (1.0 by default,
-    their ``--max_norm``; 0 disables it), and every head learns from its own loss unweighted.
-    torchjd 0.18's ``FairGrad`` returns ``J^T w`` (no factor K, no clipping); LibMTL's has no factor
-    K nor clipping and weighs the heads by ``w``. The composition: :class:`FairWeights` (the
+    As the authors' code (OptMN-Lab/fairgrad, ``methods/weight_methods.py``), the shared part receives ``K J^T w`` ("to
+    match the sum loss"), clipped to norm ``max_norm`` (1.0 by default, their ``--max_norm``; 0 disables it), and every
+    head learns from its own loss unweighted. torchjd 0.18's ``FairGrad`` returns ``J^T w`` (no factor K, no clipping);
+    LibMTL's has no factor K nor clipping and weighs the heads by ``w``. The composition: :class:`FairWeights` (the
     weights times K) inside :class:`~mtlzoo.roles.ClipNorm`.
 
-    When the equations have no solution: a zero gradient gets weight 0 and the others share the
-    update; a convex combination of the gradients that is zero (a Pareto-stationary point) gives
-    the update 0; Newton's method not converged in ``max_iterations`` steps gives its last iterate;
-    each with a :class:`~mtlzoo.errors.SolverWarning` (the authors' solver returns its last iterate
-    silently).
+    When the equations have no solution: a zero gradient gets weight 0 and the others share the update; a convex
+    combination of the gradients that is zero (a Pareto-stationary point) gives the update 0; Newton's method not
+    converged in ``max_iterations`` steps gives its last iterate; each with a :class:`~mtlzoo.errors.SolverWarning` (the
+    authors' solver returns its last iterate silently).
 
     Args:
         alpha: ``α > 0``; 1.0 as the authors' default (their experiments also use 2 and more).
@@ -159,10 +149,7 @@ class FairGrad(ClipNorm):
     info = StrategyInfo(
         name="fairgrad",
         summary="Allocates the tasks' improvements alpha-fairly: (G w)_k = w_k^(-1/alpha) (alpha = 1: Nash-MTL).",
-        request=Request("parameters", "gramian"),
-        paper=FAIRGRAD_PAPER,
-        properties=frozenset(),
-        cost="parameters",
+        request=Request("parameters", "gramian"), paper=FAIRGRAD_PAPER, properties=frozenset(), cost="parameters",
         original_code="https://github.com/OptMN-Lab/fairgrad",
     )
     """No claim in the metadata: the registry-wide property checks run on zero and Pareto-stationary matrices, where

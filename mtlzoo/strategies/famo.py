@@ -42,12 +42,11 @@ class FAMO(WidensState, LossWeighting):
     losses(mtl(x), y))``) and the logits take one Adam step (``lr``, weight decay ``gamma``) along
     ``J_softmax^T delta``, ``delta_k = log(L_k^before - b_k + eps) - log(L_k^after - b_k + eps)``.
 
-    The logits (the buffer ``logits``, in the losses' dtype, at least float32) are stepped only by
-    that inner ``torch.optim.Adam`` (on the host), whose state is declared state too, saved in
-    ``state_dict()``; the user's optimizer never steps them. ``L^before`` is the step's loss
-    (averaged over its micro-batches). Without the post-step losses (the wrapper warns once) the
-    logits stay at 0: plain ``sum_k log L_k``. An absent task keeps its logit and moments; the
-    others' softmax is taken without it. A loss at or below its lower bound raises
+    The logits (the buffer ``logits``, in the losses' dtype, at least float32) are stepped only by that inner
+    ``torch.optim.Adam`` (on the host), whose state is declared state too, saved in ``state_dict()``; the user's
+    optimizer never steps them. ``L^before`` is the step's loss (averaged over its micro-batches). Without the post-step
+    losses (the wrapper warns once) the logits stay at 0: plain ``sum_k log L_k``. An absent task keeps its logit and
+    moments; the others' softmax is taken without it. A loss at or below its lower bound raises
     :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left as it was.
 
     Args:

@@ -19,12 +19,11 @@ TAKES = "takes the product (the geometric mean) of the losses"
 class GeometricLossStrategy(LossWeighting):
     r"""Geometric loss strategy (GLS): ``total = (prod_k L_k)^(1/K)``, so ``w_k = total / (K L_k)``.
 
-    Paper: Chennupati, Sistu, Yogamani & Rawashdeh, *MultiNet++: Multi-Stream Feature Aggregation
-    and Geometric Loss Strategy for Multi-Task Learning*, CVPR Workshops 2019
-    (https://arxiv.org/abs/1904.08492). The geometric mean (taken in log space, so it neither
-    overflows nor underflows) makes each task's weight inversely proportional to its loss, as SI,
-    times a common factor. With absent tasks, K is the number of present ones. Every present loss
-    must be > 0 (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
+    Paper: Chennupati, Sistu, Yogamani & Rawashdeh, *MultiNet++: Multi-Stream Feature Aggregation and Geometric Loss
+    Strategy for Multi-Task Learning*, CVPR Workshops 2019 (https://arxiv.org/abs/1904.08492). The geometric mean (taken
+    in log space, so it neither overflows nor underflows) makes each task's weight inversely proportional to its loss,
+    as SI, times a common factor. With absent tasks, K is the number of present ones. Every present loss must be > 0
+    (:class:`~mtlzoo.errors.NonPositiveLossError` otherwise, naming the task).
 
     Example:
         >>> import torch, mtlzoo

@@ -18,12 +18,11 @@ from mtlzoo.strategy import Paper, StrategyInfo, Target, check_flag
 class GradDrop(DirectionAggregator):
     r"""GradDrop: per feature, keep the positive or the negative task gradients, the likelier the purer.
 
-    Paper: Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
-    Dropout*, NeurIPS 2020 (https://arxiv.org/abs/2010.06808), Algorithm 1, as the authors ship it
-    (lingvo's ``GradDrop`` layer, ``lingvo/core/graddrop.py``, with its defaults). With ``g_k`` the
-    gradients of the losses w.r.t. the shared representation ``z`` (batch first), the sign signal
-    ``s_k = sum_b sgn(z_b) g_{k,b}`` (summed over the batch), ``U ~ Uniform(0, 1)`` drawn once per
-    feature and ``l_k`` the leak of task k:
+    Paper: Chen et al., *Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout*, NeurIPS 2020
+    (https://arxiv.org/abs/2010.06808), Algorithm 1, as the authors ship it (lingvo's ``GradDrop`` layer,
+    ``lingvo/core/graddrop.py``, with its defaults). With ``g_k`` the gradients of the losses w.r.t. the shared
+    representation ``z`` (batch first), the sign signal ``s_k = sum_b sgn(z_b) g_{k,b}`` (summed over the batch), ``U ~
+    Uniform(0, 1)`` drawn once per feature and ``l_k`` the leak of task k:
 
     .. math::
 
@@ -35,16 +34,14 @@ class GradDrop(DirectionAggregator):
     ``keep_gradnorm_constant``: ``d = t ||t|| / ||o||`` with ``o = sum_k g_k`` the gradient the
     plain sum of the losses would give (norms over the whole batch).
 
-    On ``target="parameters"`` there is neither batch nor input: the gradients are one row per
-    task, ``s_k = g_k`` and ``U`` is drawn per element. A task with a zero signal is kept, as
-    lingvo's mask does; where every signal is 0 the purity is 1/2. Lingvo's ``epsilon = 1e-7`` (an
-    absolute constant in the purity's and the rescaling's divisors, which makes the update depend
-    on the gradients' scale) is left out: divisions are exact, ``0 / 0`` giving ``d = 0``. Worked
-    example (issue 19): K = 2, a batch of 2, one feature, ``z = +1``, ``g_1 = (1, -3)``,
-    ``g_2 = (1, 0)``: ``s = (-2, 1)``, ``P = 1/3``; with probability 1/3 ``t = (1, 0)``, else
-    ``t = (1, -3)`` (lingvo's and LibMTL's answers). ``U`` comes from the strategy's own random
-    stream (seeded from torch's or by ``seed``, saved in ``state_dict()``); for a fixed draw the
-    update is permutation invariant and scales with the gradients.
+    On ``target="parameters"`` there is neither batch nor input: the gradients are one row per task, ``s_k = g_k`` and
+    ``U`` is drawn per element. A task with a zero signal is kept, as lingvo's mask does; where every signal is 0 the
+    purity is 1/2. Lingvo's ``epsilon = 1e-7`` (an absolute constant in the purity's and the rescaling's divisors, which
+    makes the update depend on the gradients' scale) is left out: divisions are exact, ``0 / 0`` giving ``d = 0``.
+    Worked example (issue 19): K = 2, a batch of 2, one feature, ``z = +1``, ``g_1 = (1, -3)``, ``g_2 = (1, 0)``: ``s =
+    (-2, 1)``, ``P = 1/3``; with probability 1/3 ``t = (1, 0)``, else ``t = (1, -3)`` (lingvo's and LibMTL's answers).
+    ``U`` comes from the strategy's own random stream (seeded from torch's or by ``seed``, saved in ``state_dict()``);
+    for a fixed draw the update is permutation invariant and scales with the gradients.
 
     Args:
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.
@@ -54,9 +51,8 @@ class GradDrop(DirectionAggregator):
             from the batch-summed signal; ``False``, one per (sample, feature) (torchjd 0.18's variant).
         input_sign: lingvo's ``use_input_sign_only``: the signal is the gradient times ``sgn(z)`` of
             the training forward (the paper's line 4, LibMTL too); ``False``, the gradient itself.
-        rescale_norm: lingvo's ``keep_gradnorm_constant``: the rescaling ``t ||t|| / ||o||`` its code
-            computes (which does not keep the norm constant, as its description says); ``False``,
-            ``d = t`` (LibMTL).
+        rescale_norm: lingvo's ``keep_gradnorm_constant``: the rescaling ``t ||t|| / ||o||`` its code computes (which
+            does not keep the norm constant, as its description says); ``False``, ``d = t`` (LibMTL).
         seed: Seed of ``U``; ``None`` draws one from torch's generator.
 
     Example:

@@ -1,7 +1,4 @@
-r"""GradNorm: loss weights learned so that the tasks' gradient norms train at balanced rates.
-
-Its pieces are small functions that RotoGradNorm (the ``rotograd`` package's variant) shares.
-"""
+r"""GradNorm: loss weights learned so that the task gradient norms train at equal rates (shared with RotoGradNorm)."""
 
 from __future__ import annotations
 
@@ -80,11 +77,10 @@ class GradNorm(WidensState, LossWeighting):
     ``L_grad = sum_k | G_k - mean_j(G_j) r_k^alpha |``,  ``G_k = || d(w_k L_k) / dW ||``,
     ``r_k = (L_k / L_k(0)) / mean_j (L_j / L_j(0))``,
 
-    with the targets ``mean_j(G_j) r_k^alpha`` held constant (Algorithm 1), and after every
-    optimizer step they are renormalised to ``sum_k w_k = K``. ``W`` is the last shared layer's
-    weights, the paper's choice (the norms come without a Jacobian: for ``z = h W^T + b``,
-    ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's loss at its first step. An absent task
-    is left out of the means and its weight gets no gradient. Computed in the losses' dtype.
+    with the targets ``mean_j(G_j) r_k^alpha`` held constant (Algorithm 1), and after every optimizer step they are
+    renormalised to ``sum_k w_k = K``. ``W`` is the last shared layer's weights, the paper's choice (the norms come
+    without a Jacobian: for ``z = h W^T + b``, ``dL_k/dW = (dL_k/dz)^T h``). ``L_k(0)`` is each task's loss at its first
+    step. An absent task is left out of the means and its weight gets no gradient. Computed in the losses' dtype.
 
     Under an aggregator: with ``layer="all"`` GradNorm reads the norms on every shared parameter
     (with ``target="representation"``, on ``z``), what an aggregator on that target reads, so the
@@ -98,13 +94,11 @@ class GradNorm(WidensState, LossWeighting):
     variant instead (targets from the norm of the weighted mean gradient, weights ``K softmax(θ)``).
 
     Args:
-        alpha: The asymmetry ``alpha >= 0`` (required): how strongly tasks that train slower are
-            pulled up. The paper tunes it per problem (0.12 on its synthetic regression, 1.5 on
-            NYUv2); 0 equalises the gradient norms.
-        layer: The backbone parameters ``W`` to read the norms on, by name (as
-            ``backbone.named_parameters()`` gives them, e.g. ``"4.weight"``); ``None`` for the last
-            shared layer's weights, found from the graph of the backbone output; ``"all"`` for every
-            shared parameter (what an aggregator on the parameters reads).
+        alpha: The asymmetry ``alpha >= 0`` (required): how strongly tasks that train slower are pulled up. The paper
+            tunes it per problem (0.12 on its synthetic regression, 1.5 on NYUv2); 0 equalises the gradient norms.
+        layer: The backbone parameters ``W`` to read the norms on, by name (as ``backbone.named_parameters()`` gives
+            them, e.g. ``"4.weight"``); ``None`` for the last shared layer's weights, found from the graph of the
+            backbone output; ``"all"`` for every shared parameter (what an aggregator on the parameters reads).
         target: ``"parameters"`` (on ``W``, the paper) or ``"representation"`` (the norms of
             ``d(w_k L_k)/dz`` on the backbone output ``z``, cheaper still; ``layer`` must be ``None``).
 

@@ -19,9 +19,8 @@ def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
                     orders: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r"""GradVac's weights ``c = C^T 1`` on a float64 host Gramian, and the updated targets.
 
-    Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]``, as in :class:`GradVac`'s formula;
-    ``P = C G`` is kept up to date and ``||g_i^{PC}||^2 = (C P^T)_ii`` read at every visit; step t is taken
-    for all rows at once.
+    Row i of ``C`` starts at ``e_i`` and visits ``j = orders[i, t]``, as in :class:`GradVac`'s formula; ``P = C G`` is
+    kept up to date and ``||g_i^{PC}||^2 = (C P^T)_ii`` read at every visit; step t is taken for all rows at once.
     """
     size = matrix.shape[0]
     rows = np.arange(size)
@@ -52,10 +51,9 @@ def vaccine_weights(matrix: np.ndarray, targets: np.ndarray, beta: float,
 class GradVac(GramianAggregator):
     r"""GradVac: raise each pair's cosine similarity to an exponential moving average of its past values.
 
-    Paper: Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization in
-    Massively Multilingual Models*, ICLR 2021 (https://arxiv.org/abs/2010.05874), Algorithm 1.
-    For every task i, with ``g_i^{PC} = g_i`` and the other tasks j in a random order, with
-    ``φ_ij = cos(g_i^{PC}, g_j)`` and the target ``φ̂_ij``:
+    Paper: Wang et al., *Gradient Vaccine: Investigating and Improving Multi-task Optimization in Massively Multilingual
+    Models*, ICLR 2021 (https://arxiv.org/abs/2010.05874), Algorithm 1. For every task i, with ``g_i^{PC} = g_i`` and
+    the other tasks j in a random order, with ``φ_ij = cos(g_i^{PC}, g_j)`` and the target ``φ̂_ij``:
 
     .. math::
 
@@ -73,10 +71,9 @@ class GradVac(GramianAggregator):
     micro-batch; a task absent from a step keeps its targets. The task orders come from the
     strategy's own generator (seeded from torch's, or by ``seed``; saved in ``state_dict()``).
 
-    Differences from torchjd 0.18's ``GradVac``: torchjd adds ``eps = 1e-8`` to the divisors
-    (an absolute constant, so the result depends on the gradients' scale), updates its targets at
-    every call rather than once per optimizer step, and draws the orders from torch's global
-    generator.
+    Differences from torchjd 0.18's ``GradVac``: torchjd adds ``eps = 1e-8`` to the divisors (an absolute constant, so
+    the result depends on the gradients' scale), updates its targets at every call rather than once per optimizer step,
+    and draws the orders from torch's global generator.
 
     Args:
         beta: EMA rate ``β`` of the targets, in [0, 1]; 0.5 as LibMTL and torchjd.

@@ -14,24 +14,19 @@ from mtlzoo.strategy import StrategyInfo, Target
 class IMTL(Composite):
     r"""IMTL: learned loss scales (IMTL-L) for the heads, equal-projection weights (IMTL-G) for the backbone.
 
-    Paper: Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021
-    (https://openreview.net/forum?id=IMPnRXEWpvr), Algorithm 1 (the "hybrid balance"). The
-    composition of the ``imtl_l`` weighting and the ``imtl_g`` aggregator
-    (``mtlzoo.compose(weighting="imtl_l", aggregator="imtl_g")``). Each step, with learned
-    log-scales ``s_k``:
+    Paper: Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021 (https://openreview.net/forum?id=IMPnRXEWpvr),
+    Algorithm 1 (the "hybrid balance"). The composition of the ``imtl_l`` weighting and the ``imtl_g`` aggregator
+    (``mtlzoo.compose(weighting="imtl_l", aggregator="imtl_g")``). Each step, with learned log-scales ``s_k``:
 
-    - every task's loss is scaled, ``L_k' = e^{s_k} L_k - s_k``: the heads learn from
-      ``sum_k e^{s_k} L_k`` and ``s`` (a parameter, for your optimizer) from
-      ``sum_k (e^{s_k} L_k - s_k)`` with the losses held constant (:class:`IMTLL`, held as
-      ``weighting``);
-    - the shared part receives ``sum_k a_k g_k`` with ``g_k`` the gradients of the scaled losses
-      ``e^{s_k} L_k`` and ``a`` IMTL-G's equal-projection weights of them (:class:`IMTLG`, held as
-      ``aggregator``).
+    - every task's loss is scaled, ``L_k' = e^{s_k} L_k - s_k``: the heads learn from ``sum_k e^{s_k} L_k`` and ``s`` (a
+      parameter, for your optimizer) from ``sum_k (e^{s_k} L_k - s_k)`` with the losses held constant (:class:`IMTLL`,
+      held as ``weighting``);
+    - the shared part receives ``sum_k a_k g_k`` with ``g_k`` the gradients of the scaled losses ``e^{s_k} L_k`` and
+      ``a`` IMTL-G's equal-projection weights of them (:class:`IMTLG`, held as ``aggregator``).
 
-    As in the paper, the gradients are taken on the shared representation by default. Standalone,
-    ``aggregate(J, losses)`` scales the rows of ``J`` (gradients of the raw losses) by ``e^{s_k}``
-    before balancing them, as a step does. Checkpoints of mtlzoo 0.1.0 (``loss_scales.log_scales``)
-    load.
+    As in the paper, the gradients are taken on the shared representation by default. Standalone, ``aggregate(J,
+    losses)`` scales the rows of ``J`` (gradients of the raw losses) by ``e^{s_k}`` before balancing them, as a step
+    does. Checkpoints of mtlzoo 0.1.0 (``loss_scales.log_scales``) load.
 
     Args:
         target: ``"representation"`` (default, as the paper) or ``"parameters"``.

@@ -56,19 +56,17 @@ class IMTLG(GramianAggregator):
 
         d = \sum_k a_k g_k,\quad \sum_k a_k = 1,\quad d \cdot u_1 = d \cdot u_2 = \dots = d \cdot u_K,
 
-    whose closed form is the paper's ``a_{2:K} = g_1 U^\top (D U^\top)^{-1}`` (``D``, ``U`` the
-    differences ``g_1 - g_k``, ``u_1 - u_k``), ``a_1 = 1 - \sum_{k>1} a_k``. Here the same
-    conditions are solved on the Gramian as one linear system (:func:`equal_projection_weights`),
-    which gives the paper's weights whenever the Gramian determines them (in float32 too), and
-    otherwise the minimum-norm least-squares solution: with linearly dependent rows the only update
-    with equal projections is often ``d = 0`` (two opposite gradients give 0, whatever their sizes).
-    The weights do not depend on the gradients' scale.
+    whose closed form is the paper's ``a_{2:K} = g_1 U^\top (D U^\top)^{-1}`` (``D``, ``U`` the differences ``g_1 -
+    g_k``, ``u_1 - u_k``), ``a_1 = 1 - \sum_{k>1} a_k``. Here the same conditions are solved on the Gramian as one
+    linear system (:func:`equal_projection_weights`), which gives the paper's weights whenever the Gramian determines
+    them (in float32 too), and otherwise the minimum-norm least-squares solution: with linearly dependent rows the only
+    update with equal projections is often ``d = 0`` (two opposite gradients give 0, whatever their sizes). The weights
+    do not depend on the gradients' scale.
 
-    Differences from torchjd 0.18's ``IMTLG``, which takes ``a = G^+ n / 1^T G^+ n``: identical
-    weights when the Gramian is invertible; with linearly dependent rows torchjd's update can
-    break the equal projections (``g_1 = e_1``, ``g_2 = -2 e_1`` give ``d = -5 e_1``, which
-    increases the first loss), where this one keeps them. torchjd returns zero weights when
-    ``1^T G^+ n < 1e-12`` in absolute value; here no absolute threshold applies.
+    Differences from torchjd 0.18's ``IMTLG``, which takes ``a = G^+ n / 1^T G^+ n``: identical weights when the Gramian
+    is invertible; with linearly dependent rows torchjd's update can break the equal projections (``g_1 = e_1``, ``g_2 =
+    -2 e_1`` give ``d = -5 e_1``, which increases the first loss), where this one keeps them. torchjd returns zero
+    weights when ``1^T G^+ n < 1e-12`` in absolute value; here no absolute threshold applies.
 
     Args:
         target: ``"representation"`` (default, as the paper's Algorithm 1: "the gradient of shared

@@ -24,13 +24,11 @@ class IMTLL(LossWeighting):
     r"""IMTL-L: learned loss scales, ``total = sum_k ( exp(s_k) L_k - s_k )``.
 
     The loss-balancing half of Liu et al., *Towards Impartial Multi-task Learning*, ICLR 2021
-    (https://openreview.net/forum?id=IMPnRXEWpvr). Each task's scale ``exp(s_k)`` is learned
-    (``s_k`` a parameter, for the user's optimizer) from ``total`` with the losses held constant, so
-    that the scaled losses ``exp(s_k) L_k`` all tend to 1 (the optimum of ``s_k`` is
-    ``-log L_k``); the ``-s_k`` term keeps ``s_k`` from falling to minus infinity. The model learns
-    from ``sum_k w_k L_k`` with ``w_k = exp(s_k)``. The scales start at 0 (equal weights 1), as
-    the paper. The combined ``imtl`` method (IMTL-L with IMTL-G's gradient balancing) builds on
-    this class and :func:`imtl_l_total`. An absent task's ``s_k`` gets no gradient.
+    (https://openreview.net/forum?id=IMPnRXEWpvr). Each task's scale ``exp(s_k)`` is learned (``s_k`` a parameter, for
+    the user's optimizer) from ``total`` with the losses held constant, so that the scaled losses ``exp(s_k) L_k`` all
+    tend to 1 (the optimum of ``s_k`` is ``-log L_k``); the ``-s_k`` term keeps ``s_k`` from falling to minus infinity.
+    The model learns from ``sum_k w_k L_k`` with ``w_k = exp(s_k)``. The scales start at 0 (equal weights 1), as the
+    paper; ``imtl`` composes this weighting with IMTL-G. An absent task's ``s_k`` gets no gradient.
 
     Example:
         >>> import torch, mtlzoo

@@ -31,16 +31,14 @@ class MGDA(GramianAggregator):
         c = \arg\min_{c \ge 0,\ \sum_k c_k = 1} \Big\| \sum_k c_k g_k \Big\|^2 = \arg\min c^\top G c,
         \qquad d = \sum_k c_k g_k .
 
-    ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is
-    zero exactly when a convex combination of the gradients is zero (a Pareto-stationary point):
-    where ``||d||^2`` is within the rounding of ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), ``d = 0``
-    exactly. The problem is solved exactly on the Gramian (:func:`mtlzoo.solvers.min_norm_simplex`,
-    Wolfe's algorithm, with tolerances relative to each task's own gradient size) rather than by
-    the paper's Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver``
-    as shipped (``find_min_norm_element``: at most 250 iterations, stopping when a step moves the
-    point by less than 1e-3) can end up to 0.49 of the minimum's norm away (issue 19); torchjd
-    0.18's ``MGDA`` runs the same iterations (``epsilon=1e-3``), so its update differs from this one
-    by up to about 1% of its norm on generic inputs.
+    ``d`` has a non-negative inner product with every ``g_k`` (``d . g_k >= ||d||^2``), and is zero exactly when a
+    convex combination of the gradients is zero (a Pareto-stationary point): where ``||d||^2`` is within the rounding of
+    ``J^T c`` (``K eps (sum_k c_k ||g_k||)^2``), ``d = 0`` exactly. The problem is solved exactly on the Gramian
+    (:func:`mtlzoo.solvers.min_norm_simplex`, Wolfe's algorithm, with tolerances relative to each task's own gradient
+    size) rather than by the paper's Frank-Wolfe iterations, which stop at a tolerance. The authors' ``MinNormSolver``
+    as shipped (``find_min_norm_element``: at most 250 iterations, stopping when a step moves the point by less than
+    1e-3) can end up to 0.49 of the minimum's norm away (issue 19); torchjd 0.18's ``MGDA`` runs the same iterations
+    (``epsilon=1e-3``), so its update differs from this one by up to about 1% of its norm on generic inputs.
 
     ``normalization`` follows the authors' code (``gradient_normalizers``): the weights are
     computed on ``g_k / n_k`` and applied to the raw gradients, with ``n_k`` = 1 (``"none"``, the
@@ -49,14 +47,12 @@ class MGDA(GramianAggregator):
     as 1. The update is then no longer the minimum-norm point, nor free of conflict. For any other
     Gramian aggregator the same normalisation is the modifier :class:`~mtlzoo.roles.modifiers.Normalize`.
 
-    The heads: the authors back-propagate ``sum_k c_k L_k`` (``multi_task/train_multi_task.py``), so
-    head k learns from ``c_k L_k`` (``weighted_heads=True``, the default); with ``False`` every head
-    learns from its own loss, as under the other aggregators (and torchjd's ``mtl_backward``).
-
     Args:
         target: ``"parameters"`` (default) or ``"representation"`` (the paper's MGDA-UB, ``mgda_ub``).
         normalization: ``"none"``, ``"l2"``, ``"loss"`` or ``"loss+"`` (see above).
-        weighted_heads: Whether head k learns from ``c_k L_k`` (the authors' choice) or from ``L_k``.
+        weighted_heads: Whether head k learns from ``c_k L_k``, as the authors back-propagate ``sum_k c_k L_k``
+            (``multi_task/train_multi_task.py``), or from ``L_k``, as under the other aggregators (and torchjd's
+            ``mtl_backward``).
 
     Example:
         >>> import torch, mtlzoo

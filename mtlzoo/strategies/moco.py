@@ -67,13 +67,10 @@ class MoCo(ShapedAtFirstStep, ProjectedWeights):
         paper=Paper(
             authors=("Heshan Fernando", "Han Shen", "Miao Liu", "Subhajit Chaudhury", "Keerthiram Murugesan",
                      "Tianyi Chen"),
-            title="Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach",
-            venue="ICLR",
-            year=2023,
-            url="https://openreview.net/forum?id=dLAYGdKTi2",
+            title="Mitigating Gradient Bias in Multi-objective Learning: A Provably Convergent Approach", venue="ICLR",
+            year=2023, url="https://openreview.net/forum?id=dLAYGdKTi2",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/heshandevaka/Trade-Off-MOL",
     )
     supported_targets: ClassVar[tuple[Target, ...]] = ("parameters",)

@@ -30,16 +30,14 @@ class MoDo(ProjectedWeights):
     is the one ``mtl.backward(losses, more_batches=[second])`` gives as ``losses``; the heads learn from
     it alone (the wrapper's rule), the shared part from both.
 
-    The authors' code (``Trade-Off-MOL``, ``LibMTL/weighting/MoDo.py``) takes the same two batches and
-    steps the shared part and the heads with the sum of both batches' gradients, leaving the ``1/2`` to
-    the learning rate; here the shared part gets the paper's mean, so that it keeps the scale of the
-    heads, which learn from one batch. LibMTL's ``MoDo`` reads a third batch for ``d``; torchjd 0.18's
-    ``MoDoWeighting`` is ``λ_{t+1}`` itself (same ``γ``, ``ρ``).
+    The authors' code (``Trade-Off-MOL``, ``LibMTL/weighting/MoDo.py``) takes the same two batches and steps the shared
+    part and the heads with the sum of both batches' gradients, leaving the ``1/2`` to the learning rate; here the
+    shared part gets the paper's mean, so that it keeps the scale of the heads, which learn from one batch. LibMTL's
+    ``MoDo`` reads a third batch for ``d``; torchjd 0.18's ``MoDoWeighting`` is ``λ_{t+1}`` itself (same ``γ``, ``ρ``).
 
-    The paper defines MoDo on the shared parameters. On ``target="representation"`` it reads one
-    batch (products across batches of ``dL/dz`` pair unrelated samples): ``J_2 = J_1``, the biased
-    estimate double sampling avoids. Given one batch on the parameters, it reuses it with a
-    :class:`~mtlzoo.errors.ReusedBatchWarning`.
+    The paper defines MoDo on the shared parameters. On ``target="representation"`` it reads one batch (products across
+    batches of ``dL/dz`` pair unrelated samples): ``J_2 = J_1``, the biased estimate double sampling avoids. Given one
+    batch on the parameters, it reuses it with a :class:`~mtlzoo.errors.ReusedBatchWarning`.
 
     Args:
         target: ``"parameters"`` (default, the paper's) or ``"representation"`` (one batch).
@@ -62,12 +60,9 @@ class MoDo(ProjectedWeights):
             authors=("Lisha Chen", "Heshan Fernando", "Yiming Ying", "Tianyi Chen"),
             title="Three-Way Trade-Off in Multi-Objective Learning: Optimization, Generalization and "
                   "Conflict-Avoidance",
-            venue="JMLR",
-            year=2024,
-            url="https://www.jmlr.org/papers/v25/23-1287.html",
+            venue="JMLR", year=2024, url="https://www.jmlr.org/papers/v25/23-1287.html",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/heshandevaka/Trade-Off-MOL",
     )
     batches = 2

@@ -87,11 +87,10 @@ class NashBargaining(GramianAggregator):
 
         α_k (G α)_k = 1 \quad \text{for every } k \qquad (G = J J^\top),
 
-    so ``||d||^2 = α^T G α = K`` whatever the gradients' scale. The authors approximate ``α`` by 20
-    rounds of a convex-concave procedure with cvxpy/ECOS on ``G`` divided by its Frobenius norm; here
-    ``α`` is computed to rounding on that ``Ĝ`` by damped Newton steps (:func:`bargaining_weights`),
-    warm-started at the previous step's ``α``, and scaled back. Where the problem has no solution,
-    with a :class:`~mtlzoo.errors.SolverWarning`:
+    so ``||d||^2 = α^T G α = K`` whatever the gradients' scale. The authors approximate ``α`` by 20 rounds of a
+    convex-concave procedure with cvxpy/ECOS on ``G`` divided by its Frobenius norm; here ``α`` is computed to rounding
+    on that ``Ĝ`` by damped Newton steps (:func:`bargaining_weights`), warm-started at the previous step's ``α``, and
+    scaled back. Where the problem has no solution, with a :class:`~mtlzoo.errors.SolverWarning`:
 
     - a task whose gradient is zero gets weight 0 and the others bargain among themselves (torchjd
       0.18 silently keeps its previous weights);
@@ -154,28 +153,24 @@ class NashBargaining(GramianAggregator):
 class NashMTL(ClipNorm):
     r"""Nash-MTL: the update on which the tasks would agree in a Nash bargaining game, clipped, as the authors run it.
 
-    Paper: Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022
-    (https://arxiv.org/abs/2202.01017). A composition of the public roles: the bargaining weights
-    (:class:`NashBargaining`, ``α_k (G α)_k = 1``), recomputed every ``update_weights_every``-th
-    optimizer step and reused in between (:class:`~mtlzoo.roles.EveryNSteps`), the update then
-    clipped to norm ``max_norm`` (:class:`~mtlzoo.roles.ClipNorm`: ``||J^T α|| <= max_norm``, so with
-    the default 1.0 and K >= 2 it has norm 1; 0 disables the clipping), as the authors' code does.
-    The same modifiers wrap any Gramian aggregator (``ClipNorm(EveryNSteps(UPGrad(3), 4), 1.0)``).
+    Paper: Navon et al., *Multi-Task Learning as a Bargaining Game*, ICML 2022 (https://arxiv.org/abs/2202.01017). A
+    composition of the public roles: the bargaining weights (:class:`NashBargaining`, ``α_k (G α)_k = 1``), recomputed
+    every ``update_weights_every``-th optimizer step and reused in between (:class:`~mtlzoo.roles.EveryNSteps`), the
+    update then clipped to norm ``max_norm`` (:class:`~mtlzoo.roles.ClipNorm`: ``||J^T α|| <= max_norm``, so with the
+    default 1.0 and K >= 2 it has norm 1; 0 disables the clipping), as the authors' code does. The same modifiers wrap
+    any Gramian aggregator (``ClipNorm(EveryNSteps(UPGrad(3), 4), 1.0)``).
 
-    Running state: the bargaining weights' warm start (``inner.inner.previous_weights``), the
-    weights reused between recomputations and the optimizer step count (``inner.weights``,
-    ``inner``'s ``steps``). A checkpoint of mtlzoo 0.1.0's ``NashMTL`` (``previous_weights`` and
-    ``step`` at the top) loads into this layout.
-
-    The heads: the authors (nash-mtl's ``methods/weight_methods.py``, and LibMTL) back-propagate
-    ``sum_k α_k L_k``, so head k learns from ``α_k L_k`` (the clipped ``α``; ``weighted_heads=True``,
-    the default); with ``False`` every head learns from its own loss, as under the other aggregators.
+    Running state: the bargaining weights' warm start (``inner.inner.previous_weights``), the weights reused between
+    recomputations and the optimizer step count (``inner.weights``, ``inner``'s ``steps``). A checkpoint of mtlzoo
+    0.1.0's ``NashMTL`` (``previous_weights`` and ``step`` at the top) loads into this layout.
 
     Args:
         max_norm: Largest norm of the update (``0``: no clipping); 1.0 as the authors' code.
         update_weights_every: Recompute the weights every this many optimizer steps.
         max_iterations: Newton steps before giving up (with a warning).
-        weighted_heads: Whether head k learns from ``α_k L_k`` (the authors' choice) or from ``L_k``.
+        weighted_heads: Whether head k learns from ``α_k L_k`` (the clipped ``α``), as the authors (nash-mtl's
+            ``methods/weight_methods.py``, and LibMTL) back-propagate ``sum_k α_k L_k``, or from ``L_k``, as under the
+            other aggregators.
 
     Example:
         >>> import torch, mtlzoo

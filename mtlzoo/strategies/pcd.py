@@ -28,16 +28,14 @@ def priority_weights(gramian: np.ndarray, taus: np.ndarray) -> np.ndarray | None
 
         \min_d \tfrac12 \|d - g_1\|^2 \ \text{ s.t. }\ g_j \cdot d \ge τ_j \|g_j\|^2 \quad (j \ge 2),
 
-    on the Gramian of ``g_1, ..., g_K`` (primary first), by Goldfarb and Idnani's dual method
-    ("A numerically stable dual method for solving strictly convex quadratic programs", Math.
-    Programming 1983) with the identity as the primal Hessian: from ``d = g_1``, the most violated
-    constraint joins the active set, its multiplier growing along the part of its gradient
-    orthogonal to the active ones (``d = g_1 + sum_j μ_j g_j`` throughout, so every product is read
-    from the Gramian); an active multiplier that would turn negative leaves the set first. A
-    constraint counts as met within ``1e-9`` of the largest ``||g_i||^2``; a gradient whose part
-    orthogonal to the active ones is below ``1e-9`` of its squared norm counts as dependent on them.
-    Infeasible when a violated constraint's gradient depends on the active ones and no multiplier
-    can give way.
+    on the Gramian of ``g_1, ..., g_K`` (primary first), by Goldfarb and Idnani's dual method ("A numerically stable
+    dual method for solving strictly convex quadratic programs", Math. Programming 1983) with the identity as the primal
+    Hessian: from ``d = g_1``, the most violated constraint joins the active set, its multiplier growing along the part
+    of its gradient orthogonal to the active ones (``d = g_1 + sum_j μ_j g_j`` throughout, so every product is read from
+    the Gramian); an active multiplier that would turn negative leaves the set first. A constraint counts as met within
+    ``1e-9`` of the largest ``||g_i||^2``; a gradient whose part orthogonal to the active ones is below ``1e-9`` of its
+    squared norm counts as dependent on them. Infeasible when a violated constraint's gradient depends on the active
+    ones and no multiplier can give way.
     """
     secondary = gramian[1:, 1:]
     bounds = taus * np.diag(secondary) - gramian[1:, 0]  # constraint j holds when (G_s μ)_j >= bounds_j
@@ -89,26 +87,24 @@ class PCD(GramianAggregator):
         \tilde g_j \cdot d \ge τ_j \|\tilde g_j\|^2 \ (j \ge 2), \qquad
         d = \tilde d\, \frac{\|g_1\|}{\|\tilde d\|},
 
-    ``s_i = 1 / sqrt(v̂_i + eps)``, ``v̂_i`` the bias-corrected moving average (decay ``β``) of
-    ``||g_i||^2`` over the optimizer steps (the paper's Def. 4.5, Adam's second moment per task).
-    Each secondary task gets at least a fraction ``τ`` of the first-order progress a step along its
-    own normalised gradient would give; within that, the update follows the primary gradient.
-    The quadratic program is solved exactly on the Gramian (:func:`priority_weights`, Goldfarb and
-    Idnani's dual method, as torchjd 0.18's ``PCD``; the authors' ``pcd/qp.py`` enumerates the
-    working sets, exponential in K, with the same minimiser); a weighting of the rows.
+    ``s_i = 1 / sqrt(v̂_i + eps)``, ``v̂_i`` the bias-corrected moving average (decay ``β``) of ``||g_i||^2`` over the
+    optimizer steps (the paper's Def. 4.5, Adam's second moment per task). Each secondary task gets at least a fraction
+    ``τ`` of the first-order progress a step along its own normalised gradient would give; within that, the update
+    follows the primary gradient. The quadratic program is solved exactly on the Gramian (:func:`priority_weights`,
+    Goldfarb and Idnani's dual method, as torchjd 0.18's ``PCD``; the authors' ``pcd/qp.py`` enumerates the working
+    sets, exponential in K, with the same minimiser); a weighting of the rows.
 
     As the authors' code: a zero primary gradient gives the update 0; constraints that cannot all
     hold (a non-negative combination of the secondaries is zero, which needs K >= 3) are dropped
     for the step and the update is ``g_1`` (here with a :class:`~mtlzoo.errors.SolverWarning`);
     ``d̃ = 0`` (to the rounding of ``J^T c``) gives 0; the moving average is updated at every step.
 
-    Beyond the paper, which has every objective at every step: a task absent from a step keeps
-    its moving average and its step count (the bias correction counts each task's own steps);
-    when task 1 is absent, the first present task leads. The moving average is updated once per
-    optimizer step, from the step's first micro-batch (each micro-batch normalises by the average
-    the step started with and its own norms). The authors' PCD acts on the list of parameters
-    given to it as one vector; here it acts on the shared part, and every head learns from its
-    own loss (as torchjd's ``mtl_backward``).
+    Beyond the paper, which has every objective at every step: a task absent from a step keeps its moving average and
+    its step count (the bias correction counts each task's own steps); when task 1 is absent, the first present task
+    leads. The moving average is updated once per optimizer step, from the step's first micro-batch (each micro-batch
+    normalises by the average the step started with and its own norms). The authors' PCD acts on the list of parameters
+    given to it as one vector; here it acts on the shared part, and every head learns from its own loss (as torchjd's
+    ``mtl_backward``).
 
     Running state: the moving averages ``second_moments`` and the per-task step counts ``counts``.
 
@@ -126,19 +122,15 @@ class PCD(GramianAggregator):
     """
 
     info = StrategyInfo(
-        name="pcd",
-        summary="Follows task 1's gradient, each other task guaranteed a fraction tau of its own progress.",
+        name="pcd", summary="Follows task 1's gradient, each other task guaranteed a fraction tau of its own progress.",
         request=Request("parameters", "gramian"),
         paper=Paper(
             authors=("Dara Varam", "Mohamed I. AlHajri"),
             title="Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical "
                   "Multi-Objective Optimization",
-            venue="TMLR",
-            year=2026,
-            url="https://openreview.net/forum?id=HT01yGHLEt",
+            venue="TMLR", year=2026, url="https://openreview.net/forum?id=HT01yGHLEt",
         ),
-        properties=frozenset(),
-        cost="parameters",
+        properties=frozenset(), cost="parameters",
         original_code="https://github.com/DaraVaram/priority-constrained-descent",
     )
     """No claim: task 1 leads, so PCD is not permutation invariant, and the normalisation's ``eps`` (absolute) makes

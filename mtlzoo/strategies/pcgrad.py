@@ -65,9 +65,8 @@ def projected_weights(matrix: np.ndarray, orders: np.ndarray) -> np.ndarray:
 class PCGrad(GramianAggregator):
     r"""PCGrad: each task's gradient loses its component along every other gradient it conflicts with.
 
-    Paper: Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020
-    (https://arxiv.org/abs/2001.06782), Algorithm 1. For every task i, with
-    ``g_i^{PC} = g_i`` and the other tasks j visited in a random order:
+    Paper: Yu et al., *Gradient Surgery for Multi-Task Learning*, NeurIPS 2020 (https://arxiv.org/abs/2001.06782),
+    Algorithm 1. For every task i, with ``g_i^{PC} = g_i`` and the other tasks j visited in a random order:
 
     .. math::
 
@@ -75,13 +74,12 @@ class PCGrad(GramianAggregator):
         g_i^{PC} \leftarrow g_i^{PC} - \frac{g_i^{PC} \cdot g_j}{\|g_j\|^2} g_j,
         \qquad d = \sum_i g_i^{PC}
 
-    (projections against the original ``g_j``, as the authors' code). Task i skips itself, as the
-    paper's Algorithm 1 ("for each g_j, j != i"): the authors' code (``pc_grad_update``) and its ports
-    (LibMTL, torchjd's ``PCGrad``) visit ``j = i`` too, which matters only once earlier projections
-    have turned ``g_i^{PC}`` against ``g_i`` (that visit removes the component along ``g_i``). Without
-    any conflict ``d`` is the plain sum. Computed on the Gramian (``g_i^{PC} = sum_k C_ik g_k``): the
-    update is ``J^T C^T 1``. A zero gradient projects nothing. The orders come from the strategy's
-    own generator (seeded from torch's, or by ``seed``; saved in ``state_dict()``); the update's
+    (projections against the original ``g_j``, as the authors' code). Task i skips itself, as the paper's Algorithm 1
+    ("for each g_j, j != i"): the authors' code (``pc_grad_update``) and its ports (LibMTL, torchjd's ``PCGrad``) visit
+    ``j = i`` too, which matters only once earlier projections have turned ``g_i^{PC}`` against ``g_i`` (that visit
+    removes the component along ``g_i``). Without any conflict ``d`` is the plain sum. Computed on the Gramian
+    (``g_i^{PC} = sum_k C_ik g_k``): the update is ``J^T C^T 1``. A zero gradient projects nothing. The orders come from
+    the strategy's own generator (seeded from torch's, or by ``seed``; saved in ``state_dict()``); the update's
     expectation over them is permutation invariant, and for a fixed draw it scales with the gradients.
 
     Args:

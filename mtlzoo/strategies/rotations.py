@@ -1,12 +1,11 @@
 r"""RotoGrad's rotations as an adapter of the representation (Javaloy & Valera, ICLR 2022).
 
-Reference values (:class:`ReferenceSteps`): at step 0 and again at step ``burn_in_period``
-(optimizer steps, however many micro-batches each accumulates) each task's value is recorded as
-its reference (``L_k(t_0)``), from the step's first micro-batch. A task absent from the reference
-step, or whose value is 0 there (a masked loss), takes its reference at its next step with a
-non-zero value. With ``normalize_losses=True``, ``L_k / L_k(t_0)`` is back-propagated everywhere
-(the heads too); a task without a usable reference is not normalised until it has one (with a
-warning): dividing by 0 would back-propagate inf.
+Reference values (:class:`ReferenceSteps`): at step 0 and again at step ``burn_in_period`` (optimizer steps, however
+many micro-batches each accumulates) each task's value is recorded as its reference (``L_k(t_0)``), from the step's
+first micro-batch. A task absent from the reference step, or whose value is 0 there (a masked loss), takes its reference
+at its next step with a non-zero value. With ``normalize_losses=True``, ``L_k / L_k(t_0)`` is back-propagated everywhere
+(the heads too); a task without a usable reference is not normalised until it has one (with a warning): dividing by 0
+would back-propagate inf.
 """
 
 from __future__ import annotations
@@ -78,16 +77,12 @@ class ReferenceSteps:
         self.declare_state(per_step="every", **{name: torch.full((self.num_tasks,), math.nan)  # type: ignore
                                                 for name in names})
 
-    def is_reference_step(self) -> bool:
-        step = self.state.step
-        return step == 0 or step == self.burn_in_period
-
     def record_reference(self, name: str, values: Tensor, tasks: Tensor) -> Tensor:
         """Stage ``values`` as the reference of ``tasks`` on the first micro-batch of a reference step, and for
         any task without a usable reference yet (finite and non-zero *in the reference's dtype*); return the
         references this step uses."""
         current: Tensor = getattr(self.state, name)
-        renew = self.micro_batch == 0 and self.is_reference_step()
+        renew = self.micro_batch == 0 and self.state.step in (0, self.burn_in_period)
         if not renew and all_usable(self, current):
             return current  # every task has its reference: nothing to record
         values = values.detach().to(current.dtype)
@@ -129,11 +124,10 @@ class Rotations(ReferenceSteps, Adapter):
 
     ``sum_k reduce_batch || R_k v - R_k^{sg} g_k ||^2``,  ``v = mean_k( g_k ||mean_j g_j|| / ||g_k|| )``,
 
-    where ``R_k^{sg} g_k = dL_k/dz_k`` (``sg`` stops gradients). The backbone's update is the
-    aggregator's (the plain sum alone: the ``rotate_only`` strategy, which
-    ``mtlzoo.compose(adapter="rotate_only")`` stands for). ``reduce_batch`` is a sum over the batch
-    when ``post_shape`` is empty and a mean otherwise, as the original package reduces (with Adam,
-    which it recommends for rotations, the scale does not change the update). Running state: the
+    where ``R_k^{sg} g_k = dL_k/dz_k`` (``sg`` stops gradients). The backbone's update is the aggregator's (the plain
+    sum alone: the ``rotate_only`` strategy, which ``mtlzoo.compose(adapter="rotate_only")`` stands for).
+    ``reduce_batch`` is a sum over the batch when ``post_shape`` is empty and a mean otherwise, as the original package
+    reduces (with Adam, which it recommends for rotations, the scale does not change the update). Running state: the
     step counter, the reference losses, the rotations; :meth:`on_advance` retracts them.
 
     Args:
@@ -146,13 +140,11 @@ class Rotations(ReferenceSteps, Adapter):
         normalize_losses: Back-propagate ``L_k / L_k(t_0)`` instead of ``L_k`` (the heads too).
         burn_in_period: Optimizer step at which the reference values ``L_k(t_0)`` are recorded
             again, after being recorded at step 0.
-        orthogonal_map: How the rotations are kept orthogonal: ``"retraction"`` (the default, the
-            fast one: moved after each optimizer step by two matrix products, see
-            :mod:`mtlzoo.strategies._rotation_bank`), or a map of torch's orthogonal
-            parametrization: ``"matrix_exp"`` (the original's ``expm``: a rotograd run number for
+        orthogonal_map: How the rotations are kept orthogonal: ``"retraction"`` (the default, the fast one: moved after
+            each optimizer step by two matrix products, see :mod:`mtlzoo.strategies._rotation_bank`), or a map of
+            torch's orthogonal parametrization: ``"matrix_exp"`` (the original's ``expm``: a rotograd run number for
             number), ``"cayley"`` (which cannot reach a rotation by pi from its base) or ``"householder"``.
-        rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original)
-            or ``"identity"``.
+        rotation_init: ``"random"`` (Haar on SO(n), drawn from torch's generator, as the original) or ``"identity"``.
         fold_linear_heads: Where a head starts with a plain ``nn.Linear`` ``W`` on a flat
             representation (and has fewer outputs than the batch has rows), compute ``W (R_k z)`` as
             ``(W R_k) z``: the same function and gradients up to rounding, without rotating the batch

@@ -30,15 +30,8 @@ from mtlzoo.strategies.rotations import (
 )
 from mtlzoo.strategy import StrategyInfo, Target, check_int, check_number
 
-__all__ = [
-    "ROTOGRAD_PAPER",
-    "GradNormWeights",
-    "MagnitudeScaling",
-    "RotateOnly",
-    "Rotations",
-    "RotoGrad",
-    "RotoGradNorm",
-]
+__all__ = ["ROTOGRAD_PAPER", "GradNormWeights", "MagnitudeScaling", "RotateOnly", "Rotations", "RotoGrad",
+           "RotoGradNorm"]
 
 
 class _RepresentationAggregator(ReferenceSteps, Aggregator):
@@ -213,9 +206,8 @@ class RotoGrad(RotateOnly):
     ``dz = sum_k C g_k / ||g_k||``,  ``C = sum_k a_k ||g_k||``,  ``a_k = r_k / sum_j r_j``,
     ``r_k = ||g_k|| / ||g_k(t_0)||``,
 
-    so every task pushes with the same magnitude, the one of the task that converges slowest
-    weighing most; ``t_0`` is step 0, then ``burn_in_period``. An absent task is left out of the
-    sums. Arguments as :class:`RotateOnly`.
+    so every task pushes with the same magnitude, the one of the task that converges slowest weighing most; ``t_0`` is
+    step 0, then ``burn_in_period``. An absent task is left out of the sums. Arguments as :class:`RotateOnly`.
     """
 
     info = family_info("rotograd", "Rotations that align task gradients plus scaling that equalises their "
@@ -234,11 +226,10 @@ class RotoGrad(RotateOnly):
 class RotoGradNorm(RotateOnly):
     r"""RotoGradNorm: RotateOnly's rotations with GradNorm's task weights on the representation.
 
-    Papers: Javaloy & Valera, ICLR 2022 (https://arxiv.org/abs/2103.02631), with GradNorm, Chen et
-    al., ICML 2018 (https://arxiv.org/abs/1711.02257). The rotations adapter composed with
-    :class:`GradNormWeights` (held as ``aggregator``): task weights ``w = K softmax(θ)`` (learnable
-    ``θ``, so ``sum_k w_k = K``) give the backbone update ``dz = sum_k w_k g_k``, and ``θ`` minimises
-    GradNorm's objective on the representation:
+    Papers: Javaloy & Valera, ICLR 2022 (https://arxiv.org/abs/2103.02631), with GradNorm, Chen et al., ICML 2018
+    (https://arxiv.org/abs/1711.02257). The rotations adapter composed with :class:`GradNormWeights` (held as
+    ``aggregator``): task weights ``w = K softmax(θ)`` (learnable ``θ``, so ``sum_k w_k = K``) give the backbone update
+    ``dz = sum_k w_k g_k``, and ``θ`` minimises GradNorm's objective on the representation:
 
     ``sum_k | w_k ||g_k|| - ||(1/K) sum_j w_j g_j|| (r_k / mean_j r_j)^alpha |``,
     ``r_k = L_k / L_k(t_0)``,

@@ -18,12 +18,11 @@ SCALE_FLOOR = 1e-4
 class SDMGrad(ProjectedWeights):
     r"""SDMGrad: stochastic direction-oriented MGDA, the weights solved on products of independent batches.
 
-    Paper: Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
-    Algorithms*, NeurIPS 2023 (https://arxiv.org/abs/2305.18409), Algorithm 1. Of three independent
-    batches of the step, ``ξ`` and ``ξ'`` give the weights and ``ζ`` the update. With
-    ``A = J_ξ J_{ξ'}^T`` scaled by ``s = mean_k sqrt(max(A_kk, 0) + 1e-4)``, ``w̃ = 1/K`` (the mean
-    gradient ``g_0``, the preferred direction) and the running weights ``w`` (``1/K`` each at first),
-    ``n_iter`` steps of projected SGD with momentum ``μ`` (``v`` starts at 0 each step):
+    Paper: Xiao, Ban & Ji, *Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms*,
+    NeurIPS 2023 (https://arxiv.org/abs/2305.18409), Algorithm 1. Of three independent batches of the step, ``ξ`` and
+    ``ξ'`` give the weights and ``ζ`` the update. With ``A = J_ξ J_{ξ'}^T`` scaled by ``s = mean_k sqrt(max(A_kk, 0) +
+    1e-4)``, ``w̃ = 1/K`` (the mean gradient ``g_0``, the preferred direction) and the running weights ``w`` (``1/K``
+    each at first), ``n_iter`` steps of projected SGD with momentum ``μ`` (``v`` starts at 0 each step):
 
     .. math::
 
@@ -34,16 +33,15 @@ class SDMGrad(ProjectedWeights):
     ``λ`` tends to the mean gradient (``ls`` up to the factor). The update is a weighting of ``J_ζ``, the
     batch the model learns from (``losses`` in ``mtl.backward(losses, more_batches=[ξ, ξ'])``).
 
-    As the authors' code (``methods/weight_methods.py``, ``SDMGrad``): the scale ``s``, the inner SGD
-    (learning rate 10, momentum 0.5, 20 steps, warm-started at the last step's ``w``), ``λ = 0.3`` of their
-    experiments and the factor K "to match the sum loss". Their ``s`` adds 1e-4 to ``A_kk`` in raw units,
-    and is undefined where ``A_kk < -1e-4`` (a negative diagonal, which independent batches can give):
-    here ``A_kk`` is first clipped at 0, as LibMTL and torchjd do. (Their class builds the three batches'
-    gradient matrices as one shared tensor, so their ``ξ``, ``ξ'`` and ``ζ`` all hold the last batch's
-    gradients; this follows their paper and their LibMTL port.) Their training scripts also clip the
-    shared gradient's norm at 1, for every method alike: not part of SDMGrad, left out.
-    torchjd 0.18's ``SDMGradWeighting`` gives ``(w + λ w̃) / (1 + λ)`` (no factor K) and scales by
-    ``(mean_k sqrt(max(A_kk, 0)))^2 + 1e-8``; LibMTL's inner learning rate is 5.
+    As the authors' code (``methods/weight_methods.py``, ``SDMGrad``): the scale ``s``, the inner SGD (learning rate 10,
+    momentum 0.5, 20 steps, warm-started at the last step's ``w``), ``λ = 0.3`` of their experiments and the factor K
+    "to match the sum loss". Their ``s`` adds 1e-4 to ``A_kk`` in raw units, and is undefined where ``A_kk < -1e-4`` (a
+    negative diagonal, which independent batches can give): here ``A_kk`` is first clipped at 0, as LibMTL and torchjd
+    do. (Their class builds the three batches' gradient matrices as one shared tensor, so their ``ξ``, ``ξ'`` and ``ζ``
+    all hold the last batch's gradients; this follows their paper and their LibMTL port.) Their training scripts also
+    clip the shared gradient's norm at 1, for every method alike: not part of SDMGrad, left out. torchjd 0.18's
+    ``SDMGradWeighting`` gives ``(w + λ w̃) / (1 + λ)`` (no factor K) and scales by ``(mean_k sqrt(max(A_kk, 0)))^2 +
+    1e-8``; LibMTL's inner learning rate is 5.
 
     The paper defines SDMGrad on the shared parameters. On ``target="representation"`` it reads one
     batch (``A`` is that batch's Gramian). Given fewer than three batches on the parameters, the given
@@ -71,12 +69,9 @@ class SDMGrad(ProjectedWeights):
         paper=Paper(
             authors=("Peiyao Xiao", "Hao Ban", "Kaiyi Ji"),
             title="Direction-oriented Multi-objective Learning: Simple and Provable Stochastic Algorithms",
-            venue="NeurIPS",
-            year=2023,
-            url="https://arxiv.org/abs/2305.18409",
+            venue="NeurIPS", year=2023, url="https://arxiv.org/abs/2305.18409",
         ),
-        properties=frozenset({"permutation_invariant"}),
-        cost="parameters",
+        properties=frozenset({"permutation_invariant"}), cost="parameters",
         original_code="https://github.com/OptMN-Lab/sdmgrad",
     )
     batches = 3

@@ -29,11 +29,10 @@ def stch_total(losses: Tensor, nadir: Tensor, mu: float) -> Tensor:
 class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
     r"""Smooth Tchebycheff scalarization (STCH) with its authors' multitask recipe.
 
-    Paper: Lin, Zhang, Yang, Liu, Wang & Zhang, *Smooth Tchebycheff Scalarization for
-    Multi-Objective Optimization*, ICML 2024 (https://arxiv.org/abs/2402.19078). The scalarization
-    ``mu log sum_k exp( lambda_k (f_k - z_k) / mu )`` is a smooth maximum of the objectives that
-    tends to their Tchebycheff maximum as ``mu -> 0``. For multitask learning its authors' code
-    (the ``STCH_MTL`` directory of https://github.com/Xi-L/STCH) uses equal preferences and:
+    Paper: Lin, Zhang, Yang, Liu, Wang & Zhang, *Smooth Tchebycheff Scalarization for Multi-Objective Optimization*,
+    ICML 2024 (https://arxiv.org/abs/2402.19078). The scalarization ``mu log sum_k exp( lambda_k (f_k - z_k) / mu )`` is
+    a smooth maximum of the objectives that tends to their Tchebycheff maximum as ``mu -> 0``. For multitask learning
+    its authors' code (the ``STCH_MTL`` directory of https://github.com/Xi-L/STCH) uses equal preferences and:
 
     1. warm-up: for epochs ``0 .. warmup_epochs`` the model learns from ``sum_k log L_k``
        (``w_k = 1 / L_k``); during the last of them (epoch ``warmup_epochs``) the losses are
@@ -42,12 +41,11 @@ class SmoothTchebycheff(_weighting.WidensState, LossWeighting):
        ``w_k = K softmax( log(L / n) / mu )_k / L_k``: the task furthest above its nadir value,
        relative to it, gets the most weight; at equal relative losses the weights are the warm-up's.
 
-    Call ``mtl.end_epoch()`` after each epoch; without any, STCH stays in its warm-up and warns once
-    after ``reminder_steps`` steps (1000 by default). The nadir average is over the nadir epoch's
-    backward calls, counted once each optimizer step is taken; a task absent from that whole epoch
-    is not normalised (``n_k = 1``). With absent tasks, K is the number of present ones. A loss
-    <= 0 raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the task, with the state left
-    as it was. The nadir is kept in the losses' dtype.
+    Call ``mtl.end_epoch()`` after each epoch; without any, STCH stays in its warm-up and warns once after
+    ``reminder_steps`` steps (1000 by default). The nadir average is over the nadir epoch's backward calls, counted once
+    each optimizer step is taken; a task absent from that whole epoch is not normalised (``n_k = 1``). With absent
+    tasks, K is the number of present ones. A loss <= 0 raises :class:`~mtlzoo.errors.NonPositiveLossError`, naming the
+    task, with the state left as it was. The nadir is kept in the losses' dtype.
 
     Args:
         mu: The smoothing ``mu > 0``. 1.0 as the authors' multitask code; the paper evaluates

@@ -69,18 +69,16 @@ class UPGrad(DualConeSurgery):
         d = \sum_k p_k\, \pi_J(g_k) = J^\top \sum_k v^{(k)},
         \qquad v^{(k)} = \arg\min_{v \ge p_k e_k} v^\top G v .
 
-    ``d`` conflicts with no task (``J d >= 0``), is zero at a Pareto-stationary point (a positive
-    combination of the rows is zero), scales with the gradients, and is linear under a
-    per-task scaling of the rows. The K quadratic programs are solved exactly on the Gramian
-    (:func:`mtlzoo.solvers.project_to_dual_cone`), in float64 on the host.
+    ``d`` conflicts with no task (``J d >= 0``), is zero at a Pareto-stationary point (a positive combination of the
+    rows is zero), scales with the gradients, and is linear under a per-task scaling of the rows. The K quadratic
+    programs are solved exactly on the Gramian (:func:`mtlzoo.solvers.project_to_dual_cone`), in float64 on the host.
 
-    Differences from torchjd 0.18's ``UPGrad`` (written by the paper's authors): torchjd solves
-    on ``G / tr(G) + 1e-4 I`` and treats a Gramian of trace below ``1e-4`` as zero (then it
-    returns the plain mean of the rows); here the Gramian is scaled to unit trace whatever its
-    size, and ``reg_eps`` (default 0: the paper's exact projection) adds ``reg_eps I`` after that
-    scaling. With ``reg_eps=1e-4`` the two agree to rounding on gradients of trace above 1e-4;
-    with the default they differ by the regularisation's effect, up to a few percent of ``||J||``
-    on ill-conditioned or rank-deficient Jacobians.
+    Differences from torchjd 0.18's ``UPGrad`` (written by the paper's authors): torchjd solves on ``G / tr(G) + 1e-4
+    I`` and treats a Gramian of trace below ``1e-4`` as zero (then it returns the plain mean of the rows); here the
+    Gramian is scaled to unit trace whatever its size, and ``reg_eps`` (default 0: the paper's exact projection) adds
+    ``reg_eps I`` after that scaling. With ``reg_eps=1e-4`` the two agree to rounding on gradients of trace above 1e-4;
+    with the default they differ by the regularisation's effect, up to a few percent of ``||J||`` on ill-conditioned or
+    rank-deficient Jacobians.
 
     Args:
         pref_vector: K non-negative weights of the projected gradients; ``None`` for ``1/K'``

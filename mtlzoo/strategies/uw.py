@@ -18,13 +18,12 @@ UW_PAPER = Paper(
 class UncertaintyWeighting(LossWeighting):
     r"""Uncertainty weighting (UW): ``total = sum_k ( exp(-s_k) L_k / 2 + s_k / 2 )``, ``s_k = log sigma_k^2``.
 
-    Paper: Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for Scene
-    Geometry and Semantics*, CVPR 2018 (https://arxiv.org/abs/1705.07115). Each task's
-    homoscedastic noise ``sigma_k^2`` is learned through its log ``s_k`` (a parameter, for the
-    user's optimizer, as the paper for stability), from ``total`` with the losses held constant;
-    the model learns from ``sum_k w_k L_k`` with ``w_k = exp(-s_k) / 2``. At the optimum of
-    ``s_k``, ``sigma_k^2 = L_k``: a task's weight falls as its loss grows. The form is the paper's
-    for regression (a Gaussian likelihood), used for every task as in torchjd and LibMTL.
+    Paper: Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for Scene Geometry and
+    Semantics*, CVPR 2018 (https://arxiv.org/abs/1705.07115). Each task's homoscedastic noise ``sigma_k^2`` is learned
+    through its log ``s_k`` (a parameter, for the user's optimizer, as the paper for stability), from ``total`` with the
+    losses held constant; the model learns from ``sum_k w_k L_k`` with ``w_k = exp(-s_k) / 2``. At the optimum of
+    ``s_k``, ``sigma_k^2 = L_k``: a task's weight falls as its loss grows. The form is the paper's for regression (a
+    Gaussian likelihood), used for every task as in torchjd and LibMTL.
 
     The log-variances start at 0 (``sigma^2 = 1``, equal weights 1/2), the paper's reported-robust
     choice (LibMTL starts them at -0.5). An absent task's ``s_k`` gets no gradient.
