@@ -45,12 +45,8 @@ class MTLWrapper(nn.Module):
         jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
             shared parameters: ``1`` loops over tasks; ``None`` (the default) loops on the CPU, where
             the loop was measured faster than the batched backward (docs/performance.md), and
-            batches all K at once on an accelerator.
-            A chunk bounds the batched backward's working memory (one copy of the backbone's
-            activation gradients per task of the chunk), not the K x n Jacobian, which is formed
-            whatever the chunk, with one chunk of rows held beside it while it fills: the peak
-            falls with the chunk where activations outweigh parameters (large batches, feature
-            maps), and ``1`` is the lowest peak either way (see the API reference's figures).
+            batches all K at once on an accelerator. A chunk bounds the batched backward's working
+            memory, not the K x n Jacobian; ``1`` is the lowest peak ("Memory and jacobian_chunk_size" below).
         distributed: Data-parallel training (docs/distributed.md): ``None`` (the default) trains on the whole
             batch of every rank when ``torch.distributed`` is initialized with more than one process, ``False``
             trains on this process's batch alone, ``True`` or a process group: on that group (the default one).
@@ -94,10 +90,6 @@ class MTLWrapper(nn.Module):
         heads = as_heads(getattr(model, "heads", None))
         if len(heads) == 0:
             raise InvalidModelError("The model has no heads; a multitask model needs one head per task.")
-        bad = [str(k) for k, head in (heads.items() if isinstance(heads, nn.ModuleDict) else enumerate(heads))
-               if not isinstance(head, nn.Module)]
-        if bad:
-            raise InvalidModelError(f"Every head should be an nn.Module; heads {bad} are not.")
         self.backbone = backbone
         self.heads = heads
         self._compiled_backbone = compiled_original(backbone) is not None
@@ -140,9 +132,6 @@ class MTLWrapper(nn.Module):
         if self.task_names is not None:
             return list(self.heads.items())
         return list(enumerate(self.heads))
-
-    def _labels(self) -> list[str]:
-        return self.task_names if self.task_names is not None else [str(k) for k in range(len(self))]
 
     def _task_index(self, task: int | str) -> int:
         if self.task_names is not None and isinstance(task, str):
