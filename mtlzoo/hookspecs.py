@@ -47,9 +47,8 @@ def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
     """Register comparison problems by calling ``register(cls)`` once per class.
 
     Args:
-        register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass
-            of its settings, with a ``name``) for ``mtlzoo compare --problem NAME``; it refuses a name
-            that is already taken.
+        register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass of its
+            settings, with a ``name``) for ``mtlzoo compare --problem NAME``; it refuses a name that is already taken.
 
     Example:
         ```python

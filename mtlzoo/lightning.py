@@ -38,10 +38,9 @@ class MTLModule(pl.LightningModule):
     - ``backward`` runs ``mtl.backward(losses)`` (through the precision plugin's ``GradScaler``
       under ``"16-mixed"``); with ``accumulate_grad_batches=N`` each micro-batch's losses are
       divided by ``N``, as Lightning divides a plain loss;
-    - ``optimizer_step`` runs ``mtl.step``, which takes Lightning's own optimizer step (clipping,
-      the scaler, the hooks) and then advances the strategy's state once, only if the step was taken;
-      FAMO's post-step losses are ``training_step`` run again on the step's batches under ``no_grad``
-      (its ``self.log`` calls are silenced then);
+    - ``optimizer_step`` runs ``mtl.step``, which takes Lightning's own optimizer step (clipping, the scaler, the hooks)
+      and then advances the strategy's state once, only if the step was taken; FAMO's post-step losses are
+      ``training_step`` run again on the step's batches under ``no_grad`` (its ``self.log`` calls are silenced then);
     - ``on_train_epoch_end`` runs ``mtl.end_epoch()``;
     - :meth:`log_mtl_step` logs each task's loss, loss weight and gradient coefficient.
 

@@ -181,9 +181,8 @@ class MTLWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone and every head: one prediction per task.
 
-        Each training forward (training mode, gradients enabled) is its own handle: the losses of
-        its predictions find it at ``backward``, whatever forwards ran in between (a ``no_grad``
-        validation forward changes nothing).
+        Each training forward (training mode, gradients enabled) is its own handle: the losses of its predictions find
+        it at ``backward``, whatever forwards ran in between (a ``no_grad`` validation forward changes nothing).
 
         Returns:
             A list of predictions (a dict when heads are named). If the backbone or a head returns a
@@ -248,12 +247,11 @@ class MTLWrapper(nn.Module):
                  scaler: Any | None = None, retain_graph: bool = False) -> None:
         """Back-propagate the K task losses of this step through the strategy.
 
-        Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
-        backward); call :meth:`step` afterwards. Call it once per forward: micro-batches
-        accumulate, and the strategy's state advances once, at :meth:`step`. A plain
-        ``optimizer.step()`` since the previous backward is noticed here (the parameters moved with
-        no :meth:`step`): the state advances then, with a one-time warning. What the backward used
-        (loss weights, gradient coefficients) is in :attr:`last_step` afterwards.
+        Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain backward); call
+        :meth:`step` afterwards. Call it once per forward: micro-batches accumulate, and the strategy's state advances
+        once, at :meth:`step`. A plain ``optimizer.step()`` since the previous backward is noticed here (the parameters
+        moved with no :meth:`step`): the state advances then, with a one-time warning. What the backward used (loss
+        weights, gradient coefficients) is in :attr:`last_step` afterwards.
 
         The model learns from ``sum_k w_k L_k`` (``w`` the strategy's loss weights, all ones for
         surgery); a surgery strategy then combines the per-task gradients on the shared part. A

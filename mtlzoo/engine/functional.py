@@ -1,13 +1,12 @@
 """The functional face of a step: the losses, the shared representation and the shared parameters, no model.
 
-:func:`backward` trains any model whose tasks share a representation, whatever its shape (per-task
-attention over a shared trunk, several shared outputs, ...): it takes the K losses, the tensor(s) the
-tasks share (``features``) and the parameters that produce them, and does what
-:meth:`mtlzoo.MTLWrapper.backward` does after its heads' pass, through the same core
-(:func:`mtlzoo.engine.step.apply_update`). The wrapper is the same step with one difference of
-route: it detaches the backbone output for each head in its forward, so that one backward through
-the heads gives all K per-task gradients at once; here they come from one vmapped backward of the K
-losses to ``features`` (a loop where vmap cannot batch it).
+:func:`backward` trains any model whose tasks share a representation, whatever its shape (per-task attention over a
+shared trunk, several shared outputs, ...): it takes the K losses, the tensor(s) the tasks share (``features``) and the
+parameters that produce them, and does what :meth:`mtlzoo.MTLWrapper.backward` does after its heads' pass, through the
+same core (:func:`mtlzoo.engine.step.apply_update`). The wrapper is the same step with one difference of route: it
+detaches the backbone output for each head in its forward, so that one backward through the heads gives all K per-task
+gradients at once; here they come from one vmapped backward of the K losses to ``features`` (a loop where vmap cannot
+batch it).
 """
 
 from __future__ import annotations
@@ -40,22 +39,20 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
              task_names: Sequence[str] | None = None, distributed: Any = None) -> StepWeights:
     """Back-propagate the K task losses of a step through ``strategy``, for a model of any shape.
 
-    Every parameter that a loss reaches other than through ``features`` (the task-specific parts)
-    gets the gradient of ``sum_k w_k L_k``; the shared parameters get the strategy's combination
-    of the task gradients. Nothing reaches ``.grad`` before the one final backward, so an error
-    leaves no trace. After the optimizer step, call ``strategy.advance()`` (``MTLWrapper.step``
-    does it for the wrapper); micro-batches accumulate as with the wrapper. The task-specific
-    parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
-    Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they
-    learn from ``sum_k w_k L_k`` whatever the strategy. A strategy that reads several independent batches per
-    step (SDMGrad, MoDo) gets this one in place of all, with a :class:`~mtlzoo.errors.ReusedBatchWarning`
-    (``MTLWrapper.backward`` takes the others as ``more_batches``).
+    Every parameter that a loss reaches other than through ``features`` (the task-specific parts) gets the gradient of
+    ``sum_k w_k L_k``; the shared parameters get the strategy's combination of the task gradients. Nothing reaches
+    ``.grad`` before the one final backward, so an error leaves no trace. After the optimizer step, call
+    ``strategy.advance()`` (``MTLWrapper.step`` does it for the wrapper); micro-batches accumulate as with the wrapper.
+    The task-specific parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
+    Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they learn from
+    ``sum_k w_k L_k`` whatever the strategy. A strategy that reads several independent batches per step (SDMGrad, MoDo)
+    gets this one in place of all, with a :class:`~mtlzoo.errors.ReusedBatchWarning` (``MTLWrapper.backward`` takes the
+    others as ``more_batches``).
 
     Args:
         strategy: The strategy, built for K tasks (``mtlzoo.create(name, num_tasks=K)``). Strategies
             that adapt the representation per task (the RotoGrad family) need ``MTLWrapper``.
-        losses: K scalar losses (``None`` for a task absent from the step), or a dict by task name
-            with ``task_names``.
+        losses: K scalar losses (``None`` for a task absent from the step), or a dict by task name with ``task_names``.
         features: The representation the tasks share: one tensor, or several concatenated along
             their first dimension (they must agree beyond it).
         shared: The shared parameters (those that produce ``features``): a sequence, or a module
