@@ -70,25 +70,7 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     Returns:
         What the step used: the loss weights and the coefficients of the task gradients.
 
-    Example:
-        ```python
-        import torch
-        from torch import nn
-        import mtlzoo
-        from mtlzoo.engine import backward
-
-        trunk = nn.Linear(4, 8)
-        attention = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])  # per task, over the shared trunk
-        heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(2)])
-        strategy = mtlzoo.create("upgrad", num_tasks=2)
-        x, y = torch.randn(16, 4), torch.randn(2, 16, 1)
-        features = torch.relu(trunk(x))
-        predictions = [head(features * torch.sigmoid(gate(features))) for gate, head in zip(attention, heads)]
-        used = backward(strategy, [nn.functional.mse_loss(p, t) for p, t in zip(predictions, y)], features,
-                        trunk)
-        strategy.advance()  # after the optimizer step
-        print(used.coefficients.shape)
-        ```
+    An example (a per-task attention model): docs/concepts.md, "Models that are not a backbone plus heads".
     """
     if type(strategy).adapt is not Strategy.adapt or type(strategy).predict is not Strategy.predict:
         raise InvalidModelError(f"{type(strategy).__name__} adapts the representation per task inside the model's "
