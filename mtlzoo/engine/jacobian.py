@@ -3,11 +3,8 @@
 The K vector-Jacobian products ``(dz/dθ)^T g_k`` run as one vmapped backward
 (``is_grads_batched``), in chunks of tasks, or as a loop of one backward per task.
 
-Memory: the K x n Jacobian itself is formed whatever the chunk. What the chunk bounds is the batched backward's own
-working memory (``chunk_size`` copies of the backbone's activation gradients); chunks between 1 and K also hold one
-chunk of rows beside the Jacobian while it is filled. So a chunk lowers the peak only where the activation gradients
-outweigh the Jacobian (large batches, convolutional feature maps); where the parameters dominate (an MLP), ``1`` (the
-loop) has the lowest peak and chunks between 1 and K a higher one than no chunking.
+Memory: the K x n Jacobian is formed whatever the chunk, which bounds only the batched backward's working memory
+(docs/reference/wrapper.md, "Memory and jacobian_chunk_size", has the measured peaks).
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""The strategy's update turned into gradients: on ``z``, or directly on the shared parameters.
-
-A weighting ``c`` goes back through ``z`` as ``dz = sum_k c_k g_k``, or, where the Jacobian's blocks were formed and
-cover every leaf ``z`` depends on, reaches each parameter as ``J_p^T c`` (which saves the backward of ``dz`` through the
-backbone). A direction is split over the parameters or taken as ``dz``.
-"""
+"""The strategy's update as gradients, on ``z`` or directly on the shared parameters (:func:`shared_update`)."""
 
 from __future__ import annotations
 
