@@ -33,6 +33,10 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+_CLASS_OR_DASH = re.compile(r"\[!?\]?[^\]]*\]|-")
+"""A ``[...]`` character class (kept as it is) or a ``-`` outside one."""
+
+
 def normalize_pattern(pattern: str) -> str:
     """An fnmatch pattern made to match normalised names: lower case, ``-`` replaced by ``_``.
 
@@ -40,22 +44,7 @@ def normalize_pattern(pattern: str) -> str:
     Classes are delimited as :func:`fnmatch.translate` does (``[!...]``, a leading ``]`` is literal, an
     unclosed ``[`` is a literal character).
     """
-    text = pattern.strip().lower()
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "[":
-            j = i + 1
-            j += j < len(text) and text[j] == "!"
-            j += j < len(text) and text[j] == "]"
-            end = text.find("]", j)
-            if end >= 0:
-                out.append(text[i:end + 1])
-                i = end + 1
-                continue
-        out.append("_" if text[i] == "-" else text[i])
-        i += 1
-    return "".join(out)
+    return _CLASS_OR_DASH.sub(lambda match: "_" if match.group() == "-" else match.group(), pattern.strip().lower())
 
 
 def unknown_keywords(owner: str, what: str, unknown: Sequence[str], accepted: Sequence[str], listing: str,
