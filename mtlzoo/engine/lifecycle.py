@@ -1,10 +1,9 @@
 """When a strategy's running state advances: once per optimizer step that was taken.
 
-``mtl.step(optimizer)`` steps the optimizer (through a ``GradScaler`` when given), then commits or drops what the
-step's backward calls staged. A plain ``optimizer.step()`` is noticed at the wrapper's next backward, by the version
-counters of the parameters it wrote, and advances the state then, with a one-time warning; no process-wide hook is
-installed. A fused optimizer or an update through ``.data`` moves no version counter (docs/concepts.md, "One training
-step").
+``mtl.step(optimizer)`` steps the optimizer (through a ``GradScaler`` when given), then commits or drops what the step's
+backward calls staged. A plain ``optimizer.step()`` is noticed at the wrapper's next backward, by the version counters
+of the parameters it wrote, and advances the state then, with a one-time warning; no process-wide hook is installed. A
+fused optimizer or an update through ``.data`` moves no version counter (docs/concepts.md, "One training step").
 """
 
 from __future__ import annotations
