@@ -33,7 +33,6 @@ class LastLayerGradients:
     weight_grads: Tensor
 
 
-
 def last_layer_weights(z: Tensor) -> list[Tensor]:
     """The weights of the last shared layer: the weight of the linear map that produces ``z`` where there
     is one, else :func:`last_layer_parameters`."""

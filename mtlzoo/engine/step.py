@@ -1,9 +1,7 @@
-"""One backward of a training step: the strategy's request fulfilled, its update applied.
+"""One backward of a training step (:func:`backpropagate`): the strategy's request fulfilled, its update applied.
 
-The wrapper checks the user's input and keeps the lifecycle; :func:`backpropagate` runs the step's maths in order — loss
-weights, the heads' pass, the requested statistics, the strategy's update — and hands every root of the step to one
-``torch.autograd.backward`` (:func:`accumulate`). Nothing reaches ``.grad`` before that last call, so an error anywhere
-leaves no trace.
+Nothing reaches ``.grad`` before the step's one final ``torch.autograd.backward`` (:func:`accumulate`), so an error
+anywhere leaves no trace.
 """
 
 from __future__ import annotations
