@@ -187,8 +187,7 @@ def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
                       f"given: the given batches stand in for the missing ones (its estimate is then biased). Pass "
                       f"the others with mtl.backward(losses, more_batches=[...]), each from a forward of its own. "
                       "Said once.", ReusedBatchWarning, stacklevel=3)
-    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[])
-                     for index in range(len(given), batches)]
+    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[]) for index in range(len(given), batches)]
 
 
 @dataclass

@@ -9,9 +9,6 @@ shared representation ``z``. It declares a :class:`~mtlzoo.protocol.Request` (wh
                inputs.<statistic> = engine(request)        per-task gradients of w_k L_k, if requested
                update = strategy.compute(inputs)           weights c or a direction; an own objective
     step:      strategy.advance()                          once per optimizer step taken
-
-Running state is declared once (:meth:`Strategy.declare_state`, :mod:`mtlzoo.state`). A strategy
-plays one or more *roles* (:mod:`mtlzoo.roles`); its ``kind`` is derived from them.
 """
 
 from __future__ import annotations
