@@ -1,9 +1,7 @@
 """The Jacobian of the losses on the shared parameters, from the per-task gradients on ``z``.
 
-The K vector-Jacobian products ``(dz/dθ)^T g_k`` run as one vmapped backward
-(``is_grads_batched``), in chunks of tasks, or as a loop of one backward per task.
-
-Memory: the K x n Jacobian is formed whatever the chunk, which bounds only the batched backward's working memory
+The K vector-Jacobian products ``(dz/dθ)^T g_k`` run as one vmapped backward, in chunks of tasks, or as a loop. The
+K x n Jacobian is formed whatever the chunk, which bounds only the batched backward's working memory
 (docs/reference/wrapper.md, "Memory and jacobian_chunk_size", has the measured peaks).
 """
 
