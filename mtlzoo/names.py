@@ -99,8 +99,7 @@ class NameRegistry(Generic[Entry]):
         """Raise the registry's :class:`~mtlzoo.errors.DuplicateNameError` (naming both classes and origins) if
         another entry holds one of ``names``."""
         for name in names:
-            other = self.holder(name)
-            if other is not None:
+            if (other := self.holder(name)) is not None:
                 raise self.duplicate_error(
                     f"{self.noun.capitalize()} name {normalize_name(name)!r} of {entry.cls.__qualname__} (from "
                     f"{entry.origin}) is already taken by {other.cls.__qualname__} (from {other.origin}).")
@@ -135,8 +134,7 @@ class NameRegistry(Generic[Entry]):
         matches (a ``TypeError`` if ``name`` is not a str)."""
         if not isinstance(name, str):
             raise TypeError(f"A {self.noun} name is a str. Found {name!r}.")
-        entry = self.holder(name)
-        if entry is None:
+        if (entry := self.holder(name)) is None:
             close = difflib.get_close_matches(normalize_name(name), list(self._keys), n=5, cutoff=0.6)
             suggestions = list(dict.fromkeys(self._keys[key] for key in close))  # best match first
             hint = f" Did you mean {', '.join(map(repr, suggestions))}?" if suggestions else ""

@@ -204,8 +204,7 @@ class PluginLoader:
 
     def in_process_origin(self, name: str) -> Origin:
         """The origin of a plugin registered now: in-process, or the entry point being imported."""
-        loading = self.loading
-        return Origin(name) if loading is None else Origin(name, loading.distribution, loading.version)
+        return Origin(name) if self.loading is None else Origin(name, self.loading.distribution, self.loading.version)
 
     def register_plugin(self, plugin: object, name: str | None = None, origin: Origin | None = None) -> str:
         """Register a plugin object in this process (after loading the entry points); return its name.

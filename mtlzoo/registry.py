@@ -228,8 +228,7 @@ class StrategyRegistry:
         :mod:`mtlzoo.roles.modifiers` (``"every(mgda)"``, ``"clip_norm(every(upgrad))"``): the
         modifier takes the keyword arguments among its own hyperparameters, the wrapped strategy the others.
         """
-        modified = _modified_name(name)
-        if modified is not None:
+        if (modified := _modified_name(name)) is not None:
             return self._create_modified(*modified, kwargs)
         entry = self.get(name)
         _check_hyperparameters(entry.name, entry.cls, kwargs, [e for e in self.names.entries() if e is not entry])
