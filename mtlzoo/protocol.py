@@ -173,10 +173,8 @@ _REUSE_WARNED: weakref.WeakSet[object] = weakref.WeakSet()
 def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
     """Fill ``inputs.extra`` up to ``batches - 1`` batches, the given batches standing in for the missing in turn.
 
-    A strategy that reads several independent batches per step (``Request.batches``) given fewer
-    reuses what it has: the first batch (and the extra ones given) in place of the missing, so its
-    products of independent estimates become products of one estimate with itself (the bias its
-    paper avoids). ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
+    The strategy's products of independent estimates then become products of one estimate with itself (the bias its
+    paper avoids): ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
     """
     given = [inputs, *inputs.extra]
     if len(given) >= batches:
