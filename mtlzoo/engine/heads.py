@@ -93,7 +93,6 @@ def representation_gradients(grads: Sequence[Tensor]) -> Tensor:
     return torch.cat(list(grads), dim=1)
 
 
-
 def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:
     """Split a gradient on the concatenated representation back into one per forward."""
     if len(records) == 1:
