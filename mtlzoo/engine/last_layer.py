@@ -1,9 +1,7 @@
 """Statistics on the last shared layer, and the update applied from it down.
 
-Where the backbone ends in a linear map ``z = h W^T + b`` (recognised from the graph by
-:func:`mtlzoo.engine.internals.linear_output`), the per-task gradients on ``W`` are ``G_k^T h`` and on ``b``
-``sum_n G_k[n]``: no backward at all. GradNorm's norms come from them (factored through the heads' leading linear layers
-where every head has one), and the step's update then reaches ``W`` as a sum over tasks instead of another product.
+Where the backbone ends in a linear map ``z = h W^T + b``, the per-task gradients on it need no backward
+(:func:`layer_norms`), and the step's update then reaches ``W`` as a sum over tasks (:class:`LastLayerGradients`).
 """
 
 from __future__ import annotations
