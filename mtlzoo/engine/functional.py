@@ -1,12 +1,9 @@
 """The functional face of a step: the losses, the shared representation and the shared parameters, no model.
 
-:func:`backward` trains any model whose tasks share a representation, whatever its shape (per-task attention over a
-shared trunk, several shared outputs, ...): it takes the K losses, the tensor(s) the tasks share (``features``) and the
-parameters that produce them, and does what :meth:`mtlzoo.MTLWrapper.backward` does after its heads' pass, through the
-same core (:func:`mtlzoo.engine.step.apply_update`). The wrapper is the same step with one difference of route: it
-detaches the backbone output for each head in its forward, so that one backward through the heads gives all K per-task
-gradients at once; here they come from one vmapped backward of the K losses to ``features`` (a loop where vmap cannot
-batch it).
+:func:`backward` is :meth:`mtlzoo.MTLWrapper.backward` after its heads' pass, through the same core
+(:func:`mtlzoo.engine.step.apply_update`), for a model of any shape. One difference of route: the wrapper detaches the
+backbone output for each head in its forward, so that one backward through the heads gives all K per-task gradients at
+once; here they come from one vmapped backward of the K losses to ``features`` (a loop where vmap cannot batch it).
 """
 
 from __future__ import annotations
