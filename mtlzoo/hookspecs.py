@@ -1,14 +1,9 @@
 """The hooks a plugin implements to add strategies (and comparison problems) to mtlzoo.
 
-A plugin is any module or object with a function marked ``@mtlzoo.hookimpl``. Third-party packages
-expose theirs through the ``mtlzoo`` entry-point group::
-
-    [project.entry-points.mtlzoo]
-    my_plugin = "my_package.mtl_plugin"
-
-The built-ins are registered through these very hooks (:mod:`mtlzoo.strategies`,
-:mod:`mtlzoo.harness.problems.builtin`). Implement a hook as a plain function: a hook wrapper
-(``wrapper=True`` or ``hookwrapper=True``) would register nothing and is refused.
+A plugin is any module or object with a function marked ``@mtlzoo.hookimpl``; a package exposes it through the
+``mtlzoo`` entry-point group (docs/plugins.md). The built-ins are registered through these very hooks
+(:mod:`mtlzoo.strategies`, :mod:`mtlzoo.harness.problems.builtin`). Implement a hook as a plain function: a hook
+wrapper (``wrapper=True`` or ``hookwrapper=True``) would register nothing and is refused.
 """
 
 from __future__ import annotations
@@ -47,9 +42,8 @@ def mtlzoo_register_problems(register: Callable[[type], None]) -> None:
     """Register comparison problems by calling ``register(cls)`` once per class.
 
     Args:
-        register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass
-            of its settings, with a ``name``) for ``mtlzoo compare --problem NAME``; it refuses a name
-            that is already taken.
+        register: Callback taking a :class:`mtlzoo.harness.problems.Problem` subclass (a frozen dataclass of its
+            settings, with a ``name``) for ``mtlzoo compare --problem NAME``; it refuses a name that is already taken.
 
     Example:
         ```python

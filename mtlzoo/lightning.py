@@ -31,23 +31,15 @@ __all__ = ["MTLModule"]
 class MTLModule(pl.LightningModule):
     """A ``LightningModule`` trained through an :class:`~mtlzoo.MTLWrapper`: ``training_step`` returns the K losses.
 
-    Assign the wrapper as ``self.mtl`` in ``__init__``, return the K task losses from
-    ``training_step`` (a list in head order, or a dict keyed by task name; ``None`` for a task
-    absent from the batch), and build the optimizer from :meth:`param_groups`. Then, per step:
-
-    - ``backward`` runs ``mtl.backward(losses)`` (through the precision plugin's ``GradScaler``
-      under ``"16-mixed"``); with ``accumulate_grad_batches=N`` each micro-batch's losses are
-      divided by ``N``, as Lightning divides a plain loss;
-    - ``optimizer_step`` runs ``mtl.step``, which takes Lightning's own optimizer step (clipping,
-      the scaler, the hooks) and then advances the strategy's state once, only if the step was taken;
-      FAMO's post-step losses are ``training_step`` run again on the step's batches under ``no_grad``
-      (its ``self.log`` calls are silenced then);
-    - ``on_train_epoch_end`` runs ``mtl.end_epoch()``;
-    - :meth:`log_mtl_step` logs each task's loss, loss weight and gradient coefficient.
-
-    The strategy is a submodule, so a checkpoint holds its whole state (an epoch-end checkpoint is
-    saved after ``mtl.end_epoch()``). Call ``super()`` when overriding ``backward``,
-    ``optimizer_step``, ``on_train_epoch_end``, ``load_state_dict`` or ``log``.
+    Assign the wrapper as ``self.mtl`` in ``__init__``, return the K task losses from ``training_step`` (a list in
+    head order, or a dict keyed by task name; ``None`` for a task absent from the batch), and build the optimizer from
+    :meth:`param_groups`. ``backward`` runs ``mtl.backward`` (through the precision plugin's ``GradScaler``, each
+    micro-batch's losses divided by ``accumulate_grad_batches``), ``optimizer_step`` runs ``mtl.step`` around
+    Lightning's own step (the state advances only if it was taken), ``on_train_epoch_end`` runs ``mtl.end_epoch()``
+    and :meth:`log_mtl_step` logs each task's loss, loss weight and coefficient; the details (FAMO's post-step
+    losses, checkpoints, DDP) are in docs/lightning.md. The strategy is a submodule, so a checkpoint holds its whole
+    state. Call ``super()`` when overriding ``backward``, ``optimizer_step``, ``on_train_epoch_end``,
+    ``load_state_dict`` or ``log``.
     """
 
     mtl: MTLWrapper

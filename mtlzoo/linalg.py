@@ -31,10 +31,9 @@ _SMALL = 4096
 def row_norms(matrix: Tensor, dim: int = 0) -> Tensor:
     """The Euclidean norm of each row (each index of ``dim``) of a tensor, exact for rows of size 1e30 or 1e-30.
 
-    On the CPU the squares are summed in the input's precision (at least float32) and a norm outside
-    :data:`_SAFE_NORMS` (or of a zero row) is summed again in float64, whose range holds the square of any
-    float32; elsewhere the float64 sum is the only one (no host synchronisation). A float64 row is divided
-    by its largest magnitude before squaring.
+    On the CPU the squares are summed in the input's precision (at least float32) and a norm outside :data:`_SAFE_NORMS`
+    (or of a zero row) is summed again in float64, whose range holds the square of any float32; elsewhere the float64
+    sum is the only one (no host synchronisation). A float64 row is divided by its largest magnitude before squaring.
     """
     if dim != 0:
         matrix = matrix.movedim(dim, 0)

@@ -33,6 +33,10 @@ def normalize_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+_CLASS_OR_DASH = re.compile(r"\[!?\]?[^\]]*\]|-")
+"""A ``[...]`` character class (kept as it is) or a ``-`` outside one."""
+
+
 def normalize_pattern(pattern: str) -> str:
     """An fnmatch pattern made to match normalised names: lower case, ``-`` replaced by ``_``.
 
@@ -40,22 +44,7 @@ def normalize_pattern(pattern: str) -> str:
     Classes are delimited as :func:`fnmatch.translate` does (``[!...]``, a leading ``]`` is literal, an
     unclosed ``[`` is a literal character).
     """
-    text = pattern.strip().lower()
-    out: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == "[":
-            j = i + 1
-            j += j < len(text) and text[j] == "!"
-            j += j < len(text) and text[j] == "]"
-            end = text.find("]", j)
-            if end >= 0:
-                out.append(text[i:end + 1])
-                i = end + 1
-                continue
-        out.append("_" if text[i] == "-" else text[i])
-        i += 1
-    return "".join(out)
+    return _CLASS_OR_DASH.sub(lambda match: "_" if match.group() == "-" else match.group(), pattern.strip().lower())
 
 
 def unknown_keywords(owner: str, what: str, unknown: Sequence[str], accepted: Sequence[str], listing: str,
@@ -110,8 +99,7 @@ class NameRegistry(Generic[Entry]):
         """Raise the registry's :class:`~mtlzoo.errors.DuplicateNameError` (naming both classes and origins) if
         another entry holds one of ``names``."""
         for name in names:
-            other = self.holder(name)
-            if other is not None:
+            if (other := self.holder(name)) is not None:
                 raise self.duplicate_error(
                     f"{self.noun.capitalize()} name {normalize_name(name)!r} of {entry.cls.__qualname__} (from "
                     f"{entry.origin}) is already taken by {other.cls.__qualname__} (from {other.origin}).")
@@ -146,8 +134,7 @@ class NameRegistry(Generic[Entry]):
         matches (a ``TypeError`` if ``name`` is not a str)."""
         if not isinstance(name, str):
             raise TypeError(f"A {self.noun} name is a str. Found {name!r}.")
-        entry = self.holder(name)
-        if entry is None:
+        if (entry := self.holder(name)) is None:
             close = difflib.get_close_matches(normalize_name(name), list(self._keys), n=5, cutoff=0.6)
             suggestions = list(dict.fromkeys(self._keys[key] for key in close))  # best match first
             hint = f" Did you mean {', '.join(map(repr, suggestions))}?" if suggestions else ""

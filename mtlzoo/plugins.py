@@ -5,12 +5,11 @@ loader loads the built-in plugins first (always, and strictly: an error in one i
 ``mtlzoo`` entry points, lazily (on the first lookup or listing, never on ``import mtlzoo``), unless
 ``MTLZOO_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
 
-**Isolation.** Entry points are loaded one at a time: one that fails to import, implements a hook
-that has no spec or as a wrapper, or raises in its hook is dropped whole (from every registry) with
-a :class:`~mtlzoo.errors.PluginWarning` naming the entry point and its distribution. A name it
-registers that is already taken is refused with a warning naming both origins. A plugin registered
-in this process (:meth:`PluginLoader.register_plugin`) is refused with an error instead. Each plugin
-is also registered in a plugin manager of its own, whose ``pm.hook`` calls only it, so that each
+**Isolation.** Entry points are loaded one at a time: one that fails to import, implements a hook that has no spec or as
+a wrapper, or raises in its hook is dropped whole (from every registry) with a :class:`~mtlzoo.errors.PluginWarning`
+naming the entry point and its distribution. A name it registers that is already taken is refused with a warning naming
+both origins. A plugin registered in this process (:meth:`PluginLoader.register_plugin`) is refused with an error
+instead. Each plugin is also registered in a plugin manager of its own, whose ``pm.hook`` calls only it, so that each
 registered class keeps its origin and a plugin that fails is dropped alone.
 """
 
@@ -205,8 +204,7 @@ class PluginLoader:
 
     def in_process_origin(self, name: str) -> Origin:
         """The origin of a plugin registered now: in-process, or the entry point being imported."""
-        loading = self.loading
-        return Origin(name) if loading is None else Origin(name, loading.distribution, loading.version)
+        return Origin(name) if self.loading is None else Origin(name, self.loading.distribution, self.loading.version)
 
     def register_plugin(self, plugin: object, name: str | None = None, origin: Origin | None = None) -> str:
         """Register a plugin object in this process (after loading the entry points); return its name.

@@ -1,10 +1,9 @@
 """What flows between the engine and a strategy in one training step.
 
-A strategy declares a :class:`Request`: what it reads from a step. The engine
-(:mod:`mtlzoo.engine`) fulfils it by the cheapest route it knows and hands the strategy a
-:class:`StepInputs`; the strategy answers with an :class:`Update`, which the engine turns into
-gradients. Both sides are plain tensors, so a strategy is testable on random matrices and the
-engine without any strategy.
+A strategy declares a :class:`Request`: what it reads from a step. The engine (:mod:`mtlzoo.engine`) fulfils it by the
+cheapest route it knows and hands the strategy a :class:`StepInputs`; the strategy answers with an :class:`Update`,
+which the engine turns into gradients. Both sides are plain tensors, so a strategy is testable on random matrices and
+the engine without any strategy.
 """
 
 from __future__ import annotations
@@ -142,10 +141,9 @@ class StepInputs:
         gradients: ``(K', ...)`` per-task gradients, unscaled, at least float32 (``statistic="gradients"``).
         gramian: ``(K', K')`` Gramian of the gradients (``statistic="gramian"``).
         norms: ``(K',)`` norms of the gradients (``statistic="norms"``).
-        extra: Statistics of the additional independent batches (``Request.batches > 1``), one
-            ``StepInputs`` each, of their losses weighted by the step's loss weights ``w`` (1 for a task
-            absent from this batch); the update applies to this batch.
-            Always ``batches - 1`` of them inside a step (:func:`reuse_batches`).
+        extra: Statistics of the additional independent batches (``Request.batches > 1``), one ``StepInputs`` each, of
+            their losses weighted by the step's loss weights ``w`` (1 for a task absent from this batch); the update
+            applies to this batch. Always ``batches - 1`` of them inside a step (:func:`reuse_batches`).
         representation: The representation ``z`` the gradients were taken at, detached, shaped like one
             row of ``gradients`` (``Request(..., representation=True)``).
         host_losses: ``losses`` on the host, where the engine already read them (else ``None``).
@@ -175,10 +173,8 @@ _REUSE_WARNED: weakref.WeakSet[object] = weakref.WeakSet()
 def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
     """Fill ``inputs.extra`` up to ``batches - 1`` batches, the given batches standing in for the missing in turn.
 
-    A strategy that reads several independent batches per step (``Request.batches``) given fewer
-    reuses what it has: the first batch (and the extra ones given) in place of the missing, so its
-    products of independent estimates become products of one estimate with itself (the bias its
-    paper avoids). ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
+    The strategy's products of independent estimates then become products of one estimate with itself (the bias its
+    paper avoids): ``owner`` says so once, in a :class:`~mtlzoo.errors.ReusedBatchWarning`.
     """
     given = [inputs, *inputs.extra]
     if len(given) >= batches:
@@ -189,8 +185,7 @@ def reuse_batches(inputs: StepInputs, batches: int, owner: object) -> None:
                       f"given: the given batches stand in for the missing ones (its estimate is then biased). Pass "
                       f"the others with mtl.backward(losses, more_batches=[...]), each from a forward of its own. "
                       "Said once.", ReusedBatchWarning, stacklevel=3)
-    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[])
-                     for index in range(len(given), batches)]
+    inputs.extra += [dataclasses.replace(given[index % len(given)], extra=[]) for index in range(len(given), batches)]
 
 
 @dataclass
@@ -223,9 +218,8 @@ class StepWeights:
 
     Attributes:
         loss_weights: ``(K,)`` the loss weights ``w`` (all ones when the strategy weighs nothing).
-        coefficients: ``(K,)`` the coefficients ``c`` of the task gradients in the shared update,
-            or ``None`` where the strategy's update was a combined gradient (a direction, as
-            RotoGrad's) rather than coefficients.
+        coefficients: ``(K,)`` the coefficients ``c`` of the task gradients in the shared update, or ``None`` where the
+            strategy's update was a combined gradient (a direction, as RotoGrad's) rather than coefficients.
         tasks: ``(K',)`` the present tasks' indices.
     """
 

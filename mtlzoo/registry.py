@@ -228,8 +228,7 @@ class StrategyRegistry:
         :mod:`mtlzoo.roles.modifiers` (``"every(mgda)"``, ``"clip_norm(every(upgrad))"``): the
         modifier takes the keyword arguments among its own hyperparameters, the wrapped strategy the others.
         """
-        modified = _modified_name(name)
-        if modified is not None:
+        if (modified := _modified_name(name)) is not None:
             return self._create_modified(*modified, kwargs)
         entry = self.get(name)
         _check_hyperparameters(entry.name, entry.cls, kwargs, [e for e in self.names.entries() if e is not entry])
@@ -317,12 +316,11 @@ def list_strategies(pattern: str | Iterable[str] = "*", *, kind: Kind | None = N
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Class decorator registering a strategy in this process, through a small plugin object.
 
-    The entry points are loaded first, so a clash with an installed plugin is always refused.
-    Applying it again to the same class, or to a re-definition of it (same module, qualified name and
-    strategy name: a re-run notebook cell, a reloaded module), replaces the earlier registration, its
-    origin kept. Run while an entry point is imported, it attributes the strategy to that entry point's
-    distribution. ``mtlzoo list`` runs in a process of its own and does not show such strategies. The
-    plugin is named ``"module:QualName[name]"``; remove it with
+    The entry points are loaded first, so a clash with an installed plugin is always refused. Applying it again to the
+    same class, or to a re-definition of it (same module, qualified name and strategy name: a re-run notebook cell, a
+    reloaded module), replaces the earlier registration, its origin kept. Run while an entry point is imported, it
+    attributes the strategy to that entry point's distribution. ``mtlzoo list`` runs in a process of its own and does
+    not show such strategies. The plugin is named ``"module:QualName[name]"``; remove it with
     ``REGISTRY.unregister_plugin(get_strategy(name).origin.plugin)``.
 
     Example:

@@ -59,11 +59,10 @@ def host_gramian(gramian: Tensor, what: str = "the solver") -> np.ndarray:
 def clean_gramian(array: np.ndarray, eps: float) -> np.ndarray:
     """A finite float64 Gramian scaled to unit trace and made positive semi-definite, on the rows' own scales.
 
-    The correlation matrix ``C = D^-1 G D^-1`` (``D = diag(sqrt(G_kk))``) has its eigenvalues below
-    ``K eps λ_max(C)`` (``eps`` the rounding unit of the dtype ``G`` was computed in) set to 0, so that rows
-    dependent up to rounding count as such; the result is ``D C D`` over its trace (``G`` over its trace where
-    nothing is cut). Cutting on ``C``, not ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows
-    stay zero.
+    The correlation matrix ``C = D^-1 G D^-1`` (``D = diag(sqrt(G_kk))``) has its eigenvalues below ``K eps λ_max(C)``
+    (``eps`` the rounding unit of the dtype ``G`` was computed in) set to 0, so that rows dependent up to rounding count
+    as such; the result is ``D C D`` over its trace (``G`` over its trace where nothing is cut). Cutting on ``C``, not
+    ``G``, keeps a task whose gradient is 1e-6 of another's. Zero rows stay zero.
     """
     if array.size == 0:
         return array
@@ -127,11 +126,10 @@ def lstsq(matrix: np.ndarray, rhs: np.ndarray, cutoff: float | None = None) -> n
 def min_norm_simplex(gramian: Tensor) -> Tensor:
     r"""Weights ``w`` of the minimum-norm point of the convex hull of the rows: ``min_{w >= 0, 1^T w = 1} w^T G w``.
 
-    Wolfe's algorithm ("Finding the nearest point in a polytope", Math. Programming 1976) on the
-    Gramian: a corral of affinely independent rows grows by the row that most decreases the norm
-    and shrinks towards its affine minimiser until that lies in the hull. It stops when no row
-    ``p_j`` has ``x . p_j < ||x||^2`` (up to rounding), the optimality condition, so ``x = J^T w``
-    is exact and unique; ``w`` is unique when the rows are affinely independent.
+    Wolfe's algorithm ("Finding the nearest point in a polytope", Math. Programming 1976) on the Gramian: a corral of
+    affinely independent rows grows by the row that most decreases the norm and shrinks towards its affine minimiser
+    until that lies in the hull. It stops when no row ``p_j`` has ``x . p_j < ||x||^2`` (up to rounding), the optimality
+    condition, so ``x = J^T w`` is exact and unique; ``w`` is unique when the rows are affinely independent.
 
     Args:
         gramian: ``G = J J^T``, K x K, symmetric positive semi-definite.
@@ -150,8 +148,7 @@ def min_norm_simplex(gramian: Tensor) -> Tensor:
 def min_norm_weights(matrix: np.ndarray) -> np.ndarray:
     """:func:`min_norm_simplex` on a host Gramian made by :func:`clean_gramian`. A row enters the corral when
     ``x . p_j < ||x||^2`` by more than ``1e-12 sqrt(G_jj) s``, ``s = sum_k w_k sqrt(G_kk)`` (a bound of ``||x||``):
-    relative to row ``j``'s own size, so that a task whose gradient is tiny beside another's stays free of
-    conflict."""
+    relative to row ``j``'s own size, so that a task whose gradient is tiny beside another's stays free of conflict."""
     size = matrix.shape[0]
     weights = np.zeros(size)
     if size == 0:
@@ -351,10 +348,9 @@ def project_to_dual_cone(weights: Tensor, gramian: Tensor) -> Tensor:
     r"""Weights ``v`` with ``J^T v`` the projection of ``J^T u`` onto the dual cone ``{d : J d >= 0}``.
 
     By duality (Quinton & Rey, "Jacobian descent for multi-objective optimization", Prop. 1),
-    ``v = argmin_{v >= u} v^T G v``: with ``x = v - u >= 0`` a non-negative quadratic problem,
-    solved exactly by an active-set method (Lawson and Hanson's). The projection ``J^T v`` is
-    unique; ``v`` is unique when ``G`` is non-singular. At the solution ``G v >= 0`` (``J^T v``
-    conflicts with no row) with equality wherever ``v_k > u_k``.
+    ``v = argmin_{v >= u} v^T G v``: with ``x = v - u >= 0`` a non-negative quadratic problem, solved exactly by an
+    active-set method (Lawson and Hanson's). The projection ``J^T v`` is unique; ``v`` is unique when ``G`` is
+    non-singular. At the solution ``G v >= 0`` (``J^T v`` conflicts with no row) with equality wherever ``v_k > u_k``.
 
     Args:
         weights: ``u``, shape ``(..., K)``: one problem per vector (UPGrad projects every ``e_k / K``).

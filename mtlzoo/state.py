@@ -1,18 +1,10 @@
 """Declared running state: what a strategy carries from one optimizer step to the next.
 
-A strategy declares each field once, with its initial value (:meth:`mtlzoo.Strategy.declare_state`);
-the base class does the bookkeeping under gradient accumulation and mixed precision:
-
-- inside a step, ``self.state.name = value`` *stages* the value; reading ``self.state.name`` gives
-  the staged value if the step staged one, else the committed one;
-- a field declared ``per_step="first"`` (the default) takes its value from the step's first
-  micro-batch (later writes are ignored), so a step's state does not depend on how its batch was
-  split; ``per_step="every"`` lets every micro-batch write (a sum: read, add, write);
-- when an optimizer step is taken the staged values are committed (``Strategy.advance``); when a
-  ``GradScaler`` skips it they are dropped (``Strategy.discard``);
-- ``state_dict()`` saves the committed values: tensors as buffers, other values (ints, floats,
-  lists, bytes) in the extra state; between the micro-batches of a step, also what the step staged
-  so far and its micro-batch count, so loading continues the step where it was.
+A strategy declares each field once, with its initial value (:meth:`mtlzoo.Strategy.declare_state`). Inside a step a
+write is *staged* (a read gives the staged value, else the committed one); ``per_step="first"`` (the default) keeps the
+step's first micro-batch's write, ``"every"`` takes each; taking the optimizer step commits the staged values
+(``Strategy.advance``), a ``GradScaler``'s skip drops them (``Strategy.discard``). ``state_dict()`` saves the committed
+values (and, between micro-batches, the staged ones). The rules in full: docs/plugins.md, "Running state".
 
 Writes made in ``Strategy.on_advance`` (counters, a retraction) or inside
 ``with strategy.state.direct():`` (a user's assignment, loading) go straight to the committed value.

@@ -1,18 +1,14 @@
 """The interface every strategy implements, and the metadata it carries.
 
-A strategy is math over tensors: it never sees the model, only losses, gradients and (for the
-RotoGrad family) the shared representation ``z``. It declares a :class:`~mtlzoo.protocol.Request`
-(what it reads from a step); :class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.engine`)
-drive it through one training step::
+A strategy is math over tensors: it never sees the model, only losses, gradients and (for the RotoGrad family) the
+shared representation ``z``. It declares a :class:`~mtlzoo.protocol.Request` (what it reads from a step);
+:class:`mtlzoo.MTLWrapper` and the engine (:mod:`mtlzoo.engine`) drive it through one training step::
 
     forward:   z = backbone(x);  y_k = strategy.predict(head_k, z, k) = head_k(strategy.adapt(z, k))
     backward:  w = strategy.loss_weights(inputs)          the model learns from sum_k w_k L_k
                inputs.<statistic> = engine(request)        per-task gradients of w_k L_k, if requested
                update = strategy.compute(inputs)           weights c or a direction; an own objective
     step:      strategy.advance()                          once per optimizer step taken
-
-Running state is declared once (:meth:`Strategy.declare_state`, :mod:`mtlzoo.state`). A strategy
-plays one or more *roles* (:mod:`mtlzoo.roles`); its ``kind`` is derived from them.
 """
 
 from __future__ import annotations
@@ -137,8 +133,7 @@ class StrategyInfo:
         default_comparison: Whether ``mtlzoo compare`` runs the strategy when no strategies are named.
         cost: The cost class of one step with the default request, a key of :data:`COSTS`; ``None`` when
             not stated (the docs then derive it from ``request`` and mark it so).
-        original_code: URL of the authors' own implementation; ``""`` when there is none; ``None`` when
-            not stated.
+        original_code: URL of the authors' own implementation; ``""`` when there is none; ``None`` when not stated.
         suggested: Hyperparameter values for the harness, so that every registered strategy constructs by
             name alone: at least one for each hyperparameter without a default (GradNorm's ``alpha``).
     """
@@ -348,9 +343,8 @@ class Strategy(nn.Module):
     def declare_state(self, per_step: PerStep = "first", **fields: Any) -> None:
         """Declare running state fields and their initial values (see :mod:`mtlzoo.state`).
 
-        Tensors become buffers of that name; other values (ints, floats, lists, bytes) are saved in
-        the extra state. Read and write them as ``self.state.name``: inside a step a write is staged,
-        and committed by :meth:`advance`.
+        Tensors become buffers of that name; other values (ints, floats, lists, bytes) are saved in the extra state.
+        Read and write them as ``self.state.name``: inside a step a write is staged, and committed by :meth:`advance`.
 
         Args:
             per_step: ``"first"``: the step's first micro-batch sets the value, later ones read it

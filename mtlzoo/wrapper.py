@@ -35,32 +35,24 @@ class MTLWrapper(nn.Module):
     """Train a hard-parameter-sharing model with a multitask-learning strategy.
 
     Args:
-        model: Any module with a ``backbone`` module and ``heads`` (a sequence, ``nn.ModuleList``
-            or, for named tasks, a mapping / ``nn.ModuleDict``). The wrapper registers the same
-            backbone and head objects as its own submodules; nothing of the model is modified.
-            When all of the model's tensors are on one device (``model.cuda()`` first), the
-            strategy's state is moved there too; otherwise move the wrapper with ``mtl.to(...)``.
-        strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``)
-            or a :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
-        jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the
-            shared parameters: ``1`` loops over tasks; ``None`` (the default) loops on the CPU, where
-            the loop was measured faster than the batched backward (docs/performance.md), and
-            batches all K at once on an accelerator.
-            A chunk bounds the batched backward's working memory (one copy of the backbone's
-            activation gradients per task of the chunk), not the K x n Jacobian, which is formed
-            whatever the chunk, with one chunk of rows held beside it while it fills: the peak
-            falls with the chunk where activations outweigh parameters (large batches, feature
-            maps), and ``1`` is the lowest peak either way (see the API reference's figures).
+        model: Any module with a ``backbone`` module and ``heads`` (a sequence, ``nn.ModuleList`` or, for named
+            tasks, a mapping / ``nn.ModuleDict``). The wrapper registers the same backbone and head objects as its
+            own submodules; nothing of the model is modified. When all of the model's tensors are on one device
+            (``model.cuda()`` first), the strategy's state is moved there too; otherwise use ``mtl.to(...)``.
+        strategy: A registered strategy name (``"rotograd"``, ``"ls"``, ...; see ``mtlzoo list``) or a
+            :class:`~mtlzoo.strategy.Strategy` instance built for ``len(heads)`` tasks.
+        jacobian_chunk_size: Tasks per vmapped backward when a strategy reads the Jacobian on the shared
+            parameters: ``1`` loops over tasks; ``None`` (the default) loops on the CPU, where the loop was measured
+            faster (docs/performance.md), and batches all K at once on an accelerator. A chunk bounds the batched
+            backward's working memory, not the K x n Jacobian ("Memory and jacobian_chunk_size" below).
         distributed: Data-parallel training (docs/distributed.md): ``None`` (the default) trains on the whole
             batch of every rank when ``torch.distributed`` is initialized with more than one process, ``False``
             trains on this process's batch alone, ``True`` or a process group: on that group (the default one).
         aggregate_at: Where a strategy that reads gradients on the shared parameters aggregates them:
-            ``"backward"`` (the default): at each backward, over that micro-batch's gradients; ``"step"``:
-            once, in :meth:`step`, over the per-task gradients summed over the step's micro-batches (a
-            K x n buffer), so that micro-batches whose losses are scaled to their share of the batch give
-            exactly the whole batch's step (docs/concepts.md, "Gradient accumulation"). The shared
-            parameters' ``.grad`` is then written in :meth:`step`, before the optimizers step; refused for
-            strategies that read the losses only or the representation, and under ``torch.distributed``.
+            ``"backward"`` (the default): at each backward, over that micro-batch's gradients; ``"step"``: once,
+            in :meth:`step`, over the per-task gradients summed over the step's micro-batches (a K x n buffer):
+            the whole batch's step (docs/concepts.md, "Aggregating at the step"). Refused for strategies that read
+            the losses only or the representation, and under ``torch.distributed``.
         **strategy_kwargs: Hyperparameters of the named strategy (``rotation_shape=...``).
 
     One training step (see "How a step works" in the README)::
@@ -94,10 +86,6 @@ class MTLWrapper(nn.Module):
         heads = as_heads(getattr(model, "heads", None))
         if len(heads) == 0:
             raise InvalidModelError("The model has no heads; a multitask model needs one head per task.")
-        bad = [str(k) for k, head in (heads.items() if isinstance(heads, nn.ModuleDict) else enumerate(heads))
-               if not isinstance(head, nn.Module)]
-        if bad:
-            raise InvalidModelError(f"Every head should be an nn.Module; heads {bad} are not.")
         self.backbone = backbone
         self.heads = heads
         self._compiled_backbone = compiled_original(backbone) is not None
@@ -140,9 +128,6 @@ class MTLWrapper(nn.Module):
         if self.task_names is not None:
             return list(self.heads.items())
         return list(enumerate(self.heads))
-
-    def _labels(self) -> list[str]:
-        return self.task_names if self.task_names is not None else [str(k) for k in range(len(self))]
 
     def _task_index(self, task: int | str) -> int:
         if self.task_names is not None and isinstance(task, str):
@@ -192,9 +177,8 @@ class MTLWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone and every head: one prediction per task.
 
-        Each training forward (training mode, gradients enabled) is its own handle: the losses of
-        its predictions find it at ``backward``, whatever forwards ran in between (a ``no_grad``
-        validation forward changes nothing).
+        Each training forward (training mode, gradients enabled) is its own handle: the losses of its predictions find
+        it at ``backward``, whatever forwards ran in between (a ``no_grad`` validation forward changes nothing).
 
         Returns:
             A list of predictions (a dict when heads are named). If the backbone or a head returns a
@@ -259,32 +243,25 @@ class MTLWrapper(nn.Module):
                  scaler: Any | None = None, retain_graph: bool = False) -> None:
         """Back-propagate the K task losses of this step through the strategy.
 
-        Gradients are accumulated into ``.grad`` through autograd (hooks fire as after a plain
-        backward); call :meth:`step` afterwards. Call it once per forward: micro-batches
-        accumulate, and the strategy's state advances once, at :meth:`step`. A plain
-        ``optimizer.step()`` since the previous backward is noticed here (the parameters moved with
-        no :meth:`step`): the state advances then, with a one-time warning. What the backward used
-        (loss weights, gradient coefficients) is in :attr:`last_step` afterwards.
-
-        The model learns from ``sum_k w_k L_k`` (``w`` the strategy's loss weights, all ones for
-        surgery); a surgery strategy then combines the per-task gradients on the shared part. A
-        task whose loss is ``None`` is absent from the step: its head gets no gradient and the
-        strategy leaves its row out. A loss that does not depend on the model (a masked task with
-        no labels in the batch) gives that task a zero gradient, with a warning the first time.
+        Gradients accumulate into ``.grad`` through autograd (hooks fire as after a plain backward). Call it once per
+        forward, then :meth:`step` (a plain ``optimizer.step()`` in between is noticed here and advances the state,
+        with a one-time warning). The model learns from ``sum_k w_k L_k`` (``w`` all ones for surgery); a surgery
+        strategy then combines the per-task gradients on the shared part. A ``None`` loss leaves its task out of the
+        step (no gradient to its head, no row for the strategy); a loss that does not depend on the model gives its
+        task a zero gradient, with a warning. What the backward used is in :attr:`last_step` afterwards.
 
         Args:
-            losses: K scalar losses (``None`` for an absent task): a list or tuple in head order, a
-                dict keyed by task name, or a 1-D tensor.
-            backbone_loss: An optional loss of the backbone alone (a regulariser), back-propagated
-                into the backbone as is (RotoGrad with ``normalize_losses`` normalises it too).
-            more_batches: For a strategy whose request reads ``batches > 1`` independent batches
-                (SDMGrad, MoDo): the losses of the other ``batches - 1`` batches, each from forwards
-                of its own. The strategy reads their statistics (``inputs.extra``); the model learns
-                from ``losses``, the first batch, alone. Given fewer, the given batches stand in for
-                the missing ones, with a :class:`~mtlzoo.errors.ReusedBatchWarning` (once).
-            scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: the losses are checked and
-                the strategy computes unscaled, and what reaches ``.grad`` is scaled, as
-                ``scaler.scale(loss).backward()`` would leave it. Pass the same scaler to :meth:`step`.
+            losses: K scalar losses (``None`` for an absent task): a list or tuple in head order, a dict keyed by
+                task name, or a 1-D tensor.
+            backbone_loss: An optional loss of the backbone alone (a regulariser), back-propagated into the backbone
+                as is (RotoGrad with ``normalize_losses`` normalises it too).
+            more_batches: For a strategy whose request reads ``batches > 1`` independent batches (SDMGrad, MoDo): the
+                losses of the other ``batches - 1`` batches, each from forwards of its own. The strategy reads their
+                statistics (``inputs.extra``); the model learns from ``losses`` alone. Given fewer, the given batches
+                stand in for the missing ones, with a :class:`~mtlzoo.errors.ReusedBatchWarning` (once).
+            scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: the losses are checked and the strategy
+                computes unscaled, and what reaches ``.grad`` is scaled, as ``scaler.scale(loss).backward()`` would
+                leave it. Pass the same scaler to :meth:`step`.
             retain_graph: Keep the graph for another backward.
 
         Raises:

@@ -1,15 +1,9 @@
-"""Aggregation at the optimizer step: the strategy aggregates the whole step's per-task gradients once.
+"""Aggregation at the optimizer step (``aggregate_at="step"``; docs/concepts.md, "Aggregating at the step").
 
-With ``MTLWrapper(model, strategy, aggregate_at="step")`` each backward of a strategy that reads
-gradients on the shared parameters adds the Jacobian of its (unweighted) losses on every shared
-parameter, ``K x n``, and the loss values to a :class:`StepBuffer` instead of aggregating; the
-heads' gradients of ``sum_k L_k`` reach ``.grad`` as usual. ``mtl.step`` then runs the step once
-on the sums, as one backward of the whole batch: the loss weights ``w`` from the summed losses,
-the requested statistic from ``diag(w) J``, the strategy's ``compute``, the update written to the
-shared parameters' ``.grad`` (and head ``k``'s gradient brought to ``w_k c_k`` times its sum where
-the strategy weights the heads), then the optimizers. The sums of micro-batch losses and
-gradients are those of the whole batch when each micro-batch's losses are scaled to its share of
-the batch, so the step is the whole batch's.
+Each backward adds the (unweighted) losses' K x n Jacobian on the shared parameters and the loss values to a
+:class:`StepBuffer`; ``mtl.step`` runs the step once on the sums: ``w`` from the summed losses, the statistic
+from ``diag(w) J``, ``compute``, the update into the shared parameters' ``.grad`` (head ``k``'s gradient brought
+to ``w_k c_k`` times its sum where the strategy weights the heads), then the optimizers.
 """
 
 from __future__ import annotations

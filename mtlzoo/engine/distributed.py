@@ -1,31 +1,11 @@
 """Data-parallel training on ``torch.distributed``: every rank takes the step of the whole batch.
 
-Under ``DistributedDataParallel`` each of the W ranks back-propagates its share of the batch and DDP
-averages the gradients, which is the whole batch's gradient for ``sum_k w_k L_k`` with fixed ``w``
-and nothing else: a strategy's weights, projections and running state are non-linear in what it
-reads. So the engine makes what a strategy reads global before the strategy reads it, here and
-only here, and every rank computes the update of the whole batch from the same numbers:
-
-- the losses ``L_k = (1/W) sum_r L_k^r`` (0 from a rank where task k is absent) and which tasks are
-  present: one all-reduce of 2K + 3 numbers (with the backbone loss and a flag for refused input);
-- on the representation, the whole batch's ``g_k`` is the ranks' rows side by side, each divided by
-  W: its Gramian is ``sum_r G^r / W^2`` (K x K numbers), its norms ``sqrt(sum_r ||g_k^r||^2) / W``
-  (K), the gradients themselves an all-gather (K x B x d numbers, and ``z`` where it is read);
-- on the parameters, the whole batch's Jacobian is the mean of the ranks' (K x n numbers), and the
-  Gramian, the norms or the gradients are formed from it.
-
-The update then reaches ``.grad`` so that DDP's average is the whole batch's update: weights ``c``
-are applied to each rank's own task gradients (DDP averages ``sum_k c_k g_k^r``); a combined
-gradient of the representation is cut to the rank's rows and multiplied by W; one formed from the
-global Jacobian is the same on every rank, which DDP's average leaves as it is. The strategy's own
-parameters learn from global numbers only: the same gradients on every rank, applied as they are
-(the wrapper keeps them out of DDP). The heads of a task absent from a rank get zero gradients
-there, so DDP's reduction completes; random draws come from the strategy's generator, whose state,
-like the rest of the strategy's, is rank 0's from the first training forward on.
-
-Under FSDP (``fully_shard`` on the backbone and each head) the same numbers are made global; what it
-changes (:meth:`Sync.through_heads`, the update through ``z``, :meth:`Sync.shard_gramian`) is in
-docs/distributed.md. One process's collectives, and which run now, are :mod:`mtlzoo.engine.collectives`'s.
+DDP's average of the ranks' gradients is the whole batch's gradient for ``sum_k w_k L_k`` with fixed ``w``
+only; a strategy's weights, projections and running state are non-linear in what it reads. So the engine makes
+what a strategy reads global here, and only here, and every rank computes the whole batch's update from the same
+numbers. What is made global, at what cost, how the update reaches ``.grad`` so that DDP's average is the whole
+batch's, and what FSDP changes (:meth:`Sync.through_heads`, :meth:`Sync.shard_gramian`): docs/distributed.md.
+One process's collectives, and which run now, are :mod:`mtlzoo.engine.collectives`'s.
 """
 
 from __future__ import annotations

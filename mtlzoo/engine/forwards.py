@@ -1,11 +1,10 @@
 """The training forwards a backward consumes: one record per forward, held as handles.
 
-A training forward of a strategy that reads gradients feeds every head its own detached copy
-("leaf") of the backbone output ``z``; its :class:`ForwardRecord` keeps ``z`` and weak references
-to the leaves. A forward of a strategy that reads only the losses feeds the heads ``z + m``, with
-``m`` a zero scalar leaf (a *marker*) that the heads' graph holds; its :class:`MarkedForward`
-keeps ``m`` weakly. Either way a backward can tell, before anything reaches ``.grad``, whether
-the losses come from this wrapper's forwards and whether those were already back-propagated.
+A training forward of a strategy that reads gradients feeds every head its own detached copy ("leaf") of the backbone
+output ``z``; its :class:`ForwardRecord` keeps ``z`` and weak references to the leaves. A forward of a strategy that
+reads only the losses feeds the heads ``z + m``, with ``m`` a zero scalar leaf (a *marker*) that the heads' graph holds;
+its :class:`MarkedForward` keeps ``m`` weakly. Either way a backward can tell, before anything reaches ``.grad``,
+whether the losses come from this wrapper's forwards and whether those were already back-propagated.
 """
 
 from __future__ import annotations

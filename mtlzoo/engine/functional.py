@@ -1,13 +1,9 @@
 """The functional face of a step: the losses, the shared representation and the shared parameters, no model.
 
-:func:`backward` trains any model whose tasks share a representation, whatever its shape (per-task
-attention over a shared trunk, several shared outputs, ...): it takes the K losses, the tensor(s) the
-tasks share (``features``) and the parameters that produce them, and does what
-:meth:`mtlzoo.MTLWrapper.backward` does after its heads' pass, through the same core
-(:func:`mtlzoo.engine.step.apply_update`). The wrapper is the same step with one difference of
-route: it detaches the backbone output for each head in its forward, so that one backward through
-the heads gives all K per-task gradients at once; here they come from one vmapped backward of the K
-losses to ``features`` (a loop where vmap cannot batch it).
+:func:`backward` is :meth:`mtlzoo.MTLWrapper.backward` after its heads' pass, through the same core
+(:func:`mtlzoo.engine.step.apply_update`), for a model of any shape. One difference of route: the wrapper detaches the
+backbone output for each head in its forward, so that one backward through the heads gives all K per-task gradients at
+once; here they come from one vmapped backward of the K losses to ``features`` (a loop where vmap cannot batch it).
 """
 
 from __future__ import annotations
@@ -40,22 +36,20 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
              task_names: Sequence[str] | None = None, distributed: Any = None) -> StepWeights:
     """Back-propagate the K task losses of a step through ``strategy``, for a model of any shape.
 
-    Every parameter that a loss reaches other than through ``features`` (the task-specific parts)
-    gets the gradient of ``sum_k w_k L_k``; the shared parameters get the strategy's combination
-    of the task gradients. Nothing reaches ``.grad`` before the one final backward, so an error
-    leaves no trace. After the optimizer step, call ``strategy.advance()`` (``MTLWrapper.step``
-    does it for the wrapper); micro-batches accumulate as with the wrapper. The task-specific
-    parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
-    Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they
-    learn from ``sum_k w_k L_k`` whatever the strategy. A strategy that reads several independent batches per
-    step (SDMGrad, MoDo) gets this one in place of all, with a :class:`~mtlzoo.errors.ReusedBatchWarning`
-    (``MTLWrapper.backward`` takes the others as ``more_batches``).
+    Every parameter that a loss reaches other than through ``features`` (the task-specific parts) gets the gradient of
+    ``sum_k w_k L_k``; the shared parameters get the strategy's combination of the task gradients. Nothing reaches
+    ``.grad`` before the one final backward, so an error leaves no trace. After the optimizer step, call
+    ``strategy.advance()`` (``MTLWrapper.step`` does it for the wrapper); micro-batches accumulate as with the wrapper.
+    The task-specific parameters are not known task by task here, so a strategy's ``weighted_heads`` (MGDA's and
+    Nash-MTL's default under ``MTLWrapper``: head k learns from ``c_k L_k``) does not apply: they learn from
+    ``sum_k w_k L_k`` whatever the strategy. A strategy that reads several independent batches per step (SDMGrad, MoDo)
+    gets this one in place of all, with a :class:`~mtlzoo.errors.ReusedBatchWarning` (``MTLWrapper.backward`` takes the
+    others as ``more_batches``).
 
     Args:
         strategy: The strategy, built for K tasks (``mtlzoo.create(name, num_tasks=K)``). Strategies
             that adapt the representation per task (the RotoGrad family) need ``MTLWrapper``.
-        losses: K scalar losses (``None`` for a task absent from the step), or a dict by task name
-            with ``task_names``.
+        losses: K scalar losses (``None`` for a task absent from the step), or a dict by task name with ``task_names``.
         features: The representation the tasks share: one tensor, or several concatenated along
             their first dimension (they must agree beyond it).
         shared: The shared parameters (those that produce ``features``): a sequence, or a module
@@ -73,25 +67,7 @@ def backward(strategy: Strategy, losses: Losses, features: Tensor | Sequence[Ten
     Returns:
         What the step used: the loss weights and the coefficients of the task gradients.
 
-    Example:
-        ```python
-        import torch
-        from torch import nn
-        import mtlzoo
-        from mtlzoo.engine import backward
-
-        trunk = nn.Linear(4, 8)
-        attention = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])  # per task, over the shared trunk
-        heads = nn.ModuleList([nn.Linear(8, 1) for _ in range(2)])
-        strategy = mtlzoo.create("upgrad", num_tasks=2)
-        x, y = torch.randn(16, 4), torch.randn(2, 16, 1)
-        features = torch.relu(trunk(x))
-        predictions = [head(features * torch.sigmoid(gate(features))) for gate, head in zip(attention, heads)]
-        used = backward(strategy, [nn.functional.mse_loss(p, t) for p, t in zip(predictions, y)], features,
-                        trunk)
-        strategy.advance()  # after the optimizer step
-        print(used.coefficients.shape)
-        ```
+    An example (a per-task attention model): docs/concepts.md, "Models that are not a backbone plus heads".
     """
     if type(strategy).adapt is not Strategy.adapt or type(strategy).predict is not Strategy.predict:
         raise InvalidModelError(f"{type(strategy).__name__} adapts the representation per task inside the model's "

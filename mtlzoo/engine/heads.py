@@ -1,9 +1,4 @@
-"""The heads' pass: one ``autograd.grad`` through the heads gives every task its gradient on ``z``.
-
-``sum_k w_k L_k`` back-propagated through the heads, for all K tasks at once, gives every head
-parameter its gradient and every leaf ``k`` of ``z`` the task's ``g_k = d(w_k L_k)/dz``, without
-touching ``.grad`` (a refused step leaves no trace).
-"""
+"""The heads' pass (:func:`head_pass`): one ``autograd.grad`` through the heads gives each task its ``g_k`` on ``z``."""
 
 from __future__ import annotations
 
@@ -96,7 +91,6 @@ def representation_gradients(grads: Sequence[Tensor]) -> Tensor:
         raise ShapeMismatchError(f"One backward consumed forwards whose representations differ beyond the batch "
                                  f"dimension ({sorted(shapes)}); call backward() once per forward.")
     return torch.cat(list(grads), dim=1)
-
 
 
 def split_batches(dz: Tensor, records: Sequence[ForwardRecord]) -> list[Tensor]:

@@ -1,17 +1,14 @@
 """Every read of torch's autograd-graph or module internals that mtlzoo makes, and a self-test of each.
 
-The engine's cheap routes rest on a few facts about how torch builds its graphs, none of them
-public API: the node that ``nn.Linear`` leaves behind (``AddmmBackward0`` with ``_saved_mat1``,
-``MmBackward0`` with ``_saved_self``, the transpose and cast nodes around the weight), the
-``variable`` of an ``AccumulateGrad`` node, a module's ``_parameters`` and ``_modules`` dicts and
-its hook dicts (``_forward_hooks``, ...) and their process-wide counterparts
-(``torch.nn.modules.module._global_forward_hooks``, ...), and a tensor's in-place version counter
-(``_version``). They are read here and only here, and
-:func:`check_internals` checks each against the installed torch: it raises
-:class:`TorchInternalsError` naming the pattern and the torch version when one stops matching
-(the test suite runs it). Where a pattern does not match at run time, the callers take their
-general route (same values, more work); nothing here is needed for correctness except the graph
-walks, which :func:`check_internals` covers too.
+The engine's cheap routes rest on a few facts about how torch builds its graphs, none of them public API: the node that
+``nn.Linear`` leaves behind (``AddmmBackward0`` with ``_saved_mat1``, ``MmBackward0`` with ``_saved_self``, the
+transpose and cast nodes around the weight), the ``variable`` of an ``AccumulateGrad`` node, a module's ``_parameters``
+and ``_modules`` dicts and its hook dicts (``_forward_hooks``, ...) and their process-wide counterparts
+(``torch.nn.modules.module._global_forward_hooks``, ...), and a tensor's in-place version counter (``_version``). They
+are read here and only here, and :func:`check_internals` checks each against the installed torch: it raises
+:class:`TorchInternalsError` naming the pattern and the torch version when one stops matching (the test suite runs it).
+Where a pattern does not match at run time, the callers take their general route (same values, more work); nothing here
+is needed for correctness except the graph walks, which :func:`check_internals` covers too.
 """
 
 from __future__ import annotations

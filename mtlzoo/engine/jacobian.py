@@ -1,14 +1,8 @@
 """The Jacobian of the losses on the shared parameters, from the per-task gradients on ``z``.
 
-The K vector-Jacobian products ``(dz/dθ)^T g_k`` run as one vmapped backward
-(``is_grads_batched``), in chunks of tasks, or as a loop of one backward per task.
-
-Memory: the K x n Jacobian itself is formed whatever the chunk. What the chunk bounds is the
-batched backward's own working memory (``chunk_size`` copies of the backbone's activation
-gradients); chunks between 1 and K also hold one chunk of rows beside the Jacobian while it is
-filled. So a chunk lowers the peak only where the activation gradients outweigh the Jacobian
-(large batches, convolutional feature maps); where the parameters dominate (an MLP), ``1`` (the
-loop) has the lowest peak and chunks between 1 and K a higher one than no chunking.
+The K vector-Jacobian products ``(dz/dθ)^T g_k`` run as one vmapped backward, in chunks of tasks, or as a loop. The
+K x n Jacobian is formed whatever the chunk, which bounds only the batched backward's working memory
+(docs/reference/wrapper.md, "Memory and jacobian_chunk_size", has the measured peaks).
 """
 
 from __future__ import annotations
@@ -65,12 +59,10 @@ def jacobian_blocks(zs: Sequence[Tensor] | Tensor, grads: Sequence[Tensor] | Ten
     """The Jacobian of the losses w.r.t. ``params`` as one K x numel block per parameter, and the K x n
     matrix the blocks are views of when it was filled in chunks (``None`` when the blocks are autograd's own).
 
-    The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as
-    ``ceil(K / chunk_size)`` of them. Where vmap cannot batch an operation of the backbone (a
-    custom ``autograd.Function`` without a vmap rule, an ``.item()`` in a backward, memory), the
-    per-task loop runs instead and is remembered in ``route``, with one warning. The
-    backbone's graph is kept (the step's final backward still needs it). Arguments as
-    :func:`parameter_jacobian`.
+    The K vector-Jacobian products run as one vmapped backward (``is_grads_batched``), or as ``ceil(K / chunk_size)`` of
+    them. Where vmap cannot batch an operation of the backbone (a custom ``autograd.Function`` without a vmap rule, an
+    ``.item()`` in a backward, memory), the per-task loop runs instead and is remembered in ``route``, with one warning.
+    The backbone's graph is kept (the step's final backward still needs it). Arguments as :func:`parameter_jacobian`.
 
     In chunks, each chunk's rows are written into one K x n matrix as they come (the blocks are
     views of it), so the memory beyond the Jacobian is one chunk's rows, not a second Jacobian.

@@ -1,10 +1,7 @@
 """Statistics on the last shared layer, and the update applied from it down.
 
-Where the backbone ends in a linear map ``z = h W^T + b`` (recognised from the graph by
-:func:`mtlzoo.engine.internals.linear_output`), the per-task gradients on ``W`` are ``G_k^T h``
-and on ``b`` ``sum_n G_k[n]``: no backward at all. GradNorm's norms come from them (factored
-through the heads' leading linear layers where every head has one), and the step's update then
-reaches ``W`` as a sum over tasks instead of another product.
+Where the backbone ends in a linear map ``z = h W^T + b``, the per-task gradients on it need no backward
+(:func:`layer_norms`), and the step's update then reaches ``W`` as a sum over tasks (:class:`LastLayerGradients`).
 """
 
 from __future__ import annotations
@@ -26,14 +23,12 @@ from mtlzoo.linalg import row_norms
 class LastLayerGradients:
     """The per-task gradients of the linear last layer ``z = h W^T + b``, kept from its norms' product.
 
-    ``weight_grads[:, k, :]`` is ``(dL_k/dW)^T`` (m x d), unscaled: with them the step's update
-    reaches ``W`` as a sum over tasks instead of another ``h^T dz`` product, and the backward
-    continues from ``h`` (:func:`last_layer_update`).
+    ``weight_grads[:, k, :]`` is ``(dL_k/dW)^T`` (m x d), unscaled: with them the step's update reaches ``W`` as a sum
+    over tasks instead of another ``h^T dz`` product, and the backward continues from ``h`` (:func:`last_layer_update`).
     """
 
     layer: LinearOutput
     weight_grads: Tensor
-
 
 
 def last_layer_weights(z: Tensor) -> list[Tensor]:
@@ -67,12 +62,11 @@ def layer_norms(zs: Sequence[Tensor], grads: Sequence[Tensor], params: Sequence[
                 dtype: torch.dtype = torch.float32) -> Tensor:
     """The K norms ``||dL_k/dθ||`` on the parameters ``params`` of one layer, from ``G = dL/dz``.
 
-    When ``z`` is produced by the linear map of those parameters (``z = h W^T + b``, see
-    :func:`linear_output`), ``dL_k/dW = G_k^T h`` and ``dL_k/db = sum_n G_k[n]``: no backward at all,
-    one (K d) x N x m product, or less where every head reads ``z`` through a narrow linear layer
-    (see :func:`layer_norms_and_gradients`). Otherwise (a convolution, a layer below the last one) the rows of the
-    Jacobian restricted to ``params`` (:func:`parameter_jacobian`: one vmapped backward through that
-    layer and those above it only).
+    When ``z`` is produced by the linear map of those parameters (``z = h W^T + b``, see :func:`linear_output`),
+    ``dL_k/dW = G_k^T h`` and ``dL_k/db = sum_n G_k[n]``: no backward at all, one (K d) x N x m product, or less where
+    every head reads ``z`` through a narrow linear layer (see :func:`layer_norms_and_gradients`). Otherwise (a
+    convolution, a layer below the last one) the rows of the Jacobian restricted to ``params``
+    (:func:`parameter_jacobian`: one vmapped backward through that layer and those above it only).
 
     A weight that the backbone also reads before its last layer (tied weights) gets, on the linear
     route, only the gradient of its last use.
@@ -92,11 +86,10 @@ def layer_norms_and_gradients(zs: Sequence[Tensor], grads: Sequence[Tensor], par
     """:func:`layer_norms`, and the last layer's per-task weight gradients where the linear route made them
     (one forward, the weight among ``params``, everything in ``dtype``), as scaled as ``grads``.
 
-    ``head_weights``: per task, the weight ``V_k`` (o x d) of the linear layer through which alone task
-    k reads its leaf of ``z`` (a head that starts with a plain ``nn.Linear``), or ``None``. Where every
-    task has one of the same small width o, ``G_k = D_k V_k`` and the weight's norms come from
-    ``||V_k^T (D_k^T h)||``: ``K B o (d + m)`` multiply-adds instead of ``K B d m``, and no per-task
-    gradients are kept.
+    ``head_weights``: per task, the weight ``V_k`` (o x d) of the linear layer through which alone task k reads its leaf
+    of ``z`` (a head that starts with a plain ``nn.Linear``), or ``None``. Where every task has one of the same small
+    width o, ``G_k = D_k V_k`` and the weight's norms come from ``||V_k^T (D_k^T h)||``: ``K B o (d + m)`` multiply-adds
+    instead of ``K B d m``, and no per-task gradients are kept.
     """
     with torch.no_grad():
         return _layer_norms(zs, grads, params, dtype, head_weights)

@@ -1,13 +1,10 @@
 """A head's leading linear layer: where a head starts with ``W``, what reaches it is read through ``W`` alone.
 
-Two uses rest on it. RotoGrad folds its rotation into that layer, ``W (R z) = (W R) z``: ``W R`` is
-formed once per step (m n^2 multiply-adds) instead of rotating the batch (B n^2 in the forward and
-again in the backward). GradNorm's per-task gradient norms on the last shared layer factor through
-it: a task's gradient on ``z`` is ``G_k = D_k W_k`` (``D_k`` the gradient at the layer's output, of
-its m outputs), so ``||G_k^T h|| = ||W_k^T (D_k^T h)||``, m times cheaper than the product itself.
-A layer is used so only when nothing could tell the difference: a plain ``nn.Linear`` (not a
-subclass or a parametrized one), as the head itself or first in a plain ``nn.Sequential``, with no
-hook on either and no global module hook.
+Two uses rest on it: RotoGrad folds its rotation into that layer, ``W (R z) = (W R) z``, formed once per step (m n^2
+multiply-adds) instead of rotating the batch (B n^2, twice); GradNorm's norms on the last shared layer factor through it
+(:func:`mtlzoo.engine.last_layer.layer_norms_and_gradients`). A layer is used so only when nothing could tell the
+difference: a plain ``nn.Linear`` (not a subclass or a parametrized one), as the head itself or first in a plain
+``nn.Sequential``, with no hook on either and no global module hook.
 """
 
 from __future__ import annotations

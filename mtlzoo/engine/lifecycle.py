@@ -1,13 +1,9 @@
 """When a strategy's running state advances: once per optimizer step that was taken.
 
-``mtl.step(optimizer)`` steps the optimizer (through a ``GradScaler`` when given) and then commits
-or drops what the step's backward calls staged; it is the one way to advance the state. A plain
-``optimizer.step()`` is noticed locally, at the wrapper's next backward: the model's parameters
-were written in place (their version counters moved) since the last backward while no
-``mtl.step`` ran. The state then advances as that step would have advanced it, with a one-time
-warning that names ``mtl.step(optimizer)``. No process-wide hook is installed. A fused optimizer
-(``fused=True``) writes the parameters without moving their version counters, so with one,
-``mtl.step`` is the only way the state advances; so is an update through ``.data``.
+``mtl.step(optimizer)`` steps the optimizer (through a ``GradScaler`` when given), then commits or drops what the step's
+backward calls staged. A plain ``optimizer.step()`` is noticed at the wrapper's next backward, by the version counters
+of the parameters it wrote, and advances the state then, with a one-time warning; no process-wide hook is installed. A
+fused optimizer or an update through ``.data`` moves no version counter (docs/concepts.md, "One training step").
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""The statistics a strategy's request names, formed here and only here.
+"""The statistics a strategy's request names, formed here and only here, unscaled and in at least float32.
 
-From the heads' pass: the K x ... gradients on ``z``; the K x n Jacobian on the shared parameters
-(:mod:`mtlzoo.engine.jacobian`); their Gramian, summed per parameter so the Jacobian is never
-concatenated; their norms (on the last shared layer without any backward where it is linear,
-:mod:`mtlzoo.engine.last_layer`). All unscaled and in at least float32.
+The Gramian of the Jacobian on the shared parameters is summed per parameter, so the Jacobian is never concatenated.
 """
 
 from __future__ import annotations

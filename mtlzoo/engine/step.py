@@ -1,10 +1,7 @@
-"""One backward of a training step: the strategy's request fulfilled, its update applied.
+"""One backward of a training step (:func:`backpropagate`): the strategy's request fulfilled, its update applied.
 
-The wrapper checks the user's input and keeps the lifecycle; :func:`backpropagate` runs the
-step's maths in order — loss weights, the heads' pass, the requested statistics, the strategy's
-update — and hands every root of the step to one ``torch.autograd.backward``
-(:func:`accumulate`). Nothing reaches ``.grad`` before that last call, so an error anywhere
-leaves no trace.
+Nothing reaches ``.grad`` before the step's one final ``torch.autograd.backward`` (:func:`accumulate`), so an error
+anywhere leaves no trace.
 """
 
 from __future__ import annotations
@@ -398,9 +395,8 @@ class _Delivery(torch.autograd.Function):
 
 
 def accumulate(roots: Sequence[Tensor], grads: Sequence[Tensor | None], *, retain_graph: bool = False) -> None:
-    """The step's one final backward: ``torch.autograd.backward`` over every root, so accumulation hooks
-    fire once and gradients reach ``.grad`` as after a plain backward; a root without a gradient (a
-    scalar objective) gets ones."""
+    """The step's one final backward: ``torch.autograd.backward`` over every root, so accumulation hooks fire once and
+    gradients reach ``.grad`` as after a plain backward; a root without a gradient (a scalar objective) gets ones."""
     idle, zeros = current().idle_roots()  # the heads of a task absent from this rank only: DDP waits for them
     given = [(root, grad) for root, grad in zip([*roots, *idle], [*grads, *zeros]) if grad is not None]
     scalars = [root for root, grad in zip(roots, grads) if grad is None]

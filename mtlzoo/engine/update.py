@@ -1,10 +1,4 @@
-"""The strategy's update turned into gradients: on ``z``, or directly on the shared parameters.
-
-A weighting ``c`` goes back through ``z`` as ``dz = sum_k c_k g_k``, or, where the Jacobian's
-blocks were formed and cover every leaf ``z`` depends on, reaches each parameter as ``J_p^T c``
-(which saves the backward of ``dz`` through the backbone). A direction is split over the
-parameters or taken as ``dz``.
-"""
+"""The strategy's update as gradients, on ``z`` or directly on the shared parameters (:func:`shared_update`)."""
 
 from __future__ import annotations
 
@@ -23,11 +17,10 @@ def shared_update(update: Update, rep: Tensor, request: Request, blocks: Sequenc
     """The combined gradient, unscaled: ``(dz, None)`` through the representation, or ``(None, grads)``,
     one gradient per shared parameter in ``params``.
 
-    A weighting ``c`` (or the plain sum) goes back through ``z`` as ``dz = sum_k c_k dL_k/dz``,
-    unless the Jacobian's ``blocks`` (one per parameter of ``params``) are given: then each
-    parameter gets ``J_p^T c`` directly, which saves the backward of ``dz`` through the backbone
-    (give them only when they cover every leaf ``z`` depends on, see :func:`covers_representation`).
-    A direction on the parameters (a flat n-vector) is split over ``params``.
+    A weighting ``c`` (or the plain sum) goes back through ``z`` as ``dz = sum_k c_k dL_k/dz``, unless the Jacobian's
+    ``blocks`` (one per parameter of ``params``) are given: then each parameter gets ``J_p^T c`` directly, which saves
+    the backward of ``dz`` through the backbone (give them only when they cover every leaf ``z`` depends on, see
+    :func:`covers_representation`). A direction on the parameters (a flat n-vector) is split over ``params``.
     """
     if update.direction is not None:
         if request.where == "parameters":
