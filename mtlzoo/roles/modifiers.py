@@ -166,8 +166,9 @@ class Normalize(Modifier):
 
 
 CRMOGM_PAPER = Paper(
-    authors=("Shiji Zhou", "Wenpeng Zhang", "Jiyan Jiang", "Wenliang Zhong", "Jinjie Gu", "Wenwu Zhu"), venue="NeurIPS",
-    title="On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond", year=2022,
+    authors=("Shiji Zhou", "Wenpeng Zhang", "Jiyan Jiang", "Wenliang Zhong", "Jinjie Gu", "Wenwu Zhu"),
+    title="On the Convergence of Stochastic Multi-Objective Gradient Manipulation and Beyond",
+    venue="NeurIPS", year=2022,
     url="https://proceedings.neurips.cc/paper_files/paper/2022/hash/f91bd64a3620aad8e70a27ad9cb3ca57-Abstract-"
         "Conference.html",
 )
